@@ -1,0 +1,66 @@
+"""Train the MoE model with expert parallelism on Ray device actors.
+
+    python -m jobs.train [--config FILE] [key=value ...]
+
+Starts a local Ray when none is running and joins the running cluster when there is one (so the
+same command works under `ray job submit --working-dir . -- python -m jobs.train ...`).
+Exit codes: 0 success, 2 bad config or data, 1 a run that failed, 128+signal when stopped by a signal.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from orchestrator.config import DEFAULT_CONFIG, ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="examples:\n  python -m jobs.train train.steps=50 cluster.num_devices=4\n"
+                                            "  python -m jobs.train --config jobs/configs/tiny.yaml run.dir=runs/t")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. train.steps=50")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    # Ray and torch are imported only once the config is known to be good.
+    from orchestrator.cluster import ClusterError, ray_cluster
+    from orchestrator.driver import Driver, RunError, make_run_dir
+
+    run_dir = make_run_dir(cfg)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    try:
+        with ray_cluster(cfg.cluster):
+            summary = Driver(cfg, run_dir).run()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (RunError, ClusterError) as e:
+        print(f"run failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    val = f", validation loss {summary.val_loss:.4f}" if summary.val_loss is not None else ""
+    final = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
+    print(f"done: {summary.steps_done} steps, final loss {final}{val}, {summary.tokens_per_s:,.0f} tokens/s, "
+          f"{summary.steps_per_s:.2f} steps/s, {summary.wall_time_s:.1f}s wall; metrics in {run_dir}/metrics.jsonl")
+    if summary.stopped_by_signal:
+        return 128 + int(getattr(signal, summary.stopped_by_signal))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The one typed config of a run: dataclasses + OmegaConf, validated before anything starts.
+
+`load_config(path, overrides)` reads a YAML file (keys it does not know are errors), applies
+dotlist overrides (`train.steps=50 model.num_experts=16`), and checks every value that would
+otherwise fail late inside an actor. Every error is a `ConfigError` naming the key and the fix.
+
+This module imports no torch and no Ray: validating a config costs nothing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256          # byte-level tokens by default
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256         # RoPE table length; data.seq_len must fit
+    num_experts: int = 8           # routed experts per MoE layer
+    top_k: int = 2
+    expert_dim: int = 128          # hidden size of one routed SwiGLU expert
+    num_shared_experts: int = 1    # 0 disables the shared expert; n>0 gives hidden n*expert_dim
+    score_func: str = "softmax"    # softmax | sigmoid
+    norm_topk_prob: bool = True    # renormalise the k gate values to sum to 1
+    route_scale: float = 1.0
+    first_k_dense: int = 1         # the first k layers use a dense SwiGLU instead of MoE
+    dense_dim: int = 256           # hidden size of those dense layers
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None     # None: the Python standard library's own source files
+    format: str = "auto"           # auto | text | bin (uint16 tokens, nanoGPT style)
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    max_bytes: int = 0             # cap on text bytes read (0: no cap)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    global_batch_size: int = 16    # sequences per step, over all devices
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0         # global grad-norm clip (0 disables)
+    eval_batches: int = 8          # validation batches scored at the end of the run (0: none)
+    dtype: str = "float32"         # parameter and compute dtype: float32 | float64 (float64: exactness checks)
+
+
+@dataclass
+class ClusterConfig:
+    num_devices: int = 2
+    address: Optional[str] = None  # Ray address to join; None: RAY_ADDRESS, a live local cluster, or a new one
+    placement_strategy: str = "PACK"   # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    cpus_per_device: float = 1.0   # fractional values share cores on a laptop
+    use_gpu: bool = False          # one GPU bundle per device
+    backend: str = "auto"          # auto (nccl with GPUs, else gloo) | gloo | nccl
+    torch_threads: int = 0         # 0: max(1, floor(cpus_per_device))
+    start_timeout_s: float = 180.0
+    step_timeout_s: float = 300.0
+    collective_timeout_s: float = 300.0
+
+
+@dataclass
+class RunConfig:
+    dir: Optional[str] = None      # None: runs/<time>-<name>
+    name: str = "train"
+    progress: str = "auto"         # auto (bar on a terminal, lines otherwise) | bar | lines | quiet
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Config from the structured defaults, then the YAML file, then `key=value` overrides."""
+    merged: DictConfig = OmegaConf.structured(Config)
+    if path is not None:
+        merged = _merge(merged, _read_yaml(Path(path)), f"config file {path}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (for example train.steps=50)")
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict` output (how actors receive it)."""
+    cfg: Config = OmegaConf.to_object(_merge(OmegaConf.structured(Config), OmegaConf.create(data), "config"))  # type: ignore[assignment]
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file such as {DEFAULT_CONFIG}")
+    try:
+        data = OmegaConf.load(path)
+    except Exception as e:  # yaml errors come in several types
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, train:, ...), not a list")
+    return data
+
+
+def _merge(base: DictConfig, extra: DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, extra)  # type: ignore[return-value]
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise ConfigError(f"{where}: unknown config key '{key}'; known sections are "
+                          f"{', '.join(Config.__dataclass_fields__)} (see {DEFAULT_CONFIG} for every key)") from None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{where}: bad value for '{key}': {msg}") from None
+
+
+def _positive(cfg: Config, keys: list[str], allow_zero: bool = False) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < 0 or (value == 0 and not allow_zero):
+            need = "zero or more" if allow_zero else "positive"
+            raise ConfigError(f"{key}={value} must be {need}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def validate(cfg: Config) -> None:
+    """Check everything that would otherwise fail inside an actor. Raises ConfigError."""
+    m, d, t, c = cfg.model, cfg.data, cfg.train, cfg.cluster
+    _positive(cfg, ["model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.max_seq_len",
+                    "model.num_experts", "model.top_k", "model.expert_dim", "model.dense_dim",
+                    "model.rope_theta", "model.norm_eps", "model.init_std", "model.route_scale",
+                    "data.seq_len", "train.steps", "train.global_batch_size", "train.lr",
+                    "cluster.num_devices", "cluster.cpus_per_device", "cluster.start_timeout_s",
+                    "cluster.step_timeout_s", "cluster.collective_timeout_s"])
+    _positive(cfg, ["model.num_shared_experts", "model.first_k_dense", "train.warmup_steps",
+                    "train.weight_decay", "train.grad_clip", "train.eval_batches", "data.max_bytes",
+                    "cluster.torch_threads"], allow_zero=True)
+    if cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed} must be zero or more")
+    _choice("model.score_func", m.score_func, ("softmax", "sigmoid"))
+    _choice("data.format", d.format, ("auto", "text", "bin"))
+    _choice("train.dtype", t.dtype, ("float32", "float64"))
+    _choice("cluster.placement_strategy", c.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    _choice("cluster.backend", c.backend, ("auto", "gloo", "nccl"))
+    _choice("run.progress", cfg.run.progress, ("auto", "bar", "lines", "quiet"))
+    if m.top_k > m.num_experts:
+        raise ConfigError(f"model.top_k={m.top_k} is larger than model.num_experts={m.num_experts}; "
+                          f"a token cannot choose more experts than exist: lower model.top_k")
+    if m.num_experts % c.num_devices:
+        raise ConfigError(f"model.num_experts={m.num_experts} is not divisible by cluster.num_devices={c.num_devices}; "
+                          f"every device holds the same number of experts: choose num_experts as a multiple of num_devices")
+    if t.global_batch_size % c.num_devices:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by cluster.num_devices="
+                          f"{c.num_devices}; each device takes an equal slice of the global batch")
+    if m.dim % m.n_heads or (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"model.dim={m.dim} must split into model.n_heads={m.n_heads} heads of even size (for RoPE)")
+    if m.first_k_dense > m.n_layers:
+        raise ConfigError(f"model.first_k_dense={m.first_k_dense} exceeds model.n_layers={m.n_layers}")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be between 0 and 1 (exclusive)")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be between 0 and 1")
+    if d.path is not None and not Path(d.path).expanduser().exists():
+        raise ConfigError(f"data.path={d.path!r} does not exist; give a text file, a folder of text files or a "
+                          f"uint16 .bin token file, or leave data.path unset for the embedded stdlib corpus")
+    if d.format == "bin" and d.path is None:
+        raise ConfigError("data.format='bin' needs data.path pointing to a uint16 token file")
+    if (d.path is None or d.format == "text") and m.vocab_size < 256:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is too small for byte-level text; it must be at least 256")
+    if c.backend == "nccl" and not c.use_gpu:
+        raise ConfigError("cluster.backend='nccl' needs cluster.use_gpu=true (nccl runs on GPUs only)")

@@ -1,0 +1,160 @@
+"""One device: its shard of the model, its optimizer, its data, its training step.
+
+`DeviceShard` is plain torch (a single-process reference run is a DeviceShard with world=1);
+`DeviceActor` is the thin Ray-facing object the driver places on a bundle of the placement group.
+
+A step on every device: forward over its slice of the global batch (MoE layers exchange tokens
+with all_to_all) -> loss summed over local tokens / global token count -> backward -> all-reduce
+dense gradients -> one all-reduce of the step's statistics (loss, expert-grad norm, expert load)
+-> global grad-norm clip -> AdamW. The returned `StepReport` is small: numbers and a few ints.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from orchestrator.config import Config, config_from_dict
+from orchestrator.data import BatchStream
+from orchestrator.model import build_model
+from orchestrator.model.layers import upcast
+from orchestrator.parallel import allreduce_dense_grads, apply_expert_parallel, clip_, groups, sum_of_squares
+
+
+@dataclass
+class StepReport:
+    step: int
+    rank: int
+    loss: float                    # mean loss over the global batch
+    grad_norm: float               # global gradient norm before clipping
+    lr: float
+    tokens: int                    # tokens in the global batch
+    compute_time_s: float          # time this device spent inside the step
+    expert_load: list[list[int]]   # [MoE layer][expert]: global tokens routed to the expert this step
+    pid: int = field(default_factory=os.getpid)
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to base_lr over `warmup` steps, then cosine decay to base_lr*min_ratio at `total`."""
+    if warmup and step <= warmup:
+        return base_lr * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class DeviceShard:
+    def __init__(self, cfg: Config, rank: int, world: int, train_tokens: np.ndarray, val_tokens: np.ndarray):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.device = torch.device("cuda", 0) if cfg.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        num_local = cfg.model.num_experts // world
+        self.expert_ids = list(range(rank * num_local, (rank + 1) * num_local))
+        self.model = build_model(cfg.model, cfg.seed, self.expert_ids).to(self.device, getattr(torch, cfg.train.dtype))
+        apply_expert_parallel(self.model, world)
+        self.dense_params = [p for _, p in self.model.dense_parameters()]
+        self.expert_params = [p for _, p in self.model.expert_parameters()]
+        params = self.dense_params + self.expert_params
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+            lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+        self.data = BatchStream(train_tokens, val_tokens, cfg.seed, cfg.data.seq_len, t.global_batch_size, world, rank)
+        self.global_tokens = t.global_batch_size * cfg.data.seq_len
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def _loss_sum(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        logits_BTV = self.model(inputs_BT.to(self.device))
+        return F.cross_entropy(upcast(logits_BTV.flatten(0, 1)), targets_BT.to(self.device).flatten(), reduction="sum")
+
+    def train_step(self, step: int) -> StepReport:
+        t0 = time.perf_counter()
+        t = self.cfg.train
+        self.model.train()
+        loss_sum = self._loss_sum(*self.data.train_batch(step))
+        (loss_sum / self.global_tokens).backward()
+        if self.world > 1:
+            allreduce_dense_grads(self.dense_params)
+        moe = self.model.moe_layers()
+        # float64: exact token counts, and the loss sum as precise as the model's dtype allows.
+        stats = torch.cat([loss_sum.detach().double().view(1),
+                           sum_of_squares(self.expert_params).double().view(1).to(self.device),
+                           *(m.last_tokens_per_expert.double() for m in moe)])
+        self._all_reduce(stats)
+        grad_norm = torch.sqrt(sum_of_squares(self.dense_params).double().to(self.device) + stats[1])
+        clip_(self.dense_params + self.expert_params, grad_norm, t.grad_clip)
+        lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        load = stats[2:].round().long().view(len(moe), -1).tolist() if moe else []
+        return StepReport(step=step, rank=self.rank, loss=stats[0].item() / self.global_tokens,
+                          grad_norm=grad_norm.item(), lr=lr, tokens=self.global_tokens,
+                          compute_time_s=time.perf_counter() - t0, expert_load=load)
+
+    @torch.no_grad()
+    def evaluate(self, num_batches: int) -> float:
+        """Mean loss over `num_batches` global batches of the validation split."""
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i in range(num_batches):
+            total += self._loss_sum(*self.data.val_batch(i)).double()
+        return self._all_reduce(total.view(1)).item() / (self.global_tokens * max(1, num_batches))
+
+    def global_parameters(self) -> dict[str, torch.Tensor]:
+        """This device's parameters keyed by global name; routed experts one entry per global id."""
+        out = {name: p.detach().cpu().clone() for name, p in self.model.dense_parameters()}
+        for name, p in self.model.expert_parameters():
+            for j, gid in enumerate(self.expert_ids):
+                out[f"{name}[{gid}]"] = p[j].detach().cpu().clone()
+        return out
+
+
+class DeviceActor:
+    """What the driver talks to: made a Ray actor with `ray.remote(DeviceActor)`, one per bundle."""
+
+    def __init__(self, torch_threads: int):
+        torch.set_num_threads(max(1, torch_threads))
+        self.shard: DeviceShard | None = None
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "gpu_ids": ray.get_gpu_ids()}
+
+    def free_port(self) -> int:
+        return groups.free_port()
+
+    def join_group(self, backend: str, addr: str, port: int, rank: int, world: int, timeout_s: float) -> None:
+        groups.join(backend, addr, port, rank, world, timeout_s)
+
+    def leave_group(self) -> None:
+        groups.leave()
+
+    def build(self, cfg: dict[str, Any], rank: int, world: int, train: np.ndarray, val: np.ndarray) -> None:
+        self.shard = DeviceShard(config_from_dict(cfg), rank, world, train, val)
+
+    def train_step(self, step: int) -> StepReport:
+        assert self.shard is not None, "build() first"
+        return self.shard.train_step(step)
+
+    def evaluate(self, num_batches: int) -> float:
+        assert self.shard is not None, "build() first"
+        return self.shard.evaluate(num_batches)
+
+    def global_parameters(self) -> dict[str, torch.Tensor]:
+        assert self.shard is not None, "build() first"
+        return self.shard.global_parameters()

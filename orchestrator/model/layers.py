@@ -1,0 +1,82 @@
+"""Dense building blocks: RMSNorm, rotary embeddings, causal self-attention, SwiGLU.
+
+Shape legend: B batch, T sequence, D model dim, H heads, Dh head dim, F hidden (ffn) dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors; float32 and float64 stay as they are."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x = upcast(x_BTD)
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x_BTD) * self.weight
+
+
+def rope_tables(max_seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos_TDh2, sin_TDh2 for rotating pairs (x[2i], x[2i+1]) by position * theta^(-2i/Dh)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHTDh: torch.Tensor, cos_TDh2: torch.Tensor, sin_TDh2: torch.Tensor) -> torch.Tensor:
+    T = x_BHTDh.shape[-2]
+    x = upcast(x_BHTDh).unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    cos, sin = cos_TDh2[:T].to(x.dtype), sin_TDh2[:T].to(x.dtype)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x_BHTDh)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with RoPE (no bias, as in Llama/DeepSeek)."""
+
+    def __init__(self, dim: int, n_heads: int, max_seq_len: int, rope_theta: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        cos, sin = rope_tables(max_seq_len, self.head_dim, rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+        q_BHTDh = apply_rope(heads(self.wq(x_BTD)), self.rope_cos, self.rope_sin)
+        k_BHTDh = apply_rope(heads(self.wk(x_BTD)), self.rope_cos, self.rope_sin)
+        v_BHTDh = heads(self.wv(x_BTD))
+        y_BHTDh = F.scaled_dot_product_attention(q_BHTDh, k_BHTDh, v_BHTDh, is_causal=True)
+        return self.wo(y_BHTDh.transpose(1, 2).reshape(B, T, D))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x): the dense feed-forward and the shared expert."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -1,0 +1,143 @@
+"""Mixture-of-Experts feed-forward: top-k router, grouped SwiGLU experts, token dispatch.
+
+Shape legend: N tokens (B*T flattened), D model dim, F expert hidden dim, E experts in the layer,
+El experts held by this module (El == E in one process; E / devices under expert parallelism),
+K top-k, M routed token copies (N*K in one process; whatever arrives under expert parallelism).
+
+The MoE block does not know about distribution. It asks its `dispatcher` to bring the routed token
+copies to the experts it holds and to bring results back; `LocalTokenDispatcher` (here) does that
+in one process, `orchestrator.parallel.AllToAllTokenDispatcher` does it across devices. Both
+present tokens to the experts grouped by expert, so the expert math is the same code either way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orchestrator.model.layers import SwiGLU, upcast
+
+
+class Router(nn.Module):
+    """Scores every expert for every token and picks the top k.
+
+    scores_NE = softmax(x W^T) or sigmoid(x W^T). Selection uses scores + expert_bias (the bias is a
+    buffer, zero unless a balancing strategy moves it; it never enters the gate values). Gates are
+    the selected scores, renormalised to sum to 1 when `norm_topk_prob`, times `route_scale`.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str, norm_topk_prob: bool,
+                 route_scale: float):
+        super().__init__()
+        self.top_k, self.score_func = top_k, score_func
+        self.norm_topk_prob, self.route_scale = norm_topk_prob, route_scale
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns gates_NK (float), experts_NK (int64), scores_NE."""
+        logits_NE = upcast(self.gate(x_ND))
+        scores_NE = logits_NE.softmax(-1) if self.score_func == "softmax" else logits_NE.sigmoid()
+        _, experts_NK = torch.topk(scores_NE.detach() + self.expert_bias, self.top_k, dim=-1)
+        gates_NK = scores_NE.gather(-1, experts_NK)
+        if self.norm_topk_prob and self.top_k > 1:
+            gates_NK = gates_NK / (gates_NK.sum(-1, keepdim=True) + 1e-20)
+        return gates_NK * self.route_scale, experts_NK, scores_NE
+
+
+class GroupedExperts(nn.Module):
+    """El SwiGLU experts stored as stacked weights; `expert_ids` are their global ids in the layer."""
+
+    def __init__(self, dim: int, hidden: int, expert_ids: Sequence[int]):
+        super().__init__()
+        self.expert_ids = list(expert_ids)
+        El = len(self.expert_ids)
+        self.w1_EFD = nn.Parameter(torch.empty(El, hidden, dim))
+        self.w3_EFD = nn.Parameter(torch.empty(El, hidden, dim))
+        self.w2_EDF = nn.Parameter(torch.empty(El, dim, hidden))
+
+    def forward(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        """x_MD holds token copies grouped by local expert, `tokens_per_expert[j]` rows for expert j."""
+        outs = []
+        for j, x in enumerate(torch.split(x_MD, tokens_per_expert)):
+            h = F.silu(x @ self.w1_EFD[j].t()) * (x @ self.w3_EFD[j].t())
+            outs.append(h @ self.w2_EDF[j].t())
+        return torch.cat(outs) if outs else x_MD.new_zeros(0, x_MD.shape[-1])
+
+
+@dataclass
+class DispatchMeta:
+    """What combine needs to undo dispatch. Stateless dispatchers return it; nothing else keeps it."""
+    token_idx_M: torch.Tensor        # source token of each sorted copy
+    order_M: torch.Tensor            # position of each sorted copy in the flat (token, k) list
+    extra: object = None             # dispatcher-specific (the all-to-all keeps its splits here)
+
+
+class TokenDispatcher(Protocol):
+    def dispatch(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, num_experts: int
+                 ) -> tuple[torch.Tensor, list[int], torch.Tensor, DispatchMeta]: ...
+
+    def combine(self, y_MD: torch.Tensor, gates_NK: torch.Tensor, meta: DispatchMeta, num_tokens: int
+                ) -> torch.Tensor: ...
+
+
+def permute_by_expert(x_ND: torch.Tensor, experts_NK: torch.Tensor, num_experts: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copies of each token, one per chosen expert, sorted by expert (stable, so ties keep token order).
+
+    Returns x_sorted_MD, tokens_per_expert_E (global counts of this batch), token_idx_M, order_M.
+    """
+    flat_M = experts_NK.reshape(-1)
+    order_M = torch.argsort(flat_M, stable=True)
+    token_idx_M = order_M // experts_NK.shape[-1]
+    tokens_per_expert_E = torch.bincount(flat_M, minlength=num_experts)
+    return x_ND[token_idx_M], tokens_per_expert_E, token_idx_M, order_M
+
+
+def unpermute_and_combine(y_MD: torch.Tensor, gates_NK: torch.Tensor, meta: DispatchMeta, num_tokens: int
+                          ) -> torch.Tensor:
+    """out_ND[t] = sum over t's copies of gate * expert output."""
+    weights_M = gates_NK.reshape(-1)[meta.order_M].unsqueeze(-1)
+    out_ND = y_MD.new_zeros(num_tokens, y_MD.shape[-1])
+    return out_ND.index_add(0, meta.token_idx_M, (upcast(y_MD) * weights_M).type_as(y_MD))
+
+
+class LocalTokenDispatcher:
+    """All experts live in this process: dispatch is a sort by expert, combine its inverse."""
+
+    def dispatch(self, x_ND, experts_NK, num_experts):
+        x_MD, counts_E, token_idx_M, order_M = permute_by_expert(x_ND, experts_NK, num_experts)
+        return x_MD, counts_E.tolist(), counts_E, DispatchMeta(token_idx_M, order_M)
+
+    def combine(self, y_MD, gates_NK, meta, num_tokens):
+        return unpermute_and_combine(y_MD, gates_NK, meta, num_tokens)
+
+
+class MoE(nn.Module):
+    """Routed experts plus an optional shared expert that sees every token."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, expert_dim: int, num_shared_experts: int,
+                 score_func: str, norm_topk_prob: bool, route_scale: float, expert_ids: Sequence[int]):
+        super().__init__()
+        self.num_experts = num_experts
+        self.router = Router(dim, num_experts, top_k, score_func, norm_topk_prob, route_scale)
+        self.experts = GroupedExperts(dim, expert_dim, expert_ids)
+        self.shared = SwiGLU(dim, expert_dim * num_shared_experts) if num_shared_experts > 0 else None
+        self.dispatcher: TokenDispatcher = LocalTokenDispatcher()
+        # Tokens this device routed to each expert in the last forward (summed over devices for load stats).
+        self.last_tokens_per_expert: torch.Tensor = torch.zeros(num_experts, dtype=torch.long)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, D)
+        gates_NK, experts_NK, _ = self.router(x_ND)
+        x_MD, tokens_per_local_expert, counts_E, meta = self.dispatcher.dispatch(x_ND, experts_NK, self.num_experts)
+        self.last_tokens_per_expert = counts_E.detach()
+        y_MD = self.experts(x_MD, tokens_per_local_expert)
+        out_ND = self.dispatcher.combine(y_MD, gates_NK, meta, x_ND.shape[0])
+        if self.shared is not None:
+            out_ND = out_ND + self.shared(x_ND)
+        return out_ND.view(B, T, D)

@@ -1,0 +1,119 @@
+"""A small decoder-only MoE transformer in the DeepSeek style.
+
+tokens -> embedding -> [RMSNorm -> attention (RoPE) -> + -> RMSNorm -> FFN -> +] x L -> RMSNorm -> head
+where FFN is a dense SwiGLU for the first `first_k_dense` layers and an MoE block after that.
+
+`expert_ids` chooses which routed experts this instance holds (all of them by default); expert
+parallelism builds each device's model with its own subset. `init_weights` draws every tensor from
+a generator seeded by (seed, parameter name, expert id), so a device's experts equal the same
+experts of the full single-process model, whatever the number of devices.
+
+Shape legend: B batch, T sequence, D model dim, V vocab.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from orchestrator.config import ModelConfig
+from orchestrator.model.layers import Attention, RMSNorm, SwiGLU
+from orchestrator.model.moe import MoE, GroupedExperts
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, expert_ids: Sequence[int]):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if layer < cfg.first_k_dense:
+            self.ffn: nn.Module = SwiGLU(cfg.dim, cfg.dense_dim)
+        else:
+            self.ffn = MoE(cfg.dim, cfg.num_experts, cfg.top_k, cfg.expert_dim, cfg.num_shared_experts,
+                           cfg.score_func, cfg.norm_topk_prob, cfg.route_scale, expert_ids)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
+        return x_BTD + self.ffn(self.ffn_norm(x_BTD))
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.expert_ids = list(range(cfg.num_experts) if expert_ids is None else expert_ids)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i, self.expert_ids) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        x_BTD = self.tok_emb(tokens_BT)
+        for layer in self.layers:
+            x_BTD = layer(x_BTD)
+        x_BTD = self.norm(x_BTD)
+        weight_VD = self.tok_emb.weight if self.head is None else self.head.weight
+        return x_BTD @ weight_VD.t()
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+
+    def expert_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters of routed experts: sharded across devices, never all-reduced."""
+        for name, p in self.named_parameters():
+            if ".experts." in name:
+                yield name, p
+
+    def dense_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Everything else: replicated on every device, gradients all-reduced."""
+        for name, p in self.named_parameters():
+            if ".experts." not in name:
+                yield name, p
+
+
+def _generator(seed: int, *key: object) -> torch.Generator:
+    digest = hashlib.blake2b("/".join(map(str, (seed, *key))).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+@torch.no_grad()
+def init_weights(model: MoETransformer, seed: int) -> None:
+    """Deterministic init keyed by (seed, parameter name[, expert id]).
+
+    Normal(0, init_std) for matrices; output projections (attention wo, FFN/expert w2) scaled by
+    1/sqrt(2 * n_layers) as in GPT-2; norms start at 1.
+    """
+    cfg = model.cfg
+    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    experts_of = {id(p): m for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+            continue
+        std = out_std if name.endswith(("wo.weight", "w2.weight", "w2_EDF")) else cfg.init_std
+        owner = experts_of.get(id(p))
+        if owner is None:
+            p.copy_(torch.randn(p.shape, generator=_generator(seed, name)) * std)
+        else:
+            for j, gid in enumerate(owner.expert_ids):
+                p[j].copy_(torch.randn(p[j].shape, generator=_generator(seed, name, gid)) * std)
+
+
+def build_model(cfg: ModelConfig, seed: int, expert_ids: Sequence[int] | None = None) -> MoETransformer:
+    model = MoETransformer(cfg, expert_ids)
+    init_weights(model, seed)
+    return model
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Total and activated (per token) parameter counts of the full model."""
+    model = MoETransformer(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for _, p in model.expert_parameters())
+    per_expert = expert // max(1, cfg.num_experts)
+    activated = total - expert + per_expert * cfg.top_k
+    return {"total": total, "experts": expert, "activated": activated}

@@ -1,0 +1,78 @@
+"""What a person and other tools see of a run: metrics.jsonl, and the progress display."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per line, flushed per record so readers see it live."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "w", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
+
+def _si(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+
+
+class Progress:
+    """Step, loss, tokens/s and ETA: a redrawn bar on a terminal, plain log lines elsewhere (CI, ray job logs).
+
+    mode: auto | bar | lines | quiet. In lines mode a line is printed about every 5% of the run.
+    """
+
+    def __init__(self, total_steps: int, mode: str = "auto", stream: IO[str] | None = None, first_step: int = 1):
+        self.stream = stream or sys.stderr
+        if mode == "auto":
+            mode = "bar" if self.stream.isatty() else "lines"
+        self.mode, self.total, self.first = mode, total_steps, first_step
+        self.every = max(1, total_steps // 20)
+        self.start = time.monotonic()
+        self.step_time_ema: float | None = None
+
+    def update(self, step: int, loss: float, tokens_per_s: float, step_time_s: float) -> None:
+        ema = self.step_time_ema
+        self.step_time_ema = step_time_s if ema is None else 0.9 * ema + 0.1 * step_time_s
+        if self.mode == "quiet":
+            return
+        elapsed = time.monotonic() - self.start
+        eta = self.step_time_ema * (self.total - step)
+        text = (f"step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  "
+                f"{_si(tokens_per_s)} tok/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}")
+        if self.mode == "bar":
+            width = 24
+            filled = int(width * step / self.total)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}\x1b[K")
+            self.stream.flush()
+        elif step % self.every == 0 or step in (self.first, self.total):
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.mode == "bar":
+            self.stream.write("\r\x1b[K")
+        if self.mode != "quiet":
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.mode == "bar":
+            self.stream.write("\n")
+            self.stream.flush()

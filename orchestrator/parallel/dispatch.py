@@ -1,0 +1,77 @@
+"""Expert-parallel token dispatch and combine over `all_to_all` with uneven splits (dropless).
+
+Device d of W holds experts [d*El, (d+1)*El) of each MoE layer (El = E / W). Each device routes its
+own tokens, sorts the routed copies by expert (so the copies bound for one device are contiguous),
+tells every device how many copies per expert it will send (one small all_to_all of counts), sends
+the copies (all_to_all, uneven splits: any count, zero included), regroups what arrived by local
+expert, and after the experts ran sends the results back the same way (combine).
+
+Shape legend: N local tokens, K top-k, M copies (sorted by global expert, before sending),
+R copies received by this device, D model dim, E experts, El local experts, W devices.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.model.moe import DispatchMeta, permute_by_expert, unpermute_and_combine
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single whose backward is the all_to_all with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+        ctx.splits = (out_splits, in_splits)
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=out_splits, input_split_sizes=in_splits)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        return _AllToAll.apply(grad, in_splits, out_splits), None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits)
+
+
+class AllToAllTokenDispatcher:
+    """Drop-in for `LocalTokenDispatcher` when the layer's experts are split over the default group."""
+
+    def __init__(self, num_experts: int, world: int):
+        if num_experts % world:
+            raise ValueError(f"{num_experts} experts cannot be split evenly over {world} devices")
+        self.world, self.num_local = world, num_experts // world
+
+    def dispatch(self, x_ND, experts_NK, num_experts):
+        W, El = self.world, self.num_local
+        x_MD, counts_E, token_idx_M, order_M = permute_by_expert(x_ND, experts_NK, num_experts)
+        recv_counts = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv_counts, counts_E)          # [source device, local expert], flattened
+        recv_WEl = recv_counts.view(W, El)
+        in_splits = counts_E.view(W, El).sum(1).tolist()
+        out_splits = recv_WEl.sum(1).tolist()
+        x_RD = all_to_all(x_MD, out_splits, in_splits)
+        # Arrived grouped by source then expert; the experts want them grouped by expert.
+        local_expert_R = torch.repeat_interleave(torch.arange(El, device=x_RD.device).repeat(W),
+                                                 recv_WEl.flatten().to(x_RD.device))
+        regroup_R = torch.argsort(local_expert_R, stable=True)
+        meta = DispatchMeta(token_idx_M, order_M, extra=(regroup_R, in_splits, out_splits))
+        return x_RD[regroup_R], recv_WEl.sum(0).tolist(), counts_E, meta
+
+    def combine(self, y_RD, gates_NK, meta, num_tokens):
+        regroup_R, in_splits, out_splits = meta.extra
+        y_back_RD = y_RD[torch.argsort(regroup_R)]
+        y_MD = all_to_all(y_back_RD, in_splits, out_splits)
+        return unpermute_and_combine(y_MD, gates_NK, meta, num_tokens)
+
+
+def apply_expert_parallel(model: torch.nn.Module, world: int) -> None:
+    """Route every MoE layer of `model` through the all_to_all dispatcher (world > 1)."""
+    from orchestrator.model.moe import MoE
+
+    for module in model.modules():
+        if isinstance(module, MoE) and world > 1:
+            module.dispatcher = AllToAllTokenDispatcher(module.num_experts, world)

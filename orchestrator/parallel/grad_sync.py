@@ -1,0 +1,37 @@
+"""Gradient synchronisation for replicated (dense) parameters, and the global gradient norm."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+def allreduce_dense_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum dense gradients over the default group, in one flat buffer (one collective per step).
+
+    The loss on every device is already divided by the global token count, so the sum is the
+    gradient of the global mean loss: no extra division by the world size.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.copy_(g)
+
+
+def sum_of_squares(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    sq = [p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None]
+    return torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64)
+
+
+def clip_(params: list[torch.nn.Parameter], total_norm: torch.Tensor, max_norm: float) -> None:
+    """Scale gradients so their global norm is at most max_norm (no-op when max_norm is 0)."""
+    if max_norm <= 0:
+        return
+    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.device))

@@ -1,0 +1,45 @@
+"""The default process group of one device: formed, torn down and formed again in the same process.
+
+Recovery replaces failed devices while survivors keep running, so a group is never assumed to live
+as long as the process: `join` destroys any previous group first, and every collective in this
+package uses the default group, so code holding no reference picks up the new one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def pick_backend(requested: str, use_gpu: bool) -> str:
+    if requested != "auto":
+        return requested
+    return "nccl" if use_gpu and torch.cuda.is_available() else "gloo"
+
+
+def free_port(host: str = "") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def join(backend: str, master_addr: str, master_port: int, rank: int, world: int, timeout_s: float) -> None:
+    """Form (or re-form) the default group. Rendezvous over TCP at master_addr:master_port."""
+    leave()
+    if master_addr.startswith("127.") and backend == "gloo":
+        # A loopback cluster keeps gloo's own sockets on loopback too.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=timeout_s))
+
+
+def leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1

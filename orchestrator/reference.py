@@ -1,0 +1,21 @@
+"""The single-process reference run: the oracle every distributed run is checked against."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from orchestrator.config import Config
+from orchestrator.data import Corpus, load_corpus
+from orchestrator.device import DeviceShard, StepReport
+
+
+def reference_run(cfg: Config, steps: int | None = None, corpus: Corpus | None = None
+                  ) -> tuple[list[StepReport], dict[str, torch.Tensor]]:
+    """Train `cfg` in this process on one device holding every expert; reports and final parameters."""
+    cfg = copy.deepcopy(cfg)
+    cfg.cluster.num_devices = 1
+    corpus = corpus or load_corpus(cfg.data)
+    shard = DeviceShard(cfg, rank=0, world=1, train_tokens=corpus.train, val_tokens=corpus.val)
+    reports = [shard.train_step(step) for step in range(1, (steps or cfg.train.steps) + 1)]
+    return reports, shard.global_parameters()

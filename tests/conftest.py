@@ -1,0 +1,32 @@
+"""One Ray instance per test session, on loopback, with token authentication as Ray sets it up."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import Config, load_config
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind the local instance to 127.0.0.1
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_config(tmp_path: Path | None = None, *overrides: str) -> Config:
+    """A model small enough for the test suite; still has dense and MoE layers, shared expert, top-2."""
+    base = ["model.dim=32", "model.n_layers=3", "model.n_heads=2", "model.num_experts=4", "model.top_k=2",
+            "model.expert_dim=32", "model.dense_dim=64", "model.first_k_dense=1", "model.max_seq_len=64",
+            "data.seq_len=32", "data.max_bytes=300000", "train.steps=4", "train.global_batch_size=8",
+            "train.lr=1e-2", "train.warmup_steps=1", "train.eval_batches=1", "cluster.cpus_per_device=0.5",
+            "cluster.num_devices=1", "run.progress=quiet"]
+    if tmp_path is not None:
+        base.append(f"run.dir={tmp_path}")
+    return load_config(None, base + list(overrides))
