@@ -24,7 +24,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.config import Config, ConfigError, to_dict, to_yaml
+from orchestrator.config import Config, to_dict, to_yaml
 from orchestrator.data import load_corpus
 from orchestrator.device import DeviceActor, StepReport
 from orchestrator.monitor import MetricsLog, Progress
@@ -72,9 +72,7 @@ class Driver:
     def start(self) -> None:
         cfg, c = self.cfg, self.cfg.cluster
         corpus = load_corpus(cfg.data)
-        if corpus.max_token >= cfg.model.vocab_size:
-            raise ConfigError(f"data.path={cfg.data.path!r} holds token id {corpus.max_token}, but "
-                              f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size above it")
+        corpus.check_vocab(cfg.model.vocab_size, cfg.data.path)
         log.info("data: %s, %d train / %d validation tokens", corpus.description, len(corpus.train), len(corpus.val))
         bundle = {"CPU": c.cpus_per_device, **({"GPU": 1} if c.use_gpu else {})}
         self.pg = placement_group([dict(bundle) for _ in range(self.world)], strategy=c.placement_strategy)

@@ -31,6 +31,11 @@ class Corpus:
     def max_token(self) -> int:
         return int(max(self.train.max(initial=0), self.val.max(initial=0)))
 
+    def check_vocab(self, vocab_size: int, path: str | None) -> None:
+        if self.max_token >= vocab_size:
+            raise ConfigError(f"data.path={path!r} holds token id {self.max_token}, but model.vocab_size="
+                              f"{vocab_size}; raise model.vocab_size above it")
+
 
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])

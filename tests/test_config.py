@@ -1,0 +1,62 @@
+"""Bad config is refused before anything starts, with a message naming the key."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, DEFAULT_CONFIG, load_config, to_yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    # -X importtime would be noisy; instead the child reports whether Ray or torch got imported.
+    code = ("import sys, jobs.train as t; rc = t.main(sys.argv[1:]); "
+            "print('IMPORTED', 'ray' in sys.modules, 'torch' in sys.modules); sys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model.nmu_experts=8"], "unknown config key 'model.nmu_experts'"),
+    (["model.num_experts=6", "cluster.num_devices=4"], "model.num_experts=6 is not divisible by cluster.num_devices=4"),
+    (["model.top_k=9"], "model.top_k=9 is larger than model.num_experts=8"),
+    (["data.path=/no/such/corpus.txt"], "data.path='/no/such/corpus.txt' does not exist"),
+    (["model.dim=0"], "model.dim=0 must be positive"),
+    (["train.steps=-5"], "train.steps=-5 must be positive"),
+    (["cluster.num_devices=0"], "cluster.num_devices=0 must be positive"),
+    (["train.global_batch_size=10", "cluster.num_devices=4", "model.num_experts=8"],
+     "train.global_batch_size=10 is not divisible by cluster.num_devices=4"),
+    (["train.steps=many"], "train.steps"),
+    (["steps=5"], "unknown config key 'steps'"),
+    (["model.score_func=relu"], "model.score_func='relu' is not one of softmax, sigmoid"),
+])
+def test_cli_rejects_bad_config_before_starting_anything(args, needle):
+    proc = run_train(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert "IMPORTED False False" in proc.stdout  # neither Ray nor torch was even imported
+
+
+def test_unknown_key_in_yaml_file_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_expert: 8\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.num_expert'"):
+        load_config(bad)
+    proc = run_train("--config", str(bad))
+    assert proc.returncode == 2 and "model.num_expert" in proc.stderr
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file /nope.yaml does not exist"):
+        load_config("/nope.yaml")
+
+
+def test_default_config_round_trips_and_overrides_apply():
+    cfg = load_config(DEFAULT_CONFIG, ["train.steps=7", "model.num_experts=16", "seed=3"])
+    assert (cfg.train.steps, cfg.model.num_experts, cfg.seed, cfg.cluster.num_devices) == (7, 16, 3, 2)
+    again = load_config(None, [])
+    assert again.train.steps > 0
+    assert "num_experts: 16" in to_yaml(cfg)

@@ -1,0 +1,99 @@
+"""The train job end to end, as a user runs it: its own local Ray, real actors, the run directory."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from orchestrator import cluster
+from orchestrator.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "jobs" / "configs" / "tiny.yaml"
+
+
+def session_processes(sid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after the command: state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def wait_gone(sid: int, timeout_s: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := session_processes(sid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def test_train_job_runs_on_its_own_ray_and_loss_goes_down(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", "--config", str(TINY), f"run.dir={run_dir}",
+                             "train.steps=40", "cluster.num_devices=2"], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "started a local Ray instance" in err and "done: 40 steps" in out
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    cfg = load_config(None, [])
+    for r in records:
+        assert {"step", "loss", "tokens_per_s", "step_time_s", "expert_load"} <= r.keys()
+        assert len(r["expert_load"]) == 1 and len(r["expert_load"][0]) == 4       # 1 MoE layer, 4 experts
+        assert sum(r["expert_load"][0]) == 8 * 64 * 2                            # every token, top-2
+    first, last5 = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
+    assert last5 < first - 1.0, f"loss did not go down: {first:.3f} -> {last5:.3f}"
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert saved.train.steps == 40 and saved.cluster.num_devices == 2 and saved.model.num_experts == 4
+    assert cfg.seed == saved.seed
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_done"] == 40 and summary["val_loss"] < first
+    assert wait_gone(proc.pid) == []  # its Ray instance and actors went with it
+
+
+def test_sigterm_stops_cleanly_after_the_step_in_flight(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", "--config", str(TINY), f"run.dir={run_dir}",
+                             "train.steps=100000"], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM: stopping after step" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_by_signal"] == "SIGTERM"
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, summary["steps_done"] + 1))  # every finished step recorded, once
+    assert wait_gone(proc.pid) == []
+
+
+def test_stale_cluster_file_is_not_joined(tmp_path, monkeypatch):
+    stale = tmp_path / "ray_current_cluster"
+    stale.write_text(f"127.0.0.1:{_dead_port()}")
+    monkeypatch.setattr(cluster, "CURRENT_CLUSTER_FILE", stale)
+    assert cluster.live_local_cluster() is None
+    monkeypatch.setattr(cluster, "CURRENT_CLUSTER_FILE", tmp_path / "absent")
+    assert cluster.live_local_cluster() is None
+
+
+def _dead_port() -> int:
+    from orchestrator.parallel.groups import free_port
+    return free_port("127.0.0.1")
