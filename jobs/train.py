@@ -35,19 +35,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    # Ray and torch are imported only once the config is known to be good.
-    from orchestrator.cluster import ClusterError, ray_cluster
-    from orchestrator.driver import Driver, RunError, make_run_dir
+    from orchestrator.cluster import ray_cluster
+    from orchestrator.errors import RunError
+    from orchestrator.monitor import make_run_dir
 
     run_dir = make_run_dir(cfg)
     print(f"run directory: {run_dir}", file=sys.stderr)
     try:
         with ray_cluster(cfg.cluster):
+            # Ray and torch are imported only now: the config is good and the cluster's network chosen.
+            from orchestrator.driver import Driver
+
             summary = Driver(cfg, run_dir).run()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (RunError, ClusterError) as e:
+    except RunError as e:
         print(f"run failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

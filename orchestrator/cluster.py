@@ -11,17 +11,17 @@ import logging
 import math
 import os
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from orchestrator.config import ClusterConfig
+from orchestrator.errors import RunError
 
 CURRENT_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
-
-
-class ClusterError(RuntimeError):
-    pass
+# Ray reads this when it is imported: Linux then advertises 127.0.0.1 instead of the network address.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def answers(address: str, timeout_s: float = 2.0) -> bool:
@@ -42,29 +42,53 @@ def live_local_cluster() -> str | None:
     return address if address and answers(address) else None
 
 
-@contextmanager
-def ray_cluster(cfg: ClusterConfig, log: logging.Logger | None = None) -> Iterator[str]:
-    """Context in which Ray is initialised; yields how ('joined ADDRESS', 'started local', 'already')."""
+def _is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rpartition(":")[0] or address
+    return host.startswith("127.") or host in ("localhost", "[::1]")
+
+
+def _use_loopback(log: logging.Logger) -> None:
+    """Make Ray use 127.0.0.1 for this process; must happen before `import ray`."""
+    if LOOPBACK_ENV in os.environ:
+        return
+    os.environ[LOOPBACK_ENV] = "0"
+    if "ray" in sys.modules:
+        log.warning("ray was imported before the cluster was chosen; set %s=0 before importing ray so that a "
+                    "loopback cluster is reached on 127.0.0.1", LOOPBACK_ENV)
+
+
+def _join(address: str, source: str) -> None:
     import ray
 
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except Exception as e:
+        hint = ("; if the cluster uses token authentication (the default of `ray start` in Ray 2.60), set "
+                "RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+                if not os.environ.get("RAY_AUTH_MODE") else "")
+        raise RunError(f"could not join the Ray cluster at {address!r} (from {source}): {e}{hint}") from e
+
+
+@contextmanager
+def ray_cluster(cfg: ClusterConfig, log: logging.Logger | None = None) -> Iterator[str]:
+    """Context in which Ray is initialised; yields how ('joined ADDRESS', 'started ...', 'already ...')."""
     log = log or logging.getLogger(__name__)
-    if ray.is_initialized():
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         yield "already initialised"
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    local = None if address else live_local_cluster()
+    if (address and _is_loopback(address)) or not address:
+        _use_loopback(log)  # a local head, or a private instance: stay on 127.0.0.1
+    import ray
+
     if address:
         how = f"joined {address}"
-        try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except Exception as e:
-            raise ClusterError(f"could not join the Ray cluster at {address!r} (from "
-                               f"{'cluster.address' if cfg.address else 'RAY_ADDRESS'}): {e}") from e
-    elif (local := live_local_cluster()) is not None:
-        how = f"joined local cluster {local}"
-        ray.init(address=local, logging_level=logging.WARNING)
+        _join(address, "cluster.address" if cfg.address else "RAY_ADDRESS")
+    elif local is not None:
+        how = f"joined the local cluster at {local}"
+        _join(local, str(CURRENT_CLUSTER_FILE))
     else:
-        # Ray on Linux advertises the machine's network address unless told this is a one-machine cluster.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         need = math.ceil(cfg.num_devices * cfg.cpus_per_device)
         how = "started a local Ray instance"
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,

@@ -57,7 +57,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 500
     global_batch_size: int = 16    # sequences per step, over all devices
     lr: float = 3e-3
     min_lr_ratio: float = 0.1

@@ -15,7 +15,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, asdict
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +23,14 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.config import Config, to_dict, to_yaml
+from orchestrator.config import Config, to_dict
 from orchestrator.data import load_corpus
 from orchestrator.device import DeviceActor, StepReport
+from orchestrator.errors import RunError
 from orchestrator.monitor import MetricsLog, Progress
 from orchestrator.parallel.groups import pick_backend
 
 log = logging.getLogger(__name__)
-
-
-class RunError(RuntimeError):
-    """A run could not go on; the message says what failed and where."""
 
 
 @dataclass
@@ -47,16 +43,6 @@ class RunSummary:
     steps_per_s: float
     wall_time_s: float
     stopped_by_signal: str | None = None
-
-
-def make_run_dir(cfg: Config) -> Path:
-    if cfg.run.dir:
-        path = Path(cfg.run.dir).expanduser()
-    else:
-        path = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.run.name}"
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(to_yaml(cfg))
-    return path
 
 
 class Driver:

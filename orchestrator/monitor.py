@@ -4,8 +4,22 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
+
+from orchestrator.config import Config, to_yaml
+
+
+def make_run_dir(cfg: Config) -> Path:
+    """The run directory (`run.dir`, else runs/<date>-<time>-<name>) with the resolved config.yaml in it."""
+    if cfg.run.dir:
+        path = Path(cfg.run.dir).expanduser()
+    else:
+        path = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.run.name}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(to_yaml(cfg))
+    return path
 
 
 class MetricsLog:

@@ -97,3 +97,38 @@ def test_stale_cluster_file_is_not_joined(tmp_path, monkeypatch):
 def _dead_port() -> int:
     from orchestrator.parallel.groups import free_port
     return free_port("127.0.0.1")
+
+
+def test_train_job_joins_a_running_local_cluster_with_token_auth(tmp_path):
+    """`ray start --head` (token auth on) is running: the job joins it instead of starting its own."""
+    from orchestrator.parallel.groups import free_port
+
+    ray_bin = Path(sys.executable).parent / "ray"
+    port = free_port("127.0.0.1")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
+    previous = cluster.CURRENT_CLUSTER_FILE.read_text() if cluster.CURRENT_CLUSTER_FILE.exists() else None
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             f"--port={port}", "--num-cpus=2", "--include-dashboard=false"],
+                            env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while cluster.live_local_cluster() != f"127.0.0.1:{port}":
+            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(0.5)
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the job must find its own way to loopback
+        run_dir = tmp_path / "run"
+        job = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(TINY), f"run.dir={run_dir}",
+                              "train.steps=5", "train.eval_batches=0"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert job.returncode == 0, job.stderr[-3000:]
+        assert f"joined the local cluster at 127.0.0.1:{port}" in job.stderr
+        assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 5
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops everything it started on SIGTERM
+        head.wait(timeout=60)
+        if previous is None:
+            cluster.CURRENT_CLUSTER_FILE.unlink(missing_ok=True)
+        else:
+            cluster.CURRENT_CLUSTER_FILE.write_text(previous)
+    assert wait_gone(head.pid) == []
