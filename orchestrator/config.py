@@ -68,6 +68,18 @@ class TrainConfig:
     grad_clip: float = 1.0         # global grad-norm clip (0 disables)
     eval_batches: int = 8          # validation batches scored at the end of the run (0: none)
     dtype: str = "float32"         # parameter and compute dtype: float32 | float64 (float64: exactness checks)
+    resume: Optional[str] = None   # latest (newest checkpoint of this run that verifies) | a checkpoint path/URI
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None      # path or URI (s3://bucket/prefix, gs://...); None: <run.dir>/checkpoints
+    every_steps: int = 0           # save every K steps (0: only at the end and on a stop signal)
+    at_end: bool = True            # save when the run finishes
+    on_signal: bool = True         # save after the step in flight on SIGTERM/SIGINT (ray job stop, preemption)
+    keep_last: int = 3             # committed checkpoints kept (0: all)
+    keep_every: int = 0            # also keep every M-th step's checkpoint for good (0: none)
+    async_save: bool = True        # persist in the background while training goes on
 
 
 @dataclass
@@ -98,6 +110,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -179,7 +192,8 @@ def validate(cfg: Config) -> None:
                     "cluster.step_timeout_s", "cluster.collective_timeout_s"])
     _positive(cfg, ["model.num_shared_experts", "model.first_k_dense", "train.warmup_steps",
                     "train.weight_decay", "train.grad_clip", "train.eval_batches", "data.max_bytes",
-                    "cluster.torch_threads"], allow_zero=True)
+                    "cluster.torch_threads", "checkpoint.every_steps", "checkpoint.keep_last",
+                    "checkpoint.keep_every"], allow_zero=True)
     if cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed} must be zero or more")
     _choice("model.score_func", m.score_func, ("softmax", "sigmoid"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from orchestrator.checkpoint.shard import Snapshot, restore, serialize, take_snapshot
 from orchestrator.config import Config, config_from_dict
 from orchestrator.data import BatchStream
 from orchestrator.model import build_model
@@ -39,6 +41,7 @@ class StepReport:
     compute_time_s: float          # time this device spent inside the step
     expert_load: list[list[int]]   # [MoE layer][expert]: global tokens routed to the expert this step
     pid: int = field(default_factory=os.getpid)
+    saves: list[dict[str, Any]] = field(default_factory=list)  # checkpoint writes finished since the last report
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -112,6 +115,12 @@ class DeviceShard:
             total += self._loss_sum(*self.data.val_batch(i)).double()
         return self._all_reduce(total.view(1)).item() / (self.global_tokens * max(1, num_batches))
 
+    def snapshot(self, step: int) -> Snapshot:
+        return take_snapshot(self.model, self.optimizer, self.rank, self.expert_ids, step)
+
+    def restore(self, manifest: dict[str, Any], read, where: str) -> None:
+        restore(self.model, self.optimizer, self.rank, self.expert_ids, manifest, read, where)
+
     def global_parameters(self) -> dict[str, torch.Tensor]:
         """This device's parameters keyed by global name; routed experts one entry per global id."""
         out = {name: p.detach().cpu().clone() for name, p in self.model.dense_parameters()}
@@ -127,6 +136,10 @@ class DeviceActor:
     def __init__(self, torch_threads: int):
         torch.set_num_threads(max(1, torch_threads))
         self.shard: DeviceShard | None = None
+        self._saves_done: list[dict[str, Any]] = []
+        self._save_threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._save_fault: str | None = None
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -149,7 +162,72 @@ class DeviceActor:
 
     def train_step(self, step: int) -> StepReport:
         assert self.shard is not None, "build() first"
-        return self.shard.train_step(step)
+        report = self.shard.train_step(step)
+        report.saves = self._drain_saves()
+        return report
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self, step: int, uri: str, background: bool = True) -> Snapshot:
+        """Snapshot to host memory now; write the shard files to `uri` (in a thread when `background`).
+
+        The returned snapshot lands in the Ray object store owned by the caller: an in-memory copy that
+        outlives this actor. Write results come back in later StepReports or from `wait_saves`.
+        """
+        assert self.shard is not None, "build() first"
+        snap = self.shard.snapshot(step)
+        fault, self._save_fault = self._save_fault, None
+        if background:
+            t = threading.Thread(target=self._persist, args=(snap, uri, fault), name=f"save-{step}", daemon=True)
+            self._save_threads.append(t)
+            t.start()
+        else:
+            self._persist(snap, uri, fault)
+        return snap
+
+    def _persist(self, snap: Snapshot, uri: str, fault: str | None) -> None:
+        from orchestrator.storage import Storage
+
+        result: dict[str, Any] = {"step": snap.step, "rank": snap.rank, "files": {}, "error": None,
+                                  "expert_files": snap.expert_files, "optimizer_step": snap.optimizer_step}
+        t0 = time.perf_counter()
+        try:
+            storage = Storage(uri)
+            for name, tensors in snap.files.items():
+                data, meta = serialize(tensors)
+                if fault == "fail":  # injected: half a file written, then the writer fails
+                    storage.write(name, data[: len(data) // 2])
+                    raise OSError(f"injected failure while writing {name}")
+                storage.write(name, data)
+                result["files"][name] = meta
+        except Exception as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+        result["write_s"] = time.perf_counter() - t0
+        with self._lock:
+            self._saves_done.append(result)
+
+    def _drain_saves(self) -> list[dict[str, Any]]:
+        with self._lock:
+            done, self._saves_done = self._saves_done, []
+        self._save_threads = [t for t in self._save_threads if t.is_alive()]
+        return done
+
+    def wait_saves(self, timeout_s: float) -> list[dict[str, Any]]:
+        """Block until background writes finish (or the timeout passes); their results."""
+        deadline = time.monotonic() + timeout_s
+        for t in self._save_threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return self._drain_saves()
+
+    def fail_next_save(self, mode: str = "fail") -> None:
+        """Fault hook: the next shard write fails midway (`fail`)."""
+        self._save_fault = mode
+
+    def load(self, uri: str, manifest: dict[str, Any]) -> None:
+        from orchestrator.storage import Storage
+
+        assert self.shard is not None, "build() first"
+        storage = Storage(uri)
+        self.shard.restore(manifest, storage.read, uri)
 
     def evaluate(self, num_batches: int) -> float:
         assert self.shard is not None, "build() first"

@@ -14,7 +14,7 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,14 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from orchestrator.checkpoint.manager import CheckpointManager, CheckpointManifest, check_compatible, find_resume
 from orchestrator.config import Config, to_dict
 from orchestrator.data import load_corpus
 from orchestrator.device import DeviceActor, StepReport
 from orchestrator.errors import RunError
 from orchestrator.monitor import MetricsLog, Progress
 from orchestrator.parallel.groups import pick_backend
+from orchestrator.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ class RunSummary:
     steps_per_s: float
     wall_time_s: float
     stopped_by_signal: str | None = None
+    resumed_from_step: int | None = None
+    checkpoints_committed: list[int] = field(default_factory=list)
+    checkpoints_failed: list[int] = field(default_factory=list)
 
 
 class Driver:
@@ -53,12 +58,23 @@ class Driver:
         self.device_info: list[dict[str, Any]] = []
         self.pg = None
         self.stop_signal: str | None = None
+        self.ckpt = CheckpointManager(cfg, cfg.checkpoint.dir or str(run_dir / "checkpoints"))
+        self.resume_from: tuple[Storage, CheckpointManifest] | None = None
+        self.resumed_from_step: int | None = None
+        self.snapshot_step, self.snapshot_refs = 0, []
 
     # ----------------------------------------------------------------- start
     def start(self) -> None:
         cfg, c = self.cfg, self.cfg.cluster
         corpus = load_corpus(cfg.data)
         corpus.check_vocab(cfg.model.vocab_size, cfg.data.path)
+        self.ckpt.storage.check()  # an unreachable checkpoint URI fails now, not at the first save
+        if cfg.train.resume:
+            self.resume_from = find_resume(cfg.train.resume, self.ckpt.storage.uri)
+            if self.resume_from is None:
+                log.info("train.resume=latest: no checkpoint under %s yet; starting at step 1", self.ckpt.storage.uri)
+            else:
+                check_compatible(self.resume_from[1], cfg, self.resume_from[0].uri)
         log.info("data: %s, %d train / %d validation tokens", corpus.description, len(corpus.train), len(corpus.val))
         bundle = {"CPU": c.cpus_per_device, **({"GPU": 1} if c.use_gpu else {})}
         self.pg = placement_group([dict(bundle) for _ in range(self.world)], strategy=c.placement_strategy)
@@ -104,6 +120,7 @@ class Driver:
         reports: list[StepReport] = self._get([a.train_step.remote(step) for a in self.actors],
                                               self.cfg.cluster.step_timeout_s, f"run step {step}")
         wall = time.perf_counter() - t0
+        self.collect_saves(reports)
         r0 = reports[0]
         return {"step": step, "loss": r0.loss, "grad_norm": r0.grad_norm, "lr": r0.lr, "tokens": r0.tokens,
                 "tokens_per_s": r0.tokens / wall, "step_time_s": wall,
@@ -113,28 +130,39 @@ class Driver:
     def run(self) -> RunSummary:
         cfg = self.cfg
         t_start = time.perf_counter()
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        progress = Progress(cfg.train.steps, cfg.run.progress)
-        restore = self._install_signal_handlers()
+        restore_signals = self._install_signal_handlers()
         records: list[dict[str, Any]] = []
         val_loss = None
+        progress = metrics = None
         try:
             self.start()
-            for step in range(1, cfg.train.steps + 1):
+            first = self.restore() + 1
+            metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=first - 1)
+            progress = Progress(cfg.train.steps, cfg.run.progress, first_step=first)
+            for step in range(first, cfg.train.steps + 1):
                 if self.stop_signal:
                     progress.message(f"{self.stop_signal}: stopping after step {step - 1}")
                     break
                 rec = self.step(step)
+                if self.ckpt.due(step):
+                    self.save_checkpoint(step)
+                    rec["checkpoint_saved"] = True
                 records.append(rec)
                 metrics.write(rec)
                 progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"])
+            last = records[-1]["step"] if records else first - 1
+            policy = cfg.checkpoint
+            if records and last != self.ckpt.last_saved_step and (policy.on_signal if self.stop_signal else policy.at_end):
+                self.save_checkpoint(last)
+            self.finish_checkpoints()
             if cfg.train.eval_batches and not self.stop_signal and records:
                 val_loss = self._get([a.evaluate.remote(cfg.train.eval_batches) for a in self.actors],
                                      cfg.cluster.step_timeout_s, "evaluate")[0]
         finally:
-            progress.close()
-            metrics.close()
-            restore()
+            for closable in (progress, metrics):
+                if closable is not None:
+                    closable.close()
+            restore_signals()
             self.shutdown()
         timed = records[1:] or records
         step_time = sum(r["step_time_s"] for r in timed) / max(1, len(timed))
@@ -143,9 +171,45 @@ class Driver:
             final_loss=records[-1]["loss"] if records else None, val_loss=val_loss,
             tokens_per_s=(cfg.train.global_batch_size * cfg.data.seq_len) / step_time if records else 0.0,
             steps_per_s=1.0 / step_time if records else 0.0, wall_time_s=time.perf_counter() - t_start,
-            stopped_by_signal=self.stop_signal)
+            stopped_by_signal=self.stop_signal, resumed_from_step=self.resumed_from_step,
+            checkpoints_committed=list(self.ckpt.committed_steps), checkpoints_failed=list(self.ckpt.failed_steps))
         (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         return summary
+
+    # ----------------------------------------------------------- checkpoints
+    def save_checkpoint(self, step: int) -> None:
+        """Every device snapshots the state after `step` and writes its shard in the background.
+
+        The snapshots come back as object refs owned by this driver: the in-memory copy recovery can
+        restore from. The checkpoint is committed once every device reported its files written.
+        """
+        uri = self.ckpt.uri_for(step)
+        self.ckpt.started_save(step)
+        self.snapshot_step = step
+        self.snapshot_refs = [a.save.remote(step, uri, self.cfg.checkpoint.async_save) for a in self.actors]
+
+    def collect_saves(self, reports: list[StepReport]) -> None:
+        self.ckpt.add_results([s for r in reports for s in r.saves], self.world)
+
+    def finish_checkpoints(self) -> None:
+        """Wait for the writes in flight and commit what they complete."""
+        if self.ckpt.pending:
+            done = self._get([a.wait_saves.remote(self.cfg.cluster.step_timeout_s) for a in self.actors],
+                             self.cfg.cluster.step_timeout_s + 30, "finish writing checkpoints")
+            self.ckpt.add_results([s for part in done for s in part], self.world)
+
+    def restore(self) -> int:
+        """Load the checkpoint chosen at start (if any) into every device; the last completed step."""
+        if self.resume_from is None:
+            return 0
+        storage, manifest = self.resume_from
+        t0 = time.perf_counter()
+        self._get([a.load.remote(storage.uri, asdict(manifest)) for a in self.actors],
+                  self.cfg.cluster.start_timeout_s, f"load checkpoint {storage.uri}")
+        self.resumed_from_step = manifest.step
+        log.info("resumed from %s (step %d, saved by %d devices, now %d) in %.2fs", storage.uri, manifest.step,
+                 manifest.world_size, self.world, time.perf_counter() - t0)
+        return manifest.step
 
     def global_parameters(self) -> dict[str, Any]:
         """Every parameter of the model, gathered from the devices (experts by global id)."""

@@ -25,9 +25,17 @@ def make_run_dir(cfg: Config) -> Path:
 class MetricsLog:
     """`metrics.jsonl`: one JSON object per line, flushed per record so readers see it live."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_through_step: int = 0):
+        """A new log; or, resuming after step k, the old log cut to steps <= k (so every step appears once)."""
         self.path = path
-        self._f = open(path, "w", buffering=1)
+        kept = []
+        if keep_through_step > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        self._f = open(path, "a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record, separators=(",", ":")) + "\n")

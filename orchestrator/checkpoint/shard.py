@@ -1,0 +1,152 @@
+"""A device's side of checkpoints: snapshot its state to host memory, persist it, load it back.
+
+What a device owns in a checkpoint (safetensors; nothing that needs unpickling):
+  dense.safetensors          rank 0 only: replicated parameters, their AdamW moments, persistent
+                             buffers (router expert_bias). Every device holds the same values.
+  experts-<rank>.safetensors each rank: its routed experts, one tensor per (parameter, global
+                             expert id), with their AdamW moments; and its torch RNG state.
+Keys: `param/<name>`, `exp_avg/<name>`, `exp_avg_sq/<name>`, `buffer/<name>`, `rng/torch`, where an
+expert's <name> is `<parameter name>[<global expert id>]`. Because experts are stored by global
+id, a checkpoint written by N devices loads into M devices: each takes the ids it now holds.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from orchestrator.errors import RunError
+
+DENSE_FILE = "dense.safetensors"
+
+
+def expert_file(rank: int) -> str:
+    return f"experts-{rank:05d}.safetensors"
+
+
+class CheckpointError(RunError):
+    """A checkpoint cannot be used; the message names the checkpoint, the file or the key."""
+
+
+@dataclass
+class Snapshot:
+    """Host-memory copy of one device's state at the end of `step`, grouped by the file it goes to."""
+    step: int
+    rank: int
+    files: dict[str, dict[str, torch.Tensor]]
+    optimizer_step: int
+    expert_files: dict[str, dict[str, str]] = field(default_factory=dict)  # MoE layer -> {expert id: file}
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, expert_ids: list[int],
+                  step: int) -> Snapshot:
+    """Copy parameters, optimizer moments, buffers and RNG to host memory (training may go on after)."""
+    state = optimizer.state
+    files: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add(out: dict[str, torch.Tensor], key: str, p: torch.Tensor, sl=None) -> None:
+        out[f"param/{key}"] = _host_copy(p if sl is None else p[sl])
+        if p in state:
+            for moment in ("exp_avg", "exp_avg_sq"):
+                m = state[p][moment]
+                out[f"{moment}/{key}"] = _host_copy(m if sl is None else m[sl])
+
+    if rank == 0:
+        dense: dict[str, torch.Tensor] = {}
+        for name, p in model.dense_parameters():
+            add(dense, name, p)
+        param_names = {n for n, _ in model.named_parameters()}
+        for name, b in model.state_dict().items():
+            if name not in param_names:
+                dense[f"buffer/{name}"] = _host_copy(b)
+        files[DENSE_FILE] = dense
+    mine: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
+    for name, p in model.expert_parameters():
+        for j, gid in enumerate(expert_ids):
+            add(mine, f"{name}[{gid}]", p, j)
+    files[expert_file(rank)] = mine
+    layers = {name.rsplit(".experts.", 1)[0] for name, _ in model.expert_parameters()}
+    expert_files = {layer: {str(gid): expert_file(rank) for gid in expert_ids} for layer in sorted(layers)}
+    steps = [int(s["step"]) for s in state.values() if "step" in s]
+    return Snapshot(step=step, rank=rank, files=files, optimizer_step=steps[0] if steps else 0,
+                    expert_files=expert_files)
+
+
+def serialize(tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, object]]:
+    data = st_save(tensors)
+    return data, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def load_verified(read: Callable[[str], bytes], name: str, expected: dict[str, object], where: str
+                  ) -> dict[str, torch.Tensor]:
+    """Read a shard file and check it against the manifest entry before parsing it."""
+    data = read(name)
+    if len(data) != expected["size"]:
+        raise CheckpointError(f"{where}/{name} is {len(data)} bytes, the manifest says {expected['size']}: "
+                              f"the file is truncated or was replaced")
+    if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise CheckpointError(f"{where}/{name} does not match its sha256 checksum in the manifest: the file is corrupted")
+    try:
+        return st_load(data)
+    except Exception as e:
+        raise CheckpointError(f"{where}/{name} is not a readable safetensors file: {e}") from None
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, expert_ids: list[int],
+            manifest: dict, read: Callable[[str], bytes], where: str) -> None:
+    """Load this device's part of a checkpoint (written by any number of devices)."""
+    files = manifest["files"]
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def tensors(name: str) -> dict[str, torch.Tensor]:
+        if name not in cache:
+            if name not in files:
+                raise CheckpointError(f"{where}: the manifest lists no file {name}")
+            cache[name] = load_verified(read, name, files[name], where)
+        return cache[name]
+
+    def take(src: dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
+        if key not in src:
+            raise CheckpointError(f"{where}/{name} has no tensor {key!r}: the checkpoint does not fit this model")
+        return src[key]
+
+    step = torch.tensor(float(manifest["optimizer_step"]))
+
+    def put(p: torch.nn.Parameter, values: list[tuple[dict, str, str]], stack: bool) -> None:
+        def gather(prefix: str) -> torch.Tensor:
+            parts = [take(src, f"{prefix}/{key}", name) for src, key, name in values]
+            return torch.stack(parts) if stack else parts[0]
+
+        with torch.no_grad():
+            p.copy_(gather("param"))
+        if manifest["optimizer_step"] > 0:
+            optimizer.state[p] = {"step": step.clone(), "exp_avg": gather("exp_avg").to(p.device, p.dtype),
+                                  "exp_avg_sq": gather("exp_avg_sq").to(p.device, p.dtype)}
+
+    dense = tensors(DENSE_FILE)
+    for name, p in model.dense_parameters():
+        put(p, [(dense, name, DENSE_FILE)], stack=False)
+    param_names = {n for n, _ in model.named_parameters()}
+    with torch.no_grad():
+        for name, b in model.state_dict(keep_vars=True).items():
+            if name not in param_names:
+                b.copy_(take(dense, f"buffer/{name}", DENSE_FILE))
+    for name, p in model.expert_parameters():
+        layer = name.rsplit(".experts.", 1)[0]
+        where_of = manifest["expert_files"].get(layer, {})
+        values = []
+        for gid in expert_ids:
+            if str(gid) not in where_of:
+                raise CheckpointError(f"{where}: the manifest places no expert {gid} of {layer}")
+            values.append((tensors(where_of[str(gid)]), f"{name}[{gid}]", where_of[str(gid)]))
+        put(p, values, stack=True)
+    if expert_file(rank) in files:  # the same rank existed when it was saved
+        torch.set_rng_state(tensors(expert_file(rank))["rng/torch"])

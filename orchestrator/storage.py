@@ -1,0 +1,127 @@
+"""One storage interface over local paths and URIs, through `pyarrow.fs`.
+
+    Storage("runs/r1/checkpoints")                     a local folder
+    Storage("s3://bucket/prefix")                      S3 (credentials from the usual AWS variables)
+    Storage("s3://bucket/p?endpoint_override=127.0.0.1:9000&scheme=http")   an S3-compatible server
+    Storage("gs://bucket/prefix"), Storage("hdfs://...")                     whatever pyarrow.fs knows
+
+Paths given to the methods are relative to the root. `write_atomic` makes an object visible whole
+or not at all: a temporary file and one rename locally, a single PUT on object stores (whose
+objects appear atomically). A Storage is cheap to rebuild from its URI, which is what travels to
+actors.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from orchestrator.errors import RunError
+
+
+class StorageError(RunError):
+    """A storage operation failed; the message names the URI and the path."""
+
+
+def uri_join(uri: str, *parts: str) -> str:
+    """Append path parts to a path or URI, keeping a URI's query (`?endpoint_override=...`) at the end."""
+    base, sep, query = uri.partition("?")
+    path = "/".join([base.rstrip("/"), *(p.strip("/") for p in parts if p)])
+    return path + sep + query
+
+
+class Storage:
+    def __init__(self, uri: str):
+        self.uri = uri
+        try:
+            if "://" in uri and not uri.startswith("file://"):
+                self.fs, self.root = pafs.FileSystem.from_uri(uri)
+                self.local = False
+            else:
+                path = uri[len("file://"):] if uri.startswith("file://") else uri
+                self.fs, self.root = pafs.LocalFileSystem(), str(Path(path).expanduser().absolute())
+                self.local = True
+        except Exception as e:
+            raise StorageError(f"storage URI {uri!r} cannot be opened: {e}") from None
+        self.root = self.root.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"Storage({self.uri!r})"
+
+    def _full(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def _fail(self, what: str, rel: str, e: Exception) -> StorageError:
+        return StorageError(f"could not {what} {rel or '.'} under {self.uri}: {e}")
+
+    def child(self, rel: str) -> "Storage":
+        return Storage(uri_join(self.uri, rel))
+
+    def check(self) -> None:
+        """Raise StorageError now if the root cannot be reached or created."""
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            self.fs.get_file_info(self.root)
+        except Exception as e:
+            raise self._fail("reach or create", "", e) from None
+
+    def write(self, rel: str, data: bytes) -> None:
+        try:
+            parent = self._full(rel).rsplit("/", 1)[0]
+            if self.local:
+                self.fs.create_dir(parent, recursive=True)
+            with self.fs.open_output_stream(self._full(rel)) as f:
+                f.write(data)
+        except Exception as e:
+            raise self._fail("write", rel, e) from None
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        if not self.local:
+            self.write(rel, data)  # one PUT: the object appears whole or not at all
+            return
+        tmp = f"{rel}.tmp-{uuid.uuid4().hex[:8]}"
+        self.write(tmp, data)
+        try:
+            with open(self._full(tmp), "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self._full(tmp), self._full(rel))
+        except Exception as e:
+            raise self._fail("commit", rel, e) from None
+
+    def read(self, rel: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(self._full(rel)) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise StorageError(f"{rel} does not exist under {self.uri}") from None
+        except Exception as e:
+            raise self._fail("read", rel, e) from None
+
+    def size(self, rel: str) -> int | None:
+        """Size in bytes, or None when the file does not exist."""
+        try:
+            info = self.fs.get_file_info(self._full(rel))
+        except Exception as e:
+            raise self._fail("look at", rel, e) from None
+        return info.size if info.type == pafs.FileType.File else None
+
+    def exists(self, rel: str) -> bool:
+        return self.size(rel) is not None
+
+    def list_dirs(self, rel: str = "") -> list[str]:
+        """Names of the sub-folders of rel (sorted); none when rel does not exist."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self._full(rel), allow_not_found=True))
+        except Exception as e:
+            raise self._fail("list", rel, e) from None
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def delete_dir(self, rel: str) -> None:
+        try:
+            self.fs.delete_dir(self._full(rel))
+        except FileNotFoundError:
+            pass
+        except Exception as e:
+            raise self._fail("delete", rel, e) from None
