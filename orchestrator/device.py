@@ -55,6 +55,8 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) 
 class DeviceShard:
     def __init__(self, cfg: Config, rank: int, world: int, train_tokens: np.ndarray, val_tokens: np.ndarray):
         self.cfg, self.rank, self.world = cfg, rank, world
+        # The process RNG is a function of (seed, rank) too, so what a checkpoint saves of it is reproducible.
+        torch.manual_seed(cfg.seed * 1_000_003 + rank)
         self.device = torch.device("cuda", 0) if cfg.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
         num_local = cfg.model.num_experts // world
         self.expert_ids = list(range(rank * num_local, (rank + 1) * num_local))
@@ -194,8 +196,10 @@ class DeviceActor:
             storage = Storage(uri)
             for name, tensors in snap.files.items():
                 data, meta = serialize(tensors)
-                if fault == "fail":  # injected: half a file written, then the writer fails
+                if fault in ("fail", "hang"):  # injected: half a file written, then the writer fails or hangs
                     storage.write(name, data[: len(data) // 2])
+                    if fault == "hang":
+                        time.sleep(3600)
                     raise OSError(f"injected failure while writing {name}")
                 storage.write(name, data)
                 result["files"][name] = meta
@@ -219,7 +223,7 @@ class DeviceActor:
         return self._drain_saves()
 
     def fail_next_save(self, mode: str = "fail") -> None:
-        """Fault hook: the next shard write fails midway (`fail`)."""
+        """Fault hook: the next shard write stops midway and fails (`fail`) or hangs there (`hang`)."""
         self._save_fault = mode
 
     def load(self, uri: str, manifest: dict[str, Any]) -> None:

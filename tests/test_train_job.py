@@ -12,6 +12,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from orchestrator import cluster
+from orchestrator.checkpoint import verify
+from orchestrator.storage import Storage
 from orchestrator.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +84,11 @@ def test_sigterm_stops_cleanly_after_the_step_in_flight(tmp_path):
     assert summary["stopped_by_signal"] == "SIGTERM"
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, summary["steps_done"] + 1))  # every finished step recorded, once
+    # Graceful stop: a final checkpoint of the last finished step, committed and verified.
+    assert summary["checkpoints_committed"] == [summary["steps_done"]]
+    final = Storage(str(run_dir / "checkpoints" / f"step_{summary['steps_done']:08d}"))
+    manifest, problem = verify(final)
+    assert problem is None and manifest.step == summary["steps_done"]
     assert wait_gone(proc.pid) == []
 
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from orchestrator.checkpoint.shard import CheckpointError
-from orchestrator.config import CheckpointConfig, Config, to_dict
+from orchestrator.config import Config, to_dict
 from orchestrator.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -233,5 +233,5 @@ def find_resume(resume: str, default_root: str) -> tuple[Storage, CheckpointMani
     raise CheckpointError(f"no checkpoint under {root.uri} verifies; the newest problem: {problem}")
 
 
-__all__ = ["CheckpointManager", "CheckpointManifest", "CheckpointError", "CheckpointConfig", "find_resume",
+__all__ = ["CheckpointManager", "CheckpointManifest", "CheckpointError", "find_resume",
            "verify", "list_checkpoints", "read_manifest", "check_compatible", "step_dir", "MANIFEST"]

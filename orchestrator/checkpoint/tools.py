@@ -1,0 +1,89 @@
+"""Inspect and export checkpoints: `python -m orchestrator checkpoints list|export ...`."""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import torch
+from safetensors.torch import save as st_save
+
+from orchestrator.checkpoint.manager import MANIFEST, _parse_step, list_checkpoints, verify
+from orchestrator.checkpoint.shard import CheckpointError, load_verified
+from orchestrator.storage import Storage
+
+_EXPERT_KEY = re.compile(r"^(?P<name>.+)\[(?P<gid>\d+)\]$")
+
+
+def checkpoint_root(path: str) -> Storage:
+    """A run directory (its checkpoints/ folder), a checkpoint root, or one checkpoint folder."""
+    storage = Storage(path)
+    if not storage.exists(MANIFEST) and "checkpoints" in storage.list_dirs():
+        return storage.child("checkpoints")
+    return storage
+
+
+def describe(path: str) -> list[dict]:
+    """One row per checkpoint folder: step, size, world size, files, verified or the problem."""
+    root = checkpoint_root(path)
+    entries = [(None, root)] if root.exists(MANIFEST) else \
+        [(_parse_step(n), root.child(n)) for n in root.list_dirs() if _parse_step(n) is not None]
+    rows = []
+    for step, ckpt in entries:
+        if not ckpt.exists(MANIFEST):
+            rows.append({"step": step, "uri": ckpt.uri, "status": "uncommitted (no manifest): never loaded"})
+            continue
+        manifest, problem = verify(ckpt)
+        rows.append({"step": manifest.step if manifest else step, "uri": ckpt.uri,
+                     "size_mb": round(manifest.total_bytes / 1e6, 2) if manifest else None,
+                     "world_size": manifest.world_size if manifest else None,
+                     "files": len(manifest.files) if manifest else None,
+                     "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.created)) if manifest else None,
+                     "status": "verified" if problem is None else f"BAD: {problem}"})
+    return rows
+
+
+def read_parameters(ckpt: Storage) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every parameter and buffer of a verified checkpoint (experts as `name[id]`), and the manifest."""
+    manifest, problem = verify(ckpt)
+    if problem is not None or manifest is None:
+        raise CheckpointError(f"cannot read {ckpt.uri}: {problem}")
+    out: dict[str, torch.Tensor] = {}
+    for name, meta in manifest.files.items():
+        for key, t in load_verified(ckpt.read, name, meta, ckpt.uri).items():
+            kind, _, rest = key.partition("/")
+            if kind in ("param", "buffer"):
+                out[rest] = t
+    return out, manifest.__dict__
+
+
+def full_state_dict(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Experts stacked back into the one-process model's tensors: loads into MoETransformer(cfg)."""
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    out = {}
+    for key, t in params.items():
+        m = _EXPERT_KEY.match(key)
+        if m:
+            experts.setdefault(m["name"], {})[int(m["gid"])] = t
+        else:
+            out[key] = t
+    for name, by_id in experts.items():
+        out[name] = torch.stack([by_id[i] for i in sorted(by_id)])
+    return out
+
+
+def export(path: str, out_file: str) -> dict:
+    """Write the model weights of one checkpoint as a single safetensors file."""
+    ckpt = Storage(path)
+    if not ckpt.exists(MANIFEST):
+        candidates = list_checkpoints(checkpoint_root(path))
+        if not candidates:
+            raise CheckpointError(f"{path}: no committed checkpoint to export")
+        ckpt = candidates[-1][1]
+    params, manifest = read_parameters(ckpt)
+    state = full_state_dict(params)
+    meta = {"step": str(manifest["step"]), "model": json.dumps(manifest["fingerprint"]["model"]),
+            "source": ckpt.uri}
+    data = st_save(state, metadata=meta)
+    Storage(out_file.rsplit("/", 1)[0] if "/" in out_file else ".").write(out_file.rsplit("/", 1)[-1], data)
+    return {"file": out_file, "tensors": len(state), "bytes": len(data), "step": manifest["step"], "source": ckpt.uri}
