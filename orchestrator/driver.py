@@ -48,6 +48,10 @@ class RunSummary:
     resumed_from_step: int | None = None
     checkpoints_committed: list[int] = field(default_factory=list)
     checkpoints_failed: list[int] = field(default_factory=list)
+    checkpoint_bytes: dict[int, int] = field(default_factory=dict)
+    checkpoint_write_s: dict[int, float] = field(default_factory=dict)   # slowest device's background write
+    checkpoint_commit_s: dict[int, float] = field(default_factory=dict)  # snapshot start .. manifest committed
+    restore_s: float | None = None
 
 
 class Driver:
@@ -61,6 +65,7 @@ class Driver:
         self.ckpt = CheckpointManager(cfg, cfg.checkpoint.dir or str(run_dir / "checkpoints"))
         self.resume_from: tuple[Storage, CheckpointManifest] | None = None
         self.resumed_from_step: int | None = None
+        self.restore_s: float | None = None
         self.snapshot_step, self.snapshot_refs = 0, []
 
     # ----------------------------------------------------------------- start
@@ -172,7 +177,9 @@ class Driver:
             tokens_per_s=(cfg.train.global_batch_size * cfg.data.seq_len) / step_time if records else 0.0,
             steps_per_s=1.0 / step_time if records else 0.0, wall_time_s=time.perf_counter() - t_start,
             stopped_by_signal=self.stop_signal, resumed_from_step=self.resumed_from_step,
-            checkpoints_committed=list(self.ckpt.committed_steps), checkpoints_failed=list(self.ckpt.failed_steps))
+            checkpoints_committed=list(self.ckpt.committed_steps), checkpoints_failed=list(self.ckpt.failed_steps),
+            checkpoint_bytes=self.ckpt.bytes_saved, checkpoint_write_s=self.ckpt.write_seconds,
+            checkpoint_commit_s=self.ckpt.commit_seconds, restore_s=self.restore_s)
         (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         return summary
 
@@ -207,8 +214,9 @@ class Driver:
         self._get([a.load.remote(storage.uri, asdict(manifest)) for a in self.actors],
                   self.cfg.cluster.start_timeout_s, f"load checkpoint {storage.uri}")
         self.resumed_from_step = manifest.step
+        self.restore_s = time.perf_counter() - t0
         log.info("resumed from %s (step %d, saved by %d devices, now %d) in %.2fs", storage.uri, manifest.step,
-                 manifest.world_size, self.world, time.perf_counter() - t0)
+                 manifest.world_size, self.world, self.restore_s)
         return manifest.step
 
     def global_parameters(self) -> dict[str, Any]:

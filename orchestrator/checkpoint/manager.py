@@ -93,6 +93,9 @@ class CheckpointManager:
         self.committed_steps: list[int] = []
         self.failed_steps: list[int] = []
         self.last_saved_step = 0
+        self.write_seconds: dict[int, float] = {}    # step -> slowest device's background write
+        self.commit_seconds: dict[int, float] = {}   # step -> snapshot started .. manifest committed
+        self.bytes_saved: dict[int, int] = {}
 
     # ------------------------------------------------------------ saving
     def due(self, step: int) -> bool:
@@ -141,6 +144,9 @@ class CheckpointManager:
         self.storage.write_atomic(f"{step_dir(step)}/{MANIFEST}", manifest.to_json())
         self.committed_steps.append(step)
         elapsed = time.perf_counter() - self.started.pop(step, time.perf_counter())
+        self.commit_seconds[step] = elapsed
+        self.write_seconds[step] = max(float(r.get("write_s", 0.0)) for r in by_rank.values())
+        self.bytes_saved[step] = manifest.total_bytes
         log.info("checkpoint step %d committed: %.1f MB in %d files, %.2fs from snapshot to commit",
                  step, manifest.total_bytes / 1e6, len(files), elapsed)
         self.apply_retention()

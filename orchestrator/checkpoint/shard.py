@@ -15,6 +15,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -34,25 +35,34 @@ class CheckpointError(RunError):
 
 @dataclass
 class Snapshot:
-    """Host-memory copy of one device's state at the end of `step`, grouped by the file it goes to."""
+    """Host-memory copy of one device's state at the end of `step`, grouped by the file it goes to.
+
+    Arrays are numpy (torch only for dtypes numpy lacks, such as bfloat16): the Ray object store
+    takes numpy buffers without pickling them, about ten times faster than torch tensors.
+    """
     step: int
     rank: int
-    files: dict[str, dict[str, torch.Tensor]]
+    files: dict[str, dict[str, np.ndarray | torch.Tensor]]
     optimizer_step: int
     expert_files: dict[str, dict[str, str]] = field(default_factory=dict)  # MoE layer -> {expert id: file}
 
 
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True).contiguous()
+def _host_copy(t: torch.Tensor) -> np.ndarray | torch.Tensor:
+    copy = t.detach().to("cpu", copy=True).contiguous()
+    return copy if copy.dtype == torch.bfloat16 else copy.numpy()
+
+
+def as_torch(a: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
 
 
 def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, expert_ids: list[int],
                   step: int) -> Snapshot:
     """Copy parameters, optimizer moments, buffers and RNG to host memory (training may go on after)."""
     state = optimizer.state
-    files: dict[str, dict[str, torch.Tensor]] = {}
+    files: dict[str, dict[str, np.ndarray | torch.Tensor]] = {}
 
-    def add(out: dict[str, torch.Tensor], key: str, p: torch.Tensor, sl=None) -> None:
+    def add(out: dict, key: str, p: torch.Tensor, sl=None) -> None:
         out[f"param/{key}"] = _host_copy(p if sl is None else p[sl])
         if p in state:
             for moment in ("exp_avg", "exp_avg_sq"):
@@ -60,7 +70,7 @@ def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank
                 out[f"{moment}/{key}"] = _host_copy(m if sl is None else m[sl])
 
     if rank == 0:
-        dense: dict[str, torch.Tensor] = {}
+        dense: dict[str, np.ndarray | torch.Tensor] = {}
         for name, p in model.dense_parameters():
             add(dense, name, p)
         param_names = {n for n, _ in model.named_parameters()}
@@ -68,7 +78,7 @@ def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank
             if name not in param_names:
                 dense[f"buffer/{name}"] = _host_copy(b)
         files[DENSE_FILE] = dense
-    mine: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
+    mine: dict[str, np.ndarray | torch.Tensor] = {"rng/torch": torch.get_rng_state().numpy()}
     for name, p in model.expert_parameters():
         for j, gid in enumerate(expert_ids):
             add(mine, f"{name}[{gid}]", p, j)
@@ -80,8 +90,8 @@ def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank
                     expert_files=expert_files)
 
 
-def serialize(tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, object]]:
-    data = st_save(tensors)
+def serialize(tensors: dict[str, np.ndarray | torch.Tensor]) -> tuple[bytes, dict[str, object]]:
+    data = st_save({k: as_torch(v) for k, v in tensors.items()})
     return data, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
