@@ -201,3 +201,12 @@ def test_in_memory_snapshot_outlives_its_device_actor(ray_session, tmp_path):
     on_disk = load_file(ckpt(tmp_path, 2) / "experts-00001.safetensors")
     tensors = snap.files["experts-00001.safetensors"]
     assert tensors.keys() == on_disk.keys() and all(np.array_equal(tensors[k], on_disk[k].numpy()) for k in tensors)
+
+
+def test_retention_keeps_last_n_and_every_mth(ray_session, tmp_path):
+    summary = Driver(tiny_config(tmp_path, "train.steps=7", "cluster.num_devices=1", "checkpoint.every_steps=1",
+                                 "checkpoint.keep_last=2", "checkpoint.keep_every=3", "train.eval_batches=0"),
+                     tmp_path).run()
+    assert summary.checkpoints_committed == [1, 2, 3, 4, 5, 6, 7]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["step_00000003", "step_00000006", "step_00000007"]

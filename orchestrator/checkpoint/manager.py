@@ -106,6 +106,12 @@ class CheckpointManager:
         return self.storage.child(step_dir(step)).uri
 
     def started_save(self, step: int) -> None:
+        """Called before the devices write step `step`. A committed checkpoint of the same step (left by
+        an earlier run that went further than the one resuming now) is removed first, so that its
+        manifest never describes files that are being rewritten."""
+        if self.storage.exists(f"{step_dir(step)}/{MANIFEST}"):
+            log.warning("replacing the existing checkpoint at step %d under %s", step, self.storage.uri)
+            self.storage.delete_dir(step_dir(step))
         self.pending.setdefault(step, {})
         self.started[step] = time.perf_counter()
         self.last_saved_step = step
