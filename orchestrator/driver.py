@@ -1,9 +1,12 @@
 """The driver: owns a run's placement group, device actors and step loop.
 
-start(): load the corpus (bad data fails here, before any actor) -> placement group with one bundle
-per device -> one DeviceActor per bundle -> process group -> each actor builds its shard.
-run():   for each step, every actor's train_step in parallel -> StepReports -> metrics.jsonl and the
-progress display -> validation at the end -> summary.json.
+start(): load the corpus and find the checkpoint to resume (bad data, an unreachable checkpoint URI
+or an incompatible checkpoint fail here, before any actor) -> placement group with one bundle per
+device -> one DeviceActor per bundle -> process group -> each actor builds its shard.
+run():   restore the checkpoint into every device -> for each step, every actor's train_step in
+parallel -> StepReports -> metrics.jsonl and the progress display; checkpoints by the policy
+(snapshot now, written in the background, committed by the CheckpointManager once every device
+reported its files) -> final checkpoint -> validation -> summary.json.
 shutdown(): kill the actors and remove the placement group; also after errors, Ctrl-C and SIGTERM
 (the first signal stops after the step in flight, a second one interrupts at once).
 """

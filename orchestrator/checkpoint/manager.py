@@ -174,8 +174,7 @@ class CheckpointManager:
 
     # ----------------------------------------------------------- reading
     def committed(self) -> list[int]:
-        return sorted(s for name in self.storage.list_dirs() if (s := _parse_step(name)) is not None
-                      and self.storage.exists(f"{name}/{MANIFEST}"))
+        return [step for step, _ in list_checkpoints(self.storage)]
 
 
 def _parse_step(name: str) -> int | None:
