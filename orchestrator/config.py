@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -83,6 +83,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class FaultSpec:
+    step: int                      # the fault strikes during this step
+    kind: str                      # kill (SIGKILL of the device's process) | crash (exception inside the step)
+    rank: int = 0                  # the device it strikes
+
+
+@dataclass
+class FaultConfig:
+    plan: List[FaultSpec] = field(default_factory=list)
+    snapshot_every: int = 1        # in-memory snapshot cadence (steps) recovery rewinds to; 0: no healing
+    max_recoveries: int = 10       # recoveries per run before the run stops with a report
+    recovery_timeout_s: float = 120.0
+
+
+@dataclass
 class ClusterConfig:
     num_devices: int = 2
     address: Optional[str] = None  # Ray address to join; None: RAY_ADDRESS, a live local cluster, or a new one
@@ -111,6 +126,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -228,5 +244,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.format='bin' needs data.path pointing to a uint16 token file")
     if (d.path is None or d.format == "text") and m.vocab_size < 256:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is too small for byte-level text; it must be at least 256")
+    for i, f in enumerate(cfg.faults.plan):
+        _choice(f"faults.plan[{i}].kind", f.kind, ("kill", "crash"))
+        if not 1 <= f.step <= t.steps:
+            raise ConfigError(f"faults.plan[{i}].step={f.step} is outside the run's steps 1..{t.steps}")
+        if not 0 <= f.rank < c.num_devices:
+            raise ConfigError(f"faults.plan[{i}].rank={f.rank} is not a device (0..{c.num_devices - 1})")
+    if cfg.faults.snapshot_every < 0 or cfg.faults.max_recoveries < 0:
+        raise ConfigError("faults.snapshot_every and faults.max_recoveries must be zero or more")
     if c.backend == "nccl" and not c.use_gpu:
         raise ConfigError("cluster.backend='nccl' needs cluster.use_gpu=true (nccl runs on GPUs only)")

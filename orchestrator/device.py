@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,12 +23,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from orchestrator.checkpoint.shard import Snapshot, restore, serialize, take_snapshot
+from orchestrator.checkpoint.shard import Snapshot, restore_from_files, restore_from_snapshots, serialize, take_snapshot
 from orchestrator.config import Config, config_from_dict
 from orchestrator.data import BatchStream
 from orchestrator.model import build_model
 from orchestrator.model.layers import upcast
 from orchestrator.parallel import allreduce_dense_grads, apply_expert_parallel, clip_, groups, sum_of_squares
+
+
+class InjectedCrash(RuntimeError):
+    """An exception raised on purpose inside a step (fault injection)."""
 
 
 @dataclass
@@ -72,6 +77,7 @@ class DeviceShard:
             lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
         self.data = BatchStream(train_tokens, val_tokens, cfg.seed, cfg.data.seq_len, t.global_batch_size, world, rank)
         self.global_tokens = t.global_batch_size * cfg.data.seq_len
+        self.crash_next_step = False
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -87,6 +93,9 @@ class DeviceShard:
         t = self.cfg.train
         self.model.train()
         loss_sum = self._loss_sum(*self.data.train_batch(step))
+        if self.crash_next_step:  # injected fault: fails between forward and backward, peers mid-step
+            self.crash_next_step = False
+            raise InjectedCrash(f"injected crash in step {step} on device {self.rank}")
         (loss_sum / self.global_tokens).backward()
         if self.world > 1:
             allreduce_dense_grads(self.dense_params)
@@ -121,7 +130,10 @@ class DeviceShard:
         return take_snapshot(self.model, self.optimizer, self.rank, self.expert_ids, step)
 
     def restore(self, manifest: dict[str, Any], read, where: str) -> None:
-        restore(self.model, self.optimizer, self.rank, self.expert_ids, manifest, read, where)
+        restore_from_files(self.model, self.optimizer, self.rank, self.expert_ids, manifest, read, where)
+
+    def restore_snapshots(self, snapshots: list[Snapshot]) -> None:
+        restore_from_snapshots(self.model, self.optimizer, self.rank, self.expert_ids, snapshots)
 
     def global_parameters(self) -> dict[str, torch.Tensor]:
         """This device's parameters keyed by global name; routed experts one entry per global id."""
@@ -169,7 +181,7 @@ class DeviceActor:
         return report
 
     # ------------------------------------------------------------ checkpoints
-    def save(self, step: int, uri: str, background: bool = True) -> Snapshot:
+    def save(self, step: int, uri: str, background: bool = True) -> tuple[int, Snapshot]:
         """Snapshot to host memory now; write the shard files to `uri` (in a thread when `background`).
 
         The returned snapshot lands in the Ray object store owned by the caller: an in-memory copy that
@@ -184,7 +196,7 @@ class DeviceActor:
             t.start()
         else:
             self._persist(snap, uri, fault)
-        return snap
+        return step, snap  # called with num_returns=2: a tiny "done" object, then the snapshot
 
     def _persist(self, snap: Snapshot, uri: str, fault: str | None) -> None:
         from orchestrator.storage import Storage
@@ -221,6 +233,25 @@ class DeviceActor:
         for t in self._save_threads:
             t.join(max(0.0, deadline - time.monotonic()))
         return self._drain_saves()
+
+    def inject(self, kind: str) -> None:
+        """Fault injection: `kill` ends this process with SIGKILL now; `crash` fails the next step midway."""
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == "crash":
+            assert self.shard is not None
+            self.shard.crash_next_step = True
+        else:
+            raise ValueError(f"unknown fault kind {kind!r}")
+
+    def snapshot(self, step: int) -> tuple[int, Snapshot]:
+        """In-memory snapshot only (into the object store, owned by the caller; num_returns=2 as `save`)."""
+        assert self.shard is not None, "build() first"
+        return step, self.shard.snapshot(step)
+
+    def restore_snapshots(self, *snapshots: Snapshot) -> None:
+        assert self.shard is not None, "build() first"
+        self.shard.restore_snapshots(list(snapshots))
 
     def fail_next_save(self, mode: str = "fail") -> None:
         """Fault hook: the next shard write stops midway and fails (`fail`) or hangs there (`hang`)."""

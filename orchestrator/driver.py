@@ -31,11 +31,19 @@ from orchestrator.config import Config, to_dict
 from orchestrator.data import load_corpus
 from orchestrator.device import DeviceActor, StepReport
 from orchestrator.errors import RunError
+from orchestrator.healing import Healer, Injector, StepFailure, Watch
 from orchestrator.monitor import MetricsLog, Progress
 from orchestrator.parallel.groups import pick_backend
 from orchestrator.storage import Storage
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class InMemorySnapshot:
+    step: int
+    done_refs: list[Any]   # tiny: resolve once each device has copied its state
+    refs: list[Any]        # the snapshots themselves, in the object store, owned by this driver
 
 
 @dataclass
@@ -55,6 +63,8 @@ class RunSummary:
     checkpoint_write_s: dict[int, float] = field(default_factory=dict)   # slowest device's background write
     checkpoint_commit_s: dict[int, float] = field(default_factory=dict)  # snapshot start .. manifest committed
     restore_s: float | None = None
+    recoveries: int = 0
+    incidents: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Driver:
@@ -69,7 +79,9 @@ class Driver:
         self.resume_from: tuple[Storage, CheckpointManifest] | None = None
         self.resumed_from_step: int | None = None
         self.restore_s: float | None = None
-        self.snapshot_step, self.snapshot_refs = 0, []
+        self.snapshots: list[InMemorySnapshot] = []  # the newest two; the older one is the fallback
+        self.data_refs: tuple[Any, Any] | None = None
+        self.injector, self.watch, self.healer = Injector(cfg.faults), Watch(), Healer(cfg.faults)
 
     # ----------------------------------------------------------------- start
     def start(self) -> None:
@@ -93,20 +105,25 @@ class Driver:
                            f"{c.placement_strategy} within {c.start_timeout_s:.0f}s; the cluster has "
                            f"{ray.cluster_resources()}. Lower cluster.num_devices or cluster.cpus_per_device, "
                            f"or add nodes") from None
-        threads = c.torch_threads or max(1, int(c.cpus_per_device))
-        actor_cls = ray.remote(DeviceActor)
-        self.actors = [
-            actor_cls.options(num_cpus=c.cpus_per_device, num_gpus=1 if c.use_gpu else 0, max_restarts=0,
-                              scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
-                              ).remote(threads)
-            for i in range(self.world)]
+        self.actors = [self._new_actor(i) for i in range(self.world)]
         self.device_info = self._get([a.info.remote() for a in self.actors], c.start_timeout_s, "start device actors")
         self.form_group()
-        train_ref, val_ref = ray.put(corpus.train), ray.put(corpus.val)
-        self._get([a.build.remote(to_dict(cfg), rank, self.world, train_ref, val_ref)
+        self.data_refs = (ray.put(corpus.train), ray.put(corpus.val))
+        self._get([a.build.remote(to_dict(cfg), rank, self.world, *self.data_refs)
                    for rank, a in enumerate(self.actors)], c.start_timeout_s, "build device shards")
         nodes = len({i["node_id"] for i in self.device_info})
         log.info("devices: %d actors on %d node(s), backend %s", self.world, nodes, self.backend)
+
+    def _new_actor(self, rank: int) -> Any:
+        c = self.cfg.cluster
+        threads = c.torch_threads or max(1, int(c.cpus_per_device))
+        return ray.remote(DeviceActor).options(
+            num_cpus=c.cpus_per_device, num_gpus=1 if c.use_gpu else 0, max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
+        ).remote(threads)
+
+    def node_of(self, rank: int) -> str | None:
+        return self.device_info[rank].get("node_id") if rank < len(self.device_info) else None
 
     @property
     def backend(self) -> str:
@@ -125,8 +142,8 @@ class Driver:
     # ------------------------------------------------------------------ loop
     def step(self, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
-        reports: list[StepReport] = self._get([a.train_step.remote(step) for a in self.actors],
-                                              self.cfg.cluster.step_timeout_s, f"run step {step}")
+        reports: list[StepReport] = self.watch.collect(self, [a.train_step.remote(step) for a in self.actors], step,
+                                                       self.cfg.cluster.step_timeout_s)
         wall = time.perf_counter() - t0
         self.collect_saves(reports)
         r0 = reports[0]
@@ -147,17 +164,30 @@ class Driver:
             first = self.restore() + 1
             metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=first - 1)
             progress = Progress(cfg.train.steps, cfg.run.progress, first_step=first)
-            for step in range(first, cfg.train.steps + 1):
+            self.snapshot(first - 1)
+            step = first
+            while step <= cfg.train.steps:
                 if self.stop_signal:
                     progress.message(f"{self.stop_signal}: stopping after step {step - 1}")
                     break
-                rec = self.step(step)
+                self.injector.before_step(self, step)
+                try:
+                    rec = self.step(step)
+                except StepFailure as failure:
+                    step = self.healer.heal(self, failure) + 1
+                    records = [r for r in records if r["step"] < step]
+                    metrics.truncate(step - 1)  # replayed steps are recorded once, when they complete
+                    progress.message(f"healed: {failure}; replaying from step {step}")
+                    continue
                 if self.ckpt.due(step):
                     self.save_checkpoint(step)
                     rec["checkpoint_saved"] = True
+                elif cfg.faults.snapshot_every and step % cfg.faults.snapshot_every == 0:
+                    self.snapshot(step)
                 records.append(rec)
                 metrics.write(rec)
                 progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"])
+                step += 1
             last = records[-1]["step"] if records else first - 1
             policy = cfg.checkpoint
             if records and last != self.ckpt.last_saved_step and (policy.on_signal if self.stop_signal else policy.at_end):
@@ -182,7 +212,8 @@ class Driver:
             stopped_by_signal=self.stop_signal, resumed_from_step=self.resumed_from_step,
             checkpoints_committed=list(self.ckpt.committed_steps), checkpoints_failed=list(self.ckpt.failed_steps),
             checkpoint_bytes=self.ckpt.bytes_saved, checkpoint_write_s=self.ckpt.write_seconds,
-            checkpoint_commit_s=self.ckpt.commit_seconds, restore_s=self.restore_s)
+            checkpoint_commit_s=self.ckpt.commit_seconds, restore_s=self.restore_s,
+            recoveries=self.healer.recoveries, incidents=self.healer.report())
         (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         return summary
 
@@ -195,8 +226,55 @@ class Driver:
         """
         uri = self.ckpt.uri_for(step)
         self.ckpt.started_save(step)
-        self.snapshot_step = step
-        self.snapshot_refs = [a.save.remote(step, uri, self.cfg.checkpoint.async_save) for a in self.actors]
+        self._keep_snapshot(step, [a.save.options(num_returns=2).remote(step, uri, self.cfg.checkpoint.async_save)
+                                   for a in self.actors])
+
+    def snapshot(self, step: int) -> None:
+        """In-memory snapshot of every device after `step` (object refs owned by this driver)."""
+        if self.cfg.faults.snapshot_every:
+            self._keep_snapshot(step, [a.snapshot.options(num_returns=2).remote(step) for a in self.actors])
+
+    def _keep_snapshot(self, step: int, pairs: list[Any]) -> None:
+        self.snapshots = self.snapshots[-1:] + [InMemorySnapshot(step, [p[0] for p in pairs], [p[1] for p in pairs])]
+
+    @property
+    def snapshot_refs(self) -> list[Any]:
+        return self.snapshots[-1].refs if self.snapshots else []
+
+    def usable_snapshot(self, timeout_s: float) -> "InMemorySnapshot":
+        """The newest snapshot every device finished taking (a device killed before it got to the newest
+        one leaves that one incomplete)."""
+        for snap in reversed(self.snapshots):
+            try:
+                ray.get(snap.done_refs, timeout=timeout_s)
+                return snap
+            except Exception as e:
+                log.warning("in-memory snapshot of step %d is incomplete (%s); trying an older one", snap.step,
+                            type(e).__name__)
+        raise RunError("no complete in-memory snapshot to recover from")
+
+    def recover(self, replace: list[int], timeout_s: float) -> int:
+        """Replace the devices in `replace`, re-form the group, put every device back to the newest
+        complete snapshot; returns the step of that snapshot."""
+        snap = self.usable_snapshot(timeout_s)
+        for rank in replace:
+            try:
+                ray.kill(self.actors[rank], no_restart=True)
+            except Exception:  # already gone
+                pass
+            self.actors[rank] = self._new_actor(rank)
+        survivors = [a for rank, a in enumerate(self.actors) if rank not in replace]
+        self._get([a.leave_group.remote() for a in survivors], timeout_s, "leave the broken process group")
+        for rank in replace:
+            self.device_info[rank] = self._get([self.actors[rank].info.remote()], timeout_s, "start a replacement")[0]
+        self.form_group()
+        assert self.data_refs is not None
+        self._get([self.actors[r].build.remote(to_dict(self.cfg), r, self.world, *self.data_refs) for r in replace],
+                  timeout_s, "build the replacement shards")
+        refs = snap.refs
+        self._get([a.restore_snapshots.remote(*([refs[0]] if rank == 0 else [refs[0], refs[rank]]))
+                   for rank, a in enumerate(self.actors)], timeout_s, f"restore the snapshot of step {snap.step}")
+        return snap.step
 
     def collect_saves(self, reports: list[StepReport]) -> None:
         self.ckpt.add_results([s for r in reports for s in r.saves], self.world)

@@ -28,6 +28,14 @@ class MetricsLog:
     def __init__(self, path: Path, keep_through_step: int = 0):
         """A new log; or, resuming after step k, the old log cut to steps <= k (so every step appears once)."""
         self.path = path
+        self._f = None
+        self.truncate(keep_through_step)
+
+    def truncate(self, keep_through_step: int) -> None:
+        """Keep the records of steps <= keep_through_step (all of them dropped for 0) and append after them."""
+        path = self.path
+        if self._f is not None:
+            self._f.close()
         kept = []
         if keep_through_step > 0 and path.exists():
             kept = [line for line in path.read_text().splitlines()

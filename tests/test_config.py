@@ -32,6 +32,9 @@ def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     (["train.steps=many"], "train.steps"),
     (["steps=5"], "unknown config key 'steps'"),
     (["model.score_func=relu"], "model.score_func='relu' is not one of softmax, sigmoid"),
+    (["faults.plan=[{step: 3, kind: melt, rank: 0}]"], "faults.plan[0].kind='melt' is not one of kill, crash"),
+    (["faults.plan=[{step: 3, kind: kill, rank: 5}]"], "faults.plan[0].rank=5 is not a device (0..1)"),
+    (["faults.plan=[{step: 0, kind: kill}]"], "faults.plan[0].step=0 is outside the run's steps"),
 ])
 def test_cli_rejects_bad_config_before_starting_anything(args, needle):
     proc = run_train(*args)

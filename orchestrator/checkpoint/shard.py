@@ -110,9 +110,9 @@ def load_verified(read: Callable[[str], bytes], name: str, expected: dict[str, o
         raise CheckpointError(f"{where}/{name} is not a readable safetensors file: {e}") from None
 
 
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, expert_ids: list[int],
-            manifest: dict, read: Callable[[str], bytes], where: str) -> None:
-    """Load this device's part of a checkpoint (written by any number of devices)."""
+def restore_from_files(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, expert_ids: list[int],
+                       manifest: dict, read: Callable[[str], bytes], where: str) -> None:
+    """Load this device's part of a committed checkpoint (written by any number of devices)."""
     files = manifest["files"]
     cache: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -123,12 +123,39 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
             cache[name] = load_verified(read, name, files[name], where)
         return cache[name]
 
+    restore(model, optimizer, rank, expert_ids, manifest["expert_files"], manifest["optimizer_step"], tensors, where)
+
+
+def restore_from_snapshots(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
+                           expert_ids: list[int], snapshots: list[Snapshot]) -> None:
+    """Load this device's part from in-memory snapshots of one step (rank 0's plus those holding its experts)."""
+    files = {name: {k: torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v.clone() for k, v in t.items()}
+             for snap in snapshots for name, t in snap.files.items()}
+    expert_files: dict[str, dict[str, str]] = {}
+    for snap in snapshots:
+        for layer, placement in snap.expert_files.items():
+            expert_files.setdefault(layer, {}).update(placement)
+    where = f"in-memory snapshot of step {snapshots[0].step}"
+
+    def tensors(name: str) -> dict[str, torch.Tensor]:
+        if name not in files:
+            raise CheckpointError(f"{where}: no {name} among the snapshots given")
+        return files[name]
+
+    restore(model, optimizer, rank, expert_ids, expert_files, snapshots[0].optimizer_step, tensors, where)
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, expert_ids: list[int],
+            expert_files: dict[str, dict[str, str]], optimizer_step: int,
+            tensors: Callable[[str], dict[str, torch.Tensor]], where: str) -> None:
+    """Put parameters, AdamW state, buffers and RNG back from `tensors(file name)`."""
+
     def take(src: dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
         if key not in src:
             raise CheckpointError(f"{where}/{name} has no tensor {key!r}: the checkpoint does not fit this model")
         return src[key]
 
-    step = torch.tensor(float(manifest["optimizer_step"]))
+    step = torch.tensor(float(optimizer_step))
 
     def put(p: torch.nn.Parameter, values: list[tuple[dict, str, str]], stack: bool) -> None:
         def gather(prefix: str) -> torch.Tensor:
@@ -137,7 +164,9 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
 
         with torch.no_grad():
             p.copy_(gather("param"))
-        if manifest["optimizer_step"] > 0:
+        p.grad = None  # a step that failed halfway may have left gradients behind
+        optimizer.state.pop(p, None)
+        if optimizer_step > 0:
             optimizer.state[p] = {"step": step.clone(), "exp_avg": gather("exp_avg").to(p.device, p.dtype),
                                   "exp_avg_sq": gather("exp_avg_sq").to(p.device, p.dtype)}
 
@@ -151,12 +180,14 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
                 b.copy_(take(dense, f"buffer/{name}", DENSE_FILE))
     for name, p in model.expert_parameters():
         layer = name.rsplit(".experts.", 1)[0]
-        where_of = manifest["expert_files"].get(layer, {})
+        where_of = expert_files.get(layer, {})
         values = []
         for gid in expert_ids:
             if str(gid) not in where_of:
                 raise CheckpointError(f"{where}: the manifest places no expert {gid} of {layer}")
             values.append((tensors(where_of[str(gid)]), f"{name}[{gid}]", where_of[str(gid)]))
         put(p, values, stack=True)
-    if expert_file(rank) in files:  # the same rank existed when it was saved
+    try:  # the same rank existed when it was saved
         torch.set_rng_state(tensors(expert_file(rank))["rng/torch"])
+    except CheckpointError:
+        pass
