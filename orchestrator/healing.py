@@ -44,6 +44,7 @@ class Incident:
     detail: str
     detect_s: float = 0.0    # from the step's start to the failure being known
     recover_s: float = 0.0   # from detection to the devices being ready to replay
+    rewound_to: int = -1     # the snapshot step everyone went back to; steps recomputed = step - 1 - rewound_to
 
 
 class StepFailure(Exception):
@@ -154,7 +155,7 @@ class Healer:
                     ", ".join(f"{i.rank}:{i.kind}" for i in failure.incidents), replace or "none")
         step = driver.recover(replace, timeout_s=self.cfg.recovery_timeout_s)
         for incident in failure.incidents:
-            incident.recover_s = time.perf_counter() - t0
+            incident.recover_s, incident.rewound_to = time.perf_counter() - t0, step
         log.warning("recovered in %.2fs; replaying from step %d", time.perf_counter() - t0, step + 1)
         return step
 
