@@ -17,22 +17,14 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from jobrun import REPO, run_job
 
 
 def run(run_dir: Path, overrides: list[str]) -> tuple[dict, list[dict]]:
-    cmd = [sys.executable, "-m", "jobs.train", f"run.dir={run_dir}", "run.progress=quiet", "train.eval_batches=0",
-           *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary, records, _ = run_job(run_dir, ["train.eval_batches=0", *overrides])
     return summary, records
 
 

@@ -13,13 +13,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from jobrun import REPO, run_job
+
 sys.path.insert(0, str(REPO))
 
 
@@ -47,18 +47,12 @@ def reference_throughput(overrides: list[str], steps: int) -> dict:
 
 
 def job_throughput(devices: int, overrides: list[str], steps: int) -> dict:
+    args = [f"cluster.num_devices={devices}", f"train.steps={steps}", *overrides]
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "jobs.train", f"cluster.num_devices={devices}", f"train.steps={steps}",
-               f"run.dir={tmp}", "run.progress=quiet", *overrides]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-        s = json.loads((Path(tmp) / "summary.json").read_text())
+        s, _, wall = run_job(Path(tmp), args)
     return {"devices": devices, "steps_per_s": s["steps_per_s"], "tokens_per_s": s["tokens_per_s"],
             "final_loss": s["final_loss"], "val_loss": s["val_loss"], "command_wall_s": wall,
-            "command": "python -m jobs.train " + " ".join(cmd[3:-2] + overrides)}
+            "command": "python -m jobs.train " + " ".join(args)}
 
 
 def main() -> None:

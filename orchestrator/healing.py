@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from orchestrator.config import FaultConfig
 from orchestrator.errors import RunError
@@ -163,4 +163,4 @@ class Healer:
         return [asdict(i) for i in self.incidents]
 
 
-__all__ = ["Incident", "StepFailure", "Injector", "Watch", "Healer", "GetTimeoutError"]
+__all__ = ["Incident", "StepFailure", "Injector", "Watch", "Healer"]
