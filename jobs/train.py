@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     final = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
     print(f"done: {summary.steps_done} steps, final loss {final}{val}, {summary.tokens_per_s:,.0f} tokens/s, "
           f"{summary.steps_per_s:.2f} steps/s, {summary.wall_time_s:.1f}s wall; metrics in {run_dir}/metrics.jsonl")
+    from orchestrator.goodput import Goodput
+
+    print(Goodput.from_dict(summary.goodput).table())
+    if summary.incidents:
+        print(f"incidents: {len(summary.incidents)}, recoveries: {summary.recoveries} (each in {run_dir}/incidents.jsonl)")
     if summary.stopped_by_signal:
         return 128 + int(getattr(signal, summary.stopped_by_signal))
     return 0

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from orchestrator.data import BatchStream
 from orchestrator.model import build_model
 from orchestrator.model.layers import upcast
 from orchestrator.parallel import allreduce_dense_grads, apply_expert_parallel, clip_, groups, sum_of_squares
+from orchestrator.parallel.groups import CLOCK
 
 
 class InjectedCrash(RuntimeError):
@@ -45,8 +47,22 @@ class StepReport:
     tokens: int                    # tokens in the global batch
     compute_time_s: float          # time this device spent inside the step
     expert_load: list[list[int]]   # [MoE layer][expert]: global tokens routed to the expert this step
+    collective_s: float = 0.0      # of compute_time_s, time inside collectives (mostly waiting for peers)
+    skipped: str | None = None     # why the update was not applied: nonfinite | loss_spike | grad_spike
+    local_nonfinite: bool = False  # this device's own loss was non-finite (who caused a non-finite step)
     pid: int = field(default_factory=os.getpid)
     saves: list[dict[str, Any]] = field(default_factory=list)  # checkpoint writes finished since the last report
+
+
+def _reject(loss: float, grad_norm: float, guard: dict[str, float]) -> str | None:
+    """Why an update must not be applied, or None."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return "nonfinite"
+    if guard.get("max_loss") and loss > guard["max_loss"]:
+        return "loss_spike"
+    if guard.get("max_grad_norm") and grad_norm > guard["max_grad_norm"]:
+        return "grad_spike"
+    return None
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -77,25 +93,42 @@ class DeviceShard:
             lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
         self.data = BatchStream(train_tokens, val_tokens, cfg.seed, cfg.data.seq_len, t.global_batch_size, world, rank)
         self.global_tokens = t.global_batch_size * cfg.data.seq_len
-        self.crash_next_step = False
+        # Injected faults (see DeviceActor.inject): each strikes the next step, or the next `slow_steps`.
+        self.crash_next_step = self.hang_next_step = self.nan_next_step = False
+        self.slow_steps, self.slow_delay_s = 0, 0.0
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
-            dist.all_reduce(t)
+            with CLOCK.collective("all_reduce stats"):
+                dist.all_reduce(t)
         return t
 
     def _loss_sum(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
         logits_BTV = self.model(inputs_BT.to(self.device))
         return F.cross_entropy(upcast(logits_BTV.flatten(0, 1)), targets_BT.to(self.device).flatten(), reduction="sum")
 
-    def train_step(self, step: int) -> StepReport:
+    def train_step(self, step: int, guard: dict[str, float] | None = None) -> StepReport:
+        """One step. The update is not applied (and `skipped` says why) when the global loss or gradient
+        norm is non-finite, or above `guard`'s max_loss / max_grad_norm: every device sees the same
+        all-reduced values, so all of them decide alike."""
         t0 = time.perf_counter()
+        CLOCK.start(step)
         t = self.cfg.train
         self.model.train()
+        if self.slow_steps:  # injected straggler: extra work outside any collective
+            self.slow_steps -= 1
+            time.sleep(self.slow_delay_s)
         loss_sum = self._loss_sum(*self.data.train_batch(step))
+        if self.nan_next_step:  # injected: this device's loss (and so every gradient) becomes non-finite
+            self.nan_next_step = False
+            loss_sum = loss_sum * float("nan")
         if self.crash_next_step:  # injected fault: fails between forward and backward, peers mid-step
             self.crash_next_step = False
             raise InjectedCrash(f"injected crash in step {step} on device {self.rank}")
+        if self.hang_next_step:  # injected: stops answering between forward and backward; peers wait in all_to_all
+            CLOCK.set_phase("hung (injected)")
+            while True:
+                time.sleep(1.0)
         (loss_sum / self.global_tokens).backward()
         if self.world > 1:
             allreduce_dense_grads(self.dense_params)
@@ -106,16 +139,21 @@ class DeviceShard:
                            *(m.last_tokens_per_expert.double() for m in moe)])
         self._all_reduce(stats)
         grad_norm = torch.sqrt(sum_of_squares(self.dense_params).double().to(self.device) + stats[1])
-        clip_(self.dense_params + self.expert_params, grad_norm, t.grad_clip)
+        loss, norm = stats[0].item() / self.global_tokens, grad_norm.item()
+        skipped = _reject(loss, norm, guard or {})
+        local_nonfinite = skipped == "nonfinite" and not math.isfinite(loss_sum.item())
         lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        if skipped is None:
+            clip_(self.dense_params + self.expert_params, grad_norm, t.grad_clip)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        load = stats[2:].round().long().view(len(moe), -1).tolist() if moe else []
-        return StepReport(step=step, rank=self.rank, loss=stats[0].item() / self.global_tokens,
-                          grad_norm=grad_norm.item(), lr=lr, tokens=self.global_tokens,
-                          compute_time_s=time.perf_counter() - t0, expert_load=load)
+        load = stats[2:].nan_to_num().round().long().view(len(moe), -1).tolist() if moe else []
+        CLOCK.set_phase("idle")
+        return StepReport(step=step, rank=self.rank, loss=loss, grad_norm=norm, lr=lr, tokens=self.global_tokens,
+                          compute_time_s=time.perf_counter() - t0, expert_load=load,
+                          collective_s=CLOCK.collective_s, skipped=skipped, local_nonfinite=local_nonfinite)
 
     @torch.no_grad()
     def evaluate(self, num_batches: int) -> float:
@@ -174,9 +212,9 @@ class DeviceActor:
     def build(self, cfg: dict[str, Any], rank: int, world: int, train: np.ndarray, val: np.ndarray) -> None:
         self.shard = DeviceShard(config_from_dict(cfg), rank, world, train, val)
 
-    def train_step(self, step: int) -> StepReport:
+    def train_step(self, step: int, guard: dict[str, float] | None = None) -> StepReport:
         assert self.shard is not None, "build() first"
-        report = self.shard.train_step(step)
+        report = self.shard.train_step(step, guard)
         report.saves = self._drain_saves()
         return report
 
@@ -188,6 +226,7 @@ class DeviceActor:
         outlives this actor. Write results come back in later StepReports or from `wait_saves`.
         """
         assert self.shard is not None, "build() first"
+        t0 = time.perf_counter()
         snap = self.shard.snapshot(step)
         fault, self._save_fault = self._save_fault, None
         if background:
@@ -196,7 +235,8 @@ class DeviceActor:
             t.start()
         else:
             self._persist(snap, uri, fault)
-        return step, snap  # called with num_returns=2: a tiny "done" object, then the snapshot
+        # Called with num_returns=2: a tiny "done" record (how long the step loop stalled), then the snapshot.
+        return {"step": step, "seconds": time.perf_counter() - t0}, snap
 
     def _persist(self, snap: Snapshot, uri: str, fault: str | None) -> None:
         from orchestrator.storage import Storage
@@ -234,20 +274,44 @@ class DeviceActor:
             t.join(max(0.0, deadline - time.monotonic()))
         return self._drain_saves()
 
-    def inject(self, kind: str) -> None:
-        """Fault injection: `kill` ends this process with SIGKILL now; `crash` fails the next step midway."""
-        if kind == "kill":
+    def inject(self, kind: str, steps: int = 0, delay_s: float = 0.0) -> None:
+        """Fault injection, called just before the step it strikes.
+
+        kill: SIGKILL of this process now. node: SIGKILL of this node's raylet (the parent of every
+        worker process on the node: the node dies with all its actors and objects), then of this
+        process. crash: an exception in the next step, between forward and backward. hang: the next
+        step stops there and never returns (peers wait inside all_to_all). nan: this device's loss in
+        the next step is NaN. slow: the next `steps` steps each take `delay_s` longer.
+        """
+        shard = self.shard
+        assert shard is not None or kind in ("kill", "node"), "build() first"
+        if kind == "node":
+            os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif kind == "crash":
-            assert self.shard is not None
-            self.shard.crash_next_step = True
+            shard.crash_next_step = True
+        elif kind == "hang":
+            shard.hang_next_step = True
+        elif kind == "nan":
+            shard.nan_next_step = True
+        elif kind == "slow":
+            shard.slow_steps, shard.slow_delay_s = steps, delay_s
         else:
             raise ValueError(f"unknown fault kind {kind!r}")
 
-    def snapshot(self, step: int) -> tuple[int, Snapshot]:
+    @ray.method(concurrency_group="watch")
+    def progress(self) -> dict[str, Any]:
+        """Where this device is in its step; answered from its own thread, even while a step is stuck."""
+        return CLOCK.state()
+
+    def snapshot(self, step: int) -> tuple[dict[str, Any], Snapshot]:
         """In-memory snapshot only (into the object store, owned by the caller; num_returns=2 as `save`)."""
         assert self.shard is not None, "build() first"
-        return step, self.shard.snapshot(step)
+        t0 = time.perf_counter()
+        snap = self.shard.snapshot(step)
+        return {"step": step, "seconds": time.perf_counter() - t0}, snap
 
     def restore_snapshots(self, *snapshots: Snapshot) -> None:
         assert self.shard is not None, "build() first"

@@ -2,11 +2,16 @@
 
 start(): load the corpus and find the checkpoint to resume (bad data, an unreachable checkpoint URI
 or an incompatible checkpoint fail here, before any actor) -> placement group with one bundle per
-device -> one DeviceActor per bundle -> process group -> each actor builds its shard.
-run():   restore the checkpoint into every device -> for each step, every actor's train_step in
-parallel -> StepReports -> metrics.jsonl and the progress display; checkpoints by the policy
-(snapshot now, written in the background, committed by the CheckpointManager once every device
-reported its files) -> final checkpoint -> validation -> summary.json.
+device (and per warm standby) -> one DeviceActor per bundle -> process group -> each actor builds
+its shard.
+run():   restore the checkpoint into every device -> for each step: planned faults (Injector), every
+actor's train_step in parallel, collected by the Watch within a learned deadline -> StepReports ->
+incidents (non-finite or spiking values, stragglers) judged by the Healer -> metrics.jsonl and the
+progress display; checkpoints by the policy (snapshot now, written in the background, committed by
+the CheckpointManager once every device reported its files), otherwise an in-memory snapshot every
+`faults.snapshot_every` steps. A failed step goes to the Healer, which replaces what failed,
+rewinds and replays (see healing.py). -> final checkpoint -> validation -> summary.json,
+goodput.json (incidents.jsonl is written as they happen).
 shutdown(): kill the actors and remove the placement group; also after errors, Ctrl-C and SIGTERM
 (the first signal stops after the step in flight, a second one interrupts at once).
 """
@@ -26,24 +31,29 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.checkpoint.manager import CheckpointManager, CheckpointManifest, check_compatible, find_resume
-from orchestrator.config import Config, to_dict
+from orchestrator.checkpoint.manager import (MANIFEST, CheckpointManager, CheckpointManifest, check_compatible,
+                                             find_resume, step_dir)
+from orchestrator.config import Config, FaultSpec, to_dict
 from orchestrator.data import load_corpus
 from orchestrator.device import DeviceActor, StepReport
 from orchestrator.errors import RunError
-from orchestrator.healing import Healer, Injector, StepFailure, Watch
+from orchestrator.goodput import Goodput
+from orchestrator.healing import Healer, Incident, Injector, StepFailure, Watch, plan_faults
 from orchestrator.monitor import MetricsLog, Progress
 from orchestrator.parallel.groups import pick_backend
 from orchestrator.storage import Storage
 
 log = logging.getLogger(__name__)
+# A thread of its own for progress(), so that it answers while a step is stuck; everything else runs in order.
+RemoteDevice = ray.remote(concurrency_groups={"watch": 1})(DeviceActor)
 
 
 @dataclass
 class InMemorySnapshot:
     step: int
-    done_refs: list[Any]   # tiny: resolve once each device has copied its state
+    done_refs: list[Any]   # tiny: {"step", "seconds"} once each device has copied its state
     refs: list[Any]        # the snapshots themselves, in the object store, owned by this driver
+    kind: str = "snapshot"  # snapshot | checkpoint (taken by a checkpoint save)
 
 
 @dataclass
@@ -65,6 +75,8 @@ class RunSummary:
     restore_s: float | None = None
     recoveries: int = 0
     incidents: list[dict[str, Any]] = field(default_factory=list)
+    faults_injected: list[dict[str, Any]] = field(default_factory=list)
+    goodput: dict[str, float] = field(default_factory=dict)
 
 
 class Driver:
@@ -73,6 +85,8 @@ class Driver:
         self.world = cfg.cluster.num_devices
         self.actors: list[Any] = []
         self.device_info: list[dict[str, Any]] = []
+        self.bundle_of: list[int] = list(range(self.world))     # placement-group bundle of each rank
+        self.standby: list[tuple[Any, int, Any]] = []          # (actor, bundle, info ref) of warm spares
         self.pg = None
         self.stop_signal: str | None = None
         self.ckpt = CheckpointManager(cfg, cfg.checkpoint.dir or str(run_dir / "checkpoints"))
@@ -81,7 +95,12 @@ class Driver:
         self.restore_s: float | None = None
         self.snapshots: list[InMemorySnapshot] = []  # the newest two; the older one is the fallback
         self.data_refs: tuple[Any, Any] | None = None
-        self.injector, self.watch, self.healer = Injector(cfg.faults), Watch(), Healer(cfg.faults)
+        self.injector, self.watch, self.healer = Injector(plan_faults(cfg)), Watch(cfg), Healer(cfg)
+        self.healer.on_incident = self._log_incident
+        self.goodput = Goodput()
+        self.force_save: set[int] = set()   # steps to checkpoint whatever the policy (checkpoint faults)
+        self.records: list[dict[str, Any]] = []
+        self.high_water = 0                 # the furthest step ever completed (steps up to it are replays)
 
     # ----------------------------------------------------------------- start
     def start(self) -> None:
@@ -97,33 +116,42 @@ class Driver:
                 check_compatible(self.resume_from[1], cfg, self.resume_from[0].uri)
         log.info("data: %s, %d train / %d validation tokens", corpus.description, len(corpus.train), len(corpus.val))
         bundle = {"CPU": c.cpus_per_device, **({"GPU": 1} if c.use_gpu else {})}
-        self.pg = placement_group([dict(bundle) for _ in range(self.world)], strategy=c.placement_strategy)
+        spares = cfg.faults.standby
+        self.pg = placement_group([dict(bundle) for _ in range(self.world + spares)], strategy=c.placement_strategy)
         try:
             ray.get(self.pg.ready(), timeout=c.start_timeout_s)
         except GetTimeoutError:
-            raise RunError(f"could not place {self.world} devices of {bundle} each with strategy "
+            standby = f" plus {spares} standby" if spares else ""
+            raise RunError(f"could not place {self.world} devices{standby} of {bundle} each with strategy "
                            f"{c.placement_strategy} within {c.start_timeout_s:.0f}s; the cluster has "
-                           f"{ray.cluster_resources()}. Lower cluster.num_devices or cluster.cpus_per_device, "
-                           f"or add nodes") from None
+                           f"{ray.cluster_resources()}. Lower cluster.num_devices, cluster.cpus_per_device or "
+                           f"faults.standby, or add nodes") from None
         self.actors = [self._new_actor(i) for i in range(self.world)]
+        for b in range(self.world, self.world + spares):
+            self._spawn_standby(b)
         self.device_info = self._get([a.info.remote() for a in self.actors], c.start_timeout_s, "start device actors")
         self.form_group()
         self.data_refs = (ray.put(corpus.train), ray.put(corpus.val))
         self._get([a.build.remote(to_dict(cfg), rank, self.world, *self.data_refs)
                    for rank, a in enumerate(self.actors)], c.start_timeout_s, "build device shards")
         nodes = len({i["node_id"] for i in self.device_info})
-        log.info("devices: %d actors on %d node(s), backend %s", self.world, nodes, self.backend)
+        log.info("devices: %d actors on %d node(s), backend %s%s", self.world, nodes, self.backend,
+                 f", {spares} warm standby" if spares else "")
 
-    def _new_actor(self, rank: int) -> Any:
+    def _new_actor(self, bundle: int) -> Any:
         c = self.cfg.cluster
         threads = c.torch_threads or max(1, int(c.cpus_per_device))
-        return ray.remote(DeviceActor).options(
+        return RemoteDevice.options(
             num_cpus=c.cpus_per_device, num_gpus=1 if c.use_gpu else 0, max_restarts=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
         ).remote(threads)
 
+    def _spawn_standby(self, bundle: int) -> None:
+        actor = self._new_actor(bundle)
+        self.standby.append((actor, bundle, actor.info.remote()))
+
     def node_of(self, rank: int) -> str | None:
-        return self.device_info[rank].get("node_id") if rank < len(self.device_info) else None
+        return self.device_info[rank].get("node_id") if 0 <= rank < len(self.device_info) else None
 
     @property
     def backend(self) -> str:
@@ -140,54 +168,78 @@ class Driver:
                    for rank, a in enumerate(self.actors)], c.start_timeout_s, "form the process group")
 
     # ------------------------------------------------------------------ loop
-    def step(self, step: int) -> dict[str, Any]:
+    def step(self, step: int) -> list[StepReport]:
+        """Run one step on every device; its reports, or StepFailure."""
+        guard = self.watch.guard() if self.cfg.faults.on_spike != "record" else None
         t0 = time.perf_counter()
-        reports: list[StepReport] = self.watch.collect(self, [a.train_step.remote(step) for a in self.actors], step,
-                                                       self.cfg.cluster.step_timeout_s)
-        wall = time.perf_counter() - t0
-        self.collect_saves(reports)
+        reports = self.watch.collect(self, [a.train_step.remote(step, guard) for a in self.actors], step, t0)
+        self.collect_saves(reports, step)
+        return reports
+
+    def _record(self, step: int, reports: list[StepReport], wall: float) -> dict[str, Any]:
         r0 = reports[0]
-        return {"step": step, "loss": r0.loss, "grad_norm": r0.grad_norm, "lr": r0.lr, "tokens": r0.tokens,
-                "tokens_per_s": r0.tokens / wall, "step_time_s": wall,
-                "device_step_time_s": [r.compute_time_s for r in reports],
-                "expert_load": r0.expert_load, "time": time.time()}
+        rec = {"step": step, "loss": r0.loss, "grad_norm": r0.grad_norm, "lr": r0.lr, "tokens": r0.tokens,
+               "tokens_per_s": r0.tokens / wall, "step_time_s": wall,
+               "device_step_time_s": [r.compute_time_s for r in reports],
+               "device_collective_s": [r.collective_s for r in reports],
+               "expert_load": r0.expert_load, "time": time.time()}
+        if r0.skipped:
+            rec["skipped"] = r0.skipped
+        return rec
 
     def run(self) -> RunSummary:
         cfg = self.cfg
         t_start = time.perf_counter()
         restore_signals = self._install_signal_handlers()
-        records: list[dict[str, Any]] = []
+        records = self.records
         val_loss = None
         progress = metrics = None
+        t_loop = None
         try:
             self.start()
             first = self.restore() + 1
-            metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=first - 1)
-            progress = Progress(cfg.train.steps, cfg.run.progress, first_step=first)
+            self.high_water = first - 1
+            self.metrics = metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=first - 1)
+            self.progress = progress = Progress(cfg.train.steps, cfg.run.progress, first_step=first)
             self.snapshot(first - 1)
             step = first
+            t_loop = time.perf_counter()
             while step <= cfg.train.steps:
+                self.healer.flush()
                 if self.stop_signal:
                     progress.message(f"{self.stop_signal}: stopping after step {step - 1}")
                     break
                 self.injector.before_step(self, step)
+                t0 = time.perf_counter()
                 try:
-                    rec = self.step(step)
+                    reports = self.step(step)
                 except StepFailure as failure:
-                    step = self.healer.heal(self, failure) + 1
-                    records = [r for r in records if r["step"] < step]
-                    metrics.truncate(step - 1)  # replayed steps are recorded once, when they complete
-                    progress.message(f"healed: {failure}; replaying from step {step}")
+                    self.goodput.failed_steps += time.perf_counter() - t0
+                    step = self._rewind(self.healer.heal(self, failure), f"healed: {failure}")
                     continue
-                if self.ckpt.due(step):
-                    self.save_checkpoint(step)
+                wall = time.perf_counter() - t0
+                self.watch.observe(wall)
+                incidents = self.watch.inspect(step, reports, self)
+                back = self.healer.judge(self, step, reports, incidents) if incidents else None
+                if back is not None:
+                    self.goodput.rolled_back += wall
+                    step = self._rewind(back, f"step {step} rolled back: {incidents[0].detail}")
+                    continue
+                if step <= self.high_water:
+                    self.goodput.recomputed += wall
+                    self.goodput.steps_recomputed += 1
+                else:
+                    self.goodput.productive += wall
+                    self.high_water = step
+                rec = self._record(step, reports, wall)
+                if self.after_step(step):
                     rec["checkpoint_saved"] = True
-                elif cfg.faults.snapshot_every and step % cfg.faults.snapshot_every == 0:
-                    self.snapshot(step)
                 records.append(rec)
                 metrics.write(rec)
                 progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"])
-                step += 1
+                back = self.healer.replace_stragglers(self, step, incidents) if incidents else None
+                step = self._rewind(back, f"replaced straggler(s) after step {step}") if back is not None else step + 1
+            self.goodput.finish(time.perf_counter() - t_loop)
             last = records[-1]["step"] if records else first - 1
             policy = cfg.checkpoint
             if records and last != self.ckpt.last_saved_step and (policy.on_signal if self.stop_signal else policy.at_end):
@@ -197,6 +249,7 @@ class Driver:
                 val_loss = self._get([a.evaluate.remote(cfg.train.eval_batches) for a in self.actors],
                                      cfg.cluster.step_timeout_s, "evaluate")[0]
         finally:
+            self.healer.flush()
             for closable in (progress, metrics):
                 if closable is not None:
                     closable.close()
@@ -204,6 +257,7 @@ class Driver:
             self.shutdown()
         timed = records[1:] or records
         step_time = sum(r["step_time_s"] for r in timed) / max(1, len(timed))
+        self.goodput.steps_done = len(records)
         summary = RunSummary(
             run_dir=str(self.run_dir), steps_done=len(records),
             final_loss=records[-1]["loss"] if records else None, val_loss=val_loss,
@@ -213,9 +267,63 @@ class Driver:
             checkpoints_committed=list(self.ckpt.committed_steps), checkpoints_failed=list(self.ckpt.failed_steps),
             checkpoint_bytes=self.ckpt.bytes_saved, checkpoint_write_s=self.ckpt.write_seconds,
             checkpoint_commit_s=self.ckpt.commit_seconds, restore_s=self.restore_s,
-            recoveries=self.healer.recoveries, incidents=self.healer.report())
+            recoveries=self.healer.recoveries, incidents=self.healer.report(), faults_injected=self.injector.fired,
+            goodput=self.goodput.to_dict())
         (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        (self.run_dir / "goodput.json").write_text(json.dumps(self.goodput.to_dict(), indent=2) + "\n")
         return summary
+
+    def _rewind(self, back: int, message: str) -> int:
+        """Continue after step `back`: its later records go (replayed steps are recorded once, when they complete)."""
+        self.records[:] = [r for r in self.records if r["step"] <= back]
+        self.metrics.truncate(back)
+        self.progress.message(f"{message}; continuing from step {back + 1}")
+        self.watch.fresh = True
+        return back + 1
+
+    def after_step(self, step: int) -> bool:
+        """Checkpoint by the policy (or a retry, or a checkpoint fault), else an in-memory snapshot on its
+        cadence. True when a checkpoint save started."""
+        retry = self.healer.checkpoint_retry_at
+        wanted = self.ckpt.due(step) or step in self.force_save or (retry is not None and step >= retry)
+        if wanted and step not in self.ckpt.committed_steps:
+            self.force_save.discard(step)
+            self.healer.checkpoint_retry_at = None
+            self.save_checkpoint(step)
+            return True
+        every = self.cfg.faults.snapshot_every
+        if every and step % every == 0:
+            self.snapshot(step)
+        return False
+
+    # ------------------------------------------------------------- faults
+    def inject(self, fault: FaultSpec, step: int) -> None:
+        """Make a planned fault happen (see DeviceActor.inject for what each kind does on the device)."""
+        actor = self.actors[fault.rank]
+        if fault.kind in ("kill", "node"):
+            # The fault strikes in its step: after the snapshot of the step before. (A kill landing while a
+            # snapshot's reply is still on its way loses that snapshot: recovery then goes back one step more.)
+            self.wait_for_snapshot()
+        if fault.kind == "checkpoint":  # the checkpoint after this step is taken, and one shard write of it fails
+            actor.fail_next_save.remote("fail")
+            self.force_save.add(step)
+        elif fault.kind == "node":
+            node = self.node_of(fault.rank)
+            if node == ray.get_runtime_context().get_node_id():
+                # Killing the raylet of the driver's own node ends the run; kill every device actor there instead.
+                log.warning("node fault on device %d: its node runs the driver too; killing every device actor "
+                            "on it instead of the node", fault.rank)
+                for rank in range(self.world):
+                    if self.node_of(rank) == node:
+                        self.actors[rank].inject.remote("kill")
+            else:
+                actor.inject.remote("node")
+        else:
+            actor.inject.remote(fault.kind, fault.steps, fault.delay_s)
+
+    def _log_incident(self, incident: Incident) -> None:
+        with open(self.run_dir / "incidents.jsonl", "a") as f:
+            f.write(json.dumps(asdict(incident), separators=(",", ":")) + "\n")
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int) -> None:
@@ -227,64 +335,181 @@ class Driver:
         uri = self.ckpt.uri_for(step)
         self.ckpt.started_save(step)
         self._keep_snapshot(step, [a.save.options(num_returns=2).remote(step, uri, self.cfg.checkpoint.async_save)
-                                   for a in self.actors])
+                                   for a in self.actors], "checkpoint")
 
     def snapshot(self, step: int) -> None:
         """In-memory snapshot of every device after `step` (object refs owned by this driver)."""
         if self.cfg.faults.snapshot_every:
             self._keep_snapshot(step, [a.snapshot.options(num_returns=2).remote(step) for a in self.actors])
 
-    def _keep_snapshot(self, step: int, pairs: list[Any]) -> None:
-        self.snapshots = self.snapshots[-1:] + [InMemorySnapshot(step, [p[0] for p in pairs], [p[1] for p in pairs])]
+    def _keep_snapshot(self, step: int, pairs: list[Any], kind: str = "snapshot") -> None:
+        new = InMemorySnapshot(step, [p[0] for p in pairs], [p[1] for p in pairs], kind)
+        for old in self.snapshots[:-1]:
+            self._account(old)
+        self.snapshots = self.snapshots[-1:] + [new]
 
     @property
     def snapshot_refs(self) -> list[Any]:
         return self.snapshots[-1].refs if self.snapshots else []
 
-    def usable_snapshot(self, timeout_s: float) -> "InMemorySnapshot":
-        """The newest snapshot every device finished taking (a device killed before it got to the newest
-        one leaves that one incomplete)."""
-        for snap in reversed(self.snapshots):
-            try:
-                ray.get(snap.done_refs, timeout=timeout_s)
-                return snap
-            except Exception as e:
-                log.warning("in-memory snapshot of step %d is incomplete (%s); trying an older one", snap.step,
-                            type(e).__name__)
-        raise RunError("no complete in-memory snapshot to recover from")
+    def _account(self, snap: InMemorySnapshot) -> None:
+        """Book a superseded snapshot's stall (long finished by now) to goodput; surface a save that raised."""
+        try:
+            done = ray.get(snap.done_refs, timeout=10)
+        except RayActorError:
+            return  # its device died: the failure was handled as such
+        except Exception as e:
+            if snap.kind == "checkpoint" and snap.step in self.ckpt.pending:
+                self.ckpt.failed(snap.step, f"a device could not snapshot it: {e}")
+                self.healer.checkpoint_failed(snap.step, str(e), snap.step)
+            return
+        seconds = max(d["seconds"] for d in done)
+        if snap.kind == "checkpoint":
+            self.goodput.checkpoint += seconds
+        else:
+            self.goodput.snapshots += seconds
 
-    def recover(self, replace: list[int], timeout_s: float) -> int:
-        """Replace the devices in `replace`, re-form the group, put every device back to the newest
-        complete snapshot; returns the step of that snapshot."""
-        snap = self.usable_snapshot(timeout_s)
+    def wait_for_snapshot(self) -> None:
+        if self.snapshots:
+            self._usable(self.snapshots[-1], self.cfg.faults.recovery_timeout_s)
+
+    def _usable(self, snap: InMemorySnapshot, timeout_s: float) -> bool:
+        """Did every device finish taking it (a device killed before it got to it leaves it incomplete)?"""
+        try:
+            ray.get(snap.done_refs, timeout=timeout_s)
+            return True
+        except Exception as e:
+            log.warning("in-memory snapshot of step %d is incomplete (%s)", snap.step, type(e).__name__)
+            return False
+
+    # -------------------------------------------------------------- recovery
+    def dead_ranks(self) -> list[int]:
+        """Devices that are gone or do not answer (their watch thread answers even mid-step)."""
+        asks = {a.progress.remote(): rank for rank, a in enumerate(self.actors)}
+        ready, _ = ray.wait(list(asks), num_returns=len(asks), timeout=5.0)
+        dead = []
+        for ref, rank in asks.items():
+            try:
+                if ref not in ready:
+                    raise TimeoutError
+                ray.get(ref)
+            except Exception:
+                dead.append(rank)
+        return dead
+
+    def _replacement(self, rank: int) -> tuple[Any, dict[str, Any] | None]:
+        """A warm standby when one is up (its bundle becomes the rank's, a new standby takes the old one), else a
+        new actor in the rank's bundle."""
+        while self.standby:
+            actor, bundle, info_ref = self.standby.pop(0)
+            try:
+                info = ray.get(info_ref, timeout=self.cfg.faults.recovery_timeout_s)
+            except Exception as e:
+                log.warning("standby actor in bundle %d is gone (%s); starting another", bundle, type(e).__name__)
+                self._spawn_standby(bundle)
+                continue
+            old, self.bundle_of[rank] = self.bundle_of[rank], bundle
+            self._spawn_standby(old)
+            return actor, info
+        return self._new_actor(self.bundle_of[rank]), None
+
+    def recover(self, replace: list[int], reform: bool, timeout_s: float) -> tuple[int, str]:
+        """Replace the devices in `replace` (re-forming the group when `reform`) and put every device back to the
+        newest state it can: a complete in-memory snapshot, else the newest checkpoint this run committed, else
+        the run's initial state. Returns (step of that state, where it came from)."""
+        t0 = time.perf_counter()
+        infos: dict[int, Any] = {}
         for rank in replace:
             try:
                 ray.kill(self.actors[rank], no_restart=True)
             except Exception:  # already gone
                 pass
-            self.actors[rank] = self._new_actor(rank)
-        survivors = [a for rank, a in enumerate(self.actors) if rank not in replace]
-        self._get([a.leave_group.remote() for a in survivors], timeout_s, "leave the broken process group")
+            self.actors[rank], infos[rank] = self._replacement(rank)
+        if reform:
+            survivors = [a for rank, a in enumerate(self.actors) if rank not in replace]
+            self._get([a.leave_group.remote() for a in survivors], timeout_s, "leave the broken process group")
         for rank in replace:
-            self.device_info[rank] = self._get([self.actors[rank].info.remote()], timeout_s, "start a replacement")[0]
-        self.form_group()
+            self.device_info[rank] = infos[rank] or self._get([self.actors[rank].info.remote()], timeout_s,
+                                                              "start a replacement")[0]
+        t1 = time.perf_counter()
+        self.goodput.actor_start += t1 - t0
+        if reform:
+            self.form_group()
         assert self.data_refs is not None
         self._get([self.actors[r].build.remote(to_dict(self.cfg), r, self.world, *self.data_refs) for r in replace],
                   timeout_s, "build the replacement shards")
-        refs = snap.refs
-        self._get([a.restore_snapshots.remote(*([refs[0]] if rank == 0 else [refs[0], refs[rank]]))
-                   for rank, a in enumerate(self.actors)], timeout_s, f"restore the snapshot of step {snap.step}")
-        return snap.step
+        step, source = self._restore_state(timeout_s)
+        self.goodput.restore += time.perf_counter() - t1
+        self.watch.fresh = True
+        return step, source
 
-    def collect_saves(self, reports: list[StepReport]) -> None:
-        self.ckpt.add_results([s for r in reports for s in r.saves], self.world)
+    def _restore_state(self, timeout_s: float) -> tuple[int, str]:
+        for snap in reversed(self.snapshots):
+            if not self._usable(snap, timeout_s):
+                continue
+            refs = snap.refs
+            try:
+                ray.get([a.restore_snapshots.remote(*([refs[0]] if rank == 0 else [refs[0], refs[rank]]))
+                         for rank, a in enumerate(self.actors)], timeout=timeout_s)
+            except RayActorError as e:
+                raise RunError(f"a device died while restoring the snapshot of step {snap.step}: {e}") from e
+            except GetTimeoutError:
+                raise RunError(f"timed out restoring the snapshot of step {snap.step}") from None
+            except Exception as e:  # lost with its node, say
+                log.warning("the snapshot of step %d cannot be restored (%s); trying an older state", snap.step,
+                            str(e).splitlines()[0][:200])
+                continue
+            self.snapshots = [snap]
+            return snap.step, "snapshot"
+        self.snapshots = []
+        for step in sorted(self.ckpt.committed_steps, reverse=True):
+            found = find_resume(self.ckpt.uri_for(step), self.ckpt.storage.uri) if self._exists(step) else None
+            if found is None:
+                continue
+            storage, manifest = found
+            self._get([a.load.remote(storage.uri, asdict(manifest)) for a in self.actors], timeout_s,
+                      f"load checkpoint {storage.uri}")
+            self.snapshot(step)
+            return step, "checkpoint"
+        log.warning("no snapshot or checkpoint of this run to restore; going back to the initial state")
+        self._get([a.build.remote(to_dict(self.cfg), r, self.world, *self.data_refs) for r, a in enumerate(self.actors)],
+                  timeout_s, "rebuild the initial shards")
+        step = self.restore()
+        self.snapshot(step)
+        return step, "initial"
+
+    def _exists(self, step: int) -> bool:
+        try:
+            return self.ckpt.storage.exists(f"{step_dir(step)}/{MANIFEST}")
+        except Exception:
+            return False
+
+    def collect_saves(self, reports: list[StepReport], step: int) -> None:
+        before = len(self.ckpt.failed_steps)
+        committed = self.ckpt.add_results([s for r in reports for s in r.saves], self.world)
+        if committed:
+            self.healer.checkpoint_committed()
+        for failed in self.ckpt.failed_steps[before:]:
+            self.healer.checkpoint_failed(failed, self.ckpt.failure_detail.get(failed, ""), step,
+                                          self.ckpt.failure_ranks.get(failed, []))
 
     def finish_checkpoints(self) -> None:
-        """Wait for the writes in flight and commit what they complete."""
-        if self.ckpt.pending:
+        """Wait for the writes in flight and commit what they complete; a final checkpoint that failed is
+        taken again (the devices still hold that state), up to faults.checkpoint_retries times."""
+        for _ in range(self.cfg.faults.checkpoint_retries + 1):
+            if not self.ckpt.pending:
+                return
             done = self._get([a.wait_saves.remote(self.cfg.cluster.step_timeout_s) for a in self.actors],
                              self.cfg.cluster.step_timeout_s + 30, "finish writing checkpoints")
+            last = self.records[-1]["step"] if self.records else None
+            before = len(self.ckpt.failed_steps)
             self.ckpt.add_results([s for part in done for s in part], self.world)
+            failed = self.ckpt.failed_steps[before:]
+            if last is None or last not in failed:
+                return
+            self.healer.checkpoint_failed(last, self.ckpt.failure_detail.get(last, ""), last,
+                                          self.ckpt.failure_ranks.get(last, []))
+            self.save_checkpoint(last)
 
     def restore(self) -> int:
         """Load the checkpoint chosen at start (if any) into every device; the last completed step."""
@@ -309,12 +534,12 @@ class Driver:
         return merged
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        for a in self.actors + [s[0] for s in self.standby]:
             try:
                 ray.kill(a, no_restart=True)
             except Exception:  # already dead: nothing to do
                 pass
-        self.actors = []
+        self.actors, self.standby = [], []
         if self.pg is not None:
             try:
                 remove_placement_group(self.pg)

@@ -1,30 +1,40 @@
-"""The night watch: planned faults (Injector), failure detection (Watch), recovery (Healer).
+"""The night watch: fault plans (Injector), detection (Watch), and the recovery policy (Healer).
 
-A step is a transaction. When a step fails anywhere, the Watch waits for every device's outcome and
-sorts them: devices that died (Ray reports the actor dead), devices whose step raised an error of
-their own (a crash), and devices that only failed because a peer vanished from a collective
-(collateral). A crashed device is killed at once, so its peers' collectives fail fast instead of
-waiting for the collective timeout. The Healer then replaces only the dead and crashed devices
-(new actors in the same placement-group bundles; survivors keep their processes and memory),
-re-forms the process group, puts every device back to the newest in-memory snapshot (owned by the
-driver in the object store, so it outlives the device that took it), and the loop replays from the
-step after it. Steps are pure functions of (state, step), so the replay computes what the lost
-steps would have computed: the run ends bit-identical to a fault-free one.
+A step is a transaction. The Watch collects every device's outcome within a deadline learned from
+recent step times. When a step fails it sorts the devices: dead (Ray reports the actor gone),
+crashed (its step raised an error of its own), hung (still inside the step at the deadline and not
+waiting in a collective: found by asking each device where it is, from a thread of its own), and
+collateral (a collective failed because a peer vanished). Crashed and hung devices are killed at
+once, so their peers' collectives fail fast instead of waiting for the collective timeout. Steps
+that complete are inspected too: non-finite or spiking loss and gradient norm, and stragglers (a
+device whose own work, outside collectives, is several times the others').
+
+The Healer decides what each incident costs: replace only the failed devices (survivors keep their
+processes and memory), re-form the process group, put every device back to the newest in-memory
+snapshot (owned by the driver in the object store, so it outlives the device that took it; the
+last committed checkpoint when the snapshot is gone, e.g. with its node), and replay. Steps are
+pure functions of (state, step), so the replay computes what the lost steps would have computed:
+the run ends bit-identical to a fault-free one. Recoveries are bounded (a budget per run, a limit on
+the same step failing again, retries with backoff): a restart loop is worse than a stop.
 """
 from __future__ import annotations
 
 import logging
+import random
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from orchestrator.config import FaultConfig
+from orchestrator.config import Config, FaultSpec
 from orchestrator.errors import RunError
 
 if TYPE_CHECKING:
+    from orchestrator.device import StepReport
     from orchestrator.driver import Driver
 
 log = logging.getLogger(__name__)
@@ -32,19 +42,22 @@ log = logging.getLogger(__name__)
 # Errors a device raises only because a peer left a collective: the peer is the failure, not this device.
 _COLLATERAL = ("Connection closed by peer", "Connection reset by peer", "DistBackendError", "Broken pipe",
                "connection refused", "Socket Timeout", "ProcessGroupGloo")
+REPLACE = ("dead", "crash", "hang", "slow")   # incident kinds healed by replacing the device
 
 
 @dataclass
 class Incident:
     step: int
-    kind: str            # dead | crash | hang
-    rank: int
+    kind: str            # dead | crash | hang | collective | slow | nan | loss_spike | grad_spike | checkpoint
+    rank: int            # -1: not one device
     node: str | None
     time: float
     detail: str
     detect_s: float = 0.0    # from the step's start to the failure being known
     recover_s: float = 0.0   # from detection to the devices being ready to replay
-    rewound_to: int = -1     # the snapshot step everyone went back to; steps recomputed = step - 1 - rewound_to
+    rewound_to: int = -1     # the step everyone went back to; steps recomputed = step - 1 - rewound_to
+    action: str = ""         # replaced | rolled back | skipped | recorded | retried | stopped
+    source: str = ""         # what state was restored from: snapshot | checkpoint | initial
 
 
 class StepFailure(Exception):
@@ -53,39 +66,99 @@ class StepFailure(Exception):
         self.step, self.incidents, self.started = step, incidents, started
 
 
-class Injector:
-    """Fires the planned faults of `faults.plan`, each once, just before its step."""
+# --------------------------------------------------------------------------- plans
+def plan_faults(cfg: Config) -> list[FaultSpec]:
+    """The run's faults: `faults.plan` plus, with chaos on, random ones; random ranks drawn. Same seed, same faults."""
+    f, world, steps = cfg.faults, cfg.cluster.num_devices, cfg.train.steps
+    rng = random.Random(f.chaos.seed)
+    plan = [FaultSpec(**{**asdict(s), "rank": rng.randrange(world) if s.rank < 0 else s.rank}) for s in f.plan]
+    ch = f.chaos
+    if ch.mean_steps_between:
+        taken = {s.step for s in plan}
+        step = ch.first_step - 1
+        while True:
+            step += max(1, round(rng.expovariate(1.0 / ch.mean_steps_between)))
+            if step > steps:
+                break
+            if step in taken:
+                continue
+            kind = rng.choice(list(ch.kinds))
+            plan.append(FaultSpec(kind=kind, step=step, rank=rng.randrange(world), steps=ch.slow_steps,
+                                  delay_s=ch.slow_delay_s))
+    return sorted(plan, key=lambda s: (s.step or 0, s.after_s))
 
-    def __init__(self, cfg: FaultConfig):
-        self.plan = list(cfg.plan)
-        self.fired: set[int] = set()
+
+class Injector:
+    """Fires each planned fault once, just before its step (or the first step after its time)."""
+
+    def __init__(self, plan: list[FaultSpec]):
+        self.plan = plan
+        self.fired: list[dict[str, Any]] = []
+        self._done: set[int] = set()
+        self.t0: float | None = None
 
     def before_step(self, driver: "Driver", step: int) -> None:
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+        elapsed = time.perf_counter() - self.t0
         for i, fault in enumerate(self.plan):
-            if fault.step == step and i not in self.fired:
-                self.fired.add(i)
-                log.warning("injecting fault: %s on device %d at step %d", fault.kind, fault.rank, step)
-                driver.actors[fault.rank].inject.remote(fault.kind)
+            if i in self._done or not (fault.step == step or (not fault.step and elapsed >= fault.after_s)):
+                continue
+            self._done.add(i)
+            log.warning("injecting fault: %s on device %d at step %d", fault.kind, fault.rank, step)
+            self.fired.append({"step": step, "kind": fault.kind, "rank": fault.rank, "time": time.time()})
+            driver.inject(fault, step)
 
 
+# --------------------------------------------------------------------------- detection
 class Watch:
-    """Collects a step's reports; on failure, classifies every device and raises StepFailure."""
+    """Collects a step's reports within a learned deadline; classifies failures; inspects completed steps."""
 
-    def __init__(self, settle_s: float = 30.0):
-        self.settle_s = settle_s  # how long peers get to fail after the first failure
+    def __init__(self, cfg: Config, settle_s: float = 30.0):
+        self.f = cfg.faults
+        self.settle_s = settle_s          # how long peers get to fail after the first failure
+        self.step_times: deque[float] = deque(maxlen=20)
+        self.fresh = True                 # the next step is the first after start or a recovery (warm-up)
+        self.slow_count: dict[int, int] = {}
+        self.losses: deque[float] = deque(maxlen=self.f.spike_window)
+        self.norms: deque[float] = deque(maxlen=self.f.spike_window)
 
-    def collect(self, driver: "Driver", refs: list[Any], step: int, timeout_s: float) -> list[Any]:
-        started = time.perf_counter()
+    # ---- deadlines
+    def deadline(self) -> float:
+        """Seconds a step may take: hang_factor x the median recent step, within [hang_floor_s, hang_cap_s];
+        the cap for warm-up steps (the first after start or recovery), which are slower."""
+        if self.fresh or len(self.step_times) < 3:
+            return self.f.hang_cap_s
+        return min(self.f.hang_cap_s, max(self.f.hang_floor_s, self.f.hang_factor * statistics.median(self.step_times)))
+
+    def observe(self, step_time_s: float) -> None:
+        if self.fresh:
+            self.fresh = False
+        else:
+            self.step_times.append(step_time_s)
+
+    # ---- collecting one step
+    def collect(self, driver: "Driver", refs: list[Any], step: int, started: float) -> list["StepReport"]:
         pending = {ref: rank for rank, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         errors: dict[int, Exception] = {}
-        deadline = started + timeout_s
+        hung: dict[int, str] = {}
+        deadline = started + self.deadline()
+        probed = False
         while pending:
             if errors:
                 deadline = min(deadline, time.perf_counter() + self.settle_s)
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.perf_counter()))
             if not ready:
-                break
+                if errors or probed:
+                    break
+                probed = True  # the deadline passed and nothing failed: find who stopped, stop it
+                hung = self._find_hung(driver, sorted(pending.values()), step)
+                for rank, detail in hung.items():
+                    log.warning("step %d: device %d hangs (%s); killing it", step, rank, detail)
+                    ray.kill(driver.actors[rank], no_restart=True)
+                deadline = time.perf_counter() + self.settle_s
+                continue
             ref = ready[0]
             rank = pending.pop(ref)
             try:
@@ -96,27 +169,94 @@ class Watch:
                     ray.kill(driver.actors[rank], no_restart=True)  # its peers' collectives now fail fast
         if not errors and not pending:
             return [results[r] for r in range(len(refs))]
-        if not errors:
-            raise RunError(f"timed out after {timeout_s:.0f}s waiting for the devices to run step {step}")
+        detect_s = time.perf_counter() - started
         now = time.time()
         incidents = []
         for rank, e in sorted(errors.items()):
-            if isinstance(e, RayActorError):
-                kind = "dead"
+            if rank in hung:
+                kind, detail = "hang", hung[rank]
+            elif isinstance(e, RayActorError):
+                kind, detail = "dead", _short(e)
             elif _collateral(e):
                 continue
             else:
-                kind = "crash"
-            incidents.append(Incident(step, kind, rank, driver.node_of(rank), now, _short(e),
-                                      detect_s=time.perf_counter() - started))
+                kind, detail = "crash", _short(e)
+            incidents.append(Incident(step, kind, rank, driver.node_of(rank), now, detail, detect_s=detect_s))
         for rank in sorted(pending.values()):  # still inside the step well after a peer failed
             ray.kill(driver.actors[rank], no_restart=True)
-            incidents.append(Incident(step, "hang", rank, driver.node_of(rank), now, "no answer after a peer failed",
-                                      detect_s=time.perf_counter() - started))
+            incidents.append(Incident(step, "hang", rank, driver.node_of(rank), now,
+                                      hung.get(rank, "no answer after a peer failed"), detect_s=detect_s))
         if not incidents:  # only collective errors: the failing peer could not be told apart; replace none
             incidents.append(Incident(step, "collective", -1, None, now, _short(next(iter(errors.values()))),
-                                      detect_s=time.perf_counter() - started))
+                                      detect_s=detect_s))
         raise StepFailure(step, incidents, started)
+
+    def _find_hung(self, driver: "Driver", ranks: list[int], step: int) -> dict[int, str]:
+        """Devices still in `step` past its deadline that are not waiting inside a collective (or do not answer
+        at all); when every one of them waits inside a collective, all of them."""
+        asks = {driver.actors[r].progress.remote(): r for r in ranks}
+        ready, _ = ray.wait(list(asks), num_returns=len(asks), timeout=2.0)
+        hung = {}
+        for ref, rank in asks.items():
+            if ref not in ready:
+                hung[rank] = "does not answer (its process is stuck)"
+                continue
+            try:
+                where = ray.get(ref)
+            except (RayActorError, RayTaskError):
+                continue  # died meanwhile: the step's own result reports it
+            if where["step"] != step or not where["in_collective"]:
+                hung[rank] = f"stopped outside any collective: {where['phase']} for {where['for_s']:.1f}s"
+        if not hung:
+            hung = {r: "every device waits inside a collective" for r in ranks}
+        return hung
+
+    # ---- inspecting a completed step
+    def inspect(self, step: int, reports: list["StepReport"], driver: "Driver") -> list[Incident]:
+        """Incidents of a step that completed: non-finite or spiking values, stragglers."""
+        r0, now, out = reports[0], time.time(), []
+        if r0.skipped == "nonfinite":
+            bad = [r.rank for r in reports if r.local_nonfinite]
+            rank = bad[0] if len(bad) == 1 else -1
+            out.append(Incident(step, "nan", rank, driver.node_of(rank) if rank >= 0 else None, now,
+                                f"non-finite loss {r0.loss} / grad norm {r0.grad_norm}; the update was not applied"))
+        else:
+            guard = self.guard() or {}
+            for kind, value, limit in (("loss_spike", r0.loss, guard.get("max_loss")),
+                                       ("grad_spike", r0.grad_norm, guard.get("max_grad_norm"))):
+                if r0.skipped == kind or (limit and value > limit):
+                    out.append(Incident(step, kind, -1, None, now, f"{value:.4g} above {limit:.4g} "
+                                        f"(factor x median of the last {len(self.losses)} steps)"))
+            if not out:
+                self.losses.append(r0.loss)
+                self.norms.append(r0.grad_norm)
+        if len(reports) > 1:
+            out += self._stragglers(step, reports, driver, now)
+        return out
+
+    def guard(self) -> dict[str, float] | None:
+        """Spike ceilings the devices enforce (the update of a step above them is not applied)."""
+        if len(self.losses) < min(10, self.f.spike_window):
+            return None
+        return {"max_loss": self.f.loss_spike_factor * statistics.median(self.losses),
+                "max_grad_norm": self.f.grad_spike_factor * statistics.median(self.norms)}
+
+    def _stragglers(self, step: int, reports: list["StepReport"], driver: "Driver", now: float) -> list[Incident]:
+        own = [r.compute_time_s - r.collective_s for r in reports]
+        out = []
+        for r in reports:
+            others = statistics.median(own[:r.rank] + own[r.rank + 1:])
+            mine = own[r.rank]
+            if mine > self.f.straggler_factor * others and mine - others > self.f.straggler_min_s:
+                self.slow_count[r.rank] = self.slow_count.get(r.rank, 0) + 1
+                if self.slow_count[r.rank] >= self.f.straggler_patience:
+                    self.slow_count[r.rank] = 0
+                    out.append(Incident(step, "slow", r.rank, driver.node_of(r.rank), now,
+                                        f"own work {mine:.3f}s vs {others:.3f}s on the others, "
+                                        f"{self.f.straggler_patience} steps in a row"))
+            else:
+                self.slow_count[r.rank] = 0
+        return out
 
 
 def _collateral(e: Exception) -> bool:
@@ -129,38 +269,139 @@ def _short(e: Exception) -> str:
     return lines[-1][:300] if lines else type(e).__name__
 
 
-@dataclass
+# --------------------------------------------------------------------------- policy
 class Healer:
-    """Recovery policy: replace failed devices, rewind everyone to the newest snapshot, replay.
+    """Recovery policy. `heal` handles failed steps; `judge` decides about completed steps with incidents;
+    `checkpoint_failed` schedules retries of failed checkpoints. Every decision ends up in `incidents`."""
 
-    Stops the run (RunError with the incident list) once `max_recoveries` is spent: a restart loop
-    is worse than a stop.
-    """
-    cfg: FaultConfig
-    incidents: list[Incident] = field(default_factory=list)
-    recoveries: int = 0
+    def __init__(self, cfg: Config):
+        self.f = cfg.faults
+        self.incidents: list[Incident] = []
+        self.recoveries = 0
+        self.failures_at: dict[int, int] = {}     # step -> times it failed or was rolled back
+        self.rolled_back: set[int] = set()
+        self.checkpoint_failures = 0              # in a row
+        self.checkpoint_retry_at: int | None = None
+        self.on_incident = lambda incident: None  # the driver appends to incidents.jsonl
+        self._published = 0
+
+    def _record(self, incidents: list[Incident]) -> None:
+        self.incidents.extend(incidents)
+
+    def flush(self) -> None:
+        """Hand the incidents decided since the last flush to `on_incident` (once their action is known)."""
+        for i in self.incidents[self._published:]:
+            self.on_incident(i)
+        self._published = len(self.incidents)
+
+    def _stop(self, why: str) -> RunError:
+        listing = "; ".join(f"step {i.step} device {i.rank} {i.kind}" for i in self.incidents)
+        return RunError(f"{why}. Incidents: {listing}")
+
+    def _spend(self, step: int, what: str) -> None:
+        if self.f.snapshot_every == 0:
+            raise self._stop(f"{what} (healing is off: faults.snapshot_every=0)")
+        if self.recoveries >= self.f.max_recoveries:
+            raise self._stop(f"{what}; stopping: {self.recoveries} recoveries already, the budget "
+                             f"(faults.max_recoveries={self.f.max_recoveries}) is spent")
+        self.failures_at[step] = self.failures_at.get(step, 0) + 1
+        if self.failures_at[step] >= self.f.max_repeats:
+            raise self._stop(f"{what}; stopping: step {step} failed {self.failures_at[step]} times "
+                             f"(faults.max_repeats={self.f.max_repeats}), a fault that repeats is not healed by replaying")
+        self.recoveries += 1
 
     def heal(self, driver: "Driver", failure: StepFailure) -> int:
-        self.incidents.extend(failure.incidents)
-        if self.cfg.snapshot_every == 0:
-            raise RunError(f"{failure} (healing is off: faults.snapshot_every=0)")
-        if self.recoveries >= self.cfg.max_recoveries:
-            raise RunError(f"{failure}; stopping: {self.recoveries} recoveries already, the budget "
-                           f"(faults.max_recoveries={self.cfg.max_recoveries}) is spent. Incidents: "
-                           + "; ".join(f"step {i.step} device {i.rank} {i.kind}" for i in self.incidents))
-        self.recoveries += 1
-        t0 = time.perf_counter()
-        replace = sorted({i.rank for i in failure.incidents if i.kind in ("dead", "crash", "hang")})
+        """A failed step: replace the devices that failed, rewind everyone; the step to replay after."""
+        self._record(failure.incidents)
+        try:
+            self._spend(failure.step, str(failure))
+        except RunError:
+            for i in failure.incidents:
+                i.action = "stopped"
+            raise
+        replace = sorted({i.rank for i in failure.incidents if i.kind in REPLACE and i.rank >= 0})
         log.warning("step %d failed (%s); replacing device(s) %s", failure.step,
                     ", ".join(f"{i.rank}:{i.kind}" for i in failure.incidents), replace or "none")
-        step = driver.recover(replace, timeout_s=self.cfg.recovery_timeout_s)
-        for incident in failure.incidents:
-            incident.recover_s, incident.rewound_to = time.perf_counter() - t0, step
-        log.warning("recovered in %.2fs; replaying from step %d", time.perf_counter() - t0, step + 1)
+        return self._recover(driver, failure.incidents, replace, reform=True)
+
+    def judge(self, driver: "Driver", step: int, reports: list["StepReport"], incidents: list[Incident]) -> int | None:
+        """A completed step with incidents. None: keep the step; else the step to replay after (a rollback)."""
+        self._record(incidents)
+        skipped = reports[0].skipped
+        for i in incidents:
+            if i.kind == "nan" or (i.kind in ("loss_spike", "grad_spike") and skipped):
+                policy = self.f.on_nonfinite if i.kind == "nan" else self.f.on_spike
+                if policy == "rollback" and step not in self.rolled_back:
+                    self.rolled_back.add(step)
+                    self._spend(step, f"step {step}: {i.detail}")
+                    log.warning("step %d: %s; rolling back to the last snapshot", step, i.detail)
+                    return self._recover(driver, [i], [], reform=False, action="rolled back")
+                i.action = "skipped"
+                log.warning("step %d: %s; the batch is skipped%s", step, i.detail,
+                            " (it repeated after a rollback)" if policy == "rollback" else "")
+            elif i.kind in ("loss_spike", "grad_spike"):
+                i.action = "recorded"
+                log.warning("step %d: %s", step, i.detail)
+            elif i.kind == "slow":
+                i.action = "recorded"
+        return None
+
+    def replace_stragglers(self, driver: "Driver", step: int, incidents: list[Incident]) -> int | None:
+        """After a kept step (and its snapshot): replace straggling devices per `faults.on_straggler`."""
+        slow = [i for i in incidents if i.kind == "slow"]
+        if not slow or self.f.on_straggler != "replace":
+            return None
+        ranks = [i.rank for i in slow]
+        self._spend(step, f"step {step}: straggler device(s) {ranks}")
+        log.warning("step %d: device(s) %s straggle; replacing them", step, ranks)
+        driver.wait_for_snapshot()  # of the step just kept, by the straggler too: nothing is recomputed
+        for i in slow:
+            i.action = "replaced"
+        return self._recover(driver, slow, ranks, reform=True)
+
+    def _recover(self, driver: "Driver", incidents: list[Incident], replace: list[int], reform: bool,
+                 action: str = "replaced") -> int:
+        t0 = time.perf_counter()
+        for attempt in range(self.f.recovery_attempts):
+            try:
+                step, source = driver.recover(replace, reform, timeout_s=self.f.recovery_timeout_s)
+                break
+            except (RunError, RayActorError) as e:
+                if attempt + 1 == self.f.recovery_attempts:
+                    raise self._stop(f"recovery failed {attempt + 1} times (faults.recovery_attempts="
+                                     f"{self.f.recovery_attempts}); the last error: {e}") from e
+                wait = self.f.retry_backoff_s * 2 ** attempt
+                log.warning("recovery attempt %d failed (%s); retrying in %.1fs", attempt + 1, e, wait)
+                time.sleep(wait)
+                driver.goodput.backoff += wait
+                replace = sorted(set(replace) | set(driver.dead_ranks()))
+                reform = True
+        for i in incidents:
+            i.recover_s, i.rewound_to, i.source = time.perf_counter() - t0, step, source
+            i.action = i.action or (action if i.rank in replace or not replace else "recorded")
+        log.warning("recovered in %.2fs from the %s of step %d; replaying from step %d",
+                    time.perf_counter() - t0, source, step, step + 1)
         return step
+
+    def checkpoint_failed(self, step: int, detail: str, current_step: int, ranks: list[int] = ()) -> None:
+        """A checkpoint did not commit: retry after 1, 2, 4 ... steps; stop after checkpoint_retries in a row."""
+        self.checkpoint_failures += 1
+        rank = ranks[0] if len(ranks) == 1 else -1
+        incident = Incident(step, "checkpoint", rank, None, time.time(), detail, action="retried")
+        if self.checkpoint_failures > self.f.checkpoint_retries:
+            incident.action = "stopped"
+            self._record([incident])
+            raise self._stop(f"{self.checkpoint_failures} checkpoints in a row failed (faults.checkpoint_retries="
+                             f"{self.f.checkpoint_retries}); the last: {detail}. Check the storage at checkpoint.dir")
+        self._record([incident])
+        self.checkpoint_retry_at = current_step + 2 ** (self.checkpoint_failures - 1)
+        log.warning("checkpoint at step %d failed (%s); retrying at step %d", step, detail, self.checkpoint_retry_at)
+
+    def checkpoint_committed(self) -> None:
+        self.checkpoint_failures, self.checkpoint_retry_at = 0, None
 
     def report(self) -> list[dict[str, Any]]:
         return [asdict(i) for i in self.incidents]
 
 
-__all__ = ["Incident", "StepFailure", "Injector", "Watch", "Healer"]
+__all__ = ["Incident", "StepFailure", "Injector", "Watch", "Healer", "plan_faults"]

@@ -33,8 +33,8 @@ def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     (["steps=5"], "unknown config key 'steps'"),
     (["model.score_func=relu"], "model.score_func='relu' is not one of softmax, sigmoid"),
     (["faults.plan=[{step: 3, kind: melt, rank: 0}]"], "faults.plan[0].kind='melt' is not one of kill, crash"),
-    (["faults.plan=[{step: 3, kind: kill, rank: 5}]"], "faults.plan[0].rank=5 is not a device (0..1)"),
-    (["faults.plan=[{step: 0, kind: kill}]"], "faults.plan[0].step=0 is outside the run's steps"),
+    (["faults.plan=[{step: 3, kind: kill, rank: 5}]"], "faults.plan[0].rank=5 is not a device (0..1, or -1"),
+    (["faults.plan=[{step: 900, kind: kill}]"], "faults.plan[0].step=900 is outside the run's steps 1..500"),
 ])
 def test_cli_rejects_bad_config_before_starting_anything(args, needle):
     proc = run_train(*args)
@@ -63,3 +63,21 @@ def test_default_config_round_trips_and_overrides_apply():
     again = load_config(None, [])
     assert again.train.steps > 0
     assert "num_experts: 16" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["faults.plan=[{kind: kill}]"], "faults.plan[0] needs a step (1..500) or after_s > 0"),
+    (["faults.plan=[{step: 3, kind: slow, delay_s: 0}]"], "faults.plan[0]: a slow fault needs steps >= 1 and delay_s > 0"),
+    (["faults.chaos.mean_steps_between=20", "faults.chaos.kinds=[kill,melt]"],
+     "faults.chaos.kinds[1]='melt' is not one of kill, crash, hang, slow, nan, node, checkpoint"),
+    (["faults.chaos.mean_steps_between=-1"], "faults.chaos.mean_steps_between=-1.0 must be zero (off) or more"),
+    (["faults.hang_floor_s=30", "faults.hang_cap_s=20"], "faults.hang_floor_s=30.0 exceeds faults.hang_cap_s=20.0"),
+    (["faults.on_nonfinite=ignore"], "faults.on_nonfinite='ignore' is not one of rollback, skip"),
+    (["faults.standby=-1"], "faults.standby=-1 must be zero or more"),
+    (["faults.snapshot_every=0", "faults.plan=[{step: 3, kind: kill}]"],
+     "faults.snapshot_every=0 turns healing off, but faults are planned (kill)"),
+])
+def test_fault_settings_are_checked(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT_CONFIG, overrides)
+    assert needle in str(e.value)

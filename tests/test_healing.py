@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from orchestrator.config import to_yaml
 from orchestrator.driver import Driver
 from orchestrator.errors import RunError
 from tests.conftest import tiny_config
@@ -18,8 +20,12 @@ STEPS = 8
 FILES = ("dense.safetensors", "experts-00000.safetensors", "experts-00001.safetensors")
 
 
+# hang_floor_s: a tiny model's steps take milliseconds, so a step deadline of 1 s is ten times too long already
+_CONFIG_ARGS = (f"train.steps={STEPS}", "cluster.num_devices=2", "train.eval_batches=0", "faults.hang_floor_s=1")
+
+
 def config(run_dir: Path, *overrides: str):
-    return tiny_config(run_dir, f"train.steps={STEPS}", "cluster.num_devices=2", "train.eval_batches=0", *overrides)
+    return tiny_config(run_dir, *_CONFIG_ARGS, *overrides)
 
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -47,12 +53,60 @@ def assert_same_as(twin, run_dir: Path) -> None:
         assert torch.equal(state[key], value), key
 
 
-@pytest.mark.parametrize("kind,rank", [("kill", 1), ("crash", 0)])
-def test_planned_fault_is_healed_and_changes_nothing(fault_free, tmp_path, kind, rank):
-    summary = Driver(config(tmp_path, f"faults.plan=[{{step: 5, kind: {kind}, rank: {rank}}}]"), tmp_path).run()
-    assert summary.steps_done == STEPS and summary.recoveries == 1
+def incidents_file(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "incidents.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("fault,kind,action,rewound_to", [
+    ("{step: 5, kind: kill, rank: 1}", "dead", "replaced", 4),
+    ("{step: 5, kind: crash, rank: 0}", "crash", "replaced", 4),
+    # stops between forward and backward; its peer waits inside all_to_all until the learned deadline
+    ("{step: 5, kind: hang, rank: 1}", "hang", "replaced", 4),
+    # 0.4 s more each step from step 3: a straggler after 3 steps (faults.straggler_patience), replaced
+    # after step 5 from the snapshot of step 5 (nothing recomputed)
+    ("{step: 3, kind: slow, rank: 0, steps: 4, delay_s: 0.4}", "slow", "replaced", 5),
+    ("{step: 5, kind: nan, rank: 1}", "nan", "rolled back", 4),
+    # the checkpoint taken after step 5 fails writing device 1's shard; retried (and committed) at step 7
+    ("{step: 5, kind: checkpoint, rank: 1}", "checkpoint", "retried", -1),
+])
+def test_planned_fault_is_healed_and_changes_nothing(fault_free, tmp_path, fault, kind, action, rewound_to):
+    summary = Driver(config(tmp_path, f"faults.plan=[{fault}]"), tmp_path).run()
+    assert summary.steps_done == STEPS
+    assert summary.recoveries == (0 if kind == "checkpoint" else 1)
     (incident,) = summary.incidents
-    assert (incident["step"], incident["rank"], incident["kind"]) == (5, rank, "dead" if kind == "kill" else "crash")
+    rank = int(fault.split("rank: ")[1][0])
+    assert (incident["kind"], incident["rank"], incident["action"], incident["rewound_to"]) == (kind, rank, action,
+                                                                                                rewound_to)
+    assert incidents_file(tmp_path) == summary.incidents  # written as they happened
+    assert len(summary.faults_injected) == 1
+    if kind == "checkpoint":
+        assert summary.checkpoints_failed == [5] and summary.checkpoints_committed == [7, 8]
+    assert_same_as(fault_free, tmp_path)
+    goodput = json.loads((tmp_path / "goodput.json").read_text())
+    assert 0 < goodput["goodput"] < 1 and goodput["steps_done"] == STEPS
+
+
+def test_nonfinite_step_skipped_by_policy(fault_free, tmp_path):
+    """faults.on_nonfinite=skip: the NaN step's update is not applied on any device; the run goes on, finite."""
+    summary = Driver(config(tmp_path, "faults.plan=[{step: 5, kind: nan, rank: 1}]", "faults.on_nonfinite=skip"),
+                     tmp_path).run()
+    assert summary.recoveries == 0 and summary.incidents[0]["action"] == "skipped"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert records[4].get("skipped") == "nonfinite" and all("skipped" not in r for r in records if r["step"] != 5)
+    assert losses(tmp_path)[:4] == fault_free[0][:4]
+    assert all(torch.isfinite(v).all() for v in final_state(tmp_path).values())
+
+
+def test_chaos_plan_is_seeded_and_every_fault_healed(fault_free, tmp_path):
+    overrides = ["faults.chaos.mean_steps_between=2", "faults.chaos.first_step=2", "faults.chaos.seed=3",
+                 "faults.chaos.kinds=[kill,crash,nan]"]
+    from orchestrator.healing import plan_faults
+
+    plan = plan_faults(config(tmp_path, *overrides))
+    assert plan == plan_faults(config(tmp_path, *overrides)) and len(plan) >= 2
+    summary = Driver(config(tmp_path, *overrides), tmp_path).run()
+    assert len(summary.faults_injected) == len(plan) == summary.recoveries
     assert_same_as(fault_free, tmp_path)
 
 
@@ -78,3 +132,22 @@ def test_fault_repeating_past_its_budget_stops_the_run(ray_session, tmp_path):
                                        r"step 3 device 1 dead; step 4 device 1 dead"):
         Driver(config(tmp_path, plan, "faults.max_recoveries=1"), tmp_path).run()
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3]  # what was done is recorded once; nothing after the stop
+
+
+def test_node_loss_on_a_multi_node_cluster_heals_from_the_checkpoint(fault_free, tmp_path):
+    """Three worker nodes, two devices (one per node); before step 6 the raylet of device 1's node is
+    SIGKILLed: the node dies with its actor and the in-memory snapshots stored there. The placement group
+    moves that bundle to the spare node, a new actor starts there, and everyone restores the checkpoint of
+    step 4 (the newest one committed): steps 5 and 6 are recomputed, and the run ends as the fault-free one."""
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(to_yaml(config(tmp_path, "cluster.cpus_per_device=1", "checkpoint.every_steps=2",
+                                       "faults.plan=[{step: 6, kind: node, rank: 1}]")))
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "multinode.py"), "3", "--config", str(cfg_file)],
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    dead = [i for i in summary["incidents"] if i["rank"] == 1]
+    assert summary["recoveries"] == 1 and dead and dead[0]["kind"] in ("dead", "hang")
+    assert {i["source"] for i in summary["incidents"]} == {"checkpoint"}
+    assert {i["rewound_to"] for i in summary["incidents"]} == {4}
+    assert_same_as(fault_free, tmp_path)

@@ -30,7 +30,7 @@ def distributed_run(tmp_path, world: int, overrides: list[str]):
     driver = Driver(cfg, tmp_path)
     try:
         driver.start()
-        records = [driver.step(s) for s in range(1, STEPS + 1)]
+        records = [driver.step(s)[0] for s in range(1, STEPS + 1)]  # rank 0's StepReport
         return records, driver.global_parameters()
     finally:
         driver.shutdown()
@@ -48,8 +48,8 @@ def test_float64_devices_match_reference(ray_session, tmp_path, corpus, score_fu
     ref_reports, ref_params = reference(corpus, overrides)
     for world in (2, 4):
         records, params = distributed_run(tmp_path, world, overrides)
-        assert [r["loss"] for r in records] == pytest.approx([r.loss for r in ref_reports], rel=1e-9)
-        assert [r["expert_load"] for r in records] == [r.expert_load for r in ref_reports]
+        assert [r.loss for r in records] == pytest.approx([r.loss for r in ref_reports], rel=1e-9)
+        assert [r.expert_load for r in records] == [r.expert_load for r in ref_reports]
         assert params.keys() == ref_params.keys()
         for name, ref in ref_params.items():
             torch.testing.assert_close(params[name], ref, rtol=1e-6, atol=1e-9,
@@ -60,7 +60,7 @@ def test_float32_devices_match_reference(ray_session, tmp_path, corpus):
     ref_reports, ref_params = reference(corpus, [])
     for world in (2, 4):
         records, params = distributed_run(tmp_path, world, [])
-        assert [r["loss"] for r in records] == pytest.approx([r.loss for r in ref_reports], rel=1e-5)
-        assert [r["expert_load"] for r in records] == [r.expert_load for r in ref_reports]
+        assert [r.loss for r in records] == pytest.approx([r.loss for r in ref_reports], rel=1e-5)
+        assert [r.expert_load for r in records] == [r.expert_load for r in ref_reports]
         worst = max(((params[k] - v).norm() / v.norm()).item() for k, v in ref_params.items())
         assert worst < 1e-3, f"N={world}: a parameter tensor differs by {worst:.2e} (relative norm)"

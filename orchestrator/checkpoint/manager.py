@@ -92,6 +92,8 @@ class CheckpointManager:
         self.started: dict[int, float] = {}
         self.committed_steps: list[int] = []
         self.failed_steps: list[int] = []
+        self.failure_detail: dict[int, str] = {}
+        self.failure_ranks: dict[int, list[int]] = {}
         self.last_saved_step = 0
         self.write_seconds: dict[int, float] = {}    # step -> slowest device's background write
         self.commit_seconds: dict[int, float] = {}   # step -> snapshot started .. manifest committed
@@ -128,13 +130,19 @@ class CheckpointManager:
             del self.pending[step]
             errors = [f"rank {rank}: {r['error']}" for rank, r in sorted(by_rank.items()) if r.get("error")]
             if errors:
-                self.failed_steps.append(step)
-                log.error("checkpoint at step %d not committed (%s); the previous checkpoint is kept",
-                          step, "; ".join(errors))
+                self.failure_ranks[step] = sorted(rank for rank, r in by_rank.items() if r.get("error"))
+                self.failed(step, "; ".join(errors))
                 continue
             self.commit(step, by_rank, world)
             done.append(step)
         return done
+
+    def failed(self, step: int, detail: str) -> None:
+        self.pending.pop(step, None)
+        self.started.pop(step, None)
+        self.failed_steps.append(step)
+        self.failure_detail[step] = detail
+        log.error("checkpoint at step %d not committed (%s); the previous checkpoint is kept", step, detail)
 
     def commit(self, step: int, by_rank: dict[int, dict[str, Any]], world: int) -> CheckpointManifest:
         files: dict[str, dict[str, Any]] = {}

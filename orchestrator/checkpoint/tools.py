@@ -57,6 +57,22 @@ def read_parameters(ckpt: Storage) -> tuple[dict[str, torch.Tensor], dict]:
     return out, manifest.__dict__
 
 
+def read_state(ckpt: Storage) -> dict[str, torch.Tensor]:
+    """Every tensor of a verified checkpoint, optimizer moments and RNG included, keyed `file:key`."""
+    manifest, problem = verify(ckpt)
+    if problem is not None or manifest is None:
+        raise CheckpointError(f"cannot read {ckpt.uri}: {problem}")
+    return {f"{name}:{key}": t for name, meta in sorted(manifest.files.items())
+            for key, t in load_verified(ckpt.read, name, meta, ckpt.uri).items()}
+
+
+def differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Keys whose tensors are not bit-identical (or exist on one side only); empty when the states are equal."""
+    out = sorted(set(a) ^ set(b))
+    out += [k for k in sorted(set(a) & set(b)) if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    return out
+
+
 def full_state_dict(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Experts stacked back into the one-process model's tensors: loads into MoETransformer(cfg)."""
     experts: dict[str, dict[int, torch.Tensor]] = {}

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.model.moe import DispatchMeta, permute_by_expert, unpermute_and_combine
+from orchestrator.parallel.groups import CLOCK
 
 
 class _AllToAll(torch.autograd.Function):
@@ -24,7 +25,8 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
         ctx.splits = (out_splits, in_splits)
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=out_splits, input_split_sizes=in_splits)
+        with CLOCK.collective("all_to_all"):
+            dist.all_to_all_single(out, x.contiguous(), output_split_sizes=out_splits, input_split_sizes=in_splits)
         return out
 
     @staticmethod
@@ -49,7 +51,8 @@ class AllToAllTokenDispatcher:
         W, El = self.world, self.num_local
         x_MD, counts_E, token_idx_M, order_M = permute_by_expert(x_ND, experts_NK, num_experts)
         recv_counts = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv_counts, counts_E)          # [source device, local expert], flattened
+        with CLOCK.collective("all_to_all counts"):
+            dist.all_to_all_single(recv_counts, counts_E)          # [source device, local expert], flattened
         recv_WEl = recv_counts.view(W, El)
         in_splits = counts_E.view(W, El).sum(1).tolist()
         out_splits = recv_WEl.sum(1).tolist()

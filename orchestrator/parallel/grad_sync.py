@@ -5,6 +5,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from orchestrator.parallel.groups import CLOCK
+
 
 def allreduce_dense_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum dense gradients over the default group, in one flat buffer (one collective per step).
@@ -14,7 +16,8 @@ def allreduce_dense_grads(params: list[torch.nn.Parameter]) -> None:
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
+    with CLOCK.collective("all_reduce grads"):
+        dist.all_reduce(flat)
     for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
         if p.grad is None:
             p.grad = g

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -43,3 +47,47 @@ def leave() -> None:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class StepClock:
+    """Where this device is in its step, readable from another thread while the step runs.
+
+    Every collective of this package runs inside `collective(name)`, so the watch can tell a device
+    that stopped on its own (not inside a collective) from peers waiting for it inside one, and the
+    step's own work from time spent waiting in collectives (straggler detection).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.step, self.phase, self.collectives, self.collective_s = 0, "idle", 0, 0.0
+        self.since = time.monotonic()
+
+    def start(self, step: int) -> None:
+        with self._lock:
+            self.step, self.phase, self.collectives, self.collective_s = step, "compute", 0, 0.0
+            self.since = time.monotonic()
+
+    def set_phase(self, phase: str) -> None:
+        with self._lock:
+            self.phase, self.since = phase, time.monotonic()
+
+    @contextmanager
+    def collective(self, name: str) -> Iterator[None]:
+        with self._lock:
+            previous, self.phase, self.collectives = self.phase, f"collective:{name}", self.collectives + 1
+            t0 = self.since = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.collective_s += time.monotonic() - t0
+                self.phase, self.since = previous, time.monotonic()
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {"step": self.step, "phase": self.phase, "collectives": self.collectives,
+                    "in_collective": self.phase.startswith("collective:"), "for_s": time.monotonic() - self.since,
+                    "pid": os.getpid()}
+
+
+CLOCK = StepClock()
