@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run directory: {run_dir} (chaos/ and twin/)", file=sys.stderr)
     report: dict = {"run_dir": str(run_dir)}
     try:
-        with ray_cluster(cfg.cluster):
+        with ray_cluster(cfg.cluster, spare_devices=cfg.faults.standby):
             from orchestrator.checkpoint.manager import list_checkpoints
             from orchestrator.checkpoint.tools import differences, read_state
             from orchestrator.config import config_from_dict, to_dict

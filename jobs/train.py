@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = make_run_dir(cfg)
     print(f"run directory: {run_dir}", file=sys.stderr)
     try:
-        with ray_cluster(cfg.cluster):
+        with ray_cluster(cfg.cluster, spare_devices=cfg.faults.standby):
             # Ray and torch are imported only now: the config is good and the cluster's network chosen.
             from orchestrator.driver import Driver
 

@@ -70,8 +70,11 @@ def _join(address: str, source: str) -> None:
 
 
 @contextmanager
-def ray_cluster(cfg: ClusterConfig, log: logging.Logger | None = None) -> Iterator[str]:
-    """Context in which Ray is initialised; yields how ('joined ADDRESS', 'started ...', 'already ...')."""
+def ray_cluster(cfg: ClusterConfig, log: logging.Logger | None = None, spare_devices: int = 0) -> Iterator[str]:
+    """Context in which Ray is initialised; yields how ('joined ADDRESS', 'started ...', 'already ...').
+
+    A local instance it starts declares CPUs for every device and `spare_devices` warm standbys (Ray's
+    CPUs are logical: fewer cores only share them)."""
     log = log or logging.getLogger(__name__)
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         yield "already initialised"
@@ -89,7 +92,7 @@ def ray_cluster(cfg: ClusterConfig, log: logging.Logger | None = None) -> Iterat
         how = f"joined the local cluster at {local}"
         _join(local, str(CURRENT_CLUSTER_FILE))
     else:
-        need = math.ceil(cfg.num_devices * cfg.cpus_per_device)
+        need = math.ceil((cfg.num_devices + spare_devices) * cfg.cpus_per_device)
         how = "started a local Ray instance"
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
                  logging_level=logging.WARNING)

@@ -93,6 +93,7 @@ class FaultSpec:
     rank: int = 0                  # the device it strikes (node: every device on that device's node); -1: random
     steps: int = 10                # slow: how many steps the delay lasts
     delay_s: float = 0.5           # slow: delay added to each of those steps
+    repeat: int = 1                # strikes each of the first `repeat` times its step runs (a fault that comes back on replay)
 
 
 @dataclass
@@ -294,6 +295,8 @@ def _validate_faults(cfg: Config) -> None:
             raise ConfigError(f"{key} needs a step (1..{t.steps}) or after_s > 0 (seconds into training)")
         if not -1 <= spec.rank < c.num_devices:
             raise ConfigError(f"{key}.rank={spec.rank} is not a device (0..{c.num_devices - 1}, or -1 for a random one)")
+        if spec.repeat < 1:
+            raise ConfigError(f"{key}.repeat={spec.repeat} must be 1 or more")
         if spec.kind == "slow" and (spec.steps < 1 or spec.delay_s <= 0):
             raise ConfigError(f"{key}: a slow fault needs steps >= 1 and delay_s > 0 (got {spec.steps}, {spec.delay_s})")
     ch = f.chaos

@@ -187,6 +187,9 @@ class DeviceActor:
 
     def __init__(self, torch_threads: int):
         torch.set_num_threads(max(1, torch_threads))
+        # The first optimizer a process builds imports torch._dynamo (1.5 s on a laptop core): pay it now, so a
+        # warm standby only has to build its shard when it replaces a device.
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
         self.shard: DeviceShard | None = None
         self._saves_done: list[dict[str, Any]] = []
         self._save_threads: list[threading.Thread] = []

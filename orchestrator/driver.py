@@ -135,8 +135,8 @@ class Driver:
         self._get([a.build.remote(to_dict(cfg), rank, self.world, *self.data_refs)
                    for rank, a in enumerate(self.actors)], c.start_timeout_s, "build device shards")
         nodes = len({i["node_id"] for i in self.device_info})
-        log.info("devices: %d actors on %d node(s), backend %s%s", self.world, nodes, self.backend,
-                 f", {spares} warm standby" if spares else "")
+        log.info("devices: %d actors on %d node(s), backend %s%s; pids %s", self.world, nodes, self.backend,
+                 f", {spares} warm standby" if spares else "", [i["pid"] for i in self.device_info])
 
     def _new_actor(self, bundle: int) -> Any:
         c = self.cfg.cluster
@@ -435,11 +435,16 @@ class Driver:
         self.goodput.actor_start += t1 - t0
         if reform:
             self.form_group()
+        t2 = time.perf_counter()
         assert self.data_refs is not None
         self._get([self.actors[r].build.remote(to_dict(self.cfg), r, self.world, *self.data_refs) for r in replace],
                   timeout_s, "build the replacement shards")
+        t3 = time.perf_counter()
         step, source = self._restore_state(timeout_s)
-        self.goodput.restore += time.perf_counter() - t1
+        t4 = time.perf_counter()
+        self.goodput.restore += t4 - t1
+        log.info("recovery: actors %.2fs, process group %.2fs, build %.2fs, state from the %s %.2fs",
+                 t1 - t0, t2 - t1, t3 - t2, source, t4 - t3)
         self.watch.fresh = True
         return step, source
 

@@ -89,12 +89,12 @@ def plan_faults(cfg: Config) -> list[FaultSpec]:
 
 
 class Injector:
-    """Fires each planned fault once, just before its step (or the first step after its time)."""
+    """Fires each planned fault just before its step (or the first step after its time), `repeat` times."""
 
     def __init__(self, plan: list[FaultSpec]):
         self.plan = plan
         self.fired: list[dict[str, Any]] = []
-        self._done: set[int] = set()
+        self._count: dict[int, int] = {}
         self.t0: float | None = None
 
     def before_step(self, driver: "Driver", step: int) -> None:
@@ -102,9 +102,13 @@ class Injector:
             self.t0 = time.perf_counter()
         elapsed = time.perf_counter() - self.t0
         for i, fault in enumerate(self.plan):
-            if i in self._done or not (fault.step == step or (not fault.step and elapsed >= fault.after_s)):
+            if self._count.get(i, 0) >= fault.repeat:
                 continue
-            self._done.add(i)
+            if fault.step != step and (fault.step or elapsed < fault.after_s):
+                continue
+            if not fault.step:
+                fault.step = step  # a timed fault repeats at the step it first struck
+            self._count[i] = self._count.get(i, 0) + 1
             log.warning("injecting fault: %s on device %d at step %d", fault.kind, fault.rank, step)
             self.fired.append({"step": step, "kind": fault.kind, "rank": fault.rank, "time": time.time()})
             driver.inject(fault, step)
@@ -125,11 +129,13 @@ class Watch:
 
     # ---- deadlines
     def deadline(self) -> float:
-        """Seconds a step may take: hang_factor x the median recent step, within [hang_floor_s, hang_cap_s];
-        the cap for warm-up steps (the first after start or recovery), which are slower."""
-        if self.fresh or len(self.step_times) < 3:
+        """Seconds a step may take: hang_factor x the median of recent steps, within [hang_floor_s, hang_cap_s].
+        The first step after a recovery (a new process warming up) gets three times that; until a step
+        time is known (the first steps of the run), the cap."""
+        if not self.step_times:
             return self.f.hang_cap_s
-        return min(self.f.hang_cap_s, max(self.f.hang_floor_s, self.f.hang_factor * statistics.median(self.step_times)))
+        learned = max(self.f.hang_floor_s, self.f.hang_factor * statistics.median(self.step_times))
+        return min(self.f.hang_cap_s, learned * (3 if self.fresh else 1))
 
     def observe(self, step_time_s: float) -> None:
         if self.fresh:

@@ -151,3 +151,74 @@ def test_node_loss_on_a_multi_node_cluster_heals_from_the_checkpoint(fault_free,
     assert {i["source"] for i in summary["incidents"]} == {"checkpoint"}
     assert {i["rewound_to"] for i in summary["incidents"]} == {4}
     assert_same_as(fault_free, tmp_path)
+
+
+def test_same_step_failing_max_repeats_times_stops_the_run(ray_session, tmp_path):
+    plan = "faults.plan=[{step: 4, kind: crash, rank: 0, repeat: 5}]"  # comes back every time step 4 runs
+    with pytest.raises(RunError, match=r"step 4 failed 2 times \(faults.max_repeats=2\)"):
+        Driver(config(tmp_path, plan, "faults.max_repeats=2"), tmp_path).run()
+    assert [i["action"] for i in incidents_file(tmp_path)] == ["replaced", "stopped"]
+
+
+class ReplacementFailsOnce(Driver):
+    """The first recovery attempt fails (as when a replacement actor cannot start); the Healer retries."""
+
+    def recover(self, replace, reform, timeout_s):
+        if not getattr(self, "failed_once", False):
+            self.failed_once = True
+            raise RunError("injected: the replacement actor failed to start")
+        return super().recover(replace, reform, timeout_s)
+
+
+def test_recovery_is_retried_with_backoff(fault_free, tmp_path):
+    driver = ReplacementFailsOnce(config(tmp_path, "faults.plan=[{step: 5, kind: kill, rank: 1}]",
+                                         "faults.retry_backoff_s=0.2"), tmp_path)
+    summary = driver.run()
+    assert summary.recoveries == 1 and summary.goodput["backoff"] == pytest.approx(0.2)
+    assert_same_as(fault_free, tmp_path)
+
+
+def test_spikes_and_stragglers_are_detected_from_reports(tmp_path):
+    """The Watch's judgement of completed steps, on crafted reports (no cluster needed)."""
+    from orchestrator.device import StepReport
+    from orchestrator.healing import Watch
+
+    class NoDriver:
+        def node_of(self, rank):
+            return f"node-{rank}"
+
+    watch = Watch(config(tmp_path, "faults.straggler_patience=2"))
+
+    def report(step, rank, loss=2.0, norm=1.0, own=0.1, waited=0.0):
+        return StepReport(step, rank, loss, norm, 1e-3, 100, own + waited, [], collective_s=waited)
+
+    for step in range(1, 21):
+        assert watch.inspect(step, [report(step, 0), report(step, 1)], NoDriver()) == []
+    assert watch.guard() == {"max_loss": pytest.approx(6.0), "max_grad_norm": pytest.approx(10.0)}
+    (spike,) = watch.inspect(21, [report(21, 0, loss=7.0), report(21, 1, loss=7.0)], NoDriver())
+    assert (spike.kind, spike.rank) == ("loss_spike", -1)
+    (spike,) = watch.inspect(22, [report(22, 0, norm=11.0), report(22, 1, norm=11.0)], NoDriver())
+    assert spike.kind == "grad_spike"
+    slow = [report(23, 0, own=0.5), report(23, 1, waited=0.4)]  # device 1 waits in collectives for device 0
+    assert watch.inspect(23, slow, NoDriver()) == []  # patience: 2 steps in a row
+    (straggler,) = watch.inspect(24, slow, NoDriver())
+    assert (straggler.kind, straggler.rank, straggler.node) == ("slow", 0, "node-0")
+    noisy = [report(25, 0, own=0.13), report(25, 1)]  # 1.3x: noise, not a straggler
+    assert watch.inspect(25, noisy, NoDriver()) == [] and watch.inspect(26, noisy, NoDriver()) == []
+
+
+def test_chaos_job_with_warm_standby_verifies_against_its_twin(tmp_path):
+    """The chaos job through its entry point: two kills and a hang healed (the first by the warm standby),
+    the final state compared with the fault-free twin, the report written."""
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(to_yaml(config(tmp_path / "run", "faults.standby=1")))
+    plan = "faults.plan=[{step: 3, kind: kill, rank: 1}, {step: 5, kind: hang, rank: 0}, {step: 7, kind: kill, rank: 0}]"
+    proc = subprocess.run([sys.executable, "-m", "jobs.chaos", "--config", str(cfg_file), plan],
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "faults injected 3, healed 3, job interruptions 0" in proc.stdout
+    assert "final state identical to the fault-free twin: yes" in proc.stdout
+    report = json.loads((tmp_path / "run" / "chaos_report.json").read_text())
+    assert report["identical_state"] and report["tensors_compared"] > 0
+    assert [f["caught_as"] for f in report["faults"]] == ["dead", "hang", "dead"]
+    assert report["goodput"]["actor_start"] < 5.0  # the first replacement was already started
