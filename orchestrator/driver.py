@@ -1,9 +1,8 @@
-"""The driver: owns a run's placement group, device actors and step loop.
+"""The driver: owns a run's step loop and the services it calls (see DESIGN.md's picture).
 
 start(): load the corpus and find the checkpoint to resume (bad data, an unreachable checkpoint URI
-or an incompatible checkpoint fail here, before any actor) -> placement group with one bundle per
-device (and per warm standby) -> one DeviceActor per bundle -> process group -> each actor builds
-its shard.
+or an incompatible checkpoint fail here, before any actor) -> the DeviceGroup (placement group, one
+DeviceActor per device and per warm standby, process group) -> each actor builds its shard.
 run():   restore the checkpoint into every device -> for each step: planned faults (Injector), every
 actor's train_step in parallel, collected by the Watch within a learned deadline -> StepReports ->
 incidents (non-finite or spiking values, stragglers) judged by the Healer -> metrics.jsonl and the
@@ -12,6 +11,8 @@ the CheckpointManager once every device reported its files), otherwise an in-mem
 `faults.snapshot_every` steps. A failed step goes to the Healer, which replaces what failed,
 rewinds and replays (see healing.py). -> final checkpoint -> validation -> summary.json,
 goodput.json (incidents.jsonl is written as they happen).
+recover(): what the Healer calls: replace devices (DeviceGroup), re-form the group, restore the newest
+state there is (SnapshotStore, else the last committed checkpoint, else the initial state).
 shutdown(): kill the actors and remove the placement group; also after errors, Ctrl-C and SIGTERM
 (the first signal stops after the step in flight, a second one interrupts at once).
 """
@@ -27,33 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.checkpoint.manager import (MANIFEST, CheckpointManager, CheckpointManifest, check_compatible,
-                                             find_resume, step_dir)
+from orchestrator.checkpoint.manager import (CheckpointError, CheckpointManager, CheckpointManifest,
+                                             check_compatible, find_resume)
 from orchestrator.config import Config, FaultSpec, to_dict
 from orchestrator.data import load_corpus
-from orchestrator.device import DeviceActor, StepReport
-from orchestrator.errors import RunError
+from orchestrator.device import StepReport
+from orchestrator.device_group import DeviceGroup, get
 from orchestrator.goodput import Goodput
 from orchestrator.healing import Healer, Incident, Injector, StepFailure, Watch, plan_faults
 from orchestrator.monitor import MetricsLog, Progress
-from orchestrator.parallel.groups import pick_backend
+from orchestrator.snapshots import SnapshotStore
 from orchestrator.storage import Storage
 
 log = logging.getLogger(__name__)
-# A thread of its own for progress(), so that it answers while a step is stuck; everything else runs in order.
-RemoteDevice = ray.remote(concurrency_groups={"watch": 1})(DeviceActor)
-
-
-@dataclass
-class InMemorySnapshot:
-    step: int
-    done_refs: list[Any]   # tiny: {"step", "seconds"} once each device has copied its state
-    refs: list[Any]        # the snapshots themselves, in the object store, owned by this driver
-    kind: str = "snapshot"  # snapshot | checkpoint (taken by a checkpoint save)
 
 
 @dataclass
@@ -83,21 +71,17 @@ class Driver:
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
         self.world = cfg.cluster.num_devices
-        self.actors: list[Any] = []
-        self.device_info: list[dict[str, Any]] = []
-        self.bundle_of: list[int] = list(range(self.world))     # placement-group bundle of each rank
-        self.standby: list[tuple[Any, int, Any]] = []          # (actor, bundle, info ref) of warm spares
-        self.pg = None
+        self.devices = DeviceGroup(cfg)
         self.stop_signal: str | None = None
         self.ckpt = CheckpointManager(cfg, cfg.checkpoint.dir or str(run_dir / "checkpoints"))
         self.resume_from: tuple[Storage, CheckpointManifest] | None = None
         self.resumed_from_step: int | None = None
         self.restore_s: float | None = None
-        self.snapshots: list[InMemorySnapshot] = []  # the newest two; the older one is the fallback
         self.data_refs: tuple[Any, Any] | None = None
         self.injector, self.watch, self.healer = Injector(plan_faults(cfg)), Watch(cfg), Healer(cfg)
         self.healer.on_incident = self._log_incident
         self.goodput = Goodput()
+        self.snapshots = SnapshotStore(self.goodput, self._snapshot_failed)
         self.force_save: set[int] = set()   # steps to checkpoint whatever the policy (checkpoint faults)
         self.records: list[dict[str, Any]] = []
         self.high_water = 0                 # the furthest step ever completed (steps up to it are replays)
@@ -115,57 +99,25 @@ class Driver:
             else:
                 check_compatible(self.resume_from[1], cfg, self.resume_from[0].uri)
         log.info("data: %s, %d train / %d validation tokens", corpus.description, len(corpus.train), len(corpus.val))
-        bundle = {"CPU": c.cpus_per_device, **({"GPU": 1} if c.use_gpu else {})}
-        spares = cfg.faults.standby
-        self.pg = placement_group([dict(bundle) for _ in range(self.world + spares)], strategy=c.placement_strategy)
-        try:
-            ray.get(self.pg.ready(), timeout=c.start_timeout_s)
-        except GetTimeoutError:
-            standby = f" plus {spares} standby" if spares else ""
-            raise RunError(f"could not place {self.world} devices{standby} of {bundle} each with strategy "
-                           f"{c.placement_strategy} within {c.start_timeout_s:.0f}s; the cluster has "
-                           f"{ray.cluster_resources()}. Lower cluster.num_devices, cluster.cpus_per_device or "
-                           f"faults.standby, or add nodes") from None
-        self.actors = [self._new_actor(i) for i in range(self.world)]
-        for b in range(self.world, self.world + spares):
-            self._spawn_standby(b)
-        self.device_info = self._get([a.info.remote() for a in self.actors], c.start_timeout_s, "start device actors")
-        self.form_group()
+        self.devices.start()
         self.data_refs = (ray.put(corpus.train), ray.put(corpus.val))
         self._get([a.build.remote(to_dict(cfg), rank, self.world, *self.data_refs)
                    for rank, a in enumerate(self.actors)], c.start_timeout_s, "build device shards")
         nodes = len({i["node_id"] for i in self.device_info})
-        log.info("devices: %d actors on %d node(s), backend %s%s; pids %s", self.world, nodes, self.backend,
+        spares = cfg.faults.standby
+        log.info("devices: %d actors on %d node(s), backend %s%s; pids %s", self.world, nodes, self.devices.backend,
                  f", {spares} warm standby" if spares else "", [i["pid"] for i in self.device_info])
 
-    def _new_actor(self, bundle: int) -> Any:
-        c = self.cfg.cluster
-        threads = c.torch_threads or max(1, int(c.cpus_per_device))
-        return RemoteDevice.options(
-            num_cpus=c.cpus_per_device, num_gpus=1 if c.use_gpu else 0, max_restarts=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
-        ).remote(threads)
-
-    def _spawn_standby(self, bundle: int) -> None:
-        actor = self._new_actor(bundle)
-        self.standby.append((actor, bundle, actor.info.remote()))
-
-    def node_of(self, rank: int) -> str | None:
-        return self.device_info[rank].get("node_id") if 0 <= rank < len(self.device_info) else None
+    @property
+    def actors(self) -> list[Any]:
+        return self.devices.actors
 
     @property
-    def backend(self) -> str:
-        return pick_backend(self.cfg.cluster.backend, self.cfg.cluster.use_gpu)
+    def device_info(self) -> list[dict[str, Any]]:
+        return self.devices.info
 
-    def form_group(self) -> None:
-        """(Re)form the process group over the current actors; rank 0's node hosts the rendezvous."""
-        if self.world == 1:
-            return
-        c = self.cfg.cluster
-        port = self._get([self.actors[0].free_port.remote()], c.start_timeout_s, "pick a rendezvous port")[0]
-        addr = self.device_info[0]["ip"]
-        self._get([a.join_group.remote(self.backend, addr, port, rank, self.world, c.collective_timeout_s)
-                   for rank, a in enumerate(self.actors)], c.start_timeout_s, "form the process group")
+    def node_of(self, rank: int) -> str | None:
+        return self.devices.node_of(rank)
 
     # ------------------------------------------------------------------ loop
     def step(self, step: int) -> list[StepReport]:
@@ -334,107 +286,43 @@ class Driver:
         """
         uri = self.ckpt.uri_for(step)
         self.ckpt.started_save(step)
-        self._keep_snapshot(step, [a.save.options(num_returns=2).remote(step, uri, self.cfg.checkpoint.async_save)
+        self.snapshots.keep(step, [a.save.options(num_returns=2).remote(step, uri, self.cfg.checkpoint.async_save)
                                    for a in self.actors], "checkpoint")
 
     def snapshot(self, step: int) -> None:
         """In-memory snapshot of every device after `step` (object refs owned by this driver)."""
         if self.cfg.faults.snapshot_every:
-            self._keep_snapshot(step, [a.snapshot.options(num_returns=2).remote(step) for a in self.actors])
-
-    def _keep_snapshot(self, step: int, pairs: list[Any], kind: str = "snapshot") -> None:
-        new = InMemorySnapshot(step, [p[0] for p in pairs], [p[1] for p in pairs], kind)
-        for old in self.snapshots[:-1]:
-            self._account(old)
-        self.snapshots = self.snapshots[-1:] + [new]
+            self.snapshots.keep(step, [a.snapshot.options(num_returns=2).remote(step) for a in self.actors])
 
     @property
     def snapshot_refs(self) -> list[Any]:
-        return self.snapshots[-1].refs if self.snapshots else []
-
-    def _account(self, snap: InMemorySnapshot) -> None:
-        """Book a superseded snapshot's stall (long finished by now) to goodput; surface a save that raised."""
-        try:
-            done = ray.get(snap.done_refs, timeout=10)
-        except RayActorError:
-            return  # its device died: the failure was handled as such
-        except Exception as e:
-            if snap.kind == "checkpoint" and snap.step in self.ckpt.pending:
-                self.ckpt.failed(snap.step, f"a device could not snapshot it: {e}")
-                self.healer.checkpoint_failed(snap.step, str(e), snap.step)
-            return
-        seconds = max(d["seconds"] for d in done)
-        if snap.kind == "checkpoint":
-            self.goodput.checkpoint += seconds
-        else:
-            self.goodput.snapshots += seconds
+        return self.snapshots.newest_refs
 
     def wait_for_snapshot(self) -> None:
-        if self.snapshots:
-            self._usable(self.snapshots[-1], self.cfg.faults.recovery_timeout_s)
+        self.snapshots.wait_newest(self.cfg.faults.recovery_timeout_s)
 
-    def _usable(self, snap: InMemorySnapshot, timeout_s: float) -> bool:
-        """Did every device finish taking it (a device killed before it got to it leaves it incomplete)?"""
-        try:
-            ray.get(snap.done_refs, timeout=timeout_s)
-            return True
-        except Exception as e:
-            log.warning("in-memory snapshot of step %d is incomplete (%s)", snap.step, type(e).__name__)
-            return False
+    def _snapshot_failed(self, step: int, detail: str) -> None:
+        if step in self.ckpt.pending:
+            self.ckpt.failed(step, detail)
+            self.healer.checkpoint_failed(step, detail, step)
 
     # -------------------------------------------------------------- recovery
     def dead_ranks(self) -> list[int]:
-        """Devices that are gone or do not answer (their watch thread answers even mid-step)."""
-        asks = {a.progress.remote(): rank for rank, a in enumerate(self.actors)}
-        ready, _ = ray.wait(list(asks), num_returns=len(asks), timeout=5.0)
-        dead = []
-        for ref, rank in asks.items():
-            try:
-                if ref not in ready:
-                    raise TimeoutError
-                ray.get(ref)
-            except Exception:
-                dead.append(rank)
-        return dead
-
-    def _replacement(self, rank: int) -> tuple[Any, dict[str, Any] | None]:
-        """A warm standby when one is up (its bundle becomes the rank's, a new standby takes the old one), else a
-        new actor in the rank's bundle."""
-        while self.standby:
-            actor, bundle, info_ref = self.standby.pop(0)
-            try:
-                info = ray.get(info_ref, timeout=self.cfg.faults.recovery_timeout_s)
-            except Exception as e:
-                log.warning("standby actor in bundle %d is gone (%s); starting another", bundle, type(e).__name__)
-                self._spawn_standby(bundle)
-                continue
-            old, self.bundle_of[rank] = self.bundle_of[rank], bundle
-            self._spawn_standby(old)
-            return actor, info
-        return self._new_actor(self.bundle_of[rank]), None
+        return self.devices.dead_ranks()
 
     def recover(self, replace: list[int], reform: bool, timeout_s: float) -> tuple[int, str]:
         """Replace the devices in `replace` (re-forming the group when `reform`) and put every device back to the
         newest state it can: a complete in-memory snapshot, else the newest checkpoint this run committed, else
         the run's initial state. Returns (step of that state, where it came from)."""
         t0 = time.perf_counter()
-        infos: dict[int, Any] = {}
-        for rank in replace:
-            try:
-                ray.kill(self.actors[rank], no_restart=True)
-            except Exception:  # already gone
-                pass
-            self.actors[rank], infos[rank] = self._replacement(rank)
+        self.devices.replace(replace, timeout_s)
         if reform:
             survivors = [a for rank, a in enumerate(self.actors) if rank not in replace]
             self._get([a.leave_group.remote() for a in survivors], timeout_s, "leave the broken process group")
-        for rank in replace:
-            self.device_info[rank] = infos[rank] or self._get([self.actors[rank].info.remote()], timeout_s,
-                                                              "start a replacement")[0]
         t1 = time.perf_counter()
         self.goodput.actor_start += t1 - t0
         if reform:
-            self.form_group()
+            self.devices.form_group()
         t2 = time.perf_counter()
         assert self.data_refs is not None
         self._get([self.actors[r].build.remote(to_dict(self.cfg), r, self.world, *self.data_refs) for r in replace],
@@ -449,29 +337,15 @@ class Driver:
         return step, source
 
     def _restore_state(self, timeout_s: float) -> tuple[int, str]:
-        for snap in reversed(self.snapshots):
-            if not self._usable(snap, timeout_s):
-                continue
-            refs = snap.refs
-            try:
-                ray.get([a.restore_snapshots.remote(*([refs[0]] if rank == 0 else [refs[0], refs[rank]]))
-                         for rank, a in enumerate(self.actors)], timeout=timeout_s)
-            except RayActorError as e:
-                raise RunError(f"a device died while restoring the snapshot of step {snap.step}: {e}") from e
-            except GetTimeoutError:
-                raise RunError(f"timed out restoring the snapshot of step {snap.step}") from None
-            except Exception as e:  # lost with its node, say
-                log.warning("the snapshot of step %d cannot be restored (%s); trying an older state", snap.step,
-                            str(e).splitlines()[0][:200])
-                continue
-            self.snapshots = [snap]
-            return snap.step, "snapshot"
-        self.snapshots = []
+        step = self.snapshots.restore(self.actors, timeout_s)
+        if step is not None:
+            return step, "snapshot"
         for step in sorted(self.ckpt.committed_steps, reverse=True):
-            found = find_resume(self.ckpt.uri_for(step), self.ckpt.storage.uri) if self._exists(step) else None
-            if found is None:
+            try:
+                storage, manifest = find_resume(self.ckpt.uri_for(step), self.ckpt.storage.uri) or (None, None)
+            except CheckpointError as e:  # deleted by retention meanwhile, or damaged: an older one
+                log.warning("checkpoint of step %d cannot be restored (%s)", step, e)
                 continue
-            storage, manifest = found
             self._get([a.load.remote(storage.uri, asdict(manifest)) for a in self.actors], timeout_s,
                       f"load checkpoint {storage.uri}")
             self.snapshot(step)
@@ -482,12 +356,6 @@ class Driver:
         step = self.restore()
         self.snapshot(step)
         return step, "initial"
-
-    def _exists(self, step: int) -> bool:
-        try:
-            return self.ckpt.storage.exists(f"{step_dir(step)}/{MANIFEST}")
-        except Exception:
-            return False
 
     def collect_saves(self, reports: list[StepReport], step: int) -> None:
         before = len(self.ckpt.failed_steps)
@@ -539,27 +407,11 @@ class Driver:
         return merged
 
     def shutdown(self) -> None:
-        for a in self.actors + [s[0] for s in self.standby]:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # already dead: nothing to do
-                pass
-        self.actors, self.standby = [], []
-        if self.pg is not None:
-            try:
-                remove_placement_group(self.pg)
-            except Exception:
-                pass
-            self.pg = None
+        self.devices.shutdown()
 
     # ------------------------------------------------------------- helpers
     def _get(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
-        try:
-            return ray.get(refs, timeout=timeout_s)
-        except GetTimeoutError:
-            raise RunError(f"timed out after {timeout_s:.0f}s waiting for the devices to {what}") from None
-        except RayActorError as e:
-            raise RunError(f"a device actor died while trying to {what}: {e}") from e
+        return get(refs, timeout_s, what)
 
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():

@@ -1,0 +1,101 @@
+"""In-memory snapshots: what recovery rewinds to without touching storage.
+
+Every device copies its state (parameters, optimizer moments, RNG) to host memory after a step and
+returns it into the Ray object store, owned by the driver: the copy outlives the device that took
+it (not the node that stores it). The newest two are kept; the older one is the fallback when a
+device died before it got to take the newest one.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from orchestrator.errors import RunError
+from orchestrator.goodput import Goodput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InMemorySnapshot:
+    step: int
+    done_refs: list[Any]    # tiny: {"step", "seconds"} once each device has copied its state
+    refs: list[Any]         # the snapshots themselves, in the object store, owned by the driver
+    kind: str = "snapshot"  # snapshot | checkpoint (taken by a checkpoint save)
+
+
+class SnapshotStore:
+    def __init__(self, goodput: Goodput, on_failed_save: Callable[[int, str], None]):
+        self.items: list[InMemorySnapshot] = []
+        self.goodput = goodput
+        self.on_failed_save = on_failed_save   # a checkpoint's snapshot raised on a device
+
+    def keep(self, step: int, pairs: list[Any], kind: str = "snapshot") -> None:
+        """Keep the (done, snapshot) ref pairs of every device's `snapshot` or `save` call (num_returns=2)."""
+        for old in self.items[:-1]:
+            self._account(old)
+        self.items = self.items[-1:] + [InMemorySnapshot(step, [p[0] for p in pairs], [p[1] for p in pairs], kind)]
+
+    @property
+    def newest_refs(self) -> list[Any]:
+        return self.items[-1].refs if self.items else []
+
+    def _account(self, snap: InMemorySnapshot) -> None:
+        """Book a superseded snapshot's stall (long finished by now) to goodput; surface a save that raised."""
+        try:
+            done = ray.get(snap.done_refs, timeout=10)
+        except RayActorError:
+            return  # its device died: that failure was handled as such
+        except Exception as e:
+            if snap.kind == "checkpoint":
+                self.on_failed_save(snap.step, f"a device could not snapshot it: {e}")
+            return
+        seconds = max(d["seconds"] for d in done)
+        if snap.kind == "checkpoint":
+            self.goodput.checkpoint += seconds
+        else:
+            self.goodput.snapshots += seconds
+
+    def wait_newest(self, timeout_s: float) -> None:
+        if self.items:
+            self.complete(self.items[-1], timeout_s)
+
+    @staticmethod
+    def complete(snap: InMemorySnapshot, timeout_s: float) -> bool:
+        """Did every device finish taking it (a device killed before it got to it leaves it incomplete)?"""
+        try:
+            ray.get(snap.done_refs, timeout=timeout_s)
+            return True
+        except Exception as e:
+            log.warning("in-memory snapshot of step %d is incomplete (%s)", snap.step, type(e).__name__)
+            return False
+
+    def restore(self, actors: list[Any], timeout_s: float) -> int | None:
+        """Put every device back to the newest complete snapshot that can still be read; its step, or None
+        when there is none (all lost, e.g. with their node). A device dying meanwhile is a RunError."""
+        for snap in reversed(self.items):
+            if not self.complete(snap, timeout_s):
+                continue
+            refs = snap.refs
+            try:  # rank 0 holds the dense part and the router buffers; every rank its own experts
+                ray.get([a.restore_snapshots.remote(*([refs[0]] if rank == 0 else [refs[0], refs[rank]]))
+                         for rank, a in enumerate(actors)], timeout=timeout_s)
+            except RayActorError as e:
+                raise RunError(f"a device died while restoring the snapshot of step {snap.step}: {e}") from e
+            except GetTimeoutError:
+                raise RunError(f"timed out restoring the snapshot of step {snap.step}") from None
+            except Exception as e:  # ObjectLostError and kin: stored on a node that died
+                log.warning("the snapshot of step %d cannot be restored (%s); trying an older state", snap.step,
+                            str(e).splitlines()[0][:200])
+                continue
+            self.items = [snap]
+            return snap.step
+        self.items = []
+        return None
+
+
+__all__ = ["InMemorySnapshot", "SnapshotStore"]
