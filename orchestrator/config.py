@@ -94,6 +94,7 @@ class FaultSpec:
     steps: int = 10                # slow: how many steps the delay lasts
     delay_s: float = 0.5           # slow: delay added to each of those steps
     repeat: int = 1                # strikes each of the first `repeat` times its step runs (a fault that comes back on replay)
+    in_collective: bool = False    # hang: stuck inside a collective (its peers then all wait in one too), not in compute
 
 
 @dataclass

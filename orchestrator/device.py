@@ -126,6 +126,10 @@ class DeviceShard:
             self.crash_next_step = False
             raise InjectedCrash(f"injected crash in step {step} on device {self.rank}")
         if self.hang_next_step:  # injected: stops answering between forward and backward; peers wait in all_to_all
+            if self.hang_next_step == "collective":  # as a device stuck inside a collective call would look
+                with CLOCK.collective("all_to_all (hung, injected)"):
+                    while True:
+                        time.sleep(1.0)
             CLOCK.set_phase("hung (injected)")
             while True:
                 time.sleep(1.0)
@@ -277,13 +281,14 @@ class DeviceActor:
             t.join(max(0.0, deadline - time.monotonic()))
         return self._drain_saves()
 
-    def inject(self, kind: str, steps: int = 0, delay_s: float = 0.0) -> None:
+    def inject(self, kind: str, steps: int = 0, delay_s: float = 0.0, in_collective: bool = False) -> None:
         """Fault injection, called just before the step it strikes.
 
         kill: SIGKILL of this process now. node: SIGKILL of this node's raylet (the parent of every
         worker process on the node: the node dies with all its actors and objects), then of this
         process. crash: an exception in the next step, between forward and backward. hang: the next
-        step stops there and never returns (peers wait inside all_to_all). nan: this device's loss in
+        step stops there and never returns (peers wait inside all_to_all), looking as if in compute or,
+        with `in_collective`, inside a collective itself. nan: this device's loss in
         the next step is NaN. slow: the next `steps` steps each take `delay_s` longer.
         """
         shard = self.shard
@@ -296,7 +301,7 @@ class DeviceActor:
         elif kind == "crash":
             shard.crash_next_step = True
         elif kind == "hang":
-            shard.hang_next_step = True
+            shard.hang_next_step = "collective" if in_collective else True
         elif kind == "nan":
             shard.nan_next_step = True
         elif kind == "slow":

@@ -271,7 +271,7 @@ class Driver:
             else:
                 actor.inject.remote("node")
         else:
-            actor.inject.remote(fault.kind, fault.steps, fault.delay_s)
+            actor.inject.remote(fault.kind, fault.steps, fault.delay_s, fault.in_collective)
 
     def _log_incident(self, incident: Incident) -> None:
         with open(self.run_dir / "incidents.jsonl", "a") as f:

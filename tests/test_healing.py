@@ -86,6 +86,18 @@ def test_planned_fault_is_healed_and_changes_nothing(fault_free, tmp_path, fault
     assert 0 < goodput["goodput"] < 1 and goodput["steps_done"] == STEPS
 
 
+def test_hang_inside_a_collective_replaces_every_device_stuck_in_the_step(fault_free, tmp_path):
+    """A device stuck inside a collective looks like its peers waiting in one: no device can be told
+    apart, so every device still in the step is replaced (from the snapshot, which the driver owns)."""
+    summary = Driver(config(tmp_path, "faults.plan=[{step: 5, kind: hang, rank: 1, in_collective: true}]"),
+                     tmp_path).run()
+    assert summary.recoveries == 1
+    assert sorted((i["rank"], i["kind"], i["action"], i["rewound_to"]) for i in summary.incidents) == [
+        (0, "hang", "replaced", 4), (1, "hang", "replaced", 4)]
+    assert "every device waits inside a collective" in summary.incidents[0]["detail"]
+    assert_same_as(fault_free, tmp_path)
+
+
 def test_nonfinite_step_skipped_by_policy(fault_free, tmp_path):
     """faults.on_nonfinite=skip: the NaN step's update is not applied on any device; the run goes on, finite."""
     summary = Driver(config(tmp_path, "faults.plan=[{step: 5, kind: nan, rank: 1}]", "faults.on_nonfinite=skip"),
