@@ -234,3 +234,15 @@ def test_chaos_job_with_warm_standby_verifies_against_its_twin(tmp_path):
     assert report["identical_state"] and report["tensors_compared"] > 0
     assert [f["caught_as"] for f in report["faults"]] == ["dead", "hang", "dead"]
     assert report["goodput"]["actor_start"] < 5.0  # the first replacement was already started
+
+
+def test_timed_fault_and_failed_final_checkpoint(fault_free, tmp_path):
+    """A fault given by time (after_s) strikes in the first step that starts after it; a checkpoint fault
+    on the last step fails the final checkpoint, which is taken again before the run ends."""
+    plan = "faults.plan=[{kind: crash, after_s: 0.05, rank: 1}, {step: 8, kind: checkpoint, rank: 0}]"
+    summary = Driver(config(tmp_path, plan), tmp_path).run()
+    crash, ckpt = summary.faults_injected
+    assert crash["kind"] == "crash" and crash["step"] >= 1 and ckpt["step"] == 8
+    assert summary.checkpoints_failed == [8] and summary.checkpoints_committed[-1] == 8
+    assert [i["kind"] for i in summary.incidents] == ["crash", "checkpoint"]
+    assert_same_as(fault_free, tmp_path)
