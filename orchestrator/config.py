@@ -72,6 +72,15 @@ class TrainConfig:
 
 
 @dataclass
+class BalanceConfig:
+    """Expert load balancing strategies; combinable (formulas in orchestrator/model/balancing.py)."""
+    aux_loss_coeff: float = 0.0       # Switch/GShard auxiliary loss E*sum f_i P_i over the global batch (typical 0.01)
+    seq_aux_loss_coeff: float = 0.0   # DeepSeek-V3 sequence-wise balance loss (DeepSeek-V3: 0.0001)
+    z_loss_coeff: float = 0.0         # router z-loss (ST-MoE: 0.001)
+    bias_update_speed: float = 0.0    # aux-loss-free router bias: +-speed toward the mean load after each step (DeepSeek-V3: 0.001)
+
+
+@dataclass
 class CheckpointConfig:
     dir: Optional[str] = None      # path or URI (s3://bucket/prefix, gs://...); None: <run.dir>/checkpoints
     every_steps: int = 0           # save every K steps (0: only at the end and on a stop signal)
@@ -160,6 +169,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
@@ -280,6 +290,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.format='bin' needs data.path pointing to a uint16 token file")
     if (d.path is None or d.format == "text") and m.vocab_size < 256:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is too small for byte-level text; it must be at least 256")
+    _positive(cfg, ["balance.aux_loss_coeff", "balance.seq_aux_loss_coeff", "balance.z_loss_coeff",
+                    "balance.bias_update_speed"], allow_zero=True)
     _validate_faults(cfg)
     if c.backend == "nccl" and not c.use_gpu:
         raise ConfigError("cluster.backend='nccl' needs cluster.use_gpu=true (nccl runs on GPUs only)")

@@ -28,6 +28,7 @@ from orchestrator.checkpoint.shard import Snapshot, restore_from_files, restore_
 from orchestrator.config import Config, config_from_dict
 from orchestrator.data import BatchStream
 from orchestrator.model import build_model
+from orchestrator.model.balancing import update_expert_bias
 from orchestrator.model.layers import upcast
 from orchestrator.parallel import allreduce_dense_grads, apply_expert_parallel, clip_, groups, sum_of_squares
 from orchestrator.parallel.groups import CLOCK
@@ -50,6 +51,7 @@ class StepReport:
     collective_s: float = 0.0      # of compute_time_s, time inside collectives (mostly waiting for peers)
     skipped: str | None = None     # why the update was not applied: nonfinite | loss_spike | grad_spike
     local_nonfinite: bool = False  # this device's own loss was non-finite (who caused a non-finite step)
+    aux_loss: float = 0.0          # balancing losses (all MoE layers, global batch), not part of `loss`
     pid: int = field(default_factory=os.getpid)
     saves: list[dict[str, Any]] = field(default_factory=list)  # checkpoint writes finished since the last report
 
@@ -81,7 +83,8 @@ class DeviceShard:
         self.device = torch.device("cuda", 0) if cfg.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
         num_local = cfg.model.num_experts // world
         self.expert_ids = list(range(rank * num_local, (rank + 1) * num_local))
-        self.model = build_model(cfg.model, cfg.seed, self.expert_ids).to(self.device, getattr(torch, cfg.train.dtype))
+        self.model = build_model(cfg.model, cfg.seed, self.expert_ids, cfg.balance).to(
+            self.device, getattr(torch, cfg.train.dtype))
         apply_expert_parallel(self.model, world)
         self.dense_params = [p for _, p in self.model.dense_parameters()]
         self.expert_params = [p for _, p in self.model.expert_parameters()]
@@ -93,6 +96,8 @@ class DeviceShard:
             lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
         self.data = BatchStream(train_tokens, val_tokens, cfg.seed, cfg.data.seq_len, t.global_batch_size, world, rank)
         self.global_tokens = t.global_batch_size * cfg.data.seq_len
+        for m in self.model.moe_layers():  # balancing losses are shares of a loss over the global batch
+            m.global_tokens = self.global_tokens
         # Injected faults (see DeviceActor.inject): each strikes the next step, or the next `slow_steps`.
         self.crash_next_step = self.hang_next_step = self.nan_next_step = False
         self.slow_steps, self.slow_delay_s = 0, 0.0
@@ -133,13 +138,16 @@ class DeviceShard:
             CLOCK.set_phase("hung (injected)")
             while True:
                 time.sleep(1.0)
-        (loss_sum / self.global_tokens).backward()
+        aux = self.model.aux_loss()  # balancing losses: trained on, reported apart from the LM loss
+        lm_loss = loss_sum / self.global_tokens
+        (lm_loss if aux is None else lm_loss + aux).backward()
         if self.world > 1:
             allreduce_dense_grads(self.dense_params)
         moe = self.model.moe_layers()
         # float64: exact token counts, and the loss sum as precise as the model's dtype allows.
         stats = torch.cat([loss_sum.detach().double().view(1),
                            sum_of_squares(self.expert_params).double().view(1).to(self.device),
+                           (aux.detach().double() if aux is not None else loss_sum.new_zeros((), dtype=torch.float64)).view(1),
                            *(m.last_tokens_per_expert.double() for m in moe)])
         self._all_reduce(stats)
         grad_norm = torch.sqrt(sum_of_squares(self.dense_params).double().to(self.device) + stats[1])
@@ -152,11 +160,14 @@ class DeviceShard:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+            if self.cfg.balance.bias_update_speed:
+                for m, counts_E in zip(moe, stats[3:].view(len(moe), -1)):
+                    update_expert_bias(m.router.expert_bias, counts_E, self.cfg.balance.bias_update_speed)
         self.optimizer.zero_grad(set_to_none=True)
-        load = stats[2:].nan_to_num().round().long().view(len(moe), -1).tolist() if moe else []
+        load = stats[3:].nan_to_num().round().long().view(len(moe), -1).tolist() if moe else []
         CLOCK.set_phase("idle")
         return StepReport(step=step, rank=self.rank, loss=loss, grad_norm=norm, lr=lr, tokens=self.global_tokens,
-                          compute_time_s=time.perf_counter() - t0, expert_load=load,
+                          compute_time_s=time.perf_counter() - t0, expert_load=load, aux_loss=stats[2].item(),
                           collective_s=CLOCK.collective_s, skipped=skipped, local_nonfinite=local_nonfinite)
 
     @torch.no_grad()

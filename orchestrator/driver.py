@@ -29,6 +29,7 @@ from typing import Any
 
 import ray
 
+from orchestrator.balancer import load_stats
 from orchestrator.checkpoint.manager import (CheckpointError, CheckpointManager, CheckpointManifest,
                                              check_compatible, find_resume)
 from orchestrator.config import Config, FaultSpec, to_dict
@@ -134,7 +135,8 @@ class Driver:
                "tokens_per_s": r0.tokens / wall, "step_time_s": wall,
                "device_step_time_s": [r.compute_time_s for r in reports],
                "device_collective_s": [r.collective_s for r in reports],
-               "expert_load": r0.expert_load, "time": time.time()}
+               "aux_loss": r0.aux_loss, "expert_load": r0.expert_load, **load_stats(r0.expert_load, self.world),
+               "time": time.time()}
         if r0.skipped:
             rec["skipped"] = r0.skipped
         return rec
@@ -188,7 +190,7 @@ class Driver:
                     rec["checkpoint_saved"] = True
                 records.append(rec)
                 metrics.write(rec)
-                progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"])
+                progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], rec.get("maxvio"))
                 back = self.healer.replace_stragglers(self, step, incidents) if incidents else None
                 step = self._rewind(back, f"replaced straggler(s) after step {step}") if back is not None else step + 1
             self.goodput.finish(time.perf_counter() - t_loop)

@@ -77,14 +77,15 @@ class Progress:
         self.start = time.monotonic()
         self.step_time_ema: float | None = None
 
-    def update(self, step: int, loss: float, tokens_per_s: float, step_time_s: float) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, step_time_s: float, maxvio: float | None = None) -> None:
         ema = self.step_time_ema
         self.step_time_ema = step_time_s if ema is None else 0.9 * ema + 0.1 * step_time_s
         if self.mode == "quiet":
             return
         elapsed = time.monotonic() - self.start
         eta = self.step_time_ema * (self.total - step)
-        text = (f"step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  "
+        balance = f"  MaxVio {maxvio:.2f}" if maxvio is not None else ""
+        text = (f"step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}{balance}  "
                 f"{_si(tokens_per_s)} tok/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}")
         if self.mode == "bar":
             width = 24

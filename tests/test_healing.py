@@ -20,8 +20,10 @@ STEPS = 8
 FILES = ("dense.safetensors", "experts-00000.safetensors", "experts-00001.safetensors")
 
 
-# hang_floor_s: a tiny model's steps take milliseconds, so a step deadline of 1 s is ten times too long already
-_CONFIG_ARGS = (f"train.steps={STEPS}", "cluster.num_devices=2", "train.eval_batches=0", "faults.hang_floor_s=1")
+# hang_floor_s: a tiny model's steps take milliseconds, so a step deadline of 1 s is ten times too long already.
+# The router bias and a balancing loss are on, so that the state healed back includes the bias too.
+_CONFIG_ARGS = (f"train.steps={STEPS}", "cluster.num_devices=2", "train.eval_batches=0", "faults.hang_floor_s=1",
+                "balance.bias_update_speed=0.01", "balance.aux_loss_coeff=0.01")
 
 
 def config(run_dir: Path, *overrides: str):

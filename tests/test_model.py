@@ -51,13 +51,13 @@ def test_router_gates_and_bias():
     x = torch.randn(64, 32)
     for score_func in ("softmax", "sigmoid"):
         router = Router(32, 4, 2, score_func, norm_topk_prob=True, route_scale=1.0)
-        gates, experts, scores = router(x)
+        gates, experts, scores, _ = router(x)
         torch.testing.assert_close(gates.sum(-1), torch.ones(64))
         assert torch.equal(experts, scores.topk(2, dim=-1).indices)
         # The bias moves selection only: a large bias on expert 3 makes every token pick it,
         # while its gate stays the token's own (normalised) score.
         router.expert_bias[3] = 100.0
-        gates_b, experts_b, scores_b = router(x)
+        gates_b, experts_b, scores_b, _ = router(x)
         assert (experts_b == 3).any(-1).all()
         picked = scores_b.gather(-1, experts_b)
         torch.testing.assert_close(gates_b, picked / picked.sum(-1, keepdim=True))

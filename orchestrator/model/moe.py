@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orchestrator.config import BalanceConfig
+from orchestrator.model.balancing import router_z_loss, sequence_aux_loss, switch_aux_loss
 from orchestrator.model.layers import SwiGLU, upcast
 
 
@@ -37,15 +39,15 @@ class Router(nn.Module):
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(num_experts))
 
-    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns gates_NK (float), experts_NK (int64), scores_NE."""
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns gates_NK (float), experts_NK (int64), scores_NE, logits_NE."""
         logits_NE = upcast(self.gate(x_ND))
         scores_NE = logits_NE.softmax(-1) if self.score_func == "softmax" else logits_NE.sigmoid()
         _, experts_NK = torch.topk(scores_NE.detach() + self.expert_bias, self.top_k, dim=-1)
         gates_NK = scores_NE.gather(-1, experts_NK)
         if self.norm_topk_prob and self.top_k > 1:
             gates_NK = gates_NK / (gates_NK.sum(-1, keepdim=True) + 1e-20)
-        return gates_NK * self.route_scale, experts_NK, scores_NE
+        return gates_NK * self.route_scale, experts_NK, scores_NE, logits_NE
 
 
 class GroupedExperts(nn.Module):
@@ -83,6 +85,8 @@ class TokenDispatcher(Protocol):
     def combine(self, y_MD: torch.Tensor, gates_NK: torch.Tensor, meta: DispatchMeta, num_tokens: int
                 ) -> torch.Tensor: ...
 
+    def global_counts(self, counts_E: torch.Tensor) -> torch.Tensor: ...
+
 
 def permute_by_expert(x_ND: torch.Tensor, experts_NK: torch.Tensor, num_experts: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,14 +119,25 @@ class LocalTokenDispatcher:
     def combine(self, y_MD, gates_NK, meta, num_tokens):
         return unpermute_and_combine(y_MD, gates_NK, meta, num_tokens)
 
+    def global_counts(self, counts_E):
+        return counts_E
+
 
 class MoE(nn.Module):
-    """Routed experts plus an optional shared expert that sees every token."""
+    """Routed experts plus an optional shared expert that sees every token.
+
+    With balancing losses on, `aux_loss` holds this layer's share of them after each forward (see
+    balancing.py); `global_tokens` is the global batch's token count (None: this batch is the global one).
+    """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, expert_dim: int, num_shared_experts: int,
-                 score_func: str, norm_topk_prob: bool, route_scale: float, expert_ids: Sequence[int]):
+                 score_func: str, norm_topk_prob: bool, route_scale: float, expert_ids: Sequence[int],
+                 balance: BalanceConfig | None = None):
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts, self.top_k = num_experts, top_k
+        self.balance = balance or BalanceConfig()
+        self.global_tokens: int | None = None
+        self.aux_loss: torch.Tensor | None = None
         self.router = Router(dim, num_experts, top_k, score_func, norm_topk_prob, route_scale)
         self.experts = GroupedExperts(dim, expert_dim, expert_ids)
         self.shared = SwiGLU(dim, expert_dim * num_shared_experts) if num_shared_experts > 0 else None
@@ -133,11 +148,29 @@ class MoE(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
-        gates_NK, experts_NK, _ = self.router(x_ND)
+        gates_NK, experts_NK, scores_NE, logits_NE = self.router(x_ND)
         x_MD, tokens_per_local_expert, counts_E, meta = self.dispatcher.dispatch(x_ND, experts_NK, self.num_experts)
         self.last_tokens_per_expert = counts_E.detach()
+        if self.training:
+            self.aux_loss = self._balance_losses(scores_NE, logits_NE, experts_NK, counts_E, B, T)
         y_MD = self.experts(x_MD, tokens_per_local_expert)
         out_ND = self.dispatcher.combine(y_MD, gates_NK, meta, x_ND.shape[0])
         if self.shared is not None:
             out_ND = out_ND + self.shared(x_ND)
         return out_ND.view(B, T, D)
+
+    def _balance_losses(self, scores_NE, logits_NE, experts_NK, counts_E, B: int, T: int) -> torch.Tensor | None:
+        b = self.balance
+        if not (b.aux_loss_coeff or b.seq_aux_loss_coeff or b.z_loss_coeff):
+            return None
+        global_tokens = self.global_tokens or B * T
+        loss = scores_NE.new_zeros(())
+        if b.aux_loss_coeff:
+            counts = self.dispatcher.global_counts(counts_E)
+            loss = loss + b.aux_loss_coeff * switch_aux_loss(scores_NE, counts, global_tokens, self.top_k)
+        if b.seq_aux_loss_coeff:
+            loss = loss + b.seq_aux_loss_coeff * sequence_aux_loss(
+                scores_NE.view(B, T, -1), experts_NK.view(B, T, -1), global_tokens // T)
+        if b.z_loss_coeff:
+            loss = loss + b.z_loss_coeff * router_z_loss(logits_NE, global_tokens)
+        return loss

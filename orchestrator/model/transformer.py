@@ -19,13 +19,13 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from orchestrator.config import ModelConfig
+from orchestrator.config import BalanceConfig, ModelConfig
 from orchestrator.model.layers import Attention, RMSNorm, SwiGLU
 from orchestrator.model.moe import MoE, GroupedExperts
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, expert_ids: Sequence[int]):
+    def __init__(self, cfg: ModelConfig, layer: int, expert_ids: Sequence[int], balance: BalanceConfig | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
@@ -34,7 +34,7 @@ class Block(nn.Module):
             self.ffn: nn.Module = SwiGLU(cfg.dim, cfg.dense_dim)
         else:
             self.ffn = MoE(cfg.dim, cfg.num_experts, cfg.top_k, cfg.expert_dim, cfg.num_shared_experts,
-                           cfg.score_func, cfg.norm_topk_prob, cfg.route_scale, expert_ids)
+                           cfg.score_func, cfg.norm_topk_prob, cfg.route_scale, expert_ids, balance)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
@@ -42,12 +42,12 @@ class Block(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int] | None = None):
+    def __init__(self, cfg: ModelConfig, expert_ids: Sequence[int] | None = None, balance: BalanceConfig | None = None):
         super().__init__()
         self.cfg = cfg
         self.expert_ids = list(range(cfg.num_experts) if expert_ids is None else expert_ids)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i, self.expert_ids) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, self.expert_ids, balance) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
@@ -61,6 +61,11 @@ class MoETransformer(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The balancing losses of the last training forward, summed over MoE layers (None when off)."""
+        parts = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return torch.stack(parts).sum() if parts else None
 
     def expert_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters of routed experts: sharded across devices, never all-reduced."""
@@ -103,8 +108,9 @@ def init_weights(model: MoETransformer, seed: int) -> None:
                 p[j].copy_(torch.randn(p[j].shape, generator=_generator(seed, name, gid)) * std)
 
 
-def build_model(cfg: ModelConfig, seed: int, expert_ids: Sequence[int] | None = None) -> MoETransformer:
-    model = MoETransformer(cfg, expert_ids)
+def build_model(cfg: ModelConfig, seed: int, expert_ids: Sequence[int] | None = None,
+                balance: BalanceConfig | None = None) -> MoETransformer:
+    model = MoETransformer(cfg, expert_ids, balance)
     init_weights(model, seed)
     return model
 

@@ -64,6 +64,13 @@ class AllToAllTokenDispatcher:
         meta = DispatchMeta(token_idx_M, order_M, extra=(regroup_R, in_splits, out_splits))
         return x_RD[regroup_R], recv_WEl.sum(0).tolist(), counts_E, meta
 
+    def global_counts(self, counts_E):
+        """Tokens routed to each expert by all devices (for balancing losses over the global batch)."""
+        total_E = counts_E.clone()
+        with CLOCK.collective("all_reduce counts"):
+            dist.all_reduce(total_E)
+        return total_E
+
     def combine(self, y_RD, gates_NK, meta, num_tokens):
         regroup_R, in_splits, out_splits = meta.extra
         y_back_RD = y_RD[torch.argsort(regroup_R)]
