@@ -78,6 +78,12 @@ class BalanceConfig:
     seq_aux_loss_coeff: float = 0.0   # DeepSeek-V3 sequence-wise balance loss (DeepSeek-V3: 0.0001)
     z_loss_coeff: float = 0.0         # router z-loss (ST-MoE: 0.001)
     bias_update_speed: float = 0.0    # aux-loss-free router bias: +-speed toward the mean load after each step (DeepSeek-V3: 0.001)
+    routing: str = "topk"             # topk | grouped (MoGE: top_k/num_groups experts from every group) | group_limited
+                                      # (DeepSeek-V3: top_k among the experts of the topk_groups best groups)
+    num_groups: int = 1               # expert groups (consecutive experts); one per device balances devices exactly
+    topk_groups: int = 1              # group_limited: groups a token may use
+    capacity_factor: float = 0.0      # 0: dropless; else each expert takes at most ceil(cf * T * top_k / E) copies
+                                      # per sequence, the highest gates first; the rest are dropped (and counted)
 
 
 @dataclass
@@ -290,8 +296,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.format='bin' needs data.path pointing to a uint16 token file")
     if (d.path is None or d.format == "text") and m.vocab_size < 256:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is too small for byte-level text; it must be at least 256")
-    _positive(cfg, ["balance.aux_loss_coeff", "balance.seq_aux_loss_coeff", "balance.z_loss_coeff",
-                    "balance.bias_update_speed"], allow_zero=True)
+    _validate_balance(cfg)
     _validate_faults(cfg)
     if c.backend == "nccl" and not c.use_gpu:
         raise ConfigError("cluster.backend='nccl' needs cluster.use_gpu=true (nccl runs on GPUs only)")
@@ -337,3 +342,24 @@ def _validate_faults(cfg: Config) -> None:
     if f.snapshot_every == 0 and needs_snapshots:
         raise ConfigError(f"faults.snapshot_every=0 turns healing off, but faults are planned ({', '.join(sorted(set(needs_snapshots)))}); "
                           f"set faults.snapshot_every to 1 (or more)")
+
+
+def _validate_balance(cfg: Config) -> None:
+    b, m = cfg.balance, cfg.model
+    _positive(cfg, ["balance.aux_loss_coeff", "balance.seq_aux_loss_coeff", "balance.z_loss_coeff",
+                    "balance.bias_update_speed", "balance.capacity_factor"], allow_zero=True)
+    _positive(cfg, ["balance.num_groups", "balance.topk_groups"])
+    _choice("balance.routing", b.routing, ("topk", "grouped", "group_limited"))
+    if b.routing == "topk":
+        return
+    if m.num_experts % b.num_groups:
+        raise ConfigError(f"balance.num_groups={b.num_groups} does not divide model.num_experts={m.num_experts}; "
+                          f"groups are equal runs of consecutive experts")
+    per_group = m.num_experts // b.num_groups
+    if b.routing == "grouped" and (m.top_k % b.num_groups or m.top_k // b.num_groups > per_group):
+        raise ConfigError(f"balance.routing=grouped takes top_k/num_groups experts from each group: model.top_k="
+                          f"{m.top_k} must be a multiple of balance.num_groups={b.num_groups}")
+    if b.routing == "group_limited" and (b.topk_groups > b.num_groups or m.top_k > b.topk_groups * per_group):
+        raise ConfigError(f"balance.routing=group_limited: balance.topk_groups={b.topk_groups} must be at most "
+                          f"num_groups={b.num_groups} and hold at least model.top_k={m.top_k} experts "
+                          f"({per_group} per group)")

@@ -52,6 +52,7 @@ class StepReport:
     skipped: str | None = None     # why the update was not applied: nonfinite | loss_spike | grad_spike
     local_nonfinite: bool = False  # this device's own loss was non-finite (who caused a non-finite step)
     aux_loss: float = 0.0          # balancing losses (all MoE layers, global batch), not part of `loss`
+    dropped: int = 0               # token copies dropped by capacity (all MoE layers, global batch)
     pid: int = field(default_factory=os.getpid)
     saves: list[dict[str, Any]] = field(default_factory=list)  # checkpoint writes finished since the last report
 
@@ -148,7 +149,8 @@ class DeviceShard:
         stats = torch.cat([loss_sum.detach().double().view(1),
                            sum_of_squares(self.expert_params).double().view(1).to(self.device),
                            (aux.detach().double() if aux is not None else loss_sum.new_zeros((), dtype=torch.float64)).view(1),
-                           *(m.last_tokens_per_expert.double() for m in moe)])
+                           torch.tensor([float(sum(m.last_dropped for m in moe))], dtype=torch.float64, device=self.device),
+                           *(m.last_tokens_per_expert.double().to(self.device) for m in moe)])
         self._all_reduce(stats)
         grad_norm = torch.sqrt(sum_of_squares(self.dense_params).double().to(self.device) + stats[1])
         loss, norm = stats[0].item() / self.global_tokens, grad_norm.item()
@@ -161,13 +163,14 @@ class DeviceShard:
                 group["lr"] = lr
             self.optimizer.step()
             if self.cfg.balance.bias_update_speed:
-                for m, counts_E in zip(moe, stats[3:].view(len(moe), -1)):
+                for m, counts_E in zip(moe, stats[4:].view(len(moe), -1)):
                     update_expert_bias(m.router.expert_bias, counts_E, self.cfg.balance.bias_update_speed)
         self.optimizer.zero_grad(set_to_none=True)
-        load = stats[3:].nan_to_num().round().long().view(len(moe), -1).tolist() if moe else []
+        load = stats[4:].nan_to_num().round().long().view(len(moe), -1).tolist() if moe else []
         CLOCK.set_phase("idle")
         return StepReport(step=step, rank=self.rank, loss=loss, grad_norm=norm, lr=lr, tokens=self.global_tokens,
                           compute_time_s=time.perf_counter() - t0, expert_load=load, aux_loss=stats[2].item(),
+                          dropped=int(stats[3].item()),
                           collective_s=CLOCK.collective_s, skipped=skipped, local_nonfinite=local_nonfinite)
 
     @torch.no_grad()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from orchestrator.balancer import load_stats
-from orchestrator.model.balancing import router_z_loss, sequence_aux_loss, switch_aux_loss, update_expert_bias
+from orchestrator.model.balancing import (drop_over_capacity, router_z_loss, select_experts, sequence_aux_loss,
+                                          switch_aux_loss, update_expert_bias)
 from orchestrator.model.moe import Router
 
 
@@ -81,3 +82,45 @@ def test_load_stats_by_hand():
     assert stats["device_tokens"] == [8, 8] and stats["device_imbalance_layers"] == [1.0, 1.0]
     skewed = load_stats([[6, 2, 0, 0]], world=2)
     assert skewed["device_tokens"] == [8, 0] and skewed["device_imbalance"] == 2.0
+
+
+def test_grouped_routing_takes_k_over_g_from_every_group_and_balances_devices():
+    torch.manual_seed(1)
+    scores = torch.rand(64, 8)
+    experts = select_experts(scores, top_k=4, routing="grouped", num_groups=2)
+    per_group = (experts // 4)  # 2 groups of 4 experts
+    assert ((per_group == 0).sum(1) == 2).all() and ((per_group == 1).sum(1) == 2).all()
+    assert len({tuple(sorted(row)) for row in experts.tolist()}) > 1  # still a choice within each group
+    # with one group per device, the devices' loads are equal whatever the scores
+    counts = torch.bincount(experts.flatten(), minlength=8).tolist()
+    assert load_stats([counts], world=2)["device_imbalance"] == 1.0
+
+
+def test_group_limited_routing_uses_at_most_topk_groups():
+    torch.manual_seed(2)
+    scores = torch.rand(64, 8)
+    experts = select_experts(scores, top_k=3, routing="group_limited", num_groups=4, topk_groups=2)
+    assert max(len(set((row // 2).tolist())) for row in experts) <= 2
+    # the chosen groups are the ones with the best two-expert sums; with every group allowed it is plain top-k
+    everything = select_experts(scores, top_k=3, routing="group_limited", num_groups=4, topk_groups=4)
+    assert torch.equal(everything.sort(-1).values, scores.topk(3).indices.sort(-1).values)
+
+
+def test_capacity_drops_the_lowest_gates_per_sequence_and_expert():
+    experts = torch.tensor([[0], [0], [0], [1], [0], [0], [1], [1]])   # two sequences of T=4, K=1, E=2
+    gates = torch.tensor([[0.9], [0.5], [0.7], [0.6], [0.1], [0.2], [0.3], [0.4]])
+    kept = drop_over_capacity(gates, experts, seq_len=4, num_experts=2, capacity=2)
+    # sequence 1: expert 0 keeps tokens 0 (0.9) and 2 (0.7), drops token 1; sequence 2: nothing over capacity
+    assert kept.flatten().tolist() == [0, 2, 0, 1, 0, 0, 1, 1]
+    tied = drop_over_capacity(torch.ones(4, 1), torch.zeros(4, 1, dtype=torch.long), 4, 2, capacity=1)
+    assert tied.flatten().tolist() == [0, 2, 2, 2]  # equal gates: the earliest token stays
+
+
+def test_dropped_copies_reach_no_expert():
+    from orchestrator.model.moe import permute_by_expert
+
+    x = torch.arange(3.0).view(3, 1)
+    experts = torch.tensor([[0, 2], [1, 0], [2, 2]])  # 2 = dropped (E=2)
+    x_sorted, counts, token_idx, _ = permute_by_expert(x, experts, num_experts=2)
+    assert counts.tolist() == [2, 1] and token_idx.tolist() == [0, 1, 1]
+    assert x_sorted.flatten().tolist() == [0.0, 1.0, 1.0]

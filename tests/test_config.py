@@ -81,3 +81,19 @@ def test_fault_settings_are_checked(overrides, needle):
     with pytest.raises(ConfigError) as e:
         load_config(DEFAULT_CONFIG, overrides)
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["balance.routing=random"], "balance.routing='random' is not one of topk, grouped, group_limited"),
+    (["balance.routing=grouped", "balance.num_groups=3"], "balance.num_groups=3 does not divide model.num_experts=8"),
+    (["balance.routing=grouped", "balance.num_groups=4", "model.top_k=2"],
+     "model.top_k=2 must be a multiple of balance.num_groups=4"),
+    (["balance.routing=group_limited", "balance.num_groups=8", "balance.topk_groups=1"],
+     "balance.topk_groups=1 must be at most num_groups=8 and hold at least model.top_k=2"),
+    (["balance.capacity_factor=-1"], "balance.capacity_factor=-1.0 must be zero or more"),
+    (["balance.bias_update_speed=-0.1"], "balance.bias_update_speed=-0.1 must be zero or more"),
+])
+def test_balance_settings_are_checked(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT_CONFIG, overrides)
+    assert needle in str(e.value)

@@ -66,17 +66,24 @@ def test_float32_devices_match_reference(ray_session, tmp_path, corpus):
         assert worst < 1e-3, f"N={world}: a parameter tensor differs by {worst:.2e} (relative norm)"
 
 
-def test_balancing_strategies_keep_devices_equal_to_reference(ray_session, tmp_path, corpus):
-    """Every balancing strategy at once (the aux-loss-free bias changes routing from step 2 on): still the
-    reference's losses, balancing losses, routing and parameters."""
+@pytest.mark.parametrize("routing", [
+    ["balance.routing=topk"],
+    ["balance.routing=grouped", "balance.num_groups=2", "balance.capacity_factor=1.0"],
+])
+def test_balancing_strategies_keep_devices_equal_to_reference(ray_session, tmp_path, corpus, routing):
+    """Every balancing loss and the aux-loss-free bias at once (the bias changes routing from step 2 on), with
+    plain top-k, or grouped routing with capacity dropping: still the reference's losses, balancing losses,
+    routing, dropped copies and parameters."""
     overrides = ["train.dtype=float64", "balance.aux_loss_coeff=0.01", "balance.seq_aux_loss_coeff=0.001",
-                 "balance.z_loss_coeff=0.001", "balance.bias_update_speed=0.01"]
+                 "balance.z_loss_coeff=0.001", "balance.bias_update_speed=0.01", *routing]
     ref_reports, ref_params = reference(corpus, overrides)
     assert ref_reports[0].aux_loss > 0
+    assert ("capacity" in routing[-1]) == (ref_reports[0].dropped > 0)
     for world in (2, 4):
         records, params = distributed_run(tmp_path, world, overrides)
         assert [r.loss for r in records] == pytest.approx([r.loss for r in ref_reports], rel=1e-9)
         assert [r.aux_loss for r in records] == pytest.approx([r.aux_loss for r in ref_reports], rel=1e-9)
+        assert [r.dropped for r in records] == [r.dropped for r in ref_reports]
         assert [r.expert_load for r in records] == [r.expert_load for r in ref_reports]
         for name, ref in ref_params.items():
             torch.testing.assert_close(params[name], ref, rtol=1e-6, atol=1e-9, msg=lambda m: f"N={world} {name}: {m}")

@@ -67,4 +67,50 @@ def update_expert_bias(bias_E: torch.Tensor, global_counts_E: torch.Tensor, spee
     bias_E.add_(speed * torch.sign(counts.mean() - counts))
 
 
-__all__ = ["switch_aux_loss", "sequence_aux_loss", "router_z_loss", "update_expert_bias"]
+def select_experts(biased_NE: torch.Tensor, top_k: int, routing: str = "topk", num_groups: int = 1,
+                   topk_groups: int = 1) -> torch.Tensor:
+    """The top-k experts of each token (experts_NK), from selection scores (scores + bias).
+
+    topk:           the k best experts.
+    grouped:        Pangu Pro's MoGE: experts split into `num_groups` groups of consecutive experts; each token
+                    takes its k/G best experts *in every group*. Every group gets exactly N*k/G copies, so with
+                    one group per device the devices are balanced by construction.
+    group_limited:  DeepSeek-V3's node-limited routing: rank groups by the sum of their two best experts' scores,
+                    keep the `topk_groups` best groups, take the k best experts among them.
+    """
+    if routing == "topk":
+        return torch.topk(biased_NE, top_k, dim=-1).indices
+    N, E = biased_NE.shape
+    G, per = num_groups, E // num_groups
+    grouped_NGP = biased_NE.view(N, G, per)
+    if routing == "grouped":
+        idx_NGk = torch.topk(grouped_NGP, top_k // G, dim=-1).indices
+        offset_G = torch.arange(G, device=biased_NE.device).view(1, G, 1) * per
+        return (idx_NGk + offset_G).reshape(N, top_k)
+    group_score_NG = torch.topk(grouped_NGP, min(2, per), dim=-1).values.sum(-1)
+    keep_NM = torch.topk(group_score_NG, topk_groups, dim=-1).indices
+    mask_NG = torch.zeros(N, G, dtype=torch.bool, device=biased_NE.device).scatter_(1, keep_NM, True)
+    masked_NE = grouped_NGP.masked_fill(~mask_NG.unsqueeze(-1), float("-inf")).view(N, E)
+    return torch.topk(masked_NE, top_k, dim=-1).indices
+
+
+def drop_over_capacity(gates_NK: torch.Tensor, experts_NK: torch.Tensor, seq_len: int, num_experts: int,
+                       capacity: int) -> torch.Tensor:
+    """Capacity-factor routing: in every sequence, each expert keeps at most `capacity` token copies, those with
+    the highest gates (ties: the earlier token). Dropped copies get the expert id `num_experts` (no expert): the
+    token keeps its other experts, the shared expert and the residual. Per sequence, so the same copies drop
+    however the sequences are spread over devices. Returns experts_NK with the drops marked."""
+    N, K = experts_NK.shape
+    seq_M = (torch.arange(N, device=experts_NK.device) // seq_len).repeat_interleave(K)
+    key_M = seq_M * num_experts + experts_NK.reshape(-1)
+    by_gate_M = torch.argsort(-gates_NK.detach().reshape(-1), stable=True)
+    order_M = by_gate_M[torch.argsort(key_M[by_gate_M], stable=True)]   # grouped by key, best gate first
+    sorted_key_M = key_M[order_M]
+    first_M = torch.searchsorted(sorted_key_M, sorted_key_M)          # where each key's run starts
+    rank_M = torch.empty_like(order_M)
+    rank_M[order_M] = torch.arange(order_M.numel(), device=order_M.device) - first_M
+    return torch.where(rank_M.view(N, K) < capacity, experts_NK, torch.full_like(experts_NK, num_experts))
+
+
+__all__ = ["switch_aux_loss", "sequence_aux_loss", "router_z_loss", "update_expert_bias", "select_experts",
+           "drop_over_capacity"]

@@ -11,6 +11,7 @@ present tokens to the experts grouped by expert, so the expert math is the same 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.config import BalanceConfig
-from orchestrator.model.balancing import router_z_loss, sequence_aux_loss, switch_aux_loss
+from orchestrator.model.balancing import (drop_over_capacity, router_z_loss, select_experts, sequence_aux_loss,
+                                          switch_aux_loss)
 from orchestrator.model.layers import SwiGLU, upcast
 
 
@@ -27,14 +29,16 @@ class Router(nn.Module):
     """Scores every expert for every token and picks the top k.
 
     scores_NE = softmax(x W^T) or sigmoid(x W^T). Selection uses scores + expert_bias (the bias is a
-    buffer, zero unless a balancing strategy moves it; it never enters the gate values). Gates are
-    the selected scores, renormalised to sum to 1 when `norm_topk_prob`, times `route_scale`.
+    buffer, zero unless a balancing strategy moves it; it never enters the gate values) and the
+    routing mode of `balance` (plain, grouped or group-limited top-k). Gates are the selected
+    scores, renormalised to sum to 1 when `norm_topk_prob`, times `route_scale`.
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str, norm_topk_prob: bool,
-                 route_scale: float):
+                 route_scale: float, balance: BalanceConfig | None = None):
         super().__init__()
         self.top_k, self.score_func = top_k, score_func
+        self.balance = balance or BalanceConfig()
         self.norm_topk_prob, self.route_scale = norm_topk_prob, route_scale
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(num_experts))
@@ -43,7 +47,9 @@ class Router(nn.Module):
         """Returns gates_NK (float), experts_NK (int64), scores_NE, logits_NE."""
         logits_NE = upcast(self.gate(x_ND))
         scores_NE = logits_NE.softmax(-1) if self.score_func == "softmax" else logits_NE.sigmoid()
-        _, experts_NK = torch.topk(scores_NE.detach() + self.expert_bias, self.top_k, dim=-1)
+        b = self.balance
+        experts_NK = select_experts(scores_NE.detach() + self.expert_bias, self.top_k, b.routing, b.num_groups,
+                                    b.topk_groups)
         gates_NK = scores_NE.gather(-1, experts_NK)
         if self.norm_topk_prob and self.top_k > 1:
             gates_NK = gates_NK / (gates_NK.sum(-1, keepdim=True) + 1e-20)
@@ -90,14 +96,16 @@ class TokenDispatcher(Protocol):
 
 def permute_by_expert(x_ND: torch.Tensor, experts_NK: torch.Tensor, num_experts: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Copies of each token, one per chosen expert, sorted by expert (stable, so ties keep token order).
+    """Copies of each token, one per chosen expert, sorted by expert (stable, so ties keep token order);
+    copies whose expert is `num_experts` (dropped by capacity) are left out.
 
     Returns x_sorted_MD, tokens_per_expert_E (global counts of this batch), token_idx_M, order_M.
     """
     flat_M = experts_NK.reshape(-1)
     order_M = torch.argsort(flat_M, stable=True)
+    tokens_per_expert_E = torch.bincount(flat_M, minlength=num_experts + 1)[:num_experts]
+    order_M = order_M[: int(tokens_per_expert_E.sum())]  # copies marked `num_experts` (dropped) sort last: cut
     token_idx_M = order_M // experts_NK.shape[-1]
-    tokens_per_expert_E = torch.bincount(flat_M, minlength=num_experts)
     return x_ND[token_idx_M], tokens_per_expert_E, token_idx_M, order_M
 
 
@@ -138,21 +146,29 @@ class MoE(nn.Module):
         self.balance = balance or BalanceConfig()
         self.global_tokens: int | None = None
         self.aux_loss: torch.Tensor | None = None
-        self.router = Router(dim, num_experts, top_k, score_func, norm_topk_prob, route_scale)
+        self.router = Router(dim, num_experts, top_k, score_func, norm_topk_prob, route_scale, self.balance)
         self.experts = GroupedExperts(dim, expert_dim, expert_ids)
         self.shared = SwiGLU(dim, expert_dim * num_shared_experts) if num_shared_experts > 0 else None
         self.dispatcher: TokenDispatcher = LocalTokenDispatcher()
-        # Tokens this device routed to each expert in the last forward (summed over devices for load stats).
+        # Token copies this device's router sent to each expert in the last forward (before any capacity drop;
+        # summed over devices for the load statistics), and how many copies capacity dropped.
         self.last_tokens_per_expert: torch.Tensor = torch.zeros(num_experts, dtype=torch.long)
+        self.last_dropped: int = 0
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         gates_NK, experts_NK, scores_NE, logits_NE = self.router(x_ND)
-        x_MD, tokens_per_local_expert, counts_E, meta = self.dispatcher.dispatch(x_ND, experts_NK, self.num_experts)
-        self.last_tokens_per_expert = counts_E.detach()
+        routed_E = torch.bincount(experts_NK.reshape(-1), minlength=self.num_experts)
+        self.last_tokens_per_expert = routed_E
+        send_NK = experts_NK
+        if self.balance.capacity_factor:
+            capacity = math.ceil(self.balance.capacity_factor * T * self.top_k / self.num_experts)
+            send_NK = drop_over_capacity(gates_NK, experts_NK, T, self.num_experts, capacity)
+            self.last_dropped = int((send_NK == self.num_experts).sum())
+        x_MD, tokens_per_local_expert, counts_E, meta = self.dispatcher.dispatch(x_ND, send_NK, self.num_experts)
         if self.training:
-            self.aux_loss = self._balance_losses(scores_NE, logits_NE, experts_NK, counts_E, B, T)
+            self.aux_loss = self._balance_losses(scores_NE, logits_NE, experts_NK, routed_E, B, T)
         y_MD = self.experts(x_MD, tokens_per_local_expert)
         out_ND = self.dispatcher.combine(y_MD, gates_NK, meta, x_ND.shape[0])
         if self.shared is not None:
