@@ -3,6 +3,7 @@ global-batch loss summing to the loss, the aux-loss-free bias moving a skewed ro
 the load statistics, and N devices still computing what one device computes with every strategy on."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -124,3 +125,24 @@ def test_dropped_copies_reach_no_expert():
     x_sorted, counts, token_idx, _ = permute_by_expert(x, experts, num_experts=2)
     assert counts.tolist() == [2, 1] and token_idx.tolist() == [0, 1, 1]
     assert x_sorted.flatten().tolist() == [0.0, 1.0, 1.0]
+
+
+def test_routing_study_job_compares_strategies_with_plots(ray_session, tmp_path):
+    from jobs import routing_study
+    from orchestrator.config import to_yaml
+    from tests.conftest import tiny_config
+
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(to_yaml(tiny_config(tmp_path / "study", "cluster.num_devices=2", "train.steps=6")))
+    rc = routing_study.main(["--config", str(cfg_file), "--strategies", "none,aux_free_bias,grouped,capacity_1.25",
+                             "--warmup", "2"])
+    assert rc == 0
+    out = tmp_path / "study"
+    rows = {r["strategy"]: r for r in json.loads((out / "comparison.json").read_text())}
+    assert list(rows) == ["none", "aux_free_bias", "grouped", "capacity_1.25"]
+    assert rows["grouped"]["device_imbalance_after_warmup"] == 1.0  # one group per device: balanced by construction
+    assert rows["capacity_1.25"]["dropped_copies_per_step"] > 0 and rows["none"]["dropped_copies_per_step"] == 0
+    assert rows["none"]["final_loss"] != rows["aux_free_bias"]["final_loss"]  # the bias changed the routing
+    for name in ("maxvio.png", *(f"heatmap-{s}.png" for s in rows)):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "| grouped |" in (out / "comparison.md").read_text()

@@ -1,0 +1,162 @@
+"""Routing study: train the same model under each balancing strategy and compare.
+
+    python -m jobs.routing_study [--config FILE] [--steps N] [--strategies none,aux_loss,...] [key=value ...]
+
+Runs the job once per strategy (same seed, data and steps; one Ray cluster), then writes into the
+run directory: comparison.json and comparison.md (final and validation loss, the loss cost against
+`none`, MaxVio after warm-up, device imbalance, dropped copies, step time), maxvio.png (MaxVio over
+steps, every strategy) and heatmap-<strategy>.png (each MoE layer: the share of token copies every
+expert got, over steps). Each strategy's own run directory is beside them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+from orchestrator.config import DEFAULT_CONFIG, ConfigError, load_config
+
+# name -> config overrides; `{world}` is the number of devices
+STRATEGIES: dict[str, list[str]] = {
+    "none": [],
+    "aux_loss": ["balance.aux_loss_coeff=0.01"],
+    "seq_aux_loss": ["balance.seq_aux_loss_coeff=0.001"],
+    "z_loss": ["balance.z_loss_coeff=0.001"],
+    "aux_free_bias": ["balance.bias_update_speed=0.001"],
+    "bias_and_seq_aux": ["balance.bias_update_speed=0.001", "balance.seq_aux_loss_coeff=0.0001"],
+    "grouped": ["balance.routing=grouped", "balance.num_groups={world}"],
+    "capacity_1.25": ["balance.capacity_factor=1.25"],
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m jobs.routing_study", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG})")
+    ap.add_argument("--steps", type=int, default=None, help="steps per strategy (default: train.steps)")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated, of: {', '.join(STRATEGIES)}")
+    ap.add_argument("--warmup", type=int, default=None, help="steps left out of the MaxVio mean (default: a fifth)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    return ap.parse_args(argv)
+
+
+def summarize(name: str, records: list[dict], summary: dict, warmup: int) -> dict:
+    after = [r for r in records if r["step"] > warmup] or records
+    return {"strategy": name, "steps": len(records), "final_loss": records[-1]["loss"], "val_loss": summary["val_loss"],
+            "maxvio_after_warmup": statistics.mean(r["maxvio"] for r in after),
+            "maxvio_last": statistics.mean(r["maxvio"] for r in records[-max(1, len(records) // 20):]),
+            "device_imbalance_after_warmup": statistics.mean(r["device_imbalance"] for r in after),
+            "dead_fraction_after_warmup": statistics.mean(r["dead_fraction"] for r in after),
+            "dropped_copies_per_step": statistics.mean(r["dropped"] for r in after),
+            "step_time_s": statistics.median(r["step_time_s"] for r in records[1:] or records)}
+
+
+def plot(out: Path, runs: dict[str, list[dict]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, records in runs.items():
+        steps = [r["step"] for r in records]
+        window = max(1, len(records) // 50)
+        smooth = np.convolve([r["maxvio"] for r in records], np.ones(window) / window, mode="same")
+        ax.plot(steps, smooth, label=name, linewidth=1.2)
+    ax.set(xlabel="step", ylabel="MaxVio (mean over MoE layers)", title="Expert load imbalance by strategy",
+           yscale="log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "maxvio.png", dpi=110)
+    plt.close(fig)
+    written.append("maxvio.png")
+    for name, records in runs.items():
+        load = np.array([r["expert_load"] for r in records], dtype=float)   # [step, layer, expert]
+        share = load / load.sum(-1, keepdims=True)
+        layers = share.shape[1]
+        fig, axes = plt.subplots(layers, 1, figsize=(8, 1.6 + 1.4 * layers), squeeze=False)
+        for layer in range(layers):
+            ax = axes[layer][0]
+            im = ax.imshow(share[:, layer, :].T, aspect="auto", interpolation="nearest", cmap="viridis",
+                           extent=(records[0]["step"] - 0.5, records[-1]["step"] + 0.5, share.shape[2] - 0.5, -0.5))
+            ax.set(ylabel=f"MoE layer {layer}\nexpert")
+            fig.colorbar(im, ax=ax, label="share of copies")
+        axes[-1][0].set(xlabel="step")
+        fig.suptitle(f"Expert load per layer over steps: {name}")
+        fig.tight_layout()
+        fig.savefig(out / f"heatmap-{name}.png", dpi=110)
+        plt.close(fig)
+        written.append(f"heatmap-{name}.png")
+    return written
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r["final_loss"] for r in rows if r["strategy"] == "none"), None)
+    lines = ["| strategy | final loss | vs none | val loss | MaxVio after warm-up | MaxVio last 5% | device max/mean | "
+             "dead experts | dropped copies/step | step time |", "|---" * 10 + "|"]
+    for r in rows:
+        cost = f"{r['final_loss'] - base:+.4f}" if base is not None else "n/a"
+        val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "n/a"
+        lines.append(f"| {r['strategy']} | {r['final_loss']:.4f} | {cost} | {val} | {r['maxvio_after_warmup']:.3f} | "
+                     f"{r['maxvio_last']:.3f} | {r['device_imbalance_after_warmup']:.3f} | "
+                     f"{r['dead_fraction_after_warmup']:.1%} | {r['dropped_copies_per_step']:.0f} | "
+                     f"{r['step_time_s'] * 1000:.0f} ms |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [n for n in names if n not in STRATEGIES]
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
+    try:
+        if unknown:
+            raise ConfigError(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(STRATEGIES)}")
+        cfg = load_config(args.config, overrides)
+        world = cfg.cluster.num_devices
+        configs = {n: load_config(args.config, overrides + [o.format(world=world) for o in STRATEGIES[n]])
+                   for n in names}
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    from orchestrator.cluster import ray_cluster
+    from orchestrator.errors import RunError
+    from orchestrator.monitor import make_run_dir
+
+    out = make_run_dir(cfg)
+    warmup = args.warmup if args.warmup is not None else cfg.train.steps // 5
+    runs, rows = {}, []
+    try:
+        with ray_cluster(cfg.cluster):
+            from orchestrator.driver import Driver
+
+            for name, c in configs.items():
+                c.run.dir = str(out / name)
+                print(f"strategy {name}: {' '.join(STRATEGIES[name]) or 'no balancing'}", file=sys.stderr)
+                summary = Driver(c, make_run_dir(c)).run()
+                records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+                runs[name] = records
+                rows.append(summarize(name, records, json.loads((out / name / "summary.json").read_text()), warmup))
+                del summary
+    except RunError as e:
+        print(f"run failed: {e}", file=sys.stderr)
+        return 1
+    (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+    text = table(rows)
+    (out / "comparison.md").write_text(text + "\n")
+    images = plot(out, runs)
+    print(text)
+    print(f"written {out}/comparison.json, comparison.md, {', '.join(images)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
