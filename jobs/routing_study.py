@@ -65,8 +65,9 @@ def plot(out: Path, runs: dict[str, list[dict]]) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, records in runs.items():
         steps = [r["step"] for r in records]
-        window = max(1, len(records) // 50)
-        smooth = np.convolve([r["maxvio"] for r in records], np.ones(window) / window, mode="same")
+        window = max(1, len(records) // 50)  # trailing mean: each point averages the steps up to it
+        csum = np.cumsum([0.0] + [r["maxvio"] for r in records])
+        smooth = [(csum[i + 1] - csum[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(records))]
         ax.plot(steps, smooth, label=name, linewidth=1.2)
     ax.set(xlabel="step", ylabel="MaxVio (mean over MoE layers)", title="Expert load imbalance by strategy",
            yscale="log")

@@ -14,6 +14,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from orchestrator.config import Config
+from orchestrator.placement import ExpertPlacement, plan_placement
+
 
 def _maxvio(counts: list[int]) -> float:
     mean = sum(counts) / len(counts)
@@ -50,4 +53,56 @@ def load_stats(expert_load: list[list[int]], world: int) -> dict[str, Any]:
     }
 
 
-__all__ = ["load_stats", "device_loads"]
+Placement = list[list[list[int]]]   # [MoE layer][device] -> expert ids in slot order
+
+
+class Balancer:
+    """Live expert re-placement policy: every `balance.replace_every` steps, plan each MoE layer's placement from
+    the mean load of the last `replace_window` recorded steps (records are what a rewind truncates, so a replay
+    plans exactly as the first pass did) and propose it when it beats the current one by `replace_min_gain`."""
+
+    def __init__(self, cfg: Config):
+        self.b, self.world, self.E = cfg.balance, cfg.cluster.num_devices, cfg.model.num_experts
+        self.placement: Placement | None = None   # None: contiguous (device d holds [d*El, (d+1)*El))
+
+    def due(self, step: int) -> bool:
+        return bool(self.b.replace_every) and self.world > 1 and step % self.b.replace_every == 0
+
+    def current(self, layers: int) -> Placement:
+        return self.placement or [[list(dev) for dev in ExpertPlacement.contiguous(self.E, self.world).slots]] * layers
+
+    def plan(self, records: list[dict[str, Any]]) -> tuple[Placement, float, float] | None:
+        """(new placement, current mean device max/mean, planned one) or None when not worth migrating."""
+        window = [r["expert_load"] for r in records[-self.b.replace_window:] if r.get("expert_load")]
+        if not window:
+            return None
+        layers = len(window[0])
+        loads = [[sum(w[layer][e] for w in window) / len(window) for e in range(self.E)] for layer in range(layers)]
+        current = self.current(layers)
+        new = [[list(dev) for dev in plan_placement(loads[layer], self.world, self.E // self.world).slots]
+               for layer in range(layers)]
+        before = sum(ExpertPlacement(tuple(map(tuple, current[layer]))).imbalance(loads[layer]) for layer in range(layers))
+        after = sum(ExpertPlacement(tuple(map(tuple, new[layer]))).imbalance(loads[layer]) for layer in range(layers))
+        before, after = before / layers, after / layers
+        if new == current or before - after < self.b.replace_min_gain * before:
+            return None
+        return new, before, after
+
+
+def placement_from_manifest(expert_files: dict[str, dict[str, str]], world: int) -> Placement | None:
+    """The placement a checkpoint was saved with (device r wrote experts-<r>), if it had `world` devices."""
+    out = []
+    for layer in sorted(expert_files, key=lambda name: int(name.split(".")[1])):
+        devices: list[list[int]] = [[] for _ in range(world)]
+        for gid, file in expert_files[layer].items():
+            rank = int(file.split("-")[1].split(".")[0])
+            if rank >= world:
+                return None
+            devices[rank].append(int(gid))
+        if len({len(d) for d in devices}) != 1:
+            return None
+        out.append([sorted(d) for d in devices])
+    return out
+
+
+__all__ = ["load_stats", "device_loads", "Balancer", "Placement", "placement_from_manifest"]

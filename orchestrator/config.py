@@ -84,6 +84,9 @@ class BalanceConfig:
     topk_groups: int = 1              # group_limited: groups a token may use
     capacity_factor: float = 0.0      # 0: dropless; else each expert takes at most ceil(cf * T * top_k / E) copies
                                       # per sequence, the highest gates first; the rest are dropped (and counted)
+    replace_every: int = 0            # live expert re-placement: re-plan every R steps (0: off; experts stay contiguous)
+    replace_window: int = 50          # ... from the mean load of the last this-many steps ...
+    replace_min_gain: float = 0.02    # ... and migrate when the planned device max/mean load beats the current by this
 
 
 @dataclass
@@ -348,7 +351,8 @@ def _validate_balance(cfg: Config) -> None:
     b, m = cfg.balance, cfg.model
     _positive(cfg, ["balance.aux_loss_coeff", "balance.seq_aux_loss_coeff", "balance.z_loss_coeff",
                     "balance.bias_update_speed", "balance.capacity_factor"], allow_zero=True)
-    _positive(cfg, ["balance.num_groups", "balance.topk_groups"])
+    _positive(cfg, ["balance.num_groups", "balance.topk_groups", "balance.replace_window"])
+    _positive(cfg, ["balance.replace_every", "balance.replace_min_gain"], allow_zero=True)
     _choice("balance.routing", b.routing, ("topk", "grouped", "group_limited"))
     if b.routing == "topk":
         return

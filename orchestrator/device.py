@@ -183,19 +183,25 @@ class DeviceShard:
         return self._all_reduce(total.view(1)).item() / (self.global_tokens * max(1, num_batches))
 
     def snapshot(self, step: int) -> Snapshot:
-        return take_snapshot(self.model, self.optimizer, self.rank, self.expert_ids, step)
+        return take_snapshot(self.model, self.optimizer, self.rank, step)
 
     def restore(self, manifest: dict[str, Any], read, where: str) -> None:
-        restore_from_files(self.model, self.optimizer, self.rank, self.expert_ids, manifest, read, where)
+        restore_from_files(self.model, self.optimizer, self.rank, manifest, read, where)
 
     def restore_snapshots(self, snapshots: list[Snapshot]) -> None:
-        restore_from_snapshots(self.model, self.optimizer, self.rank, self.expert_ids, snapshots)
+        restore_from_snapshots(self.model, self.optimizer, self.rank, snapshots)
+
+    def set_placement(self, placement: list[list[list[int]]]) -> None:
+        """Hold, in every MoE layer, the experts `placement[layer][self.rank]` (dispatch follows at once; the
+        weights and optimizer state are the caller's to restore, from snapshots holding those experts)."""
+        for m, slots in zip(self.model.moe_layers(), placement):
+            m.set_placement(slots, self.rank)
 
     def global_parameters(self) -> dict[str, torch.Tensor]:
         """This device's parameters keyed by global name; routed experts one entry per global id."""
         out = {name: p.detach().cpu().clone() for name, p in self.model.dense_parameters()}
         for name, p in self.model.expert_parameters():
-            for j, gid in enumerate(self.expert_ids):
+            for j, gid in enumerate(self.model.expert_ids_of(name)):
                 out[f"{name}[{gid}]"] = p[j].detach().cpu().clone()
         return out
 
@@ -335,18 +341,24 @@ class DeviceActor:
         snap = self.shard.snapshot(step)
         return {"step": step, "seconds": time.perf_counter() - t0}, snap
 
-    def restore_snapshots(self, *snapshots: Snapshot) -> None:
+    def restore_snapshots(self, *snapshots: Snapshot, placement: list[list[list[int]]] | None = None) -> None:
+        """Restore from in-memory snapshots of one step (rank 0's and those holding this device's experts);
+        with `placement`, adopt it first (expert re-placement: the experts come from whichever snapshot has them)."""
         assert self.shard is not None, "build() first"
+        if placement is not None:
+            self.shard.set_placement(placement)
         self.shard.restore_snapshots(list(snapshots))
 
     def fail_next_save(self, mode: str = "fail") -> None:
         """Fault hook: the next shard write stops midway and fails (`fail`) or hangs there (`hang`)."""
         self._save_fault = mode
 
-    def load(self, uri: str, manifest: dict[str, Any]) -> None:
+    def load(self, uri: str, manifest: dict[str, Any], placement: list[list[list[int]]] | None = None) -> None:
         from orchestrator.storage import Storage
 
         assert self.shard is not None, "build() first"
+        if placement is not None:
+            self.shard.set_placement(placement)
         storage = Storage(uri)
         self.shard.restore(manifest, storage.read, uri)
 

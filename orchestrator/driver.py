@@ -29,7 +29,7 @@ from typing import Any
 
 import ray
 
-from orchestrator.balancer import load_stats
+from orchestrator.balancer import Balancer, load_stats, placement_from_manifest
 from orchestrator.checkpoint.manager import (CheckpointError, CheckpointManager, CheckpointManifest,
                                              check_compatible, find_resume)
 from orchestrator.config import Config, FaultSpec, to_dict
@@ -82,9 +82,11 @@ class Driver:
         self.injector, self.watch, self.healer = Injector(plan_faults(cfg)), Watch(cfg), Healer(cfg)
         self.healer.on_incident = self._log_incident
         self.goodput = Goodput()
+        self.balancer = Balancer(cfg)
         self.snapshots = SnapshotStore(self.goodput, self._snapshot_failed)
         self.force_save: set[int] = set()   # steps to checkpoint whatever the policy (checkpoint faults)
         self.records: list[dict[str, Any]] = []
+        self.earlier_records: list[dict[str, Any]] = []
         self.high_water = 0                 # the furthest step ever completed (steps up to it are replays)
 
     # ----------------------------------------------------------------- start
@@ -154,6 +156,7 @@ class Driver:
             first = self.restore() + 1
             self.high_water = first - 1
             self.metrics = metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=first - 1)
+            self.earlier_records = metrics.kept_records()  # a resumed run's load history, for re-placement plans
             self.progress = progress = Progress(cfg.train.steps, cfg.run.progress, first_step=first)
             self.snapshot(first - 1)
             step = first
@@ -186,9 +189,11 @@ class Driver:
                     self.goodput.productive += wall
                     self.high_water = step
                 rec = self._record(step, reports, wall)
+                records.append(rec)
+                if self.balancer.due(step):  # before the step's checkpoint, which then holds the new placement
+                    rec["replacement"] = self.replace_experts(step)
                 if self.after_step(step):
                     rec["checkpoint_saved"] = True
-                records.append(rec)
                 metrics.write(rec)
                 progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], rec.get("maxvio"))
                 back = self.healer.replace_stragglers(self, step, incidents) if incidents else None
@@ -246,7 +251,8 @@ class Driver:
             self.save_checkpoint(step)
             return True
         every = self.cfg.faults.snapshot_every
-        if every and step % every == 0:
+        taken = self.snapshots.items and self.snapshots.items[-1].step == step  # by a re-placement just now
+        if every and step % every == 0 and not taken:
             self.snapshot(step)
         return False
 
@@ -289,12 +295,13 @@ class Driver:
         uri = self.ckpt.uri_for(step)
         self.ckpt.started_save(step)
         self.snapshots.keep(step, [a.save.options(num_returns=2).remote(step, uri, self.cfg.checkpoint.async_save)
-                                   for a in self.actors], "checkpoint")
+                                   for a in self.actors], "checkpoint", self.balancer.placement)
 
     def snapshot(self, step: int) -> None:
         """In-memory snapshot of every device after `step` (object refs owned by this driver)."""
         if self.cfg.faults.snapshot_every:
-            self.snapshots.keep(step, [a.snapshot.options(num_returns=2).remote(step) for a in self.actors])
+            self.snapshots.keep(step, [a.snapshot.options(num_returns=2).remote(step) for a in self.actors],
+                                placement=self.balancer.placement)
 
     @property
     def snapshot_refs(self) -> list[Any]:
@@ -339,20 +346,21 @@ class Driver:
         return step, source
 
     def _restore_state(self, timeout_s: float) -> tuple[int, str]:
-        step = self.snapshots.restore(self.actors, timeout_s)
-        if step is not None:
-            return step, "snapshot"
+        snap = self.snapshots.restore(self.actors, timeout_s, replacing=bool(self.cfg.balance.replace_every))
+        if snap is not None:
+            self.balancer.placement = snap.placement  # the placement of that step: a replay re-plans as before
+            return snap.step, "snapshot"
         for step in sorted(self.ckpt.committed_steps, reverse=True):
             try:
                 storage, manifest = find_resume(self.ckpt.uri_for(step), self.ckpt.storage.uri) or (None, None)
             except CheckpointError as e:  # deleted by retention meanwhile, or damaged: an older one
                 log.warning("checkpoint of step %d cannot be restored (%s)", step, e)
                 continue
-            self._get([a.load.remote(storage.uri, asdict(manifest)) for a in self.actors], timeout_s,
-                      f"load checkpoint {storage.uri}")
+            self._load(storage, manifest, timeout_s)
             self.snapshot(step)
             return step, "checkpoint"
         log.warning("no snapshot or checkpoint of this run to restore; going back to the initial state")
+        self.balancer.placement = None
         self._get([a.build.remote(to_dict(self.cfg), r, self.world, *self.data_refs) for r, a in enumerate(self.actors)],
                   timeout_s, "rebuild the initial shards")
         step = self.restore()
@@ -392,13 +400,45 @@ class Driver:
             return 0
         storage, manifest = self.resume_from
         t0 = time.perf_counter()
-        self._get([a.load.remote(storage.uri, asdict(manifest)) for a in self.actors],
-                  self.cfg.cluster.start_timeout_s, f"load checkpoint {storage.uri}")
+        self._load(storage, manifest, self.cfg.cluster.start_timeout_s)
         self.resumed_from_step = manifest.step
         self.restore_s = time.perf_counter() - t0
         log.info("resumed from %s (step %d, saved by %d devices, now %d) in %.2fs", storage.uri, manifest.step,
                  manifest.world_size, self.world, self.restore_s)
         return manifest.step
+
+    def _load(self, storage: Storage, manifest: CheckpointManifest, timeout_s: float) -> None:
+        """Every device loads its part of a checkpoint; with re-placement on, in the placement it was saved with
+        (when it had as many devices), else contiguous."""
+        placement = (placement_from_manifest(manifest.expert_files, self.world)
+                     if self.cfg.balance.replace_every else None)
+        self._get([a.load.remote(storage.uri, asdict(manifest), placement) for a in self.actors], timeout_s,
+                  f"load checkpoint {storage.uri}")
+        self.balancer.placement = placement
+
+    def replace_experts(self, step: int) -> dict[str, Any] | None:
+        """Live expert re-placement between two steps: plan; if worth it, every device adopts the new placement and
+        takes the experts it now holds (weights and AdamW moments) from the snapshot of this step, which every
+        device has just taken; then a snapshot in the new placement. Nothing restarts, the math is unchanged."""
+        plan = self.balancer.plan(self.earlier_records + self.records)
+        if plan is None:
+            return None
+        new, before, after = plan
+        t0 = time.perf_counter()
+        if not self.snapshots.items or self.snapshots.items[-1].step != step:
+            self.snapshots.keep(step, [a.snapshot.options(num_returns=2).remote(step) for a in self.actors],
+                                placement=self.balancer.placement)
+        refs = self.snapshots.newest_refs
+        self._get([a.restore_snapshots.remote(*refs, placement=new) for a in self.actors],
+                  self.cfg.cluster.step_timeout_s, f"move experts to their new devices after step {step}")
+        self.balancer.placement = new
+        self.snapshots.keep(step, [a.snapshot.options(num_returns=2).remote(step) for a in self.actors],
+                            placement=new)
+        seconds = time.perf_counter() - t0
+        log.info("step %d: experts re-placed in %.2fs; planned device max/mean load %.3f -> %.3f", step, seconds,
+                 before, after)
+        return {"seconds": seconds, "device_imbalance_before": before, "device_imbalance_planned": after,
+                "placement": new}
 
     def global_parameters(self) -> dict[str, Any]:
         """Every parameter of the model, gathered from the devices (experts by global id)."""

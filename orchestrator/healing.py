@@ -242,7 +242,7 @@ class Watch:
 
     def guard(self) -> dict[str, float] | None:
         """Spike ceilings the devices enforce (the update of a step above them is not applied)."""
-        if len(self.losses) < min(10, self.f.spike_window):
+        if len(self.losses) < max(10, self.f.spike_window // 2):  # early training is too volatile to judge
             return None
         return {"max_loss": self.f.loss_spike_factor * statistics.median(self.losses),
                 "max_grad_norm": self.f.grad_spike_factor * statistics.median(self.norms)}

@@ -45,6 +45,10 @@ class MetricsLog:
         tmp.replace(path)
         self._f = open(path, "a", buffering=1)
 
+    def kept_records(self) -> list[dict[str, Any]]:
+        """The records kept from before (a resumed run's earlier steps)."""
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
 

@@ -26,6 +26,7 @@ class InMemorySnapshot:
     done_refs: list[Any]    # tiny: {"step", "seconds"} once each device has copied its state
     refs: list[Any]         # the snapshots themselves, in the object store, owned by the driver
     kind: str = "snapshot"  # snapshot | checkpoint (taken by a checkpoint save)
+    placement: Any = None   # the expert placement the devices had (None: contiguous)
 
 
 class SnapshotStore:
@@ -34,11 +35,12 @@ class SnapshotStore:
         self.goodput = goodput
         self.on_failed_save = on_failed_save   # a checkpoint's snapshot raised on a device
 
-    def keep(self, step: int, pairs: list[Any], kind: str = "snapshot") -> None:
+    def keep(self, step: int, pairs: list[Any], kind: str = "snapshot", placement: Any = None) -> None:
         """Keep the (done, snapshot) ref pairs of every device's `snapshot` or `save` call (num_returns=2)."""
         for old in self.items[:-1]:
             self._account(old)
-        self.items = self.items[-1:] + [InMemorySnapshot(step, [p[0] for p in pairs], [p[1] for p in pairs], kind)]
+        self.items = self.items[-1:] + [InMemorySnapshot(step, [p[0] for p in pairs], [p[1] for p in pairs], kind,
+                                                         placement)]
 
     @property
     def newest_refs(self) -> list[Any]:
@@ -74,15 +76,17 @@ class SnapshotStore:
             log.warning("in-memory snapshot of step %d is incomplete (%s)", snap.step, type(e).__name__)
             return False
 
-    def restore(self, actors: list[Any], timeout_s: float) -> int | None:
-        """Put every device back to the newest complete snapshot that can still be read; its step, or None
-        when there is none (all lost, e.g. with their node). A device dying meanwhile is a RunError."""
+    def restore(self, actors: list[Any], timeout_s: float, replacing: bool = False) -> InMemorySnapshot | None:
+        """Put every device back to the newest complete snapshot that can still be read, with the expert placement
+        it was taken with; that snapshot, or None when there is none (all lost, e.g. with their node). A device
+        dying meanwhile is a RunError. `replacing`: experts may sit anywhere, so every device gets every snapshot."""
         for snap in reversed(self.items):
             if not self.complete(snap, timeout_s):
                 continue
             refs = snap.refs
-            try:  # rank 0 holds the dense part and the router buffers; every rank its own experts
-                ray.get([a.restore_snapshots.remote(*([refs[0]] if rank == 0 else [refs[0], refs[rank]]))
+            try:  # rank 0 holds the dense part and the router buffers; with contiguous experts every rank its own
+                ray.get([a.restore_snapshots.remote(*(refs if replacing else [refs[0]] if rank == 0 else [refs[0], refs[rank]]),
+                                                    placement=snap.placement if replacing else None)
                          for rank, a in enumerate(actors)], timeout=timeout_s)
             except RayActorError as e:
                 raise RunError(f"a device died while restoring the snapshot of step {snap.step}: {e}") from e
@@ -93,7 +97,7 @@ class SnapshotStore:
                             str(e).splitlines()[0][:200])
                 continue
             self.items = [snap]
-            return snap.step
+            return snap
         self.items = []
         return None
 

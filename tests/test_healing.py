@@ -206,19 +206,19 @@ def test_spikes_and_stragglers_are_detected_from_reports(tmp_path):
     def report(step, rank, loss=2.0, norm=1.0, own=0.1, waited=0.0):
         return StepReport(step, rank, loss, norm, 1e-3, 100, own + waited, [], collective_s=waited)
 
-    for step in range(1, 21):
+    for step in range(1, 26):  # spikes are judged from half a window (25 steps) of history on
         assert watch.inspect(step, [report(step, 0), report(step, 1)], NoDriver()) == []
     assert watch.guard() == {"max_loss": pytest.approx(6.0), "max_grad_norm": pytest.approx(10.0)}
-    (spike,) = watch.inspect(21, [report(21, 0, loss=7.0), report(21, 1, loss=7.0)], NoDriver())
+    (spike,) = watch.inspect(26, [report(26, 0, loss=7.0), report(26, 1, loss=7.0)], NoDriver())
     assert (spike.kind, spike.rank) == ("loss_spike", -1)
-    (spike,) = watch.inspect(22, [report(22, 0, norm=11.0), report(22, 1, norm=11.0)], NoDriver())
+    (spike,) = watch.inspect(27, [report(27, 0, norm=11.0), report(27, 1, norm=11.0)], NoDriver())
     assert spike.kind == "grad_spike"
-    slow = [report(23, 0, own=0.5), report(23, 1, waited=0.4)]  # device 1 waits in collectives for device 0
-    assert watch.inspect(23, slow, NoDriver()) == []  # patience: 2 steps in a row
-    (straggler,) = watch.inspect(24, slow, NoDriver())
+    slow = [report(28, 0, own=0.5), report(28, 1, waited=0.4)]  # device 1 waits in collectives for device 0
+    assert watch.inspect(28, slow, NoDriver()) == []  # patience: 2 steps in a row
+    (straggler,) = watch.inspect(29, slow, NoDriver())
     assert (straggler.kind, straggler.rank, straggler.node) == ("slow", 0, "node-0")
-    noisy = [report(25, 0, own=0.13), report(25, 1)]  # 1.3x: noise, not a straggler
-    assert watch.inspect(25, noisy, NoDriver()) == [] and watch.inspect(26, noisy, NoDriver()) == []
+    noisy = [report(30, 0, own=0.13), report(30, 1)]  # 1.3x: noise, not a straggler
+    assert watch.inspect(30, noisy, NoDriver()) == [] and watch.inspect(31, noisy, NoDriver()) == []
 
 
 def test_chaos_job_with_warm_standby_verifies_against_its_twin(tmp_path):

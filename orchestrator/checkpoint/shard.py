@@ -56,8 +56,7 @@ def as_torch(a: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
 
 
-def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, expert_ids: list[int],
-                  step: int) -> Snapshot:
+def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, step: int) -> Snapshot:
     """Copy parameters, optimizer moments, buffers and RNG to host memory (training may go on after)."""
     state = optimizer.state
     files: dict[str, dict[str, np.ndarray | torch.Tensor]] = {}
@@ -79,12 +78,13 @@ def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank
                 dense[f"buffer/{name}"] = _host_copy(b)
         files[DENSE_FILE] = dense
     mine: dict[str, np.ndarray | torch.Tensor] = {"rng/torch": torch.get_rng_state().numpy()}
+    expert_files: dict[str, dict[str, str]] = {}
     for name, p in model.expert_parameters():
-        for j, gid in enumerate(expert_ids):
+        ids = model.expert_ids_of(name)  # this layer's experts on this device (placement may differ per layer)
+        for j, gid in enumerate(ids):
             add(mine, f"{name}[{gid}]", p, j)
+        expert_files[name.rsplit(".experts.", 1)[0]] = {str(gid): expert_file(rank) for gid in ids}
     files[expert_file(rank)] = mine
-    layers = {name.rsplit(".experts.", 1)[0] for name, _ in model.expert_parameters()}
-    expert_files = {layer: {str(gid): expert_file(rank) for gid in expert_ids} for layer in sorted(layers)}
     steps = [int(s["step"]) for s in state.values() if "step" in s]
     return Snapshot(step=step, rank=rank, files=files, optimizer_step=steps[0] if steps else 0,
                     expert_files=expert_files)
@@ -110,7 +110,7 @@ def load_verified(read: Callable[[str], bytes], name: str, expected: dict[str, o
         raise CheckpointError(f"{where}/{name} is not a readable safetensors file: {e}") from None
 
 
-def restore_from_files(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, expert_ids: list[int],
+def restore_from_files(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
                        manifest: dict, read: Callable[[str], bytes], where: str) -> None:
     """Load this device's part of a committed checkpoint (written by any number of devices)."""
     files = manifest["files"]
@@ -123,11 +123,11 @@ def restore_from_files(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             cache[name] = load_verified(read, name, files[name], where)
         return cache[name]
 
-    restore(model, optimizer, rank, expert_ids, manifest["expert_files"], manifest["optimizer_step"], tensors, where)
+    restore(model, optimizer, rank, manifest["expert_files"], manifest["optimizer_step"], tensors, where)
 
 
 def restore_from_snapshots(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
-                           expert_ids: list[int], snapshots: list[Snapshot]) -> None:
+                           snapshots: list[Snapshot]) -> None:
     """Load this device's part from in-memory snapshots of one step (rank 0's plus those holding its experts)."""
     files = {name: {k: torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v.clone() for k, v in t.items()}
              for snap in snapshots for name, t in snap.files.items()}
@@ -142,10 +142,10 @@ def restore_from_snapshots(model: torch.nn.Module, optimizer: torch.optim.Optimi
             raise CheckpointError(f"{where}: no {name} among the snapshots given")
         return files[name]
 
-    restore(model, optimizer, rank, expert_ids, expert_files, snapshots[0].optimizer_step, tensors, where)
+    restore(model, optimizer, rank, expert_files, snapshots[0].optimizer_step, tensors, where)
 
 
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, expert_ids: list[int],
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
             expert_files: dict[str, dict[str, str]], optimizer_step: int,
             tensors: Callable[[str], dict[str, torch.Tensor]], where: str) -> None:
     """Put parameters, AdamW state, buffers and RNG back from `tensors(file name)`."""
@@ -182,7 +182,7 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
         layer = name.rsplit(".experts.", 1)[0]
         where_of = expert_files.get(layer, {})
         values = []
-        for gid in expert_ids:
+        for gid in model.expert_ids_of(name):  # the experts this device holds now, wherever they were saved
             if str(gid) not in where_of:
                 raise CheckpointError(f"{where}: the manifest places no expert {gid} of {layer}")
             values.append((tensors(where_of[str(gid)]), f"{name}[{gid}]", where_of[str(gid)]))

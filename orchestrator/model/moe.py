@@ -154,6 +154,9 @@ class MoE(nn.Module):
         # summed over devices for the load statistics), and how many copies capacity dropped.
         self.last_tokens_per_expert: torch.Tensor = torch.zeros(num_experts, dtype=torch.long)
         self.last_dropped: int = 0
+        # Expert placement: the physical slot (device * El + local index) of each expert id; entry E (a copy
+        # dropped by capacity) stays E. The identity until set_placement says otherwise.
+        self.register_buffer("slot_of_E", torch.arange(num_experts + 1), persistent=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
@@ -166,6 +169,7 @@ class MoE(nn.Module):
             capacity = math.ceil(self.balance.capacity_factor * T * self.top_k / self.num_experts)
             send_NK = drop_over_capacity(gates_NK, experts_NK, T, self.num_experts, capacity)
             self.last_dropped = int((send_NK == self.num_experts).sum())
+        send_NK = self.slot_of_E[send_NK]  # expert ids -> physical slots (sorted by slot = grouped by device)
         x_MD, tokens_per_local_expert, counts_E, meta = self.dispatcher.dispatch(x_ND, send_NK, self.num_experts)
         if self.training:
             self.aux_loss = self._balance_losses(scores_NE, logits_NE, experts_NK, routed_E, B, T)
@@ -174,6 +178,17 @@ class MoE(nn.Module):
         if self.shared is not None:
             out_ND = out_ND + self.shared(x_ND)
         return out_ND.view(B, T, D)
+
+    def set_placement(self, slots: Sequence[Sequence[int]], rank: int) -> None:
+        """Adopt a placement of this layer: slots[d] = the expert ids device d holds, in slot order. This module
+        then holds slots[rank] (its weights must be loaded by the caller: see DeviceShard.apply_placement)."""
+        per = len(slots[rank])
+        slot_of = list(range(self.num_experts + 1))
+        for d, ids in enumerate(slots):
+            for j, e in enumerate(ids):
+                slot_of[e] = d * per + j
+        self.slot_of_E.copy_(torch.tensor(slot_of))
+        self.experts.expert_ids = list(slots[rank])
 
     def _balance_losses(self, scores_NE, logits_NE, experts_NK, counts_E, B: int, T: int) -> torch.Tensor | None:
         b = self.balance

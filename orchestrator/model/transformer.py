@@ -62,6 +62,14 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
 
+    def expert_ids_of(self, param_name: str) -> list[int]:
+        """Global expert ids held by the module of an expert parameter (`layers.3.ffn.experts.w1_EFD`), in slot order."""
+        return self.get_submodule(param_name.rsplit(".", 1)[0]).expert_ids
+
+    def placement(self) -> list[list[int]]:
+        """The expert ids this instance holds, per MoE layer."""
+        return [list(m.experts.expert_ids) for m in self.moe_layers()]
+
     def aux_loss(self) -> torch.Tensor | None:
         """The balancing losses of the last training forward, summed over MoE layers (None when off)."""
         parts = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
