@@ -1,7 +1,8 @@
 """Expert load, as the driver sees it: statistics of each step's global token counts.
 
 Input: `expert_load[layer][expert]`, the tokens (routed copies) each expert received this step over
-all devices, and the number of devices (device d holds experts [d*El, (d+1)*El) of every layer).
+all devices, the number of devices and the placement (default: device d holds experts
+[d*El, (d+1)*El) of every layer).
 
     MaxVio   = max_i c_i / mean_i c_i - 1     (0: perfectly balanced; per layer, and their mean)
     CV       = std_i c_i / mean_i c_i         (population std)
@@ -28,18 +29,23 @@ def _cv(counts: list[int]) -> float:
     return math.sqrt(sum((c - mean) ** 2 for c in counts) / len(counts)) / mean if mean else 0.0
 
 
-def device_loads(counts: list[int], world: int) -> list[int]:
-    per = len(counts) // world
-    return [sum(counts[d * per:(d + 1) * per]) for d in range(world)]
+def device_loads(counts: list[int], world: int, slots: list[list[int]] | None = None) -> list[int]:
+    """Tokens each device's experts got: contiguous placement, or `slots[d]` = the experts device d holds."""
+    if slots is None:
+        per = len(counts) // world
+        slots = [list(range(d * per, (d + 1) * per)) for d in range(world)]
+    return [sum(counts[e] for e in dev) for dev in slots]
 
 
-def load_stats(expert_load: list[list[int]], world: int) -> dict[str, Any]:
-    """The step's load statistics (see the module docstring); {} when the model has no MoE layer."""
+def load_stats(expert_load: list[list[int]], world: int, placement: list[list[list[int]]] | None = None
+               ) -> dict[str, Any]:
+    """The step's load statistics (see the module docstring) under `placement` ([layer][device] -> experts;
+    None: contiguous); {} when the model has no MoE layer."""
     if not expert_load:
         return {}
     maxvio = [_maxvio(layer) for layer in expert_load]
     cv = [_cv(layer) for layer in expert_load]
-    dev = [device_loads(layer, world) for layer in expert_load]
+    dev = [device_loads(layer, world, placement[i] if placement else None) for i, layer in enumerate(expert_load)]
     dev_ratio = [max(d) / (sum(d) / world) if sum(d) else 1.0 for d in dev]
     experts = sum(len(layer) for layer in expert_load)
     return {

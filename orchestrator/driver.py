@@ -137,7 +137,7 @@ class Driver:
                "tokens_per_s": r0.tokens / wall, "step_time_s": wall,
                "device_step_time_s": [r.compute_time_s for r in reports],
                "device_collective_s": [r.collective_s for r in reports],
-               "aux_loss": r0.aux_loss, "dropped": r0.dropped, "expert_load": r0.expert_load, **load_stats(r0.expert_load, self.world),
+               "aux_loss": r0.aux_loss, "dropped": r0.dropped, "expert_load": r0.expert_load, **load_stats(r0.expert_load, self.world, self.balancer.placement),
                "time": time.time()}
         if r0.skipped:
             rec["skipped"] = r0.skipped

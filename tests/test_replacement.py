@@ -40,6 +40,12 @@ def test_replacement_keeps_the_reference_math(ray_session, tmp_path, world):
     moves = [r["replacement"] for r in recs if r.get("replacement")]
     assert moves, "no re-placement happened"
     assert all(m["device_imbalance_planned"] < m["device_imbalance_before"] for m in moves)
+    # device loads are counted in the placement of each step: after a move, by the new one
+    from orchestrator.balancer import device_loads
+    after = next(r for r in recs if r["step"] > min(r2["step"] for r2 in recs if r2.get("replacement")))
+    placement = next(r["replacement"]["placement"] for r in recs if r.get("replacement"))
+    assert after["device_tokens"] == [sum(x) for x in zip(*(device_loads(layer, world, placement[i])
+                                                            for i, layer in enumerate(after["expert_load"])))]
     assert [r["loss"] for r in recs] == pytest.approx([r.loss for r in ref_reports], rel=1e-9)
     assert [r["expert_load"] for r in recs] == [r.expert_load for r in ref_reports]
     params, manifest = read_parameters(final_checkpoint(tmp_path))
