@@ -29,6 +29,9 @@ STRATEGIES: dict[str, list[str]] = {
     "bias_and_seq_aux": ["balance.bias_update_speed=0.001", "balance.seq_aux_loss_coeff=0.0001"],
     "grouped": ["balance.routing=grouped", "balance.num_groups={world}"],
     "capacity_1.25": ["balance.capacity_factor=1.25"],
+    "replacement": ["balance.replace_every=50"],
+    "bias_and_replacement": ["balance.bias_update_speed=0.001", "balance.seq_aux_loss_coeff=0.0001",
+                             "balance.replace_every=50"],
 }
 
 

@@ -71,8 +71,24 @@ class Balancer:
         self.b, self.world, self.E = cfg.balance, cfg.cluster.num_devices, cfg.model.num_experts
         self.placement: Placement | None = None   # None: contiguous (device d holds [d*El, (d+1)*El))
 
-    def due(self, step: int) -> bool:
-        return bool(self.b.replace_every) and self.world > 1 and step % self.b.replace_every == 0
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1 and bool(self.b.replace_every or self.b.replace_on_imbalance)
+
+    def due(self, step: int, history: list[dict[str, Any]]) -> bool:
+        """Every `replace_every` steps; or on an imbalance alert: the mean device max/mean load of the last
+        min(10, replace_window) steps above `replace_on_imbalance`, at most once per `replace_window` steps.
+        Judged from the records (the step's own included), so a replay decides as the first pass did."""
+        if self.world == 1:
+            return False
+        if self.b.replace_every and step % self.b.replace_every == 0:
+            return True
+        if not self.b.replace_on_imbalance:
+            return False
+        last = max((r["step"] for r in history if "replacement" in r), default=0)
+        recent = [r["device_imbalance"] for r in history[-min(10, self.b.replace_window):] if "device_imbalance" in r]
+        return (step - last >= self.b.replace_window and len(recent) == min(10, self.b.replace_window)
+                and sum(recent) / len(recent) > self.b.replace_on_imbalance)
 
     def current(self, layers: int) -> Placement:
         return self.placement or [[list(dev) for dev in ExpertPlacement.contiguous(self.E, self.world).slots]] * layers

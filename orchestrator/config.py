@@ -87,6 +87,8 @@ class BalanceConfig:
     replace_every: int = 0            # live expert re-placement: re-plan every R steps (0: off; experts stay contiguous)
     replace_window: int = 50          # ... from the mean load of the last this-many steps ...
     replace_min_gain: float = 0.02    # ... and migrate when the planned device max/mean load beats the current by this
+    replace_on_imbalance: float = 0.0 # also re-plan when the device max/mean load of recent steps exceeds this (0: off),
+                                      # at most once per replace_window steps
 
 
 @dataclass
@@ -352,7 +354,8 @@ def _validate_balance(cfg: Config) -> None:
     _positive(cfg, ["balance.aux_loss_coeff", "balance.seq_aux_loss_coeff", "balance.z_loss_coeff",
                     "balance.bias_update_speed", "balance.capacity_factor"], allow_zero=True)
     _positive(cfg, ["balance.num_groups", "balance.topk_groups", "balance.replace_window"])
-    _positive(cfg, ["balance.replace_every", "balance.replace_min_gain"], allow_zero=True)
+    _positive(cfg, ["balance.replace_every", "balance.replace_min_gain", "balance.replace_on_imbalance"],
+              allow_zero=True)
     _choice("balance.routing", b.routing, ("topk", "grouped", "group_limited"))
     if b.routing == "topk":
         return

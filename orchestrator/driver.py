@@ -190,7 +190,7 @@ class Driver:
                     self.high_water = step
                 rec = self._record(step, reports, wall)
                 records.append(rec)
-                if self.balancer.due(step):  # before the step's checkpoint, which then holds the new placement
+                if self.balancer.due(step, self.earlier_records + records):  # before the step's checkpoint: it holds the new placement
                     rec["replacement"] = self.replace_experts(step)
                 if self.after_step(step):
                     rec["checkpoint_saved"] = True
@@ -346,7 +346,7 @@ class Driver:
         return step, source
 
     def _restore_state(self, timeout_s: float) -> tuple[int, str]:
-        snap = self.snapshots.restore(self.actors, timeout_s, replacing=bool(self.cfg.balance.replace_every))
+        snap = self.snapshots.restore(self.actors, timeout_s, replacing=self.balancer.enabled)
         if snap is not None:
             self.balancer.placement = snap.placement  # the placement of that step: a replay re-plans as before
             return snap.step, "snapshot"
@@ -410,8 +410,7 @@ class Driver:
     def _load(self, storage: Storage, manifest: CheckpointManifest, timeout_s: float) -> None:
         """Every device loads its part of a checkpoint; with re-placement on, in the placement it was saved with
         (when it had as many devices), else contiguous."""
-        placement = (placement_from_manifest(manifest.expert_files, self.world)
-                     if self.cfg.balance.replace_every else None)
+        placement = placement_from_manifest(manifest.expert_files, self.world) if self.balancer.enabled else None
         self._get([a.load.remote(storage.uri, asdict(manifest), placement) for a in self.actors], timeout_s,
                   f"load checkpoint {storage.uri}")
         self.balancer.placement = placement

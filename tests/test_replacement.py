@@ -86,3 +86,14 @@ def test_resume_from_a_checkpoint_in_a_moved_placement_is_exact(ray_session, tmp
     assert [r["loss"] for r in records(resumed)] == [r["loss"] for r in records(whole)]
     a, b = read_state(final_checkpoint(resumed)), read_state(final_checkpoint(whole))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_imbalance_alert_triggers_a_replacement(ray_session, tmp_path):
+    cfg = tiny_config(tmp_path, f"train.steps={STEPS}", "cluster.num_devices=2", "train.eval_batches=0",
+                      "model.num_experts=8", "balance.replace_on_imbalance=1.01", "balance.replace_window=3",
+                      "balance.replace_min_gain=0")
+    Driver(cfg, tmp_path).run()
+    recs = records(tmp_path)
+    alerts = [r["step"] for r in recs if "replacement" in r]
+    assert alerts and alerts[0] == 3 and all(b - a >= 3 for a, b in zip(alerts, alerts[1:]))
+    assert any(r["replacement"] for r in recs if "replacement" in r)
