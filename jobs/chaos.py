@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-from orchestrator.config import DEFAULT_CONFIG, ConfigError, load_config
+from jobs.cli import job_parser, setup_logging
+from orchestrator.config import ConfigError, load_config
 
 # What the watch reports for each kind of injected fault.
 _DETECTED_AS = {"kill": {"dead"}, "crash": {"crash"}, "hang": {"hang"}, "slow": {"slow"}, "nan": {"nan"},
@@ -26,17 +26,14 @@ _DETECTED_AS = {"kill": {"dead"}, "crash": {"crash"}, "hang": {"hang"}, "slow": 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m jobs.chaos", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="examples:\n  python -m jobs.chaos --every 50 train.steps=1500\n"
-                                        "  python -m jobs.chaos 'faults.plan=[{step: 30, kind: hang, rank: 1}]'")
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG})")
+    ap = job_parser("python -m jobs.chaos", __doc__,
+                    epilog="examples:\n  python -m jobs.chaos --every 50 train.steps=1500\n"
+                           "  python -m jobs.chaos 'faults.plan=[{step: 30, kind: hang, rank: 1}]'")
     ap.add_argument("--every", type=float, default=None, help="random chaos: mean steps between faults")
     ap.add_argument("--kinds", default=None, help="random chaos: comma-separated fault kinds "
                                                   "(default kill,crash,hang,slow,nan,checkpoint)")
     ap.add_argument("--seed", type=int, default=None, help="random chaos: seed of the fault draw")
     ap.add_argument("--no-twin", action="store_true", help="skip the fault-free twin run and the comparison")
-    ap.add_argument("overrides", nargs="*", metavar="key=value")
     return ap.parse_args(argv)
 
 
@@ -61,7 +58,7 @@ def match_faults(injected: list[dict], incidents: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     overrides = list(args.overrides)
     if args.every is not None:
         overrides.append(f"faults.chaos.mean_steps_between={args.every}")

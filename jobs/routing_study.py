@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from orchestrator.config import DEFAULT_CONFIG, ConfigError, load_config
+from jobs.cli import job_parser, setup_logging
+from orchestrator.config import ConfigError, load_config
 
 # name -> config overrides; `{world}` is the number of devices
 STRATEGIES: dict[str, list[str]] = {
@@ -36,13 +37,10 @@ STRATEGIES: dict[str, list[str]] = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m jobs.routing_study", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG})")
+    ap = job_parser("python -m jobs.routing_study", __doc__)
     ap.add_argument("--steps", type=int, default=None, help="steps per strategy (default: train.steps)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated, of: {', '.join(STRATEGIES)}")
     ap.add_argument("--warmup", type=int, default=None, help="steps left out of the MaxVio mean (default: a fifth)")
-    ap.add_argument("overrides", nargs="*", metavar="key=value")
     return ap.parse_args(argv)
 
 
@@ -116,7 +114,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [n for n in names if n not in STRATEGIES]
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
@@ -145,11 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, c in configs.items():
                 c.run.dir = str(out / name)
                 print(f"strategy {name}: {' '.join(STRATEGIES[name]) or 'no balancing'}", file=sys.stderr)
-                summary = Driver(c, make_run_dir(c)).run()
+                summary = asdict(Driver(c, make_run_dir(c)).run())
                 records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
                 runs[name] = records
-                rows.append(summarize(name, records, json.loads((out / name / "summary.json").read_text()), warmup))
-                del summary
+                rows.append(summarize(name, records, summary, warmup))
     except RunError as e:
         print(f"run failed: {e}", file=sys.stderr)
         return 1

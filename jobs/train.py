@@ -9,26 +9,22 @@ Exit codes: 0 success, 2 bad config or data, 1 a run that failed, 128+signal whe
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 
-from orchestrator.config import DEFAULT_CONFIG, ConfigError, load_config
+from jobs.cli import job_parser, setup_logging
+from orchestrator.config import ConfigError, load_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="examples:\n  python -m jobs.train train.steps=50 cluster.num_devices=4\n"
-                                            "  python -m jobs.train --config jobs/configs/tiny.yaml run.dir=runs/t")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG})")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. train.steps=50")
-    return parser.parse_args(argv)
+    return job_parser("python -m jobs.train", __doc__,
+                      epilog="examples:\n  python -m jobs.train train.steps=50 cluster.num_devices=4\n"
+                             "  python -m jobs.train --config jobs/configs/tiny.yaml run.dir=runs/t").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -70,6 +70,12 @@ class Balancer:
     def __init__(self, cfg: Config):
         self.b, self.world, self.E = cfg.balance, cfg.cluster.num_devices, cfg.model.num_experts
         self.placement: Placement | None = None   # None: contiguous (device d holds [d*El, (d+1)*El))
+        self.earlier: list[dict[str, Any]] = []   # a resumed run's records from before it (metrics.jsonl)
+
+    def recent(self, records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+        """The last `n` records of the run, reaching into the records from before a resume if need be."""
+        tail = records[-n:]
+        return (self.earlier[len(tail) - n:] + tail) if len(tail) < n and self.earlier else tail
 
     @property
     def enabled(self) -> bool:
@@ -85,9 +91,11 @@ class Balancer:
             return True
         if not self.b.replace_on_imbalance:
             return False
-        last = max((r["step"] for r in history if "replacement" in r), default=0)
-        recent = [r["device_imbalance"] for r in history[-min(10, self.b.replace_window):] if "device_imbalance" in r]
-        return (step - last >= self.b.replace_window and len(recent) == min(10, self.b.replace_window)
+        window = self.recent(history, self.b.replace_window)
+        if any("replacement" in r for r in window if step - r["step"] < self.b.replace_window):
+            return False  # at most one plan per window
+        recent = [r["device_imbalance"] for r in window[-min(10, self.b.replace_window):] if "device_imbalance" in r]
+        return (step >= self.b.replace_window and len(recent) == min(10, self.b.replace_window)
                 and sum(recent) / len(recent) > self.b.replace_on_imbalance)
 
     def current(self, layers: int) -> Placement:
@@ -95,7 +103,7 @@ class Balancer:
 
     def plan(self, records: list[dict[str, Any]]) -> tuple[Placement, float, float] | None:
         """(new placement, current mean device max/mean, planned one) or None when not worth migrating."""
-        window = [r["expert_load"] for r in records[-self.b.replace_window:] if r.get("expert_load")]
+        window = [r["expert_load"] for r in self.recent(records, self.b.replace_window) if r.get("expert_load")]
         if not window:
             return None
         layers = len(window[0])

@@ -86,7 +86,6 @@ class Driver:
         self.snapshots = SnapshotStore(self.goodput, self._snapshot_failed)
         self.force_save: set[int] = set()   # steps to checkpoint whatever the policy (checkpoint faults)
         self.records: list[dict[str, Any]] = []
-        self.earlier_records: list[dict[str, Any]] = []
         self.high_water = 0                 # the furthest step ever completed (steps up to it are replays)
 
     # ----------------------------------------------------------------- start
@@ -104,8 +103,7 @@ class Driver:
         log.info("data: %s, %d train / %d validation tokens", corpus.description, len(corpus.train), len(corpus.val))
         self.devices.start()
         self.data_refs = (ray.put(corpus.train), ray.put(corpus.val))
-        self._get([a.build.remote(to_dict(cfg), rank, self.world, *self.data_refs)
-                   for rank, a in enumerate(self.actors)], c.start_timeout_s, "build device shards")
+        self._build(range(self.world), c.start_timeout_s, "build device shards")
         nodes = len({i["node_id"] for i in self.device_info})
         spares = cfg.faults.standby
         log.info("devices: %d actors on %d node(s), backend %s%s; pids %s", self.world, nodes, self.devices.backend,
@@ -137,8 +135,8 @@ class Driver:
                "tokens_per_s": r0.tokens / wall, "step_time_s": wall,
                "device_step_time_s": [r.compute_time_s for r in reports],
                "device_collective_s": [r.collective_s for r in reports],
-               "aux_loss": r0.aux_loss, "dropped": r0.dropped, "expert_load": r0.expert_load, **load_stats(r0.expert_load, self.world, self.balancer.placement),
-               "time": time.time()}
+               "aux_loss": r0.aux_loss, "dropped": r0.dropped, "expert_load": r0.expert_load,
+               **load_stats(r0.expert_load, self.world, self.balancer.placement), "time": time.time()}
         if r0.skipped:
             rec["skipped"] = r0.skipped
         return rec
@@ -156,7 +154,7 @@ class Driver:
             first = self.restore() + 1
             self.high_water = first - 1
             self.metrics = metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=first - 1)
-            self.earlier_records = metrics.kept_records()  # a resumed run's load history, for re-placement plans
+            self.balancer.earlier = metrics.kept_records()  # a resumed run's load history, for re-placement plans
             self.progress = progress = Progress(cfg.train.steps, cfg.run.progress, first_step=first)
             self.snapshot(first - 1)
             step = first
@@ -190,7 +188,7 @@ class Driver:
                     self.high_water = step
                 rec = self._record(step, reports, wall)
                 records.append(rec)
-                if self.balancer.due(step, self.earlier_records + records):  # before the step's checkpoint: it holds the new placement
+                if self.balancer.due(step, records):  # before the step's checkpoint, which then holds the new placement
                     rec["replacement"] = self.replace_experts(step)
                 if self.after_step(step):
                     rec["checkpoint_saved"] = True
@@ -237,7 +235,6 @@ class Driver:
         self.records[:] = [r for r in self.records if r["step"] <= back]
         self.metrics.truncate(back)
         self.progress.message(f"{message}; continuing from step {back + 1}")
-        self.watch.fresh = True
         return back + 1
 
     def after_step(self, step: int) -> bool:
@@ -297,9 +294,10 @@ class Driver:
         self.snapshots.keep(step, [a.save.options(num_returns=2).remote(step, uri, self.cfg.checkpoint.async_save)
                                    for a in self.actors], "checkpoint", self.balancer.placement)
 
-    def snapshot(self, step: int) -> None:
-        """In-memory snapshot of every device after `step` (object refs owned by this driver)."""
-        if self.cfg.faults.snapshot_every:
+    def snapshot(self, step: int, always: bool = False) -> None:
+        """In-memory snapshot of every device after `step` (object refs owned by this driver); unless `always`,
+        only when healing is on."""
+        if always or self.cfg.faults.snapshot_every:
             self.snapshots.keep(step, [a.snapshot.options(num_returns=2).remote(step) for a in self.actors],
                                 placement=self.balancer.placement)
 
@@ -333,9 +331,7 @@ class Driver:
         if reform:
             self.devices.form_group()
         t2 = time.perf_counter()
-        assert self.data_refs is not None
-        self._get([self.actors[r].build.remote(to_dict(self.cfg), r, self.world, *self.data_refs) for r in replace],
-                  timeout_s, "build the replacement shards")
+        self._build(replace, timeout_s, "build the replacement shards")
         t3 = time.perf_counter()
         step, source = self._restore_state(timeout_s)
         t4 = time.perf_counter()
@@ -361,8 +357,7 @@ class Driver:
             return step, "checkpoint"
         log.warning("no snapshot or checkpoint of this run to restore; going back to the initial state")
         self.balancer.placement = None
-        self._get([a.build.remote(to_dict(self.cfg), r, self.world, *self.data_refs) for r, a in enumerate(self.actors)],
-                  timeout_s, "rebuild the initial shards")
+        self._build(range(self.world), timeout_s, "rebuild the initial shards")
         step = self.restore()
         self.snapshot(step)
         return step, "initial"
@@ -373,8 +368,11 @@ class Driver:
         if committed:
             self.healer.checkpoint_committed()
         for failed in self.ckpt.failed_steps[before:]:
-            self.healer.checkpoint_failed(failed, self.ckpt.failure_detail.get(failed, ""), step,
-                                          self.ckpt.failure_ranks.get(failed, []))
+            self._checkpoint_failed(failed, step)
+
+    def _checkpoint_failed(self, failed: int, now: int) -> None:
+        self.healer.checkpoint_failed(failed, self.ckpt.failure_detail.get(failed, ""), now,
+                                      self.ckpt.failure_ranks.get(failed, []))
 
     def finish_checkpoints(self) -> None:
         """Wait for the writes in flight and commit what they complete; a final checkpoint that failed is
@@ -390,8 +388,7 @@ class Driver:
             failed = self.ckpt.failed_steps[before:]
             if last is None or last not in failed:
                 return
-            self.healer.checkpoint_failed(last, self.ckpt.failure_detail.get(last, ""), last,
-                                          self.ckpt.failure_ranks.get(last, []))
+            self._checkpoint_failed(last, last)
             self.save_checkpoint(last)
 
     def restore(self) -> int:
@@ -419,20 +416,18 @@ class Driver:
         """Live expert re-placement between two steps: plan; if worth it, every device adopts the new placement and
         takes the experts it now holds (weights and AdamW moments) from the snapshot of this step, which every
         device has just taken; then a snapshot in the new placement. Nothing restarts, the math is unchanged."""
-        plan = self.balancer.plan(self.earlier_records + self.records)
+        plan = self.balancer.plan(self.records)
         if plan is None:
             return None
         new, before, after = plan
         t0 = time.perf_counter()
         if not self.snapshots.items or self.snapshots.items[-1].step != step:
-            self.snapshots.keep(step, [a.snapshot.options(num_returns=2).remote(step) for a in self.actors],
-                                placement=self.balancer.placement)
+            self.snapshot(step, always=True)
         refs = self.snapshots.newest_refs
         self._get([a.restore_snapshots.remote(*refs, placement=new) for a in self.actors],
                   self.cfg.cluster.step_timeout_s, f"move experts to their new devices after step {step}")
         self.balancer.placement = new
-        self.snapshots.keep(step, [a.snapshot.options(num_returns=2).remote(step) for a in self.actors],
-                            placement=new)
+        self.snapshot(step, always=True)
         seconds = time.perf_counter() - t0
         log.info("step %d: experts re-placed in %.2fs; planned device max/mean load %.3f -> %.3f", step, seconds,
                  before, after)
@@ -451,6 +446,12 @@ class Driver:
         self.devices.shutdown()
 
     # ------------------------------------------------------------- helpers
+    def _build(self, ranks, timeout_s: float, what: str) -> None:
+        """The devices of `ranks` build their shards (initial state: init keyed by seed, rank and expert id)."""
+        assert self.data_refs is not None
+        cfg = to_dict(self.cfg)
+        self._get([self.actors[r].build.remote(cfg, r, self.world, *self.data_refs) for r in ranks], timeout_s, what)
+
     def _get(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
         return get(refs, timeout_s, what)
 
