@@ -1,6 +1,7 @@
 """Routing study: train the same model under each balancing strategy and compare.
 
-    python -m jobs.routing_study [--config FILE] [--steps N] [--strategies none,aux_loss,...] [key=value ...]
+    python -m jobs.routing_study [--config FILE] [--steps N] [--strategies none,aux_loss,...]
+                                 [--extra NAME:key=value,key=value ...] [key=value ...]
 
 Runs the job once per strategy (same seed, data and steps; one Ray cluster), then writes into the
 run directory: comparison.json and comparison.md (final and validation loss, the loss cost against
@@ -33,6 +34,9 @@ STRATEGIES: dict[str, list[str]] = {
     "replacement": ["balance.replace_every=50"],
     "bias_and_replacement": ["balance.bias_update_speed=0.001", "balance.seq_aux_loss_coeff=0.0001",
                              "balance.replace_every=50"],
+    "replicas": ["balance.replace_every=50", "balance.redundant_experts={world}"],
+    "bias_and_replicas": ["balance.bias_update_speed=0.001", "balance.seq_aux_loss_coeff=0.0001",
+                          "balance.replace_every=50", "balance.redundant_experts={world}"],
 }
 
 
@@ -40,16 +44,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = job_parser("python -m jobs.routing_study", __doc__)
     ap.add_argument("--steps", type=int, default=None, help="steps per strategy (default: train.steps)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated, of: {', '.join(STRATEGIES)}")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME:key=value,...",
+                    help="one more strategy of your own (repeatable), e.g. bias_0.01:balance.bias_update_speed=0.01")
     ap.add_argument("--warmup", type=int, default=None, help="steps left out of the MaxVio mean (default: a fifth)")
     return ap.parse_args(argv)
 
 
+def parse_extra(specs: list[str]) -> dict[str, list[str]]:
+    out = {}
+    for spec in specs:
+        name, sep, body = spec.partition(":")
+        overrides = [o.strip() for o in body.split(",") if o.strip()]
+        if not sep or not name.strip() or not overrides or any("=" not in o for o in overrides):
+            raise ConfigError(f"--extra {spec!r}: expected NAME:key=value[,key=value...], "
+                              f"e.g. bias_0.01:balance.bias_update_speed=0.01")
+        out[name.strip()] = overrides
+    return out
+
+
 def summarize(name: str, records: list[dict], summary: dict, warmup: int) -> dict:
     after = [r for r in records if r["step"] > warmup] or records
+    last = records[-max(1, len(records) // 20):]
+    moves = [r["replacement"]["seconds"] for r in records if r.get("replacement")]
     return {"strategy": name, "steps": len(records), "final_loss": records[-1]["loss"], "val_loss": summary["val_loss"],
             "maxvio_after_warmup": statistics.mean(r["maxvio"] for r in after),
-            "maxvio_last": statistics.mean(r["maxvio"] for r in records[-max(1, len(records) // 20):]),
+            "maxvio_last": statistics.mean(r["maxvio"] for r in last),
             "device_imbalance_after_warmup": statistics.mean(r["device_imbalance"] for r in after),
+            "device_imbalance_last": statistics.mean(r["device_imbalance"] for r in last),
+            "replacements": len(moves), "replacement_s_median": statistics.median(moves) if moves else None,
             "dead_fraction_after_warmup": statistics.mean(r["dead_fraction"] for r in after),
             "dropped_copies_per_step": statistics.mean(r["dropped"] for r in after),
             "step_time_s": statistics.median(r["step_time_s"] for r in records[1:] or records)}
@@ -100,15 +122,17 @@ def plot(out: Path, runs: dict[str, list[dict]]) -> list[str]:
 
 def table(rows: list[dict]) -> str:
     base = next((r["final_loss"] for r in rows if r["strategy"] == "none"), None)
-    lines = ["| strategy | final loss | vs none | val loss | MaxVio after warm-up | MaxVio last 5% | device max/mean | "
-             "dead experts | dropped copies/step | step time |", "|---" * 10 + "|"]
+    lines = ["| strategy | final loss | vs none | val loss | MaxVio after warm-up | MaxVio last 5% | device max/mean "
+             "after warm-up | device max/mean last 5% | dead experts | dropped copies/step | re-placements | step time |",
+             "|---" * 12 + "|"]
     for r in rows:
         cost = f"{r['final_loss'] - base:+.4f}" if base is not None else "n/a"
         val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "n/a"
+        moves = f"{r['replacements']} ({r['replacement_s_median']:.3f} s)" if r["replacements"] else "0"
         lines.append(f"| {r['strategy']} | {r['final_loss']:.4f} | {cost} | {val} | {r['maxvio_after_warmup']:.3f} | "
                      f"{r['maxvio_last']:.3f} | {r['device_imbalance_after_warmup']:.3f} | "
-                     f"{r['dead_fraction_after_warmup']:.1%} | {r['dropped_copies_per_step']:.0f} | "
-                     f"{r['step_time_s'] * 1000:.0f} ms |")
+                     f"{r['device_imbalance_last']:.3f} | {r['dead_fraction_after_warmup']:.1%} | "
+                     f"{r['dropped_copies_per_step']:.0f} | {moves} | {r['step_time_s'] * 1000:.0f} ms |")
     return "\n".join(lines)
 
 
@@ -121,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if unknown:
             raise ConfigError(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(STRATEGIES)}")
+        strategies = {n: STRATEGIES[n] for n in names} | parse_extra(args.extra)
         cfg = load_config(args.config, overrides)
         world = cfg.cluster.num_devices
-        configs = {n: load_config(args.config, overrides + [o.format(world=world) for o in STRATEGIES[n]])
-                   for n in names}
+        configs = {n: load_config(args.config, overrides + [o.format(world=world) for o in strategies[n]])
+                   for n in strategies}
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -142,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, c in configs.items():
                 c.run.dir = str(out / name)
-                print(f"strategy {name}: {' '.join(STRATEGIES[name]) or 'no balancing'}", file=sys.stderr)
+                print(f"strategy {name}: {' '.join(strategies[name]) or 'no balancing'}", file=sys.stderr)
                 summary = asdict(Driver(c, make_run_dir(c)).run())
                 records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
                 runs[name] = records

@@ -1,8 +1,9 @@
 """Expert load, as the driver sees it: statistics of each step's global token counts.
 
 Input: `expert_load[layer][expert]`, the tokens (routed copies) each expert received this step over
-all devices, the number of devices and the placement (default: device d holds experts
-[d*El, (d+1)*El) of every layer).
+all devices, the number of devices, and either what each device's experts processed
+(`device_load[layer][device]`, measured by the devices) or the placement (default: device d holds
+experts [d*El, (d+1)*El) of every layer; an expert with replicas counts 1/r on each).
 
     MaxVio   = max_i c_i / mean_i c_i - 1     (0: perfectly balanced; per layer, and their mean)
     CV       = std_i c_i / mean_i c_i         (population std)
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from orchestrator.config import Config
+from orchestrator.config import Config, expert_slots
 from orchestrator.placement import ExpertPlacement, plan_placement
 
 
@@ -29,23 +30,24 @@ def _cv(counts: list[int]) -> float:
     return math.sqrt(sum((c - mean) ** 2 for c in counts) / len(counts)) / mean if mean else 0.0
 
 
-def device_loads(counts: list[int], world: int, slots: list[list[int]] | None = None) -> list[int]:
-    """Tokens each device's experts got: contiguous placement, or `slots[d]` = the experts device d holds."""
+def device_loads(counts: list[int], world: int, slots: list[list[int]] | None = None) -> list[float]:
+    """Tokens each device's experts got: contiguous placement, or `slots[d]` = the experts device d holds (an
+    expert with r replicas: 1/r of its tokens on each)."""
     if slots is None:
-        per = len(counts) // world
-        slots = [list(range(d * per, (d + 1) * per)) for d in range(world)]
-    return [sum(counts[e] for e in dev) for dev in slots]
+        return ExpertPlacement.contiguous(len(counts), world).device_loads([float(c) for c in counts])
+    return ExpertPlacement(tuple(map(tuple, slots))).device_loads([float(c) for c in counts])
 
 
-def load_stats(expert_load: list[list[int]], world: int, placement: list[list[list[int]]] | None = None
-               ) -> dict[str, Any]:
-    """The step's load statistics (see the module docstring) under `placement` ([layer][device] -> experts;
-    None: contiguous); {} when the model has no MoE layer."""
+def load_stats(expert_load: list[list[int]], world: int, placement: list[list[list[int]]] | None = None,
+               device_load: list[list[int]] | None = None) -> dict[str, Any]:
+    """The step's load statistics (see the module docstring): device loads as measured (`device_load`), else as
+    `placement` implies ([layer][device] -> experts; None: contiguous); {} when the model has no MoE layer."""
     if not expert_load:
         return {}
     maxvio = [_maxvio(layer) for layer in expert_load]
     cv = [_cv(layer) for layer in expert_load]
-    dev = [device_loads(layer, world, placement[i] if placement else None) for i, layer in enumerate(expert_load)]
+    dev = device_load or [device_loads(layer, world, placement[i] if placement else None)
+                          for i, layer in enumerate(expert_load)]
     dev_ratio = [max(d) / (sum(d) / world) if sum(d) else 1.0 for d in dev]
     experts = sum(len(layer) for layer in expert_load)
     return {
@@ -65,12 +67,26 @@ Placement = list[list[list[int]]]   # [MoE layer][device] -> expert ids in slot 
 class Balancer:
     """Live expert re-placement policy: every `balance.replace_every` steps, plan each MoE layer's placement from
     the mean load of the last `replace_window` recorded steps (records are what a rewind truncates, so a replay
-    plans exactly as the first pass did) and propose it when it beats the current one by `replace_min_gain`."""
+    plans exactly as the first pass did) and propose it when it beats the current one by `replace_min_gain`.
+    With `balance.redundant_experts`, the plan fills the extra slots with replicas of the hottest experts."""
 
     def __init__(self, cfg: Config):
         self.b, self.world, self.E = cfg.balance, cfg.cluster.num_devices, cfg.model.num_experts
-        self.placement: Placement | None = None   # None: contiguous (device d holds [d*El, (d+1)*El))
+        self.slots = expert_slots(cfg) if self.world > 1 else self.E   # expert slots per device
+        self.layers = max(0, cfg.model.n_layers - cfg.model.first_k_dense)
+        self.placement: Placement | None = None   # the devices' placement (None: contiguous, never re-placed)
+        self.reset()
         self.earlier: list[dict[str, Any]] = []   # a resumed run's records from before it (metrics.jsonl)
+
+    def initial(self) -> Placement | None:
+        """The placement devices are built with (see ExpertPlacement.initial); None when it never changes."""
+        if not self.enabled:
+            return None
+        return [[list(dev) for dev in ExpertPlacement.initial(self.E, self.world, self.slots).slots]
+                for _ in range(self.layers)]
+
+    def reset(self) -> None:
+        self.placement = self.initial()
 
     def recent(self, records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
         """The last `n` records of the run, reaching into the records from before a resume if need be."""
@@ -79,7 +95,8 @@ class Balancer:
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1 and bool(self.b.replace_every or self.b.replace_on_imbalance)
+        """Can the placement differ from contiguous (re-placement on, or replicas)?"""
+        return self.world > 1 and bool(self.b.replace_every or self.b.replace_on_imbalance or self.b.redundant_experts)
 
     def due(self, step: int, history: list[dict[str, Any]]) -> bool:
         """Every `replace_every` steps; or on an imbalance alert: the mean device max/mean load of the last
@@ -109,7 +126,7 @@ class Balancer:
         layers = len(window[0])
         loads = [[sum(w[layer][e] for w in window) / len(window) for e in range(self.E)] for layer in range(layers)]
         current = self.current(layers)
-        new = [[list(dev) for dev in plan_placement(loads[layer], self.world, self.E // self.world).slots]
+        new = [[list(dev) for dev in plan_placement(loads[layer], self.world, self.slots).slots]
                for layer in range(layers)]
         before = sum(ExpertPlacement(tuple(map(tuple, current[layer]))).imbalance(loads[layer]) for layer in range(layers))
         after = sum(ExpertPlacement(tuple(map(tuple, new[layer]))).imbalance(loads[layer]) for layer in range(layers))
@@ -119,8 +136,12 @@ class Balancer:
         return new, before, after
 
 
-def placement_from_manifest(expert_files: dict[str, dict[str, str]], world: int) -> Placement | None:
-    """The placement a checkpoint was saved with (device r wrote experts-<r>), if it had `world` devices."""
+def placement_from_manifest(expert_files: dict[str, dict[str, str]], world: int, slots: int,
+                            saved: Placement | None = None) -> Placement | None:
+    """The placement a checkpoint was saved with (`saved`, from its manifest; for checkpoints written before
+    manifests held it: device r wrote experts-<r>), if it had `world` devices of `slots` expert slots."""
+    if saved:
+        return saved if all(len(layer) == world and len(layer[0]) == slots for layer in saved) else None
     out = []
     for layer in sorted(expert_files, key=lambda name: int(name.split(".")[1])):
         devices: list[list[int]] = [[] for _ in range(world)]
@@ -129,7 +150,7 @@ def placement_from_manifest(expert_files: dict[str, dict[str, str]], world: int)
             if rank >= world:
                 return None
             devices[rank].append(int(gid))
-        if len({len(d) for d in devices}) != 1:
+        if {len(d) for d in devices} != {slots}:
             return None
         out.append([sorted(d) for d in devices])
     return out

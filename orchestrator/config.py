@@ -89,6 +89,9 @@ class BalanceConfig:
     replace_min_gain: float = 0.02    # ... and migrate when the planned device max/mean load beats the current by this
     replace_on_imbalance: float = 0.0 # also re-plan when the device max/mean load of recent steps exceeds this (0: off),
                                       # at most once per replace_window steps
+    redundant_experts: int = 0        # extra expert slots over all devices (a multiple of num_devices; as DeepSeek's
+                                      # EPLB): re-placement fills them with replicas of hot experts, whose tokens are
+                                      # split between the replicas and whose gradients are summed
 
 
 @dataclass
@@ -349,6 +352,12 @@ def _validate_faults(cfg: Config) -> None:
                           f"set faults.snapshot_every to 1 (or more)")
 
 
+def expert_slots(cfg: Config) -> int:
+    """Expert slots per device of each MoE layer: its share of the experts plus its share of the redundant ones."""
+    world = cfg.cluster.num_devices
+    return (cfg.model.num_experts + cfg.balance.redundant_experts) // world
+
+
 def _validate_balance(cfg: Config) -> None:
     b, m = cfg.balance, cfg.model
     _positive(cfg, ["balance.aux_loss_coeff", "balance.seq_aux_loss_coeff", "balance.z_loss_coeff",
@@ -356,6 +365,18 @@ def _validate_balance(cfg: Config) -> None:
     _positive(cfg, ["balance.num_groups", "balance.topk_groups", "balance.replace_window"])
     _positive(cfg, ["balance.replace_every", "balance.replace_min_gain", "balance.replace_on_imbalance"],
               allow_zero=True)
+    _positive(cfg, ["balance.redundant_experts"], allow_zero=True)
+    world = cfg.cluster.num_devices
+    if b.redundant_experts and world == 1:
+        raise ConfigError(f"balance.redundant_experts={b.redundant_experts} needs cluster.num_devices > 1: replicas "
+                          f"spread an expert's tokens over devices")
+    if b.redundant_experts % world:
+        raise ConfigError(f"balance.redundant_experts={b.redundant_experts} is not a multiple of cluster.num_devices="
+                          f"{world}: every device has the same number of expert slots")
+    if expert_slots(cfg) > m.num_experts:
+        raise ConfigError(f"balance.redundant_experts={b.redundant_experts} gives every device {expert_slots(cfg)} "
+                          f"expert slots, more than model.num_experts={m.num_experts}: at most "
+                          f"{m.num_experts * world - m.num_experts}")
     _choice("balance.routing", b.routing, ("topk", "grouped", "group_limited"))
     if b.routing == "topk":
         return

@@ -25,13 +25,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestrator.checkpoint.shard import Snapshot, restore_from_files, restore_from_snapshots, serialize, take_snapshot
-from orchestrator.config import Config, config_from_dict
+from orchestrator.config import Config, config_from_dict, expert_slots
 from orchestrator.data import BatchStream
 from orchestrator.model import build_model
 from orchestrator.model.balancing import update_expert_bias
 from orchestrator.model.layers import upcast
 from orchestrator.parallel import allreduce_dense_grads, apply_expert_parallel, clip_, groups, sum_of_squares
 from orchestrator.parallel.groups import CLOCK
+from orchestrator.placement import ExpertPlacement
 
 
 class InjectedCrash(RuntimeError):
@@ -48,6 +49,7 @@ class StepReport:
     tokens: int                    # tokens in the global batch
     compute_time_s: float          # time this device spent inside the step
     expert_load: list[list[int]]   # [MoE layer][expert]: global tokens routed to the expert this step
+    device_load: list[list[int]] = field(default_factory=list)  # [MoE layer][device]: token copies its experts got
     collective_s: float = 0.0      # of compute_time_s, time inside collectives (mostly waiting for peers)
     skipped: str | None = None     # why the update was not applied: nonfinite | loss_spike | grad_spike
     local_nonfinite: bool = False  # this device's own loss was non-finite (who caused a non-finite step)
@@ -82,11 +84,13 @@ class DeviceShard:
         # The process RNG is a function of (seed, rank) too, so what a checkpoint saves of it is reproducible.
         torch.manual_seed(cfg.seed * 1_000_003 + rank)
         self.device = torch.device("cuda", 0) if cfg.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-        num_local = cfg.model.num_experts // world
-        self.expert_ids = list(range(rank * num_local, (rank + 1) * num_local))
-        self.model = build_model(cfg.model, cfg.seed, self.expert_ids, cfg.balance).to(
+        # The initial placement: experts [rank*El, (rank+1)*El), then replicas in the redundant slots, if any.
+        initial = ExpertPlacement.initial(cfg.model.num_experts, world, expert_slots(cfg) if world > 1 else None)
+        self.model = build_model(cfg.model, cfg.seed, initial.slots[rank], cfg.balance).to(
             self.device, getattr(torch, cfg.train.dtype))
         apply_expert_parallel(self.model, world)
+        for m in self.model.moe_layers():
+            m.set_placement(initial.slots, rank)
         self.dense_params = [p for _, p in self.model.dense_parameters()]
         self.expert_params = [p for _, p in self.model.expert_parameters()]
         params = self.dense_params + self.expert_params
@@ -145,13 +149,19 @@ class DeviceShard:
         if self.world > 1:
             allreduce_dense_grads(self.dense_params)
         moe = self.model.moe_layers()
+        if any(max(m.copies) > 1 for m in moe):
+            self._sum_replica_grads(moe)
+        received = torch.zeros(len(moe), self.world, dtype=torch.float64, device=self.device)
+        received[:, self.rank] = torch.tensor([float(m.last_received) for m in moe], dtype=torch.float64)
         # float64: exact token counts, and the loss sum as precise as the model's dtype allows.
         stats = torch.cat([loss_sum.detach().double().view(1),
-                           sum_of_squares(self.expert_params).double().view(1).to(self.device),
+                           self._expert_sum_of_squares(moe).view(1).to(self.device),
                            (aux.detach().double() if aux is not None else loss_sum.new_zeros((), dtype=torch.float64)).view(1),
                            torch.tensor([float(sum(m.last_dropped for m in moe))], dtype=torch.float64, device=self.device),
+                           received.flatten(),
                            *(m.last_tokens_per_expert.double().to(self.device) for m in moe)])
         self._all_reduce(stats)
+        counts = 4 + len(moe) * self.world  # where the per-expert counts start
         grad_norm = torch.sqrt(sum_of_squares(self.dense_params).double().to(self.device) + stats[1])
         loss, norm = stats[0].item() / self.global_tokens, grad_norm.item()
         skipped = _reject(loss, norm, guard or {})
@@ -163,15 +173,57 @@ class DeviceShard:
                 group["lr"] = lr
             self.optimizer.step()
             if self.cfg.balance.bias_update_speed:
-                for m, counts_E in zip(moe, stats[4:].view(len(moe), -1)):
+                for m, counts_E in zip(moe, stats[counts:].view(len(moe), -1)):
                     update_expert_bias(m.router.expert_bias, counts_E, self.cfg.balance.bias_update_speed)
         self.optimizer.zero_grad(set_to_none=True)
-        load = stats[4:].nan_to_num().round().long().view(len(moe), -1).tolist() if moe else []
+        load = stats[counts:].nan_to_num().round().long().view(len(moe), -1).tolist() if moe else []
+        device_load = stats[4:counts].round().long().view(len(moe), self.world).tolist() if moe else []
         CLOCK.set_phase("idle")
         return StepReport(step=step, rank=self.rank, loss=loss, grad_norm=norm, lr=lr, tokens=self.global_tokens,
-                          compute_time_s=time.perf_counter() - t0, expert_load=load, aux_loss=stats[2].item(),
+                          compute_time_s=time.perf_counter() - t0, expert_load=load, device_load=device_load,
+                          aux_loss=stats[2].item(),
                           dropped=int(stats[3].item()),
                           collective_s=CLOCK.collective_s, skipped=skipped, local_nonfinite=local_nonfinite)
+
+    def _sum_replica_grads(self, moe: list) -> None:
+        """Each replica of an expert got the gradient of its share of the expert's tokens: sum them (one all_reduce
+        of the replicated experts' rows, zeros where a device holds no replica), so every replica holds the
+        expert's whole gradient and takes the same AdamW update: replicas stay identical."""
+        parts: list[torch.Tensor] = []
+        targets: list[tuple[torch.nn.Parameter, list[tuple[int, int]]]] = []
+        for m in moe:
+            row = {e: i for i, e in enumerate(e for e, n in enumerate(m.copies) if n > 1)}
+            mine = [(j, row[e]) for j, e in enumerate(m.experts.expert_ids) if e in row]
+            for p in m.experts.parameters():
+                buf = p.new_zeros((len(row), *p.shape[1:]))
+                for j, i in mine:
+                    if p.grad is not None:
+                        buf[i] += p.grad[j]
+                parts.append(buf)
+                targets.append((p, mine))
+        flat = torch.cat([b.flatten() for b in parts])
+        with CLOCK.collective("all_reduce replica grads"):
+            dist.all_reduce(flat)
+        offset = 0
+        for (p, mine), buf in zip(targets, parts):
+            summed = flat[offset:offset + buf.numel()].view_as(buf)
+            offset += buf.numel()
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            for j, i in mine:
+                p.grad[j].copy_(summed[i])
+
+    @staticmethod
+    def _expert_sum_of_squares(moe: list) -> torch.Tensor:
+        """This device's share of the squared expert-gradient norm: every logical expert counted once (its
+        primary replica), so the all-reduced sum is the norm of the model's gradient."""
+        sq = []
+        for m in moe:
+            keep = torch.tensor(m.experts.primary, device=m.slot_ER.device)
+            for p in m.experts.parameters():
+                if p.grad is not None:
+                    sq.append(p.grad.detach()[keep].double().pow(2).sum())
+        return torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64)
 
     @torch.no_grad()
     def evaluate(self, num_batches: int) -> float:
@@ -193,7 +245,8 @@ class DeviceShard:
 
     def set_placement(self, placement: list[list[list[int]]]) -> None:
         """Hold, in every MoE layer, the experts `placement[layer][self.rank]` (dispatch follows at once; the
-        weights and optimizer state are the caller's to restore, from snapshots holding those experts)."""
+        weights and optimizer state are the caller's to restore, from snapshots holding those experts). The
+        number of slots per device is fixed by the config: a placement only says which expert sits in which."""
         for m, slots in zip(self.model.moe_layers(), placement):
             m.set_placement(slots, self.rank)
 
@@ -269,7 +322,8 @@ class DeviceActor:
         from orchestrator.storage import Storage
 
         result: dict[str, Any] = {"step": snap.step, "rank": snap.rank, "files": {}, "error": None,
-                                  "expert_files": snap.expert_files, "optimizer_step": snap.optimizer_step}
+                                  "expert_files": snap.expert_files, "optimizer_step": snap.optimizer_step,
+                                  "placement": snap.placement}
         t0 = time.perf_counter()
         try:
             storage = Storage(uri)

@@ -136,7 +136,7 @@ class Driver:
                "device_step_time_s": [r.compute_time_s for r in reports],
                "device_collective_s": [r.collective_s for r in reports],
                "aux_loss": r0.aux_loss, "dropped": r0.dropped, "expert_load": r0.expert_load,
-               **load_stats(r0.expert_load, self.world, self.balancer.placement), "time": time.time()}
+               **load_stats(r0.expert_load, self.world, self.balancer.placement, r0.device_load), "time": time.time()}
         if r0.skipped:
             rec["skipped"] = r0.skipped
         return rec
@@ -356,7 +356,7 @@ class Driver:
             self.snapshot(step)
             return step, "checkpoint"
         log.warning("no snapshot or checkpoint of this run to restore; going back to the initial state")
-        self.balancer.placement = None
+        self.balancer.reset()
         self._build(range(self.world), timeout_s, "rebuild the initial shards")
         step = self.restore()
         self.snapshot(step)
@@ -405,9 +405,12 @@ class Driver:
         return manifest.step
 
     def _load(self, storage: Storage, manifest: CheckpointManifest, timeout_s: float) -> None:
-        """Every device loads its part of a checkpoint; with re-placement on, in the placement it was saved with
-        (when it had as many devices), else contiguous."""
-        placement = placement_from_manifest(manifest.expert_files, self.world) if self.balancer.enabled else None
+        """Every device loads its part of a checkpoint; with re-placement or replicas on, in the placement it was
+        saved with (when it had as many devices and slots), else the initial one."""
+        placement = None
+        if self.balancer.enabled:
+            placement = (placement_from_manifest(manifest.expert_files, self.world, self.balancer.slots,
+                                                 manifest.placement) or self.balancer.initial())
         self._get([a.load.remote(storage.uri, asdict(manifest), placement) for a in self.actors], timeout_s,
                   f"load checkpoint {storage.uri}")
         self.balancer.placement = placement

@@ -28,6 +28,19 @@ class ExpertPlacement:
         per = num_experts // world
         return cls(tuple(tuple(range(d * per, (d + 1) * per)) for d in range(world)))
 
+    @classmethod
+    def initial(cls, num_experts: int, world: int, slots_per_device: int | None = None) -> "ExpertPlacement":
+        """Where a run starts, before any load is known: device d holds experts [d*El, (d+1)*El) (El = E / world)
+        and, in its spare slots (slots_per_device - El), replicas of the experts that follow: spare slot i holds
+        expert ((d+1)*El + i) mod E, so no device holds one expert twice."""
+        per = num_experts // world
+        slots = slots_per_device or per
+        if not per <= slots <= num_experts:
+            raise ValueError(f"{slots} slots per device cannot hold {per} experts each without repeats")
+        return cls(tuple(tuple(range(d * per, (d + 1) * per)) + tuple(((d + 1) * per + i) % num_experts
+                                                                      for i in range(slots - per))
+                         for d in range(world)))
+
     @property
     def world(self) -> int:
         return len(self.slots)
@@ -36,16 +49,38 @@ class ExpertPlacement:
     def num_experts(self) -> int:
         return 1 + max(e for dev in self.slots for e in dev)
 
+    @property
+    def slots_per_device(self) -> int:
+        return len(self.slots[0])
+
+    def copies(self) -> list[int]:
+        """How many replicas each expert has."""
+        count = [0] * self.num_experts
+        for dev in self.slots:
+            for e in dev:
+                count[e] += 1
+        return count
+
+    def primary(self) -> list[list[bool]]:
+        """[device][slot]: is this the expert's first replica (device-major order)? Checkpoints save that copy
+        and the gradient norm counts it; the others are identical to it."""
+        seen: set[int] = set()
+        out = []
+        for dev in self.slots:
+            row = []
+            for e in dev:
+                row.append(e not in seen)
+                seen.add(e)
+            out.append(row)
+        return out
+
     def replicas(self, expert: int) -> list[tuple[int, int]]:
         """(device, slot) of every copy of `expert`."""
         return [(d, s) for d, dev in enumerate(self.slots) for s, e in enumerate(dev) if e == expert]
 
     def device_loads(self, loads: list[float]) -> list[float]:
         """Expected load of each device when every expert's tokens are split evenly over its replicas."""
-        count = [0] * len(loads)
-        for dev in self.slots:
-            for e in dev:
-                count[e] += 1
+        count = self.copies()
         return [sum(loads[e] / count[e] for e in dev) for dev in self.slots]
 
     def imbalance(self, loads: list[float]) -> float:

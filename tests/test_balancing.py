@@ -135,11 +135,13 @@ def test_routing_study_job_compares_strategies_with_plots(ray_session, tmp_path)
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(to_yaml(tiny_config(tmp_path / "study", "cluster.num_devices=2", "train.steps=6")))
     rc = routing_study.main(["--config", str(cfg_file), "--strategies", "none,aux_free_bias,grouped,capacity_1.25",
-                             "--warmup", "2"])
+                             "--extra", "moved:balance.replace_every=2,balance.replace_window=2,"
+                             "balance.replace_min_gain=0,balance.redundant_experts=2", "--warmup", "2"])
     assert rc == 0
     out = tmp_path / "study"
     rows = {r["strategy"]: r for r in json.loads((out / "comparison.json").read_text())}
-    assert list(rows) == ["none", "aux_free_bias", "grouped", "capacity_1.25"]
+    assert list(rows) == ["none", "aux_free_bias", "grouped", "capacity_1.25", "moved"]
+    assert rows["moved"]["replacements"] >= 1 and rows["none"]["replacements"] == 0
     assert rows["grouped"]["device_imbalance_after_warmup"] == 1.0  # one group per device: balanced by construction
     assert rows["capacity_1.25"]["dropped_copies_per_step"] > 0 and rows["none"]["dropped_copies_per_step"] == 0
     assert rows["none"]["final_loss"] != rows["aux_free_bias"]["final_loss"]  # the bias changed the routing

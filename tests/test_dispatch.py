@@ -62,7 +62,7 @@ def _check_scenario(rank: int, routing) -> None:
     mine = make_experts(range(rank * el, (rank + 1) * el))
     x, gates, probe = inputs(rank)
     x.requires_grad_(True)
-    out, per_expert, counts = moe_forward(mine, AllToAllTokenDispatcher(E, WORLD), x, torch.tensor(routing[rank]), gates)
+    out, per_expert, counts = moe_forward(mine, AllToAllTokenDispatcher(WORLD), x, torch.tensor(routing[rank]), gates)
     (out * probe).sum().backward()
     expected_counts = torch.bincount(torch.tensor(routing).view(-1), minlength=E)
     assert per_expert == expected_counts[rank * el:(rank + 1) * el].tolist()

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from orchestrator.checkpoint.shard import CheckpointError
 from orchestrator.config import Config, to_dict
@@ -44,13 +44,14 @@ class CheckpointManifest:
     step: int                                  # steps completed; training resumes at step + 1
     world_size: int
     files: dict[str, dict[str, Any]]           # name -> {size, sha256}
-    expert_files: dict[str, dict[str, str]]    # MoE layer -> {global expert id: file}
+    expert_files: dict[str, dict[str, str]]    # MoE layer -> {global expert id: file} (one copy of replicas)
     optimizer_step: int
     config_hash: str
     fingerprint: dict[str, Any]
     seed: int
     created: float = field(default_factory=time.time)
     format: int = FORMAT
+    placement: Optional[list[list[list[int]]]] = None  # [MoE layer][device] -> expert ids, replicas included
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode()
@@ -154,7 +155,7 @@ class CheckpointManager:
         manifest = CheckpointManifest(step=step, world_size=world, files=files, expert_files=expert_files,
                                       optimizer_step=by_rank[0]["optimizer_step"],
                                       config_hash=fingerprint_hash(self.fingerprint), fingerprint=self.fingerprint,
-                                      seed=self.cfg.seed)
+                                      seed=self.cfg.seed, placement=by_rank[0].get("placement"))
         self.storage.write_atomic(f"{step_dir(step)}/{MANIFEST}", manifest.to_json())
         self.committed_steps.append(step)
         elapsed = time.perf_counter() - self.started.pop(step, time.perf_counter())

@@ -45,6 +45,7 @@ class Snapshot:
     files: dict[str, dict[str, np.ndarray | torch.Tensor]]
     optimizer_step: int
     expert_files: dict[str, dict[str, str]] = field(default_factory=dict)  # MoE layer -> {expert id: file}
+    placement: list[list[list[int]]] = field(default_factory=list)  # [MoE layer][device] -> expert ids (slot order)
 
 
 def _host_copy(t: torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -80,14 +81,16 @@ def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank
     mine: dict[str, np.ndarray | torch.Tensor] = {"rng/torch": torch.get_rng_state().numpy()}
     expert_files: dict[str, dict[str, str]] = {}
     for name, p in model.expert_parameters():
-        ids = model.expert_ids_of(name)  # this layer's experts on this device (placement may differ per layer)
-        for j, gid in enumerate(ids):
+        # This layer's experts on this device (placement may differ per layer); of replicas, only the primary copy.
+        ids = [(j, gid) for j, (gid, primary) in enumerate(zip(model.expert_ids_of(name), model.primary_of(name)))
+               if primary]
+        for j, gid in ids:
             add(mine, f"{name}[{gid}]", p, j)
-        expert_files[name.rsplit(".experts.", 1)[0]] = {str(gid): expert_file(rank) for gid in ids}
+        expert_files[name.rsplit(".experts.", 1)[0]] = {str(gid): expert_file(rank) for _, gid in ids}
     files[expert_file(rank)] = mine
     steps = [int(s["step"]) for s in state.values() if "step" in s]
     return Snapshot(step=step, rank=rank, files=files, optimizer_step=steps[0] if steps else 0,
-                    expert_files=expert_files)
+                    expert_files=expert_files, placement=model.placement())
 
 
 def serialize(tensors: dict[str, np.ndarray | torch.Tensor]) -> tuple[bytes, dict[str, object]]:

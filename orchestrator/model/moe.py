@@ -57,11 +57,14 @@ class Router(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """El SwiGLU experts stored as stacked weights; `expert_ids` are their global ids in the layer."""
+    """El SwiGLU experts stored as stacked weights; `expert_ids` are their global ids in the layer (one id twice
+    or on several devices: replicas); `primary[j]`: slot j holds the copy that checkpoints save and the gradient
+    norm counts (the first replica in device order)."""
 
     def __init__(self, dim: int, hidden: int, expert_ids: Sequence[int]):
         super().__init__()
         self.expert_ids = list(expert_ids)
+        self.primary = [True] * len(self.expert_ids)
         El = len(self.expert_ids)
         self.w1_EFD = nn.Parameter(torch.empty(El, hidden, dim))
         self.w3_EFD = nn.Parameter(torch.empty(El, hidden, dim))
@@ -154,9 +157,15 @@ class MoE(nn.Module):
         # summed over devices for the load statistics), and how many copies capacity dropped.
         self.last_tokens_per_expert: torch.Tensor = torch.zeros(num_experts, dtype=torch.long)
         self.last_dropped: int = 0
-        # Expert placement: the physical slot (device * El + local index) of each expert id; entry E (a copy
-        # dropped by capacity) stays E. The identity until set_placement says otherwise.
-        self.register_buffer("slot_of_E", torch.arange(num_experts + 1), persistent=False)
+        self.last_received: int = 0  # token copies this device's experts processed in the last forward
+        # Expert placement (set_placement): slot_ER[e, r] is the physical slot (device * slots per device + local
+        # index) of replica r of expert e, copies_E[e] its number of replicas; row E (copies dropped by capacity)
+        # maps to num_slots, which dispatch leaves out. One replica per expert, in id order, until set otherwise.
+        self.num_slots, self.rank = num_experts, 0
+        self.copies: list[int] = [1] * num_experts   # replicas of each expert (copies_E on the host)
+        self.register_buffer("slot_ER", torch.arange(num_experts + 1).unsqueeze(1), persistent=False)
+        self.register_buffer("copies_E", torch.ones(num_experts + 1, dtype=torch.long), persistent=False)
+        self.placement: list[list[int]] = [list(range(num_experts))]
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
@@ -169,26 +178,61 @@ class MoE(nn.Module):
             capacity = math.ceil(self.balance.capacity_factor * T * self.top_k / self.num_experts)
             send_NK = drop_over_capacity(gates_NK, experts_NK, T, self.num_experts, capacity)
             self.last_dropped = int((send_NK == self.num_experts).sum())
-        send_NK = self.slot_of_E[send_NK]  # expert ids -> physical slots (sorted by slot = grouped by device)
-        x_MD, tokens_per_local_expert, counts_E, meta = self.dispatcher.dispatch(x_ND, send_NK, self.num_experts)
+        slots_NK = self.slots_of(send_NK)  # expert ids -> physical slots (sorted by slot = grouped by device)
+        x_MD, tokens_per_local_slot, _, meta = self.dispatcher.dispatch(x_ND, slots_NK, self.num_slots)
+        self.last_received = int(sum(tokens_per_local_slot))
         if self.training:
             self.aux_loss = self._balance_losses(scores_NE, logits_NE, experts_NK, routed_E, B, T)
-        y_MD = self.experts(x_MD, tokens_per_local_expert)
+        y_MD = self.experts(x_MD, tokens_per_local_slot)
         out_ND = self.dispatcher.combine(y_MD, gates_NK, meta, x_ND.shape[0])
         if self.shared is not None:
             out_ND = out_ND + self.shared(x_ND)
         return out_ND.view(B, T, D)
 
+    def slots_of(self, experts_NK: torch.Tensor) -> torch.Tensor:
+        """The slot each routed copy goes to. An expert with r replicas: this device's i-th copy for it (in token
+        order) goes to replica (i + rank) mod r, so each replica gets 1/r of the copies give or take one per device."""
+        flat_M = experts_NK.reshape(-1)
+        if max(self.copies) == 1:
+            return self.slot_ER[flat_M, 0].view_as(experts_NK)
+        copies_M = self.copies_E[flat_M]
+        order_M = torch.argsort(flat_M, stable=True)
+        counts_E = torch.bincount(flat_M, minlength=self.num_experts + 1)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        ordinal_M = torch.empty_like(flat_M)
+        ordinal_M[order_M] = torch.arange(flat_M.numel(), device=flat_M.device) - starts_E[flat_M[order_M]]
+        return self.slot_ER[flat_M, (ordinal_M + self.rank) % copies_M].view_as(experts_NK)
+
     def set_placement(self, slots: Sequence[Sequence[int]], rank: int) -> None:
-        """Adopt a placement of this layer: slots[d] = the expert ids device d holds, in slot order. This module
-        then holds slots[rank] (its weights must be loaded by the caller: see DeviceShard.apply_placement)."""
-        per = len(slots[rank])
-        slot_of = list(range(self.num_experts + 1))
+        """Adopt a placement of this layer: slots[d] = the expert ids device d holds, in slot order (an expert may
+        sit on several devices: replicas). This module then holds slots[rank] (its weights must be loaded by the
+        caller: see DeviceShard.set_placement)."""
+        per, E = len(slots[rank]), self.num_experts
+        if per != len(self.experts.expert_ids) or any(len(ids) != per for ids in slots):
+            raise ValueError(f"placement {slots} does not give every device {len(self.experts.expert_ids)} expert "
+                             f"slots (the number this model was built with)")
+        replicas: list[list[int]] = [[] for _ in range(E)]
         for d, ids in enumerate(slots):
             for j, e in enumerate(ids):
-                slot_of[e] = d * per + j
-        self.slot_of_E.copy_(torch.tensor(slot_of))
+                replicas[e].append(d * per + j)
+        if any(not r for r in replicas):
+            raise ValueError(f"placement {slots} leaves expert {[e for e in range(E) if not replicas[e]][0]} out")
+        self.num_slots, self.rank = len(slots) * per, rank
+        width = max(len(r) for r in replicas)
+        table = [r + r[:1] * (width - len(r)) for r in replicas] + [[self.num_slots] * width]
+        self.slot_ER = torch.tensor(table, device=self.slot_ER.device)
+        self.copies = [len(r) for r in replicas]
+        self.copies_E = torch.tensor(self.copies + [1], device=self.copies_E.device)
+        self.placement = [list(ids) for ids in slots]
         self.experts.expert_ids = list(slots[rank])
+        seen: set[int] = set()
+        primary = []
+        for d, ids in enumerate(slots):
+            for e in ids:
+                if d == rank:
+                    primary.append(e not in seen)
+                seen.add(e)
+        self.experts.primary = primary
 
     def _balance_losses(self, scores_NE, logits_NE, experts_NK, counts_E, B: int, T: int) -> torch.Tensor | None:
         b = self.balance

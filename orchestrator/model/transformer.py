@@ -66,9 +66,13 @@ class MoETransformer(nn.Module):
         """Global expert ids held by the module of an expert parameter (`layers.3.ffn.experts.w1_EFD`), in slot order."""
         return self.get_submodule(param_name.rsplit(".", 1)[0]).expert_ids
 
-    def placement(self) -> list[list[int]]:
-        """The expert ids this instance holds, per MoE layer."""
-        return [list(m.experts.expert_ids) for m in self.moe_layers()]
+    def primary_of(self, param_name: str) -> list[bool]:
+        """Per slot of an expert parameter's module: the copy checkpoints save (see GroupedExperts)."""
+        return self.get_submodule(param_name.rsplit(".", 1)[0]).primary
+
+    def placement(self) -> list[list[list[int]]]:
+        """The expert placement of every MoE layer: [layer][device] -> expert ids in slot order."""
+        return [[list(ids) for ids in m.placement] for m in self.moe_layers()]
 
     def aux_loss(self) -> torch.Tensor | None:
         """The balancing losses of the last training forward, summed over MoE layers (None when off)."""

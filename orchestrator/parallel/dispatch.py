@@ -1,6 +1,7 @@
 """Expert-parallel token dispatch and combine over `all_to_all` with uneven splits (dropless).
 
-Device d of W holds experts [d*El, (d+1)*El) of each MoE layer (El = E / W). Each device routes its
+Device d of W holds slots [d*El, (d+1)*El) of each MoE layer (El slots per device; the MoE layer maps
+expert ids to slots by its placement, so here an "expert" is a slot). Each device routes its
 own tokens, sorts the routed copies by expert (so the copies bound for one device are contiguous),
 tells every device how many copies per expert it will send (one small all_to_all of counts), sends
 the copies (all_to_all, uneven splits: any count, zero included), regroups what arrived by local
@@ -40,15 +41,15 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> 
 
 
 class AllToAllTokenDispatcher:
-    """Drop-in for `LocalTokenDispatcher` when the layer's experts are split over the default group."""
+    """Drop-in for `LocalTokenDispatcher` when the layer's expert slots are split over the default group."""
 
-    def __init__(self, num_experts: int, world: int):
-        if num_experts % world:
-            raise ValueError(f"{num_experts} experts cannot be split evenly over {world} devices")
-        self.world, self.num_local = world, num_experts // world
+    def __init__(self, world: int):
+        self.world = world
 
     def dispatch(self, x_ND, experts_NK, num_experts):
-        W, El = self.world, self.num_local
+        if num_experts % self.world:
+            raise ValueError(f"{num_experts} expert slots cannot be split evenly over {self.world} devices")
+        W, El = self.world, num_experts // self.world
         x_MD, counts_E, token_idx_M, order_M = permute_by_expert(x_ND, experts_NK, num_experts)
         recv_counts = torch.empty_like(counts_E)
         with CLOCK.collective("all_to_all counts"):
@@ -84,4 +85,4 @@ def apply_expert_parallel(model: torch.nn.Module, world: int) -> None:
 
     for module in model.modules():
         if isinstance(module, MoE) and world > 1:
-            module.dispatcher = AllToAllTokenDispatcher(module.num_experts, world)
+            module.dispatcher = AllToAllTokenDispatcher(world)
