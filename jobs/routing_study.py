@@ -5,7 +5,8 @@
 
 Runs the job once per strategy (same seed, data and steps; one Ray cluster), then writes into the
 run directory: comparison.json and comparison.md (final and validation loss, the loss cost against
-`none`, MaxVio after warm-up, device imbalance, dropped copies, step time), maxvio.png (MaxVio over
+`none`, MaxVio after warm-up, over the last 5% of steps and of their summed load, device imbalance,
+dropped copies, re-placements, step time), maxvio.png and device_imbalance.png (over
 steps, every strategy) and heatmap-<strategy>.png (each MoE layer: the share of token copies every
 expert got, over steps). Each strategy's own run directory is beside them.
 """
@@ -69,12 +70,24 @@ def summarize(name: str, records: list[dict], summary: dict, warmup: int) -> dic
     return {"strategy": name, "steps": len(records), "final_loss": records[-1]["loss"], "val_loss": summary["val_loss"],
             "maxvio_after_warmup": statistics.mean(r["maxvio"] for r in after),
             "maxvio_last": statistics.mean(r["maxvio"] for r in last),
+            "maxvio_last_total": window_maxvio(last),
             "device_imbalance_after_warmup": statistics.mean(r["device_imbalance"] for r in after),
             "device_imbalance_last": statistics.mean(r["device_imbalance"] for r in last),
             "replacements": len(moves), "replacement_s_median": statistics.median(moves) if moves else None,
             "dead_fraction_after_warmup": statistics.mean(r["dead_fraction"] for r in after),
             "dropped_copies_per_step": statistics.mean(r["dropped"] for r in after),
             "step_time_s": statistics.median(r["step_time_s"] for r in records[1:] or records)}
+
+
+def window_maxvio(records: list[dict]) -> float:
+    """MaxVio of the load summed over `records` (mean over layers): how balanced the router is once the noise of
+    single small batches averages out (a step's batch is a few sequences whose tokens route alike)."""
+    layers = len(records[0]["expert_load"]) if records and records[0]["expert_load"] else 0
+    if not layers:
+        return 0.0
+    totals = [[sum(r["expert_load"][layer][e] for r in records) for e in range(len(records[0]["expert_load"][layer]))]
+              for layer in range(layers)]
+    return statistics.mean(max(t) / statistics.mean(t) - 1 if sum(t) else 0.0 for t in totals)
 
 
 def plot(out: Path, runs: dict[str, list[dict]]) -> list[str]:
@@ -85,21 +98,25 @@ def plot(out: Path, runs: dict[str, list[dict]]) -> list[str]:
     import numpy as np
 
     written = []
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, records in runs.items():
-        steps = [r["step"] for r in records]
-        window = max(1, len(records) // 50)  # trailing mean: each point averages the steps up to it
-        csum = np.cumsum([0.0] + [r["maxvio"] for r in records])
-        smooth = [(csum[i + 1] - csum[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(records))]
-        ax.plot(steps, smooth, label=name, linewidth=1.2)
-    ax.set(xlabel="step", ylabel="MaxVio (mean over MoE layers)", title="Expert load imbalance by strategy",
-           yscale="log")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "maxvio.png", dpi=110)
-    plt.close(fig)
-    written.append("maxvio.png")
+    for key, ylabel, title, scale, file in (
+            ("maxvio", "MaxVio (mean over MoE layers)", "Expert load imbalance by strategy", "log", "maxvio.png"),
+            ("device_imbalance", "device max/mean load (mean over MoE layers)", "Device load imbalance by strategy",
+             "linear", "device_imbalance.png")):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # a colour per strategy, up to 20
+        for name, records in runs.items():
+            steps = [r["step"] for r in records]
+            window = max(1, len(records) // 50)  # trailing mean: each point averages the steps up to it
+            csum = np.cumsum([0.0] + [r[key] for r in records])
+            smooth = [(csum[i + 1] - csum[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(records))]
+            ax.plot(steps, smooth, label=name, linewidth=1.2)
+        ax.set(xlabel="step", ylabel=ylabel, title=title, yscale=scale)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / file, dpi=110)
+        plt.close(fig)
+        written.append(file)
     for name, records in runs.items():
         load = np.array([r["expert_load"] for r in records], dtype=float)   # [step, layer, expert]
         share = load / load.sum(-1, keepdims=True)
@@ -122,15 +139,15 @@ def plot(out: Path, runs: dict[str, list[dict]]) -> list[str]:
 
 def table(rows: list[dict]) -> str:
     base = next((r["final_loss"] for r in rows if r["strategy"] == "none"), None)
-    lines = ["| strategy | final loss | vs none | val loss | MaxVio after warm-up | MaxVio last 5% | device max/mean "
-             "after warm-up | device max/mean last 5% | dead experts | dropped copies/step | re-placements | step time |",
-             "|---" * 12 + "|"]
+    lines = ["| strategy | final loss | vs none | val loss | MaxVio after warm-up | MaxVio last 5% | MaxVio of the last "
+             "5% summed | device max/mean after warm-up | device max/mean last 5% | dead experts | dropped copies/step | "
+             "re-placements | step time |", "|---" * 13 + "|"]
     for r in rows:
         cost = f"{r['final_loss'] - base:+.4f}" if base is not None else "n/a"
         val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "n/a"
         moves = f"{r['replacements']} ({r['replacement_s_median']:.3f} s)" if r["replacements"] else "0"
         lines.append(f"| {r['strategy']} | {r['final_loss']:.4f} | {cost} | {val} | {r['maxvio_after_warmup']:.3f} | "
-                     f"{r['maxvio_last']:.3f} | {r['device_imbalance_after_warmup']:.3f} | "
+                     f"{r['maxvio_last']:.3f} | {r['maxvio_last_total']:.3f} | {r['device_imbalance_after_warmup']:.3f} | "
                      f"{r['device_imbalance_last']:.3f} | {r['dead_fraction_after_warmup']:.1%} | "
                      f"{r['dropped_copies_per_step']:.0f} | {moves} | {r['step_time_s'] * 1000:.0f} ms |")
     return "\n".join(lines)
@@ -145,11 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if unknown:
             raise ConfigError(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(STRATEGIES)}")
-        strategies = {n: STRATEGIES[n] for n in names} | parse_extra(args.extra)
         cfg = load_config(args.config, overrides)
         world = cfg.cluster.num_devices
-        configs = {n: load_config(args.config, overrides + [o.format(world=world) for o in strategies[n]])
-                   for n in strategies}
+        if world == 1:  # experts cannot move (or have replicas) on one device
+            skipped = [n for n in names if any("replace" in o or "redundant" in o for o in STRATEGIES[n])]
+            if skipped and args.strategies == ",".join(STRATEGIES):
+                print(f"one device: leaving out {', '.join(skipped)}", file=sys.stderr)
+                names = [n for n in names if n not in skipped]
+        strategies = {n: [o.format(world=world) for o in STRATEGIES[n]] for n in names} | parse_extra(args.extra)
+        configs = {n: load_config(args.config, overrides + strategies[n]) for n in strategies}
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -141,7 +141,9 @@ def placement_from_manifest(expert_files: dict[str, dict[str, str]], world: int,
     """The placement a checkpoint was saved with (`saved`, from its manifest; for checkpoints written before
     manifests held it: device r wrote experts-<r>), if it had `world` devices of `slots` expert slots."""
     if saved:
-        return saved if all(len(layer) == world and len(layer[0]) == slots for layer in saved) else None
+        fits = len(saved) == len(expert_files) and all(
+            len(layer) == world and all(len(dev) == slots for dev in layer) for layer in saved)
+        return saved if fits else None
     out = []
     for layer in sorted(expert_files, key=lambda name: int(name.split(".")[1])):
         devices: list[list[int]] = [[] for _ in range(world)]

@@ -219,10 +219,9 @@ class DeviceShard:
         primary replica), so the all-reduced sum is the norm of the model's gradient."""
         sq = []
         for m in moe:
-            keep = torch.tensor(m.experts.primary, device=m.slot_ER.device)
             for p in m.experts.parameters():
                 if p.grad is not None:
-                    sq.append(p.grad.detach()[keep].double().pow(2).sum())
+                    sq.append(p.grad.detach()[m.primary_mask].double().pow(2).sum())
         return torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64)
 
     @torch.no_grad()

@@ -29,7 +29,7 @@ from typing import Any
 
 import ray
 
-from orchestrator.balancer import Balancer, load_stats, placement_from_manifest
+from orchestrator.balancer import Balancer, Placement, load_stats, placement_from_manifest
 from orchestrator.checkpoint.manager import (CheckpointError, CheckpointManager, CheckpointManifest,
                                              check_compatible, find_resume)
 from orchestrator.config import Config, FaultSpec, to_dict
@@ -345,6 +345,10 @@ class Driver:
         snap = self.snapshots.restore(self.actors, timeout_s, replacing=self.balancer.enabled)
         if snap is not None:
             self.balancer.placement = snap.placement  # the placement of that step: a replay re-plans as before
+            moved = next((r.get("replacement") for r in self.records if r["step"] == snap.step), None)
+            if moved and moved["placement"] != snap.placement:
+                # the snapshot taken just after this step's re-placement was lost: make the same move again
+                self._move_experts(snap.step, moved["placement"])
             return snap.step, "snapshot"
         for step in sorted(self.ckpt.committed_steps, reverse=True):
             try:
@@ -426,16 +430,21 @@ class Driver:
         t0 = time.perf_counter()
         if not self.snapshots.items or self.snapshots.items[-1].step != step:
             self.snapshot(step, always=True)
-        refs = self.snapshots.newest_refs
-        self._get([a.restore_snapshots.remote(*refs, placement=new) for a in self.actors],
-                  self.cfg.cluster.step_timeout_s, f"move experts to their new devices after step {step}")
-        self.balancer.placement = new
-        self.snapshot(step, always=True)
+        self._move_experts(step, new)
         seconds = time.perf_counter() - t0
         log.info("step %d: experts re-placed in %.2fs; planned device max/mean load %.3f -> %.3f", step, seconds,
                  before, after)
         return {"seconds": seconds, "device_imbalance_before": before, "device_imbalance_planned": after,
                 "placement": new}
+
+    def _move_experts(self, step: int, new: Placement) -> None:
+        """Every device adopts `new` and takes its experts from the newest snapshot (of `step`); then a snapshot in
+        the new placement."""
+        refs = self.snapshots.newest_refs
+        self._get([a.restore_snapshots.remote(*refs, placement=new) for a in self.actors],
+                  self.cfg.cluster.step_timeout_s, f"move experts to their new devices after step {step}")
+        self.balancer.placement = new
+        self.snapshot(step, always=True)
 
     def global_parameters(self) -> dict[str, Any]:
         """Every parameter of the model, gathered from the devices (experts by global id)."""

@@ -145,6 +145,6 @@ def test_routing_study_job_compares_strategies_with_plots(ray_session, tmp_path)
     assert rows["grouped"]["device_imbalance_after_warmup"] == 1.0  # one group per device: balanced by construction
     assert rows["capacity_1.25"]["dropped_copies_per_step"] > 0 and rows["none"]["dropped_copies_per_step"] == 0
     assert rows["none"]["final_loss"] != rows["aux_free_bias"]["final_loss"]  # the bias changed the routing
-    for name in ("maxvio.png", *(f"heatmap-{s}.png" for s in rows)):
+    for name in ("maxvio.png", "device_imbalance.png", *(f"heatmap-{s}.png" for s in rows)):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert "| grouped |" in (out / "comparison.md").read_text()

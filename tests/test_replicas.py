@@ -6,14 +6,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from orchestrator.checkpoint.manager import list_checkpoints
 from orchestrator.checkpoint.tools import read_parameters, read_state
 from orchestrator.config import ConfigError
+from orchestrator.device import DeviceShard
 from orchestrator.driver import Driver
 from orchestrator.model.moe import MoE
+from orchestrator.parallel import groups
 from orchestrator.placement import ExpertPlacement
 from orchestrator.reference import reference_run
 from orchestrator.storage import Storage
@@ -59,6 +64,57 @@ def test_tokens_are_split_between_replicas():
         moe.set_placement([[0, 1], [2, 3]], 0)
 
 
+# Replicas of expert 0 twice on device 0 and of expert 1 on both devices; the other layer replicates 2 and 3.
+ODD_PLACEMENT = [[[0, 0, 1], [2, 3, 1]], [[2, 0, 3], [1, 2, 3]]]
+
+
+def _replica_worker(rank: int, port: int, out: dict) -> None:
+    groups.join("gloo", "127.0.0.1", port, rank, 2, timeout_s=60)
+    cfg = tiny_config(None, "cluster.num_devices=2", "balance.redundant_experts=2", "train.lr=3e-2")
+    tokens = np.random.default_rng(0).integers(0, 256, 50_000).astype(np.uint16)
+    shard = DeviceShard(cfg, rank, 2, tokens, tokens[:10_000])
+    snaps: list = [None, None]
+    dist.all_gather_object(snaps, shard.snapshot(0))   # the experts of the initial placement, from both devices
+    shard.set_placement(ODD_PLACEMENT)
+    shard.restore_snapshots(snaps)
+    reports = [shard.train_step(step) for step in (1, 2, 3)]
+    state = []
+    for m in shard.model.moe_layers():
+        for p in m.experts.parameters():
+            moments = shard.optimizer.state[p]
+            for j, e in enumerate(m.experts.expert_ids):
+                state.append((e, p[j].detach().clone(), moments["exp_avg"][j].clone(), moments["exp_avg_sq"][j].clone()))
+    gathered: list = [None, None]
+    dist.all_gather_object(gathered, state)
+    groups.leave()
+    if rank == 0:
+        out["state"], out["reports"] = gathered, reports
+
+
+def test_replicas_stay_bit_identical_across_and_within_devices():
+    """Two processes (gloo, no Ray) train 3 steps in a placement where one expert has two replicas on one device
+    and others sit on both: every replica's weights and AdamW moments are bit-identical to its expert's others."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_replica_worker, args=(groups.free_port(), out), nprocs=2, join=True)
+        state, reports = out["state"], out["reports"]
+    assert all(r.skipped is None and r.loss < 6 for r in reports)
+    # each device processed its replicas' shares: within a copy per source device of the even split
+    for layer, slots in enumerate(ODD_PLACEMENT):
+        expected = ExpertPlacement(tuple(map(tuple, slots))).device_loads(reports[-1].expert_load[layer])
+        assert all(abs(got - want) <= 2 * 3 for got, want in zip(reports[-1].device_load[layer], expected))
+    slots = 3
+    for block in range(0, len(state[0]), slots):   # one (layer, parameter): the same order on both ranks
+        copies: dict[int, list] = {}
+        for rank in (0, 1):
+            for e, *tensors in state[rank][block:block + slots]:
+                copies.setdefault(e, []).append(tensors)
+        assert sorted(copies) == [0, 1, 2, 3] and any(len(reps) > 1 for reps in copies.values())
+        for e, reps in copies.items():
+            for other in reps[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(reps[0], other)), f"replicas of expert {e} differ"
+
+
 def test_redundant_experts_config_errors():
     with pytest.raises(ConfigError, match="multiple of cluster.num_devices"):
         tiny_config(None, "cluster.num_devices=2", "model.num_experts=8", "balance.redundant_experts=1")
@@ -80,12 +136,19 @@ def test_replicas_keep_the_reference_math(ray_session, tmp_path, world, redundan
     moves = [r["replacement"]["placement"] for r in recs if r.get("replacement")]
     assert moves and all(len(dev) == (8 + redundant) // world for layer in moves[-1] for dev in layer)
     assert all(r["device_tokens"] for r in recs)
-    # the replicas hold the hot experts: some expert sits on two devices, and every expert somewhere
+    # the spare slots hold replicas: every expert somewhere, some on two devices
     for layer in moves[-1]:
         held = [e for dev in layer for e in dev]
         assert sorted(set(held)) == list(range(8)) and len(held) > len(set(held))
-    # measured device loads: each replica took its share of the expert's tokens
-    assert all(sum(r["device_tokens"]) == sum(map(sum, r["expert_load"])) for r in recs)
+    # measured device loads: in each step's placement every replica took its share of its expert's copies (an
+    # even split give or take one copy per source device and replica slot)
+    slots = (8 + redundant) // world
+    current = [ExpertPlacement.initial(8, world, slots)] * len(recs[0]["expert_load"])
+    for r in recs:
+        expected = [sum(x) for x in zip(*(current[layer].device_loads(load) for layer, load in enumerate(r["expert_load"])))]
+        assert all(abs(got - want) <= world * slots * len(current) for got, want in zip(r["device_tokens"], expected))
+        if r.get("replacement"):
+            current = [ExpertPlacement(tuple(map(tuple, layer))) for layer in r["replacement"]["placement"]]
     assert [r["loss"] for r in recs] == pytest.approx([r.loss for r in ref_reports], rel=1e-9)
     assert [r["grad_norm"] for r in recs] == pytest.approx([r.grad_norm for r in ref_reports], rel=1e-9)
     assert [r["expert_load"] for r in recs] == [r.expert_load for r in ref_reports]
@@ -124,3 +187,9 @@ def test_resume_with_replicas_is_exact(ray_session, tmp_path):
     assert [r["loss"] for r in records(resumed)] == [r["loss"] for r in records(whole)]
     a, b = read_state(final_checkpoint(resumed)), read_state(final_checkpoint(whole))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the same checkpoint onto 4 devices without replicas: every expert found once, training goes on alike
+    four = tmp_path / "four"
+    Driver(tiny_config(four, *base, "cluster.num_devices=4", "balance.redundant_experts=0",
+                       f"train.resume={whole / 'checkpoints' / 'step_00000004'}"), four).run()
+    assert [r["step"] for r in records(four)] == [5, 6]
+    assert [r["loss"] for r in records(four)] == pytest.approx([r["loss"] for r in records(whole)][4:], rel=1e-4)

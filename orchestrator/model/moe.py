@@ -1,8 +1,13 @@
 """Mixture-of-Experts feed-forward: top-k router, grouped SwiGLU experts, token dispatch.
 
 Shape legend: N tokens (B*T flattened), D model dim, F expert hidden dim, E experts in the layer,
-El experts held by this module (El == E in one process; E / devices under expert parallelism),
-K top-k, M routed token copies (N*K in one process; whatever arrives under expert parallelism).
+El expert slots held by this module (El == E in one process; E / devices under expert parallelism,
+more with replicas), R replicas of an expert at most, K top-k, M routed token copies (N*K in one
+process; whatever arrives under expert parallelism).
+
+Experts are logical (the ids the router picks); the layer's placement says which device slot holds
+each, so the router's choice is mapped to a slot before dispatch (`MoE.slots_of`); an expert held in
+several slots (replicas) has its copies split between them.
 
 The MoE block does not know about distribution. It asks its `dispatcher` to bring the routed token
 copies to the experts it holds and to bring results back; `LocalTokenDispatcher` (here) does that
@@ -166,6 +171,7 @@ class MoE(nn.Module):
         self.register_buffer("slot_ER", torch.arange(num_experts + 1).unsqueeze(1), persistent=False)
         self.register_buffer("copies_E", torch.ones(num_experts + 1, dtype=torch.long), persistent=False)
         self.placement: list[list[int]] = [list(range(num_experts))]
+        self.primary_mask = torch.ones(len(expert_ids), dtype=torch.bool)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
@@ -233,6 +239,7 @@ class MoE(nn.Module):
                     primary.append(e not in seen)
                 seen.add(e)
         self.experts.primary = primary
+        self.primary_mask = torch.tensor(primary, device=self.slot_ER.device)
 
     def _balance_losses(self, scores_NE, logits_NE, experts_NK, counts_E, B: int, T: int) -> torch.Tensor | None:
         b = self.balance
