@@ -66,7 +66,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0         # global grad-norm clip (0 disables)
-    eval_batches: int = 8          # validation batches scored at the end of the run (0: none)
+    eval_batches: int = 8          # validation batches scored at the end of the run (0: none) ...
+    eval_every: int = 0            # ... and every this many steps (0: only at the end)
     dtype: str = "float32"         # parameter and compute dtype: float32 | float64 (float64: exactness checks)
     resume: Optional[str] = None   # latest (newest checkpoint of this run that verifies) | a checkpoint path/URI
 
@@ -178,6 +179,39 @@ class RunConfig:
 
 
 @dataclass
+class AlertRule:
+    """One alert rule (conditions and actions: orchestrator/alerts.py)."""
+    rule: str = "loss_spike"   # nonfinite | loss_spike | grad_spike | maxvio | straggler | throughput_drop | restarts
+                               # | checkpoint_age
+    threshold: float = 0.0     # 0: the rule's default (see alerts.py)
+    steps: int = 1             # consecutive steps the condition must hold before the alert fires
+    window: int = 20           # steps of history: the moving median (spikes, throughput), recoveries counted (restarts)
+    action: str = "notify"     # record | notify | rollback | skip | stop
+
+
+def _default_alerts() -> list[AlertRule]:
+    return [AlertRule("nonfinite"), AlertRule("loss_spike", 3.0), AlertRule("grad_spike", 10.0),
+            AlertRule("straggler", 1.5, steps=5), AlertRule("throughput_drop", 0.5, steps=5),
+            AlertRule("restarts", 3.0, window=100), AlertRule("maxvio", 1.0, steps=50, action="record"),
+            AlertRule("checkpoint_age", 1000.0, action="record")]
+
+
+@dataclass
+class MonitorConfig:
+    """Where the metrics stream goes besides metrics.jsonl (always), and what MFU is measured against."""
+    tensorboard: bool = True          # TensorBoard event files in <run dir>/tensorboard
+    prometheus: bool = True           # Ray's metrics API (ray.util.metrics): Prometheus endpoint, Ray dashboard, Grafana
+    mlflow: bool = False              # also log to MLflow (needs `pip install mlflow`; MLFLOW_TRACKING_URI or ./mlruns)
+    histogram_every: int = 10         # TensorBoard histograms (expert load per layer) every this many steps (0: none)
+    peak_tflops: float = 0.0          # peak TFLOP/s of one device for MFU; 0: a table of known GPUs, on CPU measured
+                                      # at start (a float32 matmul on the threads one device uses)
+    alerts: list[AlertRule] = field(default_factory=_default_alerts)  # rules checked after every step
+    webhook_url: Optional[str] = None # notify alerts are also POSTed here as JSON (Slack-style hooks, PagerDuty, ...)
+    webhook_timeout_s: float = 5.0
+    webhook_retries: int = 3
+
+
+@dataclass
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -188,6 +222,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
@@ -306,6 +341,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is too small for byte-level text; it must be at least 256")
     _validate_balance(cfg)
     _validate_faults(cfg)
+    _positive(cfg, ["monitor.histogram_every", "monitor.peak_tflops", "train.eval_every", "monitor.webhook_retries"],
+              allow_zero=True)
+    _positive(cfg, ["monitor.webhook_timeout_s"])
+    for i, a in enumerate(cfg.monitor.alerts):
+        _choice(f"monitor.alerts[{i}].rule", a.rule, ("nonfinite", "loss_spike", "grad_spike", "maxvio", "straggler",
+                                                      "throughput_drop", "restarts", "checkpoint_age"))
+        _choice(f"monitor.alerts[{i}].action", a.action, ("record", "notify", "rollback", "skip", "stop"))
+        if a.steps < 1 or a.window < 1 or a.threshold < 0:
+            raise ConfigError(f"monitor.alerts[{i}] ({a.rule}): steps and window must be at least 1 and threshold "
+                              f"zero or more (got steps={a.steps}, window={a.window}, threshold={a.threshold})")
+        if a.action in ("rollback", "skip") and cfg.faults.snapshot_every == 0:
+            raise ConfigError(f"monitor.alerts[{i}] ({a.rule}) action={a.action} rewinds to a snapshot, but "
+                              f"faults.snapshot_every=0 turns snapshots off")
+    url = cfg.monitor.webhook_url
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"monitor.webhook_url={url!r} must be an http:// or https:// URL")
+    if cfg.train.eval_every and not cfg.train.eval_batches:
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs train.eval_batches > 0 (batches scored each time)")
     if c.backend == "nccl" and not c.use_gpu:
         raise ConfigError("cluster.backend='nccl' needs cluster.use_gpu=true (nccl runs on GPUs only)")
 

@@ -55,6 +55,8 @@ class StepReport:
     local_nonfinite: bool = False  # this device's own loss was non-finite (who caused a non-finite step)
     aux_loss: float = 0.0          # balancing losses (all MoE layers, global batch), not part of `loss`
     dropped: int = 0               # token copies dropped by capacity (all MoE layers, global batch)
+    rss_bytes: int = 0             # this device's process: resident host memory after the step
+    device_mem_bytes: int = 0      # GPU memory allocated by torch (0 on CPU)
     pid: int = field(default_factory=os.getpid)
     saves: list[dict[str, Any]] = field(default_factory=list)  # checkpoint writes finished since the last report
 
@@ -63,11 +65,26 @@ def _reject(loss: float, grad_norm: float, guard: dict[str, float]) -> str | Non
     """Why an update must not be applied, or None."""
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         return "nonfinite"
+    if guard.get("skip_batch"):  # an alert rule with action=skip rewound to before this step: skip its batch
+        return "alert"
     if guard.get("max_loss") and loss > guard["max_loss"]:
         return "loss_spike"
     if guard.get("max_grad_norm") and grad_norm > guard["max_grad_norm"]:
         return "grad_spike"
     return None
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; elsewhere the peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -179,7 +196,8 @@ class DeviceShard:
         load = stats[counts:].nan_to_num().round().long().view(len(moe), -1).tolist() if moe else []
         device_load = stats[4:counts].round().long().view(len(moe), self.world).tolist() if moe else []
         CLOCK.set_phase("idle")
-        return StepReport(step=step, rank=self.rank, loss=loss, grad_norm=norm, lr=lr, tokens=self.global_tokens,
+        mem = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        return StepReport(rss_bytes=rss_bytes(), device_mem_bytes=mem, step=step, rank=self.rank, loss=loss, grad_norm=norm, lr=lr, tokens=self.global_tokens,
                           compute_time_s=time.perf_counter() - t0, expert_load=load, device_load=device_load,
                           aux_loss=stats[2].item(),
                           dropped=int(stats[3].item()),
@@ -277,7 +295,8 @@ class DeviceActor:
 
         ctx = ray.get_runtime_context()
         return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
-                "gpu_ids": ray.get_gpu_ids()}
+                "gpu_ids": ray.get_gpu_ids(),
+                "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
     def free_port(self) -> int:
         return groups.free_port()

@@ -40,6 +40,7 @@ class DeviceGroup:
         self.cfg, self.world = cfg, cfg.cluster.num_devices
         self.actors: list[Any] = []
         self.info: list[dict[str, Any]] = []                 # pid, node_id, ip, gpu_ids of each rank's actor
+        self.restarts: list[int] = [0] * self.world          # replacements of each rank's actor so far
         self.bundle_of: list[int] = list(range(self.world))  # placement-group bundle of each rank
         self.standby: list[tuple[Any, int, Any]] = []        # (actor, bundle, info ref) of warm spares
         self.pg = None
@@ -101,6 +102,7 @@ class DeviceGroup:
             except Exception:  # already gone
                 pass
             self.actors[rank], infos[rank] = self._replacement(rank, timeout_s)
+            self.restarts[rank] += 1
         for rank in ranks:
             self.info[rank] = infos[rank] or get([self.actors[rank].info.remote()], timeout_s, "start a replacement")[0]
 

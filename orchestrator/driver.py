@@ -38,7 +38,9 @@ from orchestrator.device import StepReport
 from orchestrator.device_group import DeviceGroup, get
 from orchestrator.goodput import Goodput
 from orchestrator.healing import Healer, Incident, Injector, StepFailure, Watch, plan_faults
-from orchestrator.monitor import MetricsLog, Progress
+from orchestrator.alerts import AlertEngine, Context
+from orchestrator.metrics import MetricsStream, check_sinks, cpu_peak_flops, flops_per_token, gpu_peak_flops
+from orchestrator.monitor import Progress, write_status
 from orchestrator.snapshots import SnapshotStore
 from orchestrator.storage import Storage
 
@@ -66,6 +68,7 @@ class RunSummary:
     incidents: list[dict[str, Any]] = field(default_factory=list)
     faults_injected: list[dict[str, Any]] = field(default_factory=list)
     goodput: dict[str, float] = field(default_factory=dict)
+    monitoring_s: float = 0.0      # spent in the metrics sinks and status.json (the monitoring's own cost)
 
 
 class Driver:
@@ -87,10 +90,19 @@ class Driver:
         self.force_save: set[int] = set()   # steps to checkpoint whatever the policy (checkpoint faults)
         self.records: list[dict[str, Any]] = []
         self.high_water = 0                 # the furthest step ever completed (steps up to it are replays)
+        self.metrics: MetricsStream | None = None
+        self.progress: Progress | None = None
+        self.last_reports: list[StepReport] = []
+        self.status_s = 0.0                   # spent writing status.json
+        self.alerts: AlertEngine | None = None
+        self.skip_steps: set[int] = set()     # steps whose batch an alert's action=skip has the devices skip
+        self.peak_flops: float | None = None  # of one device, for MFU
+        self.val_loss: float | None = None    # the newest validation loss (periodic or final)
 
     # ----------------------------------------------------------------- start
     def start(self) -> None:
         cfg, c = self.cfg, self.cfg.cluster
+        check_sinks(cfg)
         corpus = load_corpus(cfg.data)
         corpus.check_vocab(cfg.model.vocab_size, cfg.data.path)
         self.ckpt.storage.check()  # an unreachable checkpoint URI fails now, not at the first save
@@ -105,6 +117,7 @@ class Driver:
         self.data_refs = (ray.put(corpus.train), ray.put(corpus.val))
         self._build(range(self.world), c.start_timeout_s, "build device shards")
         nodes = len({i["node_id"] for i in self.device_info})
+        self.peak_flops = self._peak_flops()
         spares = cfg.faults.standby
         log.info("devices: %d actors on %d node(s), backend %s%s; pids %s", self.world, nodes, self.devices.backend,
                  f", {spares} warm standby" if spares else "", [i["pid"] for i in self.device_info])
@@ -124,6 +137,8 @@ class Driver:
     def step(self, step: int) -> list[StepReport]:
         """Run one step on every device; its reports, or StepFailure."""
         guard = self.watch.guard() if self.cfg.faults.on_spike != "record" else None
+        if step in self.skip_steps:
+            guard = {**(guard or {}), "skip_batch": True}
         t0 = time.perf_counter()
         reports = self.watch.collect(self, [a.train_step.remote(step, guard) for a in self.actors], step, t0)
         self.collect_saves(reports, step)
@@ -135,8 +150,11 @@ class Driver:
                "tokens_per_s": r0.tokens / wall, "step_time_s": wall,
                "device_step_time_s": [r.compute_time_s for r in reports],
                "device_collective_s": [r.collective_s for r in reports],
+               "device_rss_mb": [round(r.rss_bytes / 2**20, 1) for r in reports],
                "aux_loss": r0.aux_loss, "dropped": r0.dropped, "expert_load": r0.expert_load,
                **load_stats(r0.expert_load, self.world, self.balancer.placement, r0.device_load), "time": time.time()}
+        if self.peak_flops:
+            rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / (self.world * self.peak_flops)
         if r0.skipped:
             rec["skipped"] = r0.skipped
         return rec
@@ -147,13 +165,17 @@ class Driver:
         restore_signals = self._install_signal_handlers()
         records = self.records
         val_loss = None
+        state = "failed"   # until the run gets to its end
         progress = metrics = None
         t_loop = None
         try:
             self.start()
             first = self.restore() + 1
             self.high_water = first - 1
-            self.metrics = metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=first - 1)
+            self.metrics = metrics = MetricsStream(cfg, self.run_dir, first)
+            m = cfg.monitor
+            self.alerts = AlertEngine(m.alerts, self.run_dir / "alerts.jsonl", m.webhook_url, m.webhook_timeout_s,
+                                      m.webhook_retries)
             self.balancer.earlier = metrics.kept_records()  # a resumed run's load history, for re-placement plans
             self.progress = progress = Progress(cfg.train.steps, cfg.run.progress, first_step=first)
             self.snapshot(first - 1)
@@ -180,20 +202,29 @@ class Driver:
                     self.goodput.rolled_back += wall
                     step = self._rewind(back, f"step {step} rolled back: {incidents[0].detail}")
                     continue
+                rec = self._record(step, reports, wall)
+                back = self._alerts(step, rec)
+                if back is not None:
+                    self.goodput.rolled_back += wall
+                    step = self._rewind(back, f"step {step} rolled back by an alert")
+                    continue
                 if step <= self.high_water:
                     self.goodput.recomputed += wall
                     self.goodput.steps_recomputed += 1
                 else:
                     self.goodput.productive += wall
                     self.high_water = step
-                rec = self._record(step, reports, wall)
                 records.append(rec)
                 if self.balancer.due(step, records):  # before the step's checkpoint, which then holds the new placement
                     rec["replacement"] = self.replace_experts(step)
                 if self.after_step(step):
                     rec["checkpoint_saved"] = True
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                    self._periodic_eval(rec)
                 metrics.write(rec)
-                progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], rec.get("maxvio"))
+                progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], rec.get("maxvio"),
+                                rec.get("mfu"), len(self.healer.incidents))
+                self.write_status("running", reports)
                 back = self.healer.replace_stragglers(self, step, incidents) if incidents else None
                 step = self._rewind(back, f"replaced straggler(s) after step {step}") if back is not None else step + 1
             self.goodput.finish(time.perf_counter() - t_loop)
@@ -203,11 +234,13 @@ class Driver:
                 self.save_checkpoint(last)
             self.finish_checkpoints()
             if cfg.train.eval_batches and not self.stop_signal and records:
-                val_loss = self._get([a.evaluate.remote(cfg.train.eval_batches) for a in self.actors],
-                                     cfg.cluster.step_timeout_s, "evaluate")[0]
+                val_loss = self.val_loss = self._get([a.evaluate.remote(cfg.train.eval_batches) for a in self.actors],
+                                                     cfg.cluster.step_timeout_s, "evaluate")[0]
+            state = "stopped" if self.stop_signal else "finished"
         finally:
             self.healer.flush()
-            for closable in (progress, metrics):
+            self.write_status(state)
+            for closable in (progress, metrics, self.alerts):
                 if closable is not None:
                     closable.close()
             restore_signals()
@@ -225,7 +258,8 @@ class Driver:
             checkpoint_bytes=self.ckpt.bytes_saved, checkpoint_write_s=self.ckpt.write_seconds,
             checkpoint_commit_s=self.ckpt.commit_seconds, restore_s=self.restore_s,
             recoveries=self.healer.recoveries, incidents=self.healer.report(), faults_injected=self.injector.fired,
-            goodput=self.goodput.to_dict())
+            goodput=self.goodput.to_dict(),
+            monitoring_s=self.status_s + (self.metrics.seconds if self.metrics else 0.0))
         (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         (self.run_dir / "goodput.json").write_text(json.dumps(self.goodput.to_dict(), indent=2) + "\n")
         return summary
@@ -281,6 +315,83 @@ class Driver:
     def _log_incident(self, incident: Incident) -> None:
         with open(self.run_dir / "incidents.jsonl", "a") as f:
             f.write(json.dumps(asdict(incident), separators=(",", ":")) + "\n")
+        if self.metrics is not None:
+            self.metrics.incident(asdict(incident))
+        if self.alerts is not None:
+            self.alerts.incident(asdict(incident))
+
+    def _alerts(self, step: int, rec: dict[str, Any]) -> int | None:
+        """Check the alert rules on this step's record; the step to replay after when one's action rewinds."""
+        if self.alerts is None:
+            return None
+        recovered = [i.step for i in self.healer.incidents if i.action in ("replaced", "rolled back", "skipped")]
+        committed = self.ckpt.committed_steps
+        fired = self.alerts.evaluate(rec, self.records, Context(recovered, committed[-1] if committed else None))
+        if fired:
+            rec["alerts"] = [a.rule for a in fired]
+        for a in fired:
+            if a.action in ("rollback", "skip", "stop"):
+                back = self.healer.alert(self, step, a.rule, a.action, a.detail)
+                if back is not None:
+                    return back
+        return None
+
+    # ------------------------------------------------------------- watching
+    @property
+    def flops_per_token(self) -> float:
+        return flops_per_token(self.cfg)
+
+    def _peak_flops(self) -> float | None:
+        """Peak FLOP/s of one device: monitor.peak_tflops, else a known GPU's, else measured on this CPU."""
+        cfg = self.cfg
+        if cfg.monitor.peak_tflops:
+            return cfg.monitor.peak_tflops * 1e12
+        if cfg.cluster.use_gpu:
+            name = self.device_info[0].get("gpu_name") or ""
+            peak = gpu_peak_flops(name, cfg.train.dtype)
+            if peak is None:
+                log.warning("MFU: peak FLOP/s of GPU %r unknown; set monitor.peak_tflops", name)
+            return peak
+        c = cfg.cluster
+        return cpu_peak_flops(c.torch_threads or max(1, int(c.cpus_per_device)))
+
+    def _periodic_eval(self, rec: dict[str, Any]) -> None:
+        """Validation loss after this step (into its record). A device failing here is left to the next step's
+        watch and healer; the run goes on without this value."""
+        try:
+            self.val_loss = rec["val_loss"] = self._get(
+                [a.evaluate.remote(self.cfg.train.eval_batches) for a in self.actors],
+                self.cfg.cluster.step_timeout_s, "evaluate")[0]
+        except Exception as e:
+            log.warning("validation after step %d failed (%s); the next step will find out why", rec["step"], e)
+
+    def write_status(self, state: str, reports: list[StepReport] | None = None) -> None:
+        """status.json: the run and each device's health now (rewritten every step; read it while the job runs)."""
+        t0 = time.perf_counter()
+        last = self.records[-1] if self.records else {}
+        self.last_reports = reports or self.last_reports
+        by_rank = {r.rank: r for r in self.last_reports}
+        devices = []
+        for rank, info in enumerate(self.device_info):
+            r = by_rank.get(rank)
+            devices.append({"rank": rank, "pid": info.get("pid"), "node_id": info.get("node_id"), "ip": info.get("ip"),
+                            "gpu": info.get("gpu_name"), "restarts": self.devices.restarts[rank],
+                            "step_time_s": r.compute_time_s if r else None, "collective_s": r.collective_s if r else None,
+                            "rss_mb": r.rss_bytes / 2**20 if r else None,
+                            "device_mem_mb": r.device_mem_bytes / 2**20 if r else None})
+        committed = self.ckpt.committed_steps
+        step = last.get("step", 0)
+        ema = self.progress.step_time_ema if self.progress else None
+        eta = (ema or 0) * (self.cfg.train.steps - step) if state == "running" else 0
+        write_status(self.run_dir / "status.json", {
+            "state": state, "step": step, "steps": self.cfg.train.steps, "updated": time.time(),
+            "loss": last.get("loss"), "val_loss": self.val_loss, "tokens_per_s": last.get("tokens_per_s"),
+            "mfu": last.get("mfu"), "maxvio": last.get("maxvio"), "eta_s": eta,
+            "incidents": len(self.healer.incidents), "recoveries": self.healer.recoveries,
+            "last_checkpoint_step": committed[-1] if committed else None,
+            "checkpoint_age_steps": step - committed[-1] if committed else None,
+            "devices": devices})
+        self.status_s += time.perf_counter() - t0
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int) -> None:

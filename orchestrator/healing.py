@@ -352,6 +352,26 @@ class Healer:
                 i.action = "recorded"
         return None
 
+    def alert(self, driver: "Driver", step: int, rule: str, action: str, detail: str) -> int | None:
+        """An alert rule's action on a completed step: stop the run, or rewind to the newest snapshot (rollback;
+        skip also has the step's batch skipped on the replay). Once per step: a replay that fires again is kept."""
+        incident = Incident(step, f"alert:{rule}", -1, None, time.time(), detail)
+        self._record([incident])
+        if action == "stop":
+            incident.action = "stopped"
+            raise self._stop(f"step {step}: alert {rule} ({detail}); stopping (its action is stop)")
+        if step in self.rolled_back:
+            incident.action = "recorded"
+            return None
+        self.rolled_back.add(step)
+        self._spend(step, f"step {step}: alert {rule}")
+        if action == "skip":
+            driver.skip_steps.add(step)
+        log.warning("step %d: alert %s (%s); rolling back%s", step, rule, detail,
+                    ", then skipping its batch" if action == "skip" else "")
+        return self._recover(driver, [incident], [], reform=False,
+                             action="skipped" if action == "skip" else "rolled back")
+
     def replace_stragglers(self, driver: "Driver", step: int, incidents: list[Incident]) -> int | None:
         """After a kept step (and its snapshot): replace straggling devices per `faults.on_straggler`."""
         slow = [i for i in incidents if i.kind == "slow"]

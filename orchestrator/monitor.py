@@ -1,4 +1,4 @@
-"""What a person and other tools see of a run: metrics.jsonl, and the progress display."""
+"""What a person and other tools see of a run: metrics.jsonl, status.json, and the progress display."""
 from __future__ import annotations
 
 import json
@@ -20,6 +20,13 @@ def make_run_dir(cfg: Config) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(to_yaml(cfg))
     return path
+
+
+def write_status(path: Path, status: dict[str, Any]) -> None:
+    """Replace status.json atomically (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(status, indent=1) + "\n")
+    tmp.replace(path)
 
 
 class MetricsLog:
@@ -67,7 +74,8 @@ def _si(x: float) -> str:
 
 
 class Progress:
-    """Step, loss, tokens/s and ETA: a redrawn bar on a terminal, plain log lines elsewhere (CI, ray job logs).
+    """Step, loss, MaxVio, tokens/s, MFU, incidents so far and ETA: a redrawn bar on a terminal, plain log lines
+    elsewhere (CI, ray job logs).
 
     mode: auto | bar | lines | quiet. In lines mode a line is printed about every 5% of the run.
     """
@@ -81,7 +89,8 @@ class Progress:
         self.start = time.monotonic()
         self.step_time_ema: float | None = None
 
-    def update(self, step: int, loss: float, tokens_per_s: float, step_time_s: float, maxvio: float | None = None) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, step_time_s: float, maxvio: float | None = None,
+               mfu: float | None = None, incidents: int = 0) -> None:
         ema = self.step_time_ema
         self.step_time_ema = step_time_s if ema is None else 0.9 * ema + 0.1 * step_time_s
         if self.mode == "quiet":
@@ -89,8 +98,10 @@ class Progress:
         elapsed = time.monotonic() - self.start
         eta = self.step_time_ema * (self.total - step)
         balance = f"  MaxVio {maxvio:.2f}" if maxvio is not None else ""
+        util = f"  MFU {mfu:.1%}" if mfu is not None else ""
+        trouble = f"  incidents {incidents}" if incidents else ""
         text = (f"step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}{balance}  "
-                f"{_si(tokens_per_s)} tok/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}")
+                f"{_si(tokens_per_s)} tok/s{util}{trouble}  elapsed {_clock(elapsed)}  ETA {_clock(eta)}")
         if self.mode == "bar":
             width = 24
             filled = int(width * step / self.total)

@@ -1,0 +1,218 @@
+"""Alert rules: conditions on the metrics stream, each with a threshold and an action.
+
+A rule looks at every completed step's record (and, for `nonfinite` and `restarts`, at incidents as the
+healer decides them). It fires when its condition has held for `steps` consecutive steps, and fires
+again only after the condition has cleared (no alert storm from one long imbalance). Conditions:
+
+    nonfinite        a non-finite loss or gradient norm (an incident of kind nan, or a skipped step)
+    loss_spike       loss > threshold x median of the previous `window` losses            (default 3)
+    grad_spike       grad_norm > threshold x median of the previous `window` norms        (default 10)
+    maxvio           MaxVio > threshold                                                   (default 1.0)
+    straggler        slowest device's own work (step time - time in collectives) / median's  (default 1.5)
+    throughput_drop  tokens/s < threshold x median of the previous `window` steps'        (default 0.5)
+    restarts         recoveries within the last `window` steps > threshold                (default 3)
+    checkpoint_age   steps since the last committed checkpoint > threshold                (default 1000)
+
+Actions: record (alerts.jsonl only), notify (also a warning on stderr and in the log, and a POST of
+the alert as JSON to `monitor.webhook_url` with retries and a timeout), and rollback | skip | stop,
+handed to the Healer (rewind to the newest snapshot; rewind and skip this step's batch; stop the run).
+Every alert goes to `alerts.jsonl` with the step, rule, value, threshold and action.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = {"nonfinite": 0.0, "loss_spike": 3.0, "grad_spike": 10.0, "maxvio": 1.0, "straggler": 1.5,
+                     "throughput_drop": 0.5, "restarts": 3.0, "checkpoint_age": 1000.0}
+RULES = tuple(DEFAULT_THRESHOLD)
+ACTIONS = ("record", "notify", "rollback", "skip", "stop")
+
+
+@dataclass
+class Alert:
+    step: int
+    rule: str
+    value: float | None
+    threshold: float
+    action: str
+    detail: str
+    time: float = field(default_factory=time.time)
+    webhook: str | None = None   # delivered | failed: <why> (notify with a webhook)
+
+
+@dataclass
+class Context:
+    """What the rules need besides the records: recoveries so far (their steps) and the last checkpoint."""
+    recovery_steps: list[int] = field(default_factory=list)
+    last_checkpoint_step: int | None = None
+
+
+def _median_before(history: list[dict[str, Any]], key: str, window: int) -> float | None:
+    values = [r[key] for r in history[-window:] if r.get(key) is not None and math.isfinite(r[key])]
+    return statistics.median(values) if len(values) >= min(window, 5) else None
+
+
+def measure(rule: str, threshold: float, window: int, rec: dict[str, Any], history: list[dict[str, Any]],
+            ctx: Context) -> tuple[float | None, bool, str]:
+    """(the value the rule watches, does it break the threshold, a sentence saying so) for one record."""
+    if rule == "nonfinite":
+        bad = rec.get("skipped") == "nonfinite" or not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]))
+        return rec["loss"], bad, f"non-finite loss {rec['loss']} or gradient norm {rec['grad_norm']}"
+    if rule in ("loss_spike", "grad_spike"):
+        key = "loss" if rule == "loss_spike" else "grad_norm"
+        median = _median_before(history, key, window)
+        if median is None or not median:
+            return rec[key], False, ""
+        ratio = rec[key] / median
+        return ratio, ratio > threshold, f"{key} {rec[key]:.4g} is {ratio:.2f}x the median {median:.4g} of the last {window} steps"
+    if rule == "maxvio":
+        value = rec.get("maxvio")
+        return value, value is not None and value > threshold, f"MaxVio {value:.3f} above {threshold}" if value else ""
+    if rule == "straggler":
+        times = rec.get("device_step_time_s") or []
+        waits = rec.get("device_collective_s") or [0.0] * len(times)
+        own = [t - w for t, w in zip(times, waits)]  # peers wait for a straggler inside collectives: its own work shows it
+        if len(own) < 2 or statistics.median(own) <= 0:
+            return None, False, ""
+        ratio = max(own) / statistics.median(own)
+        slow = own.index(max(own))
+        return ratio, ratio > threshold, f"device {slow}'s own work took {ratio:.2f}x the median device's"
+    if rule == "throughput_drop":
+        median = _median_before(history, "tokens_per_s", window)
+        if median is None or not median:
+            return rec["tokens_per_s"], False, ""
+        ratio = rec["tokens_per_s"] / median
+        return ratio, ratio < threshold, f"{rec['tokens_per_s']:.0f} tokens/s is {ratio:.2f}x the median of the last {window} steps"
+    if rule == "restarts":
+        recent = sum(1 for s in ctx.recovery_steps if 0 <= rec["step"] - s < window)
+        return float(recent), recent > threshold, f"{recent} recoveries in the last {window} steps"
+    if rule == "checkpoint_age":
+        age = rec["step"] - (ctx.last_checkpoint_step or 0)
+        return float(age), age > threshold, f"last committed checkpoint {age} steps ago"
+    raise ValueError(f"unknown alert rule {rule!r}")
+
+
+class Webhook:
+    """POST alerts as JSON to a URL, each in its own thread (training never waits): `retries` more tries with
+    doubling waits, each with `timeout_s`. `on_result(alert, outcome)` is called when one is done."""
+
+    def __init__(self, url: str, timeout_s: float, retries: int, on_result: Callable[[Alert, str], None]):
+        self.url, self.timeout_s, self.retries, self.on_result = url, timeout_s, retries, on_result
+        self.threads: list[threading.Thread] = []
+
+    def send(self, alert: Alert) -> None:
+        t = threading.Thread(target=self._post, args=(alert,), name=f"webhook-{alert.rule}", daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def _post(self, alert: Alert) -> None:
+        body = json.dumps({k: v for k, v in asdict(alert).items() if k != "webhook"}).encode()
+        error = ""
+        for attempt in range(self.retries + 1):
+            try:
+                req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                    if 200 <= resp.status < 300:
+                        self.on_result(alert, "delivered")
+                        return
+                    error = f"HTTP {resp.status}"
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+            if attempt < self.retries:
+                time.sleep(0.5 * 2 ** attempt)
+        log.warning("alert webhook %s failed after %d tries: %s", self.url, self.retries + 1, error)
+        self.on_result(alert, f"failed: {error}")
+
+    def wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
+class AlertEngine:
+    """Evaluates `monitor.alerts` on each record; writes alerts.jsonl; notifies. Returns the alerts whose action
+    the Healer must take (rollback, skip, stop)."""
+
+    def __init__(self, rules: list[Any], path: Path | None, webhook_url: str | None = None,
+                 webhook_timeout_s: float = 5.0, webhook_retries: int = 3, stream=None):
+        self.rules = rules
+        self.path = path
+        self.stream = stream or sys.stderr
+        self.streak = [0] * len(rules)
+        self.firing = [False] * len(rules)
+        self.alerts: list[Alert] = []
+        self.webhook = Webhook(webhook_url, webhook_timeout_s, webhook_retries, self._delivered) if webhook_url else None
+        self._lock = threading.Lock()
+
+    def evaluate(self, rec: dict[str, Any], history: list[dict[str, Any]], ctx: Context) -> list[Alert]:
+        """Alerts fired by this step's record (`history`: the records before it)."""
+        fired = []
+        for i, r in enumerate(self.rules):
+            if r.rule == "nonfinite" and rec.get("skipped") != "nonfinite":
+                continue  # the incident path reports the non-finite steps that were rolled back
+            threshold = r.threshold or DEFAULT_THRESHOLD[r.rule]
+            value, bad, detail = measure(r.rule, threshold, r.window, rec, history, ctx)
+            self.streak[i] = self.streak[i] + 1 if bad else 0
+            if not bad:
+                self.firing[i] = False
+            elif self.streak[i] >= r.steps and not self.firing[i]:
+                self.firing[i] = True
+                fired.append(self._fire(rec["step"], r.rule, value, threshold, r.action,
+                                        detail + (f" for {r.steps} steps" if r.steps > 1 else "")))
+        return fired
+
+    def incident(self, incident: dict[str, Any]) -> list[Alert]:
+        """Alerts from an incident the healer decided (non-finite values it rolled back or skipped)."""
+        fired = []
+        if incident.get("kind") == "nan":
+            for r in self.rules:
+                if r.rule == "nonfinite":
+                    # the healer already acted on it; an alert can only record, notify or stop
+                    action = r.action if r.action in ("record", "notify", "stop") else "notify"
+                    fired.append(self._fire(int(incident["step"]), "nonfinite", None, 0.0, action,
+                                            f"{incident.get('detail', 'non-finite values')} ({incident.get('action')})"))
+        return fired
+
+    def _fire(self, step: int, rule: str, value: float | None, threshold: float, action: str, detail: str) -> Alert:
+        alert = Alert(step, rule, value, threshold, action, detail)
+        self.alerts.append(alert)
+        if action != "record":
+            line = f"ALERT step {step} {rule}: {detail} (action: {action})"
+            log.warning(line)
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        if self.webhook and action != "record":
+            alert.webhook = "pending"
+            self.webhook.send(alert)
+        else:
+            self._append(alert)
+        return alert
+
+    def _delivered(self, alert: Alert, outcome: str) -> None:
+        alert.webhook = outcome
+        self._append(alert)
+
+    def _append(self, alert: Alert) -> None:
+        if self.path is None:
+            return
+        with self._lock, open(self.path, "a") as f:
+            f.write(json.dumps(asdict(alert), separators=(",", ":")) + "\n")
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        if self.webhook:
+            self.webhook.wait(timeout_s)
+
+
+__all__ = ["Alert", "AlertEngine", "Context", "Webhook", "measure", "RULES", "ACTIONS", "DEFAULT_THRESHOLD"]

@@ -1,0 +1,257 @@
+"""One metrics stream, many sinks: every step's record goes to metrics.jsonl (always), TensorBoard event
+files, Prometheus through Ray's metrics API, and MLflow when asked for; incidents go to every sink too.
+
+The record is the driver's per-step dict (see README "The run directory"); `SCALARS` says which of its
+keys each sink shows and under which name, so every sink carries the same values.
+
+MFU (model FLOPs utilisation) = tokens/s x FLOPs per token / (devices x peak FLOP/s of one device), with
+FLOPs per token = 6 x (parameters a token passes through, embedding lookup excluded) + 12 x layers x
+dim x seq_len (attention scores and values, forward and backward), as in PaLM's appendix B.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from orchestrator.config import Config
+
+log = logging.getLogger(__name__)
+
+# record key -> (TensorBoard tag, Prometheus metric name, description)
+SCALARS: dict[str, tuple[str, str, str]] = {
+    "loss": ("train/loss", "loss", "training loss (mean over the global batch)"),
+    "val_loss": ("validation/loss", "val_loss", "validation loss on the held-out split"),
+    "grad_norm": ("train/grad_norm", "grad_norm", "global gradient norm before clipping"),
+    "lr": ("train/lr", "lr", "learning rate"),
+    "aux_loss": ("train/aux_loss", "aux_loss", "balancing losses trained on (not part of loss)"),
+    "tokens_per_s": ("throughput/tokens_per_s", "tokens_per_s", "tokens per second"),
+    "step_time_s": ("throughput/step_time_s", "step_time_s", "wall time of the step"),
+    "mfu": ("throughput/mfu", "mfu", "model FLOPs utilisation (0..1)"),
+    "maxvio": ("balance/maxvio", "maxvio", "max expert load / mean - 1, mean over MoE layers"),
+    "device_imbalance": ("balance/device_imbalance", "device_imbalance", "max device load / mean"),
+    "dead_fraction": ("balance/dead_fraction", "dead_fraction", "share of experts that got no token"),
+    "dropped": ("balance/dropped", "dropped", "token copies dropped by capacity"),
+}
+
+
+def flops_per_token(cfg: Config) -> float:
+    """Training FLOPs per token (forward + backward) of the whole model (see the module docstring)."""
+    from orchestrator.model.transformer import count_parameters
+
+    m = cfg.model
+    counts = count_parameters(m)
+    active = counts["activated"] - (0 if m.tie_embeddings else m.vocab_size * m.dim)  # the lookup costs nothing
+    return 6.0 * active + 12.0 * m.n_layers * m.dim * cfg.data.seq_len
+
+
+# Dense peak TFLOP/s per GPU (bf16/fp16 tensor cores, float32 without TF32), by a substring of the device name.
+GPU_PEAK_TFLOPS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6),
+                   "L4": (121.0, 30.3), "A10": (125.0, 31.2), "V100": (125.0, 15.7), "T4": (65.0, 8.1)}
+
+
+def gpu_peak_flops(name: str, dtype: str) -> float | None:
+    for key, (half, single) in GPU_PEAK_TFLOPS.items():
+        if key in name:
+            return (single if dtype in ("float32", "float64") else half) * 1e12
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_peak_flops(threads: int, seconds: float = 0.3) -> float:
+    """Measured (once per process): float32 matmuls on `threads` threads of this machine, what one CPU device can
+    reach. On a loaded machine this reads low, and MFU high."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        a, b = torch.randn(512, 512), torch.randn(512, 512)
+        a @ b
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            n += 1
+        return n * 2 * 512 ** 3 / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+
+
+class Sink(Protocol):
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def incident(self, incident: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoardSink:
+    """Scalars (SCALARS, per-layer MaxVio, per-device step time), histograms of the expert load per layer,
+    incidents as text, under <run dir>/tensorboard. A replayed step is written again: TensorBoard keeps the
+    newest events of a step that goes backwards."""
+
+    def __init__(self, path: Path, histogram_every: int, first_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w = SummaryWriter(str(path), purge_step=first_step if first_step > 1 else None)
+        self.histogram_every = histogram_every
+        self.incidents = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        for key, (tag, _, _) in SCALARS.items():
+            if record.get(key) is not None:
+                self.w.add_scalar(tag, record[key], step)
+        for layer, value in enumerate(record.get("maxvio_layers") or []):
+            self.w.add_scalar(f"balance/maxvio_layer_{layer}", value, step)
+        for rank, value in enumerate(record.get("device_step_time_s") or []):
+            self.w.add_scalar(f"device/step_time_s/rank_{rank}", value, step)
+        if self.histogram_every and step % self.histogram_every == 0:
+            import numpy as np
+
+            for layer, load in enumerate(record.get("expert_load") or []):
+                self.w.add_histogram(f"balance/expert_load_layer_{layer}", np.asarray(load, dtype=float), step)
+
+    def incident(self, incident: dict[str, Any]) -> None:
+        self.incidents += 1
+        step = int(incident.get("step") or 0)
+        self.w.add_scalar("incidents/total", self.incidents, step)
+        self.w.add_text("incidents", f"{incident.get('kind')} on device {incident.get('rank')}: "
+                        f"{incident.get('detail', '')} -> {incident.get('action', '')}", step)
+
+    def close(self) -> None:
+        self.w.close()
+
+
+class PrometheusSink:
+    """Gauges through `ray.util.metrics` (exported by the node's Ray metrics agent, prefixed `ray_`, so the Ray
+    dashboard and a Prometheus scraping Ray show them; Grafana: cluster_configs/grafana-dashboard.json). Every
+    series has a `run` label; per-layer, per-expert and per-device series have theirs."""
+
+    def __init__(self, run: str):
+        from ray.util.metrics import Counter, Gauge
+
+        self.tags = {"run": run}
+        self.gauges = {key: Gauge(f"orchestrator_{name}", description=desc, tag_keys=("run",))
+                       for key, (_, name, desc) in SCALARS.items()}
+        self.step = Gauge("orchestrator_step", description="last completed step", tag_keys=("run",))
+        self.layer_maxvio = Gauge("orchestrator_maxvio_layer", description="MaxVio of one MoE layer",
+                                  tag_keys=("run", "layer"))
+        self.expert_load = Gauge("orchestrator_expert_load", description="token copies an expert got in the last step",
+                                 tag_keys=("run", "layer", "expert"))
+        self.device_step = Gauge("orchestrator_device_step_time_s", description="a device's time in the last step",
+                                 tag_keys=("run", "rank"))
+        self.incidents = Counter("orchestrator_incidents", description="incidents, by kind", tag_keys=("run", "kind"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        for key, gauge in self.gauges.items():
+            if record.get(key) is not None:
+                gauge.set(float(record[key]), tags=self.tags)
+        self.step.set(float(record["step"]), tags=self.tags)
+        for layer, value in enumerate(record.get("maxvio_layers") or []):
+            self.layer_maxvio.set(value, tags={**self.tags, "layer": str(layer)})
+        for layer, load in enumerate(record.get("expert_load") or []):
+            for expert, count in enumerate(load):
+                self.expert_load.set(float(count), tags={**self.tags, "layer": str(layer), "expert": str(expert)})
+        for rank, value in enumerate(record.get("device_step_time_s") or []):
+            self.device_step.set(value, tags={**self.tags, "rank": str(rank)})
+
+    def incident(self, incident: dict[str, Any]) -> None:
+        self.incidents.inc(1.0, tags={**self.tags, "kind": str(incident.get("kind"))})
+
+    def close(self) -> None:
+        pass
+
+
+class MLflowSink:
+    """The same scalars to MLflow (tracking URI from MLFLOW_TRACKING_URI, else ./mlruns), the config as params."""
+
+    def __init__(self, cfg: Config, run: str):
+        import mlflow
+
+        from orchestrator.config import to_dict
+
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=run)
+        flat: dict[str, Any] = {}
+        for section, values in to_dict(cfg).items():
+            if isinstance(values, dict):
+                flat.update({f"{section}.{k}": v for k, v in values.items() if not isinstance(v, (list, dict))})
+        mlflow.log_params(flat)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.mlflow.log_metrics({name: float(record[key]) for key, (_, name, _) in SCALARS.items()
+                                 if record.get(key) is not None}, step=record["step"])
+
+    def incident(self, incident: dict[str, Any]) -> None:
+        self.mlflow.log_metric("incidents", 1.0, step=int(incident.get("step") or 0))
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def check_sinks(cfg: Config) -> None:
+    """Fail before training when a sink that is asked for cannot work."""
+    from importlib.util import find_spec
+
+    from orchestrator.config import ConfigError
+
+    if cfg.monitor.mlflow and find_spec("mlflow") is None:
+        raise ConfigError("monitor.mlflow=true but mlflow is not installed: `pip install mlflow`, "
+                          "or set monitor.mlflow=false")
+    if cfg.monitor.tensorboard and find_spec("tensorboard") is None:
+        raise ConfigError("monitor.tensorboard=true but the tensorboard package is missing: "
+                          "`pip install tensorboard`, or set monitor.tensorboard=false")
+
+
+class MetricsStream:
+    """metrics.jsonl plus the sinks the config turns on. `write` every completed step, `incident` as decided,
+    `truncate` on a rewind (metrics.jsonl keeps each step once; the other sinks show the replay over it)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, first_step: int):
+        from orchestrator.monitor import MetricsLog
+
+        self.log = MetricsLog(run_dir / "metrics.jsonl", keep_through_step=first_step - 1)
+        self.sinks: list[Sink] = []
+        self.seconds = 0.0   # spent writing to the sinks (metrics.jsonl included): the monitoring's cost
+        m, run = cfg.monitor, run_dir.name
+        if m.tensorboard:
+            self.sinks.append(TensorBoardSink(run_dir / "tensorboard", m.histogram_every, first_step))
+        if m.prometheus:
+            self.sinks.append(PrometheusSink(run))
+        if m.mlflow:
+            self.sinks.append(MLflowSink(cfg, run))
+
+    def write(self, record: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        self.log.write(record)
+        for sink in self.sinks:
+            self._safely(sink.write, record)
+        self.seconds += time.perf_counter() - t0
+
+    def incident(self, incident: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            self._safely(sink.incident, incident)
+
+    def truncate(self, back: int) -> None:
+        self.log.truncate(back)
+
+    def kept_records(self) -> list[dict[str, Any]]:
+        return self.log.kept_records()
+
+    def close(self) -> None:
+        self.log.close()
+        for sink in self.sinks:
+            self._safely(sink.close)
+
+    @staticmethod
+    def _safely(fn, *args) -> None:
+        try:  # a sink that fails (a full disk for TensorBoard, an MLflow server away) never stops training
+            fn(*args)
+        except Exception as e:
+            log.warning("metrics sink %s failed: %s", getattr(fn, "__qualname__", fn), e)
+
+
+__all__ = ["MetricsStream", "SCALARS", "flops_per_token", "cpu_peak_flops", "gpu_peak_flops", "check_sinks"]

@@ -1,0 +1,133 @@
+"""The watchtower's first part: one metrics stream to metrics.jsonl, TensorBoard and Prometheus (read back from
+the event files and from the node's Prometheus endpoint: the same values), status.json with each device's
+health, periodic validation, MFU, and the progress line."""
+from __future__ import annotations
+
+import io
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError
+from orchestrator.driver import Driver
+from orchestrator.metrics import flops_per_token
+from orchestrator.monitor import Progress
+from tests.conftest import tiny_config
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def prometheus_samples(run: str, timeout_s: float = 60.0, want: str = "ray_orchestrator_incidents_total") -> dict:
+    """`name{labels}` -> value of this run's series on the node's metrics endpoint (exported every few seconds)."""
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        samples = {}
+        for line in body.splitlines():
+            if line.startswith("ray_orchestrator_") and f'run="{run}"' in line:
+                name, labels = line.split("{", 1)[0], line.split("{", 1)[1].rsplit("}", 1)[0]
+                keep = ",".join(p for p in labels.split(",") if p.split("=")[0] in ("layer", "expert", "rank", "kind"))
+                samples[f"{name}{{{keep}}}"] = float(line.rsplit(" ", 1)[1])
+        if any(k.startswith(want) for k in samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(2)
+
+
+def test_every_sink_gets_the_same_values(ray_session, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "watched"
+    cfg = tiny_config(run, "cluster.num_devices=2", "train.steps=8", "train.eval_every=4",
+                      "faults.plan=[{step: 6, kind: kill, rank: 1}]", "monitor.histogram_every=2")
+    summary = Driver(cfg, run).run()
+    recs = records(run)
+    assert [r["step"] for r in recs] == list(range(1, 9)) and summary.recoveries == 1
+    assert [r["step"] for r in recs if "val_loss" in r] == [4, 8]
+    assert all(0 < r["mfu"] < 1 for r in recs)
+    # TensorBoard: every scalar of every step, the newest value of a replayed step
+    tb = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    tb.Reload()
+    for tag, key in (("train/loss", "loss"), ("throughput/mfu", "mfu"), ("balance/maxvio", "maxvio"),
+                     ("train/grad_norm", "grad_norm")):
+        got = {e.step: e.value for e in tb.Scalars(tag)}
+        assert got == pytest.approx({r["step"]: r[key] for r in recs}, rel=1e-6), tag
+    assert {e.step: e.value for e in tb.Scalars("validation/loss")} == pytest.approx(
+        {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}, rel=1e-6)
+    assert {e.step: e.value for e in tb.Scalars("device/step_time_s/rank_1")} == pytest.approx(
+        {r["step"]: r["device_step_time_s"][1] for r in recs}, rel=1e-6)
+    assert [e.value for e in tb.Scalars("incidents/total")] == [1.0]
+    assert {e.step for e in tb.Histograms("balance/expert_load_layer_0")} >= {2, 4, 8}
+    # Prometheus, through Ray's metrics agent: the last step's values, the incident counted
+    prom = prometheus_samples(run.name)
+    last = recs[-1]
+    assert prom["ray_orchestrator_loss{}"] == pytest.approx(last["loss"], rel=1e-6)
+    assert prom["ray_orchestrator_step{}"] == 8
+    assert prom["ray_orchestrator_mfu{}"] == pytest.approx(last["mfu"], rel=1e-6)
+    assert prom['ray_orchestrator_expert_load{expert="3",layer="1"}'] == last["expert_load"][1][3]
+    assert prom['ray_orchestrator_incidents_total{kind="dead"}'] == 1
+    # status.json: the run and each device's health, the killed device restarted once
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == 8 and status["val_loss"] == summary.val_loss
+    assert [d["restarts"] for d in status["devices"]] == [0, 1]
+    assert all(d["pid"] and d["rss_mb"] > 50 and d["step_time_s"] > 0 for d in status["devices"])
+    assert status["incidents"] == 1 and status["last_checkpoint_step"] == 8
+
+
+def test_sinks_can_be_turned_off_and_bad_settings_are_named(ray_session, tmp_path):
+    cfg = tiny_config(tmp_path, "monitor.tensorboard=false", "monitor.prometheus=false", "train.steps=2")
+    Driver(cfg, tmp_path).run()
+    assert not (tmp_path / "tensorboard").exists() and len(records(tmp_path)) == 2
+    with pytest.raises(ConfigError, match="train.eval_every=5 needs train.eval_batches"):
+        tiny_config(None, "train.eval_every=5", "train.eval_batches=0")
+    with pytest.raises(ConfigError, match="monitor.peak_tflops"):
+        tiny_config(None, "monitor.peak_tflops=-1")
+
+
+def test_mfu_uses_the_configured_peak(ray_session, tmp_path):
+    cfg = tiny_config(tmp_path, "monitor.peak_tflops=0.001", "train.steps=2")
+    Driver(cfg, tmp_path).run()
+    r = records(tmp_path)[-1]
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops_per_token(cfg) / 1e9, rel=1e-9)
+
+
+def test_flops_per_token_by_hand():
+    cfg = tiny_config(None)   # dim 32, 3 layers (1 dense), 4 experts top-2, seq 32, vocab 256, tied
+    m = cfg.model
+    attn = 4 * m.dim * m.dim
+    norms = 2 * m.dim
+    dense_ffn = 3 * m.dim * m.dense_dim
+    expert = 3 * m.dim * m.expert_dim
+    moe = m.num_experts * m.dim + m.top_k * expert + m.num_shared_experts * expert  # router, chosen, shared
+    active = m.vocab_size * m.dim + m.dim + 3 * (attn + norms) + dense_ffn + 2 * moe
+    assert flops_per_token(cfg) == 6 * active + 12 * m.n_layers * m.dim * cfg.data.seq_len
+
+
+def test_progress_line_shows_mfu_and_incidents():
+    out = io.StringIO()
+    p = Progress(10, "lines", stream=out)
+    p.update(1, 2.5, 12_000, 0.1, maxvio=0.5, mfu=0.123, incidents=2)
+    line = out.getvalue()
+    assert "loss 2.5000" in line and "MaxVio 0.50" in line and "MFU 12.3%" in line and "incidents 2" in line
+
+
+def test_grafana_dashboard_queries_only_metrics_we_export():
+    import re
+
+    from orchestrator.metrics import SCALARS
+
+    dashboard = json.loads((Path(__file__).parent.parent / "cluster_configs/grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"ray_orchestrator_\w+", e)}
+    ours = {f"ray_orchestrator_{name}" for _, name, _ in SCALARS.values()} | {
+        "ray_orchestrator_step", "ray_orchestrator_maxvio_layer", "ray_orchestrator_expert_load",
+        "ray_orchestrator_device_step_time_s", "ray_orchestrator_incidents_total"}
+    assert used and used <= ours, used - ours
+    assert {"ray_orchestrator_loss", "ray_orchestrator_mfu", "ray_orchestrator_expert_load"} <= used
