@@ -1,6 +1,7 @@
 """Cost of the monitoring: the default job with every sink on (metrics.jsonl, TensorBoard with histograms,
-Prometheus through Ray, status.json, periodic validation off) against the same job with only metrics.jsonl
-and status.json, run side by side (alternating, A B A B) on the same machine.
+Prometheus through Ray, status.json, the default alert rules; periodic validation off) against the same job
+with only metrics.jsonl and status.json and no alert rules, run side by side (alternating, A B A B) on the
+same machine.
 
     python bench/monitoring.py [--steps 300] [--pairs 2] [key=value ...]
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from jobrun import REPO, run_job
 
-OFF = ["monitor.tensorboard=false", "monitor.prometheus=false"]
+OFF = ["monitor.tensorboard=false", "monitor.prometheus=false", "monitor.alerts=[]"]
 
 
 def main() -> None:

@@ -117,20 +117,10 @@ def plot(out: Path, runs: dict[str, list[dict]]) -> list[str]:
         fig.savefig(out / file, dpi=110)
         plt.close(fig)
         written.append(file)
+    from orchestrator.report import expert_load_heatmaps
+
     for name, records in runs.items():
-        load = np.array([r["expert_load"] for r in records], dtype=float)   # [step, layer, expert]
-        share = load / load.sum(-1, keepdims=True)
-        layers = share.shape[1]
-        fig, axes = plt.subplots(layers, 1, figsize=(8, 1.6 + 1.4 * layers), squeeze=False)
-        for layer in range(layers):
-            ax = axes[layer][0]
-            im = ax.imshow(share[:, layer, :].T, aspect="auto", interpolation="nearest", cmap="viridis",
-                           extent=(records[0]["step"] - 0.5, records[-1]["step"] + 0.5, share.shape[2] - 0.5, -0.5))
-            ax.set(ylabel=f"MoE layer {layer}\nexpert")
-            fig.colorbar(im, ax=ax, label="share of copies")
-        axes[-1][0].set(xlabel="step")
-        fig.suptitle(f"Expert load per layer over steps: {name}")
-        fig.tight_layout()
+        fig = expert_load_heatmaps(records, f"Expert load per layer over steps: {name}")
         fig.savefig(out / f"heatmap-{name}.png", dpi=110)
         plt.close(fig)
         written.append(f"heatmap-{name}.png")

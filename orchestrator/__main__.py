@@ -2,6 +2,7 @@
 
     python -m orchestrator checkpoints list PATH            checkpoints of a run dir / checkpoint root / URI
     python -m orchestrator checkpoints export CKPT OUT      model weights of a checkpoint as one safetensors file
+    python -m orchestrator report RUN_DIR [--out FILE]      the run report: one HTML page with plots
 """
 from __future__ import annotations
 
@@ -23,7 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     ex = ck_sub.add_parser("export", help="write a checkpoint's model weights as a single safetensors file")
     ex.add_argument("checkpoint", help="one checkpoint folder, or a run dir / root (its newest committed one)")
     ex.add_argument("out", help="output .safetensors file")
+    rp = sub.add_parser("report", help="write the run report (HTML with plots) of a run directory")
+    rp.add_argument("run_dir", help="a run directory (runs/<time>-<name>)")
+    rp.add_argument("--out", default=None, help="output file (default: RUN_DIR/report.html)")
     args = parser.parse_args(argv)
+
+    if args.command == "report":
+        from orchestrator.report import write_report
+
+        try:
+            print(f"written {write_report(args.run_dir, args.out)}")
+            return 0
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
 
     from orchestrator.checkpoint import tools
 

@@ -203,6 +203,7 @@ class MonitorConfig:
     prometheus: bool = True           # Ray's metrics API (ray.util.metrics): Prometheus endpoint, Ray dashboard, Grafana
     mlflow: bool = False              # also log to MLflow (needs `pip install mlflow`; MLFLOW_TRACKING_URI or ./mlruns)
     histogram_every: int = 10         # TensorBoard histograms (expert load per layer) every this many steps (0: none)
+    report: bool = True               # write <run dir>/report.html (plots; `python -m orchestrator report`) at the end
     peak_tflops: float = 0.0          # peak TFLOP/s of one device for MFU; 0: a table of known GPUs, on CPU measured
                                       # at start (a float32 matmul on the threads one device uses)
     alerts: list[AlertRule] = field(default_factory=_default_alerts)  # rules checked after every step

@@ -262,6 +262,13 @@ class Driver:
             monitoring_s=self.status_s + (self.metrics.seconds if self.metrics else 0.0))
         (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         (self.run_dir / "goodput.json").write_text(json.dumps(self.goodput.to_dict(), indent=2) + "\n")
+        if cfg.monitor.report and records:
+            try:
+                from orchestrator.report import write_report
+
+                log.info("run report: %s", write_report(self.run_dir))
+            except Exception as e:  # the run's results are written; a report that fails must not fail the run
+                log.warning("could not write the run report: %s", e)
         return summary
 
     def _rewind(self, back: int, message: str) -> int:

@@ -26,7 +26,7 @@ def tiny_config(tmp_path: Path | None = None, *overrides: str) -> Config:
             "model.expert_dim=32", "model.dense_dim=64", "model.first_k_dense=1", "model.max_seq_len=64",
             "data.seq_len=32", "data.max_bytes=300000", "train.steps=4", "train.global_batch_size=8",
             "train.lr=1e-2", "train.warmup_steps=1", "train.eval_batches=1", "cluster.cpus_per_device=0.5",
-            "cluster.num_devices=1", "run.progress=quiet"]
+            "cluster.num_devices=1", "run.progress=quiet", "monitor.report=false"]
     if tmp_path is not None:
         base.append(f"run.dir={tmp_path}")
     return load_config(None, base + list(overrides))
