@@ -1,8 +1,10 @@
 """Alert rules: conditions on the metrics stream, each with a threshold and an action.
 
-A rule looks at every completed step's record (and, for `nonfinite` and `restarts`, at incidents as the
-healer decides them). It fires when its condition has held for `steps` consecutive steps, and fires
-again only after the condition has cleared (no alert storm from one long imbalance). Conditions:
+A rule looks at every completed step's record (and `nonfinite` also at the non-finite steps the healer
+rolled back, which leave no record). It fires when its condition has held for `steps` consecutive
+steps, and fires again only after the condition has cleared (no alert storm from one long imbalance).
+When the driver rewinds, the rules' state goes back with it, and a replayed step never fires the same
+rule twice. Conditions:
 
     nonfinite        a non-finite loss or gradient norm (an incident of kind nan, or a skipped step)
     loss_spike       loss > threshold x median of the previous `window` losses            (default 3)
@@ -16,7 +18,9 @@ again only after the condition has cleared (no alert storm from one long imbalan
 Actions: record (alerts.jsonl only), notify (also a warning on stderr and in the log, and a POST of
 the alert as JSON to `monitor.webhook_url` with retries and a timeout), and rollback | skip | stop,
 handed to the Healer (rewind to the newest snapshot; rewind and skip this step's batch; stop the run).
-Every alert goes to `alerts.jsonl` with the step, rule, value, threshold and action.
+Every alert goes to `alerts.jsonl` as it fires, with the step, rule, value, threshold and action (and
+`webhook: pending` when one is posted; a second line with the same step and rule and the webhook's
+outcome, delivered or failed, follows when it is known).
 """
 from __future__ import annotations
 
@@ -152,6 +156,9 @@ class AlertEngine:
         self.stream = stream or sys.stderr
         self.streak = [0] * len(rules)
         self.firing = [False] * len(rules)
+        self.states: dict[int, tuple[list[int], list[bool]]] = {}   # step -> (streak, firing) after it
+        self.fired: set[tuple[str, int]] = set()                    # (rule, step): a replay never fires it again
+        self.stop: Alert | None = None   # a stop alert from an incident, for the driver to act on
         self.alerts: list[Alert] = []
         self.webhook = Webhook(webhook_url, webhook_timeout_s, webhook_retries, self._delivered) if webhook_url else None
         self._lock = threading.Lock()
@@ -159,35 +166,47 @@ class AlertEngine:
     def evaluate(self, rec: dict[str, Any], history: list[dict[str, Any]], ctx: Context) -> list[Alert]:
         """Alerts fired by this step's record (`history`: the records before it)."""
         fired = []
+        step = rec["step"]
         for i, r in enumerate(self.rules):
-            if r.rule == "nonfinite" and rec.get("skipped") != "nonfinite":
-                continue  # the incident path reports the non-finite steps that were rolled back
-            threshold = r.threshold or DEFAULT_THRESHOLD[r.rule]
+            threshold = DEFAULT_THRESHOLD[r.rule] if r.threshold is None else r.threshold
             value, bad, detail = measure(r.rule, threshold, r.window, rec, history, ctx)
             self.streak[i] = self.streak[i] + 1 if bad else 0
             if not bad:
                 self.firing[i] = False
             elif self.streak[i] >= r.steps and not self.firing[i]:
                 self.firing[i] = True
-                fired.append(self._fire(rec["step"], r.rule, value, threshold, r.action,
-                                        detail + (f" for {r.steps} steps" if r.steps > 1 else "")))
+                if (r.rule, step) not in self.fired:
+                    fired.append(self._fire(step, r.rule, value, threshold, r.action,
+                                            detail + (f" for {r.steps} steps" if r.steps > 1 else "")))
+        self.states[step] = (list(self.streak), list(self.firing))
         return fired
 
+    def rewind(self, back: int) -> None:
+        """The driver went back to after step `back`: the rules' state is what it was then."""
+        self.states = {s: v for s, v in self.states.items() if s <= back}
+        streak, firing = self.states.get(back, ([0] * len(self.rules), [False] * len(self.rules)))
+        self.streak, self.firing = list(streak), list(firing)
+
     def incident(self, incident: dict[str, Any]) -> list[Alert]:
-        """Alerts from an incident the healer decided (non-finite values it rolled back or skipped)."""
+        """Alerts from an incident the healer decided: non-finite values it rolled back (a skipped step has a
+        record, which `evaluate` sees). The healer has acted already: an alert can record, notify or stop."""
         fired = []
-        if incident.get("kind") == "nan":
+        if incident.get("kind") == "nan" and incident.get("action") != "skipped":
+            step = int(incident["step"])
             for r in self.rules:
-                if r.rule == "nonfinite":
-                    # the healer already acted on it; an alert can only record, notify or stop
+                if r.rule == "nonfinite" and ("nonfinite", step) not in self.fired:
                     action = r.action if r.action in ("record", "notify", "stop") else "notify"
-                    fired.append(self._fire(int(incident["step"]), "nonfinite", None, 0.0, action,
-                                            f"{incident.get('detail', 'non-finite values')} ({incident.get('action')})"))
+                    alert = self._fire(step, "nonfinite", None, 0.0, action,
+                                       f"{incident.get('detail') or 'non-finite values'} ({incident.get('action')})")
+                    fired.append(alert)
+                    if action == "stop":
+                        self.stop = alert
         return fired
 
     def _fire(self, step: int, rule: str, value: float | None, threshold: float, action: str, detail: str) -> Alert:
         alert = Alert(step, rule, value, threshold, action, detail)
         self.alerts.append(alert)
+        self.fired.add((rule, step))
         if action != "record":
             line = f"ALERT step {step} {rule}: {detail} (action: {action})"
             log.warning(line)
@@ -195,20 +214,21 @@ class AlertEngine:
             self.stream.flush()
         if self.webhook and action != "record":
             alert.webhook = "pending"
+            self._append(asdict(alert))
             self.webhook.send(alert)
         else:
-            self._append(alert)
+            self._append(asdict(alert))
         return alert
 
     def _delivered(self, alert: Alert, outcome: str) -> None:
         alert.webhook = outcome
-        self._append(alert)
+        self._append({"step": alert.step, "rule": alert.rule, "webhook": outcome, "time": time.time()})
 
-    def _append(self, alert: Alert) -> None:
+    def _append(self, line: dict[str, Any]) -> None:
         if self.path is None:
             return
         with self._lock, open(self.path, "a") as f:
-            f.write(json.dumps(asdict(alert), separators=(",", ":")) + "\n")
+            f.write(json.dumps(line, separators=(",", ":")) + "\n")
 
     def close(self, timeout_s: float = 30.0) -> None:
         if self.webhook:

@@ -183,7 +183,7 @@ class AlertRule:
     """One alert rule (conditions and actions: orchestrator/alerts.py)."""
     rule: str = "loss_spike"   # nonfinite | loss_spike | grad_spike | maxvio | straggler | throughput_drop | restarts
                                # | checkpoint_age
-    threshold: float = 0.0     # 0: the rule's default (see alerts.py)
+    threshold: Optional[float] = None  # None: the rule's default (see alerts.py)
     steps: int = 1             # consecutive steps the condition must hold before the alert fires
     window: int = 20           # steps of history: the moving median (spikes, throughput), recoveries counted (restarts)
     action: str = "notify"     # record | notify | rollback | skip | stop
@@ -201,7 +201,7 @@ class MonitorConfig:
     """Where the metrics stream goes besides metrics.jsonl (always), and what MFU is measured against."""
     tensorboard: bool = True          # TensorBoard event files in <run dir>/tensorboard
     prometheus: bool = True           # Ray's metrics API (ray.util.metrics): Prometheus endpoint, Ray dashboard, Grafana
-    mlflow: bool = False              # also log to MLflow (needs `pip install mlflow`; MLFLOW_TRACKING_URI or ./mlruns)
+    mlflow: bool = False              # also log to MLflow (needs `pip install mlflow`; where: MLFLOW_TRACKING_URI)
     histogram_every: int = 10         # TensorBoard histograms (expert load per layer) every this many steps (0: none)
     report: bool = True               # write <run dir>/report.html (plots; `python -m orchestrator report`) at the end
     peak_tflops: float = 0.0          # peak TFLOP/s of one device for MFU; 0: a table of known GPUs, on CPU measured
@@ -349,7 +349,7 @@ def validate(cfg: Config) -> None:
         _choice(f"monitor.alerts[{i}].rule", a.rule, ("nonfinite", "loss_spike", "grad_spike", "maxvio", "straggler",
                                                       "throughput_drop", "restarts", "checkpoint_age"))
         _choice(f"monitor.alerts[{i}].action", a.action, ("record", "notify", "rollback", "skip", "stop"))
-        if a.steps < 1 or a.window < 1 or a.threshold < 0:
+        if a.steps < 1 or a.window < 1 or (a.threshold is not None and a.threshold < 0):
             raise ConfigError(f"monitor.alerts[{i}] ({a.rule}): steps and window must be at least 1 and threshold "
                               f"zero or more (got steps={a.steps}, window={a.window}, threshold={a.threshold})")
         if a.action in ("rollback", "skip") and cfg.faults.snapshot_every == 0:

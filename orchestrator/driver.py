@@ -36,6 +36,7 @@ from orchestrator.config import Config, FaultSpec, to_dict
 from orchestrator.data import load_corpus
 from orchestrator.device import StepReport
 from orchestrator.device_group import DeviceGroup, get
+from orchestrator.errors import RunError
 from orchestrator.goodput import Goodput
 from orchestrator.healing import Healer, Incident, Injector, StepFailure, Watch, plan_faults
 from orchestrator.alerts import AlertEngine, Context
@@ -97,6 +98,7 @@ class Driver:
         self.alerts: AlertEngine | None = None
         self.skip_steps: set[int] = set()     # steps whose batch an alert's action=skip has the devices skip
         self.peak_flops: float | None = None  # of one device, for MFU
+        self.flops_per_token = flops_per_token(cfg)
         self.val_loss: float | None = None    # the newest validation loss (periodic or final)
 
     # ----------------------------------------------------------------- start
@@ -183,6 +185,9 @@ class Driver:
             t_loop = time.perf_counter()
             while step <= cfg.train.steps:
                 self.healer.flush()
+                if self.alerts.stop is not None:
+                    a = self.alerts.stop
+                    raise RunError(f"step {a.step}: alert {a.rule} ({a.detail}); stopping (its action is stop)")
                 if self.stop_signal:
                     progress.message(f"{self.stop_signal}: stopping after step {step - 1}")
                     break
@@ -234,17 +239,26 @@ class Driver:
                 self.save_checkpoint(last)
             self.finish_checkpoints()
             if cfg.train.eval_batches and not self.stop_signal and records:
-                val_loss = self.val_loss = self._get([a.evaluate.remote(cfg.train.eval_batches) for a in self.actors],
-                                                     cfg.cluster.step_timeout_s, "evaluate")[0]
+                if records[-1].get("val_loss") is not None:  # just scored by the periodic validation
+                    val_loss = records[-1]["val_loss"]
+                else:
+                    val_loss = self.val_loss = self._get([a.evaluate.remote(cfg.train.eval_batches) for a in self.actors],
+                                                         cfg.cluster.step_timeout_s, "evaluate")[0]
+                    metrics.validation(records[-1]["step"], val_loss)
             state = "stopped" if self.stop_signal else "finished"
         finally:
             self.healer.flush()
-            self.write_status(state)
-            for closable in (progress, metrics, self.alerts):
+            try:
+                self.write_status(state)
+            except Exception as e:  # a full disk must not hide the run's own error or leave actors behind
+                log.warning("could not write status.json: %s", e)
+            for closable in (progress, metrics):
                 if closable is not None:
                     closable.close()
             restore_signals()
             self.shutdown()
+            if self.alerts is not None:
+                self.alerts.close()  # webhooks still being posted: after the devices are released
         timed = records[1:] or records
         step_time = sum(r["step_time_s"] for r in timed) / max(1, len(timed))
         self.goodput.steps_done = len(records)
@@ -275,6 +289,8 @@ class Driver:
         """Continue after step `back`: its later records go (replayed steps are recorded once, when they complete)."""
         self.records[:] = [r for r in self.records if r["step"] <= back]
         self.metrics.truncate(back)
+        if self.alerts is not None:
+            self.alerts.rewind(back)
         self.progress.message(f"{message}; continuing from step {back + 1}")
         return back + 1
 
@@ -331,23 +347,24 @@ class Driver:
         """Check the alert rules on this step's record; the step to replay after when one's action rewinds."""
         if self.alerts is None:
             return None
-        recovered = [i.step for i in self.healer.incidents if i.action in ("replaced", "rolled back", "skipped")]
-        committed = self.ckpt.committed_steps
-        fired = self.alerts.evaluate(rec, self.records, Context(recovered, committed[-1] if committed else None))
+        fired = self.alerts.evaluate(rec, self.records, Context(self.healer.recovery_steps, self.last_checkpoint(step)))
         if fired:
             rec["alerts"] = [a.rule for a in fired]
-        for a in fired:
-            if a.action in ("rollback", "skip", "stop"):
-                back = self.healer.alert(self, step, a.rule, a.action, a.detail)
-                if back is not None:
-                    return back
-        return None
+        acting = [a for a in fired if a.action in ("rollback", "skip", "stop")]
+        if rec.get("skipped"):  # the update was not applied anyway: nothing to rewind for
+            acting = [a for a in acting if a.action == "stop"]
+        if not acting:
+            return None
+        action = next(x for x in ("stop", "skip", "rollback") if any(a.action == x for a in acting))
+        rules = "+".join(a.rule for a in acting)
+        return self.healer.alert(self, step, rules, action, "; ".join(a.detail for a in acting))
+
+    def last_checkpoint(self, step: int) -> int | None:
+        """The newest committed checkpoint at or before `step` (this run's, or the one it resumed from)."""
+        known = [s for s in self.ckpt.committed_steps + [self.resumed_from_step or 0] if 0 < s <= step]
+        return max(known) if known else None
 
     # ------------------------------------------------------------- watching
-    @property
-    def flops_per_token(self) -> float:
-        return flops_per_token(self.cfg)
-
     def _peak_flops(self) -> float | None:
         """Peak FLOP/s of one device: monitor.peak_tflops, else a known GPU's, else measured on this CPU."""
         cfg = self.cfg
@@ -386,8 +403,8 @@ class Driver:
                             "step_time_s": r.compute_time_s if r else None, "collective_s": r.collective_s if r else None,
                             "rss_mb": r.rss_bytes / 2**20 if r else None,
                             "device_mem_mb": r.device_mem_bytes / 2**20 if r else None})
-        committed = self.ckpt.committed_steps
         step = last.get("step", 0)
+        checkpoint = self.last_checkpoint(step)
         ema = self.progress.step_time_ema if self.progress else None
         eta = (ema or 0) * (self.cfg.train.steps - step) if state == "running" else 0
         write_status(self.run_dir / "status.json", {
@@ -395,8 +412,8 @@ class Driver:
             "loss": last.get("loss"), "val_loss": self.val_loss, "tokens_per_s": last.get("tokens_per_s"),
             "mfu": last.get("mfu"), "maxvio": last.get("maxvio"), "eta_s": eta,
             "incidents": len(self.healer.incidents), "recoveries": self.healer.recoveries,
-            "last_checkpoint_step": committed[-1] if committed else None,
-            "checkpoint_age_steps": step - committed[-1] if committed else None,
+            "last_checkpoint_step": checkpoint,
+            "checkpoint_age_steps": step - checkpoint if checkpoint is not None else None,
             "devices": devices})
         self.status_s += time.perf_counter() - t0
 

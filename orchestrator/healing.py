@@ -288,6 +288,8 @@ class Healer:
         self.rolled_back: set[int] = set()
         self.checkpoint_failures = 0              # in a row
         self.checkpoint_retry_at: int | None = None
+        self.recovery_steps: list[int] = []       # the step of each recovery spent (the restarts alert counts them)
+        self.alerted: set[int] = set()            # steps an alert has rewound (once each)
         self.on_incident = lambda incident: None  # the driver appends to incidents.jsonl
         self._published = 0
 
@@ -315,6 +317,7 @@ class Healer:
             raise self._stop(f"{what}; stopping: step {step} failed {self.failures_at[step]} times "
                              f"(faults.max_repeats={self.f.max_repeats}), a fault that repeats is not healed by replaying")
         self.recoveries += 1
+        self.recovery_steps.append(step)
 
     def heal(self, driver: "Driver", failure: StepFailure) -> int:
         """A failed step: replace the devices that failed, rewind everyone; the step to replay after."""
@@ -360,10 +363,10 @@ class Healer:
         if action == "stop":
             incident.action = "stopped"
             raise self._stop(f"step {step}: alert {rule} ({detail}); stopping (its action is stop)")
-        if step in self.rolled_back:
+        if step in self.alerted:
             incident.action = "recorded"
             return None
-        self.rolled_back.add(step)
+        self.alerted.add(step)
         self._spend(step, f"step {step}: alert {rule}")
         if action == "skip":
             driver.skip_steps.add(step)

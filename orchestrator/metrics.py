@@ -84,18 +84,21 @@ class Sink(Protocol):
 
     def incident(self, incident: dict[str, Any]) -> None: ...
 
+    def rewind(self, back: int) -> None: ...
+
     def close(self) -> None: ...
 
 
 class TensorBoardSink:
     """Scalars (SCALARS, per-layer MaxVio, per-device step time), histograms of the expert load per layer,
-    incidents as text, under <run dir>/tensorboard. A replayed step is written again: TensorBoard keeps the
-    newest events of a step that goes backwards."""
+    incidents as text, under <run dir>/tensorboard. On a rewind (and at the first step of a run, resumed or
+    in a reused run directory) a session-start event tells TensorBoard to drop the events from that step
+    on, so a replayed step shows once, as metrics.jsonl does."""
 
     def __init__(self, path: Path, histogram_every: int, first_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.w = SummaryWriter(str(path), purge_step=first_step if first_step > 1 else None)
+        self.w = SummaryWriter(str(path), purge_step=first_step)
         self.histogram_every = histogram_every
         self.incidents = 0
 
@@ -113,6 +116,11 @@ class TensorBoardSink:
 
             for layer, load in enumerate(record.get("expert_load") or []):
                 self.w.add_histogram(f"balance/expert_load_layer_{layer}", np.asarray(load, dtype=float), step)
+
+    def rewind(self, back: int) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self.w.file_writer.add_event(Event(step=back + 1, session_log=SessionLog(status=SessionLog.START)))
 
     def incident(self, incident: dict[str, Any]) -> None:
         self.incidents += 1
@@ -161,12 +169,15 @@ class PrometheusSink:
     def incident(self, incident: dict[str, Any]) -> None:
         self.incidents.inc(1.0, tags={**self.tags, "kind": str(incident.get("kind"))})
 
+    def rewind(self, back: int) -> None:
+        pass   # gauges: the replay sets them again
+
     def close(self) -> None:
         pass
 
 
 class MLflowSink:
-    """The same scalars to MLflow (tracking URI from MLFLOW_TRACKING_URI, else ./mlruns), the config as params."""
+    """The same scalars to MLflow (where: MLFLOW_TRACKING_URI, else MLflow's default), the config as params."""
 
     def __init__(self, cfg: Config, run: str):
         import mlflow
@@ -183,10 +194,13 @@ class MLflowSink:
 
     def write(self, record: dict[str, Any]) -> None:
         self.mlflow.log_metrics({name: float(record[key]) for key, (_, name, _) in SCALARS.items()
-                                 if record.get(key) is not None}, step=record["step"])
+                                 if record.get(key) is not None}, step=record["step"], synchronous=False)
 
     def incident(self, incident: dict[str, Any]) -> None:
-        self.mlflow.log_metric("incidents", 1.0, step=int(incident.get("step") or 0))
+        self.mlflow.log_metric("incidents", 1.0, step=int(incident.get("step") or 0), synchronous=False)
+
+    def rewind(self, back: int) -> None:
+        pass   # MLflow keeps every logged value; a replayed step is logged again
 
     def close(self) -> None:
         self.mlflow.end_run()
@@ -237,6 +251,13 @@ class MetricsStream:
 
     def truncate(self, back: int) -> None:
         self.log.truncate(back)
+        for sink in self.sinks:
+            self._safely(sink.rewind, back)
+
+    def validation(self, step: int, val_loss: float) -> None:
+        """The validation loss scored after the last step (its record is written already): the sinks only."""
+        for sink in self.sinks:
+            self._safely(sink.write, {"step": step, "val_loss": val_loss})
 
     def kept_records(self) -> list[dict[str, Any]]:
         return self.log.kept_records()

@@ -21,9 +21,16 @@ FIGURES = ("loss", "throughput", "device-step-time", "balance", "expert-load", "
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a .jsonl file; a last line still being written (a running run) is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -71,11 +71,40 @@ def test_restarts_and_checkpoint_age_use_the_context():
     assert [a.step for a in fired] == [36]
 
 
-def test_nonfinite_incidents_raise_an_alert():
+def test_nonfinite_from_records_and_incidents_once_each():
+    records = normal()
+    for s in (10, 20):   # skipped non-finite steps have a record
+        records[s - 1] = {**records[s - 1], "loss": float("nan"), "skipped": "nonfinite"}
+    assert [a.step for a in run([AlertRule(rule="nonfinite", action="record")], records)] == [10, 20]
     engine = AlertEngine([AlertRule(rule="nonfinite", action="rollback")], None, stream=io.StringIO())
     fired = engine.incident({"kind": "nan", "step": 7, "detail": "non-finite loss", "action": "rolled back"})
-    assert [(a.step, a.rule, a.action) for a in fired] == [(7, "nonfinite", "notify")]
-    assert engine.incident({"kind": "dead", "step": 8}) == []
+    assert [(a.step, a.rule, a.action) for a in fired] == [(7, "nonfinite", "notify")]   # the healer acted already
+    assert engine.incident({"kind": "nan", "step": 7, "action": "rolled back"}) == []  # once per step
+    assert engine.incident({"kind": "nan", "step": 9, "action": "skipped"}) == []      # its record reports it
+    assert engine.incident({"kind": "dead", "step": 8}) == [] and engine.stop is None
+    stopper = AlertEngine([AlertRule(rule="nonfinite", action="stop")], None, stream=io.StringIO())
+    stopper.incident({"kind": "nan", "step": 3, "action": "rolled back"})
+    assert stopper.stop is not None and stopper.stop.step == 3
+
+
+def test_a_rewind_puts_the_rules_back_and_a_replay_does_not_fire_again():
+    records = normal(10)
+    for s in range(3, 11):
+        records[s - 1]["maxvio"] = 2.0
+    engine = AlertEngine([AlertRule(rule="maxvio", threshold=1.0, steps=2)], None, stream=io.StringIO())
+    first = [a.step for i, rec in enumerate(records[:6]) for a in engine.evaluate(rec, records[:i], Context())]
+    assert first == [4]
+    engine.rewind(3)            # back to after step 3: one bad step in the streak
+    assert engine.streak == [1] and engine.firing == [False]
+    replay = [a.step for i, rec in enumerate(records[3:6], start=3) for a in engine.evaluate(rec, records[:i], Context())]
+    assert replay == []         # step 4 fires again on the replay: not a second alert
+    assert engine.streak == [4] and engine.firing == [True]
+
+
+def test_threshold_zero_is_a_threshold():
+    records = normal(10)
+    fired = run([AlertRule(rule="restarts", threshold=0, window=5)], records, Context(recovery_steps=[7]))
+    assert [a.step for a in fired] == [7]
 
 
 class Hook(BaseHTTPRequestHandler):
@@ -115,17 +144,20 @@ def test_notify_posts_to_the_webhook_with_retries(tmp_path):
     assert [(b["step"], b["rule"], b["action"]) for b in Hook.received] == [(30, "loss_spike", "notify")]
     assert "ALERT step 30 loss_spike" in out.getvalue()
     lines = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
-    assert [(a["step"], a["rule"], a["webhook"]) for a in lines] == [(30, "loss_spike", "delivered")]
+    # written as it fired, then the webhook's outcome
+    assert [(a["step"], a["rule"], a["webhook"]) for a in lines] == [(30, "loss_spike", "pending"),
+                                                                     (30, "loss_spike", "delivered")]
+    assert lines[0]["action"] == "notify" and lines[0]["value"] > 3
 
 
-def test_a_webhook_that_never_answers_is_given_up_on(tmp_path):
+def test_a_webhook_that_refuses_is_given_up_on(tmp_path):
     engine = AlertEngine([AlertRule(rule="maxvio", action="notify")], tmp_path / "alerts.jsonl",
                          webhook_url="http://127.0.0.1:9/none", webhook_timeout_s=1, webhook_retries=1,
                          stream=io.StringIO())
     engine.evaluate({**normal()[0], "maxvio": 5.0}, [], Context())
     engine.close()
-    line = json.loads((tmp_path / "alerts.jsonl").read_text())
-    assert line["webhook"].startswith("failed:")
+    lines = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert lines[0]["webhook"] == "pending" and lines[1]["webhook"].startswith("failed:")
 
 
 def test_alert_config_errors_name_the_rule():

@@ -45,20 +45,23 @@ def test_every_sink_gets_the_same_values(ray_session, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "watched"
-    cfg = tiny_config(run, "cluster.num_devices=2", "train.steps=8", "train.eval_every=4",
+    # snapshots every 3 steps: the kill in step 6 rewinds to step 3, so steps 4 and 5 are written twice
+    cfg = tiny_config(run, "cluster.num_devices=2", "train.steps=8", "train.eval_every=4", "faults.snapshot_every=3",
                       "faults.plan=[{step: 6, kind: kill, rank: 1}]", "monitor.histogram_every=2")
     summary = Driver(cfg, run).run()
     recs = records(run)
     assert [r["step"] for r in recs] == list(range(1, 9)) and summary.recoveries == 1
     assert [r["step"] for r in recs if "val_loss" in r] == [4, 8]
     assert all(0 < r["mfu"] < 1 for r in recs)
-    # TensorBoard: every scalar of every step, the newest value of a replayed step
+    assert summary.incidents[0]["rewound_to"] == 3
+    # TensorBoard: every scalar of every step once (the replayed steps 4 and 5 too), as in metrics.jsonl
     tb = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
     tb.Reload()
     for tag, key in (("train/loss", "loss"), ("throughput/mfu", "mfu"), ("balance/maxvio", "maxvio"),
                      ("train/grad_norm", "grad_norm")):
-        got = {e.step: e.value for e in tb.Scalars(tag)}
-        assert got == pytest.approx({r["step"]: r[key] for r in recs}, rel=1e-6), tag
+        events = tb.Scalars(tag)
+        assert [e.step for e in events] == [r["step"] for r in recs], tag
+        assert [e.value for e in events] == pytest.approx([r[key] for r in recs], rel=1e-6), tag
     assert {e.step: e.value for e in tb.Scalars("validation/loss")} == pytest.approx(
         {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}, rel=1e-6)
     assert {e.step: e.value for e in tb.Scalars("device/step_time_s/rank_1")} == pytest.approx(
@@ -78,7 +81,7 @@ def test_every_sink_gets_the_same_values(ray_session, tmp_path):
     assert status["state"] == "finished" and status["step"] == 8 and status["val_loss"] == summary.val_loss
     assert [d["restarts"] for d in status["devices"]] == [0, 1]
     assert all(d["pid"] and d["rss_mb"] > 50 and d["step_time_s"] > 0 for d in status["devices"])
-    assert status["incidents"] == 1 and status["last_checkpoint_step"] == 8
+    assert status["incidents"] == 1 and status["last_checkpoint_step"] == 8 and status["checkpoint_age_steps"] == 0
 
 
 def test_sinks_can_be_turned_off_and_bad_settings_are_named(ray_session, tmp_path):
@@ -131,3 +134,19 @@ def test_grafana_dashboard_queries_only_metrics_we_export():
         "ray_orchestrator_device_step_time_s", "ray_orchestrator_incidents_total"}
     assert used and used <= ours, used - ours
     assert {"ray_orchestrator_loss", "ray_orchestrator_mfu", "ray_orchestrator_expert_load"} <= used
+
+
+def test_mlflow_gets_the_same_values(ray_session, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow (pip install -e '.[dev]' brings mlflow-skinny)")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")   # a file store for the test; use a server or sqlite for real
+    run = tmp_path / "tracked"
+    Driver(tiny_config(run, "monitor.mlflow=true", "train.steps=4", "train.eval_every=2"), run).run()
+    client = MlflowClient()
+    [found] = client.search_runs(experiment_ids=["0"])
+    assert found.info.run_name == "tracked" and found.data.params["train.steps"] == "4"
+    history = {m.step: m.value for m in client.get_metric_history(found.info.run_id, "loss")}
+    assert history == pytest.approx({r["step"]: r["loss"] for r in records(run)}, rel=1e-6)
+    assert sorted(m.step for m in client.get_metric_history(found.info.run_id, "val_loss")) == [2, 4]

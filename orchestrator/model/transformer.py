@@ -128,8 +128,9 @@ def build_model(cfg: ModelConfig, seed: int, expert_ids: Sequence[int] | None = 
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
-    """Total and activated (per token) parameter counts of the full model."""
-    model = MoETransformer(cfg)
+    """Total and activated (per token) parameter counts of the full model (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
     total = sum(p.numel() for p in model.parameters())
     expert = sum(p.numel() for _, p in model.expert_parameters())
     per_expert = expert // max(1, cfg.num_experts)
