@@ -1,0 +1,100 @@
+"""Ray Jobs end to end, as a cluster user runs it: a real `ray start --head` on 127.0.0.1 with token
+authentication, the real `ray job submit` CLI uploading this repository as the working dir; one job runs to
+SUCCEEDED, another is stopped with `ray job stop` and leaves a final committed checkpoint. Every process the
+test starts is gone at the end."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from orchestrator import cluster
+from orchestrator.checkpoint import verify
+from orchestrator.storage import Storage
+from tests.test_train_job import REPO, wait_gone
+
+RAY = str(Path(sys.executable).parent / "ray")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _job(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run([RAY, "job", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    out.stdout, out.stderr = ANSI.sub("", out.stdout), ANSI.sub("", out.stderr)   # the CLI colours its output
+    return out
+
+
+def _job_id(out: subprocess.CompletedProcess) -> str:
+    return next(w for line in (out.stdout + out.stderr).splitlines() for w in line.replace("'", " ").split()
+                if w.startswith("raysubmit_"))
+
+
+def test_ray_job_submit_succeeds_and_ray_job_stop_leaves_a_final_checkpoint(tmp_path):
+    from orchestrator.parallel.groups import free_port
+
+    port, dash = free_port("127.0.0.1"), free_port("127.0.0.1")
+    # The head's workers and the job entrypoint use this venv's python; a graceful stop gets 30 s before SIGKILL.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": "", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_JOB_STOP_WAIT_TIME_S": "30"}
+    previous = cluster.CURRENT_CLUSTER_FILE.read_text() if cluster.CURRENT_CLUSTER_FILE.exists() else None
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while _job(env, "list", "--address", address, timeout=60).returncode != 0:
+            assert head.poll() is None and time.monotonic() < deadline, "the head's job server did not come up"
+            time.sleep(1)
+        # 1. submit, wait, SUCCEEDED; the run directory as the job wrote it
+        done = tmp_path / "done"
+        t0 = time.time()
+        sub = _job(env, "submit", "--address", address, "--working-dir", ".", "--", "python", "-m", "jobs.train",
+                   "--config", "jobs/configs/tiny.yaml", f"run.dir={done}", "train.steps=6", "train.eval_batches=0")
+        assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
+        assert "succeeded" in _job(env, "status", "--address", address, _job_id(sub)).stdout
+        records = [json.loads(line) for line in (done / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == list(range(1, 7))
+        assert json.loads((done / "status.json").read_text())["state"] == "finished"
+        first_step_s = records[0]["time"] - t0
+        # 2. submit without waiting, stop it once it trains: graceful stop, final checkpoint committed
+        stopped = tmp_path / "stopped"
+        sub = _job(env, "submit", "--address", address, "--working-dir", ".", "--no-wait", "--", "python", "-m",
+                   "jobs.train", "--config", "jobs/configs/tiny.yaml", f"run.dir={stopped}", "train.steps=100000",
+                   "train.eval_batches=0", "run.progress=lines")
+        assert sub.returncode == 0, sub.stderr[-3000:]
+        job_id = _job_id(sub)
+        deadline = time.monotonic() + 180
+        while not (stopped / "metrics.jsonl").exists() or len((stopped / "metrics.jsonl").read_text().splitlines()) < 10:
+            assert time.monotonic() < deadline, _job(env, "logs", "--address", address, job_id).stdout[-3000:]
+            time.sleep(0.5)
+        t_stop = time.monotonic()
+        assert _job(env, "stop", "--address", address, job_id).returncode == 0
+        stop_s = time.monotonic() - t_stop
+        status = _job(env, "status", "--address", address, job_id).stdout
+        assert "stopped" in status, status
+        logs = _job(env, "logs", "--address", address, job_id).stdout
+        assert "stopping after step" in logs and "step " in logs   # readable progress in `ray job logs`
+        summary = json.loads((stopped / "summary.json").read_text())
+        assert summary["stopped_by_signal"] == "SIGTERM"
+        last = summary["checkpoints_committed"][-1]
+        assert last == summary["steps_done"] and last >= 10
+        manifest, problem = verify(Storage(str(stopped / "checkpoints")).child(f"step_{last:08d}"))
+        assert problem is None and manifest.step == last
+        assert json.loads((stopped / "status.json").read_text())["state"] == "stopped"
+        (tmp_path / "timings.json").write_text(json.dumps({"submit_to_first_step_s": first_step_s,
+                                                           "stop_to_exit_s": stop_s}))
+        print(f"submit -> first step {first_step_s:.1f}s, ray job stop -> stopped {stop_s:.1f}s")
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops everything it started on SIGTERM
+        head.wait(timeout=60)
+        if previous is None:
+            cluster.CURRENT_CLUSTER_FILE.unlink(missing_ok=True)
+        else:
+            cluster.CURRENT_CLUSTER_FILE.write_text(previous)
+    assert wait_gone(head.pid) == []
