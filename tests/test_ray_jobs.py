@@ -28,6 +28,16 @@ def _job(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedPro
     return out
 
 
+def _submit(env: dict, address: str, *args: str) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's job agent is still starting (the job server answers first)."""
+    deadline = time.monotonic() + 120
+    while True:
+        out = _job(env, "submit", "--address", address, "--working-dir", ".", *args)
+        if out.returncode == 0 or "No available agent" not in out.stderr + out.stdout or time.monotonic() > deadline:
+            return out
+        time.sleep(2)
+
+
 def _job_id(out: subprocess.CompletedProcess) -> str:
     return next(w for line in (out.stdout + out.stderr).splitlines() for w in line.replace("'", " ").split()
                 if w.startswith("raysubmit_"))
@@ -54,8 +64,8 @@ def test_ray_job_submit_succeeds_and_ray_job_stop_leaves_a_final_checkpoint(tmp_
         # 1. submit, wait, SUCCEEDED; the run directory as the job wrote it
         done = tmp_path / "done"
         t0 = time.time()
-        sub = _job(env, "submit", "--address", address, "--working-dir", ".", "--", "python", "-m", "jobs.train",
-                   "--config", "jobs/configs/tiny.yaml", f"run.dir={done}", "train.steps=6", "train.eval_batches=0")
+        sub = _submit(env, address, "--", "python", "-m", "jobs.train", "--config", "jobs/configs/tiny.yaml",
+                      f"run.dir={done}", "train.steps=6", "train.eval_batches=0")
         assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
         assert "succeeded" in _job(env, "status", "--address", address, _job_id(sub)).stdout
         records = [json.loads(line) for line in (done / "metrics.jsonl").read_text().splitlines()]
@@ -64,9 +74,9 @@ def test_ray_job_submit_succeeds_and_ray_job_stop_leaves_a_final_checkpoint(tmp_
         first_step_s = records[0]["time"] - t0
         # 2. submit without waiting, stop it once it trains: graceful stop, final checkpoint committed
         stopped = tmp_path / "stopped"
-        sub = _job(env, "submit", "--address", address, "--working-dir", ".", "--no-wait", "--", "python", "-m",
-                   "jobs.train", "--config", "jobs/configs/tiny.yaml", f"run.dir={stopped}", "train.steps=100000",
-                   "train.eval_batches=0", "run.progress=lines")
+        sub = _submit(env, address, "--no-wait", "--", "python", "-m", "jobs.train", "--config",
+                      "jobs/configs/tiny.yaml", f"run.dir={stopped}", "train.steps=100000", "train.eval_batches=0",
+                      "run.progress=lines")
         assert sub.returncode == 0, sub.stderr[-3000:]
         job_id = _job_id(sub)
         deadline = time.monotonic() + 180
