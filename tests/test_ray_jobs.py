@@ -46,14 +46,19 @@ def _job_id(out: subprocess.CompletedProcess) -> str:
 def test_ray_job_submit_succeeds_and_ray_job_stop_leaves_a_final_checkpoint(tmp_path):
     from orchestrator.parallel.groups import free_port
 
-    port, dash = free_port("127.0.0.1"), free_port("127.0.0.1")
+    port, dash, agent, agent_grpc, metrics, runtime_env = (free_port("127.0.0.1") for _ in range(6))
     # The head's workers and the job entrypoint use this venv's python; a graceful stop gets 30 s before SIGKILL.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": "", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_JOB_STOP_WAIT_TIME_S": "30"}
     previous = cluster.CURRENT_CLUSTER_FILE.read_text() if cluster.CURRENT_CLUSTER_FILE.exists() else None
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", f"--port={port}",
                              "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}"], env=env, start_new_session=True,
+                             f"--dashboard-port={dash}",
+                             # the test session's own Ray holds the default agent ports: this head's job agent must
+                             # not collide with them (else submissions fail with "No available agent")
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}"],
+                            env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     address = f"http://127.0.0.1:{dash}"
     try:
