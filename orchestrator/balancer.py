@@ -115,9 +115,6 @@ class Balancer:
         return (step >= self.b.replace_window and len(recent) == min(10, self.b.replace_window)
                 and sum(recent) / len(recent) > self.b.replace_on_imbalance)
 
-    def current(self, layers: int) -> Placement:
-        return self.placement or [[list(dev) for dev in ExpertPlacement.contiguous(self.E, self.world).slots]] * layers
-
     def plan(self, records: list[dict[str, Any]]) -> tuple[Placement, float, float] | None:
         """(new placement, current mean device max/mean, planned one) or None when not worth migrating."""
         window = [r["expert_load"] for r in self.recent(records, self.b.replace_window) if r.get("expert_load")]
@@ -125,7 +122,8 @@ class Balancer:
             return None
         layers = len(window[0])
         loads = [[sum(w[layer][e] for w in window) / len(window) for e in range(self.E)] for layer in range(layers)]
-        current = self.current(layers)
+        current = self.placement   # plans are made only when re-placement is on: then it is always set
+        assert current is not None
         new = [[list(dev) for dev in plan_placement(loads[layer], self.world, self.slots).slots]
                for layer in range(layers)]
         before = sum(ExpertPlacement(tuple(map(tuple, current[layer]))).imbalance(loads[layer]) for layer in range(layers))

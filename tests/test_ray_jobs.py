@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from orchestrator import cluster
 from orchestrator.checkpoint import verify
 from orchestrator.storage import Storage
-from tests.test_train_job import REPO, wait_gone
+from tests.test_train_job import REPO, local_head
 
 RAY = str(Path(sys.executable).parent / "ray")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -50,18 +48,12 @@ def test_ray_job_submit_succeeds_and_ray_job_stop_leaves_a_final_checkpoint(tmp_
     # The head's workers and the job entrypoint use this venv's python; a graceful stop gets 30 s before SIGKILL.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": "", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_JOB_STOP_WAIT_TIME_S": "30"}
-    previous = cluster.CURRENT_CLUSTER_FILE.read_text() if cluster.CURRENT_CLUSTER_FILE.exists() else None
-    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", f"--port={port}",
-                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}",
-                             # the test session's own Ray holds the default agent ports: this head's job agent must
-                             # not collide with them (else submissions fail with "No available agent")
-                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}"],
-                            env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     address = f"http://127.0.0.1:{dash}"
-    try:
+    # the test session's own Ray holds the default agent ports: this head's job agent must not collide with them
+    # (else submissions fail with "No available agent")
+    with local_head(env, port, "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                    f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}") as head:
         deadline = time.monotonic() + 120
         while _job(env, "list", "--address", address, timeout=60).returncode != 0:
             assert head.poll() is None and time.monotonic() < deadline, "the head's job server did not come up"
@@ -105,11 +97,3 @@ def test_ray_job_submit_succeeds_and_ray_job_stop_leaves_a_final_checkpoint(tmp_
         (tmp_path / "timings.json").write_text(json.dumps({"submit_to_first_step_s": first_step_s,
                                                            "stop_to_exit_s": stop_s}))
         print(f"submit -> first step {first_step_s:.1f}s, ray job stop -> stopped {stop_s:.1f}s")
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops everything it started on SIGTERM
-        head.wait(timeout=60)
-        if previous is None:
-            cluster.CURRENT_CLUSTER_FILE.unlink(missing_ok=True)
-        else:
-            cluster.CURRENT_CLUSTER_FILE.write_text(previous)
-    assert wait_gone(head.pid) == []

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -106,19 +107,33 @@ def _dead_port() -> int:
     return free_port("127.0.0.1")
 
 
+@contextmanager
+def local_head(env: dict, port: int, *options: str):
+    """A `ray start --head --block` on 127.0.0.1 (its own process session) for the `with` block; then SIGTERM, which
+    stops everything it started, the cluster file put back as it was, and no process of it left."""
+    previous = cluster.CURRENT_CLUSTER_FILE.read_text() if cluster.CURRENT_CLUSTER_FILE.exists() else None
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                             "--node-ip-address", "127.0.0.1", f"--port={port}", "--num-cpus=2", *options],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        yield head
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops everything it started on SIGTERM
+        head.wait(timeout=60)
+        if previous is None:
+            cluster.CURRENT_CLUSTER_FILE.unlink(missing_ok=True)
+        else:
+            cluster.CURRENT_CLUSTER_FILE.write_text(previous)
+    assert wait_gone(head.pid) == []
+
+
 def test_train_job_joins_a_running_local_cluster_with_token_auth(tmp_path):
     """`ray start --head` (token auth on) is running: the job joins it instead of starting its own."""
     from orchestrator.parallel.groups import free_port
 
-    ray_bin = Path(sys.executable).parent / "ray"
     port = free_port("127.0.0.1")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
-    previous = cluster.CURRENT_CLUSTER_FILE.read_text() if cluster.CURRENT_CLUSTER_FILE.exists() else None
-    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-                             f"--port={port}", "--num-cpus=2", "--include-dashboard=false"],
-                            env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+    with local_head({**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, port, "--include-dashboard=false") as head:
         deadline = time.monotonic() + 90
         while cluster.live_local_cluster() != f"127.0.0.1:{port}":
             assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
@@ -131,11 +146,3 @@ def test_train_job_joins_a_running_local_cluster_with_token_auth(tmp_path):
         assert job.returncode == 0, job.stderr[-3000:]
         assert f"joined the local cluster at 127.0.0.1:{port}" in job.stderr
         assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 5
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops everything it started on SIGTERM
-        head.wait(timeout=60)
-        if previous is None:
-            cluster.CURRENT_CLUSTER_FILE.unlink(missing_ok=True)
-        else:
-            cluster.CURRENT_CLUSTER_FILE.write_text(previous)
-    assert wait_gone(head.pid) == []
