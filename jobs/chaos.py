@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                   "(default kill,crash,hang,slow,nan,checkpoint)")
     ap.add_argument("--seed", type=int, default=None, help="random chaos: seed of the fault draw")
     ap.add_argument("--no-twin", action="store_true", help="skip the fault-free twin run and the comparison")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def match_faults(injected: list[dict], incidents: list[dict]) -> list[dict]:

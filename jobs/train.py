@@ -19,7 +19,7 @@ from orchestrator.config import ConfigError, load_config
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return job_parser("python -m jobs.train", __doc__,
                       epilog="examples:\n  python -m jobs.train train.steps=50 cluster.num_devices=4\n"
-                             "  python -m jobs.train --config jobs/configs/tiny.yaml run.dir=runs/t").parse_args(argv)
+                             "  python -m jobs.train --config jobs/configs/tiny.yaml run.dir=runs/t").parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

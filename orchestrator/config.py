@@ -69,6 +69,8 @@ class TrainConfig:
     eval_batches: int = 8          # validation batches scored at the end of the run (0: none) ...
     eval_every: int = 0            # ... and every this many steps (0: only at the end)
     dtype: str = "float32"         # parameter and compute dtype: float32 | float64 (float64: exactness checks)
+    mixed_precision: str = "auto"  # bf16 autocast of the forward (parameters, gradients, optimizer stay in dtype):
+                                   # auto (on GPUs that support bf16, off on CPU) | bf16 (also on CPU) | none
     resume: Optional[str] = None   # latest (newest checkpoint of this run that verifies) | a checkpoint path/URI
 
 
@@ -164,6 +166,7 @@ class ClusterConfig:
     placement_strategy: str = "PACK"   # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     cpus_per_device: float = 1.0   # fractional values share cores on a laptop
     use_gpu: bool = False          # one GPU bundle per device
+    gpus_per_device: float = 1.0   # with use_gpu: below 1 several devices share a GPU (nccl cannot: they use gloo)
     backend: str = "auto"          # auto (nccl with GPUs, else gloo) | gloo | nccl
     torch_threads: int = 0         # 0: max(1, floor(cpus_per_device))
     start_timeout_s: float = 180.0
@@ -311,6 +314,13 @@ def validate(cfg: Config) -> None:
     _choice("model.score_func", m.score_func, ("softmax", "sigmoid"))
     _choice("data.format", d.format, ("auto", "text", "bin"))
     _choice("train.dtype", t.dtype, ("float32", "float64"))
+    _choice("train.mixed_precision", t.mixed_precision, ("auto", "bf16", "none"))
+    if t.mixed_precision == "bf16" and t.dtype == "float64":
+        raise ConfigError("train.mixed_precision='bf16' with train.dtype='float64': float64 runs are the exact "
+                          "reference; use train.dtype=float32 for bf16 autocast, or train.mixed_precision=none")
+    if not 0.0 < c.gpus_per_device <= 1.0:
+        raise ConfigError(f"cluster.gpus_per_device={c.gpus_per_device} must be in (0, 1]: 1 gives every device a "
+                          f"GPU of its own, a fraction lets several devices share one (a device uses one GPU)")
     _choice("cluster.placement_strategy", c.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     _choice("cluster.backend", c.backend, ("auto", "gloo", "nccl"))
     _choice("run.progress", cfg.run.progress, ("auto", "bar", "lines", "quiet"))

@@ -74,6 +74,14 @@ def _reject(loss: float, grad_norm: float, guard: dict[str, float]) -> str | Non
     return None
 
 
+def autocast_dtype(setting: str, dtype: str, device_type: str, bf16_supported: bool) -> torch.dtype | None:
+    """The dtype the forward autocasts to (train.mixed_precision), or None: `auto` means bf16 on a GPU that
+    supports it and nothing on CPU; `bf16` also on CPU, not on a GPU without bf16; float64 runs never."""
+    if setting == "none" or dtype == "float64" or (device_type == "cpu" and setting == "auto"):
+        return None
+    return torch.bfloat16 if device_type == "cpu" or bf16_supported else None
+
+
 def rss_bytes() -> int:
     """Resident memory of this process (Linux /proc; elsewhere the peak from getrusage)."""
     try:
@@ -101,6 +109,8 @@ class DeviceShard:
         # The process RNG is a function of (seed, rank) too, so what a checkpoint saves of it is reproducible.
         torch.manual_seed(cfg.seed * 1_000_003 + rank)
         self.device = torch.device("cuda", 0) if cfg.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.autocast = autocast_dtype(cfg.train.mixed_precision, cfg.train.dtype, self.device.type,
+                                       self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         # The initial placement: experts [rank*El, (rank+1)*El), then replicas in the redundant slots, if any.
         initial = ExpertPlacement.initial(cfg.model.num_experts, world, expert_slots(cfg) if world > 1 else None)
         self.model = build_model(cfg.model, cfg.seed, initial.slots[rank], cfg.balance).to(
@@ -131,7 +141,8 @@ class DeviceShard:
         return t
 
     def _loss_sum(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-        logits_BTV = self.model(inputs_BT.to(self.device))
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            logits_BTV = self.model(inputs_BT.to(self.device))
         return F.cross_entropy(upcast(logits_BTV.flatten(0, 1)), targets_BT.to(self.device).flatten(), reduction="sum")
 
     def train_step(self, step: int, guard: dict[str, float] | None = None) -> StepReport:
@@ -295,8 +306,16 @@ class DeviceActor:
 
         ctx = ray.get_runtime_context()
         return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
-                "gpu_ids": ray.get_gpu_ids(),
+                "gpu_ids": ray.get_gpu_ids(), "cuda": torch.cuda.is_available(), "torch": torch.__version__,
+                "torch_cuda": torch.version.cuda,
+                "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
                 "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+    def sees(self, uri: str, name: str) -> bool:
+        """Whether `name` exists under `uri` as seen from this device's node (shared-storage check)."""
+        from orchestrator.storage import Storage
+
+        return Storage(uri).exists(name)
 
     def free_port(self) -> int:
         return groups.free_port()

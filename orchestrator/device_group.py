@@ -8,6 +8,7 @@ of a node that died to a live node, so replacements for a lost node start wherev
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 import ray
@@ -18,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from orchestrator.config import Config
 from orchestrator.device import DeviceActor
 from orchestrator.errors import RunError
-from orchestrator.parallel.groups import pick_backend
+from orchestrator.parallel.groups import choose_backend
 
 log = logging.getLogger(__name__)
 # A thread of its own for progress(), so that it answers while a step is stuck; everything else runs in order.
@@ -44,10 +45,23 @@ class DeviceGroup:
         self.bundle_of: list[int] = list(range(self.world))  # placement-group bundle of each rank
         self.standby: list[tuple[Any, int, Any]] = []        # (actor, bundle, info ref) of warm spares
         self.pg = None
+        self.backend = "gloo"                                # chosen in start() from where the devices landed
 
-    @property
-    def backend(self) -> str:
-        return pick_backend(self.cfg.cluster.backend, self.cfg.cluster.use_gpu)
+    def choose_backend(self) -> None:
+        """nccl when every device has a GPU of its own, else gloo (with a warning); a GPU run whose torch sees no
+        GPU is an error, not a silent CPU run."""
+        c = self.cfg.cluster
+        if c.use_gpu:
+            blind = [(rank, i) for rank, i in enumerate(self.info) if not i.get("cuda")]
+            if blind:
+                rank, i = blind[0]
+                build = (f"built for CUDA {i['torch_cuda']}: is the NVIDIA driver there?" if i.get("torch_cuda")
+                         else "a CPU-only build: install a CUDA build of torch on the GPU nodes, PyPI's Linux wheel is one")
+                raise RunError(f"cluster.use_gpu=true, but torch {i.get('torch')} in device {rank}'s process on "
+                               f"{i.get('ip')} sees no CUDA GPU ({build}); or set cluster.use_gpu=false")
+        self.backend, warning = choose_backend(c.backend, c.use_gpu, self.info)
+        if warning:
+            log.warning("%s", warning)
 
     def node_of(self, rank: int) -> str | None:
         return self.info[rank].get("node_id") if 0 <= rank < len(self.info) else None
@@ -55,7 +69,7 @@ class DeviceGroup:
     def start(self) -> None:
         """Placement group, one actor per rank (and the standbys), the process group."""
         c, spares = self.cfg.cluster, self.cfg.faults.standby
-        bundle = {"CPU": c.cpus_per_device, **({"GPU": 1} if c.use_gpu else {})}
+        bundle = {"CPU": c.cpus_per_device, **({"GPU": c.gpus_per_device} if c.use_gpu else {})}
         self.pg = placement_group([dict(bundle) for _ in range(self.world + spares)], strategy=c.placement_strategy)
         try:
             ray.get(self.pg.ready(), timeout=c.start_timeout_s)
@@ -69,13 +83,39 @@ class DeviceGroup:
         for b in range(self.world, self.world + spares):
             self.spawn_standby(b)
         self.info = get([a.info.remote() for a in self.actors], c.start_timeout_s, "start device actors")
+        self.choose_backend()
         self.form_group()
+
+    def check_storage_reach(self, storage: Any) -> None:
+        """Devices write their checkpoint shards themselves: a local checkpoint path on several nodes must be one
+        shared filesystem. A marker the driver writes there must be visible to every device on another node."""
+        if not storage.local:
+            return
+        here = ray.get_runtime_context().get_node_id()
+        away = [rank for rank, i in enumerate(self.info) if i["node_id"] != here]
+        if not away:
+            return
+        marker = f".reach-{uuid.uuid4().hex[:8]}"
+        storage.write(marker, b"written by the driver\n")
+        try:
+            seen = get([self.actors[r].sees.remote(storage.uri, marker) for r in away],
+                       self.cfg.cluster.start_timeout_s, "look at the checkpoint directory")
+        finally:
+            storage.delete(marker)
+        blind = [r for r, ok in zip(away, seen) if not ok]
+        if blind:
+            r = blind[0]
+            raise RunError(f"checkpoint.dir {storage.uri!r} is a local path, and device {r} on node {self.info[r]['ip']} "
+                           f"does not see what the driver writes there: devices write their own checkpoint shards, so "
+                           f"on several nodes it must be shared storage mounted at the same path everywhere (NFS, EFS, "
+                           f"Filestore) or object storage (checkpoint.dir=s3://bucket/prefix, gs://...)")
+        log.info("checkpoint dir %s: shared with the %d device(s) on other nodes", storage.uri, len(away))
 
     def new_actor(self, bundle: int) -> Any:
         c = self.cfg.cluster
         threads = c.torch_threads or max(1, int(c.cpus_per_device))
         return RemoteDevice.options(
-            num_cpus=c.cpus_per_device, num_gpus=1 if c.use_gpu else 0, max_restarts=0,
+            num_cpus=c.cpus_per_device, num_gpus=c.gpus_per_device if c.use_gpu else 0, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
         ).remote(threads)
 

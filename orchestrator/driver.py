@@ -34,7 +34,7 @@ from orchestrator.checkpoint.manager import (CheckpointError, CheckpointManager,
                                              check_compatible, find_resume)
 from orchestrator.config import Config, FaultSpec, to_dict
 from orchestrator.data import load_corpus
-from orchestrator.device import StepReport
+from orchestrator.device import StepReport, autocast_dtype
 from orchestrator.device_group import DeviceGroup, get
 from orchestrator.errors import RunError
 from orchestrator.goodput import Goodput
@@ -116,13 +116,17 @@ class Driver:
                 check_compatible(self.resume_from[1], cfg, self.resume_from[0].uri)
         log.info("data: %s, %d train / %d validation tokens", corpus.description, len(corpus.train), len(corpus.val))
         self.devices.start()
+        self.devices.check_storage_reach(self.ckpt.storage)
         self.data_refs = (ray.put(corpus.train), ray.put(corpus.val))
         self._build(range(self.world), c.start_timeout_s, "build device shards")
         nodes = len({i["node_id"] for i in self.device_info})
         self.peak_flops = self._peak_flops()
         spares = cfg.faults.standby
-        log.info("devices: %d actors on %d node(s), backend %s%s; pids %s", self.world, nodes, self.devices.backend,
-                 f", {spares} warm standby" if spares else "", [i["pid"] for i in self.device_info])
+        log.info("devices: %d actors on %d node(s), backend %s%s", self.world, nodes, self.devices.backend,
+                 f", {spares} warm standby" if spares else "")
+        for rank, i in enumerate(self.device_info):
+            log.info("device %d: node %s (%s), pid %d%s", rank, str(i["node_id"])[:12], i["ip"], i["pid"],
+                     f", GPU {i['gpu_ids']} {i['gpu_name']}" if i.get("gpu_name") else "")
 
     @property
     def actors(self) -> list[Any]:
@@ -371,8 +375,10 @@ class Driver:
         if cfg.monitor.peak_tflops:
             return cfg.monitor.peak_tflops * 1e12
         if cfg.cluster.use_gpu:
-            name = self.device_info[0].get("gpu_name") or ""
-            peak = gpu_peak_flops(name, cfg.train.dtype)
+            info = self.device_info[0]
+            name = info.get("gpu_name") or ""
+            bf16 = autocast_dtype(cfg.train.mixed_precision, cfg.train.dtype, "cuda", bool(info.get("bf16")))
+            peak = gpu_peak_flops(name, "bfloat16" if bf16 is not None else cfg.train.dtype)
             if peak is None:
                 log.warning("MFU: peak FLOP/s of GPU %r unknown; set monitor.peak_tflops", name)
             return peak

@@ -118,6 +118,14 @@ class Storage:
             raise self._fail("list", rel, e) from None
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
+    def delete(self, rel: str) -> None:
+        try:
+            self.fs.delete_file(self._full(rel))
+        except FileNotFoundError:
+            pass
+        except Exception as e:
+            raise self._fail("delete", rel, e) from None
+
     def delete_dir(self, rel: str) -> None:
         try:
             self.fs.delete_dir(self._full(rel))

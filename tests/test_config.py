@@ -97,3 +97,14 @@ def test_balance_settings_are_checked(overrides, needle):
     with pytest.raises(ConfigError) as e:
         load_config(DEFAULT_CONFIG, overrides)
     assert needle in str(e.value)
+
+
+def test_overrides_may_come_before_and_after_the_config_option():
+    """`ray job submit -- python -m jobs.train run.dir=x --config y key=value`: options and overrides in any order."""
+    from jobs.chaos import parse_args as chaos_args
+    from jobs.train import parse_args
+
+    args = parse_args(["run.dir=x", "--config", "jobs/configs/tiny.yaml", "train.steps=3"])
+    assert args.config == "jobs/configs/tiny.yaml" and args.overrides == ["run.dir=x", "train.steps=3"]
+    args = chaos_args(["train.steps=3", "--every", "5", "run.dir=x"])
+    assert args.every == 5 and args.overrides == ["train.steps=3", "run.dir=x"]

@@ -1,7 +1,9 @@
 """Ray Jobs end to end, as a cluster user runs it: a real `ray start --head` on 127.0.0.1 with token
-authentication, the real `ray job submit` CLI uploading this repository as the working dir; one job runs to
-SUCCEEDED, another is stopped with `ray job stop` and leaves a final committed checkpoint. Every process the
-test starts is gone at the end."""
+authentication, the real `ray job submit` CLI uploading this repository as the working dir with the documented
+runtime_env (cluster_configs/runtime_env.yaml); a train job runs to SUCCEEDED, the chaos job (a device killed and
+healed, then the fault-free twin) to SUCCEEDED, a third is stopped with `ray job stop` and leaves a final committed
+checkpoint. The head listens on loopback only, the token appears in no run directory, log or CLI output, and every
+process the test starts is gone at the end."""
 from __future__ import annotations
 
 import json
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from orchestrator.checkpoint import verify
 from orchestrator.storage import Storage
-from tests.test_train_job import REPO, local_head
+from tests.test_train_job import REPO, assert_only_loopback, job_servers, local_head
 
 RAY = str(Path(sys.executable).parent / "ray")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -30,7 +32,8 @@ def _submit(env: dict, address: str, *args: str) -> subprocess.CompletedProcess:
     """`ray job submit`, retried while the head's job agent is still starting (the job server answers first)."""
     deadline = time.monotonic() + 120
     while True:
-        out = _job(env, "submit", "--address", address, "--working-dir", ".", *args)
+        out = _job(env, "submit", "--address", address, "--working-dir", ".",
+                   "--runtime-env", "cluster_configs/runtime_env.yaml", *args)
         if out.returncode == 0 or "No available agent" not in out.stderr + out.stdout or time.monotonic() > deadline:
             return out
         time.sleep(2)
@@ -69,6 +72,17 @@ def test_ray_job_submit_succeeds_and_ray_job_stop_leaves_a_final_checkpoint(tmp_
         assert [r["step"] for r in records] == list(range(1, 7))
         assert json.loads((done / "status.json").read_text())["state"] == "finished"
         first_step_s = records[0]["time"] - t0
+        outputs = [sub.stdout + sub.stderr]
+        # 1b. the chaos job: a device killed at step 4 heals; the state ends as the fault-free twin's
+        chaos = tmp_path / "chaos"
+        sub = _submit(env, address, "--", "python", "-m", "jobs.chaos", "--config", "jobs/configs/tiny.yaml",
+                      f"run.dir={chaos}", "train.steps=6", "train.eval_batches=0", "run.progress=lines",
+                      "faults.plan=[{step: 4, kind: kill, rank: 1}]")
+        assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
+        outputs.append(sub.stdout + sub.stderr)
+        assert "succeeded" in _job(env, "status", "--address", address, _job_id(sub)).stdout
+        report = json.loads((chaos / "chaos_report.json").read_text())
+        assert report["identical_losses"] and report["identical_state"] and report["recoveries"] == 1, report
         # 2. submit without waiting, stop it once it trains: graceful stop, final checkpoint committed
         stopped = tmp_path / "stopped"
         sub = _submit(env, address, "--no-wait", "--", "python", "-m", "jobs.train", "--config",
@@ -94,6 +108,15 @@ def test_ray_job_submit_succeeds_and_ray_job_stop_leaves_a_final_checkpoint(tmp_
         manifest, problem = verify(Storage(str(stopped / "checkpoints")).child(f"step_{last:08d}"))
         assert problem is None and manifest.step == last
         assert json.loads((stopped / "status.json").read_text())["state"] == "stopped"
+        outputs += [sub.stdout + sub.stderr, logs, status]
+        # security: the job server and everything else of the head listen on loopback; the token leaks nowhere
+        token = os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").read_text().strip()
+        assert len(token) >= 16
+        sockets = assert_only_loopback(head.pid)
+        assert job_servers(sockets, token) == [dash]   # the job server is where we put it (and the check sees one)
+        assert job_servers([("127.0.0.1", dash)]) == []  # ... and wants the token
+        leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+        assert not leaks and not [o for o in outputs if token in o], f"the auth token was written to {leaks}"
         (tmp_path / "timings.json").write_text(json.dumps({"submit_to_first_step_s": first_step_s,
                                                            "stop_to_exit_s": stop_s}))
         print(f"submit -> first step {first_step_s:.1f}s, ray job stop -> stopped {stop_s:.1f}s")

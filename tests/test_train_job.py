@@ -1,12 +1,14 @@
 """The train job end to end, as a user runs it: its own local Ray, real actors, the run directory."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +33,64 @@ def session_processes(sid: int) -> list[int]:
         if int(fields[3]) == sid:  # fields after the command: state, ppid, pgrp, session
             pids.append(int(stat.parent.name))
     return pids
+
+
+def _ip(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as /proc/net/tcp{,6} writes it (host byte order per 32-bit word)."""
+    raw = bytes.fromhex(hex_addr)
+    return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+
+
+def listening_sockets(sid: int) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket listening in a process of session `sid`."""
+    listen: dict[str, tuple[str, int]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state, inode = line.split()[1], line.split()[3], line.split()[9]
+            if state == "0A":  # LISTEN
+                addr, port = local.split(":")
+                ip = _ip(addr)
+                if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+                    ip = ip.ipv4_mapped
+                listen[inode] = (str(ip), int(port, 16))
+    found = []
+    for pid in session_processes(sid):
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in listen:
+                found.append(listen[target[8:-1]])
+    return found
+
+
+def assert_only_loopback(sid: int) -> list[tuple[str, int]]:
+    """Every listening socket of the session's processes is on loopback (and there are some)."""
+    sockets = listening_sockets(sid)
+    assert sockets, "found no listening socket: the check would prove nothing"
+    exposed = [s for s in sockets if not ipaddress.ip_address(s[0]).is_loopback]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    return sockets
+
+
+def job_servers(sockets: list[tuple[str, int]], token: str | None = None) -> list[int]:
+    """Ports among `sockets` that serve Ray's job API: GET /api/jobs/ (with the token, if any) answers a JSON list."""
+    found = []
+    for host, port in sockets:
+        request = urllib.request.Request(f"http://{host}:{port}/api/jobs/",
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as r:
+                if isinstance(json.loads(r.read()), list):
+                    found.append(port)
+        except Exception:  # not HTTP (gRPC, gloo, the store), another HTTP server, or nothing there
+            pass
+    return found
 
 
 def wait_gone(sid: int, timeout_s: float = 30.0) -> list[int]:
@@ -77,6 +137,10 @@ def test_sigterm_stops_cleanly_after_the_step_in_flight(tmp_path):
     while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.2)
+    # the job's own Ray (GCS, raylet, workers, agents, the rendezvous store) listens on loopback only and serves
+    # no job API: nothing to reach from the network, no way to submit code to it
+    sockets = assert_only_loopback(proc.pid)
+    assert job_servers(sockets) == []
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]

@@ -50,7 +50,37 @@ class Snapshot:
 
 def _host_copy(t: torch.Tensor) -> np.ndarray | torch.Tensor:
     copy = t.detach().to("cpu", copy=True).contiguous()
-    return copy if copy.dtype == torch.bfloat16 else copy.numpy()
+    return _host_form(copy)
+
+
+def _host_form(t: torch.Tensor) -> np.ndarray | torch.Tensor:
+    return t if t.dtype == torch.bfloat16 else t.numpy()
+
+
+class _HostStaging:
+    """Copies of a device's tensors in host memory. From a GPU: into pinned (page-locked) buffers, every copy queued
+    asynchronously on the current stream and waited for once at `finish` (torch's caching host allocator reuses the
+    pinned pages from one snapshot to the next); from CPU: plain copies at once."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[dict, str, torch.Tensor]] = []
+
+    def put(self, out: dict, key: str, t: torch.Tensor) -> None:
+        t = t.detach()
+        if not t.is_cuda:
+            out[key] = _host_copy(t)
+            return
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        out[key] = None   # its place in the file's key order, filled at finish()
+        self.pending.append((out, key, host))
+
+    def finish(self) -> None:
+        if self.pending:
+            torch.cuda.current_stream().synchronize()
+        for out, key, host in self.pending:
+            out[key] = _host_form(host)
+        self.pending = []
 
 
 def as_torch(a: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -61,13 +91,14 @@ def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank
     """Copy parameters, optimizer moments, buffers and RNG to host memory (training may go on after)."""
     state = optimizer.state
     files: dict[str, dict[str, np.ndarray | torch.Tensor]] = {}
+    staging = _HostStaging()
 
     def add(out: dict, key: str, p: torch.Tensor, sl=None) -> None:
-        out[f"param/{key}"] = _host_copy(p if sl is None else p[sl])
+        staging.put(out, f"param/{key}", p if sl is None else p[sl])
         if p in state:
             for moment in ("exp_avg", "exp_avg_sq"):
                 m = state[p][moment]
-                out[f"{moment}/{key}"] = _host_copy(m if sl is None else m[sl])
+                staging.put(out, f"{moment}/{key}", m if sl is None else m[sl])
 
     if rank == 0:
         dense: dict[str, np.ndarray | torch.Tensor] = {}
@@ -76,7 +107,7 @@ def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank
         param_names = {n for n, _ in model.named_parameters()}
         for name, b in model.state_dict().items():
             if name not in param_names:
-                dense[f"buffer/{name}"] = _host_copy(b)
+                staging.put(dense, f"buffer/{name}", b)
         files[DENSE_FILE] = dense
     mine: dict[str, np.ndarray | torch.Tensor] = {"rng/torch": torch.get_rng_state().numpy()}
     expert_files: dict[str, dict[str, str]] = {}
@@ -88,6 +119,7 @@ def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank
             add(mine, f"{name}[{gid}]", p, j)
         expert_files[name.rsplit(".experts.", 1)[0]] = {str(gid): expert_file(rank) for _, gid in ids}
     files[expert_file(rank)] = mine
+    staging.finish()
     steps = [int(s["step"]) for s in state.values() if "step" in s]
     return Snapshot(step=step, rank=rank, files=files, optimizer_step=steps[0] if steps else 0,
                     expert_files=expert_files, placement=model.placement())

@@ -14,14 +14,31 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Iterator
 
-import torch
 import torch.distributed as dist
 
 
-def pick_backend(requested: str, use_gpu: bool) -> str:
-    if requested != "auto":
-        return requested
-    return "nccl" if use_gpu and torch.cuda.is_available() else "gloo"
+def choose_backend(requested: str, use_gpu: bool, devices: list[dict]) -> tuple[str, str | None]:
+    """The process-group backend for the devices described by `devices` (each rank's actor: `node_id`,
+    `gpu_ids`), and a warning to show (None if there is nothing to say). nccl needs a GPU of its own per
+    device: devices sharing one fall back to gloo, or fail with `requested='nccl'`."""
+    if not use_gpu:
+        return "gloo", None
+    holders: dict[tuple[str, str], list[int]] = {}
+    for rank, d in enumerate(devices):
+        for gpu in d.get("gpu_ids") or []:
+            holders.setdefault((str(d.get("node_id")), str(gpu)), []).append(rank)
+    shared = next(((key, ranks) for key, ranks in holders.items() if len(ranks) > 1), None)
+    if shared is None:
+        return ("nccl" if requested == "auto" else requested), None
+    (node, gpu), ranks = shared
+    why = f"devices {', '.join(map(str, ranks))} share GPU {gpu} on node {node[:12]}"
+    if requested == "nccl":
+        from orchestrator.errors import RunError
+
+        raise RunError(f"cluster.backend=nccl, but {why}: nccl needs a GPU of its own per device; set "
+                       f"cluster.gpus_per_device=1 on a cluster with a GPU per device, or cluster.backend=gloo")
+    return "gloo", (f"{why}: nccl needs a GPU of its own per device, so the devices talk over gloo instead "
+                    f"(slower); for nccl give every device its own GPU (cluster.gpus_per_device=1)")
 
 
 def free_port(host: str = "") -> int:
@@ -31,13 +48,23 @@ def free_port(host: str = "") -> int:
 
 
 def join(backend: str, master_addr: str, master_port: int, rank: int, world: int, timeout_s: float) -> None:
-    """Form (or re-form) the default group. Rendezvous over TCP at master_addr:master_port."""
+    """Form (or re-form) the default group. Rendezvous through a TCP store that rank 0 serves on
+    master_addr:master_port, listening on that address only (torch's own tcp:// store listens on every
+    interface: on a laptop that would open a port to the network)."""
     leave()
     if master_addr.startswith("127.") and backend == "gloo":
         # A loopback cluster keeps gloo's own sockets on loopback too.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    listen_fd = None
+    if rank == 0:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((master_addr, master_port))
+        sock.listen(world)
+        listen_fd = sock.detach()   # the store owns the socket from here
+    store = dist.TCPStore(master_addr, master_port, world, rank == 0, timeout, master_listen_fd=listen_fd)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def leave() -> None:
