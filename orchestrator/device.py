@@ -82,6 +82,11 @@ def autocast_dtype(setting: str, dtype: str, device_type: str, bf16_supported: b
     return torch.bfloat16 if device_type == "cpu" or bf16_supported else None
 
 
+def _bf16_native() -> bool:
+    """bf16 in hardware (Ampere and later); torch's default also says yes where it is only emulated (V100, T4)."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def rss_bytes() -> int:
     """Resident memory of this process (Linux /proc; elsewhere the peak from getrusage)."""
     try:
@@ -110,7 +115,7 @@ class DeviceShard:
         torch.manual_seed(cfg.seed * 1_000_003 + rank)
         self.device = torch.device("cuda", 0) if cfg.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.autocast = autocast_dtype(cfg.train.mixed_precision, cfg.train.dtype, self.device.type,
-                                       self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+                                       self.device.type == "cuda" and _bf16_native())
         # The initial placement: experts [rank*El, (rank+1)*El), then replicas in the redundant slots, if any.
         initial = ExpertPlacement.initial(cfg.model.num_experts, world, expert_slots(cfg) if world > 1 else None)
         self.model = build_model(cfg.model, cfg.seed, initial.slots[rank], cfg.balance).to(
@@ -308,14 +313,18 @@ class DeviceActor:
         return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "gpu_ids": ray.get_gpu_ids(), "cuda": torch.cuda.is_available(), "torch": torch.__version__,
                 "torch_cuda": torch.version.cuda,
-                "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+                "bf16": torch.cuda.is_available() and _bf16_native(),
                 "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
-    def sees(self, uri: str, name: str) -> bool:
-        """Whether `name` exists under `uri` as seen from this device's node (shared-storage check)."""
+    def touch(self, uri: str, name: str) -> str | None:
+        """Write a small file `name` under `uri` from this device's node; why it failed, or None (storage check)."""
         from orchestrator.storage import Storage
 
-        return Storage(uri).exists(name)
+        try:
+            Storage(uri).write(name, b"written by a device\n")
+            return None
+        except Exception as e:
+            return str(e)
 
     def free_port(self) -> int:
         return groups.free_port()

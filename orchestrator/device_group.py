@@ -87,29 +87,41 @@ class DeviceGroup:
         self.form_group()
 
     def check_storage_reach(self, storage: Any) -> None:
-        """Devices write their checkpoint shards themselves: a local checkpoint path on several nodes must be one
-        shared filesystem. A marker the driver writes there must be visible to every device on another node."""
-        if not storage.local:
-            return
+        """Devices write their checkpoint shards themselves, so each must be able to write where the driver
+        commits: every device on another node writes a marker that the driver must then see (a local path on
+        several nodes must be one shared filesystem), and on object storage every device does (its node needs
+        credentials for the bucket, not only the driver's)."""
         here = ray.get_runtime_context().get_node_id()
-        away = [rank for rank, i in enumerate(self.info) if i["node_id"] != here]
-        if not away:
+        ranks = [rank for rank, i in enumerate(self.info) if not storage.local or i["node_id"] != here]
+        if not ranks:
             return
-        marker = f".reach-{uuid.uuid4().hex[:8]}"
-        storage.write(marker, b"written by the driver\n")
+        tag = uuid.uuid4().hex[:8]
+        names = {r: f".reach-{tag}-device{r}" for r in ranks}
         try:
-            seen = get([self.actors[r].sees.remote(storage.uri, marker) for r in away],
-                       self.cfg.cluster.start_timeout_s, "look at the checkpoint directory")
+            errors = get([self.actors[r].touch.remote(storage.uri, names[r]) for r in ranks],
+                         self.cfg.cluster.start_timeout_s, "write a marker into the checkpoint directory")
+            unseen = [r for r, e in zip(ranks, errors) if e is None and not storage.exists(names[r])]
         finally:
-            storage.delete(marker)
-        blind = [r for r, ok in zip(away, seen) if not ok]
-        if blind:
-            r = blind[0]
-            raise RunError(f"checkpoint.dir {storage.uri!r} is a local path, and device {r} on node {self.info[r]['ip']} "
-                           f"does not see what the driver writes there: devices write their own checkpoint shards, so "
-                           f"on several nodes it must be shared storage mounted at the same path everywhere (NFS, EFS, "
-                           f"Filestore) or object storage (checkpoint.dir=s3://bucket/prefix, gs://...)")
-        log.info("checkpoint dir %s: shared with the %d device(s) on other nodes", storage.uri, len(away))
+            for name in names.values():
+                try:
+                    storage.delete(name)
+                except Exception as e:  # a leftover marker is harmless; the reason we are here is not hidden
+                    log.warning("could not delete %s under %s: %s", name, storage.uri, e)
+        failed = [(r, e) for r, e in zip(ranks, errors) if e is not None]
+        if failed:
+            r, e = failed[0]
+            raise RunError(f"device {r} on node {self.info[r]['ip']} cannot write to checkpoint.dir {storage.uri!r}: "
+                           f"{e}. Devices write their own checkpoint shards: give every node access (on clouds, the "
+                           f"worker nodes' instance role or service account, not only the head's)")
+        if unseen:
+            r = unseen[0]
+            raise RunError(f"checkpoint.dir {storage.uri!r} is a local path, and what device {r} on node "
+                           f"{self.info[r]['ip']} writes there does not appear on the driver's node: devices write "
+                           f"their own checkpoint shards, so on several nodes it must be shared storage mounted at "
+                           f"the same path everywhere (NFS, EFS, Filestore) or object storage (checkpoint.dir="
+                           f"s3://bucket/prefix, gs://...)")
+        log.info("checkpoint dir %s: written to from %d device(s)%s", storage.uri, len(ranks),
+                 " on other nodes" if storage.local else "")
 
     def new_actor(self, bundle: int) -> Any:
         c = self.cfg.cluster

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
 from orchestrator.balancer import Balancer, Placement, load_stats, placement_from_manifest
 from orchestrator.checkpoint.manager import (CheckpointError, CheckpointManager, CheckpointManifest,
@@ -77,6 +78,7 @@ class Driver:
         self.cfg, self.run_dir = cfg, run_dir
         self.world = cfg.cluster.num_devices
         self.devices = DeviceGroup(cfg)
+        self.mixed_precision = cfg.train.mixed_precision   # settled in start() from the devices' hardware
         self.stop_signal: str | None = None
         self.ckpt = CheckpointManager(cfg, cfg.checkpoint.dir or str(run_dir / "checkpoints"))
         self.resume_from: tuple[Storage, CheckpointManifest] | None = None
@@ -116,7 +118,10 @@ class Driver:
                 check_compatible(self.resume_from[1], cfg, self.resume_from[0].uri)
         log.info("data: %s, %d train / %d validation tokens", corpus.description, len(corpus.train), len(corpus.val))
         self.devices.start()
-        self.devices.check_storage_reach(self.ckpt.storage)
+        self.mixed_precision = self._settle_mixed_precision()
+        ck = cfg.checkpoint
+        if ck.every_steps or ck.at_end or ck.on_signal:
+            self.devices.check_storage_reach(self.ckpt.storage)
         self.data_refs = (ray.put(corpus.train), ray.put(corpus.val))
         self._build(range(self.world), c.start_timeout_s, "build device shards")
         nodes = len({i["node_id"] for i in self.device_info})
@@ -375,10 +380,8 @@ class Driver:
         if cfg.monitor.peak_tflops:
             return cfg.monitor.peak_tflops * 1e12
         if cfg.cluster.use_gpu:
-            info = self.device_info[0]
-            name = info.get("gpu_name") or ""
-            bf16 = autocast_dtype(cfg.train.mixed_precision, cfg.train.dtype, "cuda", bool(info.get("bf16")))
-            peak = gpu_peak_flops(name, "bfloat16" if bf16 is not None else cfg.train.dtype)
+            name = self.device_info[0].get("gpu_name") or ""
+            peak = gpu_peak_flops(name, "bfloat16" if self.mixed_precision == "bf16" else cfg.train.dtype)
             if peak is None:
                 log.warning("MFU: peak FLOP/s of GPU %r unknown; set monitor.peak_tflops", name)
             return peak
@@ -599,10 +602,26 @@ class Driver:
         self.devices.shutdown()
 
     # ------------------------------------------------------------- helpers
+    def _settle_mixed_precision(self) -> str:
+        """train.mixed_precision as every device will run it ('bf16' or 'none'): the same on all devices (the
+        combine all_to_all carries the autocast dtype), bf16 only where every device has it in hardware."""
+        cfg = self.cfg
+        kind = "cuda" if cfg.cluster.use_gpu else "cpu"
+        casts = {autocast_dtype(cfg.train.mixed_precision, cfg.train.dtype, kind, bool(i.get("bf16")))
+                 for i in self.device_info}
+        if len(casts) > 1:
+            log.warning("train.mixed_precision=%s: some devices have bf16 in hardware and some not; all run "
+                        "without autocast", cfg.train.mixed_precision)
+        settled = "bf16" if casts == {torch.bfloat16} else "none"
+        if cfg.train.mixed_precision == "bf16" and settled == "none":
+            log.warning("train.mixed_precision=bf16, but a device's GPU has no bf16 in hardware: running float32")
+        return settled
+
     def _build(self, ranks, timeout_s: float, what: str) -> None:
         """The devices of `ranks` build their shards (initial state: init keyed by seed, rank and expert id)."""
         assert self.data_refs is not None
         cfg = to_dict(self.cfg)
+        cfg["train"]["mixed_precision"] = self.mixed_precision
         self._get([self.actors[r].build.remote(cfg, r, self.world, *self.data_refs) for r in ranks], timeout_s, what)
 
     def _get(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:

@@ -40,7 +40,7 @@ def test_spread_and_pack_placement_across_nodes(tmp_path):
     # the driver logs where each device is, and checked the local checkpoint dir from the devices' nodes
     logged = re.findall(r"device (\d): node (\w+) \(127\.0\.0\.1\)", proc.stderr)
     assert logged[:2] == [("0", spread[0][:12]), ("1", spread[1][:12])]   # the first job's (SPREAD) lines
-    assert f"checkpoint dir {tmp_path / 'spread' / 'checkpoints'}: shared with the 2 device(s) on other nodes" \
+    assert f"checkpoint dir {tmp_path / 'spread' / 'checkpoints'}: written to from 2 device(s) on other nodes" \
         in proc.stderr
     # a GPU run on nodes whose torch has no CUDA: stopped at start, saying why and what to do
     assert re.search(r"cluster.use_gpu=true, but torch \S+ in device \d's process on 127.0.0.1 sees no CUDA GPU "

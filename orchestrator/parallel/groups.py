@@ -52,17 +52,17 @@ def join(backend: str, master_addr: str, master_port: int, rank: int, world: int
     master_addr:master_port, listening on that address only (torch's own tcp:// store listens on every
     interface: on a laptop that would open a port to the network)."""
     leave()
-    if master_addr.startswith("127.") and backend == "gloo":
-        # A loopback cluster keeps gloo's own sockets on loopback too.
+    if master_addr.startswith("127."):
+        # A loopback cluster keeps the backends' own sockets on loopback too (nccl's bootstrap would listen on
+        # the first network interface).
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     timeout = timedelta(seconds=timeout_s)
     listen_fd = None
     if rank == 0:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((master_addr, master_port))
-        sock.listen(world)
-        listen_fd = sock.detach()   # the store owns the socket from here
+        family = socket.AF_INET6 if ":" in master_addr else socket.AF_INET
+        with socket.create_server((master_addr, master_port), family=family, backlog=world) as sock:
+            listen_fd = sock.detach()   # the store owns the socket from here (closed here only if that failed)
     store = dist.TCPStore(master_addr, master_port, world, rank == 0, timeout, master_listen_fd=listen_fd)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
