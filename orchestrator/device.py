@@ -330,7 +330,7 @@ class DeviceActor:
         return groups.free_port()
 
     def join_group(self, backend: str, addr: str, port: int, rank: int, world: int, timeout_s: float) -> None:
-        groups.join(backend, addr, port, rank, world, timeout_s)
+        groups.join(backend, addr, port, rank, world, timeout_s, own_ip=ray.util.get_node_ip_address())
 
     def leave_group(self) -> None:
         groups.leave()

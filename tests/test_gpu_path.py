@@ -67,3 +67,22 @@ def test_bf16_autocast_trains_close_to_float32(ray_session, tmp_path):
     assert len(bf16) == 6 and bf16 != f32                       # the forward really ran in bf16 ...
     assert bf16 == pytest.approx(f32, rel=2e-2)                 # ... and learns as float32 does
     assert bf16[-1] < bf16[0]
+
+
+def test_the_interface_gloo_is_given_holds_the_nodes_address():
+    """On several nodes gloo is pointed at the interface of the address Ray knows the node by (not whatever the
+    hostname resolves to, 127.0.1.1 on many hosts)."""
+    import socket
+
+    from orchestrator.parallel.groups import interface_of
+
+    assert interface_of("127.0.0.1") == "lo"
+    assert interface_of("203.0.113.250") is None          # TEST-NET-3: no interface here has it
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("203.0.113.1", 9))                 # no packet is sent: this only picks the outgoing address
+        except OSError:
+            pytest.skip("this machine has no route off loopback")
+        ip = s.getsockname()[0]
+    name = interface_of(ip)
+    assert name is not None and name != "lo" and name in {n for _, n in socket.if_nameindex()}

@@ -47,7 +47,27 @@ def free_port(host: str = "") -> int:
         return s.getsockname()[1]
 
 
-def join(backend: str, master_addr: str, master_port: int, rank: int, world: int, timeout_s: float) -> None:
+def interface_of(ip: str) -> str | None:
+    """The name of this machine's network interface that holds IPv4 address `ip` (Linux), else None."""
+    try:
+        import fcntl
+        import struct
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _, name in socket.if_nameindex():
+                try:
+                    packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+                except OSError:
+                    continue  # no IPv4 address on it
+                if socket.inet_ntoa(packed[20:24]) == ip:
+                    return name
+    except (ImportError, OSError):
+        pass
+    return None
+
+
+def join(backend: str, master_addr: str, master_port: int, rank: int, world: int, timeout_s: float,
+         own_ip: str | None = None) -> None:
     """Form (or re-form) the default group. Rendezvous through a TCP store that rank 0 serves on
     master_addr:master_port, listening on that address only (torch's own tcp:// store listens on every
     interface: on a laptop that would open a port to the network)."""
@@ -57,6 +77,12 @@ def join(backend: str, master_addr: str, master_port: int, rank: int, world: int
         # the first network interface).
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    elif own_ip and "GLOO_SOCKET_IFNAME" not in os.environ:
+        # On several nodes gloo would take the address the hostname resolves to, 127.0.1.1 on many Debian and
+        # Ubuntu hosts, which peers cannot reach: use the interface of the address Ray knows this node by.
+        name = interface_of(own_ip)
+        if name:
+            os.environ["GLOO_SOCKET_IFNAME"] = name
     timeout = timedelta(seconds=timeout_s)
     listen_fd = None
     if rank == 0:
