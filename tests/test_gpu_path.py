@@ -86,3 +86,13 @@ def test_the_interface_gloo_is_given_holds_the_nodes_address():
         ip = s.getsockname()[0]
     name = interface_of(ip)
     assert name is not None and name != "lo" and name in {n for _, n in socket.if_nameindex()}
+
+
+def test_gpu_peaks_match_the_most_specific_name():
+    from orchestrator.metrics import gpu_peak_flops
+
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "float32") == 67e12
+    assert gpu_peak_flops("NVIDIA L40S", "bfloat16") == 362e12 and gpu_peak_flops("NVIDIA L4", "bfloat16") == 121e12
+    assert gpu_peak_flops("NVIDIA A10G", "bfloat16") == 70e12 and gpu_peak_flops("NVIDIA A10", "bfloat16") == 125e12
+    assert gpu_peak_flops("Some Future GPU", "bfloat16") is None
