@@ -47,7 +47,7 @@ class DeviceGroup:
         self.pg = None
         self.backend = "gloo"                                # chosen in start() from where the devices landed
 
-    def choose_backend(self) -> None:
+    def settle_backend(self) -> None:
         """nccl when every device has a GPU of its own, else gloo (with a warning); a GPU run whose torch sees no
         GPU is an error, not a silent CPU run."""
         c = self.cfg.cluster
@@ -83,7 +83,7 @@ class DeviceGroup:
         for b in range(self.world, self.world + spares):
             self.spawn_standby(b)
         self.info = get([a.info.remote() for a in self.actors], c.start_timeout_s, "start device actors")
-        self.choose_backend()
+        self.settle_backend()
         self.form_group()
 
     def check_storage_reach(self, storage: Any) -> None:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 
 from orchestrator.balancer import Balancer, Placement, load_stats, placement_from_manifest
 from orchestrator.checkpoint.manager import (CheckpointError, CheckpointManager, CheckpointManifest,
@@ -612,7 +611,7 @@ class Driver:
         if len(casts) > 1:
             log.warning("train.mixed_precision=%s: some devices have bf16 in hardware and some not; all run "
                         "without autocast", cfg.train.mixed_precision)
-        settled = "bf16" if casts == {torch.bfloat16} else "none"
+        settled = "none" if None in casts else "bf16"   # each device's cast is bf16 or None
         if cfg.train.mixed_precision == "bf16" and settled == "none":
             log.warning("train.mixed_precision=bf16, but a device's GPU has no bf16 in hardware: running float32")
         return settled

@@ -46,7 +46,8 @@ def listening_sockets(sid: int) -> list[tuple[str, int]]:
     listen: dict[str, tuple[str, int]] = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
-            local, state, inode = line.split()[1], line.split()[3], line.split()[9]
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
             if state == "0A":  # LISTEN
                 addr, port = local.split(":")
                 ip = _ip(addr)
