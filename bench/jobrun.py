@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from orchestrator.rundir import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,5 +20,5 @@ def run_job(run_dir: Path, overrides: list[str]) -> tuple[dict, list[dict], floa
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = list(read_jsonl(run_dir / "metrics.jsonl"))
     return summary, records, wall

@@ -8,17 +8,21 @@ faults (the twin), and compares: the loss of every step and every tensor of the 
 (parameters, optimizer moments, RNG) must be bit-identical. Prints the incidents, the faults injected
 vs healed and the goodput table; writes <run dir>/chaos_report.json. Runs on the cluster it finds
 like jobs.train, so it also works under `ray job submit -- python -m jobs.chaos ...`.
-Exit codes: 0 every fault healed and the state identical, 1 not, 2 bad config.
+Exit codes: 0 every fault healed and the state identical, 1 not, 2 bad config, 128+signal when stopped by
+SIGTERM/SIGINT (the chaos run stops as jobs.train does; the twin run and the comparison are skipped).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import time
 from pathlib import Path
 
-from jobs.cli import job_parser, setup_logging
+from jobs.cli import interrupted_exit, job_parser, setup_logging
 from orchestrator.config import ConfigError, load_config
+from orchestrator.rundir import read_jsonl
 
 # What the watch reports for each kind of injected fault.
 _DETECTED_AS = {"kill": {"dead"}, "crash": {"crash"}, "hang": {"hang"}, "slow": {"slow"}, "nan": {"nan"},
@@ -59,6 +63,16 @@ def match_faults(injected: list[dict], incidents: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    from orchestrator.signals import interrupted, job_signals
+
+    with job_signals(keep=argv is None):  # main(None): this process's own command line, the gate stays
+        try:
+            return chaos(args)
+        except KeyboardInterrupt as e:  # a signal before the run directory existed
+            return interrupted_exit(interrupted(e))
+
+
+def chaos(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.every is not None:
         overrides.append(f"faults.chaos.mean_steps_between={args.every}")
@@ -77,13 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.cluster import ray_cluster
     from orchestrator.errors import RunError
     from orchestrator.monitor import make_run_dir
+    from orchestrator.signals import interrupted
 
+    started = time.time()
     run_dir = make_run_dir(cfg)
     print(f"run directory: {run_dir} (chaos/ and twin/)", file=sys.stderr)
     report: dict = {"run_dir": str(run_dir)}
     try:
         with ray_cluster(cfg.cluster, spare_devices=cfg.faults.standby):
             from orchestrator.checkpoint.manager import list_checkpoints
+            from orchestrator.checkpoint.timeline import run_folder
             from orchestrator.checkpoint.tools import differences, read_state
             from orchestrator.config import config_from_dict, to_dict
             from orchestrator.driver import Driver
@@ -92,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             def sub(name: str, **faults) -> tuple:
                 d = to_dict(cfg)
                 d["run"]["dir"] = str(run_dir / name)
-                d["checkpoint"]["dir"] = None if cfg.checkpoint.dir is None else f"{cfg.checkpoint.dir}/{name}"
+                d["run"]["id"] = f"{cfg.run.id}-{name}" if cfg.run.id else None  # two runs, two checkpoint folders
                 d["faults"].update(faults)
                 c = config_from_dict(d)
                 path = make_run_dir(c)
@@ -114,15 +131,20 @@ def main(argv: list[str] | None = None) -> int:
                 report.update(steps=summary.steps_done, faults_injected=len(caught),
                               faults_healed=sum(1 for f in caught if f["caught_as"]), recoveries=summary.recoveries,
                               faults=caught, incidents=summary.incidents, goodput=summary.goodput)
-            if summary is not None and not args.no_twin:
+            if summary is not None and summary.stopped_by_signal:
+                report["stopped_by_signal"] = summary.stopped_by_signal
+            elif summary is not None and not args.no_twin:
                 twin_cfg, twin_dir = sub("twin", plan=[], chaos={**to_dict(cfg)["faults"]["chaos"],
                                                                  "mean_steps_between": 0.0})
                 print("fault-free twin run ...", file=sys.stderr)
-                Driver(twin_cfg, twin_dir).run()
+                twin = Driver(twin_cfg, twin_dir).run()
+                if twin.stopped_by_signal:
+                    report["stopped_by_signal"] = twin.stopped_by_signal
+                    return _stopped(run_dir, report)
                 losses = [_losses(chaos_dir), _losses(twin_dir)]
                 states = []
-                for c in (chaos_cfg, twin_cfg):
-                    root = Storage(c.checkpoint.dir or str(Path(c.run.dir) / "checkpoints"))
+                for c, d, s in ((chaos_cfg, chaos_dir, summary), (twin_cfg, twin_dir, twin)):
+                    root = Storage(run_folder(c, d, s.run_id))
                     states.append(read_state(list_checkpoints(root)[-1][1]))
                 diff = differences(*states)
                 report.update(identical_losses=losses[0] == losses[1], identical_state=not diff,
@@ -133,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         print(f"run failed: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Interrupted: a second signal, or one while no step loop listened
+        current = next((d for d in (run_dir / "twin", run_dir / "chaos") if d.is_dir()), run_dir)
+        return interrupted_exit(interrupted(e), current, started, cfg.monitor.report)
+    if "stopped_by_signal" in report:
+        return _stopped(run_dir, report)
     (run_dir / "chaos_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(render(report))
     ok = report.get("interruptions") == 0 and report.get("faults_healed") == report.get("faults_injected")
@@ -141,8 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
+def _stopped(run_dir: Path, report: dict) -> int:
+    """A run stopped by a signal (after its step in flight): the report so far, no comparison; 128 + signal."""
+    (run_dir / "chaos_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(render(report))
+    print(f"stopped by {report['stopped_by_signal']}: no comparison with the twin", file=sys.stderr)
+    return 128 + int(getattr(signal, report["stopped_by_signal"]))
+
+
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    return [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl")]
 
 
 def render(report: dict) -> str:

@@ -1,10 +1,15 @@
-"""What every job's command line shares: --config, key=value overrides, log format."""
+"""What every job's command line shares: --config, key=value overrides, log format, exit codes of signals."""
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 
 from orchestrator.config import DEFAULT_CONFIG
+from orchestrator.errors import Interrupted
+
+END_FILES = ("status.json", "summary.json", "goodput.json")  # what a run writes at its end (report.html: optional)
 
 
 def job_parser(prog: str, doc: str, epilog: str | None = None) -> argparse.ArgumentParser:
@@ -18,3 +23,20 @@ def job_parser(prog: str, doc: str, epilog: str | None = None) -> argparse.Argum
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def interrupted_exit(e: Interrupted, run_dir: Path | None = None, since: float = 0.0, report: bool = False) -> int:
+    """Say on stderr that the job was interrupted and, for a run directory, which of the run's end files were
+    written (after `since`, the job's start) and which not, and why; returns 128 + the first signal."""
+    if run_dir is None:
+        print(f"interrupted ({e.describe()}) before a run started", file=sys.stderr)
+        return e.exit_code
+    files = END_FILES + (("report.html",) if report else ())
+    fresh = [f for f in files if (run_dir / f).is_file() and (run_dir / f).stat().st_mtime >= since]
+    print(f"interrupted ({e.describe()}): {run_dir}: written {', '.join(fresh) or 'none of ' + ', '.join(files)}",
+          file=sys.stderr)
+    for f in files:
+        if f not in fresh:
+            why = e.not_written.get(f, "the interruption came before the run's end work got to it")
+            print(f"not written: {run_dir / f} ({why})", file=sys.stderr)
+    return e.exit_code

@@ -9,18 +9,21 @@ run directory: comparison.json and comparison.md (final and validation loss, the
 dropped copies, re-placements, step time), maxvio.png and device_imbalance.png (over
 steps, every strategy) and heatmap-<strategy>.png (each MoE layer: the share of token copies every
 expert got, over steps). Each strategy's own run directory is beside them.
+Exit codes: 0 done, 1 a run failed, 2 bad config, 128+signal when stopped by SIGTERM/SIGINT (no comparison).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from jobs.cli import job_parser, setup_logging
+from jobs.cli import interrupted_exit, job_parser, setup_logging
 from orchestrator.config import ConfigError, load_config
+from orchestrator.rundir import read_jsonl
 
 # name -> config overrides; `{world}` is the number of devices
 STRATEGIES: dict[str, list[str]] = {
@@ -146,6 +149,17 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    from orchestrator.signals import interrupted, job_signals
+
+    # SIGTERM/SIGINT: the strategy's run stops as jobs.train's does and the study ends there, 128 + signal
+    with job_signals(keep=argv is None):  # main(None): this process's own command line, the gate stays
+        try:
+            return study(args)
+        except KeyboardInterrupt as e:
+            return interrupted_exit(interrupted(e))
+
+
+def study(args: argparse.Namespace) -> int:
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [n for n in names if n not in STRATEGIES]
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
@@ -180,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                 c.run.dir = str(out / name)
                 print(f"strategy {name}: {' '.join(strategies[name]) or 'no balancing'}", file=sys.stderr)
                 summary = asdict(Driver(c, make_run_dir(c)).run())
-                records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+                if summary["stopped_by_signal"]:
+                    print(f"strategy {name}: stopped by {summary['stopped_by_signal']}; no comparison", file=sys.stderr)
+                    return 128 + int(getattr(signal, summary["stopped_by_signal"]))
+                records = list(read_jsonl(out / name / "metrics.jsonl"))
                 runs[name] = records
                 rows.append(summarize(name, records, summary, warmup))
     except RunError as e:

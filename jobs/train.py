@@ -4,15 +4,18 @@
 
 Starts a local Ray when none is running and joins the running cluster when there is one (so the
 same command works under `ray job submit --working-dir . -- python -m jobs.train ...`).
-Exit codes: 0 success, 2 bad config or data, 1 a run that failed, 128+signal when stopped by a signal.
+Exit codes: 0 success, 2 bad config or data, 1 a run that failed, 128+signal when stopped by SIGTERM or
+SIGINT (143, 130): the first stops after the step in flight with a checkpoint, a second at once, with the
+run's end files written as far as they can be (stderr names any that are not); see orchestrator/signals.py.
 """
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
+import time
 
-from jobs.cli import job_parser, setup_logging
+from jobs.cli import interrupted_exit, job_parser, setup_logging
 from orchestrator.config import ConfigError, load_config
 
 
@@ -25,6 +28,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    from orchestrator.signals import interrupted, job_signals
+
+    # main(None) runs this process's own command line: the gate then stays until the process exits
+    with job_signals(keep=argv is None):
+        try:
+            return train(args)
+        except KeyboardInterrupt as e:  # a signal before the run directory existed
+            return interrupted_exit(interrupted(e))
+
+
+def train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -33,8 +47,25 @@ def main(argv: list[str] | None = None) -> int:
 
     from orchestrator.cluster import ray_cluster
     from orchestrator.errors import RunError
-    from orchestrator.monitor import make_run_dir
+    from orchestrator.monitor import make_run_dir, run_dir_path
+    from orchestrator.signals import interrupted
 
+    from orchestrator.checkpoint.timeline import plan_resume
+
+    started = time.time()
+    cfg.run.dir = str(run_dir_path(cfg))   # decided once: the plan and the run use the same directory
+    try:  # where the run starts, before anything starts or is written (a finished run's results stay as they are)
+        plan = plan_resume(cfg, run_dir_path(cfg))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except RunError as e:  # the checkpoint to resume from is missing, damaged or of another model
+        print(f"cannot resume: {e}", file=sys.stderr)
+        return 2
+    if plan.complete:
+        print(f"run complete: the checkpoint of step {plan.step} ({plan.storage.shown}) is at train.steps="
+              f"{cfg.train.steps}; nothing to do (raise train.steps to train further)", file=sys.stderr)
+        return 0
     run_dir = make_run_dir(cfg)
     print(f"run directory: {run_dir}", file=sys.stderr)
     try:
@@ -42,16 +73,15 @@ def main(argv: list[str] | None = None) -> int:
             # Ray and torch are imported only now: the config is good and the cluster's network chosen.
             from orchestrator.driver import Driver
 
-            summary = Driver(cfg, run_dir).run()
+            summary = Driver(cfg, run_dir, plan).run()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except RunError as e:
         print(f"run failed: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as e:  # Interrupted: a second signal, or one while no step loop listened
+        return interrupted_exit(interrupted(e), run_dir, started, cfg.monitor.report)
     val = f", validation loss {summary.val_loss:.4f}" if summary.val_loss is not None else ""
     final = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
     print(f"done: {summary.steps_done} steps, final loss {final}{val}, {summary.tokens_per_s:,.0f} tokens/s, "

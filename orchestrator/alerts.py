@@ -10,7 +10,7 @@ rule twice. Conditions:
     loss_spike       loss > threshold x median of the previous `window` losses            (default 3)
     grad_spike       grad_norm > threshold x median of the previous `window` norms        (default 10)
     maxvio           MaxVio > threshold                                                   (default 1.0)
-    straggler        slowest device's own work (step time - time in collectives) / median's  (default 1.5)
+    straggler        slowest device's own work (step time - collectives) / the others' median (default 1.5)
     throughput_drop  tokens/s < threshold x median of the previous `window` steps'        (default 0.5)
     restarts         recoveries within the last `window` steps > threshold                (default 3)
     checkpoint_age   steps since the last committed checkpoint > threshold                (default 1000)
@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
 import sys
 import threading
 import time
@@ -35,6 +34,9 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from orchestrator.config import redact_text, redact_url
+from orchestrator.detectors import against_others, own_work, recent_median
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,7 @@ class Context:
 
 
 def _median_before(history: list[dict[str, Any]], key: str, window: int) -> float | None:
-    values = [r[key] for r in history[-window:] if r.get(key) is not None and math.isfinite(r[key])]
-    return statistics.median(values) if len(values) >= min(window, 5) else None
+    return recent_median((r.get(key) for r in history[-window:]), min(window, 5))
 
 
 def measure(rule: str, threshold: float, window: int, rec: dict[str, Any], history: list[dict[str, Any]],
@@ -85,14 +86,14 @@ def measure(rule: str, threshold: float, window: int, rec: dict[str, Any], histo
         value = rec.get("maxvio")
         return value, value is not None and value > threshold, f"MaxVio {value:.3f} above {threshold}" if value else ""
     if rule == "straggler":
-        times = rec.get("device_step_time_s") or []
-        waits = rec.get("device_collective_s") or [0.0] * len(times)
-        own = [t - w for t, w in zip(times, waits)]  # peers wait for a straggler inside collectives: its own work shows it
-        if len(own) < 2 or statistics.median(own) <= 0:
+        # peers wait for a straggler inside collectives: its own work shows it (detectors.py, as the Watch judges)
+        pairs = against_others(own_work(rec.get("device_step_time_s") or [], rec.get("device_collective_s")))
+        ratios = [mine / others if others > 0 else 0.0 for mine, others in pairs]
+        if not any(ratios):
             return None, False, ""
-        ratio = max(own) / statistics.median(own)
-        slow = own.index(max(own))
-        return ratio, ratio > threshold, f"device {slow}'s own work took {ratio:.2f}x the median device's"
+        ratio = max(ratios)
+        slow = ratios.index(ratio)
+        return ratio, ratio > threshold, f"device {slow}'s own work took {ratio:.2f}x the median of the others'"
     if rule == "throughput_drop":
         median = _median_before(history, "tokens_per_s", window)
         if median is None or not median:
@@ -114,6 +115,7 @@ class Webhook:
 
     def __init__(self, url: str, timeout_s: float, retries: int, on_result: Callable[[Alert, str], None]):
         self.url, self.timeout_s, self.retries, self.on_result = url, timeout_s, retries, on_result
+        self.shown = redact_url(url, keep_path=False)   # the URL is a credential (Slack, PagerDuty: the key is its path)
         self.threads: list[threading.Thread] = []
 
     def send(self, alert: Alert) -> None:
@@ -122,22 +124,27 @@ class Webhook:
         t.start()
 
     def _post(self, alert: Alert) -> None:
+        from tenacity import RetryError, Retrying, stop_after_attempt, wait_exponential
+
         body = json.dumps({k: v for k, v in asdict(alert).items() if k != "webhook"}).encode()
-        error = ""
-        for attempt in range(self.retries + 1):
+
+        def once() -> None:
             try:
                 req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    if 200 <= resp.status < 300:
-                        self.on_result(alert, "delivered")
-                        return
-                    error = f"HTTP {resp.status}"
-            except Exception as e:
-                error = f"{type(e).__name__}: {e}"
-            if attempt < self.retries:
-                time.sleep(0.5 * 2 ** attempt)
-        log.warning("alert webhook %s failed after %d tries: %s", self.url, self.retries + 1, error)
-        self.on_result(alert, f"failed: {error}")
+                    if not 200 <= resp.status < 300:
+                        raise OSError(f"HTTP {resp.status}")
+            except Exception as e:  # the URL is a credential: never in a message
+                raise OSError(redact_text(f"{type(e).__name__}: {e}".replace(self.url, self.shown))) from None
+
+        try:
+            Retrying(stop=stop_after_attempt(self.retries + 1), wait=wait_exponential(multiplier=0.5, min=0.5))(once)
+        except RetryError as e:
+            error = str(e.last_attempt.exception())
+            log.warning("alert webhook %s failed after %d tries: %s", self.shown, self.retries + 1, error)
+            self.on_result(alert, f"failed: {error}")
+            return
+        self.on_result(alert, "delivered")
 
     def wait(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -187,10 +194,24 @@ class AlertEngine:
         streak, firing = self.states.get(back, ([0] * len(self.rules), [False] * len(self.rules)))
         self.streak, self.firing = list(streak), list(firing)
 
+    def forget(self, before: int, keep: set[int], fired_before: int) -> None:
+        """Bounded memory however long the run: drop the rule states of steps before `before` (the oldest step a
+        rewind to an in-memory snapshot reaches) but those in `keep`, and the record of alerts fired before
+        `fired_before` (the oldest step any rewind reaches: a replay never fires one of those again)."""
+        self.states = {s: v for s, v in self.states.items() if s >= before or s in keep}
+        self.fired = {(rule, s) for rule, s in self.fired if s >= fired_before}
+
     def incident(self, incident: dict[str, Any]) -> list[Alert]:
         """Alerts from an incident the healer decided: non-finite values it rolled back (a skipped step has a
         record, which `evaluate` sees). The healer has acted already: an alert can record, notify or stop."""
         fired = []
+        if incident.get("kind") == "slow" and incident.get("action") == "recorded":  # a straggler left in place
+            step = int(incident["step"])
+            for r in self.rules:
+                if r.rule == "straggler" and ("straggler", step) not in self.fired:
+                    action = r.action if r.action in ("record", "notify") else "notify"
+                    fired.append(self._fire(step, "straggler", None, 0.0, action,
+                                            f"device {incident.get('rank')}: {incident.get('detail')}"))
         if incident.get("kind") == "nan" and incident.get("action") != "skipped":
             step = int(incident["step"])
             for r in self.rules:

@@ -3,7 +3,9 @@
 Order: an address in the config or in RAY_ADDRESS (what `ray job submit` sets) is joined and must
 answer; otherwise a local head recorded in /tmp/ray/ray_current_cluster is joined if its GCS port
 answers (a stopped `ray start` leaves that file behind, and a plain `ray.init()` would hang on it);
-otherwise a private local instance is started on loopback and shut down at the end.
+otherwise a private local instance is started on loopback and shut down at the end. A watchdog process
+(ray_watchdog.py) takes that private instance down should this process die without shutting it down
+(kill -9): Ray's own fate sharing leaves its dashboard and runtime-env agents running.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from orchestrator import signals
 from orchestrator.config import ClusterConfig
 from orchestrator.errors import RunError
 
@@ -85,19 +88,41 @@ def ray_cluster(cfg: ClusterConfig, log: logging.Logger | None = None, spare_dev
         _use_loopback(log)  # a local head, or a private instance: stay on 127.0.0.1
     import ray
 
-    if address:
-        how = f"joined {address}"
-        _join(address, "cluster.address" if cfg.address else "RAY_ADDRESS")
-    elif local is not None:
-        how = f"joined the local cluster at {local}"
-        _join(local, str(CURRENT_CLUSTER_FILE))
-    else:
-        need = math.ceil((cfg.num_devices + spare_devices) * cfg.cpus_per_device)
-        how = "started a local Ray instance"
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-                 logging_level=logging.WARNING)
-    log.info("ray: %s", how)
+    watchdog = None
     try:
+        if address:
+            how = f"joined {address}"
+            _join(address, "cluster.address" if cfg.address else "RAY_ADDRESS")
+        elif local is not None:
+            how = f"joined the local cluster at {local}"
+            _join(local, str(CURRENT_CLUSTER_FILE))
+        else:
+            need = math.ceil((cfg.num_devices + spare_devices) * cfg.cpus_per_device)
+            how = "started a local Ray instance"
+            context = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
+                               logging_level=logging.WARNING)
+            watchdog = _watch(context.address_info["session_dir"], log)
+        signals.reinstall()  # ray.init set its own SIGTERM handler (sys.exit(15)) over the job's
+        log.info("ray: %s", how)
         yield how
-    finally:
+    finally:  # also when ray.init itself is interrupted: what it started so far goes
         ray.shutdown()
+        if watchdog is not None:
+            watchdog.release()
+
+
+def _watch(session_dir: str, log: logging.Logger):
+    """The watchdog of the private instance just started (None, with a warning, if it cannot be started)."""
+    import ray
+
+    from orchestrator.ray_watchdog import watch
+
+    try:
+        watchdog = watch(session_dir, os.path.dirname(ray.__file__))
+    except OSError as e:
+        log.warning("ray: could not start the watchdog of session %s (%s): should this process be killed, "
+                    "stop what is left of it with `ray stop`", session_dir, e)
+        return None
+    log.info("ray: session %s; watchdog pid %d takes it down should this process die without doing so",
+             session_dir, watchdog.pid)
+    return watchdog

@@ -9,7 +9,8 @@ This module imports no torch and no Ray: validating a config costs nothing.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -71,7 +72,12 @@ class TrainConfig:
     dtype: str = "float32"         # parameter and compute dtype: float32 | float64 (float64: exactness checks)
     mixed_precision: str = "auto"  # bf16 autocast of the forward (parameters, gradients, optimizer stay in dtype):
                                    # auto (on GPUs that support bf16, off on CPU) | bf16 (also on CPU) | none
-    resume: Optional[str] = None   # latest (newest checkpoint of this run that verifies) | a checkpoint path/URI
+    resume: Optional[str] = None   # latest (the newest checkpoint of this run's live timeline that verifies) | a
+                                   # checkpoint path/URI
+    lr_horizon: Optional[int] = None  # the step the cosine decay ends at; None: train.steps at a fresh start, the
+                                      # checkpoint's on resume (set it to change the schedule of a resumed run)
+    resume_accept_changes: List[str] = field(default_factory=list)  # keys a resume may change although the run then
+                                   # does not continue exactly (seed, data.seq_len, ...; see README "Resume")
 
 
 @dataclass
@@ -108,6 +114,11 @@ class CheckpointConfig:
     async_save: bool = True        # persist in the background while training goes on
 
 
+# Settings that decide which data each step sees: a resume that changes one does not continue the run, and is
+# refused unless train.resume_accept_changes names it (other training settings change with a warning).
+RESUME_EXACT_KEYS = ("seed", "data.path", "data.format", "data.seq_len", "data.val_fraction", "data.max_bytes",
+                     "train.global_batch_size")
+
 FAULT_KINDS = ("kill", "crash", "hang", "slow", "nan", "node", "checkpoint")
 
 
@@ -139,7 +150,8 @@ class FaultConfig:
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
     snapshot_every: int = 1        # in-memory snapshot cadence (steps) recovery rewinds to; 0: no healing
     standby: int = 0               # warm spare device actors (started, torch imported): a replacement only joins and restores
-    max_recoveries: int = 10       # recoveries per run before the run stops with a report
+    max_recoveries: int = 10       # recoveries within recovery_window_s before the run stops with a report
+    recovery_window_s: float = 3600.0  # ... the window that budget is counted over (0: the whole run)
     max_repeats: int = 3           # the same step failing this many times stops the run (a deterministic fault)
     recovery_attempts: int = 3     # tries per recovery (a replacement that fails to start, ...) ...
     retry_backoff_s: float = 1.0   # ... waiting this long before the second, twice as long before the third
@@ -178,6 +190,8 @@ class ClusterConfig:
 class RunConfig:
     dir: Optional[str] = None      # None: runs/<time>-<name>
     name: str = "train"
+    id: Optional[str] = None       # the run's identity (its checkpoints live under <checkpoint.dir>/<id>); None: the
+                                   # one recorded in <run.dir>/run.json, else a new <name>-<date>-<time>-<hex>
     progress: str = "auto"         # auto (bar on a terminal, lines otherwise) | bar | lines | quiet
 
 
@@ -352,6 +366,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is too small for byte-level text; it must be at least 256")
     _validate_balance(cfg)
     _validate_faults(cfg)
+    _validate_run(cfg)
     _positive(cfg, ["monitor.histogram_every", "monitor.peak_tflops", "train.eval_every", "monitor.webhook_retries"],
               allow_zero=True)
     _positive(cfg, ["monitor.webhook_timeout_s"])
@@ -367,11 +382,12 @@ def validate(cfg: Config) -> None:
                               f"faults.snapshot_every=0 turns snapshots off")
     url = cfg.monitor.webhook_url
     if url and not url.startswith(("http://", "https://")):
-        raise ConfigError(f"monitor.webhook_url={url!r} must be an http:// or https:// URL")
+        raise ConfigError(f"monitor.webhook_url={redact_url(url, keep_path=False)!r} must be an http:// or https:// URL")
     if cfg.train.eval_every and not cfg.train.eval_batches:
         raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs train.eval_batches > 0 (batches scored each time)")
     if c.backend == "nccl" and not c.use_gpu:
         raise ConfigError("cluster.backend='nccl' needs cluster.use_gpu=true (nccl runs on GPUs only)")
+    _refuse_idle_keys(cfg)
 
 
 def _validate_faults(cfg: Config) -> None:
@@ -400,6 +416,7 @@ def _validate_faults(cfg: Config) -> None:
         if ch.slow_steps < 1 or ch.slow_delay_s <= 0:
             raise ConfigError("faults.chaos.slow_steps must be >= 1 and faults.chaos.slow_delay_s > 0")
     _positive(cfg, ["faults.snapshot_every", "faults.standby", "faults.max_recoveries", "faults.retry_backoff_s",
+                    "faults.recovery_window_s",
                     "faults.checkpoint_retries", "faults.straggler_min_s"], allow_zero=True)
     _positive(cfg, ["faults.max_repeats", "faults.recovery_attempts", "faults.recovery_timeout_s",
                     "faults.hang_factor", "faults.hang_floor_s", "faults.hang_cap_s", "faults.straggler_factor",
@@ -455,3 +472,246 @@ def _validate_balance(cfg: Config) -> None:
         raise ConfigError(f"balance.routing=group_limited: balance.topk_groups={b.topk_groups} must be at most "
                           f"num_groups={b.num_groups} and hold at least model.top_k={m.top_k} experts "
                           f"({per_group} per group)")
+
+
+# --------------------------------------------------------------------------- keys that would do nothing
+def _show(value: Any) -> str:
+    """A value as an override would spell it (repr for strings, as the other messages here)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def _default_of(cls: type, name: str) -> Any:
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+
+
+def _idle(key: str, value: Any, default: Any, why: str) -> None:
+    """Refuse `key` when it is set (differs from its default) although nothing reads it: `why` says so and what to do."""
+    if value != default:
+        raise ConfigError(f"{key}={_show(value)} has no effect {why}")
+
+
+def _section_idle(cfg: Config, section: str, names: tuple[str, ...], why: str) -> None:
+    obj = cfg
+    for part in section.split("."):
+        obj = getattr(obj, part)
+    for name in names:
+        _idle(f"{section}.{name}", getattr(obj, name), _default_of(type(obj), name), why)
+
+
+def _token_files(d: DataConfig) -> bool:
+    """Will data.path be read as uint16 token files (as orchestrator/data/corpus.py decides)?"""
+    if d.path is None:
+        return False
+    if d.format != "auto":
+        return d.format == "bin"
+    path = Path(d.path).expanduser()
+    return path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").is_file())
+
+
+def _refuse_idle_keys(cfg: Config) -> None:
+    """A key set to something other than its default where, under the chosen options, no code reads it is an
+    error naming it: `balance.routing=topk balance.num_groups=3` would otherwise train plain top-k in silence.
+    Each rule below mirrors the code that reads the key (named in the comment)."""
+    m, d, b, c, mon = cfg.model, cfg.data, cfg.balance, cfg.cluster, cfg.monitor
+    # model/transformer.py: dense layers only below first_k_dense; model/moe.py Router: renormalises k > 1 gates
+    if m.first_k_dense == 0:
+        _section_idle(cfg, "model", ("dense_dim",), "with model.first_k_dense=0 (no dense layers): remove it, or "
+                                                    "set model.first_k_dense")
+    if m.top_k == 1:
+        _section_idle(cfg, "model", ("norm_topk_prob",), "with model.top_k=1 (a single gate is never "
+                                                         "renormalised): remove it")
+    # data/corpus.py: the embedded corpus is text; token files are read whole, and a val.bin beside train.bin
+    # is the validation split
+    if d.path is None:  # (format=bin without a path is refused above)
+        _section_idle(cfg, "data", ("format",), "without data.path (the embedded corpus is text already): remove "
+                                                "it, or set data.path")
+    elif _token_files(d):
+        _section_idle(cfg, "data", ("max_bytes",), f"on token files (data.path={d.path!r} is read as uint16 "
+                                                   f"tokens, whole): remove it")
+        if Path(d.path).expanduser().is_dir() and (Path(d.path).expanduser() / "val.bin").is_file():
+            _section_idle(cfg, "data", ("val_fraction",), f"with a val.bin in data.path={d.path!r} (it is the "
+                                                          f"validation split): remove it")
+    # model/balancing.py select_experts: topk reads neither group key, grouped not topk_groups
+    if b.routing == "topk":
+        _section_idle(cfg, "balance", ("num_groups", "topk_groups"),
+                      "with balance.routing='topk' (only the grouped and group_limited routings read it): remove "
+                      "it, or set balance.routing=grouped or group_limited")
+    elif b.routing == "grouped":
+        _section_idle(cfg, "balance", ("topk_groups",),
+                      "with balance.routing='grouped' (every token takes top_k/num_groups experts from every "
+                      "group; only group_limited reads it): remove it, or set balance.routing=group_limited")
+    # balancer.py Balancer.due/plan: one device never re-plans; without replace_every or replace_on_imbalance no
+    # plan is ever made (redundant_experts alone keeps the initial placement and its replicas)
+    if c.num_devices == 1:
+        _section_idle(cfg, "balance", ("replace_every", "replace_on_imbalance"),
+                      "with cluster.num_devices=1 (re-placement moves experts between devices): remove it, or use "
+                      "more devices")
+    if not b.replace_every and not b.replace_on_imbalance:
+        _section_idle(cfg, "balance", ("replace_window", "replace_min_gain"),
+                      "while live re-placement is off (balance.replace_every=0 and balance.replace_on_imbalance=0): "
+                      "set one of them, or remove it")
+    # device_group.py: the GPU share of a bundle is asked for only with use_gpu
+    if not c.use_gpu:
+        _section_idle(cfg, "cluster", ("gpus_per_device",), "with cluster.use_gpu=false: set cluster.use_gpu=true, "
+                                                            "or remove it")
+    _refuse_idle_checkpoint_keys(cfg)
+    _refuse_idle_fault_keys(cfg)
+    # metrics.py TensorBoardSink: histograms go to TensorBoard only; alerts.py: the webhook and its settings
+    if not mon.tensorboard:
+        _section_idle(cfg, "monitor", ("histogram_every",), "with monitor.tensorboard=false (histograms go to "
+                                                            "TensorBoard only): remove it, or set monitor.tensorboard=true")
+    if not mon.webhook_url:
+        _section_idle(cfg, "monitor", ("webhook_timeout_s", "webhook_retries"),
+                      "without monitor.webhook_url: set monitor.webhook_url, or remove it")
+    elif all(a.action == "record" for a in mon.alerts):
+        raise ConfigError("monitor.webhook_url has no effect: every rule of monitor.alerts has action=record, and "
+                          "only alerts whose action is notify, rollback, skip or stop are posted; give a rule "
+                          "action=notify, or remove monitor.webhook_url")
+    for i, a in enumerate(mon.alerts):  # alerts.py measure: which rules read threshold and window
+        if a.rule == "nonfinite":
+            _idle(f"monitor.alerts[{i}].threshold", a.threshold, None, "on the nonfinite rule (any non-finite loss "
+                                                                       "or gradient norm fires it): remove it")
+        if a.rule not in ("loss_spike", "grad_spike", "throughput_drop", "restarts"):
+            _idle(f"monitor.alerts[{i}].window", a.window, _default_of(AlertRule, "window"),
+                  f"on the {a.rule} rule (only loss_spike, grad_spike, throughput_drop and restarts look back over "
+                  f"a window): remove it")
+
+
+def _refuse_idle_checkpoint_keys(cfg: Config) -> None:
+    ck, f = cfg.checkpoint, cfg.faults
+    # checkpoint/manager.py retention: keep_last=0 keeps every checkpoint already
+    if ck.keep_last == 0:
+        _section_idle(cfg, "checkpoint", ("keep_every",), "with checkpoint.keep_last=0 (every checkpoint is kept): "
+                                                          "remove it, or set checkpoint.keep_last")
+    # driver.py after_step/run: a save happens by the policy, on a signal, at the end, or for a checkpoint fault
+    faults = [s.kind for s in f.plan] + (list(f.chaos.kinds) if f.chaos.mean_steps_between else [])
+    if not (ck.every_steps or ck.at_end or ck.on_signal or "checkpoint" in faults):
+        _section_idle(cfg, "checkpoint", ("keep_last", "keep_every", "async_save"),
+                      "in a run that never saves a checkpoint (checkpoint.every_steps=0, at_end=false, "
+                      "on_signal=false): turn a save on, or remove it")
+
+
+def _refuse_idle_fault_keys(cfg: Config) -> None:
+    f, ch = cfg.faults, cfg.faults.chaos
+    # healing.py Injector: a step wins over after_s; DeviceActor.inject: steps/delay_s for slow, in_collective for hang
+    for i, spec in enumerate(f.plan):
+        key = f"faults.plan[{i}]"
+        if spec.step:
+            _idle(f"{key}.after_s", spec.after_s, 0.0, f"(the fault strikes in its step={spec.step}): give either "
+                                                       f"step or after_s")
+        if spec.kind != "slow":
+            for name in ("steps", "delay_s"):
+                _idle(f"{key}.{name}", getattr(spec, name), _default_of(FaultSpec, name),
+                      f"on a {spec.kind} fault (only slow faults read steps and delay_s): remove it")
+        if spec.kind != "hang":
+            _idle(f"{key}.in_collective", spec.in_collective, False,
+                  f"on a {spec.kind} fault (only hang faults read it): remove it")
+    # healing.py plan_faults: the chaos keys make random faults; the seed also draws the device of rank -1 faults
+    if not ch.mean_steps_between:
+        _section_idle(cfg, "faults.chaos", ("kinds", "first_step", "slow_steps", "slow_delay_s"),
+                      "while random chaos is off (faults.chaos.mean_steps_between=0): set "
+                      "faults.chaos.mean_steps_between (jobs.chaos: --every N), or remove it")
+        if all(s.rank != -1 for s in f.plan):
+            _section_idle(cfg, "faults.chaos", ("seed",),
+                          "while random chaos is off (faults.chaos.mean_steps_between=0) and no planned fault has "
+                          "rank -1 (a random device): set faults.chaos.mean_steps_between (jobs.chaos: --every N), "
+                          "or remove it")
+    elif "slow" not in ch.kinds:
+        _section_idle(cfg, "faults.chaos", ("slow_steps", "slow_delay_s"),
+                      "while faults.chaos.kinds has no slow: add slow to faults.chaos.kinds, or remove it")
+    # healing.py Watch._stragglers: compares a device with the others
+    if cfg.cluster.num_devices == 1:
+        _section_idle(cfg, "faults", ("straggler_factor", "straggler_min_s", "straggler_patience", "on_straggler"),
+                      "with cluster.num_devices=1 (a straggler is a device slower than the others): remove it, or "
+                      "use more devices")
+    # healing.py Healer._spend: with snapshots off the first failure stops the run before any of these is read
+    if f.snapshot_every == 0:
+        _section_idle(cfg, "faults", ("standby", "max_recoveries", "recovery_window_s", "max_repeats",
+                                      "recovery_attempts", "retry_backoff_s", "recovery_timeout_s"),
+                      "with faults.snapshot_every=0 (healing off: the first failure stops the run): set "
+                      "faults.snapshot_every to 1 (or more), or remove it")
+
+
+# --------------------------------------------------------------------------- secrets
+REDACTED = "***"
+# Query parameters whose values are credentials: S3's access_key/secret_key/session_token, presigned URLs'
+# X-Amz-Signature/X-Amz-Credential, Azure SAS sig, OAuth access_token, api keys, passwords.
+_SECRET_PARAM = re.compile(r"token|key|secret|pass|pwd|sig|auth|credential|session|cookie|private", re.IGNORECASE)
+_SECRET_URLS = ("monitor.webhook_url",)   # the whole URL is the credential (Slack, PagerDuty keys in the path)
+
+
+def redact_url(url: str, keep_path: bool = True) -> str:
+    """`url` safe to write or log: user info (`s3://KEY:SECRET@bucket`, `https://user:pass@host`) and the values of
+    credential-looking query parameters (`?token=...`) become ***, a fragment goes; with keep_path=False the path
+    and query too (a webhook URL, whose path is its key). A string that is not a URL comes back unchanged.
+
+    Parsed by hand, not with urllib: a secret written unencoded may hold '/', which would end urllib's netloc
+    early and leave the rest of the secret in the path; here everything up to the last '@' before the query goes."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    body, qsep, query = rest.partition("#")[0].partition("?")
+    if "@" in body:
+        body = REDACTED + "@" + body.rsplit("@", 1)[1]
+    if not keep_path:
+        host = body.split("/", 1)[0]
+        return f"{scheme}://{host}" + (f"/{REDACTED}" if body[len(host):].strip("/") or query else "")
+    items = []
+    for item in query.split("&") if query else []:
+        name, eq, _ = item.partition("=")
+        items.append(f"{name}={REDACTED}" if eq and _SECRET_PARAM.search(name) else item)
+    return f"{scheme}://{body}" + (qsep + "&".join(items) if qsep else "")
+
+
+def redacted(cfg: Config | dict[str, Any]) -> dict[str, Any]:
+    """The config as a plain dict with its secrets redacted: what config.yaml, the report, MLflow params and logs
+    get. Every string that is a URL loses its credentials (redact_url); monitor.webhook_url keeps only its host."""
+
+    def walk(value: Any, key: str) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, key) for v in value]
+        if isinstance(value, str):
+            return redact_url(value, keep_path=key not in _SECRET_URLS)
+        return value
+
+    return walk(to_dict(cfg) if isinstance(cfg, Config) else cfg, "")
+
+
+def redacted_yaml(cfg: Config | dict[str, Any]) -> str:
+    """The resolved config as YAML, secrets redacted (a run directory's config.yaml)."""
+    return OmegaConf.to_yaml(OmegaConf.create(redacted(cfg)))
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_text(text: str) -> str:
+    """Free text (an error message, a log line, a YAML file that does not parse) with every URL in it redacted."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+
+
+def _validate_run(cfg: Config) -> None:
+    """run.id, train.lr_horizon, train.resume_accept_changes."""
+    import re
+
+    rid = cfg.run.id
+    if rid is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", rid):
+        raise ConfigError(f"run.id={rid!r} must be letters, digits, '.', '_' or '-' (it names the run's checkpoint "
+                          f"folder under checkpoint.dir)")
+    if cfg.train.lr_horizon is not None and cfg.train.lr_horizon < 1:
+        raise ConfigError(f"train.lr_horizon={cfg.train.lr_horizon} must be 1 or more (or null: train.steps)")
+    for key in cfg.train.resume_accept_changes:
+        if key not in RESUME_EXACT_KEYS:
+            raise ConfigError(f"train.resume_accept_changes: {key!r} is not a setting a resume refuses to change; "
+                              f"those are {', '.join(RESUME_EXACT_KEYS)} (others change with a warning)")
+    if cfg.train.resume_accept_changes and not cfg.train.resume:
+        raise ConfigError("train.resume_accept_changes is set but train.resume is not: it only affects a resume")

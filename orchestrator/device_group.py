@@ -17,13 +17,14 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.config import Config
-from orchestrator.device import DeviceActor
+from orchestrator.device import DeviceActor, autocast_dtype
 from orchestrator.errors import RunError
 from orchestrator.parallel.groups import choose_backend
 
 log = logging.getLogger(__name__)
-# A thread of its own for progress(), so that it answers while a step is stuck; everything else runs in order.
-RemoteDevice = ray.remote(concurrency_groups={"watch": 1})(DeviceActor)
+# A thread of its own for progress(), so that it answers while a step is stuck; one for checkpoint writes
+# (write_shard), so that they run while training goes on; everything else runs in order.
+RemoteDevice = ray.remote(concurrency_groups={"watch": 1, "io": 1})(DeviceActor)
 
 
 def get(refs: list[Any], timeout_s: float, what: str) -> list[Any]:
@@ -62,6 +63,40 @@ class DeviceGroup:
         self.backend, warning = choose_backend(c.backend, c.use_gpu, self.info)
         if warning:
             log.warning("%s", warning)
+
+    def settle_mixed_precision(self) -> str:
+        """train.mixed_precision as every device will run it ('bf16' or 'none'): the same on all devices (the
+        combine all_to_all carries the autocast dtype), bf16 only where every device has it in hardware."""
+        cfg = self.cfg
+        kind = "cuda" if cfg.cluster.use_gpu else "cpu"
+        casts = {autocast_dtype(cfg.train.mixed_precision, cfg.train.dtype, kind, bool(i.get("bf16")))
+                 for i in self.info}
+        if len(casts) > 1:
+            log.warning("train.mixed_precision=%s: some devices have bf16 in hardware and some not; all run "
+                        "without autocast", cfg.train.mixed_precision)
+        settled = "none" if None in casts else "bf16"   # each device's cast is bf16 or None
+        if cfg.train.mixed_precision == "bf16" and settled == "none":
+            log.warning("train.mixed_precision=bf16, but a device's GPU has no bf16 in hardware: running float32")
+        return settled
+
+    def inject(self, fault: Any) -> None:
+        """Make a planned fault (FaultSpec) happen on its device (DeviceActor.inject says what each kind does)."""
+        actor = self.actors[fault.rank]
+        if fault.kind == "checkpoint":  # the next shard this device writes fails midway
+            actor.fail_next_save.remote("fail")
+        elif fault.kind == "node":
+            node = self.node_of(fault.rank)
+            if node == ray.get_runtime_context().get_node_id():
+                # Killing the raylet of the driver's own node ends the run; kill every device actor there instead.
+                log.warning("node fault on device %d: its node runs the driver too; killing every device actor "
+                            "on it instead of the node", fault.rank)
+                for rank in range(self.world):
+                    if self.node_of(rank) == node:
+                        self.actors[rank].inject.remote("kill")
+            else:
+                actor.inject.remote("node")
+        else:
+            actor.inject.remote(fault.kind, fault.steps, fault.delay_s, fault.in_collective)
 
     def node_of(self, rank: int) -> str | None:
         return self.info[rank].get("node_id") if 0 <= rank < len(self.info) else None
@@ -106,21 +141,21 @@ class DeviceGroup:
                 try:
                     storage.delete(name)
                 except Exception as e:  # a leftover marker is harmless; the reason we are here is not hidden
-                    log.warning("could not delete %s under %s: %s", name, storage.uri, e)
+                    log.warning("could not delete %s under %s: %s", name, storage.shown, e)
         failed = [(r, e) for r, e in zip(ranks, errors) if e is not None]
         if failed:
             r, e = failed[0]
-            raise RunError(f"device {r} on node {self.info[r]['ip']} cannot write to checkpoint.dir {storage.uri!r}: "
+            raise RunError(f"device {r} on node {self.info[r]['ip']} cannot write to checkpoint.dir {storage.shown!r}: "
                            f"{e}. Devices write their own checkpoint shards: give every node access (on clouds, the "
                            f"worker nodes' instance role or service account, not only the head's)")
         if unseen:
             r = unseen[0]
-            raise RunError(f"checkpoint.dir {storage.uri!r} is a local path, and what device {r} on node "
+            raise RunError(f"checkpoint.dir {storage.shown!r} is a local path, and what device {r} on node "
                            f"{self.info[r]['ip']} writes there does not appear on the driver's node: devices write "
                            f"their own checkpoint shards, so on several nodes it must be shared storage mounted at "
                            f"the same path everywhere (NFS, EFS, Filestore) or object storage (checkpoint.dir="
                            f"s3://bucket/prefix, gs://...)")
-        log.info("checkpoint dir %s: written to from %d device(s)%s", storage.uri, len(ranks),
+        log.info("checkpoint dir %s: written to from %d device(s)%s", storage.shown, len(ranks),
                  " on other nodes" if storage.local else "")
 
     def new_actor(self, bundle: int) -> Any:
@@ -136,12 +171,13 @@ class DeviceGroup:
         self.standby.append((actor, bundle, actor.info.remote()))
 
     def form_group(self) -> None:
-        """(Re)form the process group over the current actors; rank 0's node hosts the rendezvous."""
+        """(Re)form the process group over the current actors (after a replacement too: rank 0 may be a new
+        actor); rank 0 binds the rendezvous port on its node's address and keeps it until its store serves it."""
         if self.world == 1:
             return
         c = self.cfg.cluster
-        port = get([self.actors[0].free_port.remote()], c.start_timeout_s, "pick a rendezvous port")[0]
         addr = self.info[0]["ip"]
+        port = get([self.actors[0].open_rendezvous.remote(addr)], c.start_timeout_s, "open the rendezvous")[0]
         get([a.join_group.remote(self.backend, addr, port, rank, self.world, c.collective_timeout_s)
              for rank, a in enumerate(self.actors)], c.start_timeout_s, "form the process group")
 
@@ -158,9 +194,29 @@ class DeviceGroup:
         for rank in ranks:
             self.info[rank] = infos[rank] or get([self.actors[rank].info.remote()], timeout_s, "start a replacement")[0]
 
+    def spares_elsewhere(self, ranks: list[int]) -> set[int]:
+        """The ranks among `ranks` for which a warm standby waits on another node than the rank's own."""
+        nodes = set()
+        for _, _, info_ref in self.standby:
+            try:
+                nodes.add(ray.get(info_ref, timeout=5.0)["node_id"])
+            except Exception:  # a standby that does not answer is no spare
+                continue
+        return {r for r in ranks if nodes - {self.node_of(r)}}
+
     def _replacement(self, rank: int, timeout_s: float) -> tuple[Any, dict[str, Any] | None]:
-        """A warm standby that answers (its bundle becomes the rank's, a new standby takes the old one), else
-        a new actor in the rank's bundle."""
+        """A warm standby that answers, one on another node first (its bundle becomes the rank's, a new standby
+        takes the old one), else a new actor in the rank's bundle."""
+        here = self.node_of(rank)
+        known = {}
+        for actor, bundle, info_ref in self.standby:
+            ready, _ = ray.wait([info_ref], timeout=0)
+            if ready:
+                try:
+                    known[bundle] = ray.get(info_ref)["node_id"]
+                except Exception:
+                    pass
+        self.standby.sort(key=lambda s: known.get(s[1]) == here)  # standbys on other nodes first (stable)
         while self.standby:
             actor, bundle, info_ref = self.standby.pop(0)
             try:
@@ -172,7 +228,10 @@ class DeviceGroup:
                 continue
             old, self.bundle_of[rank] = self.bundle_of[rank], bundle
             self.spawn_standby(old)
+            log.info("device %d: warm standby pid %d takes over (bundle %d); a new standby starts in bundle %d",
+                     rank, info["pid"], bundle, old)
             return actor, info
+        log.info("device %d: no warm standby; a new actor starts in bundle %d", rank, self.bundle_of[rank])
         return self.new_actor(self.bundle_of[rank]), None
 
     def dead_ranks(self) -> list[int]:

@@ -1,96 +1,73 @@
-"""The driver: owns a run's step loop and the services it calls (see DESIGN.md's picture).
+"""The driver: owns a run's step loop and carries out what its services decide (see ARCHITECTURE.md).
 
-start(): load the corpus and find the checkpoint to resume (bad data, an unreachable checkpoint URI
-or an incompatible checkpoint fail here, before any actor) -> the DeviceGroup (placement group, one
-DeviceActor per device and per warm standby, process group) -> each actor builds its shard.
-run():   restore the checkpoint into every device -> for each step: planned faults (Injector), every
-actor's train_step in parallel, collected by the Watch within a learned deadline -> StepReports ->
-incidents (non-finite or spiking values, stragglers) judged by the Healer -> metrics.jsonl and the
-progress display; checkpoints by the policy (snapshot now, written in the background, committed by
-the CheckpointManager once every device reported its files), otherwise an in-memory snapshot every
-`faults.snapshot_every` steps. A failed step goes to the Healer, which replaces what failed,
-rewinds and replays (see healing.py). -> final checkpoint -> validation -> summary.json,
-goodput.json (incidents.jsonl is written as they happen).
-recover(): what the Healer calls: replace devices (DeviceGroup), re-form the group, restore the newest
-state there is (SnapshotStore, else the last committed checkpoint, else the initial state).
-shutdown(): kill the actors and remove the placement group; also after errors, Ctrl-C and SIGTERM
-(the first signal stops after the step in flight, a second one interrupts at once).
+prepare(): the run's id, folder and starting point (timeline.plan_resume: a checkpoint beyond
+train.steps, a setting whose change breaks continuation, a different model fail here, before
+anything starts); then the corpus. start(): the abandoned timeline retired and the run directory
+rewound, the DeviceGroup (placement group, one DeviceActor per device and per warm standby, process
+group), each actor builds its shard.
+run(): restore the checkpoint into every device -> for each step: planned faults (Injector), every
+actor's train_step, collected by the Watch within a learned deadline -> StepReports -> incidents
+judged by the Healer, whose Decisions the driver carries out (replace, rewind, replay) -> metrics
+and alerts -> checkpoints and snapshots (Checkpoints: written in the background, committed when every
+shard is written, whatever later steps do) -> at the end the final checkpoint, healed and retaken
+if a device dies meanwhile -> validation -> summary.json, goodput.json, report.html.
+The driver keeps bounded state: a window of recent records and running totals, never the history.
 """
 from __future__ import annotations
 
 import json
 import logging
-import signal
-import threading
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections import deque
+from dataclasses import asdict, replace
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from orchestrator import signals
+from orchestrator.alerts import AlertEngine, Context
 from orchestrator.balancer import Balancer, Placement, load_stats, placement_from_manifest
-from orchestrator.checkpoint.manager import (CheckpointError, CheckpointManager, CheckpointManifest,
-                                             check_compatible, find_resume)
+from orchestrator.checkpoint.coordinator import Checkpoints
+from orchestrator.checkpoint.manager import CheckpointManifest
+from orchestrator.checkpoint.timeline import ResumePlan, plan_resume, record_run_id, retire
 from orchestrator.config import Config, FaultSpec, to_dict
 from orchestrator.data import load_corpus
-from orchestrator.device import StepReport, autocast_dtype
+from orchestrator.device import StepReport
 from orchestrator.device_group import DeviceGroup, get
 from orchestrator.errors import RunError
 from orchestrator.goodput import Goodput
-from orchestrator.healing import Healer, Incident, Injector, StepFailure, Watch, plan_faults
-from orchestrator.alerts import AlertEngine, Context
-from orchestrator.metrics import MetricsStream, check_sinks, cpu_peak_flops, flops_per_token, gpu_peak_flops
-from orchestrator.monitor import Progress, write_status
-from orchestrator.snapshots import SnapshotStore
+from orchestrator.healing import Decision, Healer, Incident, Injector, StepFailure, Watch, plan_faults
+from orchestrator.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops
+from orchestrator.monitor import Progress, device_status, write_status
+from orchestrator.rundir import append_jsonl, read_jsonl, rewind_logs
 from orchestrator.storage import Storage
+from orchestrator.summary import RunSummary, Totals, history_len
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunSummary:
-    run_dir: str
-    steps_done: int
-    final_loss: float | None
-    val_loss: float | None
-    tokens_per_s: float          # mean over the run's steps after the first (warm-up) one
-    steps_per_s: float
-    wall_time_s: float
-    stopped_by_signal: str | None = None
-    resumed_from_step: int | None = None
-    checkpoints_committed: list[int] = field(default_factory=list)
-    checkpoints_failed: list[int] = field(default_factory=list)
-    checkpoint_bytes: dict[int, int] = field(default_factory=dict)
-    checkpoint_write_s: dict[int, float] = field(default_factory=dict)   # slowest device's background write
-    checkpoint_commit_s: dict[int, float] = field(default_factory=dict)  # snapshot start .. manifest committed
-    restore_s: float | None = None
-    recoveries: int = 0
-    incidents: list[dict[str, Any]] = field(default_factory=list)
-    faults_injected: list[dict[str, Any]] = field(default_factory=list)
-    goodput: dict[str, float] = field(default_factory=dict)
-    monitoring_s: float = 0.0      # spent in the metrics sinks and status.json (the monitoring's own cost)
-
-
 class Driver:
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir, plan: ResumePlan | None = None):
         self.cfg, self.run_dir = cfg, run_dir
         self.world = cfg.cluster.num_devices
         self.devices = DeviceGroup(cfg)
         self.mixed_precision = cfg.train.mixed_precision   # settled in start() from the devices' hardware
         self.stop_signal: str | None = None
-        self.ckpt = CheckpointManager(cfg, cfg.checkpoint.dir or str(run_dir / "checkpoints"))
-        self.resume_from: tuple[Storage, CheckpointManifest] | None = None
+        self.plan = plan
+        self.checkpoints: Checkpoints | None = None
         self.resumed_from_step: int | None = None
         self.restore_s: float | None = None
         self.data_refs: tuple[Any, Any] | None = None
+        self.corpus = None
         self.injector, self.watch, self.healer = Injector(plan_faults(cfg)), Watch(cfg), Healer(cfg)
-        self.healer.on_incident = self._log_incident
         self.goodput = Goodput()
         self.balancer = Balancer(cfg)
-        self.snapshots = SnapshotStore(self.goodput, self._snapshot_failed)
-        self.force_save: set[int] = set()   # steps to checkpoint whatever the policy (checkpoint faults)
-        self.records: list[dict[str, Any]] = []
+        self.history: deque[dict[str, Any]] = deque(maxlen=history_len(cfg))
+        self.totals = Totals()
+        self.totals_at: dict[int, Totals] = {}   # after steps a rewind can go back to
+        self.first = 1
         self.high_water = 0                 # the furthest step ever completed (steps up to it are replays)
         self.metrics: MetricsStream | None = None
         self.progress: Progress | None = None
@@ -103,28 +80,38 @@ class Driver:
         self.val_loss: float | None = None    # the newest validation loss (periodic or final)
 
     # ----------------------------------------------------------------- start
+    def prepare(self) -> ResumePlan:
+        """Where the run starts and whether its data is good; nothing is started or written yet."""
+        if self.checkpoints is None:
+            check_sinks(self.cfg)
+            self.plan = self.plan or plan_resume(self.cfg, self.run_dir)
+            for warning in self.plan.warnings:
+                log.warning("%s", warning)
+            # the schedule's horizon as the devices use it: the checkpoint's on resume (timeline.plan_resume)
+            self.cfg = replace(self.cfg, train=replace(self.cfg.train, lr_horizon=self.plan.lr_horizon))
+            self.checkpoints = Checkpoints(self.cfg, self.plan, self.goodput)
+        return self.plan
+
     def start(self) -> None:
-        cfg, c = self.cfg, self.cfg.cluster
-        check_sinks(cfg)
+        cfg, plan = self.cfg, self.prepare()
         corpus = load_corpus(cfg.data)
         corpus.check_vocab(cfg.model.vocab_size, cfg.data.path)
-        self.ckpt.storage.check()  # an unreachable checkpoint URI fails now, not at the first save
-        if cfg.train.resume:
-            self.resume_from = find_resume(cfg.train.resume, self.ckpt.storage.uri)
-            if self.resume_from is None:
-                log.info("train.resume=latest: no checkpoint under %s yet; starting at step 1", self.ckpt.storage.uri)
-            else:
-                check_compatible(self.resume_from[1], cfg, self.resume_from[0].uri)
-        log.info("data: %s, %d train / %d validation tokens", corpus.description, len(corpus.train), len(corpus.val))
+        ckpt = self.checkpoints
+        ckpt.storage.check()  # an unreachable checkpoint URI fails now, not at the first save
+        record_run_id(self.run_dir, plan.run_id)
+        retire(ckpt.storage, plan.retire, plan.step)
+        rewind_logs(self.run_dir, plan.step)
+        log.info("run %s: checkpoints in %s; data: %s, %d train / %d validation tokens", plan.run_id,
+                 ckpt.storage.shown, corpus.description, len(corpus.train), len(corpus.val))
         self.devices.start()
-        self.mixed_precision = self._settle_mixed_precision()
+        self.mixed_precision = self.devices.settle_mixed_precision()
         ck = cfg.checkpoint
         if ck.every_steps or ck.at_end or ck.on_signal:
-            self.devices.check_storage_reach(self.ckpt.storage)
+            self.devices.check_storage_reach(ckpt.storage)
         self.data_refs = (ray.put(corpus.train), ray.put(corpus.val))
-        self._build(range(self.world), c.start_timeout_s, "build device shards")
+        self._build(range(self.world), cfg.cluster.start_timeout_s, "build device shards")
         nodes = len({i["node_id"] for i in self.device_info})
-        self.peak_flops = self._peak_flops()
+        self.peak_flops = peak_flops(cfg, self.device_info[0].get("gpu_name"), self.mixed_precision)
         spares = cfg.faults.standby
         log.info("devices: %d actors on %d node(s), backend %s%s", self.world, nodes, self.devices.backend,
                  f", {spares} warm standby" if spares else "")
@@ -140,9 +127,6 @@ class Driver:
     def device_info(self) -> list[dict[str, Any]]:
         return self.devices.info
 
-    def node_of(self, rank: int) -> str | None:
-        return self.devices.node_of(rank)
-
     # ------------------------------------------------------------------ loop
     def step(self, step: int) -> list[StepReport]:
         """Run one step on every device; its reports, or StepFailure."""
@@ -150,9 +134,7 @@ class Driver:
         if step in self.skip_steps:
             guard = {**(guard or {}), "skip_batch": True}
         t0 = time.perf_counter()
-        reports = self.watch.collect(self, [a.train_step.remote(step, guard) for a in self.actors], step, t0)
-        self.collect_saves(reports, step)
-        return reports
+        return self.watch.collect(self.devices, [a.train_step.remote(step, guard) for a in self.actors], step, t0)
 
     def _record(self, step: int, reports: list[StepReport], wall: float) -> dict[str, Any]:
         r0 = reports[0]
@@ -169,193 +151,234 @@ class Driver:
             rec["skipped"] = r0.skipped
         return rec
 
+    @property
+    def last_step(self) -> int:
+        return self.history[-1]["step"] if self.history else self.first - 1
+
     def run(self) -> RunSummary:
         cfg = self.cfg
         t_start = time.perf_counter()
+        if self.prepare().complete:
+            log.info("the checkpoint of step %d is at train.steps=%d: the run is complete, nothing to do",
+                     self.plan.step, cfg.train.steps)
+            return RunSummary(str(self.run_dir), 0, None, None, 0.0, 0.0, 0.0, resumed_from_step=self.plan.step,
+                              run_id=self.plan.run_id)
         restore_signals = self._install_signal_handlers()
-        records = self.records
-        val_loss = None
         state = "failed"   # until the run gets to its end
-        progress = metrics = None
+        interrupted = None  # a second SIGINT/SIGTERM (orchestrator/signals.py): end work below, then raised again
         t_loop = None
         try:
             self.start()
-            first = self.restore() + 1
+            self.first = first = self.restore() + 1
             self.high_water = first - 1
-            self.metrics = metrics = MetricsStream(cfg, self.run_dir, first)
+            self.totals_at[first - 1] = self.totals
+            self.metrics = MetricsStream(cfg, self.run_dir, first)
             m = cfg.monitor
             self.alerts = AlertEngine(m.alerts, self.run_dir / "alerts.jsonl", m.webhook_url, m.webhook_timeout_s,
                                       m.webhook_retries)
-            self.balancer.earlier = metrics.kept_records()  # a resumed run's load history, for re-placement plans
-            self.progress = progress = Progress(cfg.train.steps, cfg.run.progress, first_step=first)
+            self.balancer.earlier = self.metrics.log.tail(self.history.maxlen)  # a resumed run's recent loads
+            self.progress = Progress(cfg.train.steps, cfg.run.progress, first_step=first)
             self.snapshot(first - 1)
-            step = first
             t_loop = time.perf_counter()
-            while step <= cfg.train.steps:
-                self.healer.flush()
-                if self.alerts.stop is not None:
-                    a = self.alerts.stop
-                    raise RunError(f"step {a.step}: alert {a.rule} ({a.detail}); stopping (its action is stop)")
-                if self.stop_signal:
-                    progress.message(f"{self.stop_signal}: stopping after step {step - 1}")
-                    break
-                self.injector.before_step(self, step)
-                t0 = time.perf_counter()
-                try:
-                    reports = self.step(step)
-                except StepFailure as failure:
-                    self.goodput.failed_steps += time.perf_counter() - t0
-                    step = self._rewind(self.healer.heal(self, failure), f"healed: {failure}")
-                    continue
-                wall = time.perf_counter() - t0
-                self.watch.observe(wall)
-                incidents = self.watch.inspect(step, reports, self)
-                back = self.healer.judge(self, step, reports, incidents) if incidents else None
-                if back is not None:
-                    self.goodput.rolled_back += wall
-                    step = self._rewind(back, f"step {step} rolled back: {incidents[0].detail}")
-                    continue
-                rec = self._record(step, reports, wall)
-                back = self._alerts(step, rec)
-                if back is not None:
-                    self.goodput.rolled_back += wall
-                    step = self._rewind(back, f"step {step} rolled back by an alert")
-                    continue
-                if step <= self.high_water:
-                    self.goodput.recomputed += wall
-                    self.goodput.steps_recomputed += 1
-                else:
-                    self.goodput.productive += wall
-                    self.high_water = step
-                records.append(rec)
-                if self.balancer.due(step, records):  # before the step's checkpoint, which then holds the new placement
-                    rec["replacement"] = self.replace_experts(step)
-                if self.after_step(step):
-                    rec["checkpoint_saved"] = True
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    self._periodic_eval(rec)
-                metrics.write(rec)
-                progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], rec.get("maxvio"),
-                                rec.get("mfu"), len(self.healer.incidents))
-                self.write_status("running", reports)
-                back = self.healer.replace_stragglers(self, step, incidents) if incidents else None
-                step = self._rewind(back, f"replaced straggler(s) after step {step}") if back is not None else step + 1
+            self._loop(first)
             self.goodput.finish(time.perf_counter() - t_loop)
-            last = records[-1]["step"] if records else first - 1
-            policy = cfg.checkpoint
-            if records and last != self.ckpt.last_saved_step and (policy.on_signal if self.stop_signal else policy.at_end):
-                self.save_checkpoint(last)
-            self.finish_checkpoints()
-            if cfg.train.eval_batches and not self.stop_signal and records:
-                if records[-1].get("val_loss") is not None:  # just scored by the periodic validation
-                    val_loss = records[-1]["val_loss"]
-                else:
-                    val_loss = self.val_loss = self._get([a.evaluate.remote(cfg.train.eval_batches) for a in self.actors],
-                                                         cfg.cluster.step_timeout_s, "evaluate")[0]
-                    metrics.validation(records[-1]["step"], val_loss)
+            self._final_validation()
             state = "stopped" if self.stop_signal else "finished"
+        except KeyboardInterrupt as e:  # Ray's blocking calls turn Interrupted into a plain KeyboardInterrupt
+            interrupted, state = signals.interrupted(e), "interrupted"
         finally:
-            self.healer.flush()
+            self._publish_incidents()
             try:
                 self.write_status(state)
             except Exception as e:  # a full disk must not hide the run's own error or leave actors behind
                 log.warning("could not write status.json: %s", e)
-            for closable in (progress, metrics):
+            for closable in (self.progress, self.metrics):
                 if closable is not None:
                     closable.close()
             restore_signals()
             self.shutdown()
             if self.alerts is not None:
                 self.alerts.close()  # webhooks still being posted: after the devices are released
-        timed = records[1:] or records
-        step_time = sum(r["step_time_s"] for r in timed) / max(1, len(timed))
-        self.goodput.steps_done = len(records)
+        summary = self._summarize(time.perf_counter() - t_start, interrupted)
+        if interrupted is not None:
+            raise interrupted
+        return summary
+
+    def _loop(self, step: int) -> None:
+        cfg = self.cfg
+        while True:
+            self._publish_incidents()
+            if self.alerts.stop is not None:
+                a = self.alerts.stop
+                raise RunError(f"step {a.step}: alert {a.rule} ({a.detail}); stopping (its action is stop)")
+            if step > cfg.train.steps or self.stop_signal:
+                if self.stop_signal:
+                    self.progress.message(f"{self.stop_signal}: stopping after step {self.last_step}")
+                back = self._finish_checkpoints()
+                if back is None:
+                    return
+                step = back
+                continue
+            for fault in self.injector.due(step):
+                self.inject(fault, step)
+            t0 = time.perf_counter()
+            try:
+                reports = self.step(step)
+            except StepFailure as failure:
+                self.goodput.failed_steps += time.perf_counter() - t0
+                step = self._carry_out(self.healer.failed_step(failure), f"healed: {failure}")
+                continue
+            wall = time.perf_counter() - t0
+            self.watch.observe(wall)
+            incidents = self.watch.inspect(step, reports, self.devices)
+            decision = self.healer.completed_step(step, reports, incidents) if incidents else None
+            if decision is not None:
+                self.goodput.rolled_back += wall
+                step = self._carry_out(decision, f"step {step} rolled back: {incidents[0].detail}")
+                continue
+            rec = self._record(step, reports, wall)
+            decision = self._alerts(step, rec)
+            if decision is not None:
+                self.goodput.rolled_back += wall
+                step = self._carry_out(decision, f"step {step} rolled back by an alert")
+                continue
+            self._keep(step, rec, wall)
+            if self.balancer.due(step, list(self.history)):  # before the step's checkpoint: it holds the new placement
+                rec["replacement"] = self.replace_experts(step)
+            if self.after_step(step):
+                rec["checkpoint_saved"] = True
+            self._poll_checkpoints(step)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                self._periodic_eval(rec)
+            self.metrics.write(rec)
+            self.progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], rec.get("maxvio"),
+                                 rec.get("mfu"), len(self.healer.incidents))
+            self.write_status("running", reports)
+            slow = [i for i in incidents if i.kind == "slow"]
+            decision = self.healer.stragglers(step, slow, self.devices.spares_elsewhere([i.rank for i in slow])) \
+                if slow else None
+            step = self._carry_out(decision, f"replaced straggler(s) after step {step}") if decision else step + 1
+
+    def _keep(self, step: int, rec: dict[str, Any], wall: float) -> None:
+        """A step kept: its record into the window and the totals; bookkeeping no rewind can need is forgotten."""
+        if step <= self.high_water:
+            self.goodput.recomputed += wall
+            self.goodput.steps_recomputed += 1
+        else:
+            self.goodput.productive += wall
+            self.high_water = step
+        self.history.append(rec)
+        self.totals = self.totals_at[step] = self.totals.add(rec)
+        # A rewind goes back to an in-memory snapshot; rarely (snapshots lost with their node) to the newest
+        # committed checkpoint, whose totals are then read back from metrics.jsonl (_totals_from_log).
+        floor = min([s.step for s in self.checkpoints.snapshots.items] + [step])
+        oldest = min(floor, max(self.checkpoints.committed_steps, default=self.first - 1))
+        self.totals_at = {s: t for s, t in self.totals_at.items() if s >= floor or s == self.first - 1}
+        self.alerts.forget(floor, {self.first - 1}, oldest)
+
+    def _final_validation(self) -> None:
+        cfg = self.cfg
+        if not cfg.train.eval_batches or self.stop_signal or not self.history:
+            return
+        last = self.history[-1]
+        if last.get("val_loss") is not None:  # just scored by the periodic validation
+            self.val_loss = last["val_loss"]
+            return
+        self.val_loss = self._get([a.evaluate.remote(cfg.train.eval_batches) for a in self.actors],
+                                  cfg.cluster.step_timeout_s, "evaluate")[0]
+        self.metrics.validation(last["step"], self.val_loss)
+
+    def _summarize(self, wall_s: float, interrupted=None) -> RunSummary:
+        cfg, ck, t = self.cfg, self.checkpoints, self.totals
+        last = self.history[-1] if self.history else None
+        step_time = t.mean_step_time_s
+        self.goodput.steps_done = t.steps
         summary = RunSummary(
-            run_dir=str(self.run_dir), steps_done=len(records),
-            final_loss=records[-1]["loss"] if records else None, val_loss=val_loss,
-            tokens_per_s=(cfg.train.global_batch_size * cfg.data.seq_len) / step_time if records else 0.0,
-            steps_per_s=1.0 / step_time if records else 0.0, wall_time_s=time.perf_counter() - t_start,
+            run_dir=str(self.run_dir), steps_done=t.steps, final_loss=last["loss"] if last else None,
+            val_loss=self.val_loss if last else None,
+            tokens_per_s=(cfg.train.global_batch_size * cfg.data.seq_len) / step_time if t.steps else 0.0,
+            steps_per_s=1.0 / step_time if t.steps else 0.0, wall_time_s=wall_s,
             stopped_by_signal=self.stop_signal, resumed_from_step=self.resumed_from_step,
-            checkpoints_committed=list(self.ckpt.committed_steps), checkpoints_failed=list(self.ckpt.failed_steps),
-            checkpoint_bytes=self.ckpt.bytes_saved, checkpoint_write_s=self.ckpt.write_seconds,
-            checkpoint_commit_s=self.ckpt.commit_seconds, restore_s=self.restore_s,
+            checkpoints_committed=list(ck.committed_steps), checkpoints_failed=list(ck.failed_steps),
+            checkpoint_bytes=ck.bytes_saved, checkpoint_write_s=ck.write_seconds,
+            checkpoint_commit_s=ck.commit_seconds, restore_s=self.restore_s,
             recoveries=self.healer.recoveries, incidents=self.healer.report(), faults_injected=self.injector.fired,
-            goodput=self.goodput.to_dict(),
+            goodput=self.goodput.to_dict(), run_id=ck.run_id,
             monitoring_s=self.status_s + (self.metrics.seconds if self.metrics else 0.0))
         (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         (self.run_dir / "goodput.json").write_text(json.dumps(self.goodput.to_dict(), indent=2) + "\n")
-        if cfg.monitor.report and records:
+        if cfg.monitor.report and t.steps:
             try:
                 from orchestrator.report import write_report
 
                 log.info("run report: %s", write_report(self.run_dir))
             except Exception as e:  # the run's results are written; a report that fails must not fail the run
                 log.warning("could not write the run report: %s", e)
+                if interrupted is not None:
+                    interrupted.not_written["report.html"] = str(e)
+            except KeyboardInterrupt as e:  # a second signal while it was being written
+                interrupted = signals.interrupted(e)
+                interrupted.not_written["report.html"] = "interrupted while it was being written"
+                raise interrupted
+        elif cfg.monitor.report and interrupted is not None:
+            interrupted.not_written["report.html"] = "no step had finished"
         return summary
+
+    # ------------------------------------------------------------- decisions
+    def _carry_out(self, d: Decision, message: str) -> int:
+        """Carry out a Healer's decision: recover (retried with exponential backoff), rewind; the next step."""
+        f = self.cfg.faults
+        if d.skip is not None:
+            self.skip_steps.add(d.skip)
+        if d.wait_snapshot:  # of the step just kept, by the devices being replaced too: nothing is recomputed
+            self.checkpoints.snapshots.wait_newest(f.recovery_timeout_s)
+        replace, reform, t0 = list(d.replace), d.reform, time.perf_counter()
+
+        def attempt() -> tuple[int, str]:
+            nonlocal replace, reform
+            try:
+                return self.recover(replace, reform, f.recovery_timeout_s)
+            except (RunError, RayActorError):
+                replace, reform = sorted(set(replace) | set(self.devices.dead_ranks())), True
+                raise
+
+        def backoff(seconds: float) -> None:
+            self.goodput.backoff += seconds
+            time.sleep(seconds)
+
+        retrying = Retrying(stop=stop_after_attempt(f.recovery_attempts), reraise=True, sleep=backoff,
+                            wait=wait_exponential(multiplier=f.retry_backoff_s, min=f.retry_backoff_s),
+                            retry=retry_if_exception_type((RunError, RayActorError)),
+                            before_sleep=lambda s: log.warning("recovery attempt %d failed (%s); retrying",
+                                                               s.attempt_number, s.outcome.exception()))
+        try:
+            step, source = retrying(attempt)
+        except (RunError, RayActorError) as e:
+            raise self.healer.recovery_failed(f.recovery_attempts, e) from e
+        self.healer.recovered(d, step, source, time.perf_counter() - t0)
+        return self._rewind(step, message)
 
     def _rewind(self, back: int, message: str) -> int:
         """Continue after step `back`: its later records go (replayed steps are recorded once, when they complete)."""
-        self.records[:] = [r for r in self.records if r["step"] <= back]
+        while self.history and self.history[-1]["step"] > back:
+            self.history.pop()
+        self.totals = self.totals_at.get(back) or self._totals_from_log(back)
         self.metrics.truncate(back)
-        if self.alerts is not None:
-            self.alerts.rewind(back)
+        self.alerts.rewind(back)
         self.progress.message(f"{message}; continuing from step {back + 1}")
         return back + 1
 
-    def after_step(self, step: int) -> bool:
-        """Checkpoint by the policy (or a retry, or a checkpoint fault), else an in-memory snapshot on its
-        cadence. True when a checkpoint save started."""
-        retry = self.healer.checkpoint_retry_at
-        wanted = self.ckpt.due(step) or step in self.force_save or (retry is not None and step >= retry)
-        if wanted and step not in self.ckpt.committed_steps:
-            self.force_save.discard(step)
-            self.healer.checkpoint_retry_at = None
-            self.save_checkpoint(step)
-            return True
-        every = self.cfg.faults.snapshot_every
-        taken = self.snapshots.items and self.snapshots.items[-1].step == step  # by a re-placement just now
-        if every and step % every == 0 and not taken:
-            self.snapshot(step)
-        return False
+    def _totals_from_log(self, back: int) -> Totals:
+        totals = Totals()
+        for rec in read_jsonl(self.run_dir / "metrics.jsonl"):
+            if self.first <= rec.get("step", 0) <= back:
+                totals = totals.add(rec)
+        return totals
 
-    # ------------------------------------------------------------- faults
-    def inject(self, fault: FaultSpec, step: int) -> None:
-        """Make a planned fault happen (see DeviceActor.inject for what each kind does on the device)."""
-        actor = self.actors[fault.rank]
-        if fault.kind in ("kill", "node"):
-            # The fault strikes in its step: after the snapshot of the step before. (A kill landing while a
-            # snapshot's reply is still on its way loses that snapshot: recovery then goes back one step more.)
-            self.wait_for_snapshot()
-        if fault.kind == "checkpoint":  # the checkpoint after this step is taken, and one shard write of it fails
-            actor.fail_next_save.remote("fail")
-            self.force_save.add(step)
-        elif fault.kind == "node":
-            node = self.node_of(fault.rank)
-            if node == ray.get_runtime_context().get_node_id():
-                # Killing the raylet of the driver's own node ends the run; kill every device actor there instead.
-                log.warning("node fault on device %d: its node runs the driver too; killing every device actor "
-                            "on it instead of the node", fault.rank)
-                for rank in range(self.world):
-                    if self.node_of(rank) == node:
-                        self.actors[rank].inject.remote("kill")
-            else:
-                actor.inject.remote("node")
-        else:
-            actor.inject.remote(fault.kind, fault.steps, fault.delay_s, fault.in_collective)
-
-    def _log_incident(self, incident: Incident) -> None:
-        with open(self.run_dir / "incidents.jsonl", "a") as f:
-            f.write(json.dumps(asdict(incident), separators=(",", ":")) + "\n")
-        if self.metrics is not None:
-            self.metrics.incident(asdict(incident))
-        if self.alerts is not None:
-            self.alerts.incident(asdict(incident))
-
-    def _alerts(self, step: int, rec: dict[str, Any]) -> int | None:
-        """Check the alert rules on this step's record; the step to replay after when one's action rewinds."""
-        if self.alerts is None:
-            return None
-        fired = self.alerts.evaluate(rec, self.records, Context(self.healer.recovery_steps, self.last_checkpoint(step)))
+    def _alerts(self, step: int, rec: dict[str, Any]) -> Decision | None:
+        """Check the alert rules on this step's record; a Decision when one's action rewinds."""
+        fired = self.alerts.evaluate(rec, list(self.history),
+                                     Context(self.healer.recovery_steps, self.checkpoints.last_checkpoint(step)))
         if fired:
             rec["alerts"] = [a.rule for a in fired]
         acting = [a for a in fired if a.action in ("rollback", "skip", "stop")]
@@ -364,97 +387,79 @@ class Driver:
         if not acting:
             return None
         action = next(x for x in ("stop", "skip", "rollback") if any(a.action == x for a in acting))
-        rules = "+".join(a.rule for a in acting)
-        return self.healer.alert(self, step, rules, action, "; ".join(a.detail for a in acting))
+        return self.healer.alert(step, "+".join(a.rule for a in acting), action, "; ".join(a.detail for a in acting))
 
-    def last_checkpoint(self, step: int) -> int | None:
-        """The newest committed checkpoint at or before `step` (this run's, or the one it resumed from)."""
-        known = [s for s in self.ckpt.committed_steps + [self.resumed_from_step or 0] if 0 < s <= step]
-        return max(known) if known else None
-
-    # ------------------------------------------------------------- watching
-    def _peak_flops(self) -> float | None:
-        """Peak FLOP/s of one device: monitor.peak_tflops, else a known GPU's, else measured on this CPU."""
-        cfg = self.cfg
-        if cfg.monitor.peak_tflops:
-            return cfg.monitor.peak_tflops * 1e12
-        if cfg.cluster.use_gpu:
-            name = self.device_info[0].get("gpu_name") or ""
-            peak = gpu_peak_flops(name, "bfloat16" if self.mixed_precision == "bf16" else cfg.train.dtype)
-            if peak is None:
-                log.warning("MFU: peak FLOP/s of GPU %r unknown; set monitor.peak_tflops", name)
-            return peak
-        c = cfg.cluster
-        return cpu_peak_flops(c.torch_threads or max(1, int(c.cpus_per_device)))
-
-    def _periodic_eval(self, rec: dict[str, Any]) -> None:
-        """Validation loss after this step (into its record). A device failing here is left to the next step's
-        watch and healer; the run goes on without this value."""
-        try:
-            self.val_loss = rec["val_loss"] = self._get(
-                [a.evaluate.remote(self.cfg.train.eval_batches) for a in self.actors],
-                self.cfg.cluster.step_timeout_s, "evaluate")[0]
-        except Exception as e:
-            log.warning("validation after step %d failed (%s); the next step will find out why", rec["step"], e)
-
-    def write_status(self, state: str, reports: list[StepReport] | None = None) -> None:
-        """status.json: the run and each device's health now (rewritten every step; read it while the job runs)."""
-        t0 = time.perf_counter()
-        last = self.records[-1] if self.records else {}
-        self.last_reports = reports or self.last_reports
-        by_rank = {r.rank: r for r in self.last_reports}
-        devices = []
-        for rank, info in enumerate(self.device_info):
-            r = by_rank.get(rank)
-            devices.append({"rank": rank, "pid": info.get("pid"), "node_id": info.get("node_id"), "ip": info.get("ip"),
-                            "gpu": info.get("gpu_name"), "restarts": self.devices.restarts[rank],
-                            "step_time_s": r.compute_time_s if r else None, "collective_s": r.collective_s if r else None,
-                            "rss_mb": r.rss_bytes / 2**20 if r else None,
-                            "device_mem_mb": r.device_mem_bytes / 2**20 if r else None})
-        step = last.get("step", 0)
-        checkpoint = self.last_checkpoint(step)
-        ema = self.progress.step_time_ema if self.progress else None
-        eta = (ema or 0) * (self.cfg.train.steps - step) if state == "running" else 0
-        write_status(self.run_dir / "status.json", {
-            "state": state, "step": step, "steps": self.cfg.train.steps, "updated": time.time(),
-            "loss": last.get("loss"), "val_loss": self.val_loss, "tokens_per_s": last.get("tokens_per_s"),
-            "mfu": last.get("mfu"), "maxvio": last.get("maxvio"), "eta_s": eta,
-            "incidents": len(self.healer.incidents), "recoveries": self.healer.recoveries,
-            "last_checkpoint_step": checkpoint,
-            "checkpoint_age_steps": step - checkpoint if checkpoint is not None else None,
-            "devices": devices})
-        self.status_s += time.perf_counter() - t0
+    def _publish_incidents(self) -> None:
+        for incident in self.healer.take_new():
+            append_jsonl(self.run_dir / "incidents.jsonl", asdict(incident))
+            if self.metrics is not None:
+                self.metrics.incident(asdict(incident))
+            if self.alerts is not None:
+                self.alerts.incident(asdict(incident))
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int) -> None:
-        """Every device snapshots the state after `step` and writes its shard in the background.
-
-        The snapshots come back as object refs owned by this driver: the in-memory copy recovery can
-        restore from. The checkpoint is committed once every device reported its files written.
-        """
-        uri = self.ckpt.uri_for(step)
-        self.ckpt.started_save(step)
-        self.snapshots.keep(step, [a.save.options(num_returns=2).remote(step, uri, self.cfg.checkpoint.async_save)
-                                   for a in self.actors], "checkpoint", self.balancer.placement)
+        """Every device snapshots the state after `step` and writes its shard in the background."""
+        self.checkpoints.save(step, self.actors, self.balancer.placement)
 
     def snapshot(self, step: int, always: bool = False) -> None:
-        """In-memory snapshot of every device after `step` (object refs owned by this driver); unless `always`,
-        only when healing is on."""
+        """In-memory snapshot of every device after `step`; unless `always`, only when healing is on."""
         if always or self.cfg.faults.snapshot_every:
-            self.snapshots.keep(step, [a.snapshot.options(num_returns=2).remote(step) for a in self.actors],
-                                placement=self.balancer.placement)
+            self.checkpoints.snapshot(step, self.actors, self.balancer.placement)
 
     @property
     def snapshot_refs(self) -> list[Any]:
-        return self.snapshots.newest_refs
+        return self.checkpoints.snapshots.newest_refs
 
-    def wait_for_snapshot(self) -> None:
-        self.snapshots.wait_newest(self.cfg.faults.recovery_timeout_s)
+    def after_step(self, step: int) -> bool:
+        """Checkpoint by the policy (or a retry, or a checkpoint fault), else an in-memory snapshot on its
+        cadence. True when a checkpoint save started."""
+        if self.checkpoints.wanted(step, self.healer.checkpoint_retry_at):
+            self.healer.checkpoint_retry_at = None
+            self.save_checkpoint(step)
+            return True
+        every = self.cfg.faults.snapshot_every
+        items = self.checkpoints.snapshots.items
+        if every and step % every == 0 and not (items and items[-1].step == step):  # (a re-placement took one)
+            self.snapshot(step)
+        return False
 
-    def _snapshot_failed(self, step: int, detail: str) -> None:
-        if step in self.ckpt.pending:
-            self.ckpt.failed(step, detail)
-            self.healer.checkpoint_failed(step, detail, step)
+    def _poll_checkpoints(self, now: int, timeout_s: float = 0.0) -> list:
+        committed, failed = self.checkpoints.poll(self.actors, timeout_s)
+        return self._checkpoint_outcomes(committed, failed, now)
+
+    def _checkpoint_outcomes(self, committed: list[int], failed: list, now: int) -> list:
+        if committed:
+            self.healer.checkpoint_committed()
+        for f in failed:
+            self.healer.checkpoint_failed(f.step, f.detail, now, f.ranks)
+        return failed
+
+    def finish_checkpoints(self) -> list:
+        """Wait for the writes in flight and commit what they complete; the checkpoints that failed."""
+        committed, failed = self.checkpoints.finish(self.actors, self.cfg.cluster.step_timeout_s)
+        return self._checkpoint_outcomes(committed, failed, self.last_step)
+
+    def _finish_checkpoints(self) -> int | None:
+        """The run's last checkpoint (at its end, or on a stop signal), settled with every write in flight. A final
+        checkpoint that fails is taken again (the devices still hold that state); if a device died, the group is
+        healed first and the steps since the newest state it kept are replayed: the step to go on at, else None."""
+        last, ck = self.last_step, self.cfg.checkpoint
+        wanted = (ck.on_signal if self.stop_signal else ck.at_end) and last >= self.first
+        if wanted and last not in self.checkpoints.committed_steps and last not in self.checkpoints.pending:
+            self.save_checkpoint(last)
+        while True:
+            failed = [f for f in self.finish_checkpoints() if f.step == last]  # (healer: incident, retries left?)
+            if not wanted or not failed:
+                return None
+            dead = self.devices.dead_ranks()
+            if dead:
+                now = time.time()
+                incidents = [Incident(last, "dead", r, self.devices.node_of(r), now,
+                                      "died while the final checkpoint was taken") for r in dead]
+                return self._carry_out(self.healer.failed_step(StepFailure(last, incidents, time.perf_counter())),
+                                       "healed during the final checkpoint")
+            self.save_checkpoint(last)
 
     # -------------------------------------------------------------- recovery
     def dead_ranks(self) -> list[int]:
@@ -485,71 +490,38 @@ class Driver:
         return step, source
 
     def _restore_state(self, timeout_s: float) -> tuple[int, str]:
-        snap = self.snapshots.restore(self.actors, timeout_s, replacing=self.balancer.enabled)
+        snap = self.checkpoints.snapshots.restore(self.actors, timeout_s, replacing=self.balancer.enabled)
         if snap is not None:
             self.balancer.placement = snap.placement  # the placement of that step: a replay re-plans as before
-            moved = next((r.get("replacement") for r in self.records if r["step"] == snap.step), None)
+            moved = next((r.get("replacement") for r in self.history if r["step"] == snap.step), None)
             if moved and moved["placement"] != snap.placement:
                 # the snapshot taken just after this step's re-placement was lost: make the same move again
                 self._move_experts(snap.step, moved["placement"])
             return snap.step, "snapshot"
-        for step in sorted(self.ckpt.committed_steps, reverse=True):
-            try:
-                storage, manifest = find_resume(self.ckpt.uri_for(step), self.ckpt.storage.uri) or (None, None)
-            except CheckpointError as e:  # deleted by retention meanwhile, or damaged: an older one
-                log.warning("checkpoint of step %d cannot be restored (%s)", step, e)
-                continue
+        for step, storage, manifest in self.checkpoints.committed_newest_first():
             self._load(storage, manifest, timeout_s)
+            self.checkpoints.restored_checkpoint(step)
             self.snapshot(step)
             return step, "checkpoint"
-        log.warning("no snapshot or checkpoint of this run to restore; going back to the initial state")
+        log.warning("no snapshot or checkpoint of this run to restore; going back to the state it started from")
         self.balancer.reset()
         self._build(range(self.world), timeout_s, "rebuild the initial shards")
         step = self.restore()
         self.snapshot(step)
         return step, "initial"
 
-    def collect_saves(self, reports: list[StepReport], step: int) -> None:
-        before = len(self.ckpt.failed_steps)
-        committed = self.ckpt.add_results([s for r in reports for s in r.saves], self.world)
-        if committed:
-            self.healer.checkpoint_committed()
-        for failed in self.ckpt.failed_steps[before:]:
-            self._checkpoint_failed(failed, step)
-
-    def _checkpoint_failed(self, failed: int, now: int) -> None:
-        self.healer.checkpoint_failed(failed, self.ckpt.failure_detail.get(failed, ""), now,
-                                      self.ckpt.failure_ranks.get(failed, []))
-
-    def finish_checkpoints(self) -> None:
-        """Wait for the writes in flight and commit what they complete; a final checkpoint that failed is
-        taken again (the devices still hold that state), up to faults.checkpoint_retries times."""
-        for _ in range(self.cfg.faults.checkpoint_retries + 1):
-            if not self.ckpt.pending:
-                return
-            done = self._get([a.wait_saves.remote(self.cfg.cluster.step_timeout_s) for a in self.actors],
-                             self.cfg.cluster.step_timeout_s + 30, "finish writing checkpoints")
-            last = self.records[-1]["step"] if self.records else None
-            before = len(self.ckpt.failed_steps)
-            self.ckpt.add_results([s for part in done for s in part], self.world)
-            failed = self.ckpt.failed_steps[before:]
-            if last is None or last not in failed:
-                return
-            self._checkpoint_failed(last, last)
-            self.save_checkpoint(last)
-
     def restore(self) -> int:
-        """Load the checkpoint chosen at start (if any) into every device; the last completed step."""
-        if self.resume_from is None:
+        """Load the checkpoint the run resumes from (if any) into every device; the last completed step."""
+        plan = self.prepare()
+        if plan.manifest is None:
             return 0
-        storage, manifest = self.resume_from
         t0 = time.perf_counter()
-        self._load(storage, manifest, self.cfg.cluster.start_timeout_s)
-        self.resumed_from_step = manifest.step
+        self._load(plan.storage, plan.manifest, self.cfg.cluster.start_timeout_s)
+        self.resumed_from_step = plan.step
         self.restore_s = time.perf_counter() - t0
-        log.info("resumed from %s (step %d, saved by %d devices, now %d) in %.2fs", storage.uri, manifest.step,
-                 manifest.world_size, self.world, self.restore_s)
-        return manifest.step
+        log.info("resumed from %s (step %d, saved by %d devices, now %d) in %.2fs", plan.storage.shown, plan.step,
+                 plan.manifest.world_size, self.world, self.restore_s)
+        return plan.step
 
     def _load(self, storage: Storage, manifest: CheckpointManifest, timeout_s: float) -> None:
         """Every device loads its part of a checkpoint; with re-placement or replicas on, in the placement it was
@@ -559,19 +531,20 @@ class Driver:
             placement = (placement_from_manifest(manifest.expert_files, self.world, self.balancer.slots,
                                                  manifest.placement) or self.balancer.initial())
         self._get([a.load.remote(storage.uri, asdict(manifest), placement) for a in self.actors], timeout_s,
-                  f"load checkpoint {storage.uri}")
+                  f"load checkpoint {storage.shown}")
         self.balancer.placement = placement
 
     def replace_experts(self, step: int) -> dict[str, Any] | None:
         """Live expert re-placement between two steps: plan; if worth it, every device adopts the new placement and
         takes the experts it now holds (weights and AdamW moments) from the snapshot of this step, which every
         device has just taken; then a snapshot in the new placement. Nothing restarts, the math is unchanged."""
-        plan = self.balancer.plan(self.records)
+        plan = self.balancer.plan(list(self.history))
         if plan is None:
             return None
         new, before, after = plan
         t0 = time.perf_counter()
-        if not self.snapshots.items or self.snapshots.items[-1].step != step:
+        items = self.checkpoints.snapshots.items
+        if not items or items[-1].step != step:
             self.snapshot(step, always=True)
         self._move_experts(step, new)
         seconds = time.perf_counter() - t0
@@ -583,7 +556,7 @@ class Driver:
     def _move_experts(self, step: int, new: Placement) -> None:
         """Every device adopts `new` and takes its experts from the newest snapshot (of `step`); then a snapshot in
         the new placement."""
-        refs = self.snapshots.newest_refs
+        refs = self.checkpoints.snapshots.newest_refs
         self._get([a.restore_snapshots.remote(*refs, placement=new) for a in self.actors],
                   self.cfg.cluster.step_timeout_s, f"move experts to their new devices after step {step}")
         self.balancer.placement = new
@@ -600,22 +573,48 @@ class Driver:
     def shutdown(self) -> None:
         self.devices.shutdown()
 
-    # ------------------------------------------------------------- helpers
-    def _settle_mixed_precision(self) -> str:
-        """train.mixed_precision as every device will run it ('bf16' or 'none'): the same on all devices (the
-        combine all_to_all carries the autocast dtype), bf16 only where every device has it in hardware."""
-        cfg = self.cfg
-        kind = "cuda" if cfg.cluster.use_gpu else "cpu"
-        casts = {autocast_dtype(cfg.train.mixed_precision, cfg.train.dtype, kind, bool(i.get("bf16")))
-                 for i in self.device_info}
-        if len(casts) > 1:
-            log.warning("train.mixed_precision=%s: some devices have bf16 in hardware and some not; all run "
-                        "without autocast", cfg.train.mixed_precision)
-        settled = "none" if None in casts else "bf16"   # each device's cast is bf16 or None
-        if cfg.train.mixed_precision == "bf16" and settled == "none":
-            log.warning("train.mixed_precision=bf16, but a device's GPU has no bf16 in hardware: running float32")
-        return settled
+    # ------------------------------------------------------------- faults
+    def inject(self, fault: FaultSpec, step: int) -> None:
+        """Make a planned fault happen (DeviceGroup.inject; DeviceActor.inject says what each kind does)."""
+        if fault.kind in ("kill", "node"):
+            # The fault strikes in its step: after the snapshot of the step before. (A kill landing while a
+            # snapshot's reply is still on its way loses that snapshot: recovery then goes back one step more.)
+            self.checkpoints.snapshots.wait_newest(self.cfg.faults.recovery_timeout_s)
+        if fault.kind == "checkpoint":  # the checkpoint after this step is taken, and one shard write of it fails
+            self.checkpoints.force.add(step)
+        self.devices.inject(fault)
 
+    # ------------------------------------------------------------- watching
+    def _periodic_eval(self, rec: dict[str, Any]) -> None:
+        """Validation loss after this step (into its record). A device failing here is left to the next step's
+        watch and healer; the run goes on without this value."""
+        try:
+            self.val_loss = rec["val_loss"] = self._get(
+                [a.evaluate.remote(self.cfg.train.eval_batches) for a in self.actors],
+                self.cfg.cluster.step_timeout_s, "evaluate")[0]
+        except Exception as e:
+            log.warning("validation after step %d failed (%s); the next step will find out why", rec["step"], e)
+
+    def write_status(self, state: str, reports: list[StepReport] | None = None) -> None:
+        """status.json: the run and each device's health now (rewritten every step; read it while the job runs)."""
+        t0 = time.perf_counter()
+        last = self.history[-1] if self.history else {}
+        self.last_reports = reports or self.last_reports
+        step = last.get("step", 0)
+        checkpoint = self.checkpoints.last_checkpoint(step) if self.checkpoints else None
+        ema = self.progress.step_time_ema if self.progress else None
+        eta = (ema or 0) * (self.cfg.train.steps - step) if state == "running" else 0
+        write_status(self.run_dir / "status.json", {
+            "state": state, "step": step, "steps": self.cfg.train.steps, "updated": time.time(),
+            "loss": last.get("loss"), "val_loss": self.val_loss, "tokens_per_s": last.get("tokens_per_s"),
+            "mfu": last.get("mfu"), "maxvio": last.get("maxvio"), "eta_s": eta,
+            "incidents": len(self.healer.incidents), "recoveries": self.healer.recoveries,
+            "last_checkpoint_step": checkpoint,
+            "checkpoint_age_steps": step - checkpoint if checkpoint is not None else None,
+            "devices": device_status(self.device_info, self.devices.restarts, self.last_reports)})
+        self.status_s += time.perf_counter() - t0
+
+    # ------------------------------------------------------------- helpers
     def _build(self, ranks, timeout_s: float, what: str) -> None:
         """The devices of `ranks` build their shards (initial state: init keyed by seed, rank and expert id)."""
         assert self.data_refs is not None
@@ -627,18 +626,8 @@ class Driver:
         return get(refs, timeout_s, what)
 
     def _install_signal_handlers(self):
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def handler(signum, frame):
-            self.stop_signal = signal.Signals(signum).name
-            signal.signal(signum, previous[signum])  # a second signal acts at once
-
-        for s in previous:
-            signal.signal(s, handler)
-
-        def restore():
-            for s, h in previous.items():
-                signal.signal(s, h)
-        return restore
+        """The first SIGINT/SIGTERM sets stop_signal (stop after the step in flight); a second raises Interrupted
+        (see signals.py). Returns the function that undoes this."""
+        def stop(name: str) -> None:
+            self.stop_signal = name
+        return signals.on_stop(stop)

@@ -1,5 +1,33 @@
 """Errors the entry points turn into exit codes; importing this module costs nothing."""
+from __future__ import annotations
+
+import signal
 
 
 class RunError(RuntimeError):
     """A run could not start or go on; the message says what failed, where, and what to do."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that stops a run at once: the second SIGINT/SIGTERM (the first one stops after the step in flight),
+    or the first one where no step loop is listening (see signals.py). The `finally` work still happens (devices
+    released, status.json `interrupted`, summary.json and the report); the job exits 128 + the first signal.
+
+    A KeyboardInterrupt because Ray's blocking calls (ray.get, ray.wait) give way to that and nothing else, and
+    then re-raise a plain KeyboardInterrupt: `signals.interrupted(e)` finds this one again. Not an Exception, so
+    `except Exception` recovery code does not swallow it."""
+
+    def __init__(self, signum: int, first: int | None = None):
+        self.signum = signum
+        self.first = first if first is not None else signum  # the signal that asked to stop first
+        self.second = first is not None                      # a second signal (the first asked for a graceful stop)
+        self.not_written: dict[str, str] = {}  # end-of-run file -> why the interrupted run did not write it
+        super().__init__(self.describe())
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.first
+
+    def describe(self) -> str:
+        first, now = signal.Signals(self.first).name, signal.Signals(self.signum).name
+        return f"{first}, then {now}" if self.second else now

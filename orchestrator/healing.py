@@ -9,13 +9,14 @@ once, so their peers' collectives fail fast instead of waiting for the collectiv
 that complete are inspected too: non-finite or spiking loss and gradient norm, and stragglers (a
 device whose own work, outside collectives, is several times the others').
 
-The Healer decides what each incident costs: replace only the failed devices (survivors keep their
-processes and memory), re-form the process group, put every device back to the newest in-memory
-snapshot (owned by the driver in the object store, so it outlives the device that took it; the
-last committed checkpoint when the snapshot is gone, e.g. with its node), and replay. Steps are
-pure functions of (state, step), so the replay computes what the lost steps would have computed:
-the run ends bit-identical to a fault-free one. Recoveries are bounded (a budget per run, a limit on
-the same step failing again, retries with backoff): a restart loop is worse than a stop.
+The Healer is a policy: it decides what each incident costs and returns a Decision the driver
+carries out: replace only the failed devices (survivors keep their processes and memory), re-form
+the process group, put every device back to the newest in-memory snapshot (owned by the driver in
+the object store, so it outlives the device that took it; the last committed checkpoint when the
+snapshot is gone, e.g. with its node), and replay. Steps are pure functions of (state, step), so
+the replay computes what the lost steps would have computed: the run ends bit-identical to a
+fault-free one. Recoveries are bounded (a budget per time window, a limit on the same step failing
+again, retries with backoff): a restart loop is worse than a stop.
 """
 from __future__ import annotations
 
@@ -24,18 +25,19 @@ import random
 import statistics
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from orchestrator.config import Config, FaultSpec
+from orchestrator.detectors import against_others, own_work, recent_median
 from orchestrator.errors import RunError
 
 if TYPE_CHECKING:
     from orchestrator.device import StepReport
-    from orchestrator.driver import Driver
+    from orchestrator.device_group import DeviceGroup
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +99,12 @@ class Injector:
         self._count: dict[int, int] = {}
         self.t0: float | None = None
 
-    def before_step(self, driver: "Driver", step: int) -> None:
+    def due(self, step: int) -> list[FaultSpec]:
+        """The faults that strike in `step` (each recorded in `fired`); the driver makes them happen."""
         if self.t0 is None:
             self.t0 = time.perf_counter()
         elapsed = time.perf_counter() - self.t0
+        due = []
         for i, fault in enumerate(self.plan):
             if self._count.get(i, 0) >= fault.repeat:
                 continue
@@ -111,7 +115,8 @@ class Injector:
             self._count[i] = self._count.get(i, 0) + 1
             log.warning("injecting fault: %s on device %d at step %d", fault.kind, fault.rank, step)
             self.fired.append({"step": step, "kind": fault.kind, "rank": fault.rank, "time": time.time()})
-            driver.inject(fault, step)
+            due.append(fault)
+        return due
 
 
 # --------------------------------------------------------------------------- detection
@@ -144,7 +149,7 @@ class Watch:
             self.step_times.append(step_time_s)
 
     # ---- collecting one step
-    def collect(self, driver: "Driver", refs: list[Any], step: int, started: float) -> list["StepReport"]:
+    def collect(self, devices: "DeviceGroup", refs: list[Any], step: int, started: float) -> list["StepReport"]:
         pending = {ref: rank for rank, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         errors: dict[int, Exception] = {}
@@ -159,10 +164,10 @@ class Watch:
                 if errors or probed:
                     break
                 probed = True  # the deadline passed and nothing failed: find who stopped, stop it
-                hung = self._find_hung(driver, sorted(pending.values()), step)
+                hung = self._find_hung(devices, sorted(pending.values()), step)
                 for rank, detail in hung.items():
                     log.warning("step %d: device %d hangs (%s); killing it", step, rank, detail)
-                    ray.kill(driver.actors[rank], no_restart=True)
+                    ray.kill(devices.actors[rank], no_restart=True)
                 deadline = time.perf_counter() + self.settle_s
                 continue
             ref = ready[0]
@@ -172,7 +177,7 @@ class Watch:
             except (RayActorError, RayTaskError) as e:
                 errors[rank] = e
                 if isinstance(e, RayTaskError) and not _collateral(e):
-                    ray.kill(driver.actors[rank], no_restart=True)  # its peers' collectives now fail fast
+                    ray.kill(devices.actors[rank], no_restart=True)  # its peers' collectives now fail fast
         if not errors and not pending:
             return [results[r] for r in range(len(refs))]
         detect_s = time.perf_counter() - started
@@ -187,20 +192,20 @@ class Watch:
                 continue
             else:
                 kind, detail = "crash", _short(e)
-            incidents.append(Incident(step, kind, rank, driver.node_of(rank), now, detail, detect_s=detect_s))
+            incidents.append(Incident(step, kind, rank, devices.node_of(rank), now, detail, detect_s=detect_s))
         for rank in sorted(pending.values()):  # still inside the step well after a peer failed
-            ray.kill(driver.actors[rank], no_restart=True)
-            incidents.append(Incident(step, "hang", rank, driver.node_of(rank), now,
+            ray.kill(devices.actors[rank], no_restart=True)
+            incidents.append(Incident(step, "hang", rank, devices.node_of(rank), now,
                                       hung.get(rank, "no answer after a peer failed"), detect_s=detect_s))
         if not incidents:  # only collective errors: the failing peer could not be told apart; replace none
             incidents.append(Incident(step, "collective", -1, None, now, _short(next(iter(errors.values()))),
                                       detect_s=detect_s))
         raise StepFailure(step, incidents, started)
 
-    def _find_hung(self, driver: "Driver", ranks: list[int], step: int) -> dict[int, str]:
+    def _find_hung(self, devices: "DeviceGroup", ranks: list[int], step: int) -> dict[int, str]:
         """Devices still in `step` past its deadline that are not waiting inside a collective (or do not answer
         at all); when every one of them waits inside a collective, all of them."""
-        asks = {driver.actors[r].progress.remote(): r for r in ranks}
+        asks = {devices.actors[r].progress.remote(): r for r in ranks}
         ready, _ = ray.wait(list(asks), num_returns=len(asks), timeout=2.0)
         hung = {}
         for ref, rank in asks.items():
@@ -218,13 +223,13 @@ class Watch:
         return hung
 
     # ---- inspecting a completed step
-    def inspect(self, step: int, reports: list["StepReport"], driver: "Driver") -> list[Incident]:
+    def inspect(self, step: int, reports: list["StepReport"], devices: "DeviceGroup") -> list[Incident]:
         """Incidents of a step that completed: non-finite or spiking values, stragglers."""
         r0, now, out = reports[0], time.time(), []
         if r0.skipped == "nonfinite":
             bad = [r.rank for r in reports if r.local_nonfinite]
             rank = bad[0] if len(bad) == 1 else -1
-            out.append(Incident(step, "nan", rank, driver.node_of(rank) if rank >= 0 else None, now,
+            out.append(Incident(step, "nan", rank, devices.node_of(rank) if rank >= 0 else None, now,
                                 f"non-finite loss {r0.loss} / grad norm {r0.grad_norm}; the update was not applied"))
         else:
             guard = self.guard() or {}
@@ -237,27 +242,27 @@ class Watch:
                 self.losses.append(r0.loss)
                 self.norms.append(r0.grad_norm)
         if len(reports) > 1:
-            out += self._stragglers(step, reports, driver, now)
+            out += self._stragglers(step, reports, devices, now)
         return out
 
     def guard(self) -> dict[str, float] | None:
         """Spike ceilings the devices enforce (the update of a step above them is not applied)."""
-        if len(self.losses) < max(10, self.f.spike_window // 2):  # early training is too volatile to judge
+        enough = max(10, self.f.spike_window // 2)  # early training is too volatile to judge
+        loss, norm = recent_median(self.losses, enough), recent_median(self.norms, enough)
+        if loss is None or norm is None:
             return None
-        return {"max_loss": self.f.loss_spike_factor * statistics.median(self.losses),
-                "max_grad_norm": self.f.grad_spike_factor * statistics.median(self.norms)}
+        return {"max_loss": self.f.loss_spike_factor * loss, "max_grad_norm": self.f.grad_spike_factor * norm}
 
-    def _stragglers(self, step: int, reports: list["StepReport"], driver: "Driver", now: float) -> list[Incident]:
-        own = [r.compute_time_s - r.collective_s for r in reports]
+    def _stragglers(self, step: int, reports: list["StepReport"], devices: "DeviceGroup", now: float) -> list[Incident]:
+        pairs = against_others(own_work([r.compute_time_s for r in reports], [r.collective_s for r in reports]))
         out = []
         for r in reports:
-            others = statistics.median(own[:r.rank] + own[r.rank + 1:])
-            mine = own[r.rank]
+            mine, others = pairs[r.rank]
             if mine > self.f.straggler_factor * others and mine - others > self.f.straggler_min_s:
                 self.slow_count[r.rank] = self.slow_count.get(r.rank, 0) + 1
                 if self.slow_count[r.rank] >= self.f.straggler_patience:
                     self.slow_count[r.rank] = 0
-                    out.append(Incident(step, "slow", r.rank, driver.node_of(r.rank), now,
+                    out.append(Incident(step, "slow", r.rank, devices.node_of(r.rank), now,
                                         f"own work {mine:.3f}s vs {others:.3f}s on the others, "
                                         f"{self.f.straggler_patience} steps in a row"))
             else:
@@ -276,31 +281,51 @@ def _short(e: Exception) -> str:
 
 
 # --------------------------------------------------------------------------- policy
-class Healer:
-    """Recovery policy. `heal` handles failed steps; `judge` decides about completed steps with incidents;
-    `checkpoint_failed` schedules retries of failed checkpoints. Every decision ends up in `incidents`."""
+@dataclass
+class Decision:
+    """A recovery for the driver to carry out: replace the devices of `replace` (re-forming the process group when
+    `reform`), put every device back to the newest state there is, replay after it. With `skip`, the replay skips
+    that step's batch; with `wait_snapshot`, the snapshot of the step just kept is complete first (nothing is
+    recomputed). The incidents' `action` is set to `action` once it is done."""
+    incidents: list[Incident]
+    replace: list[int] = field(default_factory=list)
+    reform: bool = False
+    action: str = "replaced"
+    skip: int | None = None
+    wait_snapshot: bool = False
 
-    def __init__(self, cfg: Config):
+
+class Healer:
+    """Recovery policy: observations in (failed steps, completed steps with incidents, alerts, failed checkpoints),
+    decisions out (a Decision to carry out, None to go on, or a RunError when the run must stop). It never touches
+    a device or the driver. Every incident it sees ends up in `incidents` (new ones: `take_new`).
+
+    The budget: at most `faults.max_recoveries` recoveries within any `faults.recovery_window_s` seconds (0: over
+    the whole run), as torchft and NVIDIA's resiliency extension bound restarts per time window, so a long run
+    with isolated faults goes on while a restart loop stops; and a step failing `faults.max_repeats` times stops."""
+
+    def __init__(self, cfg: Config, clock=time.monotonic):
         self.f = cfg.faults
+        self.clock = clock
         self.incidents: list[Incident] = []
         self.recoveries = 0
+        self.recovery_times: deque[float] = deque()  # when each recovery within the window was spent
         self.failures_at: dict[int, int] = {}     # step -> times it failed or was rolled back
         self.rolled_back: set[int] = set()
         self.checkpoint_failures = 0              # in a row
         self.checkpoint_retry_at: int | None = None
         self.recovery_steps: list[int] = []       # the step of each recovery spent (the restarts alert counts them)
         self.alerted: set[int] = set()            # steps an alert has rewound (once each)
-        self.on_incident = lambda incident: None  # the driver appends to incidents.jsonl
         self._published = 0
 
     def _record(self, incidents: list[Incident]) -> None:
         self.incidents.extend(incidents)
 
-    def flush(self) -> None:
-        """Hand the incidents decided since the last flush to `on_incident` (once their action is known)."""
-        for i in self.incidents[self._published:]:
-            self.on_incident(i)
+    def take_new(self) -> list[Incident]:
+        """The incidents decided since the last call (once their action is known)."""
+        new = self.incidents[self._published:]
         self._published = len(self.incidents)
+        return new
 
     def _stop(self, why: str) -> RunError:
         listing = "; ".join(f"step {i.step} device {i.rank} {i.kind}" for i in self.incidents)
@@ -309,18 +334,24 @@ class Healer:
     def _spend(self, step: int, what: str) -> None:
         if self.f.snapshot_every == 0:
             raise self._stop(f"{what} (healing is off: faults.snapshot_every=0)")
-        if self.recoveries >= self.f.max_recoveries:
-            raise self._stop(f"{what}; stopping: {self.recoveries} recoveries already, the budget "
-                             f"(faults.max_recoveries={self.f.max_recoveries}) is spent")
+        now, window = self.clock(), self.f.recovery_window_s
+        while window and self.recovery_times and now - self.recovery_times[0] >= window:
+            self.recovery_times.popleft()
+        if len(self.recovery_times) >= self.f.max_recoveries:
+            within = f" in the last {window:.0f}s" if window else ""
+            raise self._stop(f"{what}; stopping: {len(self.recovery_times)} recoveries already{within}, the budget "
+                             f"(faults.max_recoveries={self.f.max_recoveries} per faults.recovery_window_s="
+                             f"{window:g}) is spent")
         self.failures_at[step] = self.failures_at.get(step, 0) + 1
         if self.failures_at[step] >= self.f.max_repeats:
             raise self._stop(f"{what}; stopping: step {step} failed {self.failures_at[step]} times "
                              f"(faults.max_repeats={self.f.max_repeats}), a fault that repeats is not healed by replaying")
         self.recoveries += 1
+        self.recovery_times.append(now)
         self.recovery_steps.append(step)
 
-    def heal(self, driver: "Driver", failure: StepFailure) -> int:
-        """A failed step: replace the devices that failed, rewind everyone; the step to replay after."""
+    def failed_step(self, failure: StepFailure) -> Decision:
+        """A failed step: replace the devices that failed, rewind everyone."""
         self._record(failure.incidents)
         try:
             self._spend(failure.step, str(failure))
@@ -331,10 +362,10 @@ class Healer:
         replace = sorted({i.rank for i in failure.incidents if i.kind in REPLACE and i.rank >= 0})
         log.warning("step %d failed (%s); replacing device(s) %s", failure.step,
                     ", ".join(f"{i.rank}:{i.kind}" for i in failure.incidents), replace or "none")
-        return self._recover(driver, failure.incidents, replace, reform=True)
+        return Decision(failure.incidents, replace, reform=True)
 
-    def judge(self, driver: "Driver", step: int, reports: list["StepReport"], incidents: list[Incident]) -> int | None:
-        """A completed step with incidents. None: keep the step; else the step to replay after (a rollback)."""
+    def completed_step(self, step: int, reports: list["StepReport"], incidents: list[Incident]) -> Decision | None:
+        """A completed step with incidents. None: keep the step; else a rollback to carry out."""
         self._record(incidents)
         skipped = reports[0].skipped
         for i in incidents:
@@ -344,18 +375,16 @@ class Healer:
                     self.rolled_back.add(step)
                     self._spend(step, f"step {step}: {i.detail}")
                     log.warning("step %d: %s; rolling back to the last snapshot", step, i.detail)
-                    return self._recover(driver, [i], [], reform=False, action="rolled back")
+                    return Decision([i], action="rolled back")
                 i.action = "skipped"
                 log.warning("step %d: %s; the batch is skipped%s", step, i.detail,
                             " (it repeated after a rollback)" if policy == "rollback" else "")
             elif i.kind in ("loss_spike", "grad_spike"):
                 i.action = "recorded"
                 log.warning("step %d: %s", step, i.detail)
-            elif i.kind == "slow":
-                i.action = "recorded"
         return None
 
-    def alert(self, driver: "Driver", step: int, rule: str, action: str, detail: str) -> int | None:
+    def alert(self, step: int, rule: str, action: str, detail: str) -> Decision | None:
         """An alert rule's action on a completed step: stop the run, or rewind to the newest snapshot (rollback;
         skip also has the step's batch skipped on the replay). Once per step: a replay that fires again is kept."""
         incident = Incident(step, f"alert:{rule}", -1, None, time.time(), detail)
@@ -368,49 +397,42 @@ class Healer:
             return None
         self.alerted.add(step)
         self._spend(step, f"step {step}: alert {rule}")
-        if action == "skip":
-            driver.skip_steps.add(step)
         log.warning("step %d: alert %s (%s); rolling back%s", step, rule, detail,
                     ", then skipping its batch" if action == "skip" else "")
-        return self._recover(driver, [incident], [], reform=False,
-                             action="skipped" if action == "skip" else "rolled back")
+        return Decision([incident], action="skipped" if action == "skip" else "rolled back",
+                        skip=step if action == "skip" else None)
 
-    def replace_stragglers(self, driver: "Driver", step: int, incidents: list[Incident]) -> int | None:
-        """After a kept step (and its snapshot): replace straggling devices per `faults.on_straggler`."""
+    def stragglers(self, step: int, incidents: list[Incident], spare_elsewhere: set[int]) -> Decision | None:
+        """After a kept step (and its snapshot): replace straggling devices per `faults.on_straggler`, only with a
+        warm standby on another node (`spare_elsewhere`: the ranks one exists for); a slow node's own bundle
+        would put the replacement back on the slow node. Otherwise the straggler is recorded (and alerted)."""
         slow = [i for i in incidents if i.kind == "slow"]
-        if not slow or self.f.on_straggler != "replace":
+        if not slow:
             return None
-        ranks = [i.rank for i in slow]
-        self._spend(step, f"step {step}: straggler device(s) {ranks}")
-        log.warning("step %d: device(s) %s straggle; replacing them", step, ranks)
-        driver.wait_for_snapshot()  # of the step just kept, by the straggler too: nothing is recomputed
+        movable = [i for i in slow if self.f.on_straggler == "replace" and i.rank in spare_elsewhere]
         for i in slow:
-            i.action = "replaced"
-        return self._recover(driver, slow, ranks, reform=True)
+            if i not in movable:
+                i.action = "recorded"
+                if self.f.on_straggler == "replace":
+                    i.detail += "; no warm standby on another node to replace it with (faults.standby)"
+                log.warning("step %d: device %d straggles (%s)", step, i.rank, i.detail)
+        if not movable:
+            return None
+        ranks = [i.rank for i in movable]
+        self._spend(step, f"step {step}: straggler device(s) {ranks}")
+        log.warning("step %d: device(s) %s straggle; replacing them with standbys on other nodes", step, ranks)
+        return Decision(movable, ranks, reform=True, wait_snapshot=True)
 
-    def _recover(self, driver: "Driver", incidents: list[Incident], replace: list[int], reform: bool,
-                 action: str = "replaced") -> int:
-        t0 = time.perf_counter()
-        for attempt in range(self.f.recovery_attempts):
-            try:
-                step, source = driver.recover(replace, reform, timeout_s=self.f.recovery_timeout_s)
-                break
-            except (RunError, RayActorError) as e:
-                if attempt + 1 == self.f.recovery_attempts:
-                    raise self._stop(f"recovery failed {attempt + 1} times (faults.recovery_attempts="
-                                     f"{self.f.recovery_attempts}); the last error: {e}") from e
-                wait = self.f.retry_backoff_s * 2 ** attempt
-                log.warning("recovery attempt %d failed (%s); retrying in %.1fs", attempt + 1, e, wait)
-                time.sleep(wait)
-                driver.goodput.backoff += wait
-                replace = sorted(set(replace) | set(driver.dead_ranks()))
-                reform = True
-        for i in incidents:
-            i.recover_s, i.rewound_to, i.source = time.perf_counter() - t0, step, source
-            i.action = i.action or (action if i.rank in replace or not replace else "recorded")
-        log.warning("recovered in %.2fs from the %s of step %d; replaying from step %d",
-                    time.perf_counter() - t0, source, step, step + 1)
-        return step
+    def recovered(self, decision: Decision, step: int, source: str, seconds: float) -> None:
+        """The driver carried `decision` out: everyone is back at `step` (restored from `source`)."""
+        for i in decision.incidents:
+            i.recover_s, i.rewound_to, i.source = seconds, step, source
+            i.action = i.action or (decision.action if i.rank in decision.replace or not decision.replace else "recorded")
+        log.warning("recovered in %.2fs from the %s of step %d; replaying from step %d", seconds, source, step, step + 1)
+
+    def recovery_failed(self, attempts: int, error: Exception) -> RunError:
+        return self._stop(f"recovery failed {attempts} times (faults.recovery_attempts={self.f.recovery_attempts}); "
+                          f"the last error: {error}")
 
     def checkpoint_failed(self, step: int, detail: str, current_step: int, ranks: list[int] = ()) -> None:
         """A checkpoint did not commit: retry after 1, 2, 4 ... steps; stop after checkpoint_retries in a row."""
@@ -433,4 +455,4 @@ class Healer:
         return [asdict(i) for i in self.incidents]
 
 
-__all__ = ["Incident", "StepFailure", "Injector", "Watch", "Healer", "plan_faults"]
+__all__ = ["Incident", "StepFailure", "Decision", "Injector", "Watch", "Healer", "plan_faults"]

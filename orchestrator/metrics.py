@@ -82,6 +82,20 @@ def cpu_peak_flops(threads: int, seconds: float = 0.3) -> float:
         torch.set_num_threads(before)
 
 
+def peak_flops(cfg: Config, gpu_name: str | None, mixed_precision: str) -> float | None:
+    """Peak FLOP/s of one device: monitor.peak_tflops, else a known GPU's (bf16 peak when the devices autocast to
+    bf16), else measured on this CPU."""
+    if cfg.monitor.peak_tflops:
+        return cfg.monitor.peak_tflops * 1e12
+    if cfg.cluster.use_gpu:
+        peak = gpu_peak_flops(gpu_name or "", "bfloat16" if mixed_precision == "bf16" else cfg.train.dtype)
+        if peak is None:
+            log.warning("MFU: peak FLOP/s of GPU %r unknown; set monitor.peak_tflops", gpu_name)
+        return peak
+    c = cfg.cluster
+    return cpu_peak_flops(c.torch_threads or max(1, int(c.cpus_per_device)))
+
+
 class Sink(Protocol):
     def write(self, record: dict[str, Any]) -> None: ...
 
@@ -180,17 +194,18 @@ class PrometheusSink:
 
 
 class MLflowSink:
-    """The same scalars to MLflow (where: MLFLOW_TRACKING_URI, else MLflow's default), the config as params."""
+    """The same scalars to MLflow (where: MLFLOW_TRACKING_URI, else MLflow's default), the config as params
+    (secrets redacted: a tracking server is shared)."""
 
     def __init__(self, cfg: Config, run: str):
         import mlflow
 
-        from orchestrator.config import to_dict
+        from orchestrator.config import redacted
 
         self.mlflow = mlflow
         mlflow.start_run(run_name=run)
         flat: dict[str, Any] = {}
-        for section, values in to_dict(cfg).items():
+        for section, values in redacted(cfg).items():
             if isinstance(values, dict):
                 flat.update({f"{section}.{k}": v for k, v in values.items() if not isinstance(v, (list, dict))})
         mlflow.log_params(flat)
@@ -230,7 +245,7 @@ class MetricsStream:
     def __init__(self, cfg: Config, run_dir: Path, first_step: int):
         from orchestrator.monitor import MetricsLog
 
-        self.log = MetricsLog(run_dir / "metrics.jsonl", keep_through_step=first_step - 1)
+        self.log = MetricsLog(run_dir / "metrics.jsonl")   # the run directory was rewound to first_step - 1
         self.sinks: list[Sink] = []
         self.seconds = 0.0   # spent writing to the sinks (metrics.jsonl included): the monitoring's cost
         m, run = cfg.monitor, run_dir.name
@@ -262,9 +277,6 @@ class MetricsStream:
         for sink in self.sinks:
             self._safely(sink.write, {"step": step, "val_loss": val_loss})
 
-    def kept_records(self) -> list[dict[str, Any]]:
-        return self.log.kept_records()
-
     def close(self) -> None:
         self.log.close()
         for sink in self.sinks:
@@ -278,4 +290,4 @@ class MetricsStream:
             log.warning("metrics sink %s failed: %s", getattr(fn, "__qualname__", fn), e)
 
 
-__all__ = ["MetricsStream", "SCALARS", "flops_per_token", "cpu_peak_flops", "gpu_peak_flops", "check_sinks"]
+__all__ = ["MetricsStream", "SCALARS", "flops_per_token", "cpu_peak_flops", "gpu_peak_flops", "peak_flops", "check_sinks"]

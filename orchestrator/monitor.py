@@ -8,17 +8,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from orchestrator.config import Config, to_yaml
+from orchestrator.config import Config, redacted_yaml
+from orchestrator.rundir import tail_jsonl, truncate_jsonl
+
+
+def run_dir_path(cfg: Config) -> Path:
+    """`run.dir`, else a new runs/<date>-<time>-<name>."""
+    if cfg.run.dir:
+        return Path(cfg.run.dir).expanduser()
+    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.run.name}"
 
 
 def make_run_dir(cfg: Config) -> Path:
-    """The run directory (`run.dir`, else runs/<date>-<time>-<name>) with the resolved config.yaml in it."""
-    if cfg.run.dir:
-        path = Path(cfg.run.dir).expanduser()
-    else:
-        path = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.run.name}"
+    """The run directory (`run.dir`, else runs/<date>-<time>-<name>) with the resolved config.yaml in it, its
+    secrets redacted (credentials in URIs, the webhook URL): a run directory is shared, a credential is not."""
+    path = run_dir_path(cfg)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(to_yaml(cfg))
+    (path / "config.yaml").write_text(redacted_yaml(cfg))
     return path
 
 
@@ -29,32 +35,37 @@ def write_status(path: Path, status: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def device_status(info: list[dict[str, Any]], restarts: list[int], reports: list[Any]) -> list[dict[str, Any]]:
+    """status.json's `devices`: each device's process and its last step (reports: the last StepReports)."""
+    by_rank = {r.rank: r for r in reports}
+    out = []
+    for rank, i in enumerate(info):
+        r = by_rank.get(rank)
+        out.append({"rank": rank, "pid": i.get("pid"), "node_id": i.get("node_id"), "ip": i.get("ip"),
+                    "gpu": i.get("gpu_name"), "restarts": restarts[rank],
+                    "step_time_s": r.compute_time_s if r else None, "collective_s": r.collective_s if r else None,
+                    "rss_mb": r.rss_bytes / 2**20 if r else None,
+                    "device_mem_mb": r.device_mem_bytes / 2**20 if r else None})
+    return out
+
+
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per line, flushed per record so readers see it live."""
+    """`metrics.jsonl`: one JSON object per line, flushed per record so readers see it live. The run directory
+    is rewound before the log opens (orchestrator.rundir.rewind_logs): it appends after what was kept."""
 
-    def __init__(self, path: Path, keep_through_step: int = 0):
-        """A new log; or, resuming after step k, the old log cut to steps <= k (so every step appears once)."""
+    def __init__(self, path: Path):
         self.path = path
-        self._f = None
-        self.truncate(keep_through_step)
-
-    def truncate(self, keep_through_step: int) -> None:
-        """Keep the records of steps <= keep_through_step (all of them dropped for 0) and append after them."""
-        path = self.path
-        if self._f is not None:
-            self._f.close()
-        kept = []
-        if keep_through_step > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
         self._f = open(path, "a", buffering=1)
 
-    def kept_records(self) -> list[dict[str, Any]]:
-        """The records kept from before (a resumed run's earlier steps)."""
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    def truncate(self, keep_through_step: int) -> None:
+        """Keep the records of steps <= keep_through_step and append after them (a rewind inside the run)."""
+        self._f.close()
+        truncate_jsonl(self.path, keep_through_step)
+        self._f = open(self.path, "a", buffering=1)
+
+    def tail(self, n: int) -> list[dict[str, Any]]:
+        """The last `n` records (a resumed run's recent history; the driver never holds the whole log)."""
+        return tail_jsonl(self.path, n)
 
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record, separators=(",", ":")) + "\n")

@@ -17,20 +17,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config import redact_text, redacted_yaml
+from orchestrator.rundir import read_jsonl
+
 FIGURES = ("loss", "throughput", "device-step-time", "balance", "expert-load", "timeline", "goodput")
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     """The objects of a .jsonl file; a last line still being written (a running run) is left out."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return list(read_jsonl(path))
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -173,7 +168,22 @@ def _fmt(v: Any) -> str:
         return ""
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    return redact_text(str(v))   # an incident's detail may quote a storage URI
+
+
+def _config_text(path: Path) -> str:
+    """The run's config.yaml for the page, secrets redacted (a run directory written before config.yaml was
+    redacted has them in clear); text that does not parse has at least its URLs redacted."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    try:
+        from omegaconf import OmegaConf
+
+        data = OmegaConf.to_container(OmegaConf.create(text))
+    except Exception:
+        return redact_text(text)
+    return redacted_yaml(data) if isinstance(data, dict) else redact_text(text)
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -201,7 +211,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         body = (f'<img alt="{fid}" src="data:image/png;base64,{png}">' if png
                 else '<p class="empty">nothing to plot</p>')
         sections.append(f'<figure id="{fid}">{body}<figcaption>{html.escape(caption)}</figcaption></figure>')
-    config = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
+    config = _config_text(run / "config.yaml")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Run report: {html.escape(run.name)}</title>
 <style>

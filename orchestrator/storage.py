@@ -5,10 +5,12 @@
     Storage("s3://bucket/p?endpoint_override=127.0.0.1:9000&scheme=http")   an S3-compatible server
     Storage("gs://bucket/prefix"), Storage("hdfs://...")                     whatever pyarrow.fs knows
 
-Paths given to the methods are relative to the root. `write_atomic` makes an object visible whole
+Paths given to the methods are relative to the root, '/'-separated, and stay inside it: an absolute path, a
+'.' or '..' component, an empty one ('a//b'), a backslash or a NUL is refused (a checkpoint manifest is data
+from storage, and a name in it must not reach outside its checkpoint). `write_atomic` makes an object visible whole
 or not at all: a temporary file and one rename locally, a single PUT on object stores (whose
 objects appear atomically). A Storage is cheap to rebuild from its URI, which is what travels to
-actors.
+actors. Messages and repr show the URI with its credentials redacted (`shown`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from orchestrator.config import redact_text, redact_url
 from orchestrator.errors import RunError
 
 
@@ -32,9 +35,27 @@ def uri_join(uri: str, *parts: str) -> str:
     return path + sep + query
 
 
+def check_relative(rel: str, root: str) -> str:
+    """`rel` if it is a path inside a storage root; else StorageError naming it and the root (redacted)."""
+    why = None
+    if not isinstance(rel, str) or not rel:
+        why = "is empty" if rel == "" else "is not a string"
+    elif "\\" in rel or "\0" in rel:
+        why = "holds a backslash or a NUL"
+    elif rel.startswith("/") or (len(rel) > 1 and rel[0].isalpha() and rel[1] == ":"):  # or a drive (C:/...)
+        why = "is absolute"
+    elif any(part in ("", ".", "..") for part in rel.split("/")):
+        why = "has an empty, '.' or '..' component"
+    if why:
+        raise StorageError(f"refusing the path {rel!r} under {redact_url(root)}: it {why}; paths in a storage are "
+                           f"relative to its root, '/'-separated, and stay inside it")
+    return rel
+
+
 class Storage:
     def __init__(self, uri: str):
         self.uri = uri
+        self.shown = redact_url(uri)   # for messages and logs: the URI may carry credentials (s3://KEY:SECRET@...)
         try:
             if "://" in uri and not uri.startswith("file://"):
                 self.fs, self.root = pafs.FileSystem.from_uri(uri)
@@ -44,19 +65,25 @@ class Storage:
                 self.fs, self.root = pafs.LocalFileSystem(), str(Path(path).expanduser().absolute())
                 self.local = True
         except Exception as e:
-            raise StorageError(f"storage URI {uri!r} cannot be opened: {e}") from None
+            raise StorageError(f"storage URI {self.shown!r} cannot be opened: {redact_text(str(e))}") from None
         self.root = self.root.rstrip("/")
 
     def __repr__(self) -> str:
-        return f"Storage({self.uri!r})"
+        return f"Storage({self.shown!r})"
 
     def _full(self, rel: str) -> str:
-        return f"{self.root}/{rel}" if rel else self.root
+        """The filesystem path of `rel` (checked: inside the root); '' is the root itself."""
+        return f"{self.root}/{check_relative(rel, self.uri)}" if rel else self.root
 
     def _fail(self, what: str, rel: str, e: Exception) -> StorageError:
-        return StorageError(f"could not {what} {rel or '.'} under {self.uri}: {e}")
+        if isinstance(e, StorageError):  # a refused path (from _full): its own message says it all
+            return e
+        return StorageError(f"could not {what} {rel or '.'} under {self.shown}: {redact_text(str(e))}")
 
     def child(self, rel: str) -> "Storage":
+        check_relative(rel, self.uri)
+        if not self.local and ("?" in rel or "#" in rel):  # would change the URI's query (endpoint, credentials)
+            raise StorageError(f"refusing the path {rel!r} under {self.shown}: '?' and '#' would change the URI")
         return Storage(uri_join(self.uri, rel))
 
     def check(self) -> None:
@@ -78,6 +105,7 @@ class Storage:
             raise self._fail("write", rel, e) from None
 
     def write_atomic(self, rel: str, data: bytes) -> None:
+        check_relative(rel, self.uri)   # before a temporary name is made from it
         if not self.local:
             self.write(rel, data)  # one PUT: the object appears whole or not at all
             return
@@ -95,7 +123,7 @@ class Storage:
             with self.fs.open_input_stream(self._full(rel)) as f:
                 return f.read()
         except FileNotFoundError:
-            raise StorageError(f"{rel} does not exist under {self.uri}") from None
+            raise StorageError(f"{rel} does not exist under {self.shown}") from None
         except Exception as e:
             raise self._fail("read", rel, e) from None
 
@@ -133,3 +161,20 @@ class Storage:
             pass
         except Exception as e:
             raise self._fail("delete", rel, e) from None
+
+    def move_dir(self, rel: str, dest: str) -> None:
+        """Move the folder `rel` to `dest` (both under the root): one rename locally; on object stores a copy of
+        each object, then the source deleted."""
+        try:
+            src, dst = self._full(rel), self._full(dest)
+            if self.local:
+                self.fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+                self.fs.move(src, dst)
+                return
+            infos = self.fs.get_file_info(pafs.FileSelector(src, recursive=True, allow_not_found=True))
+            for info in infos:
+                if info.type == pafs.FileType.File:
+                    self.fs.copy_file(info.path, dst + info.path[len(src):])
+            self.fs.delete_dir(src)
+        except Exception as e:
+            raise self._fail("move", f"{rel} to {dest}", e) from None

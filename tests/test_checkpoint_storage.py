@@ -39,21 +39,24 @@ def train(run_dir: Path, *overrides: str, env_extra: dict | None = None) -> subp
 
 
 def test_s3_round_trip_save_and_resume(s3_endpoint, tmp_path, monkeypatch):
-    uri = f"s3://ckpt/runs/r1?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
-    first = train(tmp_path / "a", f"checkpoint.dir={uri}", "checkpoint.every_steps=3", "train.steps=6")
+    """A run's checkpoints go to <checkpoint.dir>/<run.id>; another machine (another run directory) continues the
+    run by naming it (train.resume=latest picks the newest checkpoint of that run only)."""
+    query = f"?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    uri, run = f"s3://ckpt/runs{query}", f"s3://ckpt/runs/r1{query}"
+    first = train(tmp_path / "a", f"checkpoint.dir={uri}", "run.id=r1", "checkpoint.every_steps=3", "train.steps=6")
     assert first.returncode == 0, first.stderr[-3000:]
     for k, v in CREDENTIALS.items():
         monkeypatch.setenv(k, v)
-    rows = describe(uri)
+    rows = describe(run)
     assert [(r["step"], r["status"], r["world_size"]) for r in rows] == [(3, "verified", 2), (6, "verified", 2)]
 
-    second = train(tmp_path / "b", f"checkpoint.dir={uri}", "train.steps=9", "train.resume=latest",
+    second = train(tmp_path / "b", f"checkpoint.dir={uri}", "run.id=r1", "train.steps=9", "train.resume=latest",
                    "cluster.num_devices=4")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from s3://ckpt/runs/r1/step_00000006" in second.stderr
     resumed = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == [7, 8, 9]
-    assert [r["step"] for r in describe(uri)] == [3, 6, 9]
+    assert [r["step"] for r in describe(run)] == [3, 6, 9]
 
 
 def test_unreachable_storage_is_a_clear_error_before_training(tmp_path):

@@ -35,6 +35,14 @@ def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     (["faults.plan=[{step: 3, kind: melt, rank: 0}]"], "faults.plan[0].kind='melt' is not one of kill, crash"),
     (["faults.plan=[{step: 3, kind: kill, rank: 5}]"], "faults.plan[0].rank=5 is not a device (0..1, or -1"),
     (["faults.plan=[{step: 900, kind: kill}]"], "faults.plan[0].step=900 is outside the run's steps 1..500"),
+    # keys that would do nothing under the chosen options (more in test_keys_without_effect_are_refused)
+    (["balance.routing=topk", "balance.num_groups=3"],
+     "balance.num_groups=3 has no effect with balance.routing='topk' (only the grouped and group_limited routings "
+     "read it): remove it, or set balance.routing=grouped or group_limited"),
+    (["balance.routing=grouped", "balance.num_groups=2", "balance.topk_groups=7"],
+     "balance.topk_groups=7 has no effect with balance.routing='grouped'"),
+    (["faults.plan=[{step: 3, after_s: 5, kind: kill}]"],
+     "faults.plan[0].after_s=5.0 has no effect (the fault strikes in its step=3): give either step or after_s"),
 ])
 def test_cli_rejects_bad_config_before_starting_anything(args, needle):
     proc = run_train(*args)
@@ -99,6 +107,20 @@ def test_balance_settings_are_checked(overrides, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    (["run.id=../other"], "run.id='../other' must be letters, digits, '.', '_' or '-'"),
+    (["train.lr_horizon=0"], "train.lr_horizon=0 must be 1 or more"),
+    (["train.resume=latest", "train.resume_accept_changes=[train.lr]"],
+     "train.resume_accept_changes: 'train.lr' is not a setting a resume refuses to change"),
+    (["train.resume_accept_changes=[seed]"], "train.resume_accept_changes is set but train.resume is not"),
+    (["faults.recovery_window_s=-1"], "faults.recovery_window_s=-1.0 must be zero or more"),
+])
+def test_run_and_resume_settings_are_checked(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT_CONFIG, overrides)
+    assert needle in str(e.value)
+
+
 def test_overrides_may_come_before_and_after_the_config_option():
     """`ray job submit -- python -m jobs.train run.dir=x --config y key=value`: options and overrides in any order."""
     from jobs.chaos import parse_args as chaos_args
@@ -108,3 +130,118 @@ def test_overrides_may_come_before_and_after_the_config_option():
     assert args.config == "jobs/configs/tiny.yaml" and args.overrides == ["run.dir=x", "train.steps=3"]
     args = chaos_args(["train.steps=3", "--every", "5", "run.dir=x"])
     assert args.every == 5 and args.overrides == ["train.steps=3", "run.dir=x"]
+
+
+CHAOS_ON = "faults.chaos.mean_steps_between=20"
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    # routing modes and their group keys
+    (["balance.topk_groups=2"], "balance.topk_groups=2 has no effect with balance.routing='topk'"),
+    # re-placement: its window and gain are read only when a plan can be made, and never on one device
+    (["balance.replace_window=10"], "balance.replace_window=10 has no effect while live re-placement is off "
+                                    "(balance.replace_every=0 and balance.replace_on_imbalance=0)"),
+    (["balance.redundant_experts=2", "balance.replace_min_gain=0.1"],
+     "balance.replace_min_gain=0.1 has no effect while live re-placement is off"),
+    (["cluster.num_devices=1", "train.global_batch_size=8", "balance.replace_every=5"],
+     "balance.replace_every=5 has no effect with cluster.num_devices=1"),
+    # the model's shape keys
+    (["model.first_k_dense=0", "model.dense_dim=512"], "model.dense_dim=512 has no effect with model.first_k_dense=0"),
+    (["model.top_k=1", "model.norm_topk_prob=false"], "model.norm_topk_prob=false has no effect with model.top_k=1"),
+    (["data.format=text"], "data.format='text' has no effect without data.path"),
+    # fault plan fields per kind
+    (["faults.plan=[{step: 3, kind: kill, delay_s: 2}]"],
+     "faults.plan[0].delay_s=2.0 has no effect on a kill fault (only slow faults read steps and delay_s)"),
+    (["faults.plan=[{step: 3, kind: hang, steps: 4}]"], "faults.plan[0].steps=4 has no effect on a hang fault"),
+    (["faults.plan=[{step: 3, kind: kill}, {step: 4, kind: crash, in_collective: true}]"],
+     "faults.plan[1].in_collective=true has no effect on a crash fault (only hang faults read it)"),
+    # random chaos keys while it is off, its slow keys without slow faults
+    (["faults.chaos.kinds=[kill,crash]"], "faults.chaos.kinds=[kill, crash] has no effect while random chaos is off "
+                                          "(faults.chaos.mean_steps_between=0): set faults.chaos.mean_steps_between "
+                                          "(jobs.chaos: --every N), or remove it"),
+    (["faults.chaos.first_step=50"], "faults.chaos.first_step=50 has no effect while random chaos is off"),
+    (["faults.chaos.seed=7", "faults.plan=[{step: 3, kind: kill, rank: 1}]"],
+     "faults.chaos.seed=7 has no effect while random chaos is off (faults.chaos.mean_steps_between=0) and no "
+     "planned fault has rank -1"),
+    ([CHAOS_ON, "faults.chaos.kinds=[kill,nan]", "faults.chaos.slow_delay_s=2"],
+     "faults.chaos.slow_delay_s=2.0 has no effect while faults.chaos.kinds has no slow"),
+    # stragglers on one device; recovery settings with healing off
+    (["cluster.num_devices=1", "faults.straggler_patience=5"],
+     "faults.straggler_patience=5 has no effect with cluster.num_devices=1"),
+    (["cluster.num_devices=1", "faults.on_straggler=record"],
+     "faults.on_straggler='record' has no effect with cluster.num_devices=1"),
+    (["faults.snapshot_every=0", "faults.standby=1"],
+     "faults.standby=1 has no effect with faults.snapshot_every=0 (healing off: the first failure stops the run)"),
+    (["faults.snapshot_every=0", "faults.max_recoveries=50"], "faults.max_recoveries=50 has no effect with "
+                                                              "faults.snapshot_every=0"),
+    # cluster, checkpoints, monitoring
+    (["cluster.gpus_per_device=0.5"], "cluster.gpus_per_device=0.5 has no effect with cluster.use_gpu=false"),
+    (["checkpoint.keep_last=0", "checkpoint.keep_every=10"],
+     "checkpoint.keep_every=10 has no effect with checkpoint.keep_last=0 (every checkpoint is kept)"),
+    (["checkpoint.every_steps=0", "checkpoint.at_end=false", "checkpoint.on_signal=false", "checkpoint.async_save=false"],
+     "checkpoint.async_save=false has no effect in a run that never saves a checkpoint"),
+    (["monitor.webhook_retries=5"], "monitor.webhook_retries=5 has no effect without monitor.webhook_url"),
+    (["monitor.webhook_timeout_s=1"], "monitor.webhook_timeout_s=1.0 has no effect without monitor.webhook_url"),
+    (["monitor.webhook_url=https://hooks.example/T1/B2/secret", "monitor.alerts=[{rule: maxvio, action: record}]"],
+     "monitor.webhook_url has no effect: every rule of monitor.alerts has action=record"),
+    (["monitor.tensorboard=false", "monitor.histogram_every=5"],
+     "monitor.histogram_every=5 has no effect with monitor.tensorboard=false"),
+    (["monitor.alerts=[{rule: nonfinite, threshold: 2}]"],
+     "monitor.alerts[0].threshold=2.0 has no effect on the nonfinite rule"),
+    (["monitor.alerts=[{rule: loss_spike}, {rule: maxvio, window: 50}]"],
+     "monitor.alerts[1].window=50 has no effect on the maxvio rule"),
+])
+def test_keys_without_effect_are_refused(overrides, needle):
+    """A key set to something other than its default where nothing reads it under the chosen options is refused,
+    named with what to do, instead of a run that silently ignores it."""
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT_CONFIG, overrides)
+    assert needle in str(e.value)
+
+
+def test_token_files_make_text_only_keys_idle(tmp_path):
+    """A nanoGPT token folder is read whole, and its val.bin is the validation split."""
+    (tmp_path / "train.bin").write_bytes(b"\0\1" * 1000)
+    (tmp_path / "val.bin").write_bytes(b"\0\1" * 100)
+    load_config(DEFAULT_CONFIG, [f"data.path={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"data.max_bytes=1000 has no effect on token files"):
+        load_config(DEFAULT_CONFIG, [f"data.path={tmp_path}", "data.max_bytes=1000"])
+    with pytest.raises(ConfigError, match=r"data.val_fraction=0.1 has no effect with a val.bin"):
+        load_config(DEFAULT_CONFIG, [f"data.path={tmp_path}", "data.val_fraction=0.1"])
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello " * 1000)
+    load_config(DEFAULT_CONFIG, [f"data.path={text}", "data.max_bytes=1000", "data.val_fraction=0.1"])
+
+
+@pytest.mark.parametrize("overrides", [
+    # the same keys where they are read
+    ["balance.routing=group_limited", "balance.num_groups=4", "balance.topk_groups=2"],
+    ["balance.routing=grouped", "balance.num_groups=2"],
+    ["balance.replace_every=10", "balance.replace_window=10", "balance.replace_min_gain=0"],
+    ["balance.replace_on_imbalance=1.2", "balance.replace_window=10"],
+    ["balance.redundant_experts=2"],  # without re-placement: the initial placement's replicas split tokens
+    ["faults.plan=[{step: 3, kind: slow, steps: 4, delay_s: 0.4}, {step: 5, kind: hang, in_collective: true}]"],
+    ["faults.plan=[{after_s: 30, kind: crash}]"],
+    ["faults.plan=[{step: 3, kind: kill, rank: -1}]", "faults.chaos.seed=7"],  # the seed draws the random device
+    [CHAOS_ON, "faults.chaos.kinds=[kill,slow]", "faults.chaos.slow_steps=2", "faults.chaos.first_step=10"],
+    ["faults.standby=1", "faults.max_recoveries=50", "faults.straggler_patience=5"],
+    ["faults.snapshot_every=0", "faults.plan=[{step: 3, kind: checkpoint}]"],
+    ["checkpoint.every_steps=0", "checkpoint.at_end=false", "checkpoint.keep_last=1"],  # on_signal still saves
+    ["cluster.use_gpu=true", "cluster.gpus_per_device=0.5"],
+    ["monitor.webhook_url=https://hooks.example/x", "monitor.webhook_retries=5", "monitor.webhook_timeout_s=1"],
+    ["monitor.alerts=[{rule: restarts, window: 50}, {rule: nonfinite, steps: 2}]"],
+    ["model.first_k_dense=2", "model.dense_dim=512", "model.top_k=1"],
+])
+def test_keys_that_take_effect_are_accepted(overrides):
+    load_config(DEFAULT_CONFIG, overrides)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    """Every shipped job config, also with each of the routing study's option sets and the chaos job's."""
+    from jobs.routing_study import STRATEGIES
+
+    world = load_config(path).cluster.num_devices
+    for options in STRATEGIES.values():
+        load_config(path, [o.format(world=world) for o in options])
+    load_config(path, [CHAOS_ON, "faults.standby=1", "checkpoint.at_end=true"])

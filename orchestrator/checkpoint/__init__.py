@@ -1,8 +1,9 @@
-"""Sharded, atomic, asynchronous checkpoints: device side (shard.py), driver side (manager.py), tools."""
-from orchestrator.checkpoint.manager import (MANIFEST, CheckpointManager, CheckpointManifest, check_compatible,
-                                             find_resume, list_checkpoints, read_manifest, step_dir, verify)
+"""Sharded, atomic, asynchronous checkpoints: device side (shard.py), on storage (manager.py), coordination
+(coordinator.py: snapshots, writes, commits), runs and timelines (timeline.py), in-memory snapshots, tools."""
+from orchestrator.checkpoint.manager import (MANIFEST, CheckpointManifest, check_compatible, find_resume,
+                                             list_checkpoints, read_manifest, step_dir, verify)
 from orchestrator.checkpoint.shard import DENSE_FILE, CheckpointError, Snapshot, expert_file
 
-__all__ = ["MANIFEST", "CheckpointManager", "CheckpointManifest", "check_compatible", "find_resume",
+__all__ = ["MANIFEST", "CheckpointManifest", "check_compatible", "find_resume",
            "list_checkpoints", "read_manifest", "step_dir", "verify", "DENSE_FILE", "CheckpointError", "Snapshot",
            "expert_file"]

@@ -12,6 +12,8 @@ id, a checkpoint written by N devices loads into M devices: each takes the ids i
 from __future__ import annotations
 
 import hashlib
+import warnings
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,6 +22,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from orchestrator.config import redact_url
 from orchestrator.errors import RunError
 
 DENSE_FILE = "dense.safetensors"
@@ -31,6 +34,30 @@ def expert_file(rank: int) -> str:
 
 class CheckpointError(RunError):
     """A checkpoint cannot be used; the message names the checkpoint, the file or the key."""
+
+
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+
+
+def check_file_name(name: object, where: str) -> str:
+    """`name` if it is a plain file name inside the checkpoint (what shards are called: dense.safetensors,
+    experts-00003.safetensors); else CheckpointError. A manifest is data read from storage: a name such as
+    `../../etc/passwd` or `/etc/passwd` in it must not make a load read (or a tool export) anything outside."""
+    if not isinstance(name, str) or not _FILE_NAME.fullmatch(name):
+        raise CheckpointError(f"{redact_url(where)}: the manifest names the file {name!r}, which is not a plain "
+                              f"file name inside the checkpoint (letters, digits, '.', '_', '-', not starting with "
+                              f"'.'; no '/' or '\\'): the manifest is damaged or was tampered with; refusing to "
+                              f"read it")
+    return name
+
+
+def check_manifest_names(manifest: dict, where: str) -> None:
+    """Every file name a manifest holds: the files it lists and those its expert placement points to."""
+    for name in manifest["files"]:
+        check_file_name(name, where)
+    for placed in manifest["expert_files"].values():
+        for name in placed.values():
+            check_file_name(name, where)
 
 
 @dataclass
@@ -126,13 +153,19 @@ def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank
 
 
 def serialize(tensors: dict[str, np.ndarray | torch.Tensor]) -> tuple[bytes, dict[str, object]]:
-    data = st_save({k: as_torch(v) for k, v in tensors.items()})
+    """safetensors bytes of a snapshot's arrays, and their size and sha256. The arrays may be read-only views of
+    the object store (a snapshot handed to the device writing it): they are only read here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        data = st_save({k: as_torch(v) for k, v in tensors.items()})
     return data, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def load_verified(read: Callable[[str], bytes], name: str, expected: dict[str, object], where: str
                   ) -> dict[str, torch.Tensor]:
     """Read a shard file and check it against the manifest entry before parsing it."""
+    check_file_name(name, where)
+    where = redact_url(where)
     data = read(name)
     if len(data) != expected["size"]:
         raise CheckpointError(f"{where}/{name} is {len(data)} bytes, the manifest says {expected['size']}: "
@@ -147,8 +180,11 @@ def load_verified(read: Callable[[str], bytes], name: str, expected: dict[str, o
 
 def restore_from_files(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
                        manifest: dict, read: Callable[[str], bytes], where: str) -> None:
-    """Load this device's part of a committed checkpoint (written by any number of devices)."""
+    """Load this device's part of a committed checkpoint (written by any number of devices). Every file name the
+    manifest holds is checked before anything is read (check_file_name)."""
     files = manifest["files"]
+    check_manifest_names(manifest, where)
+    where = redact_url(where)
     cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def tensors(name: str) -> dict[str, torch.Tensor]:

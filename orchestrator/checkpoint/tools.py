@@ -31,10 +31,10 @@ def describe(path: str) -> list[dict]:
     rows = []
     for step, ckpt in entries:
         if not ckpt.exists(MANIFEST):
-            rows.append({"step": step, "uri": ckpt.uri, "status": "uncommitted (no manifest): never loaded"})
+            rows.append({"step": step, "uri": ckpt.shown, "status": "uncommitted (no manifest): never loaded"})
             continue
         manifest, problem = verify(ckpt)
-        rows.append({"step": manifest.step if manifest else step, "uri": ckpt.uri,
+        rows.append({"step": manifest.step if manifest else step, "uri": ckpt.shown,
                      "size_mb": round(manifest.total_bytes / 1e6, 2) if manifest else None,
                      "world_size": manifest.world_size if manifest else None,
                      "files": len(manifest.files) if manifest else None,
@@ -47,10 +47,10 @@ def read_parameters(ckpt: Storage) -> tuple[dict[str, torch.Tensor], dict]:
     """Every parameter and buffer of a verified checkpoint (experts as `name[id]`), and the manifest."""
     manifest, problem = verify(ckpt)
     if problem is not None or manifest is None:
-        raise CheckpointError(f"cannot read {ckpt.uri}: {problem}")
+        raise CheckpointError(f"cannot read {ckpt.shown}: {problem}")
     out: dict[str, torch.Tensor] = {}
     for name, meta in manifest.files.items():
-        for key, t in load_verified(ckpt.read, name, meta, ckpt.uri).items():
+        for key, t in load_verified(ckpt.read, name, meta, ckpt.shown).items():
             kind, _, rest = key.partition("/")
             if kind in ("param", "buffer"):
                 out[rest] = t
@@ -61,9 +61,9 @@ def read_state(ckpt: Storage) -> dict[str, torch.Tensor]:
     """Every tensor of a verified checkpoint, optimizer moments and RNG included, keyed `file:key`."""
     manifest, problem = verify(ckpt)
     if problem is not None or manifest is None:
-        raise CheckpointError(f"cannot read {ckpt.uri}: {problem}")
+        raise CheckpointError(f"cannot read {ckpt.shown}: {problem}")
     return {f"{name}:{key}": t for name, meta in sorted(manifest.files.items())
-            for key, t in load_verified(ckpt.read, name, meta, ckpt.uri).items()}
+            for key, t in load_verified(ckpt.read, name, meta, ckpt.shown).items()}
 
 
 def differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
@@ -99,7 +99,7 @@ def export(path: str, out_file: str) -> dict:
     params, manifest = read_parameters(ckpt)
     state = full_state_dict(params)
     meta = {"step": str(manifest["step"]), "model": json.dumps(manifest["fingerprint"]["model"]),
-            "source": ckpt.uri}
+            "source": ckpt.shown}
     data = st_save(state, metadata=meta)
     Storage(out_file.rsplit("/", 1)[0] if "/" in out_file else ".").write(out_file.rsplit("/", 1)[-1], data)
-    return {"file": out_file, "tensors": len(state), "bytes": len(data), "step": manifest["step"], "source": ckpt.uri}
+    return {"file": out_file, "tensors": len(state), "bytes": len(data), "step": manifest["step"], "source": ckpt.shown}

@@ -6,6 +6,7 @@ package uses the default group, so code holding no reference picks up the new on
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import threading
@@ -42,9 +43,55 @@ def choose_backend(requested: str, use_gpu: bool, devices: list[dict]) -> tuple[
 
 
 def free_port(host: str = "") -> int:
+    """A port that was free a moment ago (bound, then closed): for tests and tools starting servers of their own.
+    Another process may take it before it is used; the rendezvous never relies on it (see open_rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# Rank 0's rendezvous socket: bound and listening from open_rendezvous until join hands it to the TCPStore.
+_rendezvous: socket.socket | None = None
+
+
+def open_rendezvous(host: str) -> int:
+    """Bind and listen on host:<a port the OS picks> now, keep the socket, and return the port (for the other
+    ranks). `join` on rank 0 hands this very socket to its TCPStore: the port is held from the moment it is
+    chosen until the store serves it, where a probed port (bound, closed, bound again later) could be taken by
+    another process in between. A second call closes the socket of the first (a group formed again)."""
+    global _rendezvous
+    close_rendezvous()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    _rendezvous = socket.create_server((host, 0), family=family, backlog=socket.SOMAXCONN)
+    return _rendezvous.getsockname()[1]
+
+
+def close_rendezvous() -> None:
+    global _rendezvous
+    if _rendezvous is not None:
+        _rendezvous.close()
+        _rendezvous = None
+
+
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:  # a host name: compared as given
+        return a == b
+
+
+def _listening_socket(addr: str, port: int, world: int) -> socket.socket:
+    """The socket rank 0's store serves on: the one open_rendezvous holds for addr:port, else one bound now
+    (for callers that chose the port themselves, such as tests spawning processes)."""
+    global _rendezvous
+    held, _rendezvous = _rendezvous, None
+    if held is not None:
+        host, held_port = held.getsockname()[:2]
+        if held_port == port and _same_address(host, addr):
+            return held
+        held.close()
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    return socket.create_server((addr, port), family=family, backlog=world)
 
 
 def interface_of(ip: str) -> str | None:
@@ -70,7 +117,8 @@ def join(backend: str, master_addr: str, master_port: int, rank: int, world: int
          own_ip: str | None = None) -> None:
     """Form (or re-form) the default group. Rendezvous through a TCP store that rank 0 serves on
     master_addr:master_port, listening on that address only (torch's own tcp:// store listens on every
-    interface: on a laptop that would open a port to the network)."""
+    interface: on a laptop that would open a port to the network). Rank 0 serves on the socket that
+    open_rendezvous holds for that address and port, if any: the port was never free since it was chosen."""
     leave()
     if master_addr.startswith("127."):
         # A loopback cluster keeps the backends' own sockets on loopback too (nccl's bootstrap would listen on
@@ -86,9 +134,7 @@ def join(backend: str, master_addr: str, master_port: int, rank: int, world: int
     timeout = timedelta(seconds=timeout_s)
     listen_fd = None
     if rank == 0:
-        family = socket.AF_INET6 if ":" in master_addr else socket.AF_INET
-        with socket.create_server((master_addr, master_port), family=family, backlog=world) as sock:
-            listen_fd = sock.detach()   # the store owns the socket from here (closed here only if that failed)
+        listen_fd = _listening_socket(master_addr, master_port, world).detach()   # the store owns it from here
     store = dist.TCPStore(master_addr, master_port, world, rank == 0, timeout, master_listen_fd=listen_fd)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -27,35 +27,32 @@ class InMemorySnapshot:
     refs: list[Any]         # the snapshots themselves, in the object store, owned by the driver
     kind: str = "snapshot"  # snapshot | checkpoint (taken by a checkpoint save)
     placement: Any = None   # the expert placement the devices had (None: contiguous)
+    lost: bool = False      # a device died before taking it (a checkpoint's writes found out)
 
 
 class SnapshotStore:
-    def __init__(self, goodput: Goodput, on_failed_save: Callable[[int, str], None]):
+    def __init__(self, goodput: Goodput):
         self.items: list[InMemorySnapshot] = []
         self.goodput = goodput
-        self.on_failed_save = on_failed_save   # a checkpoint's snapshot raised on a device
 
-    def keep(self, step: int, pairs: list[Any], kind: str = "snapshot", placement: Any = None) -> None:
-        """Keep the (done, snapshot) ref pairs of every device's `snapshot` or `save` call (num_returns=2)."""
+    def keep(self, step: int, pairs: list[Any], kind: str = "snapshot", placement: Any = None) -> InMemorySnapshot:
+        """Keep the (done, snapshot) ref pairs of every device's `snapshot` call (num_returns=2)."""
         for old in self.items[:-1]:
             self._account(old)
-        self.items = self.items[-1:] + [InMemorySnapshot(step, [p[0] for p in pairs], [p[1] for p in pairs], kind,
-                                                         placement)]
+        snap = InMemorySnapshot(step, [p[0] for p in pairs], [p[1] for p in pairs], kind, placement)
+        self.items = self.items[-1:] + [snap]
+        return snap
 
     @property
     def newest_refs(self) -> list[Any]:
         return self.items[-1].refs if self.items else []
 
     def _account(self, snap: InMemorySnapshot) -> None:
-        """Book a superseded snapshot's stall (long finished by now) to goodput; surface a save that raised."""
+        """Book a superseded snapshot's stall (long finished by now) to goodput."""
         try:
             done = ray.get(snap.done_refs, timeout=10)
-        except RayActorError:
-            return  # its device died: that failure was handled as such
-        except Exception as e:
-            if snap.kind == "checkpoint":
-                self.on_failed_save(snap.step, f"a device could not snapshot it: {e}")
-            return
+        except Exception:
+            return  # its device died or raised: the step, or the checkpoint's writes, report that
         seconds = max(d["seconds"] for d in done)
         if snap.kind == "checkpoint":
             self.goodput.checkpoint += seconds

@@ -1,0 +1,255 @@
+"""Checkpoint coordination, the driver's side, in one place: in-memory snapshots, shard writes, commits,
+retention, the run's timeline.
+
+A checkpoint of step s: every device copies its state to host memory (`DeviceActor.snapshot`; the copy
+lands in the object store, owned by the driver, so it outlives the device), then each device writes its
+own shard from that copy in a thread of its own (`DeviceActor.write_shard`) while training goes on.
+Each write's result is an object ref the driver polls, so the commit never rides on a later step:
+    every shard written            -> manifest committed (atomically), retention applied
+    a writer died (its actor died) -> the shard is rewritten from the same snapshot by the device that now
+                                      holds that rank (a replacement) or by another live one
+    a snapshot lost, a write error -> the checkpoint failed: the Healer records it and schedules a retake
+                                      (a half-written folder has no manifest: nothing loads it)
+`finish` waits for what is in flight, within a deadline. Commits name their run and the checkpoint they
+descend from (timeline.py); retention never deletes the checkpoint just committed or one being written.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from orchestrator.checkpoint.manager import (CheckpointManifest, apply_retention, commit_manifest, find_resume,
+                                             fingerprint_hash, model_fingerprint, step_dir)
+from orchestrator.checkpoint.snapshots import InMemorySnapshot, SnapshotStore
+from orchestrator.checkpoint.timeline import ResumePlan, training_settings
+from orchestrator.config import Config
+from orchestrator.goodput import Goodput
+from orchestrator.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Write:
+    rank: int        # whose shard (the rank of the snapshot it writes)
+    ref: Any         # the write_shard call in flight
+    actor: Any       # the actor writing it
+    attempts: int = 1
+
+
+@dataclass
+class PendingCheckpoint:
+    step: int
+    uri: str
+    started: float
+    snapshot: InMemorySnapshot
+    writes: dict[int, _Write] = field(default_factory=dict)
+    results: dict[int, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointFailure:
+    step: int
+    detail: str
+    ranks: list[int]
+    lost_snapshot: bool   # a device died before its state was copied: only a healed group can retake it
+
+
+class Checkpoints:
+    """The run's checkpoints and in-memory snapshots (see the module docstring)."""
+
+    def __init__(self, cfg: Config, plan: ResumePlan, goodput: Goodput):
+        self.cfg, self.policy, self.world = cfg, cfg.checkpoint, cfg.cluster.num_devices
+        self.run_id = plan.run_id
+        self.storage = Storage(plan.folder)
+        self.fingerprint = model_fingerprint(cfg)
+        self.training = training_settings(cfg)
+        self.lr_horizon = plan.lr_horizon
+        self.head = plan.parent                  # what the next commit descends from
+        self.resumed_step = plan.step
+        self.snapshots = SnapshotStore(goodput)
+        self.pending: dict[int, PendingCheckpoint] = {}
+        self.force: set[int] = set()              # steps to checkpoint whatever the policy (checkpoint faults)
+        self.committed_steps: list[int] = []      # by this process, in order
+        self.failed_steps: list[int] = []
+        self.last_saved_step = 0
+        self.write_seconds: dict[int, float] = {}    # step -> slowest shard write
+        self.commit_seconds: dict[int, float] = {}   # step -> snapshot started .. manifest committed
+        self.bytes_saved: dict[int, int] = {}
+
+    # ------------------------------------------------------------ policy
+    def wanted(self, step: int, retry_at: int | None) -> bool:
+        """Is a checkpoint of `step` due: by checkpoint.every_steps, a planned checkpoint fault, or a retry?"""
+        every = self.policy.every_steps
+        due = (every and step % every == 0) or step in self.force or (retry_at is not None and step >= retry_at)
+        return bool(due) and step not in self.committed_steps and step not in self.pending
+
+    def uri_for(self, step: int) -> str:
+        return self.storage.child(step_dir(step)).uri
+
+    def last_checkpoint(self, step: int) -> int | None:
+        """The newest committed checkpoint at or before `step` (this run's, or the one it resumed from)."""
+        known = [s for s in self.committed_steps + [self.resumed_step] if 0 < s <= step]
+        return max(known) if known else None
+
+    # ------------------------------------------------------------ taking
+    def snapshot(self, step: int, actors: list[Any], placement: Any) -> None:
+        """In-memory snapshot of every device after `step` (object refs owned by the driver)."""
+        self.snapshots.keep(step, [a.snapshot.options(num_returns=2).remote(step) for a in actors], placement=placement)
+
+    def save(self, step: int, actors: list[Any], placement: Any) -> None:
+        """Snapshot every device after `step`, then have each write its shard; committed by `poll`/`finish`."""
+        name = step_dir(step)
+        if name in self.storage.list_dirs():  # a leftover of a save that never committed (or was retired)
+            self.storage.delete_dir(name)
+        self.force.discard(step)
+        snap = self.snapshots.keep(step, [a.snapshot.options(num_returns=2).remote(step) for a in actors],
+                                   "checkpoint", placement)
+        p = PendingCheckpoint(step, self.uri_for(step), time.perf_counter(), snap)
+        for rank, actor in enumerate(actors):
+            p.writes[rank] = _Write(rank, actor.write_shard.remote(snap.refs[rank], p.uri), actor)
+        self.pending[step] = p
+        self.last_saved_step = step
+        if not self.policy.async_save:  # training waits until the shards are written
+            ray.wait([w.ref for w in p.writes.values()], num_returns=len(p.writes),
+                     timeout=self.cfg.cluster.step_timeout_s)
+
+    # ------------------------------------------------------------ completing
+    def poll(self, actors: list[Any], timeout_s: float = 0.0) -> tuple[list[int], list[CheckpointFailure]]:
+        """Take the shard writes that finished; commit each checkpoint whose shards are all written. Returns the
+        steps committed and the checkpoints that failed."""
+        committed, failed = [], []
+        for step in sorted(self.pending):
+            p = self.pending[step]
+            if p.writes:
+                refs = {w.ref: w for w in p.writes.values()}
+                ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+                for ref in ready:
+                    self._take(p, refs[ref], actors)
+            if p.writes:
+                continue
+            del self.pending[step]
+            if p.errors:
+                failed.append(self._failed(p))
+            else:
+                self._commit(p)
+                committed.append(step)
+        return committed, failed
+
+    def finish(self, actors: list[Any], timeout_s: float) -> tuple[list[int], list[CheckpointFailure]]:
+        """Wait (at most `timeout_s`) for every write in flight; commit what completes, fail what does not."""
+        deadline = time.monotonic() + timeout_s
+        committed, failed = [], []
+        while self.pending:
+            left = deadline - time.monotonic()
+            c, f = self.poll(actors, timeout_s=max(0.0, min(1.0, left)))
+            committed, failed = committed + c, failed + f
+            if left <= 0:
+                for step, p in sorted(self.pending.items()):
+                    for rank in p.writes:
+                        p.errors[rank] = f"device {rank}'s shard was not written within {timeout_s:.0f}s"
+                    p.writes.clear()
+                    failed.append(self._failed(p))
+                self.pending.clear()
+        return committed, failed
+
+    def _take(self, p: PendingCheckpoint, w: _Write, actors: list[Any]) -> None:
+        del p.writes[w.rank]
+        try:
+            result = ray.get(w.ref)
+        except RayActorError as e:
+            self._rewrite(p, w, actors, e)
+            return
+        except Exception as e:  # the snapshot was lost with its node, or the writer raised
+            p.errors[w.rank] = f"device {w.rank}: {_short(e)}"
+            return
+        if result.get("error"):
+            p.errors[w.rank] = f"rank {w.rank}: {result['error']}"
+        else:
+            p.results[w.rank] = result
+
+    def _rewrite(self, p: PendingCheckpoint, w: _Write, actors: list[Any], e: Exception) -> None:
+        """The writer of rank w.rank's shard died: have another device write it from the same snapshot, unless the
+        snapshot itself was never taken (the device died first)."""
+        done = p.snapshot.done_refs[w.rank]
+        ready, _ = ray.wait([done], timeout=0)
+        try:
+            if not ready:
+                raise RuntimeError("its snapshot was never taken")
+            ray.get(done)
+        except Exception:
+            p.errors[w.rank] = f"device {w.rank} died before its state was copied ({_short(e)})"
+            p.snapshot.lost = True
+            return
+        if w.attempts > self.world:
+            p.errors[w.rank] = f"device {w.rank}'s shard: {w.attempts} writers died ({_short(e)})"
+            return
+        # The device now holding this rank (a replacement), else the next one: never the same dead handle.
+        writer = next(a for a in [actors[w.rank]] + actors[w.rank + 1:] + actors[:w.rank] if a is not w.actor)
+        log.warning("checkpoint of step %d: the writer of device %d's shard died; rewriting it from the snapshot "
+                    "(attempt %d)", p.step, w.rank, w.attempts + 1)
+        p.writes[w.rank] = _Write(w.rank, writer.write_shard.remote(p.snapshot.refs[w.rank], p.uri), writer,
+                                  w.attempts + 1)
+
+    def _commit(self, p: PendingCheckpoint) -> CheckpointManifest:
+        files: dict[str, dict[str, Any]] = {}
+        expert_files: dict[str, dict[str, str]] = {}
+        for r in p.results.values():
+            files.update(r["files"])
+            for layer, placement in r["expert_files"].items():
+                expert_files.setdefault(layer, {}).update(placement)
+        first = p.results[0]
+        manifest = CheckpointManifest(step=p.step, world_size=self.world, files=files, expert_files=expert_files,
+                                      optimizer_step=first["optimizer_step"],
+                                      config_hash=fingerprint_hash(self.fingerprint), fingerprint=self.fingerprint,
+                                      seed=self.cfg.seed, placement=first.get("placement"), run_id=self.run_id,
+                                      parent=self.head, lr_horizon=self.lr_horizon, training=self.training)
+        commit_manifest(self.storage, manifest)
+        self.head = {"run_id": self.run_id, "step": p.step}
+        self.committed_steps.append(p.step)
+        elapsed = time.perf_counter() - p.started
+        self.commit_seconds[p.step] = elapsed
+        self.write_seconds[p.step] = max(float(r.get("write_s", 0.0)) for r in p.results.values())
+        self.bytes_saved[p.step] = manifest.total_bytes
+        log.info("checkpoint step %d committed: %.1f MB in %d files, %.2fs from snapshot to commit",
+                 p.step, manifest.total_bytes / 1e6, len(files), elapsed)
+        apply_retention(self.storage, self.policy.keep_last, self.policy.keep_every,
+                        protect={p.step, *self.pending})
+        return manifest
+
+    def _failed(self, p: PendingCheckpoint) -> CheckpointFailure:
+        detail = "; ".join(v for _, v in sorted(p.errors.items()))
+        self.failed_steps.append(p.step)
+        log.error("checkpoint at step %d not committed (%s); the previous checkpoint is kept", p.step, detail)
+        return CheckpointFailure(p.step, detail, sorted(p.errors), getattr(p.snapshot, "lost", False))
+
+    # ------------------------------------------------------------ reading back
+    def committed_newest_first(self):
+        """(step, storage, manifest) of this run's checkpoints that still verify, newest first (recovery's
+        fallback when the in-memory snapshots are gone)."""
+        for step in sorted(self.committed_steps, reverse=True):
+            try:
+                found = find_resume(self.uri_for(step), self.storage.uri)
+            except Exception as e:  # deleted by retention meanwhile, or damaged: an older one
+                log.warning("checkpoint of step %d cannot be restored (%s)", step, e)
+                continue
+            if found is not None:
+                yield step, found[0], found[1]
+
+    def restored_checkpoint(self, step: int) -> None:
+        """Recovery went back to the checkpoint of `step`: later commits descend from it."""
+        self.head = {"run_id": self.run_id, "step": step}
+
+
+def _short(e: Exception) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(e).__name__
+
+
+__all__ = ["Checkpoints", "CheckpointFailure", "PendingCheckpoint"]

@@ -1,0 +1,274 @@
+"""One device's shard, plain torch: its slice of the model, its optimizer, its data, its training step.
+
+No Ray here: a single-process reference run is a DeviceShard with world=1, and `DeviceActor` (device.py)
+is the thin Ray-facing object that holds one.
+
+A step on every device: forward over its slice of the global batch (MoE layers exchange tokens
+with all_to_all) -> loss summed over local tokens / global token count -> backward -> all-reduce
+dense gradients -> one all-reduce of the step's statistics (loss, expert-grad norm, expert load)
+-> global grad-norm clip -> AdamW. The returned `StepReport` is small: numbers and a few ints.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from orchestrator.checkpoint.shard import Snapshot, restore_from_files, restore_from_snapshots, take_snapshot
+from orchestrator.config import Config, expert_slots
+from orchestrator.data import BatchStream
+from orchestrator.model import build_model
+from orchestrator.model.balancing import update_expert_bias
+from orchestrator.model.layers import upcast
+from orchestrator.parallel import allreduce_dense_grads, apply_expert_parallel, clip_, sum_of_squares
+from orchestrator.parallel.groups import CLOCK
+from orchestrator.placement import ExpertPlacement
+from orchestrator.schedule import lr_of
+
+
+class InjectedCrash(RuntimeError):
+    """An exception raised on purpose inside a step (fault injection)."""
+
+
+@dataclass
+class StepReport:
+    step: int
+    rank: int
+    loss: float                    # mean loss over the global batch
+    grad_norm: float               # global gradient norm before clipping
+    lr: float
+    tokens: int                    # tokens in the global batch
+    compute_time_s: float          # time this device spent inside the step
+    expert_load: list[list[int]]   # [MoE layer][expert]: global tokens routed to the expert this step
+    device_load: list[list[int]] = field(default_factory=list)  # [MoE layer][device]: token copies its experts got
+    collective_s: float = 0.0      # of compute_time_s, time inside collectives (mostly waiting for peers)
+    skipped: str | None = None     # why the update was not applied: nonfinite | loss_spike | grad_spike
+    local_nonfinite: bool = False  # this device's own loss was non-finite (who caused a non-finite step)
+    aux_loss: float = 0.0          # balancing losses (all MoE layers, global batch), not part of `loss`
+    dropped: int = 0               # token copies dropped by capacity (all MoE layers, global batch)
+    rss_bytes: int = 0             # this device's process: resident host memory after the step
+    device_mem_bytes: int = 0      # GPU memory allocated by torch (0 on CPU)
+    pid: int = field(default_factory=os.getpid)
+
+
+def _reject(loss: float, grad_norm: float, guard: dict[str, float]) -> str | None:
+    """Why an update must not be applied, or None."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return "nonfinite"
+    if guard.get("skip_batch"):  # an alert rule with action=skip rewound to before this step: skip its batch
+        return "alert"
+    if guard.get("max_loss") and loss > guard["max_loss"]:
+        return "loss_spike"
+    if guard.get("max_grad_norm") and grad_norm > guard["max_grad_norm"]:
+        return "grad_spike"
+    return None
+
+
+def autocast_dtype(setting: str, dtype: str, device_type: str, bf16_supported: bool) -> torch.dtype | None:
+    """The dtype the forward autocasts to (train.mixed_precision), or None: `auto` means bf16 on a GPU that
+    supports it and nothing on CPU; `bf16` also on CPU, not on a GPU without bf16; float64 runs never."""
+    if setting == "none" or dtype == "float64" or (device_type == "cpu" and setting == "auto"):
+        return None
+    return torch.bfloat16 if device_type == "cpu" or bf16_supported else None
+
+
+def _bf16_native() -> bool:
+    """bf16 in hardware (Ampere and later); torch's default also says yes where it is only emulated (V100, T4)."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (psutil)."""
+    return psutil.Process().memory_info().rss
+
+
+class DeviceShard:
+    def __init__(self, cfg: Config, rank: int, world: int, train_tokens: np.ndarray, val_tokens: np.ndarray):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        # The process RNG is a function of (seed, rank) too, so what a checkpoint saves of it is reproducible.
+        torch.manual_seed(cfg.seed * 1_000_003 + rank)
+        self.device = torch.device("cuda", 0) if cfg.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.autocast = autocast_dtype(cfg.train.mixed_precision, cfg.train.dtype, self.device.type,
+                                       self.device.type == "cuda" and _bf16_native())
+        # The initial placement: experts [rank*El, (rank+1)*El), then replicas in the redundant slots, if any.
+        initial = ExpertPlacement.initial(cfg.model.num_experts, world, expert_slots(cfg) if world > 1 else None)
+        self.model = build_model(cfg.model, cfg.seed, initial.slots[rank], cfg.balance).to(
+            self.device, getattr(torch, cfg.train.dtype))
+        apply_expert_parallel(self.model, world)
+        for m in self.model.moe_layers():
+            m.set_placement(initial.slots, rank)
+        self.dense_params = [p for _, p in self.model.dense_parameters()]
+        self.expert_params = [p for _, p in self.model.expert_parameters()]
+        params = self.dense_params + self.expert_params
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+            lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+        self.data = BatchStream(train_tokens, val_tokens, cfg.seed, cfg.data.seq_len, t.global_batch_size, world, rank)
+        self.global_tokens = t.global_batch_size * cfg.data.seq_len
+        for m in self.model.moe_layers():  # balancing losses are shares of a loss over the global batch
+            m.global_tokens = self.global_tokens
+        # Injected faults (see DeviceActor.inject): each strikes the next step, or the next `slow_steps`.
+        self.crash_next_step = self.hang_next_step = self.nan_next_step = False
+        self.slow_steps, self.slow_delay_s = 0, 0.0
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            with CLOCK.collective("all_reduce stats"):
+                dist.all_reduce(t)
+        return t
+
+    def _loss_sum(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            logits_BTV = self.model(inputs_BT.to(self.device))
+        return F.cross_entropy(upcast(logits_BTV.flatten(0, 1)), targets_BT.to(self.device).flatten(), reduction="sum")
+
+    def train_step(self, step: int, guard: dict[str, float] | None = None) -> StepReport:
+        """One step. The update is not applied (and `skipped` says why) when the global loss or gradient
+        norm is non-finite, or above `guard`'s max_loss / max_grad_norm: every device sees the same
+        all-reduced values, so all of them decide alike."""
+        t0 = time.perf_counter()
+        CLOCK.start(step)
+        t = self.cfg.train
+        self.model.train()
+        if self.slow_steps:  # injected straggler: extra work outside any collective
+            self.slow_steps -= 1
+            time.sleep(self.slow_delay_s)
+        loss_sum = self._loss_sum(*self.data.train_batch(step))
+        if self.nan_next_step:  # injected: this device's loss (and so every gradient) becomes non-finite
+            self.nan_next_step = False
+            loss_sum = loss_sum * float("nan")
+        if self.crash_next_step:  # injected fault: fails between forward and backward, peers mid-step
+            self.crash_next_step = False
+            raise InjectedCrash(f"injected crash in step {step} on device {self.rank}")
+        if self.hang_next_step:  # injected: stops answering between forward and backward; peers wait in all_to_all
+            if self.hang_next_step == "collective":  # as a device stuck inside a collective call would look
+                with CLOCK.collective("all_to_all (hung, injected)"):
+                    while True:
+                        time.sleep(1.0)
+            CLOCK.set_phase("hung (injected)")
+            while True:
+                time.sleep(1.0)
+        aux = self.model.aux_loss()  # balancing losses: trained on, reported apart from the LM loss
+        lm_loss = loss_sum / self.global_tokens
+        (lm_loss if aux is None else lm_loss + aux).backward()
+        if self.world > 1:
+            allreduce_dense_grads(self.dense_params)
+        moe = self.model.moe_layers()
+        if any(max(m.copies) > 1 for m in moe):
+            self._sum_replica_grads(moe)
+        received = torch.zeros(len(moe), self.world, dtype=torch.float64, device=self.device)
+        received[:, self.rank] = torch.tensor([float(m.last_received) for m in moe], dtype=torch.float64)
+        # float64: exact token counts, and the loss sum as precise as the model's dtype allows.
+        stats = torch.cat([loss_sum.detach().double().view(1),
+                           self._expert_sum_of_squares(moe).view(1).to(self.device),
+                           (aux.detach().double() if aux is not None else loss_sum.new_zeros((), dtype=torch.float64)).view(1),
+                           torch.tensor([float(sum(m.last_dropped for m in moe))], dtype=torch.float64, device=self.device),
+                           received.flatten(),
+                           *(m.last_tokens_per_expert.double().to(self.device) for m in moe)])
+        self._all_reduce(stats)
+        counts = 4 + len(moe) * self.world  # where the per-expert counts start
+        grad_norm = torch.sqrt(sum_of_squares(self.dense_params).double().to(self.device) + stats[1])
+        loss, norm = stats[0].item() / self.global_tokens, grad_norm.item()
+        skipped = _reject(loss, norm, guard or {})
+        local_nonfinite = skipped == "nonfinite" and not math.isfinite(loss_sum.item())
+        lr = lr_of(t, step)
+        if skipped is None:
+            clip_(self.dense_params + self.expert_params, grad_norm, t.grad_clip)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            if self.cfg.balance.bias_update_speed:
+                for m, counts_E in zip(moe, stats[counts:].view(len(moe), -1)):
+                    update_expert_bias(m.router.expert_bias, counts_E, self.cfg.balance.bias_update_speed)
+        self.optimizer.zero_grad(set_to_none=True)
+        load = stats[counts:].nan_to_num().round().long().view(len(moe), -1).tolist() if moe else []
+        device_load = stats[4:counts].round().long().view(len(moe), self.world).tolist() if moe else []
+        CLOCK.set_phase("idle")
+        mem = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        return StepReport(rss_bytes=rss_bytes(), device_mem_bytes=mem, step=step, rank=self.rank, loss=loss, grad_norm=norm, lr=lr, tokens=self.global_tokens,
+                          compute_time_s=time.perf_counter() - t0, expert_load=load, device_load=device_load,
+                          aux_loss=stats[2].item(),
+                          dropped=int(stats[3].item()),
+                          collective_s=CLOCK.collective_s, skipped=skipped, local_nonfinite=local_nonfinite)
+
+    def _sum_replica_grads(self, moe: list) -> None:
+        """Each replica of an expert got the gradient of its share of the expert's tokens: sum them (one all_reduce
+        of the replicated experts' rows, zeros where a device holds no replica), so every replica holds the
+        expert's whole gradient and takes the same AdamW update: replicas stay identical."""
+        parts: list[torch.Tensor] = []
+        targets: list[tuple[torch.nn.Parameter, list[tuple[int, int]]]] = []
+        for m in moe:
+            row = {e: i for i, e in enumerate(e for e, n in enumerate(m.copies) if n > 1)}
+            mine = [(j, row[e]) for j, e in enumerate(m.experts.expert_ids) if e in row]
+            for p in m.experts.parameters():
+                buf = p.new_zeros((len(row), *p.shape[1:]))
+                for j, i in mine:
+                    if p.grad is not None:
+                        buf[i] += p.grad[j]
+                parts.append(buf)
+                targets.append((p, mine))
+        flat = torch.cat([b.flatten() for b in parts])
+        with CLOCK.collective("all_reduce replica grads"):
+            dist.all_reduce(flat)
+        offset = 0
+        for (p, mine), buf in zip(targets, parts):
+            summed = flat[offset:offset + buf.numel()].view_as(buf)
+            offset += buf.numel()
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            for j, i in mine:
+                p.grad[j].copy_(summed[i])
+
+    @staticmethod
+    def _expert_sum_of_squares(moe: list) -> torch.Tensor:
+        """This device's share of the squared expert-gradient norm: every logical expert counted once (its
+        primary replica), so the all-reduced sum is the norm of the model's gradient."""
+        sq = []
+        for m in moe:
+            for p in m.experts.parameters():
+                if p.grad is not None:
+                    sq.append(p.grad.detach()[m.primary_mask].double().pow(2).sum())
+        return torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64)
+
+    @torch.no_grad()
+    def evaluate(self, num_batches: int) -> float:
+        """Mean loss over `num_batches` global batches of the validation split."""
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i in range(num_batches):
+            total += self._loss_sum(*self.data.val_batch(i)).double()
+        return self._all_reduce(total.view(1)).item() / (self.global_tokens * max(1, num_batches))
+
+    def snapshot(self, step: int) -> Snapshot:
+        return take_snapshot(self.model, self.optimizer, self.rank, step)
+
+    def restore(self, manifest: dict[str, Any], read, where: str) -> None:
+        restore_from_files(self.model, self.optimizer, self.rank, manifest, read, where)
+
+    def restore_snapshots(self, snapshots: list[Snapshot]) -> None:
+        restore_from_snapshots(self.model, self.optimizer, self.rank, snapshots)
+
+    def set_placement(self, placement: list[list[list[int]]]) -> None:
+        """Hold, in every MoE layer, the experts `placement[layer][self.rank]` (dispatch follows at once; the
+        weights and optimizer state are the caller's to restore, from snapshots holding those experts). The
+        number of slots per device is fixed by the config: a placement only says which expert sits in which."""
+        for m, slots in zip(self.model.moe_layers(), placement):
+            m.set_placement(slots, self.rank)
+
+    def global_parameters(self) -> dict[str, torch.Tensor]:
+        """This device's parameters keyed by global name; routed experts one entry per global id."""
+        out = {name: p.detach().cpu().clone() for name, p in self.model.dense_parameters()}
+        for name, p in self.model.expert_parameters():
+            for j, gid in enumerate(self.model.expert_ids_of(name)):
+                out[f"{name}[{gid}]"] = p[j].detach().cpu().clone()
+        return out

@@ -1,0 +1,133 @@
+"""SIGINT and SIGTERM: the first stops a run after the step in flight, the second at once, later ones wait.
+
+One gate per process handles both signals:
+- while a driver's step loop listens (`on_stop`), the first signal only sets its stop flag: the run stops after
+  the step in flight, takes its checkpoint and finishes as usual; the job exits 128 + signal;
+- the next one (or the first where no loop listens: starting Ray, between two runs of a job) raises
+  `Interrupted` at once in the main thread, wherever it is (Ray's blocking calls give way to it): the driver's
+  `finally` releases the devices, status.json says `interrupted`, summary.json and the report are written with
+  what is known, and the job exits 128 + the first signal;
+- any later signal is only noted on stderr: the end work goes on (kill -9 abandons it), no traceback.
+
+A job holds the gate for its whole main() (`job_signals`); a Driver used on its own installs it for its run()
+only. `ray.init` replaces the SIGTERM handler with its own (`sys.exit(15)`: exit code 15, no end work), so
+`reinstall()` puts the gate back after it. Notes go to fd 2 with os.write: printing through sys.stderr from a
+handler that interrupted a write to sys.stderr fails (reentrant call).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from orchestrator.errors import Interrupted
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """The gate: what the signals received so far mean now (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.raised: Interrupted | None = None
+        self.on_stop: Callable[[str], None] | None = None  # a step loop's graceful stop
+        self.armed = True                                    # False once the job's main() is over: only noted
+        self.previous = {s: signal.getsignal(s) for s in SIGNALS}
+
+    def handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        self.received.append(signum)
+        if self.raised is not None or not self.armed:
+            _say(f"{name}: already stopping; the end work goes on (kill -9 abandons it)")
+            return
+        if self.on_stop is not None and len(self.received) == 1:
+            self.on_stop(name)
+            _say(f"{name}: stopping after the step in flight; a second signal stops at once")
+            return
+        second = len(self.received) > 1
+        self.raised = Interrupted(signum, self.received[0] if second else None)
+        _say(f"{name}{' again' if second else ''}: interrupting now; the end work follows (devices released, "
+             f"status, summary, report); a further signal is ignored")
+        raise self.raised
+
+    def install(self) -> None:
+        for s in SIGNALS:
+            signal.signal(s, self.handle)
+
+    def uninstall(self) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)  # None: a handler not set from Python
+
+
+_active: StopSignals | None = None
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _say(text: str) -> None:
+    try:
+        os.write(2, (text + "\n").encode())
+    except OSError:
+        pass
+
+
+@contextmanager
+def job_signals(keep: bool = False) -> Iterator[StopSignals | None]:
+    """The gate for a job's main(). On leaving, later signals are only noted (the job is on its way out); unless
+    `keep`, the handlers from before are put back (for a caller that goes on: a test calling main()). Outside
+    the main thread, or inside another job's gate, it does nothing."""
+    global _active
+    if not _main_thread() or _active is not None:
+        yield _active
+        return
+    gate = _active = StopSignals()
+    gate.install()
+    try:
+        yield gate
+    finally:
+        gate.armed, gate.on_stop = False, None
+        if not keep:
+            gate.uninstall()
+            _active = None
+
+
+def on_stop(callback: Callable[[str], None]) -> Callable[[], None]:
+    """Route the first SIGINT/SIGTERM to `callback(signal name)` (a graceful stop) until the returned function is
+    called; a second one raises Interrupted. Installs the gate for that long where no job holds one. Outside
+    the main thread (where Python runs no handler) it does nothing."""
+    global _active
+    if not _main_thread():
+        return lambda: None
+    own = _active is None
+    gate = _active = _active or StopSignals()
+    gate.install()  # also where the job holds it: ray.init may have replaced its SIGTERM handler since
+    gate.on_stop = callback
+
+    def undo() -> None:
+        global _active
+        gate.on_stop = None
+        if own and _active is gate:
+            gate.uninstall()
+            _active = None
+    return undo
+
+
+def reinstall() -> None:
+    """Put the job's gate back on SIGINT/SIGTERM (after `ray.init`, which sets its own SIGTERM handler)."""
+    if _active is not None and _main_thread():
+        _active.install()
+
+
+def interrupted(e: BaseException) -> Interrupted:
+    """The Interrupted behind `e`: `e` itself, or the one the gate raised where Ray turned it into a plain
+    KeyboardInterrupt; a KeyboardInterrupt from Python's own SIGINT handler (no gate) counts as SIGINT."""
+    if isinstance(e, Interrupted):
+        return e
+    if _active is not None and _active.raised is not None:
+        return _active.raised
+    return Interrupted(signal.SIGINT)
