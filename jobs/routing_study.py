@@ -25,6 +25,9 @@ from jobs.cli import interrupted_exit, job_parser, setup_logging
 from orchestrator.config import ConfigError, load_config
 from orchestrator.rundir import read_jsonl
 
+# what every strategy starts from: the router left alone
+NO_BALANCING = ["balance.aux_loss_coeff=0", "balance.seq_aux_loss_coeff=0", "balance.z_loss_coeff=0",
+                "balance.bias_update_speed=0"]
 # name -> config overrides; `{world}` is the number of devices
 STRATEGIES: dict[str, list[str]] = {
     "none": [],
@@ -174,7 +177,9 @@ def study(args: argparse.Namespace) -> int:
                 print(f"one device: leaving out {', '.join(skipped)}", file=sys.stderr)
                 names = [n for n in names if n not in skipped]
         strategies = {n: [o.format(world=world) for o in STRATEGIES[n]] for n in names} | parse_extra(args.extra)
-        configs = {n: load_config(args.config, overrides + strategies[n]) for n in strategies}
+        # every strategy starts from no balancing (the default job balances its router), then the command
+        # line's overrides, then the strategy's own settings
+        configs = {n: load_config(args.config, NO_BALANCING + overrides + strategies[n]) for n in strategies}
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -92,7 +92,7 @@ class BalanceConfig:
     num_groups: int = 1               # expert groups (consecutive experts); one per device balances devices exactly
     topk_groups: int = 1              # group_limited: groups a token may use
     capacity_factor: float = 0.0      # 0: dropless; else each expert takes at most ceil(cf * T * top_k / E) copies
-                                      # per sequence, the highest gates first; the rest are dropped (and counted)
+                                      # per sequence, its first ones in token order; the rest are dropped (and counted)
     replace_every: int = 0            # live expert re-placement: re-plan every R steps (0: off; experts stay contiguous)
     replace_window: int = 50          # ... from the mean load of the last this-many steps ...
     replace_min_gain: float = 0.02    # ... and migrate when the planned device max/mean load beats the current by this

@@ -107,14 +107,28 @@ def test_group_limited_routing_uses_at_most_topk_groups():
     assert torch.equal(everything.sort(-1).values, scores.topk(3).indices.sort(-1).values)
 
 
-def test_capacity_drops_the_lowest_gates_per_sequence_and_expert():
+def test_capacity_keeps_each_experts_first_copies_per_sequence():
     experts = torch.tensor([[0], [0], [0], [1], [0], [0], [1], [1]])   # two sequences of T=4, K=1, E=2
-    gates = torch.tensor([[0.9], [0.5], [0.7], [0.6], [0.1], [0.2], [0.3], [0.4]])
-    kept = drop_over_capacity(gates, experts, seq_len=4, num_experts=2, capacity=2)
-    # sequence 1: expert 0 keeps tokens 0 (0.9) and 2 (0.7), drops token 1; sequence 2: nothing over capacity
-    assert kept.flatten().tolist() == [0, 2, 0, 1, 0, 0, 1, 1]
-    tied = drop_over_capacity(torch.ones(4, 1), torch.zeros(4, 1, dtype=torch.long), 4, 2, capacity=1)
-    assert tied.flatten().tolist() == [0, 2, 2, 2]  # equal gates: the earliest token stays
+    kept = drop_over_capacity(experts, seq_len=4, num_experts=2, capacity=2)
+    # sequence 1: expert 0 keeps tokens 0 and 1, drops token 2; sequence 2: nothing over capacity
+    assert kept.flatten().tolist() == [0, 0, 2, 1, 0, 0, 1, 1]
+    top2 = torch.tensor([[0, 1], [1, 0], [0, 2], [2, 0]])                  # one sequence of T=4, K=2, E=3
+    assert drop_over_capacity(top2, 4, 3, capacity=2).tolist() == [[0, 1], [1, 0], [3, 2], [2, 3]]
+
+
+def test_capacity_drops_are_causal_and_do_not_depend_on_the_batch_split():
+    """A copy's fate depends on its own sequence's earlier tokens only: the same whether later tokens change or
+    the sequences are cut into per-device slices (which is what makes N devices drop what one device drops)."""
+    g = torch.Generator().manual_seed(0)
+    B, T, K, E = 6, 16, 2, 4
+    experts = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(B * T)])
+    kept = drop_over_capacity(experts, T, E, capacity=3)
+    assert 0 < (kept == E).sum() < B * T * K
+    halves = [drop_over_capacity(part, T, E, capacity=3) for part in experts.split(2 * T)]
+    assert torch.equal(torch.cat(halves), kept)
+    changed = experts.clone()
+    changed[T + 9:2 * T] = changed[T + 9:2 * T].flip(-1).roll(1, 0)   # sequence 2 from token 9 on
+    assert torch.equal(drop_over_capacity(changed, T, E, capacity=3)[:T + 9], kept[:T + 9])
 
 
 def test_dropped_copies_reach_no_expert():
@@ -148,3 +162,28 @@ def test_routing_study_job_compares_strategies_with_plots(ray_session, tmp_path)
     for name in ("maxvio.png", "device_imbalance.png", *(f"heatmap-{s}.png" for s in rows)):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert "| grouped |" in (out / "comparison.md").read_text()
+
+
+def test_balance_default_script_sums_the_load_before_taking_maxvio(tmp_path):
+    """bench/balance_default.py: MaxVio of the summed load (two layers' by hand), the per-step mean, maxvio alerts."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "balance_default.py"
+    spec = importlib.util.spec_from_file_location("balance_default", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    loads = [[[4, 0], [2, 2]], [[0, 4], [3, 1]], [[1, 3], [2, 2]]]   # [step][layer][expert]
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s + 1, "loss": 3.0 - s, "expert_load": load, **load_stats(load, 1)}) + "\n"
+        for s, load in enumerate(loads)))
+    (tmp_path / "summary.json").write_text(json.dumps({"val_loss": 1.5, "tokens_per_s": 100.0}))
+    (tmp_path / "alerts.jsonl").write_text(json.dumps({"step": 2, "rule": "maxvio"}) + "\n"
+                                           + json.dumps({"step": 3, "rule": "loss_spike"}) + "\n")
+    row = script.balance_figures(tmp_path, first=2, last=2)
+    # first two steps summed: layer 0 [4, 4] -> 0, layer 1 [5, 3] -> 5/4 - 1; per step: (1 + 0)/2, (1 + 0.5)/2
+    assert row["maxvio_first_2_summed"] == pytest.approx(0.125)
+    assert row["maxvio_first_2_mean"] == pytest.approx((0.5 + 0.75) / 2)
+    # last two: layer 0 [1, 7] -> 7/4 - 1, layer 1 [5, 3] -> 0.25
+    assert row["maxvio_last_2_summed"] == pytest.approx((0.75 + 0.25) / 2)
+    assert row["final_loss"] == 1.0 and row["mean_loss_last_50"] == 2.0 and row["maxvio_alerts"] == [2]

@@ -64,5 +64,7 @@ def test_unreachable_storage_is_a_clear_error_before_training(tmp_path):
     proc = train(tmp_path / "run", f"checkpoint.dir={dead}", "train.steps=2",
                  env_extra={"AWS_EC2_METADATA_DISABLED": "true"})
     assert proc.returncode == 1
-    assert "run failed: could not reach or create . under s3://ckpt/x?endpoint_override=127.0.0.1" in proc.stderr
+    # the run's folder under checkpoint.dir: s3://ckpt/x/<run id>?endpoint_override=...
+    assert "run failed: could not reach or create . under s3://ckpt/x/tiny-" in proc.stderr
+    assert "?endpoint_override=127.0.0.1" in proc.stderr and "HeadBucket" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or (tmp_path / "run" / "metrics.jsonl").read_text() == ""

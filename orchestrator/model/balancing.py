@@ -94,17 +94,26 @@ def select_experts(biased_NE: torch.Tensor, top_k: int, routing: str = "topk", n
     return torch.topk(masked_NE, top_k, dim=-1).indices
 
 
-def drop_over_capacity(gates_NK: torch.Tensor, experts_NK: torch.Tensor, seq_len: int, num_experts: int,
-                       capacity: int) -> torch.Tensor:
-    """Capacity-factor routing: in every sequence, each expert keeps at most `capacity` token copies, those with
-    the highest gates (ties: the earlier token). Dropped copies get the expert id `num_experts` (no expert): the
-    token keeps its other experts, the shared expert and the residual. Per sequence, so the same copies drop
-    however the sequences are spread over devices. Returns experts_NK with the drops marked."""
+def drop_over_capacity(experts_NK: torch.Tensor, seq_len: int, num_experts: int, capacity: int) -> torch.Tensor:
+    """Capacity-factor routing: in every sequence, each expert keeps its first `capacity` token copies in token
+    order (the order Switch Transformer fills an expert's buffer in); later copies are dropped and get the expert
+    id `num_experts` (no expert): the token keeps its other experts, the shared expert and the residual.
+    Returns experts_NK with the drops marked.
+
+    The order is discrete on purpose: which copies drop is a function of the routing choices alone, never of a
+    comparison of float gates between tokens. Tokens with mathematically equal gates are common (a sequence that
+    opens with a run of one byte, indentation say, gives every token of the run the same hidden state), and a
+    gate ranking settled those ties by last-bit rounding, which differs with how the batch is split over devices
+    (matrix shapes, the order the gradient all-reduce sums in): N devices dropped other copies than one device.
+    Token order is also causal: whether token t keeps a copy depends on tokens <= t only, where a gate ranking
+    lets later tokens evict it. Per sequence, so the same copies drop however whole sequences are spread over
+    devices.
+    """
     N, K = experts_NK.shape
-    seq_M = (torch.arange(N, device=experts_NK.device) // seq_len).repeat_interleave(K)
-    key_M = seq_M * num_experts + experts_NK.reshape(-1)
-    by_gate_M = torch.argsort(-gates_NK.detach().reshape(-1), stable=True)
-    order_M = by_gate_M[torch.argsort(key_M[by_gate_M], stable=True)]   # grouped by key, best gate first
+    flat_M = experts_NK.reshape(-1)                                  # (token, k) order: token order
+    seq_M = torch.arange(N * K, device=experts_NK.device) // (seq_len * K)
+    key_M = seq_M * (num_experts + 1) + flat_M
+    order_M = torch.argsort(key_M, stable=True)                      # grouped by (sequence, expert), in token order
     sorted_key_M = key_M[order_M]
     first_M = torch.searchsorted(sorted_key_M, sorted_key_M)          # where each key's run starts
     rank_M = torch.empty_like(order_M)

@@ -182,7 +182,7 @@ class MoE(nn.Module):
         send_NK = experts_NK
         if self.balance.capacity_factor:
             capacity = math.ceil(self.balance.capacity_factor * T * self.top_k / self.num_experts)
-            send_NK = drop_over_capacity(gates_NK, experts_NK, T, self.num_experts, capacity)
+            send_NK = drop_over_capacity(experts_NK, T, self.num_experts, capacity)
             self.last_dropped = int((send_NK == self.num_experts).sum())
         slots_NK = self.slots_of(send_NK)  # expert ids -> physical slots (sorted by slot = grouped by device)
         x_MD, tokens_per_local_slot, _, meta = self.dispatcher.dispatch(x_ND, slots_NK, self.num_slots)
