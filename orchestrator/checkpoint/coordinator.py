@@ -191,7 +191,10 @@ class Checkpoints:
             p.errors[w.rank] = f"device {w.rank}'s shard: {w.attempts} writers died ({_short(e)})"
             return
         # The device now holding this rank (a replacement), else the next one: never the same dead handle.
-        writer = next(a for a in [actors[w.rank]] + actors[w.rank + 1:] + actors[:w.rank] if a is not w.actor)
+        writer = next((a for a in [actors[w.rank]] + actors[w.rank + 1:] + actors[:w.rank] if a is not w.actor), None)
+        if writer is None:  # one device, and it died: the checkpoint is retaken once the group is healed
+            p.errors[w.rank] = f"device {w.rank}'s writer died and no other device can rewrite it ({_short(e)})"
+            return
         log.warning("checkpoint of step %d: the writer of device %d's shard died; rewriting it from the snapshot "
                     "(attempt %d)", p.step, w.rank, w.attempts + 1)
         p.writes[w.rank] = _Write(w.rank, writer.write_shard.remote(p.snapshot.refs[w.rank], p.uri), writer,
