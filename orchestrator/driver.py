@@ -15,7 +15,6 @@ The driver keeps bounded state: a window of recent records and running totals, n
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import deque
@@ -28,7 +27,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from orchestrator import signals
 from orchestrator.alerts import AlertEngine, Context
-from orchestrator.balancer import Balancer, Placement, load_stats, placement_from_manifest
+from orchestrator.balancer import Balancer, Placement, placement_from_manifest
 from orchestrator.checkpoint.coordinator import Checkpoints
 from orchestrator.checkpoint.manager import CheckpointManifest
 from orchestrator.checkpoint.timeline import ResumePlan, plan_resume, record_run_id, retire
@@ -39,11 +38,11 @@ from orchestrator.device_group import DeviceGroup, get
 from orchestrator.errors import RunError
 from orchestrator.goodput import Goodput
 from orchestrator.healing import Decision, Healer, Incident, Injector, StepFailure, Watch, plan_faults
-from orchestrator.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops
+from orchestrator.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops, step_record
 from orchestrator.monitor import Progress, device_status, write_status
 from orchestrator.rundir import append_jsonl, read_jsonl, rewind_logs
 from orchestrator.storage import Storage
-from orchestrator.summary import RunSummary, Totals, history_len
+from orchestrator.summary import RunSummary, Totals, history_len, write_results
 
 log = logging.getLogger(__name__)
 
@@ -137,19 +136,7 @@ class Driver:
         return self.watch.collect(self.devices, [a.train_step.remote(step, guard) for a in self.actors], step, t0)
 
     def _record(self, step: int, reports: list[StepReport], wall: float) -> dict[str, Any]:
-        r0 = reports[0]
-        rec = {"step": step, "loss": r0.loss, "grad_norm": r0.grad_norm, "lr": r0.lr, "tokens": r0.tokens,
-               "tokens_per_s": r0.tokens / wall, "step_time_s": wall,
-               "device_step_time_s": [r.compute_time_s for r in reports],
-               "device_collective_s": [r.collective_s for r in reports],
-               "device_rss_mb": [round(r.rss_bytes / 2**20, 1) for r in reports],
-               "aux_loss": r0.aux_loss, "dropped": r0.dropped, "expert_load": r0.expert_load,
-               **load_stats(r0.expert_load, self.world, self.balancer.placement, r0.device_load), "time": time.time()}
-        if self.peak_flops:
-            rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / (self.world * self.peak_flops)
-        if r0.skipped:
-            rec["skipped"] = r0.skipped
-        return rec
+        return step_record(step, reports, wall, self.balancer.placement, self.peak_flops, self.flops_per_token)
 
     @property
     def last_step(self) -> int:
@@ -305,23 +292,7 @@ class Driver:
             recoveries=self.healer.recoveries, incidents=self.healer.report(), faults_injected=self.injector.fired,
             goodput=self.goodput.to_dict(), run_id=ck.run_id,
             monitoring_s=self.status_s + (self.metrics.seconds if self.metrics else 0.0))
-        (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
-        (self.run_dir / "goodput.json").write_text(json.dumps(self.goodput.to_dict(), indent=2) + "\n")
-        if cfg.monitor.report and t.steps:
-            try:
-                from orchestrator.report import write_report
-
-                log.info("run report: %s", write_report(self.run_dir))
-            except Exception as e:  # the run's results are written; a report that fails must not fail the run
-                log.warning("could not write the run report: %s", e)
-                if interrupted is not None:
-                    interrupted.not_written["report.html"] = str(e)
-            except KeyboardInterrupt as e:  # a second signal while it was being written
-                interrupted = signals.interrupted(e)
-                interrupted.not_written["report.html"] = "interrupted while it was being written"
-                raise interrupted
-        elif cfg.monitor.report and interrupted is not None:
-            interrupted.not_written["report.html"] = "no step had finished"
+        write_results(self.run_dir, summary, self.goodput.to_dict(), cfg.monitor.report, interrupted)
         return summary
 
     # ------------------------------------------------------------- decisions
@@ -414,15 +385,10 @@ class Driver:
     def after_step(self, step: int) -> bool:
         """Checkpoint by the policy (or a retry, or a checkpoint fault), else an in-memory snapshot on its
         cadence. True when a checkpoint save started."""
-        if self.checkpoints.wanted(step, self.healer.checkpoint_retry_at):
+        saved = self.checkpoints.after_step(step, self.actors, self.balancer.placement, self.healer.checkpoint_retry_at)
+        if saved:
             self.healer.checkpoint_retry_at = None
-            self.save_checkpoint(step)
-            return True
-        every = self.cfg.faults.snapshot_every
-        items = self.checkpoints.snapshots.items
-        if every and step % every == 0 and not (items and items[-1].step == step):  # (a re-placement took one)
-            self.snapshot(step)
-        return False
+        return saved
 
     def _poll_checkpoints(self, now: int, timeout_s: float = 0.0) -> list:
         committed, failed = self.checkpoints.poll(self.actors, timeout_s)

@@ -96,6 +96,27 @@ def peak_flops(cfg: Config, gpu_name: str | None, mixed_precision: str) -> float
     return cpu_peak_flops(c.torch_threads or max(1, int(c.cpus_per_device)))
 
 
+def step_record(step: int, reports: list[Any], wall: float, placement: Any, peak: float | None,
+                flops_per_token_: float) -> dict[str, Any]:
+    """A completed step's record (one line of metrics.jsonl; see README "The run directory") from every device's
+    StepReport, the step's wall time, the expert placement and, for MFU, one device's peak FLOP/s."""
+    from orchestrator.balancer import load_stats
+
+    r0, world = reports[0], len(reports)
+    rec = {"step": step, "loss": r0.loss, "grad_norm": r0.grad_norm, "lr": r0.lr, "tokens": r0.tokens,
+           "tokens_per_s": r0.tokens / wall, "step_time_s": wall,
+           "device_step_time_s": [r.compute_time_s for r in reports],
+           "device_collective_s": [r.collective_s for r in reports],
+           "device_rss_mb": [round(r.rss_bytes / 2**20, 1) for r in reports],
+           "aux_loss": r0.aux_loss, "dropped": r0.dropped, "expert_load": r0.expert_load,
+           **load_stats(r0.expert_load, world, placement, r0.device_load), "time": time.time()}
+    if peak:
+        rec["mfu"] = rec["tokens_per_s"] * flops_per_token_ / (world * peak)
+    if r0.skipped:
+        rec["skipped"] = r0.skipped
+    return rec
+
+
 class Sink(Protocol):
     def write(self, record: dict[str, Any]) -> None: ...
 
@@ -290,4 +311,4 @@ class MetricsStream:
             log.warning("metrics sink %s failed: %s", getattr(fn, "__qualname__", fn), e)
 
 
-__all__ = ["MetricsStream", "SCALARS", "flops_per_token", "cpu_peak_flops", "gpu_peak_flops", "peak_flops", "check_sinks"]
+__all__ = ["MetricsStream", "SCALARS", "flops_per_token", "cpu_peak_flops", "gpu_peak_flops", "peak_flops", "step_record", "check_sinks"]

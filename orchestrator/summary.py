@@ -1,10 +1,17 @@
-"""What a run leaves behind in summary.json, and the bounded running totals the driver keeps to write it."""
+"""What a run leaves behind (summary.json, goodput.json, report.html), and the bounded running totals the driver
+keeps to write it."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from orchestrator import signals
 from orchestrator.config import Config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,4 +64,27 @@ def history_len(cfg: Config) -> int:
     return max([64, cfg.balance.replace_window + 1, *rules])
 
 
-__all__ = ["RunSummary", "Totals", "history_len"]
+def write_results(run_dir: Path, summary: RunSummary, goodput: dict[str, float], report: bool,
+                  interrupted: Any = None) -> None:
+    """summary.json and goodput.json, then report.html (when `report` and a step finished). A report that fails does
+    not fail the run; for an interrupted run, what was not written and why goes into `interrupted.not_written`."""
+    (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    (run_dir / "goodput.json").write_text(json.dumps(goodput, indent=2) + "\n")
+    if report and summary.steps_done:
+        try:
+            from orchestrator.report import write_report
+
+            log.info("run report: %s", write_report(run_dir))
+        except Exception as e:  # the run's results are written; a report that fails must not fail the run
+            log.warning("could not write the run report: %s", e)
+            if interrupted is not None:
+                interrupted.not_written["report.html"] = str(e)
+        except KeyboardInterrupt as e:  # a second signal while it was being written
+            interrupted = signals.interrupted(e)
+            interrupted.not_written["report.html"] = "interrupted while it was being written"
+            raise interrupted
+    elif report and interrupted is not None:
+        interrupted.not_written["report.html"] = "no step had finished"
+
+
+__all__ = ["RunSummary", "Totals", "history_len", "write_results"]

@@ -120,6 +120,18 @@ class Checkpoints:
             ray.wait([w.ref for w in p.writes.values()], num_returns=len(p.writes),
                      timeout=self.cfg.cluster.step_timeout_s)
 
+    def after_step(self, step: int, actors: list[Any], placement: Any, retry_at: int | None) -> bool:
+        """A checkpoint of `step` when one is wanted, else an in-memory snapshot on the faults.snapshot_every
+        cadence (unless one of this step was just taken, by a re-placement). True when a checkpoint started."""
+        if self.wanted(step, retry_at):
+            self.save(step, actors, placement)
+            return True
+        every = self.cfg.faults.snapshot_every
+        items = self.snapshots.items
+        if every and step % every == 0 and not (items and items[-1].step == step):
+            self.snapshot(step, actors, placement)
+        return False
+
     # ------------------------------------------------------------ completing
     def poll(self, actors: list[Any], timeout_s: float = 0.0) -> tuple[list[int], list[CheckpointFailure]]:
         """Take the shard writes that finished; commit each checkpoint whose shards are all written. Returns the
