@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -35,6 +35,11 @@ def get(refs: list[Any], timeout_s: float, what: str) -> list[Any]:
         raise RunError(f"timed out after {timeout_s:.0f}s waiting for the devices to {what}") from None
     except RayActorError as e:
         raise RunError(f"a device actor died while trying to {what}: {e}") from e
+    except RayTaskError as e:  # an error inside a device (a rendezvous timeout, ...): the recovery may retry it
+        if isinstance(e, RunError):  # ours already (a CheckpointError, ...): it says what is wrong
+            raise
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        raise RunError(f"a device failed to {what}: {lines[-1][:300] if lines else type(e).__name__}") from e
 
 
 class DeviceGroup:

@@ -67,6 +67,7 @@ class Driver:
         self.totals = Totals()
         self.totals_at: dict[int, Totals] = {}   # after steps a rewind can go back to
         self.first = 1
+        self.last_kept = 0                  # the last step kept (history is a bounded window of it)
         self.high_water = 0                 # the furthest step ever completed (steps up to it are replays)
         self.metrics: MetricsStream | None = None
         self.progress: Progress | None = None
@@ -97,9 +98,6 @@ class Driver:
         corpus.check_vocab(cfg.model.vocab_size, cfg.data.path)
         ckpt = self.checkpoints
         ckpt.storage.check()  # an unreachable checkpoint URI fails now, not at the first save
-        record_run_id(self.run_dir, plan.run_id)
-        retire(ckpt.storage, plan.retire, plan.step)
-        rewind_logs(self.run_dir, plan.step)
         log.info("run %s: checkpoints in %s; data: %s, %d train / %d validation tokens", plan.run_id,
                  ckpt.storage.shown, corpus.description, len(corpus.train), len(corpus.val))
         self.devices.start()
@@ -140,7 +138,8 @@ class Driver:
 
     @property
     def last_step(self) -> int:
-        return self.history[-1]["step"] if self.history else self.first - 1
+        """The last step kept (after a rewind: the step rewound to)."""
+        return self.last_kept
 
     def run(self) -> RunSummary:
         cfg = self.cfg
@@ -157,13 +156,19 @@ class Driver:
         try:
             self.start()
             self.first = first = self.restore() + 1
-            self.high_water = first - 1
+            # the run continues after `first - 1`: only now (the devices started, the checkpoint loaded) are the
+            # abandoned timeline's checkpoints retired and the run directory's logs rewound
+            record_run_id(self.run_dir, self.plan.run_id)
+            retire(self.checkpoints.storage, self.plan.retire, self.plan.step)
+            rewind_logs(self.run_dir, self.plan.logs_through)
+            self.high_water = self.last_kept = first - 1
             self.totals_at[first - 1] = self.totals
             self.metrics = MetricsStream(cfg, self.run_dir, first)
             m = cfg.monitor
             self.alerts = AlertEngine(m.alerts, self.run_dir / "alerts.jsonl", m.webhook_url, m.webhook_timeout_s,
                                       m.webhook_retries)
             self.balancer.earlier = self.metrics.log.tail(self.history.maxlen)  # a resumed run's recent loads
+            self.watch.rebuild(self.balancer.earlier)                          # ... and its spike history
             self.progress = Progress(cfg.train.steps, cfg.run.progress, first_step=first)
             self.snapshot(first - 1)
             t_loop = time.perf_counter()
@@ -183,6 +188,8 @@ class Driver:
                 if closable is not None:
                     closable.close()
             restore_signals()
+            if state == "failed" and self.checkpoints.pending and self.actors:
+                self._settle_before_shutdown()
             self.shutdown()
             if self.alerts is not None:
                 self.alerts.close()  # webhooks still being posted: after the devices are released
@@ -234,10 +241,10 @@ class Driver:
                 rec["replacement"] = self.replace_experts(step)
             if self.after_step(step):
                 rec["checkpoint_saved"] = True
-            self._poll_checkpoints(step)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 self._periodic_eval(rec)
             self.metrics.write(rec)
+            self._poll_checkpoints(step)   # after the record: a committed checkpoint's step is in the log
             self.progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], rec.get("maxvio"),
                                  rec.get("mfu"), len(self.healer.incidents))
             self.write_status("running", reports)
@@ -255,6 +262,7 @@ class Driver:
             self.goodput.productive += wall
             self.high_water = step
         self.history.append(rec)
+        self.last_kept = step
         self.totals = self.totals_at[step] = self.totals.add(rec)
         # A rewind goes back to an in-memory snapshot; rarely (snapshots lost with their node) to the newest
         # committed checkpoint, whose totals are then read back from metrics.jsonl (_totals_from_log).
@@ -292,16 +300,24 @@ class Driver:
             recoveries=self.healer.recoveries, incidents=self.healer.report(), faults_injected=self.injector.fired,
             goodput=self.goodput.to_dict(), run_id=ck.run_id,
             monitoring_s=self.status_s + (self.metrics.seconds if self.metrics else 0.0))
-        write_results(self.run_dir, summary, self.goodput.to_dict(), cfg.monitor.report, interrupted)
+        if t.steps or not (self.run_dir / "summary.json").exists():
+            write_results(self.run_dir, summary, self.goodput.to_dict(), cfg.monitor.report, interrupted)
+        elif interrupted is not None:  # nothing trained: a finished run's results are not overwritten by nothing
+            for name in ("summary.json", "goodput.json", "report.html"):
+                interrupted.not_written[name] = "no step had finished; the earlier results are left as they were"
         return summary
 
     # ------------------------------------------------------------- decisions
     def _carry_out(self, d: Decision, message: str) -> int:
         """Carry out a Healer's decision: recover (retried with exponential backoff), rewind; the next step."""
         f = self.cfg.faults
+        self._poll_checkpoints(self.last_step)   # writes finished before the fault commit whatever comes next
         if d.skip is not None:
             self.skip_steps.add(d.skip)
         if d.wait_snapshot:  # of the step just kept, by the devices being replaced too: nothing is recomputed
+            items = self.checkpoints.snapshots.items
+            if not items or items[-1].step != self.last_step:
+                self.snapshot(self.last_step, always=True)
             self.checkpoints.snapshots.wait_newest(f.recovery_timeout_s)
         replace, reform, t0 = list(d.replace), d.reform, time.perf_counter()
 
@@ -333,8 +349,12 @@ class Driver:
         """Continue after step `back`: its later records go (replayed steps are recorded once, when they complete)."""
         while self.history and self.history[-1]["step"] > back:
             self.history.pop()
+        self.last_kept = back
         self.totals = self.totals_at.get(back) or self._totals_from_log(back)
         self.metrics.truncate(back)
+        if not self.history and back >= self.first:  # a rewind deeper than the window: refill it from the log
+            self.history.extend(r for r in self.metrics.log.tail(self.history.maxlen) if r["step"] >= self.first)
+        self.watch.rebuild(self.history)
         self.alerts.rewind(back)
         self.progress.message(f"{message}; continuing from step {back + 1}")
         return back + 1
@@ -416,16 +436,31 @@ class Driver:
             self.save_checkpoint(last)
         while True:
             failed = [f for f in self.finish_checkpoints() if f.step == last]  # (healer: incident, retries left?)
-            if not wanted or not failed:
+            dead = self.devices.dead_ranks() if (wanted and failed) or self._devices_needed() else []
+            if not dead and (not wanted or not failed):
                 return None
-            dead = self.devices.dead_ranks()
             if dead:
                 now = time.time()
                 incidents = [Incident(last, "dead", r, self.devices.node_of(r), now,
-                                      "died while the final checkpoint was taken") for r in dead]
+                                      "died at the end of the run (final checkpoint, validation ahead)") for r in dead]
                 return self._carry_out(self.healer.failed_step(StepFailure(last, incidents, time.perf_counter())),
                                        "healed during the final checkpoint")
             self.save_checkpoint(last)
+
+    def _devices_needed(self) -> bool:
+        """Does the end of the run still need every device (the final validation)?"""
+        return bool(self.cfg.train.eval_batches) and not self.stop_signal and bool(self.history) \
+            and self.history[-1].get("val_loss") is None
+
+    def _settle_before_shutdown(self) -> None:
+        """A run that fails still commits the checkpoints whose shards are written (they do not depend on the step
+        that failed); what cannot finish within a minute is left uncommitted."""
+        try:
+            committed, _ = self.checkpoints.finish(self.actors, min(60.0, self.cfg.cluster.step_timeout_s))
+            if committed:
+                log.info("committed checkpoint(s) %s before stopping", committed)
+        except Exception as e:  # the run's own error is what matters now
+            log.warning("could not settle the checkpoints in flight: %s", e)
 
     # -------------------------------------------------------------- recovery
     def dead_ranks(self) -> list[int]:
@@ -453,6 +488,7 @@ class Driver:
         log.info("recovery: actors %.2fs, process group %.2fs, build %.2fs, state from the %s %.2fs",
                  t1 - t0, t2 - t1, t3 - t2, source, t4 - t3)
         self.watch.fresh = True
+        self.watch.slow_count.clear()   # replaced devices start a new episode
         return step, source
 
     def _restore_state(self, timeout_s: float) -> tuple[int, str]:
@@ -466,7 +502,6 @@ class Driver:
             return snap.step, "snapshot"
         for step, storage, manifest in self.checkpoints.committed_newest_first():
             self._load(storage, manifest, timeout_s)
-            self.checkpoints.restored_checkpoint(step)
             self.snapshot(step)
             return step, "checkpoint"
         log.warning("no snapshot or checkpoint of this run to restore; going back to the state it started from")

@@ -142,6 +142,12 @@ class Watch:
         learned = max(self.f.hang_floor_s, self.f.hang_factor * statistics.median(self.step_times))
         return min(self.f.hang_cap_s, learned * (3 if self.fresh else 1))
 
+    def rebuild(self, records) -> None:
+        """After a rewind (or at a resume): the spike history is that of the records kept, as the first pass had it."""
+        kept = [r for r in records if not r.get("skipped")]
+        self.losses = deque((r["loss"] for r in kept), maxlen=self.f.spike_window)
+        self.norms = deque((r["grad_norm"] for r in kept), maxlen=self.f.spike_window)
+
     def observe(self, step_time_s: float) -> None:
         if self.fresh:
             self.fresh = False
@@ -260,8 +266,7 @@ class Watch:
             mine, others = pairs[r.rank]
             if mine > self.f.straggler_factor * others and mine - others > self.f.straggler_min_s:
                 self.slow_count[r.rank] = self.slow_count.get(r.rank, 0) + 1
-                if self.slow_count[r.rank] >= self.f.straggler_patience:
-                    self.slow_count[r.rank] = 0
+                if self.slow_count[r.rank] == self.f.straggler_patience:  # once per episode: until it catches up
                     out.append(Incident(step, "slow", r.rank, devices.node_of(r.rank), now,
                                         f"own work {mine:.3f}s vs {others:.3f}s on the others, "
                                         f"{self.f.straggler_patience} steps in a row"))
@@ -419,7 +424,13 @@ class Healer:
         if not movable:
             return None
         ranks = [i.rank for i in movable]
-        self._spend(step, f"step {step}: straggler device(s) {ranks}")
+        try:
+            self._spend(step, f"step {step}: straggler device(s) {ranks}")
+        except RunError as e:  # a slow device is no reason to stop the run: it stays, recorded and alerted
+            for i in movable:
+                i.action, i.detail = "recorded", f"{i.detail}; not replaced: {str(e).split('. Incidents')[0]}"
+            log.warning("step %d: device(s) %s straggle; not replaced (%s)", step, ranks, e)
+            return None
         log.warning("step %d: device(s) %s straggle; replacing them with standbys on other nodes", step, ranks)
         return Decision(movable, ranks, reform=True, wait_snapshot=True)
 

@@ -240,8 +240,12 @@ def test_spikes_and_stragglers_are_detected_from_reports(tmp_path):
     assert watch.inspect(28, slow, NoDriver()) == []  # patience: 2 steps in a row
     (straggler,) = watch.inspect(29, slow, NoDriver())
     assert (straggler.kind, straggler.rank, straggler.node) == ("slow", 0, "node-0")
-    noisy = [report(30, 0, own=0.13), report(30, 1)]  # 1.3x: noise, not a straggler
-    assert watch.inspect(30, noisy, NoDriver()) == [] and watch.inspect(31, noisy, NoDriver()) == []
+    # one incident per episode: a device that stays slow is not reported again every `patience` steps
+    assert all(watch.inspect(s, slow, NoDriver()) == [] for s in range(30, 40))
+    noisy = [report(40, 0, own=0.13), report(40, 1)]  # 1.3x: noise, not a straggler; the episode ends
+    assert watch.inspect(40, noisy, NoDriver()) == [] and watch.inspect(41, noisy, NoDriver()) == []
+    watch.inspect(42, slow, NoDriver())
+    assert [i.kind for i in watch.inspect(43, slow, NoDriver())] == ["slow"]   # a new episode
 
 
 def test_chaos_job_with_warm_standby_verifies_against_its_twin(tmp_path):
@@ -316,6 +320,11 @@ def test_straggler_is_replaced_only_with_a_standby_on_another_node():
     moved = slow(6)
     decision = healer.stragglers(6, moved, spare_elsewhere={1})
     assert decision.replace == [1] and decision.reform and decision.wait_snapshot and healer.recoveries == 1
+    spent = Healer(tiny_config(None, "cluster.num_devices=2", "faults.max_recoveries=1"))
+    spent.stragglers(4, slow(4), spare_elsewhere={1})
+    late = slow(8)   # the budget is spent: a slow device is no reason to stop the run
+    assert spent.stragglers(8, late, spare_elsewhere={1}) is None and late[0].action == "recorded"
+    assert "not replaced" in late[0].detail and spent.recoveries == 1
     record_only = Healer(tiny_config(None, "cluster.num_devices=2", "faults.on_straggler=record"))
     assert record_only.stragglers(7, slow(7), spare_elsewhere={1}) is None and record_only.recoveries == 0
     # a straggler left in place is alerted (the straggler rule's action), once per step

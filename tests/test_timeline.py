@@ -83,6 +83,25 @@ def test_a_device_lost_during_the_final_checkpoint_is_healed_and_the_checkpoint_
     assert differences(final(run_dir), final(twin)) == []
 
 
+class LoseDeviceAfterTheFinalCommit(Driver):
+    """Device 1 dies after the final checkpoint committed, before the final validation."""
+
+    def finish_checkpoints(self):
+        failed = super().finish_checkpoints()
+        if self.last_step == self.cfg.train.steps and not getattr(self, "killed", False):
+            self.killed = True
+            ray.kill(self.actors[1], no_restart=True)
+        return failed
+
+
+def test_a_device_lost_after_the_final_checkpoint_is_healed_before_validation(ray_session, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = LoseDeviceAfterTheFinalCommit(tiny_config(run_dir, "cluster.num_devices=2", "train.steps=4",
+                                                        "train.eval_batches=1"), run_dir).run()
+    assert summary.checkpoints_committed == [4] and summary.recoveries == 1 and summary.val_loss is not None
+    assert steps_of(run_dir) == [1, 2, 3, 4]
+
+
 # ----------------------------------------------------------------- 2: one timeline
 def test_resuming_from_an_older_checkpoint_starts_a_new_timeline(ray_session, tmp_path):
     run_dir = tmp_path / "run"
@@ -124,6 +143,30 @@ def test_runs_sharing_a_checkpoint_dir_keep_their_own_checkpoints(ray_session, t
                      b).run()
     assert resumed.resumed_from_step == 8                                          # B's own, not A's step 12
     assert manifest(root / id_b, 10).run_id == id_b
+
+
+def test_a_run_continuing_another_runs_checkpoint_starts_its_own_timeline(ray_session, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    Driver(tiny_config(a, *TWO, "checkpoint.every_steps=4", "train.steps=8"), a).run()
+    Driver(tiny_config(b, *TWO, "checkpoint.every_steps=4", "train.steps=8", "seed=3"), b).run()
+    summary = Driver(tiny_config(b, *TWO, "train.steps=6", f"train.resume={a / 'checkpoints' / 'step_00000004'}"),
+                     b).run()
+    assert summary.resumed_from_step == 4
+    assert steps_of(b) == [5, 6]                                   # b's own earlier steps were another timeline
+    assert committed(b / "checkpoints") == [6] and committed(a / "checkpoints") == [4, 8]
+    id_a = json.loads((a / "run.json").read_text())["run_id"]
+    assert manifest(b / "checkpoints", 6).parent == {"run_id": id_a, "step": 4}
+
+
+def test_latest_refuses_checkpoints_written_before_run_ids(tmp_path):
+    from orchestrator.checkpoint.timeline import plan_resume
+    from orchestrator.config import ConfigError
+
+    root = tmp_path / "root"
+    (root / "step_00000010").mkdir(parents=True)
+    (root / "step_00000010" / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"holds checkpoints directly \(steps 10\).*train.resume=.*step_00000010"):
+        plan_resume(tiny_config(tmp_path / "run", f"checkpoint.dir={root}", "train.resume=latest"), tmp_path / "run")
 
 
 # ----------------------------------------------------------------- 3: exact or refused

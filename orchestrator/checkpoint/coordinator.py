@@ -29,7 +29,7 @@ from orchestrator.checkpoint.snapshots import InMemorySnapshot, SnapshotStore
 from orchestrator.checkpoint.timeline import ResumePlan, training_settings
 from orchestrator.config import Config
 from orchestrator.goodput import Goodput
-from orchestrator.storage import Storage
+from orchestrator.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Checkpoints:
         self.fingerprint = model_fingerprint(cfg)
         self.training = training_settings(cfg)
         self.lr_horizon = plan.lr_horizon
-        self.head = plan.parent                  # what the next commit descends from
+        self.origin = plan.parent                # what this process's first commit descends from
         self.resumed_step = plan.step
         self.snapshots = SnapshotStore(goodput)
         self.pending: dict[int, PendingCheckpoint] = {}
@@ -106,8 +106,11 @@ class Checkpoints:
     def save(self, step: int, actors: list[Any], placement: Any) -> None:
         """Snapshot every device after `step`, then have each write its shard; committed by `poll`/`finish`."""
         name = step_dir(step)
-        if name in self.storage.list_dirs():  # a leftover of a save that never committed (or was retired)
-            self.storage.delete_dir(name)
+        try:
+            if name in self.storage.list_dirs():  # a leftover of a save that never committed
+                self.storage.delete_dir(name)
+        except StorageError as e:  # the writes will say whether the storage works
+            log.warning("could not clear %s before the checkpoint of step %d: %s", name, step, e)
         self.force.discard(step)
         snap = self.snapshots.keep(step, [a.snapshot.options(num_returns=2).remote(step) for a in actors],
                                    "checkpoint", placement)
@@ -144,14 +147,22 @@ class Checkpoints:
                 ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
                 for ref in ready:
                     self._take(p, refs[ref], actors)
+            if p.writes and time.perf_counter() - p.started > self.cfg.cluster.step_timeout_s:
+                for rank in p.writes:  # a write that hangs (storage stalled) must not hold every later commit
+                    p.errors[rank] = (f"device {rank}'s shard was not written within "
+                                      f"{self.cfg.cluster.step_timeout_s:.0f}s (cluster.step_timeout_s)")
+                p.writes.clear()
             if p.writes:
                 continue
             del self.pending[step]
-            if p.errors:
-                failed.append(self._failed(p))
-            else:
-                self._commit(p)
-                committed.append(step)
+            if not p.errors:
+                try:
+                    self._commit(p)
+                    committed.append(step)
+                    continue
+                except StorageError as e:  # the manifest could not be written: not committed, retaken later
+                    p.errors[-1] = f"committing the manifest: {e}"
+            failed.append(self._failed(p))
         return committed, failed
 
     def finish(self, actors: list[Any], timeout_s: float) -> tuple[list[int], list[CheckpointFailure]]:
@@ -224,9 +235,9 @@ class Checkpoints:
                                       optimizer_step=first["optimizer_step"],
                                       config_hash=fingerprint_hash(self.fingerprint), fingerprint=self.fingerprint,
                                       seed=self.cfg.seed, placement=first.get("placement"), run_id=self.run_id,
-                                      parent=self.head, lr_horizon=self.lr_horizon, training=self.training)
+                                      parent=self._parent(p.step), lr_horizon=self.lr_horizon,
+                                      training=self.training)
         commit_manifest(self.storage, manifest)
-        self.head = {"run_id": self.run_id, "step": p.step}
         self.committed_steps.append(p.step)
         elapsed = time.perf_counter() - p.started
         self.commit_seconds[p.step] = elapsed
@@ -234,9 +245,19 @@ class Checkpoints:
         self.bytes_saved[p.step] = manifest.total_bytes
         log.info("checkpoint step %d committed: %.1f MB in %d files, %.2fs from snapshot to commit",
                  p.step, manifest.total_bytes / 1e6, len(files), elapsed)
-        apply_retention(self.storage, self.policy.keep_last, self.policy.keep_every,
-                        protect={p.step, *self.pending})
+        try:
+            apply_retention(self.storage, self.policy.keep_last, self.policy.keep_every,
+                            protect={p.step, *self.pending})
+        except StorageError as e:  # the checkpoint is committed; an old one left behind is no reason to stop
+            log.warning("retention after the checkpoint of step %d: %s", p.step, e)
         return manifest
+
+    def _parent(self, step: int) -> dict[str, Any] | None:
+        """What the checkpoint of `step` descends from: the newest committed before it on this timeline (commits
+        can finish out of order), else what the run started from. (A recovery that went back to a checkpoint
+        leaves nothing newer committed, so this holds across rewinds too.)"""
+        before = [s for s in self.committed_steps if s < step]
+        return {"run_id": self.run_id, "step": max(before)} if before else self.origin
 
     def _failed(self, p: PendingCheckpoint) -> CheckpointFailure:
         detail = "; ".join(v for _, v in sorted(p.errors.items()))
@@ -256,10 +277,6 @@ class Checkpoints:
                 continue
             if found is not None:
                 yield step, found[0], found[1]
-
-    def restored_checkpoint(self, step: int) -> None:
-        """Recovery went back to the checkpoint of `step`: later commits descend from it."""
-        self.head = {"run_id": self.run_id, "step": step}
 
 
 def _short(e: Exception) -> str:

@@ -108,6 +108,7 @@ class ResumePlan:
     manifest: CheckpointManifest | None = None
     retire: list[int] = field(default_factory=list)  # this run's committed checkpoints on the abandoned timeline
     lr_horizon: int = 0
+    logs_through: int = 0                         # the run directory's logs are kept up to this step
     complete: bool = False                        # the checkpoint is at train.steps: nothing to do
     warnings: list[str] = field(default_factory=list)
 
@@ -117,7 +118,7 @@ class ResumePlan:
 
     @property
     def parent(self) -> dict[str, Any] | None:
-        return {"run_id": self.manifest.run_id or self.run_id, "step": self.manifest.step} if self.manifest else None
+        return {"run_id": self.manifest.run_id, "step": self.manifest.step} if self.manifest else None
 
 
 def plan_resume(cfg: Config, run_dir: Path) -> ResumePlan:
@@ -147,15 +148,40 @@ def plan_resume(cfg: Config, run_dir: Path) -> ResumePlan:
         plan.complete = m.step == cfg.train.steps
         plan.warnings = continuation_changes(m, cfg, where)
         plan.lr_horizon = _horizon(cfg, m, plan.warnings)
-    same_run = m is not None and (m.run_id in (None, run_id) or plan.storage.uri.startswith(folder.rstrip("/") + "/"))
     try:
-        mine = [s for s, _ in list_checkpoints(Storage(folder))]
+        mine = list_checkpoints(Storage(folder))
     except StorageError:
         if cfg.train.resume:
             raise
         mine = []  # a fresh start: the driver's storage check says what is wrong with checkpoint.dir
-    plan.retire = [s for s in mine if s > plan.step] if same_run or m is None else mine
+    resumed = [s for s, st in mine if m is not None and _same_place(st, plan.storage)]
+    same_run = m is not None and (m.run_id == run_id or bool(resumed))
+    # a run continuing its own timeline after step k retires its checkpoints after k; a run continuing from
+    # another run's checkpoint (or starting over) retires all of its own, never the one it resumes from
+    plan.retire = [s for s, _ in mine if (s > plan.step or not same_run) and s not in resumed]
+    plan.logs_through = plan.step if same_run else 0
+    if m is None and cfg.train.resume == "latest" and cfg.checkpoint.dir:
+        _refuse_the_old_layout(cfg.checkpoint.dir)
     return plan
+
+
+def _same_place(a: Storage, b: Storage) -> bool:
+    """Two storages at one place (local paths resolved, URIs without their query)."""
+    return type(a.fs) is type(b.fs) and a.root.rstrip("/") == b.root.rstrip("/")
+
+
+def _refuse_the_old_layout(root: str) -> None:
+    """Checkpoints written before runs had ids sit right under checkpoint.dir: `latest` does not look there (it
+    looks in <checkpoint.dir>/<run id>); starting over silently would throw that run away."""
+    try:
+        old = list_checkpoints(Storage(root))
+    except StorageError:
+        return
+    if old:
+        raise ConfigError(f"train.resume=latest: checkpoint.dir={Storage(root).shown} holds checkpoints directly "
+                          f"(steps {', '.join(str(s) for s, _ in old[-3:])}), as runs wrote them before run ids: "
+                          f"resume one by its path, train.resume={old[-1][1].shown}; later checkpoints then go to "
+                          f"<checkpoint.dir>/<run id>/")
 
 
 def _horizon(cfg: Config, m: CheckpointManifest, warnings: list[str]) -> int:
