@@ -4,6 +4,7 @@ placement, and a fault after a re-placement heals to the same state as the fault
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,9 @@ def test_resume_from_a_checkpoint_in_a_moved_placement_is_exact(ray_session, tmp
     resumed.mkdir()
     (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in (whole / "metrics.jsonl").read_text()
                                                    .splitlines()[:4]))  # the run directory it resumes in
+    # the same run continued in another run directory: its id goes with it (else it is a new run from that
+    # checkpoint, and a new run's logs start empty)
+    shutil.copy(whole / "run.json", resumed / "run.json")
     summary = Driver(tiny_config(resumed, *base, f"train.resume={ckpt4}"), resumed).run()
     assert summary.resumed_from_step == 4
     assert records(resumed) == records(whole)[:4] + [r for r in records(resumed) if r["step"] > 4]

@@ -4,6 +4,7 @@ once, checkpoints hold one copy, and healing and resuming in a placement with re
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,9 @@ def test_resume_with_replicas_is_exact(ray_session, tmp_path):
     resumed.mkdir()
     (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in (whole / "metrics.jsonl").read_text()
                                                    .splitlines()[:4]))
+    # the same run continued in another run directory: its id goes with it (else it is a new run from that
+    # checkpoint, and a new run's logs start empty)
+    shutil.copy(whole / "run.json", resumed / "run.json")
     summary = Driver(tiny_config(resumed, *base, f"train.resume={whole / 'checkpoints' / 'step_00000004'}"),
                      resumed).run()
     assert summary.resumed_from_step == 4
