@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 from orchestrator.config import redact_text, redact_url
 from orchestrator.detectors import against_others, own_work, recent_median
+from orchestrator.rundir import append_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +249,8 @@ class AlertEngine:
     def _append(self, line: dict[str, Any]) -> None:
         if self.path is None:
             return
-        with self._lock, open(self.path, "a") as f:
-            f.write(json.dumps(line, separators=(",", ":")) + "\n")
+        with self._lock:  # webhook threads append their outcome lines too
+            append_jsonl(self.path, line)
 
     def close(self, timeout_s: float = 30.0) -> None:
         if self.webhook:

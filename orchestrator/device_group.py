@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.config import Config
 from orchestrator.device import DeviceActor, autocast_dtype
-from orchestrator.errors import RunError
+from orchestrator.errors import RunError, last_line
 from orchestrator.parallel.groups import choose_backend
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,7 @@ def get(refs: list[Any], timeout_s: float, what: str) -> list[Any]:
     except RayTaskError as e:  # an error inside a device (a rendezvous timeout, ...): the recovery may retry it
         if isinstance(e, RunError):  # ours already (a CheckpointError, ...): it says what is wrong
             raise
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        raise RunError(f"a device failed to {what}: {lines[-1][:300] if lines else type(e).__name__}") from e
+        raise RunError(f"a device failed to {what}: {last_line(e)}") from e
 
 
 class DeviceGroup:

@@ -410,8 +410,8 @@ class Driver:
             self.healer.checkpoint_retry_at = None
         return saved
 
-    def _poll_checkpoints(self, now: int, timeout_s: float = 0.0) -> list:
-        committed, failed = self.checkpoints.poll(self.actors, timeout_s)
+    def _poll_checkpoints(self, now: int) -> list:
+        committed, failed = self.checkpoints.poll(self.actors)
         return self._checkpoint_outcomes(committed, failed, now)
 
     def _checkpoint_outcomes(self, committed: list[int], failed: list, now: int) -> list:

@@ -4,6 +4,13 @@ from __future__ import annotations
 import signal
 
 
+def last_line(e: BaseException, limit: int = 300) -> str:
+    """The last non-empty line of an error's message (where Ray's wrapped tracebacks put the cause), cut to
+    `limit` characters; the error's type when the message is empty."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else type(e).__name__
+
+
 class RunError(RuntimeError):
     """A run could not start or go on; the message says what failed, where, and what to do."""
 

@@ -33,7 +33,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from orchestrator.config import Config, FaultSpec
 from orchestrator.detectors import against_others, own_work, recent_median
-from orchestrator.errors import RunError
+from orchestrator.errors import RunError, last_line
 
 if TYPE_CHECKING:
     from orchestrator.device import StepReport
@@ -193,18 +193,18 @@ class Watch:
             if rank in hung:
                 kind, detail = "hang", hung[rank]
             elif isinstance(e, RayActorError):
-                kind, detail = "dead", _short(e)
+                kind, detail = "dead", last_line(e)
             elif _collateral(e):
                 continue
             else:
-                kind, detail = "crash", _short(e)
+                kind, detail = "crash", last_line(e)
             incidents.append(Incident(step, kind, rank, devices.node_of(rank), now, detail, detect_s=detect_s))
         for rank in sorted(pending.values()):  # still inside the step well after a peer failed
             ray.kill(devices.actors[rank], no_restart=True)
             incidents.append(Incident(step, "hang", rank, devices.node_of(rank), now,
                                       hung.get(rank, "no answer after a peer failed"), detect_s=detect_s))
         if not incidents:  # only collective errors: the failing peer could not be told apart; replace none
-            incidents.append(Incident(step, "collective", -1, None, now, _short(next(iter(errors.values()))),
+            incidents.append(Incident(step, "collective", -1, None, now, last_line(next(iter(errors.values()))),
                                       detect_s=detect_s))
         raise StepFailure(step, incidents, started)
 
@@ -278,11 +278,6 @@ class Watch:
 def _collateral(e: Exception) -> bool:
     text = str(e)
     return any(s in text for s in _COLLATERAL)
-
-
-def _short(e: Exception) -> str:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return lines[-1][:300] if lines else type(e).__name__
 
 
 # --------------------------------------------------------------------------- policy

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from orchestrator.config import Config, redacted_yaml
-from orchestrator.rundir import tail_jsonl, truncate_jsonl
+from orchestrator.rundir import jsonl_line, tail_jsonl, truncate_jsonl
 
 
 def run_dir_path(cfg: Config) -> Path:
@@ -68,7 +68,7 @@ class MetricsLog:
         return tail_jsonl(self.path, n)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._f.write(jsonl_line(record))
 
     def close(self) -> None:
         self._f.close()

@@ -55,8 +55,8 @@ def tail_jsonl(path: Path | str, n: int) -> list[dict[str, Any]]:
 
 
 def truncate_jsonl(path: Path | str, keep_through_step: int) -> int:
-    """Keep the lines of steps <= keep_through_step (every line for a negative value; none for 0 and below
-    step 1), dropping torn lines; atomically (a temporary file and a rename). The number of lines dropped."""
+    """Keep the lines of steps <= keep_through_step (none for 0), dropping torn lines; atomically (a temporary
+    file and a rename). The number of lines dropped."""
     path = Path(path)
     if not path.exists():
         return 0
@@ -64,8 +64,8 @@ def truncate_jsonl(path: Path | str, keep_through_step: int) -> int:
     dropped = 0
     with open(tmp, "w", encoding="utf-8") as out:
         for obj in read_jsonl(path):
-            if keep_through_step < 0 or int(obj.get("step") or 0) <= keep_through_step:
-                out.write(json.dumps(obj, separators=(",", ":")) + "\n")
+            if int(obj.get("step") or 0) <= keep_through_step:
+                out.write(jsonl_line(obj))
             else:
                 dropped += 1
         out.flush()
@@ -85,9 +85,14 @@ def rewind_logs(run_dir: Path, keep_through_step: int) -> dict[str, int]:
     return dropped
 
 
+def jsonl_line(obj: dict[str, Any]) -> str:
+    """One object as a line of a .jsonl file (compact, newline-terminated): how every writer writes one."""
+    return json.dumps(obj, separators=(",", ":")) + "\n"
+
+
 def append_jsonl(path: Path, obj: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        f.write(jsonl_line(obj))
 
 
-__all__ = ["read_jsonl", "tail_jsonl", "truncate_jsonl", "rewind_logs", "append_jsonl", "STEP_LOGS"]
+__all__ = ["read_jsonl", "tail_jsonl", "truncate_jsonl", "rewind_logs", "append_jsonl", "jsonl_line", "STEP_LOGS"]

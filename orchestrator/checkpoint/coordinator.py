@@ -28,6 +28,7 @@ from orchestrator.checkpoint.manager import (CheckpointManifest, apply_retention
 from orchestrator.checkpoint.snapshots import InMemorySnapshot, SnapshotStore
 from orchestrator.checkpoint.timeline import ResumePlan, training_settings
 from orchestrator.config import Config
+from orchestrator.errors import last_line
 from orchestrator.goodput import Goodput
 from orchestrator.storage import Storage, StorageError
 
@@ -58,7 +59,6 @@ class CheckpointFailure:
     step: int
     detail: str
     ranks: list[int]
-    lost_snapshot: bool   # a device died before its state was copied: only a healed group can retake it
 
 
 class Checkpoints:
@@ -190,7 +190,7 @@ class Checkpoints:
             self._rewrite(p, w, actors, e)
             return
         except Exception as e:  # the snapshot was lost with its node, or the writer raised
-            p.errors[w.rank] = f"device {w.rank}: {_short(e)}"
+            p.errors[w.rank] = f"device {w.rank}: {last_line(e)}"
             return
         if result.get("error"):
             p.errors[w.rank] = f"rank {w.rank}: {result['error']}"
@@ -207,16 +207,15 @@ class Checkpoints:
                 raise RuntimeError("its snapshot was never taken")
             ray.get(done)
         except Exception:
-            p.errors[w.rank] = f"device {w.rank} died before its state was copied ({_short(e)})"
-            p.snapshot.lost = True
+            p.errors[w.rank] = f"device {w.rank} died before its state was copied ({last_line(e)})"
             return
         if w.attempts > self.world:
-            p.errors[w.rank] = f"device {w.rank}'s shard: {w.attempts} writers died ({_short(e)})"
+            p.errors[w.rank] = f"device {w.rank}'s shard: {w.attempts} writers died ({last_line(e)})"
             return
         # The device now holding this rank (a replacement), else the next one: never the same dead handle.
         writer = next((a for a in [actors[w.rank]] + actors[w.rank + 1:] + actors[:w.rank] if a is not w.actor), None)
         if writer is None:  # one device, and it died: the checkpoint is retaken once the group is healed
-            p.errors[w.rank] = f"device {w.rank}'s writer died and no other device can rewrite it ({_short(e)})"
+            p.errors[w.rank] = f"device {w.rank}'s writer died and no other device can rewrite it ({last_line(e)})"
             return
         log.warning("checkpoint of step %d: the writer of device %d's shard died; rewriting it from the snapshot "
                     "(attempt %d)", p.step, w.rank, w.attempts + 1)
@@ -263,7 +262,7 @@ class Checkpoints:
         detail = "; ".join(v for _, v in sorted(p.errors.items()))
         self.failed_steps.append(p.step)
         log.error("checkpoint at step %d not committed (%s); the previous checkpoint is kept", p.step, detail)
-        return CheckpointFailure(p.step, detail, sorted(p.errors), getattr(p.snapshot, "lost", False))
+        return CheckpointFailure(p.step, detail, sorted(p.errors))
 
     # ------------------------------------------------------------ reading back
     def committed_newest_first(self):
@@ -277,11 +276,6 @@ class Checkpoints:
                 continue
             if found is not None:
                 yield step, found[0], found[1]
-
-
-def _short(e: Exception) -> str:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return lines[-1][:300] if lines else type(e).__name__
 
 
 __all__ = ["Checkpoints", "CheckpointFailure", "PendingCheckpoint"]

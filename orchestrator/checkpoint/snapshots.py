@@ -27,7 +27,6 @@ class InMemorySnapshot:
     refs: list[Any]         # the snapshots themselves, in the object store, owned by the driver
     kind: str = "snapshot"  # snapshot | checkpoint (taken by a checkpoint save)
     placement: Any = None   # the expert placement the devices had (None: contiguous)
-    lost: bool = False      # a device died before taking it (a checkpoint's writes found out)
 
 
 class SnapshotStore:
