@@ -54,6 +54,14 @@ def train(args: argparse.Namespace) -> int:
 
     started = time.time()
     cfg.run.dir = str(run_dir_path(cfg))   # decided once: the plan and the run use the same directory
+    if cfg.cluster.device_memory_gb > 0:  # the memory plan must fit the budget before anything starts
+        from orchestrator.planner import check_fits
+
+        try:
+            check_fits(cfg)
+        except ConfigError as e:  # MemoryPlanError: the numbers and the knob that would make it fit
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
     try:  # where the run starts, before anything starts or is written (a finished run's results stay as they are)
         plan = plan_resume(cfg, run_dir_path(cfg))
     except ConfigError as e:

@@ -3,6 +3,7 @@
     python -m orchestrator checkpoints list PATH            checkpoints of a run dir / checkpoint root / URI
     python -m orchestrator checkpoints export CKPT OUT      model weights of a checkpoint as one safetensors file
     python -m orchestrator report RUN_DIR [--out FILE]      the run report: one HTML page with plots
+    python -m orchestrator plan [--config F] [k=v] [--json] the memory plan of a run; every ZeRO stage x checkpointing
 """
 from __future__ import annotations
 
@@ -27,8 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     rp = sub.add_parser("report", help="write the run report (HTML with plots) of a run directory")
     rp.add_argument("run_dir", help="a run directory (runs/<time>-<name>)")
     rp.add_argument("--out", default=None, help="output file (default: RUN_DIR/report.html)")
+    pl = sub.add_parser("plan", help="what every device of a run will hold (bytes by category, slices), before it "
+                                     "starts; and the table of every ZeRO stage x activation checkpointing mode")
+    pl.add_argument("--config", default=None, help="YAML config file (default: jobs/configs/default.yaml, as "
+                                                   "python -m jobs.train)")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides, as for python -m jobs.train")
+    pl.add_argument("--json", action="store_true", help="print JSON (the plan and the table) instead of text")
     args = parser.parse_args(argv)
 
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "report":
         from orchestrator.report import write_report
 
@@ -62,6 +71,31 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from orchestrator.config import DEFAULT_CONFIG, ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from orchestrator.planner import MemoryPlanError, check_fits, plan_memory, plan_table, render
+
+    plan, table = plan_memory(cfg), plan_table(cfg)
+    verdict = None  # with cluster.device_memory_gb set: what python -m jobs.train would say
+    if plan.budget_bytes:
+        try:
+            check_fits(cfg)
+            verdict = "fits cluster.device_memory_gb"
+        except MemoryPlanError as e:
+            verdict = f"does not fit: {e}"
+    if args.json:
+        print(json.dumps({"plan": plan.to_dict(), "table": table, "budget_check": verdict}, indent=1))
+    else:
+        print(render(plan, table) + (f"\n\n{verdict}" if verdict else ""))
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ This module imports no torch and no Ray: validating a config costs nothing.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import MISSING, dataclass, field
@@ -76,6 +77,8 @@ class TrainConfig:
                                    # checkpoint path/URI
     lr_horizon: Optional[int] = None  # the step the cosine decay ends at; None: train.steps at a fresh start, the
                                       # checkpoint's on resume (set it to change the schedule of a resumed run)
+    micro_batches: int = 1         # gradient accumulation: each device's slice of the global batch in this many
+                                   # forward/backward passes, one optimizer step (same math as the whole slice)
     resume_accept_changes: List[str] = field(default_factory=list)  # keys a resume may change although the run then
                                    # does not continue exactly (seed, data.seq_len, ...; see README "Resume")
 
@@ -101,6 +104,25 @@ class BalanceConfig:
     redundant_experts: int = 0        # extra expert slots over all devices (a multiple of num_devices; as DeepSeek's
                                       # EPLB): re-placement fills them with replicas of hot experts, whose tokens are
                                       # split between the replicas and whose gradients are summed
+
+
+@dataclass
+class ParallelConfig:
+    """The device mesh: cluster.num_devices = expert_parallel x data-parallel degree (orchestrator/parallel/mesh.py)."""
+    expert_parallel: int = 0          # expert-parallel degree: devices one MoE layer's experts are split over; 0: the
+                                      # largest divisor of num_devices that divides num_experts. The rest of the
+                                      # devices is data parallelism (each group of expert_parallel devices a replica)
+
+
+@dataclass
+class MemoryConfig:
+    """The memory puzzle: what each device holds (orchestrator/planner.py predicts it; `python -m orchestrator plan`)."""
+    zero_stage: int = 0               # 0: replicate dense state | 1: + optimizer states sharded | 2: + gradients
+                                      # | 3: + parameters (FSDP full shard); dense over all devices, experts over
+                                      # their data-parallel dimension
+    activation_checkpointing: str = "none"  # none | selective (recompute attention and expert MLPs; routing and
+                                      # all_to_all outputs kept) | full (recompute each block from its input)
+    offload_optimizer: bool = False   # GPU only: AdamW states in host memory (torch FSDP2 CPUOffloadPolicy)
 
 
 @dataclass
@@ -181,6 +203,8 @@ class ClusterConfig:
     gpus_per_device: float = 1.0   # with use_gpu: below 1 several devices share a GPU (nccl cannot: they use gloo)
     backend: str = "auto"          # auto (nccl with GPUs, else gloo) | gloo | nccl
     torch_threads: int = 0         # 0: max(1, floor(cpus_per_device))
+    device_memory_gb: float = 0.0  # memory budget of one device the plan must fit (GiB); 0: a GPU's total memory,
+                                   # no check on CPU
     start_timeout_s: float = 180.0
     step_timeout_s: float = 300.0
     collective_timeout_s: float = 300.0
@@ -236,6 +260,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
@@ -341,9 +367,7 @@ def validate(cfg: Config) -> None:
     if m.top_k > m.num_experts:
         raise ConfigError(f"model.top_k={m.top_k} is larger than model.num_experts={m.num_experts}; "
                           f"a token cannot choose more experts than exist: lower model.top_k")
-    if m.num_experts % c.num_devices:
-        raise ConfigError(f"model.num_experts={m.num_experts} is not divisible by cluster.num_devices={c.num_devices}; "
-                          f"every device holds the same number of experts: choose num_experts as a multiple of num_devices")
+    _validate_mesh(cfg)
     if t.global_batch_size % c.num_devices:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by cluster.num_devices="
                           f"{c.num_devices}; each device takes an equal slice of the global batch")
@@ -433,10 +457,68 @@ def _validate_faults(cfg: Config) -> None:
                           f"set faults.snapshot_every to 1 (or more)")
 
 
+def mesh_shape(cfg: Config) -> tuple[int, int]:
+    """(expert-parallel degree, data-parallel degree) of the device mesh; their product is cluster.num_devices.
+    parallel.expert_parallel=0 takes the largest divisor of num_devices that divides num_experts (8 experts on 4
+    devices: EP 4; 2 experts on 4 devices: EP 2 x DP 2; 8 experts on 16 devices: EP 8 x DP 2)."""
+    world, ep = cfg.cluster.num_devices, cfg.parallel.expert_parallel
+    if not ep:
+        ep = math.gcd(world, cfg.model.num_experts)
+    return ep, max(1, world // ep)
+
+
 def expert_slots(cfg: Config) -> int:
-    """Expert slots per device of each MoE layer: its share of the experts plus its share of the redundant ones."""
-    world = cfg.cluster.num_devices
-    return (cfg.model.num_experts + cfg.balance.redundant_experts) // world
+    """Expert slots per device of each MoE layer: its share of the experts plus its share of the redundant ones
+    (experts are split over the expert-parallel dimension; data-parallel replicas hold the same slots)."""
+    ep, _ = mesh_shape(cfg)
+    return (cfg.model.num_experts + cfg.balance.redundant_experts) // ep
+
+
+def _validate_mesh(cfg: Config) -> None:
+    m, c, t, mem = cfg.model, cfg.cluster, cfg.train, cfg.memory
+    _positive(cfg, ["parallel.expert_parallel", "cluster.device_memory_gb"], allow_zero=True)
+    _positive(cfg, ["train.micro_batches"])
+    ep = cfg.parallel.expert_parallel
+    if ep and (c.num_devices % ep or m.num_experts % ep):
+        raise ConfigError(f"parallel.expert_parallel={ep} must divide both cluster.num_devices={c.num_devices} (the "
+                          f"rest is data parallelism) and model.num_experts={m.num_experts} (every device of an "
+                          f"expert-parallel group holds the same number of experts); 0 picks "
+                          f"{math.gcd(c.num_devices, m.num_experts)}")
+    if mem.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"memory.zero_stage={mem.zero_stage} must be 0 (replicate), 1 (shard optimizer states), "
+                          f"2 (+ gradients) or 3 (+ parameters)")
+    _choice("memory.activation_checkpointing", mem.activation_checkpointing, ("none", "selective", "full"))
+    local = t.global_batch_size // c.num_devices
+    if t.micro_batches > 1 and local % t.micro_batches:
+        raise ConfigError(f"train.micro_batches={t.micro_batches} does not divide each device's slice of the batch "
+                          f"(train.global_batch_size={t.global_batch_size} / cluster.num_devices={c.num_devices} = "
+                          f"{local} sequences): choose a divisor of {local}")
+    if t.micro_batches > 1 and cfg.balance.aux_loss_coeff:
+        raise ConfigError(f"balance.aux_loss_coeff={cfg.balance.aux_loss_coeff} with train.micro_batches="
+                          f"{t.micro_batches}: the Switch loss multiplies each expert's token count over the whole "
+                          f"step by its router probabilities, so its gradient in the first micro-batch needs counts of "
+                          f"the last; use balance.seq_aux_loss_coeff (per sequence: exact under micro-batching) or "
+                          f"balance.bias_update_speed, or train.micro_batches=1")
+    _, dp = mesh_shape(cfg)
+    if mem.zero_stage >= 2 and dp > 1:
+        for key, value in (("model.expert_dim", m.expert_dim), ("model.dim", m.dim)):
+            if value % dp:
+                raise ConfigError(f"{key}={value} is not divisible by the data-parallel degree {dp} (cluster."
+                                  f"num_devices={c.num_devices} / expert_parallel {mesh_shape(cfg)[0]}): at "
+                                  f"memory.zero_stage={mem.zero_stage} each expert is split over the data-parallel "
+                                  f"devices along model.expert_dim (w1, w3) and model.dim (w2), evenly (FSDP2 cannot "
+                                  f"split dim 1 unevenly); choose a multiple of {dp}, another "
+                                  f"parallel.expert_parallel, or memory.zero_stage=1")
+    b = cfg.balance
+    if dp > 1:
+        for key, value in (("redundant_experts", b.redundant_experts), ("replace_every", b.replace_every),
+                           ("replace_on_imbalance", b.replace_on_imbalance)):
+            if value:
+                raise ConfigError(f"balance.{key}={value} with data parallelism (cluster.num_devices={c.num_devices} "
+                                  f"= expert_parallel {mesh_shape(cfg)[0]} x data parallel {dp}): expert "
+                                  f"re-placement and replicas work on expert-parallel-only layouts; set "
+                                  f"parallel.expert_parallel={c.num_devices} (with model.num_experts a multiple of "
+                                  f"it), or remove balance.{key}")
 
 
 def _validate_balance(cfg: Config) -> None:
@@ -454,6 +536,8 @@ def _validate_balance(cfg: Config) -> None:
     if b.redundant_experts % world:
         raise ConfigError(f"balance.redundant_experts={b.redundant_experts} is not a multiple of cluster.num_devices="
                           f"{world}: every device has the same number of expert slots")
+    if b.redundant_experts and mesh_shape(cfg)[1] > 1:
+        return  # refused by _validate_mesh, with the reason
     if expert_slots(cfg) > m.num_experts:
         raise ConfigError(f"balance.redundant_experts={b.redundant_experts} gives every device {expert_slots(cfg)} "
                           f"expert slots, more than model.num_experts={m.num_experts}: at most "
@@ -561,6 +645,17 @@ def _refuse_idle_keys(cfg: Config) -> None:
     if not c.use_gpu:
         _section_idle(cfg, "cluster", ("gpus_per_device",), "with cluster.use_gpu=false: set cluster.use_gpu=true, "
                                                             "or remove it")
+        _section_idle(cfg, "memory", ("offload_optimizer",), "with cluster.use_gpu=false (optimizer states are in "
+                                                             "host memory already): remove it, or run on GPUs")
+    # parallel/sharding.py, parallel/mesh.py: one device has nothing to shard its state over or split experts across
+    if c.num_devices == 1:
+        _section_idle(cfg, "memory", ("zero_stage",), "with cluster.num_devices=1 (ZeRO shards state over several "
+                                                      "devices): remove it, or use more devices")
+        _section_idle(cfg, "parallel", ("expert_parallel",), "with cluster.num_devices=1: remove it")
+    # parallel/sharding.py: optimizer offload moves states that ZeRO stage >= 1 shards (FSDP2's CPUOffloadPolicy)
+    if cfg.memory.zero_stage < 2:
+        _section_idle(cfg, "memory", ("offload_optimizer",), "with memory.zero_stage below 2 (offload follows FSDP2's "
+                                                             "sharded state): set memory.zero_stage=2 or 3, or remove it")
     _refuse_idle_checkpoint_keys(cfg)
     _refuse_idle_fault_keys(cfg)
     # metrics.py TensorBoardSink: histograms go to TensorBoard only; alerts.py: the webhook and its settings

@@ -20,6 +20,7 @@ from orchestrator.device_shard import (DeviceShard, InjectedCrash, StepReport, _
                                        rss_bytes)
 from orchestrator.parallel import groups
 from orchestrator.parallel.groups import CLOCK
+from orchestrator.parallel.mesh import current_mesh
 
 __all__ = ["DeviceActor", "DeviceShard", "StepReport", "InjectedCrash", "autocast_dtype", "rss_bytes"]
 
@@ -33,6 +34,7 @@ class DeviceActor:
         # warm standby only has to build its shard when it replaces a device.
         torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
         self.shard: DeviceShard | None = None
+        self._build_args: tuple | None = None
         self._save_fault: str | None = None
 
     def info(self) -> dict[str, Any]:
@@ -43,7 +45,8 @@ class DeviceActor:
                 "gpu_ids": ray.get_gpu_ids(), "cuda": torch.cuda.is_available(), "torch": torch.__version__,
                 "torch_cuda": torch.version.cuda,
                 "bf16": torch.cuda.is_available() and _bf16_native(),
-                "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+                "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                "gpu_memory": torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None}
 
     def touch(self, uri: str, name: str) -> str | None:
         """Write a small file `name` under `uri` from this device's node; why it failed, or None (storage check)."""
@@ -60,15 +63,24 @@ class DeviceActor:
         the port, for the other ranks (bound, not probed: nothing else can take it in between)."""
         return groups.open_rendezvous(addr)
 
-    def join_group(self, backend: str, addr: str, port: int, rank: int, world: int, timeout_s: float) -> None:
-        """Join the default process group (rank 0 serving the store on the socket open_rendezvous holds)."""
+    def join_group(self, backend: str, addr: str, port: int, rank: int, world: int, timeout_s: float,
+                   ep: int | None = None) -> None:
+        """Join the default process group (rank 0 serving the store on the socket open_rendezvous holds) and build
+        the device mesh on it (expert-parallel degree `ep`; every device of the group together). A shard whose
+        sharded state or optimizer holds process groups of the group before is built again: the driver restores
+        its state next (recovery)."""
         groups.join(backend, addr, port, rank, world, timeout_s, own_ip=ray.util.get_node_ip_address())
+        current_mesh(world, rank, ep or world, "cuda" if backend == "nccl" else "cpu")
+        if self.shard is not None and self.shard.holds_groups and self._build_args is not None:
+            self.shard = DeviceShard(*self._build_args[:1], rank, world, *self._build_args[1:])
 
     def leave_group(self) -> None:
         groups.leave()
 
     def build(self, cfg: dict[str, Any], rank: int, world: int, train: np.ndarray, val: np.ndarray) -> None:
-        self.shard = DeviceShard(config_from_dict(cfg), rank, world, train, val)
+        cfg_ = config_from_dict(cfg)
+        self._build_args = (cfg_, train, val)
+        self.shard = DeviceShard(cfg_, rank, world, train, val)
 
     def train_step(self, step: int, guard: dict[str, float] | None = None) -> StepReport:
         assert self.shard is not None, "build() first"
@@ -86,7 +98,7 @@ class DeviceActor:
         fault, self._save_fault = self._save_fault, None
         result: dict[str, Any] = {"step": snap.step, "rank": snap.rank, "files": {}, "error": None,
                                   "expert_files": snap.expert_files, "optimizer_step": snap.optimizer_step,
-                                  "placement": snap.placement, "writer_pid": os.getpid()}
+                                  "placement": snap.placement, "index": snap.index, "writer_pid": os.getpid()}
         t0 = time.perf_counter()
         try:
             storage = Storage(uri)

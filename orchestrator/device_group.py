@@ -16,7 +16,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.config import Config
+from orchestrator.config import Config, mesh_shape
 from orchestrator.device import DeviceActor, autocast_dtype
 from orchestrator.errors import RunError, last_line
 from orchestrator.parallel.groups import choose_backend
@@ -182,7 +182,8 @@ class DeviceGroup:
         c = self.cfg.cluster
         addr = self.info[0]["ip"]
         port = get([self.actors[0].open_rendezvous.remote(addr)], c.start_timeout_s, "open the rendezvous")[0]
-        get([a.join_group.remote(self.backend, addr, port, rank, self.world, c.collective_timeout_s)
+        ep = mesh_shape(self.cfg)[0]
+        get([a.join_group.remote(self.backend, addr, port, rank, self.world, c.collective_timeout_s, ep)
              for rank, a in enumerate(self.actors)], c.start_timeout_s, "form the process group")
 
     def replace(self, ranks: list[int], timeout_s: float) -> None:

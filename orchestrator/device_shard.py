@@ -23,13 +23,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestrator.checkpoint.shard import Snapshot, restore_from_files, restore_from_snapshots, take_snapshot
-from orchestrator.config import Config, expert_slots
+from orchestrator.config import Config, expert_slots, mesh_shape
 from orchestrator.data import BatchStream
 from orchestrator.model import build_model
 from orchestrator.model.balancing import update_expert_bias
+from orchestrator.memory import ActivationMeter, state_bytes
 from orchestrator.model.layers import upcast
 from orchestrator.parallel import allreduce_dense_grads, apply_expert_parallel, clip_, sum_of_squares
 from orchestrator.parallel.groups import CLOCK
+from orchestrator.parallel.mesh import current_mesh
+from orchestrator.parallel.sharding import Optimizers, is_sharded, local, shard_model
 from orchestrator.placement import ExpertPlacement
 from orchestrator.schedule import lr_of
 
@@ -56,6 +59,8 @@ class StepReport:
     dropped: int = 0               # token copies dropped by capacity (all MoE layers, global batch)
     rss_bytes: int = 0             # this device's process: resident host memory after the step
     device_mem_bytes: int = 0      # GPU memory allocated by torch (0 on CPU)
+    memory: dict[str, int] = field(default_factory=dict)  # bytes this device holds: params, grads, optimizer (local
+                                   # shards, after the update), activations_peak (of this step), rss (orchestrator/memory.py)
     pid: int = field(default_factory=os.getpid)
 
 
@@ -98,21 +103,27 @@ class DeviceShard:
         self.device = torch.device("cuda", 0) if cfg.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.autocast = autocast_dtype(cfg.train.mixed_precision, cfg.train.dtype, self.device.type,
                                        self.device.type == "cuda" and _bf16_native())
-        # The initial placement: experts [rank*El, (rank+1)*El), then replicas in the redundant slots, if any.
-        initial = ExpertPlacement.initial(cfg.model.num_experts, world, expert_slots(cfg) if world > 1 else None)
-        self.model = build_model(cfg.model, cfg.seed, initial.slots[rank], cfg.balance).to(
+        # The mesh: experts are split over the "ep" dimension, each group of ep devices a data-parallel replica.
+        ep = mesh_shape(cfg)[0] if world > 1 else 1
+        self.mesh = current_mesh(world, rank, ep, self.device.type)
+        self.zero_stage = cfg.memory.zero_stage if world > 1 else 0
+        # The initial placement over the ep ranks: experts [e*El, (e+1)*El), then replicas in the redundant slots.
+        initial = ExpertPlacement.initial(cfg.model.num_experts, ep, expert_slots(cfg) if ep > 1 else None)
+        self.model = build_model(cfg.model, cfg.seed, initial.slots[self.mesh.ep_rank], cfg.balance).to(
             self.device, getattr(torch, cfg.train.dtype))
-        apply_expert_parallel(self.model, world)
+        apply_expert_parallel(self.model, ep, self.mesh.ep_group)
         for m in self.model.moe_layers():
-            m.set_placement(initial.slots, rank)
+            m.set_placement(initial.slots, self.mesh.ep_rank)
+        if cfg.memory.activation_checkpointing != "none":
+            from orchestrator.model.checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(self.model, cfg.memory.activation_checkpointing)
+        shard_model(self.model, self.mesh, self.zero_stage, cfg.memory.offload_optimizer)
         self.dense_params = [p for _, p in self.model.dense_parameters()]
         self.expert_params = [p for _, p in self.model.expert_parameters()]
-        params = self.dense_params + self.expert_params
         t = cfg.train
-        self.optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+        self.optim = Optimizers(self.dense_params, self.expert_params, self.mesh, self.zero_stage, lr=t.lr,
+                                betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
         self.data = BatchStream(train_tokens, val_tokens, cfg.seed, cfg.data.seq_len, t.global_batch_size, world, rank)
         self.global_tokens = t.global_batch_size * cfg.data.seq_len
         for m in self.model.moe_layers():  # balancing losses are shares of a loss over the global batch
@@ -120,6 +131,12 @@ class DeviceShard:
         # Injected faults (see DeviceActor.inject): each strikes the next step, or the next `slow_steps`.
         self.crash_next_step = self.hang_next_step = self.nan_next_step = False
         self.slow_steps, self.slow_delay_s = 0, 0.0
+
+    @property
+    def holds_groups(self) -> bool:
+        """Does this shard hold process groups of the default group it was built on (ZeRO optimizers, FSDP2, the
+        mesh's sub-groups)? Then it must be built again when the group is re-formed."""
+        return self.world > 1 and (self.zero_stage > 0 or self.mesh.dp > 1)
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -135,7 +152,9 @@ class DeviceShard:
     def train_step(self, step: int, guard: dict[str, float] | None = None) -> StepReport:
         """One step. The update is not applied (and `skipped` says why) when the global loss or gradient
         norm is non-finite, or above `guard`'s max_loss / max_grad_norm: every device sees the same
-        all-reduced values, so all of them decide alike."""
+        all-reduced values, so all of them decide alike. With train.micro_batches = m the device's slice runs
+        in m forward/backward passes whose gradients add up to the whole slice's (each loss is a share of the
+        global mean; the balancing losses are per sequence or per token, so they split the same way)."""
         t0 = time.perf_counter()
         CLOCK.start(step)
         t = self.cfg.train
@@ -143,7 +162,65 @@ class DeviceShard:
         if self.slow_steps:  # injected straggler: extra work outside any collective
             self.slow_steps -= 1
             time.sleep(self.slow_delay_s)
-        loss_sum = self._loss_sum(*self.data.train_batch(step))
+        moe = self.model.moe_layers()
+        inputs_BT, targets_BT = self.data.train_batch(step)
+        micro = t.micro_batches
+        loss_sum = aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        routed = [torch.zeros(self.cfg.model.num_experts, dtype=torch.float64, device=self.device) for _ in moe]
+        dropped = 0
+        received_by_layer = [0.0] * len(moe)
+        meter = ActivationMeter(self.model, self.device)
+        with meter:
+            for i, (x_BT, y_BT) in enumerate(zip(inputs_BT.chunk(micro), targets_BT.chunk(micro))):
+                part = self._loss_sum(x_BT, y_BT)
+                if i == 0:
+                    part = self._inject_faults(step, part)
+                aux = self.model.aux_loss()  # balancing losses: trained on, reported apart from the LM loss
+                lm_loss = part / self.global_tokens
+                (lm_loss if aux is None else lm_loss + aux).backward()
+                loss_sum = loss_sum + part.detach().double()
+                if aux is not None:
+                    aux_sum = aux_sum + aux.detach().double()
+                for j, m in enumerate(moe):
+                    routed[j] += m.last_tokens_per_expert.double().to(self.device)
+                    received_by_layer[j] += float(m.last_received)
+                    dropped += m.last_dropped
+        self._sync_grads(moe)
+        received = torch.zeros(len(moe), self.world, dtype=torch.float64, device=self.device)
+        received[:, self.rank] = torch.tensor(received_by_layer, dtype=torch.float64)
+        replicated_sq, sharded_sq = self._grad_sum_of_squares(moe)
+        # float64: exact token counts, and the loss sum as precise as the model's dtype allows.
+        stats = torch.cat([loss_sum.view(1), sharded_sq.view(1).to(self.device), aux_sum.view(1),
+                           torch.tensor([float(dropped)], dtype=torch.float64, device=self.device),
+                           received.flatten(), *routed])
+        self._all_reduce(stats)
+        counts = 4 + len(moe) * self.world  # where the per-expert counts start
+        grad_norm = torch.sqrt(replicated_sq.to(self.device) + stats[1])
+        loss, norm = stats[0].item() / self.global_tokens, grad_norm.item()
+        skipped = _reject(loss, norm, guard or {})
+        local_nonfinite = skipped == "nonfinite" and not math.isfinite(loss_sum.item())
+        lr = lr_of(t, step)
+        if skipped is None:
+            clip_(self.dense_params + self.expert_params, grad_norm, t.grad_clip)
+            self.optim.set_lr(lr)
+            self.optim.step()
+            if self.cfg.balance.bias_update_speed:
+                for m, counts_E in zip(moe, stats[counts:].view(len(moe), -1)):
+                    update_expert_bias(m.router.expert_bias, counts_E, self.cfg.balance.bias_update_speed)
+        memory = {**state_bytes(self.model, self.optim), "activations_peak": meter.peak_bytes, "rss": rss_bytes()}
+        self.optim.zero_grad()
+        load = stats[counts:].nan_to_num().round().long().view(len(moe), -1).tolist() if moe else []
+        device_load = stats[4:counts].round().long().view(len(moe), self.world).tolist() if moe else []
+        CLOCK.set_phase("idle")
+        mem = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        return StepReport(rss_bytes=memory["rss"], device_mem_bytes=mem, memory=memory, step=step, rank=self.rank, loss=loss,
+                          grad_norm=norm, lr=lr, tokens=self.global_tokens,
+                          compute_time_s=time.perf_counter() - t0, expert_load=load, device_load=device_load,
+                          aux_loss=stats[2].item(), dropped=int(stats[3].item()),
+                          collective_s=CLOCK.collective_s, skipped=skipped, local_nonfinite=local_nonfinite)
+
+    def _inject_faults(self, step: int, loss_sum: torch.Tensor) -> torch.Tensor:
+        """Faults injected into this step (DeviceActor.inject), struck between forward and backward."""
         if self.nan_next_step:  # injected: this device's loss (and so every gradient) becomes non-finite
             self.nan_next_step = False
             loss_sum = loss_sum * float("nan")
@@ -158,48 +235,35 @@ class DeviceShard:
             CLOCK.set_phase("hung (injected)")
             while True:
                 time.sleep(1.0)
-        aux = self.model.aux_loss()  # balancing losses: trained on, reported apart from the LM loss
-        lm_loss = loss_sum / self.global_tokens
-        (lm_loss if aux is None else lm_loss + aux).backward()
-        if self.world > 1:
-            allreduce_dense_grads(self.dense_params)
-        moe = self.model.moe_layers()
+        return loss_sum
+
+    def _sync_grads(self, moe: list) -> None:
+        """Sum gradients where torch's sharding did not already: dense over the world, experts over "dp" (ZeRO
+        stages 0 and 1; FSDP2 reduce-scatters at 2 and 3), and the replicas of an expert (expert-parallel only)."""
+        if self.world == 1:
+            return
+        if self.zero_stage < 2:
+            with CLOCK.collective("all_reduce grads"):
+                allreduce_dense_grads(self.dense_params)
+        if self.mesh.dp > 1 and not any(is_sharded(p) for p in self.expert_params):
+            with CLOCK.collective("all_reduce expert grads (dp)"):
+                allreduce_dense_grads(self.expert_params, self.mesh.dp_group)
         if any(max(m.copies) > 1 for m in moe):
             self._sum_replica_grads(moe)
-        received = torch.zeros(len(moe), self.world, dtype=torch.float64, device=self.device)
-        received[:, self.rank] = torch.tensor([float(m.last_received) for m in moe], dtype=torch.float64)
-        # float64: exact token counts, and the loss sum as precise as the model's dtype allows.
-        stats = torch.cat([loss_sum.detach().double().view(1),
-                           self._expert_sum_of_squares(moe).view(1).to(self.device),
-                           (aux.detach().double() if aux is not None else loss_sum.new_zeros((), dtype=torch.float64)).view(1),
-                           torch.tensor([float(sum(m.last_dropped for m in moe))], dtype=torch.float64, device=self.device),
-                           received.flatten(),
-                           *(m.last_tokens_per_expert.double().to(self.device) for m in moe)])
-        self._all_reduce(stats)
-        counts = 4 + len(moe) * self.world  # where the per-expert counts start
-        grad_norm = torch.sqrt(sum_of_squares(self.dense_params).double().to(self.device) + stats[1])
-        loss, norm = stats[0].item() / self.global_tokens, grad_norm.item()
-        skipped = _reject(loss, norm, guard or {})
-        local_nonfinite = skipped == "nonfinite" and not math.isfinite(loss_sum.item())
-        lr = lr_of(t, step)
-        if skipped is None:
-            clip_(self.dense_params + self.expert_params, grad_norm, t.grad_clip)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            if self.cfg.balance.bias_update_speed:
-                for m, counts_E in zip(moe, stats[counts:].view(len(moe), -1)):
-                    update_expert_bias(m.router.expert_bias, counts_E, self.cfg.balance.bias_update_speed)
-        self.optimizer.zero_grad(set_to_none=True)
-        load = stats[counts:].nan_to_num().round().long().view(len(moe), -1).tolist() if moe else []
-        device_load = stats[4:counts].round().long().view(len(moe), self.world).tolist() if moe else []
-        CLOCK.set_phase("idle")
-        mem = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-        return StepReport(rss_bytes=rss_bytes(), device_mem_bytes=mem, step=step, rank=self.rank, loss=loss, grad_norm=norm, lr=lr, tokens=self.global_tokens,
-                          compute_time_s=time.perf_counter() - t0, expert_load=load, device_load=device_load,
-                          aux_loss=stats[2].item(),
-                          dropped=int(stats[3].item()),
-                          collective_s=CLOCK.collective_s, skipped=skipped, local_nonfinite=local_nonfinite)
+
+    def _grad_sum_of_squares(self, moe: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(squared norm of the gradients every device holds whole and alike, this device's share of the rest): the
+        second all-reduced over the world plus the first is the squared norm of the model's gradient. Dense
+        gradients are whole and alike at stages 0 and 1, shards at 2 and 3; of experts, every logical expert is
+        counted once: its primary replica, on the first data-parallel replica unless its gradient is sharded."""
+        dense = sum_of_squares(self.dense_params).double()
+        sharded_dense = any(is_sharded(p) for p in self.dense_params)
+        experts_sharded = any(is_sharded(p) for p in self.expert_params)
+        experts = (self._expert_sum_of_squares(moe) if experts_sharded or self.mesh.dp_rank == 0
+                   else torch.zeros((), dtype=torch.float64))
+        if sharded_dense:
+            return torch.zeros((), dtype=torch.float64), dense + experts.to(dense.device)
+        return dense, experts
 
     def _sum_replica_grads(self, moe: list) -> None:
         """Each replica of an expert got the gradient of its share of the expert's tokens: sum them (one all_reduce
@@ -237,7 +301,7 @@ class DeviceShard:
         for m in moe:
             for p in m.experts.parameters():
                 if p.grad is not None:
-                    sq.append(p.grad.detach()[m.primary_mask].double().pow(2).sum())
+                    sq.append(local(p.grad.detach())[m.primary_mask].double().pow(2).sum())
         return torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64)
 
     @torch.no_grad()
@@ -250,25 +314,30 @@ class DeviceShard:
         return self._all_reduce(total.view(1)).item() / (self.global_tokens * max(1, num_batches))
 
     def snapshot(self, step: int) -> Snapshot:
-        return take_snapshot(self.model, self.optimizer, self.rank, step)
+        return take_snapshot(self.model, self.optim, self.rank, step, self.mesh.dp_rank)
 
     def restore(self, manifest: dict[str, Any], read, where: str) -> None:
-        restore_from_files(self.model, self.optimizer, self.rank, manifest, read, where)
+        restore_from_files(self.model, self.optim, self.rank, manifest, read, where)
 
     def restore_snapshots(self, snapshots: list[Snapshot]) -> None:
-        restore_from_snapshots(self.model, self.optimizer, self.rank, snapshots)
+        restore_from_snapshots(self.model, self.optim, self.rank, snapshots)
 
     def set_placement(self, placement: list[list[list[int]]]) -> None:
-        """Hold, in every MoE layer, the experts `placement[layer][self.rank]` (dispatch follows at once; the
+        """Hold, in every MoE layer, the experts `placement[layer][ep rank]` (dispatch follows at once; the
         weights and optimizer state are the caller's to restore, from snapshots holding those experts). The
         number of slots per device is fixed by the config: a placement only says which expert sits in which."""
         for m, slots in zip(self.model.moe_layers(), placement):
-            m.set_placement(slots, self.rank)
+            m.set_placement(slots, self.mesh.ep_rank)
 
     def global_parameters(self) -> dict[str, torch.Tensor]:
-        """This device's parameters keyed by global name; routed experts one entry per global id."""
-        out = {name: p.detach().cpu().clone() for name, p in self.model.dense_parameters()}
+        """The parameters keyed by global name; routed experts one entry per global id. Sharded parameters are
+        gathered whole (collective: every device calls it)."""
+        def whole(p: torch.Tensor) -> torch.Tensor:
+            return (p.full_tensor() if is_sharded(p) else local(p)).detach().cpu().clone()
+
+        out = {name: whole(p) for name, p in self.model.dense_parameters()}
         for name, p in self.model.expert_parameters():
+            full = whole(p)
             for j, gid in enumerate(self.model.expert_ids_of(name)):
-                out[f"{name}[{gid}]"] = p[j].detach().cpu().clone()
+                out[f"{name}[{gid}]"] = full[j].clone()
         return out

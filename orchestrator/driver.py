@@ -31,7 +31,7 @@ from orchestrator.balancer import Balancer, Placement, placement_from_manifest
 from orchestrator.checkpoint.coordinator import Checkpoints
 from orchestrator.checkpoint.manager import CheckpointManifest
 from orchestrator.checkpoint.timeline import ResumePlan, plan_resume, record_run_id, retire
-from orchestrator.config import Config, FaultSpec, to_dict
+from orchestrator.config import Config, FaultSpec, mesh_shape, to_dict
 from orchestrator.data import load_corpus
 from orchestrator.device import StepReport
 from orchestrator.device_group import DeviceGroup, get
@@ -39,7 +39,7 @@ from orchestrator.errors import RunError
 from orchestrator.goodput import Goodput
 from orchestrator.healing import Decision, Healer, Incident, Injector, StepFailure, Watch, plan_faults
 from orchestrator.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops, step_record
-from orchestrator.monitor import Progress, device_status, write_status
+from orchestrator.monitor import Progress, device_status, write_memory_plan, write_status
 from orchestrator.rundir import append_jsonl, read_jsonl, rewind_logs
 from orchestrator.storage import Storage
 from orchestrator.summary import RunSummary, Totals, history_len, write_results
@@ -102,6 +102,11 @@ class Driver:
                  ckpt.storage.shown, corpus.description, len(corpus.train), len(corpus.val))
         self.devices.start()
         self.mixed_precision = self.devices.settle_mixed_precision()
+        gpu_memory = [i["gpu_memory"] for i in self.device_info if i.get("gpu_memory")]
+        if cfg.cluster.use_gpu and gpu_memory and not cfg.cluster.device_memory_gb:
+            from orchestrator.planner import check_fits
+
+            check_fits(cfg, min(gpu_memory))   # the plan must fit the smallest GPU: else ConfigError, exit 2
         ck = cfg.checkpoint
         if ck.every_steps or ck.at_end or ck.on_signal:
             self.devices.check_storage_reach(ckpt.storage)
@@ -159,6 +164,7 @@ class Driver:
             # the run continues after `first - 1`: only now (the devices started, the checkpoint loaded) are the
             # abandoned timeline's checkpoints retired and the run directory's logs rewound
             record_run_id(self.run_dir, self.plan.run_id)
+            write_memory_plan(self.run_dir, self.cfg)
             retire(self.checkpoints.storage, self.plan.retire, self.plan.step)
             rewind_logs(self.run_dir, self.plan.logs_through)
             self.high_water = self.last_kept = first - 1
@@ -492,7 +498,8 @@ class Driver:
         return step, source
 
     def _restore_state(self, timeout_s: float) -> tuple[int, str]:
-        snap = self.checkpoints.snapshots.restore(self.actors, timeout_s, replacing=self.balancer.enabled)
+        snap = self.checkpoints.snapshots.restore(self.actors, timeout_s, replacing=self.balancer.enabled,
+                                                  ep=mesh_shape(self.cfg)[0])
         if snap is not None:
             self.balancer.placement = snap.placement  # the placement of that step: a replay re-plans as before
             moved = next((r.get("replacement") for r in self.history if r["step"] == snap.step), None)

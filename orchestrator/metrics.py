@@ -20,6 +20,8 @@ from orchestrator.config import Config
 
 log = logging.getLogger(__name__)
 
+MIB = float(2 ** 20)
+
 # record key -> (TensorBoard tag, Prometheus metric name, description)
 SCALARS: dict[str, tuple[str, str, str]] = {
     "loss": ("train/loss", "loss", "training loss (mean over the global batch)"),
@@ -108,6 +110,7 @@ def step_record(step: int, reports: list[Any], wall: float, placement: Any, peak
            "device_step_time_s": [r.compute_time_s for r in reports],
            "device_collective_s": [r.collective_s for r in reports],
            "device_rss_mb": [round(r.rss_bytes / 2**20, 1) for r in reports],
+           "device_memory": [r.memory for r in reports],
            "aux_loss": r0.aux_loss, "dropped": r0.dropped, "expert_load": r0.expert_load,
            **load_stats(r0.expert_load, world, placement, r0.device_load), "time": time.time()}
     if peak:
@@ -128,10 +131,11 @@ class Sink(Protocol):
 
 
 class TensorBoardSink:
-    """Scalars (SCALARS, per-layer MaxVio, per-device step time), histograms of the expert load per layer,
-    incidents as text, under <run dir>/tensorboard. On a rewind (and at the first step of a run, resumed or
-    in a reused run directory) a session-start event tells TensorBoard to drop the events from that step
-    on, so a replayed step shows once, as metrics.jsonl does."""
+    """Scalars (SCALARS, per-layer MaxVio, per-device step time, per-device memory by category in MiB as
+    `memory/device{rank}/{category}`), histograms of the expert load per layer, incidents as text, under
+    <run dir>/tensorboard. On a rewind (and at the first step of a run, resumed or in a reused run directory) a
+    session-start event tells TensorBoard to drop the events from that step on, so a replayed step shows once, as
+    metrics.jsonl does."""
 
     def __init__(self, path: Path, histogram_every: int, first_step: int):
         from torch.utils.tensorboard import SummaryWriter
@@ -149,6 +153,9 @@ class TensorBoardSink:
             self.w.add_scalar(f"balance/maxvio_layer_{layer}", value, step)
         for rank, value in enumerate(record.get("device_step_time_s") or []):
             self.w.add_scalar(f"device/step_time_s/rank_{rank}", value, step)
+        for rank, memory in enumerate(record.get("device_memory") or []):
+            for category, nbytes in (memory or {}).items():
+                self.w.add_scalar(f"memory/device{rank}/{category}", nbytes / MIB, step)
         if self.histogram_every and step % self.histogram_every == 0:
             import numpy as np
 
@@ -174,7 +181,8 @@ class TensorBoardSink:
 class PrometheusSink:
     """Gauges through `ray.util.metrics` (exported by the node's Ray metrics agent, prefixed `ray_`, so the Ray
     dashboard and a Prometheus scraping Ray show them; Grafana: cluster_configs/grafana-dashboard.json). Every
-    series has a `run` label; per-layer, per-expert and per-device series have theirs."""
+    series has a `run` label; per-layer, per-expert and per-device series have theirs (`device_memory_bytes`:
+    `device` and `category`, the record's `device_memory`)."""
 
     def __init__(self, run: str):
         from ray.util.metrics import Counter, Gauge
@@ -189,6 +197,10 @@ class PrometheusSink:
                                  tag_keys=("run", "layer", "expert"))
         self.device_step = Gauge("orchestrator_device_step_time_s", description="a device's time in the last step",
                                  tag_keys=("run", "rank"))
+        self.device_memory = Gauge("orchestrator_device_memory_bytes",
+                                   description="bytes a device held in the last step, by category (params, grads, "
+                                               "optimizer, activations_peak, rss)",
+                                   tag_keys=("run", "device", "category"))
         self.incidents = Counter("orchestrator_incidents", description="incidents, by kind", tag_keys=("run", "kind"))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -203,6 +215,9 @@ class PrometheusSink:
                 self.expert_load.set(float(count), tags={**self.tags, "layer": str(layer), "expert": str(expert)})
         for rank, value in enumerate(record.get("device_step_time_s") or []):
             self.device_step.set(value, tags={**self.tags, "rank": str(rank)})
+        for rank, memory in enumerate(record.get("device_memory") or []):
+            for category, nbytes in (memory or {}).items():
+                self.device_memory.set(float(nbytes), tags={**self.tags, "device": str(rank), "category": category})
 
     def incident(self, incident: dict[str, Any]) -> None:
         self.incidents.inc(1.0, tags={**self.tags, "kind": str(incident.get("kind"))})

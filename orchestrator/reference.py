@@ -12,9 +12,13 @@ from orchestrator.device import DeviceShard, StepReport
 
 def reference_run(cfg: Config, steps: int | None = None, corpus: Corpus | None = None
                   ) -> tuple[list[StepReport], dict[str, torch.Tensor]]:
-    """Train `cfg` in this process on one device holding every expert; reports and final parameters."""
+    """Train `cfg` in this process on one device holding every expert, whole batches, no ZeRO sharding and no
+    activation checkpointing; reports and final parameters."""
     cfg = copy.deepcopy(cfg)
     cfg.cluster.num_devices = 1
+    # The oracle shares no sharding, recomputation or accumulation code with the runs it checks.
+    cfg.parallel.expert_parallel, cfg.memory.zero_stage, cfg.train.micro_batches = 0, 0, 1
+    cfg.memory.activation_checkpointing = "none"
     corpus = corpus or load_corpus(cfg.data)
     shard = DeviceShard(cfg, rank=0, world=1, train_tokens=corpus.train, val_tokens=corpus.val)
     reports = [shard.train_step(step) for step in range(1, (steps or cfg.train.steps) + 1)]

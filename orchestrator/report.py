@@ -2,11 +2,15 @@
 
     python -m orchestrator report RUN_DIR [--out FILE]      (also written at the end of every run)
 
-Reads metrics.jsonl, summary.json, incidents.jsonl, alerts.jsonl, goodput.json and config.yaml, whichever
-exist, so it works on a finished, stopped, failed or still running run. Plots: loss (train, validation),
-throughput and MFU, per-device step time, MaxVio and device imbalance, the expert-load heatmap of every MoE
-layer, the incident and alert timeline with recovery durations, the goodput breakdown. Each figure is an
-HTML <figure id=...> so tools (and the tests' headless browser) can find it.
+Reads metrics.jsonl, summary.json, incidents.jsonl, alerts.jsonl, goodput.json, memory_plan.json and
+config.yaml, whichever exist, so it works on a finished, stopped, failed or still running run. Plots: loss
+(train, validation), throughput and MFU, per-device step time, MaxVio and device imbalance, the expert-load
+heatmap of every MoE layer, the incident and alert timeline with recovery durations, the goodput breakdown,
+and "the jigsaw": each device's memory by category, measured (the last record's `device_memory`) beside
+planned (memory_plan.json, orchestrator/planner.py), with tables of the bytes (<table id="jigsaw-bytes">,
+every cell's exact bytes in `data-bytes`) and of which slice of which tensor each device holds
+(<table id="jigsaw-holdings">). A run whose records have no `device_memory` (older runs) has no jigsaw. Each
+figure is an HTML <figure id=...> so tools (and the tests' headless browser) can find it.
 """
 from __future__ import annotations
 
@@ -20,7 +24,12 @@ from typing import Any
 from orchestrator.config import redact_text, redacted_yaml
 from orchestrator.rundir import read_jsonl
 
-FIGURES = ("loss", "throughput", "device-step-time", "balance", "expert-load", "timeline", "goodput")
+FIGURES = ("loss", "throughput", "device-step-time", "balance", "expert-load", "timeline", "goodput", "jigsaw")
+MEASURED = ("params", "grads", "optimizer", "activations_peak")   # what a device measures (device_shard, memory.py)
+PLANNED = MEASURED + ("comm_buffers",)                             # what the planner adds: collective buffers
+COLORS = {"params": "tab:blue", "grads": "tab:orange", "optimizer": "tab:green", "activations_peak": "tab:red",
+          "comm_buffers": "tab:gray"}
+MIB = float(2 ** 20)
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -30,6 +39,16 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or {} when it is missing, unreadable or not an object (the report never fails
+    for an optional file)."""
+    try:
+        data = _json(path)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def expert_load_heatmaps(records: list[dict[str, Any]], title: str):
@@ -61,6 +80,200 @@ def _png(fig) -> str:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def _int(v: Any) -> int | None:
+    """Bytes as an int, or None for anything that is not a number (a key absent, a null)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return int(v)
+
+
+def measured_memory(records: list[dict[str, Any]]) -> tuple[int | None, list[dict[str, int]]]:
+    """The newest record's `device_memory`: (its step, per device {category: bytes}); (None, []) when no record
+    has one (a run from before memory was measured)."""
+    for r in reversed(records):
+        mem = r.get("device_memory")
+        if isinstance(mem, list) and any(isinstance(m, dict) and m for m in mem):
+            return r.get("step"), [{k: b for k, v in m.items() if (b := _int(v)) is not None}
+                                   if isinstance(m, dict) else {} for m in mem]
+    return None, []
+
+
+def planned_memory(plan: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """memory_plan.json's devices by rank (a device's position in the list when it has no `rank`)."""
+    out: dict[int, dict[str, Any]] = {}
+    for i, d in enumerate(plan.get("devices") or [] if isinstance(plan, dict) else []):
+        if isinstance(d, dict):
+            rank = _int(d.get("rank"))
+            out[i if rank is None else rank] = d
+    return out
+
+
+def _planned_total(d: dict[str, Any]) -> int | None:
+    total = _int(d.get("total"))
+    parts = [b for c in PLANNED if (b := _int(d.get(c))) is not None]
+    return total if total is not None else (sum(parts) if parts else None)
+
+
+def jigsaw_figure(measured: list[dict[str, int]], planned: dict[int, dict[str, Any]], budget: int | None, step: Any):
+    """Per device two stacked horizontal bars, by category: measured (solid) and planned (hatched, with the
+    collective buffers as their own segment), MiB; the budget as a dashed line when it is in range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    ranks = sorted(set(range(len(measured))) | set(planned))
+    rows: list[tuple[float, str, dict[str, Any], tuple[str, ...], bool]] = []
+    for i, rank in enumerate(ranks):
+        if rank < len(measured):
+            rows.append((i * 2.6, f"device {rank} measured", measured[rank], MEASURED, False))
+        if rank in planned:
+            rows.append((i * 2.6 + 1, f"device {rank} planned", planned[rank], PLANNED, True))
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.45 * len(rows)))
+    widest = 0.0
+    for y, _, parts, cats, plan in rows:
+        left = 0.0
+        for c in cats:
+            v = (_int(parts.get(c)) or 0) / MIB
+            if v > 0:
+                ax.barh(y, v, left=left, height=0.9, color=COLORS[c], alpha=0.6 if plan else 1.0,
+                        hatch="//" if plan else None, edgecolor="white", linewidth=0.5)
+            left += v
+        ax.text(left, y, f" {left:,.2f}", va="center", fontsize=7)
+        widest = max(widest, left)
+    handles = [Patch(color=COLORS[c], label=c) for c in PLANNED]
+    if budget and widest and budget / MIB <= 2 * widest:
+        ax.axvline(budget / MIB, ls="--", lw=0.9, color="black")
+        handles.append(Patch(facecolor="white", edgecolor="black", ls="--", label="budget"))
+        widest = max(widest, budget / MIB)
+    ax.set_yticks([r[0] for r in rows], [r[1] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(widest, 1e-3) * 1.15)
+    ax.set(xlabel="MiB", title=f"The jigsaw: memory per device (measured at step {step}, planned)")
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def _bytes_td(v: int | None) -> str:
+    return "<td></td>" if v is None else f'<td data-bytes="{v}">{v / MIB:,.2f}</td>'
+
+
+def jigsaw_bytes_table(measured: list[dict[str, int]], planned: dict[int, dict[str, Any]]) -> str:
+    """Per device a measured and a planned row: MiB by category (the exact bytes in `data-bytes`), the total of
+    the categories, host RSS (measured), and the measured total over the planned one of the same categories."""
+    cols = PLANNED + ("total", "rss")
+    head = ("<tr><th>device</th><th></th>" + "".join(f"<th>{c}</th>" for c in PLANNED) +
+            "<th>total</th><th>host RSS</th><th>measured / planned</th></tr>")
+    body = []
+    for rank in sorted(set(range(len(measured))) | set(planned)):
+        p = planned.get(rank)
+        if rank < len(measured):
+            m = measured[rank]
+            parts = [m[c] for c in MEASURED if c in m]
+            total = sum(parts) if parts else None
+            same = [b for c in MEASURED if (b := _int((p or {}).get(c))) is not None]
+            ratio = f"{total / sum(same):.1%}" if total is not None and same and sum(same) else ""
+            vals = {**{c: m.get(c) for c in MEASURED}, "comm_buffers": None, "total": total, "rss": m.get("rss")}
+            body.append(f'<tr data-device="{rank}" data-source="measured"><td>{rank}</td><td>measured</td>' +
+                        "".join(_bytes_td(vals[c]) for c in cols) + f"<td>{ratio}</td></tr>")
+        if p is not None:
+            vals = {**{c: _int(p.get(c)) for c in PLANNED}, "total": _planned_total(p), "rss": None}
+            body.append(f'<tr data-device="{rank}" data-source="planned"><td>{rank}</td><td>planned</td>' +
+                        "".join(_bytes_td(vals[c]) for c in cols) + "<td></td></tr>")
+    return f'<table id="jigsaw-bytes">{head}{"".join(body)}</table>'
+
+
+def _names(names: list[Any], show: int = 3) -> str:
+    more = f", +{len(names) - show} more" if len(names) > show else ""
+    return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({', '.join(map(str, names[:show]))}{more})"
+
+
+def _slices(kind: Any) -> str:
+    """{"whole": [names]} or {"rows 0:16 of 32": [names], ...} -> 'rows 0:16 of 32: 5 tensors (a, b, c, +2 more)'."""
+    if not isinstance(kind, dict):
+        return "" if kind is None else str(kind)
+    return "; ".join(f"{k}: {_names(v)}" for k, v in kind.items() if isinstance(v, list) and v)
+
+
+def _states(states: Any, kind: Any) -> str:
+    """Whose AdamW states a device holds: 'all', 'its shards', or a list of parameter names."""
+    if isinstance(states, list):
+        n = sum(len(v) for v in kind.values() if isinstance(v, list)) if isinstance(kind, dict) else None
+        return (f"{len(states)} of {n}: " if n is not None else "") + (_names(states) if states else "none")
+    return "" if states is None else str(states)
+
+
+def holdings_row(holdings: Any) -> dict[str, str]:
+    """A device's holdings (memory_plan.json, planner._state) as the holdings table's cells; absent keys give
+    empty cells."""
+    h = holdings if isinstance(holdings, dict) else {}
+    experts = h.get("experts") if isinstance(h.get("experts"), dict) else {}
+    replicas = h.get("replicas") if isinstance(h.get("replicas"), dict) else {}
+    same = replicas.get("experts")
+    ids, layers = experts.get("ids"), experts.get("moe_layers")
+    return {"dense slices": _slices(h.get("dense")),
+            "dense AdamW states": _states(h.get("dense_optimizer"), h.get("dense")),
+            "dense replicas": "" if replicas.get("dense") is None else str(replicas.get("dense")),
+            "experts": (f"{ids}" if ids not in (None, "") else "") +
+                       (f" of each of {layers} MoE layers" if layers is not None and ids not in (None, "") else ""),
+            "expert slices": _slices(experts),
+            "expert AdamW states": _states(h.get("experts_optimizer"), experts),
+            "same expert slices on": (", ".join(f"device {r}" for r in same) or "none") if isinstance(same, list)
+            else ("" if same is None else str(same))}
+
+
+def jigsaw_holdings_table(planned: dict[int, dict[str, Any]]) -> str:
+    """Which slice of which tensor each device holds (the plan's holdings): dense shards, expert slots, replicas."""
+    rows = [{"device": rank, **holdings_row(planned[rank].get("holdings"))} for rank in sorted(planned)]
+    return _table(rows, list(rows[0])).replace("<table>", '<table id="jigsaw-holdings">', 1) if rows else ""
+
+
+def _plan_line(plan: dict[str, Any]) -> str:
+    """The plan's settings in one sentence (whichever keys memory_plan.json has)."""
+    parts = []
+    if plan.get("zero_stage") is not None:
+        parts.append(f"ZeRO stage {plan['zero_stage']}")
+    if plan.get("activation_checkpointing") is not None:
+        parts.append(f"activation checkpointing {plan['activation_checkpointing']}")
+    if plan.get("micro_batches") is not None:
+        mb = f"{plan['micro_batches']} micro-batch(es)"
+        if plan.get("micro_batch_sequences") is not None and plan.get("seq_len") is not None:
+            mb += f" of {plan['micro_batch_sequences']} x {plan['seq_len']} tokens"
+        parts.append(mb)
+    if plan.get("ep") is not None and plan.get("dp") is not None:
+        parts.append(f"ep {plan['ep']} x dp {plan['dp']}")
+    if plan.get("dtype_bytes") is not None:
+        parts.append(f"{plan['dtype_bytes']}-byte values")
+    budget = _int(plan.get("budget_bytes"))
+    if budget:
+        parts.append(f"budget {budget / MIB:,.1f} MiB per device")
+    if _int(plan.get("max_total")) is not None:
+        parts.append(f"fullest device planned at {plan['max_total'] / MIB:,.2f} MiB")
+    return "Plan (memory_plan.json): " + ", ".join(parts) + "." if parts else ""
+
+
+def jigsaw(records: list[dict[str, Any]], plan: dict[str, Any]) -> tuple[str, str, str, str] | None:
+    """The jigsaw section: (caption, base64 PNG, HTML before the figure, HTML after it), or None when no record
+    has `device_memory`. Without memory_plan.json (or its devices) only the measured bars and rows are there."""
+    step, measured = measured_memory(records)
+    if not measured:
+        return None
+    planned = planned_memory(plan)
+    png = _png(jigsaw_figure(measured, planned, _int(plan.get("budget_bytes")), step))
+    line = _plan_line(plan) if planned else "No memory plan (memory_plan.json) in this run directory: measured only."
+    before = f'<h2 id="jigsaw-heading">The jigsaw: memory per device</h2><p id="jigsaw-plan">{html.escape(line)}</p>'
+    after = (f"<p>Bytes per device and category (MiB; measured at step {html.escape(str(step))}, the last record's "
+             f"device_memory):</p>" + jigsaw_bytes_table(measured, planned))
+    if planned:
+        after += ("<p>Which slice of which tensor each device holds (the plan, at the run's start):</p>" +
+                  jigsaw_holdings_table(planned))
+    caption = (f"Each device's memory by category at step {step}: measured (solid) beside planned (hatched; "
+               f"collective buffers as their own segment)")
+    return caption, png, before, after
 
 
 def _figures(records: list[dict], incidents: list[dict], alerts: list[dict], goodput: dict, val_end: float | None
@@ -195,6 +408,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     summary, goodput = _json(run / "summary.json"), _json(run / "goodput.json")
     incidents, alerts = _jsonl(run / "incidents.jsonl"), _jsonl(run / "alerts.jsonl")
     figures = _figures(records, incidents, alerts, goodput, summary.get("val_loss"))
+    around: dict[str, tuple[str, str]] = {}   # figure id -> HTML before and after it (the jigsaw's heading, tables)
+    pieces = jigsaw(records, _json_or_empty(run / "memory_plan.json"))
+    if pieces:   # a run from before memory was measured has none
+        figures["jigsaw"], around["jigsaw"] = pieces[:2], pieces[2:]
     mfu = [r["mfu"] for r in records if r.get("mfu") is not None]
     facts = {"run": run.name, "steps done": summary.get("steps_done", len(records)),
              "final loss": records[-1]["loss"], "validation loss": summary.get("val_loss"),
@@ -207,10 +424,14 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
              "stopped by": summary.get("stopped_by_signal")}
     sections = []
     for fid in FIGURES:
+        if fid not in figures:
+            continue
         caption, png = figures[fid]
         body = (f'<img alt="{fid}" src="data:image/png;base64,{png}">' if png
                 else '<p class="empty">nothing to plot</p>')
-        sections.append(f'<figure id="{fid}">{body}<figcaption>{html.escape(caption)}</figcaption></figure>')
+        before, after = around.get(fid, ("", ""))
+        sections.append(f'{before}<figure id="{fid}">{body}<figcaption>{html.escape(caption)}</figcaption></figure>'
+                        f'{after}')
     config = _config_text(run / "config.yaml")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Run report: {html.escape(run.name)}</title>
@@ -236,4 +457,4 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.8em; }}
     return path
 
 
-__all__ = ["write_report", "expert_load_heatmaps", "FIGURES"]
+__all__ = ["write_report", "expert_load_heatmaps", "jigsaw", "FIGURES"]

@@ -21,7 +21,15 @@ def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args,needle", [
     (["model.nmu_experts=8"], "unknown config key 'model.nmu_experts'"),
-    (["model.num_experts=6", "cluster.num_devices=4"], "model.num_experts=6 is not divisible by cluster.num_devices=4"),
+    # 6 experts on 4 devices is EP 2 x DP 2 now (issue 14); an expert-parallel degree that does not divide is refused
+    (["model.num_experts=6", "cluster.num_devices=4", "parallel.expert_parallel=4"],
+     "parallel.expert_parallel=4 must divide both cluster.num_devices=4"),
+    (["memory.zero_stage=4"], "memory.zero_stage=4 must be 0"),
+    (["memory.zero_stage=3", "cluster.num_devices=4", "parallel.expert_parallel=2", "model.expert_dim=201"],
+     "model.expert_dim=201 is not divisible by the data-parallel degree 2"),
+    (["train.micro_batches=3"], "train.micro_batches=3 does not divide each device's slice"),
+    (["balance.redundant_experts=4", "cluster.num_devices=4", "model.num_experts=2", "model.top_k=1"],
+     "balance.redundant_experts=4 with data parallelism"),
     (["model.top_k=9"], "model.top_k=9 is larger than model.num_experts=8"),
     (["data.path=/no/such/corpus.txt"], "data.path='/no/such/corpus.txt' does not exist"),
     (["model.dim=0"], "model.dim=0 must be positive"),

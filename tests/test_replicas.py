@@ -82,7 +82,7 @@ def _replica_worker(rank: int, port: int, out: dict) -> None:
     state = []
     for m in shard.model.moe_layers():
         for p in m.experts.parameters():
-            moments = shard.optimizer.state[p]
+            moments = shard.optim.state_of(p)
             for j, e in enumerate(m.experts.expert_ids):
                 state.append((e, p[j].detach().clone(), moments["exp_avg"][j].clone(), moments["exp_avg_sq"][j].clone()))
     gathered: list = [None, None]

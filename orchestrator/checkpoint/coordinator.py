@@ -27,7 +27,7 @@ from orchestrator.checkpoint.manager import (CheckpointManifest, apply_retention
                                              fingerprint_hash, model_fingerprint, step_dir)
 from orchestrator.checkpoint.snapshots import InMemorySnapshot, SnapshotStore
 from orchestrator.checkpoint.timeline import ResumePlan, training_settings
-from orchestrator.config import Config
+from orchestrator.config import Config, mesh_shape
 from orchestrator.errors import last_line
 from orchestrator.goodput import Goodput
 from orchestrator.storage import Storage, StorageError
@@ -70,6 +70,9 @@ class Checkpoints:
         self.storage = Storage(plan.folder)
         self.fingerprint = model_fingerprint(cfg)
         self.training = training_settings(cfg)
+        ep, dp = mesh_shape(cfg)
+        self.layout = {"world": self.world, "expert_parallel": ep, "data_parallel": dp,
+                       "zero_stage": cfg.memory.zero_stage}
         self.lr_horizon = plan.lr_horizon
         self.origin = plan.parent                # what this process's first commit descends from
         self.resumed_step = plan.step
@@ -225,17 +228,20 @@ class Checkpoints:
     def _commit(self, p: PendingCheckpoint) -> CheckpointManifest:
         files: dict[str, dict[str, Any]] = {}
         expert_files: dict[str, dict[str, str]] = {}
+        index: dict[str, list[list[Any]]] = {}
         for r in p.results.values():
             files.update(r["files"])
             for layer, placement in r["expert_files"].items():
                 expert_files.setdefault(layer, {}).update(placement)
+            for key, pieces in r.get("index", {}).items():
+                index.setdefault(key, []).extend(pieces)
         first = p.results[0]
         manifest = CheckpointManifest(step=p.step, world_size=self.world, files=files, expert_files=expert_files,
                                       optimizer_step=first["optimizer_step"],
                                       config_hash=fingerprint_hash(self.fingerprint), fingerprint=self.fingerprint,
                                       seed=self.cfg.seed, placement=first.get("placement"), run_id=self.run_id,
                                       parent=self._parent(p.step), lr_horizon=self.lr_horizon,
-                                      training=self.training)
+                                      training=self.training, index=index, layout=self.layout)
         commit_manifest(self.storage, manifest)
         self.committed_steps.append(p.step)
         elapsed = time.perf_counter() - p.started

@@ -57,6 +57,9 @@ class CheckpointManifest:
     parent: Optional[dict[str, Any]] = None    # what it descends from: {run_id, step} (None: the initial state)
     lr_horizon: Optional[int] = None           # the step the LR schedule's cosine ends at (kept on resume)
     training: Optional[dict[str, Any]] = None  # the settings exact continuation depends on (seed, data, train, balance)
+    index: Optional[dict[str, list[list[Any]]]] = None  # key -> [[file, dim, start, stop], ...]: where each piece of each
+                                               # tensor is (shard.take_snapshot); None: written before sharded states
+    layout: Optional[dict[str, Any]] = None    # world, expert_parallel, data_parallel, zero_stage it was saved with
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode()
@@ -69,6 +72,7 @@ class CheckpointManifest:
         except Exception as e:
             raise CheckpointError(f"{where}/{MANIFEST} is not a valid checkpoint manifest: {e}") from None
         names = list(manifest.files) + [f for layer in manifest.expert_files.values() for f in layer.values()]
+        names += [pc[0] for pieces in (manifest.index or {}).values() for pc in pieces]
         for name in names:  # names are joined into paths: nothing may point outside the checkpoint folder
             check_file_name(name, f"{where}/{MANIFEST}")
         return manifest

@@ -15,7 +15,7 @@ import hashlib
 import warnings
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -55,6 +55,9 @@ def check_manifest_names(manifest: dict, where: str) -> None:
     """Every file name a manifest holds: the files it lists and those its expert placement points to."""
     for name in manifest["files"]:
         check_file_name(name, where)
+    for pieces in (manifest.get("index") or {}).values():
+        for piece in pieces:
+            check_file_name(piece[0], where)
     for placed in manifest["expert_files"].values():
         for name in placed.values():
             check_file_name(name, where)
@@ -73,6 +76,8 @@ class Snapshot:
     optimizer_step: int
     expert_files: dict[str, dict[str, str]] = field(default_factory=dict)  # MoE layer -> {expert id: file}
     placement: list[list[list[int]]] = field(default_factory=list)  # [MoE layer][device] -> expert ids (slot order)
+    index: dict[str, list[list[Any]]] = field(default_factory=dict)  # key -> [[file, dim, start, stop], ...] (dim None:
+                                                                    # the whole tensor); see take_snapshot
 
 
 def _host_copy(t: torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -114,42 +119,64 @@ def as_torch(a: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
 
 
-def take_snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, step: int) -> Snapshot:
-    """Copy parameters, optimizer moments, buffers and RNG to host memory (training may go on after)."""
-    state = optimizer.state
+def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_rank: int = 0) -> Snapshot:
+    """Copy parameters, optimizer moments, buffers and RNG to host memory (training may go on after).
+
+    Each logical tensor (`param/<name>`, `exp_avg/<name>`, ...; an expert's <name> is `<parameter>[<id>]`) is
+    written once over all devices: a replicated one by rank 0 (dense) or by the first data-parallel replica
+    (experts), a sharded one (FSDP2) by every holder as its piece `<key>@<dim>:<start>:<stop>`, a ZeRO-1
+    moment by the device whose partition owns it. `index` says which file holds which piece of which key."""
+    from orchestrator.parallel.sharding import local, piece_of
+
     files: dict[str, dict[str, np.ndarray | torch.Tensor]] = {}
+    index: dict[str, list[list[Any]]] = {}
     staging = _HostStaging()
+    dense: dict[str, np.ndarray | torch.Tensor] = {}
+    mine: dict[str, np.ndarray | torch.Tensor] = {"rng/torch": torch.get_rng_state().numpy()}
+    own = expert_file(rank)
 
-    def add(out: dict, key: str, p: torch.Tensor, sl=None) -> None:
-        staging.put(out, f"param/{key}", p if sl is None else p[sl])
-        if p in state:
-            for moment in ("exp_avg", "exp_avg_sq"):
-                m = state[p][moment]
-                staging.put(out, f"{moment}/{key}", m if sl is None else m[sl])
+    def put(file: str, key: str, t: torch.Tensor, piece: Any) -> None:
+        staging.put(dense if file == DENSE_FILE else mine, key + piece.suffix(), t)
+        index.setdefault(key, []).append([file, piece.dim, piece.start, piece.stop])
 
+    def moments(p: torch.Tensor, first: bool, sharded: bool, write: Any) -> None:
+        state = optim.state_of(p)
+        if state is None or "exp_avg" not in state or not (first or sharded or optim.partitioned(p)):
+            return
+        for moment in ("exp_avg", "exp_avg_sq"):
+            write(moment, local(state[moment]))
+
+    for name, p in model.dense_parameters():
+        piece = piece_of(p)
+        sharded = piece.dim is not None
+        file = own if sharded or (optim.partitioned(p) and rank != 0) else DENSE_FILE
+        if sharded or rank == 0:
+            put(own if sharded else DENSE_FILE, f"param/{name}", local(p), piece)
+        moments(p, rank == 0, sharded, lambda m, t: put(file, f"{m}/{name}", t, piece))
     if rank == 0:
-        dense: dict[str, np.ndarray | torch.Tensor] = {}
-        for name, p in model.dense_parameters():
-            add(dense, name, p)
         param_names = {n for n, _ in model.named_parameters()}
         for name, b in model.state_dict().items():
             if name not in param_names:
-                staging.put(dense, f"buffer/{name}", b)
+                put(DENSE_FILE, f"buffer/{name}", b, piece_of(b))
         files[DENSE_FILE] = dense
-    mine: dict[str, np.ndarray | torch.Tensor] = {"rng/torch": torch.get_rng_state().numpy()}
     expert_files: dict[str, dict[str, str]] = {}
     for name, p in model.expert_parameters():
         # This layer's experts on this device (placement may differ per layer); of replicas, only the primary copy.
         ids = [(j, gid) for j, (gid, primary) in enumerate(zip(model.expert_ids_of(name), model.primary_of(name)))
                if primary]
+        piece = piece_of(p, drop_leading=True)
+        sharded = piece.dim is not None
+        held = local(p)
         for j, gid in ids:
-            add(mine, f"{name}[{gid}]", p, j)
-        expert_files[name.rsplit(".experts.", 1)[0]] = {str(gid): expert_file(rank) for _, gid in ids}
-    files[expert_file(rank)] = mine
+            if sharded or dp_rank == 0:
+                put(own, f"param/{name}[{gid}]", held[j], piece)
+            moments(p, dp_rank == 0, sharded, lambda m, t, j=j, gid=gid: put(own, f"{m}/{name}[{gid}]", t[j], piece))
+        if sharded or dp_rank == 0:
+            expert_files[name.rsplit(".experts.", 1)[0]] = {str(gid): own for _, gid in ids}
+    files[own] = mine
     staging.finish()
-    steps = [int(s["step"]) for s in state.values() if "step" in s]
-    return Snapshot(step=step, rank=rank, files=files, optimizer_step=steps[0] if steps else 0,
-                    expert_files=expert_files, placement=model.placement())
+    return Snapshot(step=step, rank=rank, files=files, optimizer_step=optim.optimizer_step,
+                    expert_files=expert_files, placement=model.placement(), index=index)
 
 
 def serialize(tensors: dict[str, np.ndarray | torch.Tensor]) -> tuple[bytes, dict[str, object]]:
@@ -178,10 +205,26 @@ def load_verified(read: Callable[[str], bytes], name: str, expected: dict[str, o
         raise CheckpointError(f"{where}/{name} is not a readable safetensors file: {e}") from None
 
 
-def restore_from_files(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
+Locate = Callable[[str], list[list[Any]]]
+
+
+def legacy_locate(expert_files: dict[str, dict[str, str]]) -> Locate:
+    """Where a key lives in a checkpoint without an index (written before sharded states): dense keys in
+    dense.safetensors, an expert's in the file its placement names, whole."""
+    def locate(key: str) -> list[list[Any]]:
+        name = key.split("/", 1)[1]
+        if name.endswith("]") and ".experts." in name:
+            layer, gid = name.rsplit(".experts.", 1)[0], name.rsplit("[", 1)[1][:-1]
+            file = expert_files.get(layer, {}).get(gid)
+            return [[file, None, 0, 0]] if file else []
+        return [[DENSE_FILE, None, 0, 0]]
+    return locate
+
+
+def restore_from_files(model: torch.nn.Module, optim: Any, rank: int,
                        manifest: dict, read: Callable[[str], bytes], where: str) -> None:
-    """Load this device's part of a committed checkpoint (written by any number of devices). Every file name the
-    manifest holds is checked before anything is read (check_file_name)."""
+    """Load this device's part of a committed checkpoint (written by any number of devices, in any layout and ZeRO
+    stage). Every file name the manifest holds is checked before anything is read (check_file_name)."""
     files = manifest["files"]
     check_manifest_names(manifest, where)
     where = redact_url(where)
@@ -189,23 +232,25 @@ def restore_from_files(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
     def tensors(name: str) -> dict[str, torch.Tensor]:
         if name not in cache:
+            check_file_name(name, where)
             if name not in files:
                 raise CheckpointError(f"{where}: the manifest lists no file {name}")
             cache[name] = load_verified(read, name, files[name], where)
         return cache[name]
 
-    restore(model, optimizer, rank, manifest["expert_files"], manifest["optimizer_step"], tensors, where)
+    index = manifest.get("index")
+    locate = (lambda key: index.get(key, [])) if index else legacy_locate(manifest["expert_files"])
+    restore(model, optim, rank, locate, manifest["optimizer_step"], tensors, where)
 
 
-def restore_from_snapshots(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
-                           snapshots: list[Snapshot]) -> None:
-    """Load this device's part from in-memory snapshots of one step (rank 0's plus those holding its experts)."""
+def restore_from_snapshots(model: torch.nn.Module, optim: Any, rank: int, snapshots: list[Snapshot]) -> None:
+    """Load this device's part from in-memory snapshots of one step (those holding the pieces it needs)."""
     files = {name: {k: torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v.clone() for k, v in t.items()}
              for snap in snapshots for name, t in snap.files.items()}
-    expert_files: dict[str, dict[str, str]] = {}
+    index: dict[str, list[list[Any]]] = {}
     for snap in snapshots:
-        for layer, placement in snap.expert_files.items():
-            expert_files.setdefault(layer, {}).update(placement)
+        for key, pieces in snap.index.items():
+            index.setdefault(key, []).extend(pieces)
     where = f"in-memory snapshot of step {snapshots[0].step}"
 
     def tensors(name: str) -> dict[str, torch.Tensor]:
@@ -213,51 +258,72 @@ def restore_from_snapshots(model: torch.nn.Module, optimizer: torch.optim.Optimi
             raise CheckpointError(f"{where}: no {name} among the snapshots given")
         return files[name]
 
-    restore(model, optimizer, rank, expert_files, snapshots[0].optimizer_step, tensors, where)
+    restore(model, optim, rank, lambda key: index.get(key, []), snapshots[0].optimizer_step, tensors, where)
 
 
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
-            expert_files: dict[str, dict[str, str]], optimizer_step: int,
+def assemble(key: str, pieces: list[list[Any]], tensors: Callable[[str], dict[str, torch.Tensor]], where: str
+             ) -> torch.Tensor:
+    """The whole logical tensor `key` from its pieces (one whole copy, or slices along one dim that tile it)."""
+    if not pieces:
+        raise CheckpointError(f"{where} has no tensor {key!r}: the checkpoint does not fit this model")
+
+    def get(file: str, name: str) -> torch.Tensor:
+        src = tensors(file)
+        if name not in src:
+            raise CheckpointError(f"{where}/{file} has no tensor {name!r}: the checkpoint does not fit this model")
+        return src[name]
+
+    whole = next((pc for pc in pieces if pc[1] is None), None)
+    if whole is not None:
+        return get(whole[0], key)
+    parts, at = [], 0
+    for file, dim, start, stop in sorted(pieces, key=lambda pc: pc[2]):
+        if start != at:
+            raise CheckpointError(f"{where}: the pieces of {key!r} leave rows {at}:{start} of dim {dim} out")
+        parts.append(get(file, f"{key}@{dim}:{start}:{stop}"))
+        at = stop
+    return torch.cat(parts, dim=pieces[0][1])
+
+
+def restore(model: torch.nn.Module, optim: Any, rank: int, locate: Locate, optimizer_step: int,
             tensors: Callable[[str], dict[str, torch.Tensor]], where: str) -> None:
-    """Put parameters, AdamW state, buffers and RNG back from `tensors(file name)`."""
-
-    def take(src: dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
-        if key not in src:
-            raise CheckpointError(f"{where}/{name} has no tensor {key!r}: the checkpoint does not fit this model")
-        return src[key]
+    """Put parameters, AdamW state, buffers and RNG back: every tensor this device holds (its piece of a sharded
+    one) is cut from the whole logical tensor, assembled from wherever `locate(key)` says its pieces are."""
+    from orchestrator.parallel.sharding import local, piece_of
 
     step = torch.tensor(float(optimizer_step))
 
-    def put(p: torch.nn.Parameter, values: list[tuple[dict, str, str]], stack: bool) -> None:
-        def gather(prefix: str) -> torch.Tensor:
-            parts = [take(src, f"{prefix}/{key}", name) for src, key, name in values]
-            return torch.stack(parts) if stack else parts[0]
+    def full(key: str) -> torch.Tensor:
+        return assemble(key, locate(key), tensors, where)
+
+    def put(p: torch.nn.Parameter, names: list[str], experts: bool) -> None:
+        piece = piece_of(p, drop_leading=experts)
+
+        def mine(prefix: str) -> torch.Tensor:
+            parts = [piece.take(full(f"{prefix}/{n}")) for n in names]
+            return torch.stack(parts) if experts else parts[0]
 
         with torch.no_grad():
-            p.copy_(gather("param"))
+            local(p).copy_(mine("param"))
         p.grad = None  # a step that failed halfway may have left gradients behind
-        optimizer.state.pop(p, None)
-        if optimizer_step > 0:
-            optimizer.state[p] = {"step": step.clone(), "exp_avg": gather("exp_avg").to(p.device, p.dtype),
-                                  "exp_avg_sq": gather("exp_avg_sq").to(p.device, p.dtype)}
+        optim.set_state(p, None)
+        if optimizer_step > 0 and optim.owns(p):
+            state = {"step": step.clone()}
+            for moment in ("exp_avg", "exp_avg_sq"):
+                m = torch.zeros_like(p)
+                local(m).copy_(mine(moment))
+                state[moment] = m
+            optim.set_state(p, state)
 
-    dense = tensors(DENSE_FILE)
     for name, p in model.dense_parameters():
-        put(p, [(dense, name, DENSE_FILE)], stack=False)
+        put(p, [name], experts=False)
     param_names = {n for n, _ in model.named_parameters()}
     with torch.no_grad():
         for name, b in model.state_dict(keep_vars=True).items():
             if name not in param_names:
-                b.copy_(take(dense, f"buffer/{name}", DENSE_FILE))
+                b.copy_(full(f"buffer/{name}"))
     for name, p in model.expert_parameters():
-        layer = name.rsplit(".experts.", 1)[0]
-        where_of = expert_files.get(layer, {})
-        values = []
-        for gid in model.expert_ids_of(name):  # the experts this device holds now, wherever they were saved
-            if str(gid) not in where_of:
-                raise CheckpointError(f"{where}: the manifest places no expert {gid} of {layer}")
-            values.append((tensors(where_of[str(gid)]), f"{name}[{gid}]", where_of[str(gid)]))
-        put(p, values, stack=True)
+        put(p, [f"{name}[{gid}]" for gid in model.expert_ids_of(name)], experts=True)
     try:  # the same rank existed when it was saved
         torch.set_rng_state(tensors(expert_file(rank))["rng/torch"])
     except CheckpointError:

@@ -72,16 +72,20 @@ class SnapshotStore:
             log.warning("in-memory snapshot of step %d is incomplete (%s)", snap.step, type(e).__name__)
             return False
 
-    def restore(self, actors: list[Any], timeout_s: float, replacing: bool = False) -> InMemorySnapshot | None:
+    def restore(self, actors: list[Any], timeout_s: float, replacing: bool = False, ep: int | None = None
+                ) -> InMemorySnapshot | None:
         """Put every device back to the newest complete snapshot that can still be read, with the expert placement
         it was taken with; that snapshot, or None when there is none (all lost, e.g. with their node). A device
-        dying meanwhile is a RunError. `replacing`: experts may sit anywhere, so every device gets every snapshot."""
+        dying meanwhile is a RunError. `replacing`: experts may sit anywhere, so every device gets every snapshot.
+        `ep`: the expert-parallel degree (None: every device)."""
+        ep = ep or len(actors)
         for snap in reversed(self.items):
             if not self.complete(snap, timeout_s):
                 continue
             refs = snap.refs
-            try:  # rank 0 holds the dense part and the router buffers; with contiguous experts every rank its own
-                ray.get([a.restore_snapshots.remote(*(refs if replacing else [refs[0]] if rank == 0 else [refs[0], refs[rank]]),
+            try:  # rank 0 holds the replicated dense part and the router buffers, every rank its own pieces, the
+                # first data-parallel replica of an ep index (rank ep_rank) the replicated experts; re-placement: all
+                ray.get([a.restore_snapshots.remote(*(refs if replacing else [refs[r] for r in sorted({0, rank, rank % ep})]),
                                                     placement=snap.placement if replacing else None)
                          for rank, a in enumerate(actors)], timeout=timeout_s)
             except RayActorError as e:

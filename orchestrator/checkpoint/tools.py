@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from orchestrator.checkpoint.manager import MANIFEST, _parse_step, list_checkpoints, verify
-from orchestrator.checkpoint.shard import CheckpointError, load_verified
+from orchestrator.checkpoint.shard import CheckpointError, assemble, load_verified
 from orchestrator.storage import Storage
 
 _EXPERT_KEY = re.compile(r"^(?P<name>.+)\[(?P<gid>\d+)\]$")
@@ -49,8 +49,15 @@ def read_parameters(ckpt: Storage) -> tuple[dict[str, torch.Tensor], dict]:
     if problem is not None or manifest is None:
         raise CheckpointError(f"cannot read {ckpt.shown}: {problem}")
     out: dict[str, torch.Tensor] = {}
-    for name, meta in manifest.files.items():
-        for key, t in load_verified(ckpt.read, name, meta, ckpt.shown).items():
+    loaded = {name: load_verified(ckpt.read, name, meta, ckpt.shown) for name, meta in manifest.files.items()}
+    if manifest.index:  # pieces of sharded tensors (ZeRO stage 2/3) joined whole
+        for key, pieces in manifest.index.items():
+            kind, _, rest = key.partition("/")
+            if kind in ("param", "buffer"):
+                out[rest] = assemble(key, pieces, loaded.__getitem__, ckpt.shown)
+        return out, manifest.__dict__
+    for tensors in loaded.values():
+        for key, t in tensors.items():
             kind, _, rest = key.partition("/")
             if kind in ("param", "buffer"):
                 out[rest] = t

@@ -27,6 +27,7 @@ from torch import nn
 from orchestrator.config import BalanceConfig
 from orchestrator.model.balancing import (drop_over_capacity, router_z_loss, select_experts, sequence_aux_loss,
                                           switch_aux_loss)
+from orchestrator.model.checkpointing import checkpointed
 from orchestrator.model.layers import SwiGLU, upcast
 
 
@@ -74,9 +75,15 @@ class GroupedExperts(nn.Module):
         self.w1_EFD = nn.Parameter(torch.empty(El, hidden, dim))
         self.w3_EFD = nn.Parameter(torch.empty(El, hidden, dim))
         self.w2_EDF = nn.Parameter(torch.empty(El, dim, hidden))
+        self.recompute = False  # selective activation checkpointing: the SwiGLU math recomputed in backward
 
     def forward(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """x_MD holds token copies grouped by local expert, `tokens_per_expert[j]` rows for expert j."""
+        if self.recompute:
+            return checkpointed(self._forward, x_MD, tokens_per_expert)
+        return self._forward(x_MD, tokens_per_expert)
+
+    def _forward(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         outs = []
         for j, x in enumerate(torch.split(x_MD, tokens_per_expert)):
             h = F.silu(x @ self.w1_EFD[j].t()) * (x @ self.w3_EFD[j].t())
@@ -172,6 +179,7 @@ class MoE(nn.Module):
         self.register_buffer("copies_E", torch.ones(num_experts + 1, dtype=torch.long), persistent=False)
         self.placement: list[list[int]] = [list(range(num_experts))]
         self.primary_mask = torch.ones(len(expert_ids), dtype=torch.bool)
+        self.recompute = False  # selective activation checkpointing: the shared expert recomputed in backward
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
@@ -192,7 +200,7 @@ class MoE(nn.Module):
         y_MD = self.experts(x_MD, tokens_per_local_slot)
         out_ND = self.dispatcher.combine(y_MD, gates_NK, meta, x_ND.shape[0])
         if self.shared is not None:
-            out_ND = out_ND + self.shared(x_ND)
+            out_ND = out_ND + (checkpointed(self.shared, x_ND) if self.recompute else self.shared(x_ND))
         return out_ND.view(B, T, D)
 
     def slots_of(self, experts_NK: torch.Tensor) -> torch.Tensor:

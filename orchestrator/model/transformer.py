@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from orchestrator.config import BalanceConfig, ModelConfig
+from orchestrator.model.checkpointing import checkpointed
 from orchestrator.model.layers import Attention, RMSNorm, SwiGLU
 from orchestrator.model.moe import MoE, GroupedExperts
 
@@ -36,9 +37,22 @@ class Block(nn.Module):
             self.ffn = MoE(cfg.dim, cfg.num_experts, cfg.top_k, cfg.expert_dim, cfg.num_shared_experts,
                            cfg.score_func, cfg.norm_topk_prob, cfg.route_scale, expert_ids, balance)
 
+        self.recompute = "none"  # activation checkpointing: none | selective | full (model/checkpointing.py)
+
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
-        return x_BTD + self.ffn(self.ffn_norm(x_BTD))
+        if self.recompute == "full":
+            return checkpointed(self._forward, x_BTD, keep=[self.ffn])
+        return self._forward(x_BTD)
+
+    def _forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        selective = self.recompute == "selective"
+        x_BTD = x_BTD + (checkpointed(self._attention, x_BTD) if selective else self._attention(x_BTD))
+        h_BTD = self.ffn_norm(x_BTD)
+        dense = isinstance(self.ffn, SwiGLU)
+        return x_BTD + (checkpointed(self.ffn, h_BTD) if selective and dense else self.ffn(h_BTD))
+
+    def _attention(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.attn_norm(x_BTD))
 
 
 class MoETransformer(nn.Module):

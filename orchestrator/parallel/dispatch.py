@@ -23,28 +23,32 @@ class _AllToAll(torch.autograd.Function):
     """all_to_all_single whose backward is the all_to_all with the splits swapped."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
-        ctx.splits = (out_splits, in_splits)
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
         with CLOCK.collective("all_to_all"):
-            dist.all_to_all_single(out, x.contiguous(), output_split_sizes=out_splits, input_split_sizes=in_splits)
+            dist.all_to_all_single(out, x.contiguous(), output_split_sizes=out_splits, input_split_sizes=in_splits,
+                                   group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out_splits, in_splits = ctx.splits
-        return _AllToAll.apply(grad, in_splits, out_splits), None, None
+        return _AllToAll.apply(grad, in_splits, out_splits, ctx.group), None, None, None
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
-    return _AllToAll.apply(x, out_splits, in_splits)
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
+    """all_to_all_single over `group` (None: the default group), differentiable."""
+    return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
 class AllToAllTokenDispatcher:
-    """Drop-in for `LocalTokenDispatcher` when the layer's expert slots are split over the default group."""
+    """Drop-in for `LocalTokenDispatcher` when the layer's expert slots are split over the devices of `group`
+    (the mesh's "ep" dimension; None: the default group). The balancing losses' global counts are summed over
+    every device (the default group): the global batch spans the data-parallel replicas too."""
 
-    def __init__(self, world: int):
-        self.world = world
+    def __init__(self, world: int, group=None):
+        self.world, self.group = world, group
 
     def dispatch(self, x_ND, experts_NK, num_experts):
         if num_experts % self.world:
@@ -53,11 +57,11 @@ class AllToAllTokenDispatcher:
         x_MD, counts_E, token_idx_M, order_M = permute_by_expert(x_ND, experts_NK, num_experts)
         recv_counts = torch.empty_like(counts_E)
         with CLOCK.collective("all_to_all counts"):
-            dist.all_to_all_single(recv_counts, counts_E)          # [source device, local expert], flattened
+            dist.all_to_all_single(recv_counts, counts_E, group=self.group)          # [source device, local expert], flattened
         recv_WEl = recv_counts.view(W, El)
         in_splits = counts_E.view(W, El).sum(1).tolist()
         out_splits = recv_WEl.sum(1).tolist()
-        x_RD = all_to_all(x_MD, out_splits, in_splits)
+        x_RD = all_to_all(x_MD, out_splits, in_splits, self.group)
         # Arrived grouped by source then expert; the experts want them grouped by expert.
         local_expert_R = torch.repeat_interleave(torch.arange(El, device=x_RD.device).repeat(W),
                                                  recv_WEl.flatten().to(x_RD.device))
@@ -75,14 +79,15 @@ class AllToAllTokenDispatcher:
     def combine(self, y_RD, gates_NK, meta, num_tokens):
         regroup_R, in_splits, out_splits = meta.extra
         y_back_RD = y_RD[torch.argsort(regroup_R)]
-        y_MD = all_to_all(y_back_RD, in_splits, out_splits)
+        y_MD = all_to_all(y_back_RD, in_splits, out_splits, self.group)
         return unpermute_and_combine(y_MD, gates_NK, meta, num_tokens)
 
 
-def apply_expert_parallel(model: torch.nn.Module, world: int) -> None:
-    """Route every MoE layer of `model` through the all_to_all dispatcher (world > 1)."""
+def apply_expert_parallel(model: torch.nn.Module, world: int, group=None) -> None:
+    """Route every MoE layer of `model` through the all_to_all dispatcher over `group` of `world` devices (the
+    expert-parallel degree; world 1: nothing to dispatch)."""
     from orchestrator.model.moe import MoE
 
     for module in model.modules():
         if isinstance(module, MoE) and world > 1:
-            module.dispatcher = AllToAllTokenDispatcher(world)
+            module.dispatcher = AllToAllTokenDispatcher(world, group)

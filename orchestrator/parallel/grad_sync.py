@@ -8,8 +8,9 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from orchestrator.parallel.groups import CLOCK
 
 
-def allreduce_dense_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum dense gradients over the default group, in one flat buffer (one collective per step).
+def allreduce_dense_grads(params: list[torch.nn.Parameter], group=None) -> None:
+    """Sum gradients over `group` (None: the default group, for dense parameters; the mesh's "dp" group for
+    experts), in one flat buffer (one collective per step).
 
     The loss on every device is already divided by the global token count, so the sum is the
     gradient of the global mean loss: no extra division by the world size.
@@ -17,7 +18,7 @@ def allreduce_dense_grads(params: list[torch.nn.Parameter]) -> None:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = _flatten_dense_tensors(grads)
     with CLOCK.collective("all_reduce grads"):
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=group)
     for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
         if p.grad is None:
             p.grad = g
@@ -26,7 +27,10 @@ def allreduce_dense_grads(params: list[torch.nn.Parameter]) -> None:
 
 
 def sum_of_squares(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    sq = [p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None]
+    """Sum of squared gradient entries this device holds (a sharded gradient: its local shard), in float64."""
+    from orchestrator.parallel.sharding import local
+
+    sq = [local(p.grad.detach()).double().pow(2).sum() for p in params if p.grad is not None]
     return torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64)
 
 
@@ -34,7 +38,10 @@ def clip_(params: list[torch.nn.Parameter], total_norm: torch.Tensor, max_norm: 
     """Scale gradients so their global norm is at most max_norm (no-op when max_norm is 0)."""
     if max_norm <= 0:
         return
+    from orchestrator.parallel.sharding import local
+
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     for p in params:
         if p.grad is not None:
-            p.grad.mul_(coef.to(p.grad.device))
+            g = local(p.grad)
+            g.mul_(coef.to(g.device, g.dtype))

@@ -1,0 +1,98 @@
+"""Activation checkpointing of the MoE transformer: none | selective | full, per block.
+
+Modules keep their names and structure (checkpoints key on parameter names, so nothing is wrapped): each
+Block, MoE and GroupedExperts has a `recompute` attribute its forward reads, and the forward runs the chosen
+part through `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`.
+
+  none       every op saves what its backward needs.
+  selective  recomputed in backward: the attention sub-block (attn_norm + attention) and the MLP math (the
+             dense SwiGLU, the shared expert, the routed experts' SwiGLU on the tokens already dispatched).
+             Kept: the router's outputs, the dispatch (all_to_all) outputs, ffn_norm and the combine. Routing
+             never runs twice and no collective is repeated.
+  full       each block is recomputed from its input; the block's routing and all_to_all run again in
+             backward (identically: routing is a function of the block input and the router's weights).
+
+Non-reentrant checkpointing gives every tensor computed inside a region its gradient, side outputs included
+(the balancing loss of an MoE layer). A recomputation would overwrite the side attributes an MoE layer sets
+in its forward (`last_tokens_per_expert`, `aux_loss`, ...): `_Region` puts back what the forward left.
+
+`set_observer` lets a memory meter (orchestrator/memory.py) see what a recomputation saves: the checkpoint's
+own saved-tensor hooks hide it from any outer hooks.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+MODES = ("none", "selective", "full")
+
+# What an MoE layer's forward leaves behind besides its output; a recomputation must not change it.
+SIDE_ATTRS = ("last_tokens_per_expert", "last_dropped", "last_received", "aux_loss")
+
+
+class RecomputeObserver(Protocol):
+    def recomputing(self, region: int) -> contextlib.AbstractContextManager: ...
+
+
+_observer: RecomputeObserver | None = None
+
+
+@contextlib.contextmanager
+def set_observer(observer: RecomputeObserver | None) -> Iterator[None]:
+    """While inside, every recomputation runs inside `observer.recomputing(region id)`."""
+    global _observer
+    previous, _observer = _observer, observer
+    try:
+        yield
+    finally:
+        _observer = previous
+
+
+class _Region:
+    """The function a checkpoint runs: its first call is the forward, later calls are recomputations."""
+
+    _next_id = 0
+
+    def __init__(self, fn: Callable[..., Any], keep: list[nn.Module]):
+        self.fn, self.keep, self.calls = fn, keep, 0
+        _Region._next_id += 1
+        self.id = _Region._next_id
+
+    def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            return self.fn(*args)
+        kept = [(m, {a: getattr(m, a) for a in SIDE_ATTRS if hasattr(m, a)}) for m in self.keep]
+        observed = _observer.recomputing(self.id) if _observer is not None else contextlib.nullcontext()
+        try:
+            with observed:
+                return self.fn(*args)
+        finally:  # also when checkpoint's early stop interrupts the recomputation
+            for m, attrs in kept:
+                for a, v in attrs.items():
+                    setattr(m, a, v)
+
+
+def checkpointed(fn: Callable[..., Any], *args: Any, keep: list[nn.Module] | None = None) -> Any:
+    """fn(*args), its activations recomputed in backward (torch.utils.checkpoint, non-reentrant); the side
+    attributes of the modules in `keep` stay as the forward set them."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(_Region(fn, keep or []), *args, use_reentrant=False)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Set the checkpointing mode of every block of `model` (an MoETransformer); `none` undoes it."""
+    if mode not in MODES:
+        raise ValueError(f"activation checkpointing mode {mode!r} is not one of {', '.join(MODES)}")
+    from orchestrator.model.moe import MoE
+
+    for block in model.layers:
+        block.recompute = mode
+        if isinstance(block.ffn, MoE):
+            block.ffn.recompute = mode == "selective"
+            block.ffn.experts.recompute = mode == "selective"
