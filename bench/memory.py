@@ -6,8 +6,8 @@ per-device budget, and what each costs in step time.
 1. Largest model per mode. For every memory.zero_stage x memory.activation_checkpointing, on `--devices`
    devices with expert-parallel degree `--ep` (the rest data parallelism, over which expert states shard),
    the planner (orchestrator/planner.py) finds the widest model of one family (the default model's shape,
-   width `dim` in steps of 32 with expert_dim = dim and dense_dim = 2 dim, 4 heads of dim/4 ... as many as
-   fit) whose plan fits `--budget-mb` per device. `--confirm` trains it for a few steps (a real run through
+   width `dim` in steps of 16 with expert_dim = dim and dense_dim = 2 dim, 4 heads) whose plan fits
+   `--budget-mb` per device. `--confirm` trains it for a few steps (a real run through
    the driver and Ray) and reads the measured bytes per device (metrics.jsonl `device_memory`): the row
    says whether the measured params + grads + optimizer + activation peak stayed within the budget.
    Goal (issue 14): stage 3 + full checkpointing trains >= 3x the parameters stage 0 can.
@@ -49,14 +49,14 @@ def config(dim: int, stage: int, ac: str, devices: int, ep: int, extra: list[str
 def largest(stage: int, ac: str, budget: int, devices: int, ep: int, extra: list[str]) -> tuple[int, int, int]:
     """(dim, parameters, planned bytes of the fullest device) of the widest model that fits, or (0, 0, 0)."""
     best = (0, 0, 0)
-    dim = 32
+    dim = 16
     while dim <= 4096:
         plan = plan_memory(config(dim, stage, ac, devices, ep, extra))
         need = plan.peak().total
         if need > budget:
             break
         best = (dim, count_parameters(config(dim, stage, ac, devices, ep, extra).model)["total"], need)
-        dim += 32
+        dim += 16
     return best
 
 
@@ -67,7 +67,7 @@ def measured(dim: int, stage: int, ac: str, devices: int, ep: int, extra: list[s
     with tempfile.TemporaryDirectory() as d:
         cfg = config(dim, stage, ac, devices, ep, [*extra, f"train.steps={steps}", f"run.dir={d}"])
         Driver(cfg, Path(d)).run()
-        return read_jsonl(Path(d) / "metrics.jsonl")[-1]["device_memory"]
+        return list(read_jsonl(Path(d) / "metrics.jsonl"))[-1]["device_memory"]
 
 
 def step_times(stage: int, ac: str, devices: int, ep: int, steps: int, skip: int) -> list[float]:
@@ -95,6 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args(argv)
+    if args.confirm or args.times:   # real runs: one Ray for all of them, as the job starts it
+        import contextlib
+
+        from orchestrator.cluster import ray_cluster
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(ray_cluster(config(64, 0, "none", args.devices, args.ep, []).cluster))
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     budget = int(args.budget_mb * 2**20)
     out: dict = {"budget_bytes": budget, "devices": args.devices, "ep": args.ep, "largest": []}
     print(f"budget {args.budget_mb:g} MiB per device, {args.devices} devices, ep {args.ep} x dp "

@@ -81,7 +81,8 @@ def _plan(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from orchestrator.planner import MemoryPlanError, check_fits, plan_memory, plan_table, render
+    from orchestrator.plan_render import render
+    from orchestrator.planner import MemoryPlanError, check_fits, plan_memory, plan_table
 
     plan, table = plan_memory(cfg), plan_table(cfg)
     verdict = None  # with cluster.device_memory_gb set: what python -m jobs.train would say

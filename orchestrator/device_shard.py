@@ -140,7 +140,7 @@ class DeviceShard:
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
-            with CLOCK.collective("all_reduce stats"):
+            with CLOCK.collective("all_reduce stats (world)"):
                 dist.all_reduce(t)
         return t
 
@@ -243,11 +243,9 @@ class DeviceShard:
         if self.world == 1:
             return
         if self.zero_stage < 2:
-            with CLOCK.collective("all_reduce grads"):
-                allreduce_dense_grads(self.dense_params)
+            allreduce_dense_grads(self.dense_params)
         if self.mesh.dp > 1 and not any(is_sharded(p) for p in self.expert_params):
-            with CLOCK.collective("all_reduce expert grads (dp)"):
-                allreduce_dense_grads(self.expert_params, self.mesh.dp_group)
+            allreduce_dense_grads(self.expert_params, self.mesh.dp_group, "all_reduce expert grads (dp)")
         if any(max(m.copies) > 1 for m in moe):
             self._sum_replica_grads(moe)
 
@@ -282,7 +280,7 @@ class DeviceShard:
                 parts.append(buf)
                 targets.append((p, mine))
         flat = torch.cat([b.flatten() for b in parts])
-        with CLOCK.collective("all_reduce replica grads"):
+        with CLOCK.collective("all_reduce replica grads (ep)"):
             dist.all_reduce(flat)
         offset = 0
         for (p, mine), buf in zip(targets, parts):

@@ -315,7 +315,8 @@ def _figures(records: list[dict], incidents: list[dict], alerts: list[dict], goo
     for rank in range(len(records[0].get("device_step_time_s") or []) if records else 0):
         ax.plot(steps, [1000 * r["device_step_time_s"][rank] for r in records], lw=0.8, label=f"device {rank}")
     ax.set(xlabel="step", ylabel="ms", title="Step time per device")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:   # records without device step times (a run that did no step) draw none
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     out["device-step-time"] = ("Each device's time in the step (collectives included)", _png(fig))
 

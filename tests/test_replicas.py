@@ -125,13 +125,15 @@ def test_redundant_experts_config_errors():
         tiny_config(None, "cluster.num_devices=2", "balance.redundant_experts=6")
 
 
-@pytest.mark.parametrize("world,redundant", [(2, 2), (4, 4)])
-def test_replicas_keep_the_reference_math(ray_session, tmp_path, world, redundant):
+@pytest.mark.parametrize("world,redundant,zero_stage", [(2, 2, 1), (4, 4, 3)])
+def test_replicas_keep_the_reference_math(ray_session, tmp_path, world, redundant, zero_stage):
+    """Re-placement moves experts (weights and moments) between devices, replicas split tokens and sum gradients,
+    with dense state ZeRO-sharded (stage 1: moments partitioned; stage 3: FSDP2): still the reference's math."""
     overrides = ["train.dtype=float64", f"train.steps={STEPS}", "model.num_experts=8", "train.global_batch_size=8",
                  "train.eval_batches=0"]
     ref_reports, ref_params = reference_run(tiny_config(None, *overrides))
     cfg = tiny_config(tmp_path, *overrides, *REPLICAS, f"cluster.num_devices={world}",
-                      f"balance.redundant_experts={redundant}")
+                      f"balance.redundant_experts={redundant}", f"memory.zero_stage={zero_stage}")
     Driver(cfg, tmp_path).run()
     recs = records(tmp_path)
     moves = [r["replacement"]["placement"] for r in recs if r.get("replacement")]

@@ -136,6 +136,8 @@ def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_r
     own = expert_file(rank)
 
     def put(file: str, key: str, t: torch.Tensor, piece: Any) -> None:
+        if piece.dim is not None and piece.start == piece.stop:
+            return   # an empty shard (fewer rows than devices): nothing of the tensor here
         staging.put(dense if file == DENSE_FILE else mine, key + piece.suffix(), t)
         index.setdefault(key, []).append([file, piece.dim, piece.start, piece.stop])
 

@@ -26,7 +26,7 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        with CLOCK.collective("all_to_all"):
+        with CLOCK.collective("all_to_all (ep)"):
             dist.all_to_all_single(out, x.contiguous(), output_split_sizes=out_splits, input_split_sizes=in_splits,
                                    group=group)
         return out
@@ -56,7 +56,7 @@ class AllToAllTokenDispatcher:
         W, El = self.world, num_experts // self.world
         x_MD, counts_E, token_idx_M, order_M = permute_by_expert(x_ND, experts_NK, num_experts)
         recv_counts = torch.empty_like(counts_E)
-        with CLOCK.collective("all_to_all counts"):
+        with CLOCK.collective("all_to_all counts (ep)"):
             dist.all_to_all_single(recv_counts, counts_E, group=self.group)          # [source device, local expert], flattened
         recv_WEl = recv_counts.view(W, El)
         in_splits = counts_E.view(W, El).sum(1).tolist()
@@ -72,7 +72,7 @@ class AllToAllTokenDispatcher:
     def global_counts(self, counts_E):
         """Tokens routed to each expert by all devices (for balancing losses over the global batch)."""
         total_E = counts_E.clone()
-        with CLOCK.collective("all_reduce counts"):
+        with CLOCK.collective("all_reduce counts (world)"):
             dist.all_reduce(total_E)
         return total_E
 

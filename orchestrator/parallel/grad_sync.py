@@ -8,7 +8,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from orchestrator.parallel.groups import CLOCK
 
 
-def allreduce_dense_grads(params: list[torch.nn.Parameter], group=None) -> None:
+def allreduce_dense_grads(params: list[torch.nn.Parameter], group=None, name: str = "all_reduce grads (world)"
+                          ) -> None:
     """Sum gradients over `group` (None: the default group, for dense parameters; the mesh's "dp" group for
     experts), in one flat buffer (one collective per step).
 
@@ -17,7 +18,7 @@ def allreduce_dense_grads(params: list[torch.nn.Parameter], group=None) -> None:
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = _flatten_dense_tensors(grads)
-    with CLOCK.collective("all_reduce grads"):
+    with CLOCK.collective(name):
         dist.all_reduce(flat, group=group)
     for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
         if p.grad is None:
