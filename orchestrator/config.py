@@ -499,6 +499,11 @@ def _validate_mesh(cfg: Config) -> None:
                           f"step by its router probabilities, so its gradient in the first micro-batch needs counts of "
                           f"the last; use balance.seq_aux_loss_coeff (per sequence: exact under micro-batching) or "
                           f"balance.bias_update_speed, or train.micro_batches=1")
+    if mem.zero_stage >= 2 and c.use_gpu and (c.backend == "gloo" or c.gpus_per_device < 1):
+        raise ConfigError(f"memory.zero_stage={mem.zero_stage} on GPUs that talk over gloo (cluster.backend="
+                          f"{c.backend}, cluster.gpus_per_device={c.gpus_per_device:g}): FSDP2 shards on the device "
+                          f"type of its mesh, and gloo's is the CPU; give every device a GPU of its own with nccl "
+                          f"(cluster.gpus_per_device=1, cluster.backend=auto), or memory.zero_stage=1")
     _, dp = mesh_shape(cfg)
     if mem.zero_stage >= 2 and dp > 1:
         for key, value in (("model.expert_dim", m.expert_dim), ("model.dim", m.dim)):

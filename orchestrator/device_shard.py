@@ -32,7 +32,7 @@ from orchestrator.model.layers import upcast
 from orchestrator.parallel import allreduce_dense_grads, apply_expert_parallel, clip_, sum_of_squares
 from orchestrator.parallel.groups import CLOCK
 from orchestrator.parallel.mesh import current_mesh
-from orchestrator.parallel.sharding import Optimizers, is_sharded, local, shard_model
+from orchestrator.parallel.sharding import Optimizers, is_sharded, local, reshard, shard_model
 from orchestrator.placement import ExpertPlacement
 from orchestrator.schedule import lr_of
 
@@ -111,7 +111,7 @@ class DeviceShard:
         initial = ExpertPlacement.initial(cfg.model.num_experts, ep, expert_slots(cfg) if ep > 1 else None)
         self.model = build_model(cfg.model, cfg.seed, initial.slots[self.mesh.ep_rank], cfg.balance).to(
             self.device, getattr(torch, cfg.train.dtype))
-        apply_expert_parallel(self.model, ep, self.mesh.ep_group)
+        apply_expert_parallel(self.model, ep, self.mesh.ep_group, data_parallel=world > ep)
         for m in self.model.moe_layers():
             m.set_placement(initial.slots, self.mesh.ep_rank)
         if cfg.memory.activation_checkpointing != "none":
@@ -309,15 +309,19 @@ class DeviceShard:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i in range(num_batches):
             total += self._loss_sum(*self.data.val_batch(i)).double()
+        reshard(self.model)   # stage 2 keeps the unsharded parameters after a forward without backward
         return self._all_reduce(total.view(1)).item() / (self.global_tokens * max(1, num_batches))
 
     def snapshot(self, step: int) -> Snapshot:
+        reshard(self.model)
         return take_snapshot(self.model, self.optim, self.rank, step, self.mesh.dp_rank)
 
     def restore(self, manifest: dict[str, Any], read, where: str) -> None:
+        reshard(self.model)
         restore_from_files(self.model, self.optim, self.rank, manifest, read, where)
 
     def restore_snapshots(self, snapshots: list[Snapshot]) -> None:
+        reshard(self.model)
         restore_from_snapshots(self.model, self.optim, self.rank, snapshots)
 
     def set_placement(self, placement: list[list[list[int]]]) -> None:
@@ -330,6 +334,8 @@ class DeviceShard:
     def global_parameters(self) -> dict[str, torch.Tensor]:
         """The parameters keyed by global name; routed experts one entry per global id. Sharded parameters are
         gathered whole (collective: every device calls it)."""
+        reshard(self.model)
+
         def whole(p: torch.Tensor) -> torch.Tensor:
             return (p.full_tensor() if is_sharded(p) else local(p)).detach().cpu().clone()
 

@@ -102,11 +102,7 @@ class Driver:
                  ckpt.storage.shown, corpus.description, len(corpus.train), len(corpus.val))
         self.devices.start()
         self.mixed_precision = self.devices.settle_mixed_precision()
-        gpu_memory = [i["gpu_memory"] for i in self.device_info if i.get("gpu_memory")]
-        if cfg.cluster.use_gpu and gpu_memory and not cfg.cluster.device_memory_gb:
-            from orchestrator.planner import check_fits
-
-            check_fits(cfg, min(gpu_memory))   # the plan must fit the smallest GPU: else ConfigError, exit 2
+        self._check_gpu_memory()
         ck = cfg.checkpoint
         if ck.every_steps or ck.at_end or ck.on_signal:
             self.devices.check_storage_reach(ckpt.storage)
@@ -120,6 +116,20 @@ class Driver:
         for rank, i in enumerate(self.device_info):
             log.info("device %d: node %s (%s), pid %d%s", rank, str(i["node_id"])[:12], i["ip"], i["pid"],
                      f", GPU {i['gpu_ids']} {i['gpu_name']}" if i.get("gpu_name") else "")
+
+    def _check_gpu_memory(self) -> None:
+        """The memory plan must fit each device's share of the smallest GPU (cluster.device_memory_gb unset), with
+        the precision the devices settled on: else ConfigError (exit 2) before any shard is built."""
+        c = self.cfg.cluster
+        gpu_memory = [i["gpu_memory"] for i in self.device_info if i.get("gpu_memory")]
+        if not (c.use_gpu and gpu_memory) or c.device_memory_gb:
+            return
+        from orchestrator.planner import check_fits
+
+        cfg = replace(self.cfg, train=replace(self.cfg.train, mixed_precision=self.mixed_precision))
+        share = int(min(gpu_memory) * c.gpus_per_device)
+        check_fits(cfg, share, f"{c.gpus_per_device:g} of the smallest GPU's {min(gpu_memory) / 2**30:.1f} GiB; "
+                               f"set cluster.device_memory_gb to plan for another budget")
 
     @property
     def actors(self) -> list[Any]:

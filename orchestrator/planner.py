@@ -379,7 +379,7 @@ def _changes(cfg: Config) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield " ".join(f"{k}={v}" for k, v in values), {k.replace(".", "__"): v for k, v in values}
 
 
-def check_fits(cfg: Config, budget_bytes: int | None = None) -> MemoryPlan:
+def check_fits(cfg: Config, budget_bytes: int | None = None, budget_source: str | None = None) -> MemoryPlan:
     """The plan, if its fullest device fits `budget_bytes` (default: cluster.device_memory_gb GiB; 0: no
     check); else MemoryPlanError with need vs budget by category and the smallest change of `_changes` whose
     re-plan fits, or else the fewest devices that would."""
@@ -390,7 +390,7 @@ def check_fits(cfg: Config, budget_bytes: int | None = None) -> MemoryPlan:
         return plan
     parts = ", ".join(f"{c} {_mib(getattr(worst, c))}" for c in CATEGORIES)
     msg = (f"the memory plan needs {_mib(worst.total)} on device {worst.rank} ({parts}), over the budget of "
-           f"{_mib(budget)} (cluster.device_memory_gb={budget / GiB:g})")
+           f"{_mib(budget)} ({budget_source or f'cluster.device_memory_gb={budget / GiB:g}'})")
     for name, change in _changes(cfg):
         try:
             new = plan_memory(_with(cfg, **change)).peak().total

@@ -37,14 +37,14 @@ ROUTING = ["balance.routing=group_limited", "balance.num_groups=2", "balance.top
 GROUPED = [["memory.zero_stage=3", "train.micro_batches=2", *ROUTING]]
 
 
-def _worker(rank: int, world: int, ep: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, ep: int, port: int, out: str, combos: list | None = None) -> None:
     from orchestrator.device_shard import DeviceShard
 
     torch.set_num_threads(1)
     groups.join("gloo", "127.0.0.1", port, rank, world, timeout_s=120)
     results = {}
     corpus = None
-    for combo in COMBOS + FLOAT32 + GROUPED:
+    for combo in combos or COMBOS + FLOAT32 + GROUPED:
         cfg = tiny_config(None, *BASE, f"cluster.num_devices={world}", f"parallel.expert_parallel={ep}", *combo)
         corpus = corpus or load_corpus(cfg.data)
         shard = DeviceShard(cfg, rank, world, corpus.train, corpus.val)
@@ -128,3 +128,19 @@ def test_snapshot_pieces_restore_exactly_with_empty_shards(tmp_path):
     gate = "param/layers.1.ffn.router.gate.weight"
     pieces = [pc for _, _, _, index in results for pc in index.get(gate, [])]
     assert sorted((pc[2], pc[3]) for pc in pieces) == [(0, 1), (1, 2)]   # two rows over 4 devices: 2 pieces
+
+
+def test_data_parallel_only_switch_loss_counts_the_whole_batch(tmp_path):
+    """Expert-parallel degree 1 on 4 devices (every device all experts, other tokens): the Switch loss's counts
+    are the global batch's, as in the reference, at stage 0 and 3."""
+    switch = ["balance.aux_loss_coeff=0.01"]
+    ref_reports, ref_params = reference_run(tiny_config(None, *BASE, *switch))
+    out = str(tmp_path / "results")
+    combos = [[*switch, f"memory.zero_stage={z}"] for z in (0, 3)]
+    mp.spawn(_worker, args=(4, 1, groups.free_port("127.0.0.1"), out, combos), nprocs=4)
+    with open(f"{out}.0", "rb") as f:
+        results = pickle.load(f)
+    for combo, (losses, loads, params) in results.items():
+        assert losses == pytest.approx([r.loss for r in ref_reports], rel=1e-9), combo
+        for name, ref in ref_params.items():
+            torch.testing.assert_close(params[name], ref, rtol=1e-6, atol=1e-9, msg=lambda m: f"{combo} {name}: {m}")

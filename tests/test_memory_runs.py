@@ -24,7 +24,10 @@ EP2_DP2_STAGE3 = ["cluster.num_devices=4", "parallel.expert_parallel=2", "memory
 
 @pytest.mark.parametrize("before,after", [
     (EP2_DP2_STAGE3, ["cluster.num_devices=2", "memory.zero_stage=0"]),
-    (["cluster.num_devices=2", "memory.zero_stage=2", "memory.activation_checkpointing=full"],
+    # an evaluation at the stop step: stage 2 then holds unsharded parameters until resharded (the checkpoint must
+    # still hold every moment)
+    (["train.eval_every=3", "train.eval_batches=1", "cluster.num_devices=2", "memory.zero_stage=2",
+      "memory.activation_checkpointing=full"],
      ["cluster.num_devices=4", "parallel.expert_parallel=2", "memory.zero_stage=1", "cluster.cpus_per_device=0.25",
       "train.micro_batches=2"]),
 ], ids=["stage3-ep2xdp2-to-stage0-2dev", "stage2-2dev-to-stage1-ep2xdp2"])
@@ -69,6 +72,8 @@ def test_kill_under_stage3_heals_to_the_fault_free_bits(ray_session, tmp_path):
     summary = Driver(tiny_config(faulty, *COMMON, *EP2_DP2_STAGE3, "faults.plan=[{step: 4, kind: kill, rank: 3}]"),
                      faulty).run()
     assert summary.recoveries >= 1
+    incidents = [json.loads(line) for line in (faulty / "incidents.jsonl").read_text().splitlines()]
+    assert {i["source"] for i in incidents if i.get("source")} == {"snapshot"}   # its own shard: no replay
     (a, losses_a), (b, losses_b) = _final_state(clean), _final_state(faulty)
     assert losses_a == losses_b
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]

@@ -263,9 +263,11 @@ def restore_from_snapshots(model: torch.nn.Module, optim: Any, rank: int, snapsh
     restore(model, optim, rank, lambda key: index.get(key, []), snapshots[0].optimizer_step, tensors, where)
 
 
-def assemble(key: str, pieces: list[list[Any]], tensors: Callable[[str], dict[str, torch.Tensor]], where: str
-             ) -> torch.Tensor:
-    """The whole logical tensor `key` from its pieces (one whole copy, or slices along one dim that tile it)."""
+def assemble(key: str, pieces: list[list[Any]], tensors: Callable[[str], dict[str, torch.Tensor]], where: str,
+             want: Any = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Rows `want` (a sharding.Piece; None: all) of the logical tensor `key` of `shape`, from its pieces: one whole
+    copy, or slices along one dim. Only the pieces that overlap the rows asked for are read, and they must cover
+    them (a device restoring its own shard needs only its own snapshot; CheckpointError names the rows missing)."""
     if not pieces:
         raise CheckpointError(f"{where} has no tensor {key!r}: the checkpoint does not fit this model")
 
@@ -277,14 +279,32 @@ def assemble(key: str, pieces: list[list[Any]], tensors: Callable[[str], dict[st
 
     whole = next((pc for pc in pieces if pc[1] is None), None)
     if whole is not None:
-        return get(whole[0], key)
-    parts, at = [], 0
-    for file, dim, start, stop in sorted(pieces, key=lambda pc: pc[2]):
-        if start != at:
-            raise CheckpointError(f"{where}: the pieces of {key!r} leave rows {at}:{start} of dim {dim} out")
-        parts.append(get(file, f"{key}@{dim}:{start}:{stop}"))
-        at = stop
-    return torch.cat(parts, dim=pieces[0][1])
+        t = get(whole[0], key)
+        return t if want is None or want.dim is None else want.take(t)
+    dim = pieces[0][1]
+    if want is not None and want.dim is not None and want.dim != dim:
+        raise CheckpointError(f"{where}: {key!r} is stored in slices of dim {dim}, asked for slices of dim {want.dim}")
+    lo, hi = (want.start, want.stop) if want is not None and want.dim is not None else (0, None)
+    if hi is None and shape is not None:
+        hi = shape[dim]
+    if hi is not None and lo >= hi:   # an empty shard (fewer rows than devices): no rows, the right shape
+        file, _, start, stop = pieces[0]
+        return get(file, f"{key}@{dim}:{start}:{stop}").narrow(dim, 0, 0)
+    parts, at = [], lo
+    for file, _, start, stop in sorted(pieces, key=lambda pc: pc[2]):
+        if stop <= at or (hi is not None and start >= hi):
+            continue
+        if start > at:
+            break
+        t = get(file, f"{key}@{dim}:{start}:{stop}")
+        end = stop if hi is None else min(stop, hi)
+        parts.append(t.narrow(dim, at - start, end - at))
+        at = end
+        if hi is not None and at >= hi:
+            break
+    if (hi is not None and at < hi) or (hi is None and not parts):
+        raise CheckpointError(f"{where}: the pieces of {key!r} at hand leave rows {at}:{hi} of dim {dim} out")
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
 
 
 def restore(model: torch.nn.Module, optim: Any, rank: int, locate: Locate, optimizer_step: int,
@@ -295,14 +315,16 @@ def restore(model: torch.nn.Module, optim: Any, rank: int, locate: Locate, optim
 
     step = torch.tensor(float(optimizer_step))
 
-    def full(key: str) -> torch.Tensor:
-        return assemble(key, locate(key), tensors, where)
+    def part(key: str, piece: Any, shape: tuple[int, ...]) -> torch.Tensor:
+        return assemble(key, locate(key), tensors, where, piece, shape)
 
     def put(p: torch.nn.Parameter, names: list[str], experts: bool) -> None:
         piece = piece_of(p, drop_leading=experts)
 
+        shape = tuple(p.shape[1:] if experts else p.shape)   # the logical tensor's (a DTensor's is global)
+
         def mine(prefix: str) -> torch.Tensor:
-            parts = [piece.take(full(f"{prefix}/{n}")) for n in names]
+            parts = [part(f"{prefix}/{n}", piece, shape) for n in names]
             return torch.stack(parts) if experts else parts[0]
 
         with torch.no_grad():
@@ -323,7 +345,7 @@ def restore(model: torch.nn.Module, optim: Any, rank: int, locate: Locate, optim
     with torch.no_grad():
         for name, b in model.state_dict(keep_vars=True).items():
             if name not in param_names:
-                b.copy_(full(f"buffer/{name}"))
+                b.copy_(part(f"buffer/{name}", None, tuple(b.shape)))
     for name, p in model.expert_parameters():
         put(p, [f"{name}[{gid}]" for gid in model.expert_ids_of(name)], experts=True)
     try:  # the same rank existed when it was saved

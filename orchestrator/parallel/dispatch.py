@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from orchestrator.model.moe import DispatchMeta, permute_by_expert, unpermute_and_combine
+from orchestrator.model.moe import DispatchMeta, LocalTokenDispatcher, permute_by_expert, unpermute_and_combine
 from orchestrator.parallel.groups import CLOCK
 
 
@@ -83,11 +83,25 @@ class AllToAllTokenDispatcher:
         return unpermute_and_combine(y_MD, gates_NK, meta, num_tokens)
 
 
-def apply_expert_parallel(model: torch.nn.Module, world: int, group=None) -> None:
+class DataParallelLocalDispatcher(LocalTokenDispatcher):
+    """Every expert on every device (expert-parallel degree 1, several data-parallel devices): dispatch stays local,
+    but the global batch spans the devices, so the balancing losses' global counts are summed over all of them."""
+
+    def global_counts(self, counts_E):
+        total_E = counts_E.clone()
+        with CLOCK.collective("all_reduce counts (world)"):
+            dist.all_reduce(total_E)
+        return total_E
+
+
+def apply_expert_parallel(model: torch.nn.Module, world: int, group=None, data_parallel: bool = False) -> None:
     """Route every MoE layer of `model` through the all_to_all dispatcher over `group` of `world` devices (the
-    expert-parallel degree; world 1: nothing to dispatch)."""
+    expert-parallel degree). World 1: nothing to dispatch; with `data_parallel` (other devices hold the same
+    experts and other tokens) counts for the balancing losses are still summed over every device."""
     from orchestrator.model.moe import MoE
 
     for module in model.modules():
         if isinstance(module, MoE) and world > 1:
             module.dispatcher = AllToAllTokenDispatcher(world, group)
+        elif isinstance(module, MoE) and data_parallel:
+            module.dispatcher = DataParallelLocalDispatcher()

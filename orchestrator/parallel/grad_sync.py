@@ -16,6 +16,8 @@ def allreduce_dense_grads(params: list[torch.nn.Parameter], group=None, name: st
     The loss on every device is already divided by the global token count, so the sum is the
     gradient of the global mean loss: no extra division by the world size.
     """
+    if not params:   # a model without MoE layers has no expert gradients to sum
+        return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = _flatten_dense_tensors(grads)
     with CLOCK.collective(name):

@@ -65,6 +65,17 @@ def shard_model(model: nn.Module, mesh: Mesh, stage: int, offload: bool = False)
             m.set_force_sum_reduction_for_comms(True)   # gloo has no PREMUL_SUM (what a divide factor uses in fp32)
 
 
+def reshard(model: nn.Module) -> None:
+    """Put FSDP2's sharded parameters back on the modules (local, no collective). A forward without grad leaves a
+    stage-2 model (reshard_after_forward=False) holding its unsharded parameters until the next backward: a
+    snapshot or an evaluation then would see whole tensors that the optimizer's state is not keyed by."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
