@@ -131,9 +131,11 @@ def test_grafana_dashboard_queries_only_metrics_we_export():
     used = {m for e in exprs for m in re.findall(r"ray_orchestrator_\w+", e)}
     ours = {f"ray_orchestrator_{name}" for _, name, _ in SCALARS.values()} | {
         "ray_orchestrator_step", "ray_orchestrator_maxvio_layer", "ray_orchestrator_expert_load",
-        "ray_orchestrator_device_step_time_s", "ray_orchestrator_incidents_total"}
+        "ray_orchestrator_device_step_time_s", "ray_orchestrator_incidents_total",
+        "ray_orchestrator_device_memory_bytes"}
     assert used and used <= ours, used - ours
-    assert {"ray_orchestrator_loss", "ray_orchestrator_mfu", "ray_orchestrator_expert_load"} <= used
+    assert {"ray_orchestrator_loss", "ray_orchestrator_mfu", "ray_orchestrator_expert_load",
+            "ray_orchestrator_device_memory_bytes"} <= used
 
 
 def test_mlflow_gets_the_same_values(ray_session, tmp_path, monkeypatch):
