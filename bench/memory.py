@@ -51,11 +51,11 @@ def largest(stage: int, ac: str, budget: int, devices: int, ep: int, extra: list
     best = (0, 0, 0)
     dim = 16
     while dim <= 4096:
-        plan = plan_memory(config(dim, stage, ac, devices, ep, extra))
-        need = plan.peak().total
+        cfg = config(dim, stage, ac, devices, ep, extra)
+        need = plan_memory(cfg).peak().total
         if need > budget:
             break
-        best = (dim, count_parameters(config(dim, stage, ac, devices, ep, extra).model)["total"], need)
+        best = (dim, count_parameters(cfg.model)["total"], need)
         dim += 16
     return best
 

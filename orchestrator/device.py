@@ -72,15 +72,15 @@ class DeviceActor:
         groups.join(backend, addr, port, rank, world, timeout_s, own_ip=ray.util.get_node_ip_address())
         current_mesh(world, rank, ep or world, "cuda" if backend == "nccl" else "cpu")
         if self.shard is not None and self.shard.holds_groups and self._build_args is not None:
-            self.shard = DeviceShard(*self._build_args[:1], rank, world, *self._build_args[1:])
+            cfg, train, val = self._build_args
+            self.shard = DeviceShard(cfg, rank, world, train, val)
 
     def leave_group(self) -> None:
         groups.leave()
 
     def build(self, cfg: dict[str, Any], rank: int, world: int, train: np.ndarray, val: np.ndarray) -> None:
-        cfg_ = config_from_dict(cfg)
-        self._build_args = (cfg_, train, val)
-        self.shard = DeviceShard(cfg_, rank, world, train, val)
+        self._build_args = (config_from_dict(cfg), train, val)
+        self.shard = DeviceShard(self._build_args[0], rank, world, train, val)
 
     def train_step(self, step: int, guard: dict[str, float] | None = None) -> StepReport:
         assert self.shard is not None, "build() first"

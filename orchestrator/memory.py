@@ -21,11 +21,7 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from orchestrator.model.checkpointing import set_observer
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (what this process holds), else the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+from orchestrator.parallel.sharding import local
 
 
 def _key(t: torch.Tensor) -> tuple[str, int, int]:
@@ -60,7 +56,7 @@ def state_bytes(model: nn.Module, optimizers: Any = None) -> dict[str, int]:
         for t in tensors:
             if t is None:
                 continue
-            t = _local(t)
+            t = local(t)
             key = _key(t)
             if key in seen:
                 continue
@@ -117,7 +113,7 @@ class ActivationMeter:
             next(model.parameters()).device if model is not None else torch.device("cpu"))
         self.use_allocator = self.device.type == "cuda" if use_allocator is None else use_allocator
         state = list(model.parameters()) + list(model.buffers()) if model is not None else []
-        self._state_keys = {_key(_local(t)) for t in state}
+        self._state_keys = {_key(local(t)) for t in state}
         self._live: dict[tuple, list] = {}        # storage key -> [bytes, savers alive]
         self._recomputed: dict[tuple, tuple] = {}  # storage key -> (bytes, weak reference): saved by a recomputation
         self.current_bytes = self.peak_bytes = 0

@@ -19,6 +19,15 @@ from orchestrator.model.moe import DispatchMeta, LocalTokenDispatcher, permute_b
 from orchestrator.parallel.groups import CLOCK
 
 
+def summed_counts(counts_E: torch.Tensor) -> torch.Tensor:
+    """Tokens routed to each expert by all devices (for balancing losses over the global batch, which spans every
+    device: expert- and data-parallel ones alike)."""
+    total_E = counts_E.clone()
+    with CLOCK.collective("all_reduce counts (world)"):
+        dist.all_reduce(total_E)
+    return total_E
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single whose backward is the all_to_all with the splits swapped."""
 
@@ -70,11 +79,7 @@ class AllToAllTokenDispatcher:
         return x_RD[regroup_R], recv_WEl.sum(0).tolist(), counts_E, meta
 
     def global_counts(self, counts_E):
-        """Tokens routed to each expert by all devices (for balancing losses over the global batch)."""
-        total_E = counts_E.clone()
-        with CLOCK.collective("all_reduce counts (world)"):
-            dist.all_reduce(total_E)
-        return total_E
+        return summed_counts(counts_E)
 
     def combine(self, y_RD, gates_NK, meta, num_tokens):
         regroup_R, in_splits, out_splits = meta.extra
@@ -88,10 +93,7 @@ class DataParallelLocalDispatcher(LocalTokenDispatcher):
     but the global batch spans the devices, so the balancing losses' global counts are summed over all of them."""
 
     def global_counts(self, counts_E):
-        total_E = counts_E.clone()
-        with CLOCK.collective("all_reduce counts (world)"):
-            dist.all_reduce(total_E)
-        return total_E
+        return summed_counts(counts_E)
 
 
 def apply_expert_parallel(model: torch.nn.Module, world: int, group=None, data_parallel: bool = False) -> None:

@@ -52,10 +52,6 @@ class Mesh:
     def dp_mesh(self) -> Any:
         return None if self.device_mesh is None else self.device_mesh["dp"]
 
-    def ep_peers(self) -> list[int]:
-        """World ranks of this device's ep group, in ep order."""
-        return [self.dp_rank * self.ep + e for e in range(self.ep)]
-
 
 def build_mesh(world: int, rank: int, ep: int, device_type: str = "cpu") -> Mesh:
     """The mesh of a run of `world` devices with expert-parallel degree `ep`, on the default process group

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from orchestrator.parallel.mesh import Mesh
@@ -90,20 +89,16 @@ class Optimizers:
     def __init__(self, dense: list[nn.Parameter], experts: list[nn.Parameter], mesh: Mesh, stage: int, *,
                  lr: float, betas: tuple[float, float], weight_decay: float):
         kw = dict(lr=lr, betas=betas, eps=1e-8)
-        self.zero: list[Any] = []
         if stage == 1 and mesh.world > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
-            self.zero.append(ZeroRedundancyOptimizer(_param_groups(dense, weight_decay), torch.optim.AdamW, **kw))
-            if mesh.dp > 1:
-                self.zero.append(ZeroRedundancyOptimizer(_param_groups(experts, weight_decay), torch.optim.AdamW,
-                                                         process_group=mesh.dp_group, **kw))
-                rest: list[nn.Parameter] = []
-            else:
-                rest = experts
-            self.optimizers: list[torch.optim.Optimizer] = list(self.zero)
-            if rest:
-                self.optimizers.append(torch.optim.AdamW(_param_groups(rest, weight_decay), **kw))
+            self.optimizers: list[torch.optim.Optimizer] = [
+                ZeroRedundancyOptimizer(_param_groups(dense, weight_decay), torch.optim.AdamW, **kw)]
+            if experts and mesh.dp > 1:   # experts' states partitioned over the devices holding the same experts
+                self.optimizers.append(ZeroRedundancyOptimizer(_param_groups(experts, weight_decay),
+                                                               torch.optim.AdamW, process_group=mesh.dp_group, **kw))
+            elif experts:                 # no other device holds these experts: nothing to partition them over
+                self.optimizers.append(torch.optim.AdamW(_param_groups(experts, weight_decay), **kw))
         else:
             self.optimizers = [torch.optim.AdamW(_param_groups(dense + experts, weight_decay), **kw)]
         self._owner: dict[int, torch.optim.Optimizer] = {}
@@ -187,7 +182,3 @@ def piece_of(p: torch.Tensor, drop_leading: bool = False) -> Piece:
     d = placement.dim
     return Piece(d - 1 if drop_leading else d, offset[d], offset[d] + shape[d])
 
-
-def all_reduce(t: torch.Tensor, group: Any = None) -> torch.Tensor:
-    dist.all_reduce(t, group=group)
-    return t
