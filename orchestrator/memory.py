@@ -169,6 +169,8 @@ class ActivationMeter:
             self._grow(self._live[key][0])
 
     def _grow(self, nbytes: int) -> None:
+        if self._recomputed:  # a recomputed storage freed since the last look no longer counts (it was counted
+            self._purge()     # until a pointer's reuse or the next recomputation noticed: the peak moved with it)
         self.current_bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
 

@@ -169,7 +169,9 @@ def test_activations_match_plan(model_name):
                   f"({planned / measured - 1:+.2%})")
             assert planned == pytest.approx(measured, rel=0.10), (model_name, micro, precision, mode)
             peaks[micro, precision, mode] = measured
-    assert peaks[2, "none", "none"] == pytest.approx(peaks[1, "none", "none"] / 2, rel=0.05)  # per micro-batch
+    for mode in ("none", "selective", "full"):  # per micro-batch; a stale count of a freed recomputed storage in
+        # the second micro-batch's forward (seen with PYTHONHASHSEED=4 before memory.py purged on every growth) fails it
+        assert peaks[2, "none", mode] == pytest.approx(peaks[1, "none", mode] / 2, rel=0.05), mode
     if model_name == "default":
         ratio = peaks[1, "none", "full"] / peaks[1, "none", "none"]
         print(f"full / none activation peak: {ratio:.3f}")
