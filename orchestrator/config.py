@@ -46,6 +46,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # A Hugging Face MoE model instead of the native one (model/hf.py): a local directory with config.json and
+    # *.safetensors, or a config.json file (fresh weights from the seed). The model's own config then gives
+    # vocab_size, dim, n_layers, max_seq_len, num_experts and top_k (filled in by validate); the native
+    # architecture keys above do nothing.
+    hf_path: Optional[str] = None
+    hf_config: Optional[str] = None
 
 
 @dataclass
@@ -339,6 +345,8 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def validate(cfg: Config) -> None:
     """Check everything that would otherwise fail inside an actor. Raises ConfigError."""
     m, d, t, c = cfg.model, cfg.data, cfg.train, cfg.cluster
+    if m.hf_path or m.hf_config:
+        _resolve_hf_model(cfg)
     _positive(cfg, ["model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.max_seq_len",
                     "model.num_experts", "model.top_k", "model.expert_dim", "model.dense_dim",
                     "model.rope_theta", "model.norm_eps", "model.init_std", "model.route_scale",
@@ -412,6 +420,48 @@ def validate(cfg: Config) -> None:
     if c.backend == "nccl" and not c.use_gpu:
         raise ConfigError("cluster.backend='nccl' needs cluster.use_gpu=true (nccl runs on GPUs only)")
     _refuse_idle_keys(cfg)
+
+
+# Native architecture keys a Hugging Face model's own config replaces (model/hf.py reads none of them).
+_NATIVE_ONLY = ("n_heads", "expert_dim", "num_shared_experts", "score_func", "norm_topk_prob", "route_scale",
+                "first_k_dense", "dense_dim", "tie_embeddings", "rope_theta", "norm_eps", "init_std")
+_FROM_HF = ("vocab_size", "dim", "n_layers", "max_seq_len", "num_experts", "top_k")
+
+
+def _resolve_hf_model(cfg: Config) -> None:
+    """model.hf_path / model.hf_config: read the model's config (transformers, locally), check that its experts
+    can be sharded, and fill the model keys the rest of the run reads from it. Refuses what does not apply to
+    a transformers model yet, naming the key."""
+    m, b = cfg.model, cfg.balance
+    if m.hf_path and m.hf_config:
+        raise ConfigError(f"model.hf_path={m.hf_path!r} and model.hf_config={m.hf_config!r} are both set: hf_path "
+                          f"loads a checkpoint (its config.json included), hf_config starts fresh weights; set one")
+    key = "model.hf_path" if m.hf_path else "model.hf_config"
+    from orchestrator.model.hf import hf_summary
+
+    info = hf_summary(m)
+    for name in _NATIVE_ONLY + _FROM_HF:   # (a value equal to the model's own passes: validate runs again on it)
+        if getattr(m, name) not in (_default_of(ModelConfig, name), info.get(name, _default_of(ModelConfig, name))):
+            raise ConfigError(f"model.{name}={getattr(m, name)!r} has no effect with {key}: the Hugging Face config "
+                              f"defines the architecture ({info['class']}); remove it (or change its config.json)")
+    for name in _FROM_HF:
+        setattr(m, name, info[name])
+    # What the transformers path does not do (yet): the model's router is its own; recomputation is the native
+    # block's; the project's balancing losses read the native router's scores.
+    for name, why in (("routing", "the model's own router picks experts (group-limited top-k, hash routing: as "
+                                  "its config says)"),
+                      ("capacity_factor", "a transformers model routes dropless"),
+                      ("aux_loss_coeff", "the project's balancing losses read the native router's scores"),
+                      ("seq_aux_loss_coeff", "the project's balancing losses read the native router's scores"),
+                      ("z_loss_coeff", "the project's balancing losses read the native router's scores")):
+        if getattr(b, name) != _default_of(BalanceConfig, name):
+            raise ConfigError(f"balance.{name}={getattr(b, name)!r} does not apply with {key}: {why}; remove it")
+    if b.bias_update_speed and not info["correction_bias"]:
+        raise ConfigError(f"balance.bias_update_speed={b.bias_update_speed} needs routers with a correction bias "
+                          f"(e_score_correction_bias, as DeepSeek-V3/V4 have); {info['class']} has none: remove it")
+    if cfg.memory.activation_checkpointing != "none":
+        raise ConfigError(f"memory.activation_checkpointing={cfg.memory.activation_checkpointing!r} is not "
+                          f"available with {key} yet (the recomputation regions are the native block's): set none")
 
 
 def _validate_faults(cfg: Config) -> None:

@@ -109,8 +109,15 @@ class DeviceShard:
         self.zero_stage = cfg.memory.zero_stage if world > 1 else 0
         # The initial placement over the ep ranks: experts [e*El, (e+1)*El), then replicas in the redundant slots.
         initial = ExpertPlacement.initial(cfg.model.num_experts, ep, expert_slots(cfg) if ep > 1 else None)
-        self.model = build_model(cfg.model, cfg.seed, initial.slots[self.mesh.ep_rank], cfg.balance).to(
-            self.device, getattr(torch, cfg.train.dtype))
+        self.load_stats: dict = {}   # a Hugging Face checkpoint: what this device read of it (model/hf_load.py)
+        if cfg.model.hf_path or cfg.model.hf_config:
+            from orchestrator.model.hf import build_hf_model
+
+            model = build_hf_model(cfg.model, cfg.seed, initial.slots[self.mesh.ep_rank], cfg.balance,
+                                   self.load_stats)
+        else:
+            model = build_model(cfg.model, cfg.seed, initial.slots[self.mesh.ep_rank], cfg.balance)
+        self.model = model.to(self.device, getattr(torch, cfg.train.dtype))
         apply_expert_parallel(self.model, ep, self.mesh.ep_group, data_parallel=world > ep)
         for m in self.model.moe_layers():
             m.set_placement(initial.slots, self.mesh.ep_rank)
@@ -206,7 +213,8 @@ class DeviceShard:
             self.optim.step()
             if self.cfg.balance.bias_update_speed:
                 for m, counts_E in zip(moe, stats[counts:].view(len(moe), -1)):
-                    update_expert_bias(m.router.expert_bias, counts_E, self.cfg.balance.bias_update_speed)
+                    if m.router.expert_bias is not None:   # (a hash-routed layer of a transformers model has none)
+                        update_expert_bias(m.router.expert_bias, counts_E, self.cfg.balance.bias_update_speed)
         memory = {**state_bytes(self.model, self.optim), "activations_peak": meter.peak_bytes, "rss": rss_bytes()}
         self.optim.zero_grad()
         load = stats[counts:].nan_to_num().round().long().view(len(moe), -1).tolist() if moe else []

@@ -29,4 +29,6 @@ def tiny_config(tmp_path: Path | None = None, *overrides: str) -> Config:
             "cluster.num_devices=1", "run.progress=quiet", "monitor.report=false"]
     if tmp_path is not None:
         base.append(f"run.dir={tmp_path}")
+    if any(o.startswith(("model.hf_path=", "model.hf_config=")) for o in overrides):  # its config.json is the model
+        base = [b for b in base if not b.startswith("model.")]
     return load_config(None, base + list(overrides))

@@ -146,62 +146,32 @@ class LocalTokenDispatcher:
         return counts_E
 
 
-class MoE(nn.Module):
-    """Routed experts plus an optional shared expert that sees every token.
+class ExpertSlots:
+    """The placement of one MoE layer's experts over the expert-parallel devices, and the map from the router's
+    choice (an expert id) to a physical slot (device * slots per device + local index). Shared by the native
+    `MoE` and the expert-parallel experts of a Hugging Face model (model/hf.py): a subclass has `experts` (the
+    module holding this device's slots, with `expert_ids` and `primary`) and calls `_init_slots(E)`.
 
-    With balancing losses on, `aux_loss` holds this layer's share of them after each forward (see
-    balancing.py); `global_tokens` is the global batch's token count (None: this batch is the global one).
-    """
+    Expert placement (set_placement): slot_ER[e, r] is the physical slot of replica r of expert e, copies_E[e]
+    its number of replicas; row E (copies dropped by capacity) maps to num_slots, which dispatch leaves out. One
+    replica per expert, in id order, until set otherwise."""
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, expert_dim: int, num_shared_experts: int,
-                 score_func: str, norm_topk_prob: bool, route_scale: float, expert_ids: Sequence[int],
-                 balance: BalanceConfig | None = None):
-        super().__init__()
-        self.num_experts, self.top_k = num_experts, top_k
-        self.balance = balance or BalanceConfig()
-        self.global_tokens: int | None = None
-        self.aux_loss: torch.Tensor | None = None
-        self.router = Router(dim, num_experts, top_k, score_func, norm_topk_prob, route_scale, self.balance)
-        self.experts = GroupedExperts(dim, expert_dim, expert_ids)
-        self.shared = SwiGLU(dim, expert_dim * num_shared_experts) if num_shared_experts > 0 else None
-        self.dispatcher: TokenDispatcher = LocalTokenDispatcher()
+    experts: nn.Module
+
+    def _init_slots(self, num_experts: int) -> None:
+        self.experts_total = E = num_experts   # the layer's experts (the router's ids); `num_experts` may be local
+        self.num_slots, self.rank = E, 0
+        self.copies: list[int] = [1] * E   # replicas of each expert (copies_E on the host)
+        self.register_buffer("slot_ER", torch.arange(E + 1).unsqueeze(1), persistent=False)
+        self.register_buffer("copies_E", torch.ones(E + 1, dtype=torch.long), persistent=False)
+        self.placement: list[list[int]] = [list(range(E))]
+        self.primary_mask = torch.ones(len(self.experts.expert_ids), dtype=torch.bool)
         # Token copies this device's router sent to each expert in the last forward (before any capacity drop;
-        # summed over devices for the load statistics), and how many copies capacity dropped.
-        self.last_tokens_per_expert: torch.Tensor = torch.zeros(num_experts, dtype=torch.long)
+        # summed over devices for the load statistics), how many copies capacity dropped, how many this device's
+        # experts processed.
+        self.last_tokens_per_expert: torch.Tensor = torch.zeros(E, dtype=torch.long)
         self.last_dropped: int = 0
-        self.last_received: int = 0  # token copies this device's experts processed in the last forward
-        # Expert placement (set_placement): slot_ER[e, r] is the physical slot (device * slots per device + local
-        # index) of replica r of expert e, copies_E[e] its number of replicas; row E (copies dropped by capacity)
-        # maps to num_slots, which dispatch leaves out. One replica per expert, in id order, until set otherwise.
-        self.num_slots, self.rank = num_experts, 0
-        self.copies: list[int] = [1] * num_experts   # replicas of each expert (copies_E on the host)
-        self.register_buffer("slot_ER", torch.arange(num_experts + 1).unsqueeze(1), persistent=False)
-        self.register_buffer("copies_E", torch.ones(num_experts + 1, dtype=torch.long), persistent=False)
-        self.placement: list[list[int]] = [list(range(num_experts))]
-        self.primary_mask = torch.ones(len(expert_ids), dtype=torch.bool)
-        self.recompute = False  # selective activation checkpointing: the shared expert recomputed in backward
-
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        B, T, D = x_BTD.shape
-        x_ND = x_BTD.reshape(-1, D)
-        gates_NK, experts_NK, scores_NE, logits_NE = self.router(x_ND)
-        routed_E = torch.bincount(experts_NK.reshape(-1), minlength=self.num_experts)
-        self.last_tokens_per_expert = routed_E
-        send_NK = experts_NK
-        if self.balance.capacity_factor:
-            capacity = math.ceil(self.balance.capacity_factor * T * self.top_k / self.num_experts)
-            send_NK = drop_over_capacity(experts_NK, T, self.num_experts, capacity)
-            self.last_dropped = int((send_NK == self.num_experts).sum())
-        slots_NK = self.slots_of(send_NK)  # expert ids -> physical slots (sorted by slot = grouped by device)
-        x_MD, tokens_per_local_slot, _, meta = self.dispatcher.dispatch(x_ND, slots_NK, self.num_slots)
-        self.last_received = int(sum(tokens_per_local_slot))
-        if self.training:
-            self.aux_loss = self._balance_losses(scores_NE, logits_NE, experts_NK, routed_E, B, T)
-        y_MD = self.experts(x_MD, tokens_per_local_slot)
-        out_ND = self.dispatcher.combine(y_MD, gates_NK, meta, x_ND.shape[0])
-        if self.shared is not None:
-            out_ND = out_ND + (checkpointed(self.shared, x_ND) if self.recompute else self.shared(x_ND))
-        return out_ND.view(B, T, D)
+        self.last_received: int = 0
 
     def slots_of(self, experts_NK: torch.Tensor) -> torch.Tensor:
         """The slot each routed copy goes to. An expert with r replicas: this device's i-th copy for it (in token
@@ -211,7 +181,7 @@ class MoE(nn.Module):
             return self.slot_ER[flat_M, 0].view_as(experts_NK)
         copies_M = self.copies_E[flat_M]
         order_M = torch.argsort(flat_M, stable=True)
-        counts_E = torch.bincount(flat_M, minlength=self.num_experts + 1)
+        counts_E = torch.bincount(flat_M, minlength=self.experts_total + 1)
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         ordinal_M = torch.empty_like(flat_M)
         ordinal_M[order_M] = torch.arange(flat_M.numel(), device=flat_M.device) - starts_E[flat_M[order_M]]
@@ -221,7 +191,7 @@ class MoE(nn.Module):
         """Adopt a placement of this layer: slots[d] = the expert ids device d holds, in slot order (an expert may
         sit on several devices: replicas). This module then holds slots[rank] (its weights must be loaded by the
         caller: see DeviceShard.set_placement)."""
-        per, E = len(slots[rank]), self.num_experts
+        per, E = len(slots[rank]), self.experts_total
         if per != len(self.experts.expert_ids) or any(len(ids) != per for ids in slots):
             raise ValueError(f"placement {slots} does not give every device {len(self.experts.expert_ids)} expert "
                              f"slots (the number this model was built with)")
@@ -248,6 +218,51 @@ class MoE(nn.Module):
                 seen.add(e)
         self.experts.primary = primary
         self.primary_mask = torch.tensor(primary, device=self.slot_ER.device)
+
+
+class MoE(ExpertSlots, nn.Module):
+    """Routed experts plus an optional shared expert that sees every token.
+
+    With balancing losses on, `aux_loss` holds this layer's share of them after each forward (see
+    balancing.py); `global_tokens` is the global batch's token count (None: this batch is the global one).
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, expert_dim: int, num_shared_experts: int,
+                 score_func: str, norm_topk_prob: bool, route_scale: float, expert_ids: Sequence[int],
+                 balance: BalanceConfig | None = None):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.balance = balance or BalanceConfig()
+        self.global_tokens: int | None = None
+        self.aux_loss: torch.Tensor | None = None
+        self.router = Router(dim, num_experts, top_k, score_func, norm_topk_prob, route_scale, self.balance)
+        self.experts = GroupedExperts(dim, expert_dim, expert_ids)
+        self.shared = SwiGLU(dim, expert_dim * num_shared_experts) if num_shared_experts > 0 else None
+        self.dispatcher: TokenDispatcher = LocalTokenDispatcher()
+        self._init_slots(num_experts)
+        self.recompute = False  # selective activation checkpointing: the shared expert recomputed in backward
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, D)
+        gates_NK, experts_NK, scores_NE, logits_NE = self.router(x_ND)
+        routed_E = torch.bincount(experts_NK.reshape(-1), minlength=self.num_experts)
+        self.last_tokens_per_expert = routed_E
+        send_NK = experts_NK
+        if self.balance.capacity_factor:
+            capacity = math.ceil(self.balance.capacity_factor * T * self.top_k / self.num_experts)
+            send_NK = drop_over_capacity(experts_NK, T, self.num_experts, capacity)
+            self.last_dropped = int((send_NK == self.num_experts).sum())
+        slots_NK = self.slots_of(send_NK)  # expert ids -> physical slots (sorted by slot = grouped by device)
+        x_MD, tokens_per_local_slot, _, meta = self.dispatcher.dispatch(x_ND, slots_NK, self.num_slots)
+        self.last_received = int(sum(tokens_per_local_slot))
+        if self.training:
+            self.aux_loss = self._balance_losses(scores_NE, logits_NE, experts_NK, routed_E, B, T)
+        y_MD = self.experts(x_MD, tokens_per_local_slot)
+        out_ND = self.dispatcher.combine(y_MD, gates_NK, meta, x_ND.shape[0])
+        if self.shared is not None:
+            out_ND = out_ND + (checkpointed(self.shared, x_ND) if self.recompute else self.shared(x_ND))
+        return out_ND.view(B, T, D)
 
     def _balance_losses(self, scores_NE, logits_NE, experts_NK, counts_E, B: int, T: int) -> torch.Tensor | None:
         b = self.balance

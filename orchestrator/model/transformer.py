@@ -73,6 +73,10 @@ class MoETransformer(nn.Module):
         weight_VD = self.tok_emb.weight if self.head is None else self.head.weight
         return x_BTD @ weight_VD.t()
 
+    def blocks(self) -> list[tuple[nn.Module, nn.Module | None]]:
+        """(block, its routed experts or None), in order: the units FSDP2 wraps (parallel/sharding.py)."""
+        return [(layer, layer.ffn.experts if isinstance(layer.ffn, MoE) else None) for layer in self.layers]
+
     def moe_layers(self) -> list[MoE]:
         return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
 

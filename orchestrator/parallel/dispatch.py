@@ -100,10 +100,10 @@ def apply_expert_parallel(model: torch.nn.Module, world: int, group=None, data_p
     """Route every MoE layer of `model` through the all_to_all dispatcher over `group` of `world` devices (the
     expert-parallel degree). World 1: nothing to dispatch; with `data_parallel` (other devices hold the same
     experts and other tokens) counts for the balancing losses are still summed over every device."""
-    from orchestrator.model.moe import MoE
+    from orchestrator.model.moe import ExpertSlots
 
     for module in model.modules():
-        if isinstance(module, MoE) and world > 1:
+        if isinstance(module, ExpertSlots) and world > 1:
             module.dispatcher = AllToAllTokenDispatcher(world, group)
-        elif isinstance(module, MoE) and data_parallel:
+        elif isinstance(module, ExpertSlots) and data_parallel:
             module.dispatcher = DataParallelLocalDispatcher()

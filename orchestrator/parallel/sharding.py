@@ -48,11 +48,11 @@ def shard_model(model: nn.Module, mesh: Mesh, stage: int, offload: bool = False)
 
     reshard = stage == 3
     policy = CPUOffloadPolicy() if offload else OffloadPolicy()
-    experts = [m.ffn.experts for m in model.layers if hasattr(m.ffn, "experts")]
-    ignored = None if mesh.dp > 1 else {p for e in experts for p in e.parameters()}
-    for block in model.layers:
-        if mesh.dp > 1 and hasattr(block.ffn, "experts"):
-            fully_shard(block.ffn.experts, mesh=mesh.dp_mesh, reshard_after_forward=reshard,
+    blocks = model.blocks()   # (transformer block, its routed experts or None)
+    ignored = None if mesh.dp > 1 else {p for _, e in blocks if e is not None for p in e.parameters()}
+    for block, experts in blocks:
+        if mesh.dp > 1 and experts is not None:
+            fully_shard(experts, mesh=mesh.dp_mesh, reshard_after_forward=reshard,
                         shard_placement_fn=lambda p: Shard(1), offload_policy=policy)
         fully_shard(block, mesh=mesh.world_mesh, reshard_after_forward=reshard, offload_policy=policy,
                     ignored_params=ignored)

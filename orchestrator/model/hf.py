@@ -1,0 +1,298 @@
+"""Hugging Face MoE models (transformers' own classes) trained with this project's expert parallelism.
+
+`model.hf_path=DIR` (config.json + *.safetensors) or `model.hf_config=FILE` (a config.json: fresh weights)
+builds transformers' class for that config on the meta device. Every MoE block of transformers 5 holds its
+routed experts in one module with the shared layout
+
+    experts.gate_up_proj  [E, 2F, D]   (gate rows, then up rows)
+    experts.down_proj     [E, D, F]
+    experts(hidden_ND, top_k_index_NK, top_k_weights_NK) -> out_ND
+
+and is called by the block with its own router's choice (top-k, group-limited top-k with a correction bias,
+hash routing: whatever the model defines; the router is left as it is). Each such module becomes an
+expert-parallel one (`ExpertParallelExperts`): it keeps only this device's El expert slots ([El, 2F, D] and
+[El, D, F], same parameter names), sends each routed token copy to the device holding its expert through the
+project's dispatcher (all_to_all over the mesh's "ep" dimension), runs transformers' own expert math on the
+copies that arrived (the class's forward, so its activation, clamps and grouped matmul are the model's), and
+sends the results back, weighted by the router's gates. Every row that reaches the grouped matmul belongs to a
+local expert, so no output row is left uninitialised, and the dispatch's all_to_all carries gradients back to
+every token copy (the two bugs reported of transformers' own expert-parallel plan).
+
+The model's parameter and buffer names are transformers' (`model.layers.1.mlp.experts.gate_up_proj`), so
+checkpoints, snapshots and export speak the model's own names; expert tensors are stored per expert id as
+for the native model.
+
+Shape legend: N tokens (B*T), K top-k, E experts of the layer, El expert slots on this device, M token copies
+received by this device, D hidden size, F expert intermediate size, V vocabulary.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from orchestrator.config import BalanceConfig, ConfigError, ModelConfig
+from orchestrator.model.moe import ExpertSlots, LocalTokenDispatcher, TokenDispatcher
+
+EXPERT_LAYOUT = ("gate_up_proj", "down_proj")
+
+
+def load_hf_config(m: ModelConfig) -> Any:
+    """transformers' config of `model.hf_path` (its config.json) or `model.hf_config` (a config.json file), read
+    locally (no hub). Raises ConfigError naming the key and the file."""
+    from transformers import AutoConfig
+
+    key, value = ("model.hf_path", m.hf_path) if m.hf_path else ("model.hf_config", m.hf_config)
+    path = Path(value).expanduser()
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"{key}={value!r}: no config.json there" + (
+            "; give a directory holding config.json and *.safetensors" if key == "model.hf_path"
+            else "; give a transformers config.json file"))
+    try:
+        data = json.loads(file.read_text())
+        model_type = data.pop("model_type")
+        return AutoConfig.for_model(model_type, **data)
+    except KeyError:
+        raise ConfigError(f"{key}={value!r}: {file} has no model_type, so transformers cannot tell the model "
+                          f"class; is it a transformers config.json?") from None
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{key}={value!r}: transformers cannot read {file}: {e}") from None
+
+
+def build_meta_model(hf_config: Any) -> nn.Module:
+    """transformers' causal-LM class for `hf_config`, on the meta device (no memory), float32."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        except ValueError as e:
+            raise ConfigError(f"transformers has no causal-LM class for model_type={hf_config.model_type!r}: {e}") from None
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, block) of every module with an `experts` child, in model order. Raises ConfigError naming the class
+    of an experts module that does not follow the shared layout (then this project cannot shard it)."""
+    found = []
+    for name, module in model.named_modules():
+        experts = getattr(module, "_modules", {}).get("experts")
+        if experts is None or isinstance(experts, ExpertParallelExperts):
+            if isinstance(experts, ExpertParallelExperts):
+                found.append((name, module))
+            continue
+        params = dict(experts.named_parameters(recurse=False))
+        ok = all(k in params and params[k].ndim == 3 for k in EXPERT_LAYOUT) and not getattr(
+            experts, "is_transposed", False) and getattr(experts, "has_gate", True)
+        if not ok:
+            raise ConfigError(
+                f"{type(experts).__name__} (at {name}.experts) does not hold its experts in the layout this project "
+                f"shards (gate_up_proj [E, 2F, D] and down_proj [E, D, F], called with the router's top-k indices and "
+                f"weights); models with this experts class cannot be trained expert-parallel here")
+        if not hasattr(module, "gate"):
+            raise ConfigError(f"{type(module).__name__} (at {name}) has experts but no `gate` router this project "
+                              f"knows how to read")
+        found.append((name, module))
+    return found
+
+
+class _RouterView:
+    """What the balancer needs of a router: `expert_bias`, the bias added to scores for selection only (DeepSeek's
+    `e_score_correction_bias`, which the aux-loss-free strategy moves)."""
+
+    def __init__(self, gate: nn.Module):
+        self.gate = gate
+
+    @property
+    def expert_bias(self) -> torch.Tensor | None:
+        """None for a router without one (DeepSeek-V4's hash-routed layers): the bias update leaves it alone."""
+        return getattr(self.gate, "e_score_correction_bias", None)
+
+
+class ExpertParallelExperts(ExpertSlots):
+    """Mixed into a transformers experts module (its class is swapped for a subclass of both): the module holds
+    this device's El slots, `num_experts` = El (what the class's own forward indexes), `experts_total` = E.
+
+    forward(hidden_ND, top_k_index_NK, top_k_weights_NK) -> out_ND: out[t] = sum_k w[t,k] * expert_{i[t,k]}(h[t]),
+    the experts wherever they live."""
+
+    _ep_classes: dict[type, type] = {}
+
+    @property
+    def experts(self) -> nn.Module:      # ExpertSlots' module of slots (the native MoE keeps them in a child)
+        return self
+
+    @property
+    def router(self) -> _RouterView:
+        return _RouterView(self.__dict__["_gate"])
+
+    @classmethod
+    def adopt(cls, experts: nn.Module, gate: nn.Module, expert_ids: Sequence[int]) -> "ExpertParallelExperts":
+        """Turn transformers' experts module (still on the meta device) into the expert-parallel one holding
+        `expert_ids` (global ids, in slot order)."""
+        base = type(experts)
+        if base not in cls._ep_classes:
+            cls._ep_classes[base] = type(f"ExpertParallel{base.__name__}", (cls, base), {})
+        E = experts.num_experts
+        experts.__class__ = cls._ep_classes[base]
+        for name in list(experts._parameters):
+            p = experts._parameters[name]
+            if p is not None and p.ndim >= 1 and p.shape[0] == E:
+                experts._parameters[name] = nn.Parameter(p.new_empty(len(expert_ids), *p.shape[1:]))
+        experts.num_experts = len(expert_ids)
+        experts.expert_ids, experts.primary = list(expert_ids), [True] * len(expert_ids)
+        experts.__dict__["_gate"] = gate  # not a child: the block holds it
+        experts.dispatcher = LocalTokenDispatcher()
+        experts.global_tokens, experts.aux_loss = None, None
+        experts._init_slots(E)
+        return experts  # type: ignore[return-value]
+
+    dispatcher: TokenDispatcher
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                ) -> torch.Tensor:
+        N = hidden_states.shape[0]
+        experts_NK = top_k_index.long()
+        self.last_tokens_per_expert = torch.bincount(experts_NK.reshape(-1), minlength=self.experts_total)
+        slots_NK = self.slots_of(experts_NK)
+        x_MD, per_slot, _, meta = self.dispatcher.dispatch(hidden_states, slots_NK, self.num_slots)
+        self.last_received = int(sum(per_slot))
+        local_M1 = torch.repeat_interleave(torch.arange(len(per_slot), device=x_MD.device),
+                                           torch.tensor(per_slot, device=x_MD.device)).unsqueeze(1)
+        ones_M1 = torch.ones(local_M1.shape, dtype=x_MD.dtype, device=x_MD.device)
+        y_MD = super().forward(x_MD, local_M1, ones_M1)   # transformers' expert math on the local slots
+        return self.dispatcher.combine(y_MD, top_k_weights, meta, N)
+
+
+class HFMoEModel(nn.Module):
+    """A transformers causal LM whose experts are expert-parallel, with the interface the device shard uses
+    (the native MoETransformer's): forward(tokens_BT) -> logits_BTV, moe_layers(), expert_ids_of(name), ...
+
+    The transformers model's children are this module's children, so parameter names are the model's own."""
+
+    def __init__(self, hf_model: nn.Module, hf_config: Any):
+        super().__init__()
+        self.__dict__["hf"] = hf_model
+        self.hf_config = hf_config
+        for name, child in hf_model.named_children():
+            self.add_module(name, child)
+        self._moe = [block.experts for _, block in moe_blocks(hf_model)]
+
+    def forward(self, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        return self.hf(input_ids=tokens_BT, position_ids=position_ids_BT, use_cache=False).logits
+
+    def moe_layers(self) -> list[ExpertParallelExperts]:
+        return list(self._moe)
+
+    def blocks(self) -> list[tuple[nn.Module, nn.Module | None]]:
+        """(decoder layer, its expert-parallel experts or None): the units FSDP wraps."""
+        layers = self.hf.model.layers
+        return [(layer, next((m for m in layer.modules() if isinstance(m, ExpertParallelExperts)), None))
+                for layer in layers]
+
+    def expert_ids_of(self, param_name: str) -> list[int]:
+        return self.get_submodule(param_name.rsplit(".", 1)[0]).expert_ids
+
+    def primary_of(self, param_name: str) -> list[bool]:
+        return self.get_submodule(param_name.rsplit(".", 1)[0]).primary
+
+    def placement(self) -> list[list[list[int]]]:
+        return [[list(ids) for ids in m.placement] for m in self._moe]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        return None
+
+    def _expert_param_ids(self) -> set[int]:
+        return {id(p) for m in self._moe for p in m.parameters(recurse=False)}
+
+    def expert_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        ids = self._expert_param_ids()
+        return ((n, p) for n, p in self.named_parameters() if id(p) in ids)
+
+    def dense_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        ids = self._expert_param_ids()
+        return ((n, p) for n, p in self.named_parameters() if id(p) not in ids)
+
+
+def _init_nonpersistent_buffers(hf_model: nn.Module) -> None:
+    """After `to_empty`, buffers no checkpoint holds (rotary tables) are garbage: transformers' own initialiser
+    computes them (it is called only on modules without parameters, which it would re-draw)."""
+    for module in hf_model.modules():
+        if module._non_persistent_buffers_set and not any(True for _ in module.parameters(recurse=False)):
+            hf_model._init_weights(module)
+
+
+def fresh_hf_state(hf_config: Any, seed: int) -> dict[str, torch.Tensor]:
+    """Weights of a fresh model, drawn by transformers' own initialiser from `seed` alone (so every device, and
+    a single process, draws the same): the whole model on this host, once."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    return model.state_dict()
+
+
+def build_hf_model(m: ModelConfig, seed: int, expert_ids: Sequence[int] | None = None,
+                   balance: BalanceConfig | None = None, stats: dict | None = None) -> HFMoEModel:
+    """The model of `model.hf_path` / `model.hf_config` holding `expert_ids` (None: all) of every MoE layer.
+
+    hf_path: each tensor read from the safetensors files is a dense one or one of this device's experts
+    (orchestrator.model.hf_load; `stats`, when given, receives what was read). hf_config: fresh weights from the
+    seed (fresh_hf_state), then this device's slice."""
+    hf_config = load_hf_config(m)
+    hf = build_meta_model(hf_config)
+    blocks = moe_blocks(hf)
+    if not blocks:
+        raise ConfigError(f"{type(hf).__name__} has no MoE block (no module with an `experts` child): nothing to "
+                          f"train expert-parallel; this project trains Mixture-of-Experts models")
+    E = blocks[0][1].experts.num_experts
+    ids = list(range(E)) if expert_ids is None else list(expert_ids)
+    for _, block in blocks:
+        ExpertParallelExperts.adopt(block.experts, block.gate, ids)
+    model = HFMoEModel(hf, hf_config)
+    experts_of = {f"{name}.{k}": mod.expert_ids for name, mod in hf.named_modules()
+                  if isinstance(mod, ExpertParallelExperts) for k in mod._parameters}
+    if m.hf_path:
+        from orchestrator.model.hf_load import read_hf_state
+
+        state, read = read_hf_state(m.hf_path, build_meta_model(hf_config), lambda name: experts_of.get(name))
+        if stats is not None:
+            stats.update(vars(read) if hasattr(read, "__dict__") else dict(read._asdict()))
+    else:
+        full = fresh_hf_state(hf_config, seed)
+        state = {k: (v[list(experts_of[k])] if k in experts_of else v) for k, v in full.items()}
+    model.to_empty(device="cpu")
+    _init_nonpersistent_buffers(hf)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    tied = set(getattr(hf, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if missing:
+        raise ConfigError(f"{m.hf_path or m.hf_config}: no weights for {missing[:5]}"
+                          f"{' ...' if len(missing) > 5 else ''} ({len(missing)} tensors of the model)")
+    if getattr(hf_config, "tie_word_embeddings", False):
+        hf.tie_weights()
+    return model
+
+
+def hf_summary(m: ModelConfig) -> dict[str, Any]:
+    """What the rest of a run reads of the model, from its transformers config and its meta-device build (no
+    weights): vocab_size, dim, n_layers, max_seq_len, num_experts, top_k, the class name, whether any of its
+    routers has a correction bias. Raises ConfigError for a model this project cannot shard (see moe_blocks)."""
+    hf_config = load_hf_config(m)
+    hf = build_meta_model(hf_config)
+    blocks = moe_blocks(hf)
+    if not blocks:
+        raise ConfigError(f"{type(hf).__name__} ({m.hf_path or m.hf_config}) has no MoE block (no module with an "
+                          f"`experts` child): this project trains Mixture-of-Experts models")
+    experts = {b.experts.num_experts for _, b in blocks}
+    if len(experts) > 1:
+        raise ConfigError(f"{type(hf).__name__}: MoE layers with different expert counts {sorted(experts)} are not "
+                          f"supported")
+    return {"vocab_size": hf_config.vocab_size, "dim": hf_config.hidden_size,
+            "n_layers": hf_config.num_hidden_layers,
+            "max_seq_len": getattr(hf_config, "max_position_embeddings", None) or 1 << 20,
+            "num_experts": experts.pop(), "top_k": hf_config.num_experts_per_tok, "class": type(hf).__name__,
+            "correction_bias": any(hasattr(b.gate, "e_score_correction_bias") for _, b in blocks)}

@@ -1,0 +1,344 @@
+"""Read a Hugging Face safetensors checkpoint for one expert-parallel device: every dense tensor, only its own experts.
+
+transformers (5.x) MoE models hold their routed experts fused, one tensor per MoE layer and projection::
+
+    <layer>.mlp.experts.gate_up_proj   [E, 2F, D]     (gate rows first, then up rows)
+    <layer>.mlp.experts.down_proj      [E, D, F]
+
+but ``save_pretrained`` writes (and the hub holds) the model's original on-disk layout, one tensor per expert, e.g.
+Mixtral ``model.layers.N.block_sparse_moe.experts.E.w1.weight`` [F, D], Qwen2-MoE / DeepSeek-V3
+``model.layers.N.mlp.experts.E.gate_proj.weight`` [F, D], DeepSeek-V4 ``layers.N.ffn.experts.E.w1.weight`` [F, D].
+``from_pretrained`` renames and fuses them through the model type's conversion mapping
+(``transformers.conversion_mapping.get_model_conversion_mapping``: ``WeightRenaming``s, then at most one
+``WeightConverter`` per key, whose operations -- ``MergeModulelist``, ``Concatenate``, ... -- build the fused tensor).
+
+:func:`read_hf_state` uses that same machinery (the mapping, ``rename_source_key``, the converters' ``convert``) but
+first decides, from the checkpoint's key list alone, which on-disk tensors this device needs:
+
+* a dense (non-expert) model tensor: every on-disk tensor it is built from;
+* a fused expert parameter ``P`` (``experts_of(P)`` is a list of global expert ids ``ids``):
+  - per-expert on disk (the converter merges a module list): only the tensors of experts in ``ids``, each once;
+  - already fused on disk ([E, ...]): only the rows in ``ids``, read with ``get_slice`` in contiguous runs.
+
+The result for ``P`` has shape ``[len(ids), *P.shape[1:]]`` and row ``j`` is expert ``ids[j]`` (an id listed twice,
+a replica, gives two equal rows). Which on-disk tensor is expert ``e`` follows transformers exactly: the tensors a
+``MergeModulelist`` stacks are taken in natural key order (``dot_natural_key``), so expert ``e`` is the ``e``-th.
+
+Not supported (a ``ConfigError`` says so): pre-quantized checkpoints (FP8 weights with scales), a user ``key_mapping``,
+``.bin`` checkpoints, and an expert converter that merges along a dimension other than 0.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from contextlib import ExitStack
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator.config import ConfigError
+
+__all__ = ["ReadStats", "read_hf_state", "is_expert_param", "list_checkpoint_keys"]
+
+_EXPERT_PARAM = re.compile(r"(?:^|\.)experts\.[A-Za-z_]\w*$")
+_FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                                       "float8_e8m0fnu") if hasattr(torch, n)}
+
+
+def is_expert_param(name: str) -> bool:
+    """True for a fused routed-expert tensor of a transformers MoE model: a tensor held directly by a module named
+    ``experts`` (``model.layers.3.mlp.experts.gate_up_proj``, ``...experts.down_proj``,
+    ``...experts.gate_up_proj_bias``); false for per-expert modules (``experts.3.w1.weight``), shared experts and the
+    router."""
+    return _EXPERT_PARAM.search(name) is not None
+
+
+@dataclass
+class ReadStats:
+    """What :func:`read_hf_state` actually read from disk.
+
+    ``tensors_read``: reads issued (one ``get_tensor``, or one ``get_slice`` row range); ``bytes_read``: bytes of the
+    tensors those reads returned; ``files_opened``: safetensors files opened (to list keys when there is no index, or to
+    read); ``keys_read``: the on-disk keys read, in whole or (fused experts) in part.
+    """
+    tensors_read: int = 0
+    bytes_read: int = 0
+    files_opened: int = 0
+    keys_read: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Group:
+    """The on-disk tensors that make one model tensor (or, for a one-to-many converter, several)."""
+    target: str                                    # first target name, as `rename_source_key` gives it
+    transform: Any                                 # a WeightConverter, or None for a plain (possibly renamed) copy
+    sources: dict[str, list[str]] = field(default_factory=dict)   # source pattern -> on-disk keys, natural order
+
+
+class _Files:
+    """The checkpoint's key -> file map; opens each file once, on first need, and counts what it reads."""
+
+    def __init__(self, path: Path, stack: ExitStack, stats: ReadStats):
+        from safetensors import safe_open
+
+        self._safe_open, self._stack, self.stats, self.path = safe_open, stack, stats, path
+        self._handles: dict[str, Any] = {}
+        self.file_of: dict[str, str] = {}
+        # as from_pretrained: the index if there is one, else model.safetensors, else every *.safetensors
+        indexes = sorted(path.glob("*.safetensors.index.json"), key=lambda p: p.name != "model.safetensors.index.json")
+        if indexes:
+            index = indexes[0]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise ConfigError(f"{index}: not a safetensors index (no readable 'weight_map'): {e}") from e
+            for key, fname in weight_map.items():
+                if not (path / fname).is_file():
+                    raise ConfigError(f"{index}: key {key!r} is in {fname!r}, which is not in {path}")
+                self.file_of[key] = fname
+            return
+        files = (["model.safetensors"] if (path / "model.safetensors").is_file()
+                 else sorted(p.name for p in path.glob("*.safetensors")))
+        if not files:
+            raise ConfigError(f"{path}: no *.safetensors file (and no *.safetensors.index.json); "
+                              "save the model with save_pretrained(..., safe_serialization=True)")
+        for fname in files:
+            for key in self._open(fname).keys():
+                if key in self.file_of:
+                    raise ConfigError(f"{path}: key {key!r} is in both {self.file_of[key]} and {fname}")
+                self.file_of[key] = fname
+
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            try:
+                self._handles[fname] = self._stack.enter_context(
+                    self._safe_open(str(self.path / fname), framework="pt", device="cpu"))
+            except Exception as e:  # safetensors raises its own error types
+                raise ConfigError(f"{self.path / fname}: cannot open as safetensors: {e}") from e
+            self.stats.files_opened += 1
+        return self._handles[fname]
+
+    def where(self, key: str) -> str:
+        return str(self.path / self.file_of[key])
+
+    def shape(self, key: str) -> list[int]:
+        try:
+            return list(self._open(self.file_of[key]).get_slice(key).get_shape())
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"{self.where(key)}: cannot read the shape of {key!r}: {e}") from e
+
+    def _count(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        self.stats.tensors_read += 1
+        self.stats.bytes_read += tensor.numel() * tensor.element_size()
+        self.stats.keys_read.add(key)
+        return tensor
+
+    def tensor(self, key: str) -> torch.Tensor:
+        try:
+            t = self._open(self.file_of[key]).get_tensor(key)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"{self.where(key)}: cannot read {key!r}: {e}") from e
+        return self._count(key, t)
+
+    def rows(self, key: str, ids: list[int]) -> torch.Tensor:
+        """Rows `ids` (in that order, repeats allowed) of `key`, reading each contiguous run of distinct rows once."""
+        unique = sorted(set(ids))
+        runs: list[tuple[int, int]] = []
+        for i in unique:
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        try:
+            sl = self._open(self.file_of[key]).get_slice(key)
+            parts = [self._count(key, sl[a:b]) for a, b in runs]
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"{self.where(key)}: cannot read rows {unique} of {key!r}: {e}") from e
+        block = torch.cat(parts) if len(parts) > 1 else parts[0]
+        pos = {i: n for n, i in enumerate(unique)}
+        return block[torch.tensor([pos[i] for i in ids], dtype=torch.long)] if unique != list(ids) else block
+
+
+def list_checkpoint_keys(path: str | Path) -> dict[str, str]:
+    """On-disk key -> file name of the safetensors checkpoint in `path` (reads the index, or the file headers)."""
+    with ExitStack() as stack:
+        return dict(_Files(Path(path), stack, ReadStats()).file_of)
+
+
+def _plan(files: _Files, model, meta_sd: dict[str, torch.Tensor]) -> list[_Group]:
+    """Group the on-disk keys by the model tensor they make, as `convert_and_load_state_dict_in_model` does."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
+    prefix = model.base_model_prefix
+    groups: dict[str, _Group] = {}
+    # Natural order matters: some renamings are stateful, and MergeModulelist stacks in arrival order
+    for key in sorted(files.file_of, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
+        if target not in meta_sd and key in meta_sd:  # already in the model's naming; keep it
+            target, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta_sd)
+        if target not in meta_sd:
+            continue  # not a tensor of this model (e.g. MTP layers); never read
+        if pattern is not None:
+            group = groups.setdefault(target, _Group(target, pattern_to_converter[pattern]))
+            group.sources.setdefault(pattern, []).append(key)
+        elif target not in groups:  # as transformers: the first key renamed to a target wins
+            groups[target] = _Group(target, None, {key: [key]})
+    return list(groups.values())
+
+
+def _targets(group: _Group) -> list[str]:
+    if group.transform is None:
+        return [group.target]
+    pats = group.transform.target_patterns
+    return [group.target.replace(pats[0], p, 1) for p in pats]
+
+
+def _expert_ids(group: _Group, targets: list[str], experts_of, meta_sd, path: Path) -> list[int] | None:
+    found = [(t, experts_of(t)) for t in targets if t in meta_sd]
+    lists = {tuple(ids) for _, ids in found if ids is not None}
+    if not lists:
+        return None
+    if len(lists) > 1 or any(ids is None for _, ids in found):
+        raise ConfigError(f"{path}: {targets} are built from the same checkpoint tensors but experts_of gives them "
+                          f"different expert lists: {dict(found)}")
+    ids = [int(i) for i in lists.pop()]
+    n = meta_sd[group.target].shape[0]
+    bad = [i for i in ids if not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"{path}: experts_of({group.target!r}) = {ids}: ids must be in [0, {n}) "
+                          "(the model's number of experts)")
+    return ids
+
+
+def _read_group(group: _Group, ids: list[int] | None, files: _Files, meta_sd) -> dict[str, list[torch.Tensor]]:
+    """The source tensors of `group`, per source pattern, restricted to experts `ids` when given."""
+    from transformers.core_model_loading import MergeModulelist
+
+    if ids is None:
+        return {p: [files.tensor(k) for k in keys] for p, keys in group.sources.items()}
+    n_experts = meta_sd[group.target].shape[0]
+    ops = getattr(group.transform, "operations", [])
+    if any(getattr(op, "supports_many_to_many", False) for op in ops):
+        raise ConfigError(f"{group.target}: its converter ({type(group.transform).__name__} with "
+                          f"{[type(op).__name__ for op in ops]}) maps several expert sources to several targets; "
+                          "reading a subset of experts through it is not supported")
+    merges = [op for op in ops if isinstance(op, MergeModulelist)]
+    out: dict[str, list[torch.Tensor]] = {}
+    if merges:  # one tensor per expert on disk: read only ours
+        if any(op.dim != 0 for op in merges):
+            raise ConfigError(f"{group.target}: its converter merges experts along dim {merges[0].dim}; "
+                              "only dim 0 is supported")
+        for pattern, keys in group.sources.items():
+            if len(keys) != n_experts:
+                raise ConfigError(f"{files.path}: {len(keys)} on-disk tensors match {pattern!r} for "
+                                  f"{group.target} (first {keys[0]!r} in {files.where(keys[0])}); "
+                                  f"the model has {n_experts} experts")
+            cache = {e: files.tensor(keys[e]) for e in sorted(set(ids))}
+            out[pattern] = [cache[e] for e in ids]
+        return out
+    for pattern, keys in group.sources.items():  # already fused on disk: [E, ...], read our rows
+        rows = []
+        for key in keys:
+            shape = files.shape(key)
+            if not shape or shape[0] != n_experts:
+                raise ConfigError(f"{files.where(key)}: {key!r} has shape {shape}; as the fused source of expert "
+                                  f"parameter {group.target} its first dim must be the {n_experts} experts")
+            rows.append(files.rows(key, ids))
+        out[pattern] = rows
+    return out
+
+
+def _convert(group: _Group, tensors: dict[str, list[torch.Tensor]], model, files: _Files) -> dict[str, torch.Tensor]:
+    if group.transform is None:
+        (key, (t,)), = tensors.items()
+        return {group.target: t}
+    conv = deepcopy(group.transform)
+    for pattern, ts in tensors.items():
+        for t in ts:  # in order: row j of a merged expert tensor is the j-th tensor added
+            conv.add_tensor(group.target, group.sources[pattern][0], pattern, t)
+    try:
+        result = conv.convert(group.target, model=model, config=model.config)
+    except Exception as e:
+        keys = [k for ks in group.sources.values() for k in ks]
+        raise ConfigError(f"{files.path}: converting {keys[:4]}{'...' if len(keys) > 4 else ''} "
+                          f"(in {files.where(keys[0])}) into {group.target} failed: {type(e).__name__}: {e}") from e
+    return {name: (t[0] if isinstance(t, list) else t) for name, t in result.items()}
+
+
+def read_hf_state(path: str | Path, model, experts_of: Callable[[str], list[int] | None]
+                  ) -> tuple[dict[str, torch.Tensor], ReadStats]:
+    """Read from the safetensors checkpoint in `path` the state of `model` that one expert-parallel device holds.
+
+    `path`: a directory with one or more ``*.safetensors`` files (with or without ``*.safetensors.index.json``), as
+    ``save_pretrained`` writes it. `model`: the transformers model (any device, ``meta`` included) whose
+    ``state_dict()`` names and shapes are the targets and whose class / ``config.model_type`` selects transformers'
+    conversion mapping. `experts_of(name)`: for a fused expert parameter (``...mlp.experts.gate_up_proj`` [E, 2F, D],
+    ``...mlp.experts.down_proj`` [E, D, F]) the global expert ids this device holds, in slot order; ``None`` for any
+    other tensor.
+
+    Returns ``(state, stats)``: ``state`` maps every tensor of ``model.state_dict()`` (parameters and persistent
+    buffers, e.g. DeepSeek-V4 ``mlp.gate.tid2eid``, ``mlp.gate.e_score_correction_bias``) to a CPU tensor of the
+    model's dtype -- the full tensor, or for an expert parameter ``[len(ids), *shape[1:]]`` with row ``j`` = expert
+    ``ids[j]``; a tied parameter absent from the checkpoint is the same tensor as its source. ``stats`` counts what was
+    read: only the needed keys (and of fused expert tensors only the needed rows) are ever read.
+
+    Raises ``ConfigError`` (a ``ValueError``) naming the file and key for: no safetensors in `path`, a model tensor
+    missing from the checkpoint, a missing expert, a shape mismatch, an unreadable or quantized tensor.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: not a directory (expected a save_pretrained checkpoint folder)")
+    meta_sd = model.state_dict()
+    stats = ReadStats()
+    state: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        files = _Files(path, stack, stats)
+        for group in _plan(files, model, meta_sd):
+            targets = _targets(group)
+            ids = _expert_ids(group, targets, experts_of, meta_sd, path)
+            if ids == []:  # no expert of this layer on this device: nothing to read
+                for name in targets:
+                    want = meta_sd[name]
+                    state[name] = torch.empty((0, *want.shape[1:]), dtype=want.dtype)
+                continue
+            tensors = _read_group(group, ids, files, meta_sd)
+            for name, value in _convert(group, tensors, model, files).items():
+                keys = [k for ks in group.sources.values() for k in ks]
+                where = f"{files.where(keys[0])}: {keys[0]!r}" + (f" (+{len(keys) - 1} more)" if len(keys) > 1 else "")
+                if name not in meta_sd:
+                    raise ConfigError(f"{where} converts to {name!r}, which is not a tensor of "
+                                      f"{type(model).__name__}")
+                want = meta_sd[name]
+                shape = list(want.shape)
+                if ids is not None:
+                    shape[0] = len(ids)
+                if list(value.shape) != shape:
+                    raise ConfigError(f"{where} gives {name} shape {list(value.shape)}; the model expects {shape}"
+                                      + (f" (experts {ids})" if ids is not None else ""))
+                if value.dtype in _FLOAT8 and want.dtype not in _FLOAT8:
+                    raise ConfigError(f"{where} is {value.dtype}: pre-quantized checkpoints are not supported")
+                state[name] = value.to(want.dtype) if value.dtype != want.dtype else value
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for name, source in tied.items():
+        if name in meta_sd and name not in state and source in state:
+            state[name] = state[source]
+    missing = [n for n in meta_sd if n not in state]
+    if missing:
+        raise ConfigError(f"{path}: the checkpoint has no tensor for {len(missing)} tensor(s) of "
+                          f"{type(model).__name__}: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return state, stats
