@@ -2,6 +2,7 @@
 
     python -m orchestrator checkpoints list PATH            checkpoints of a run dir / checkpoint root / URI
     python -m orchestrator checkpoints export CKPT OUT      model weights of a checkpoint as one safetensors file
+    python -m orchestrator export CKPT --hf OUT             a checkpoint as a Hugging Face transformers model folder
     python -m orchestrator report RUN_DIR [--out FILE]      the run report: one HTML page with plots
     python -m orchestrator plan [--config F] [k=v] [--json] the memory plan of a run; every ZeRO stage x checkpointing
 """
@@ -25,6 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     ex = ck_sub.add_parser("export", help="write a checkpoint's model weights as a single safetensors file")
     ex.add_argument("checkpoint", help="one checkpoint folder, or a run dir / root (its newest committed one)")
     ex.add_argument("out", help="output .safetensors file")
+    hf = sub.add_parser("export", help="write a checkpoint as the Hugging Face transformers model it equals "
+                                       "(Mixtral, ERNIE-4.5-MoE, Qwen2-MoE or GLM-4-MoE; see model/hf_export.py)")
+    hf.add_argument("checkpoint", help="one checkpoint folder, or a run dir / root (its newest committed one)")
+    hf.add_argument("--hf", required=True, metavar="OUT", help="output folder: config.json, model.safetensors, ...")
+    hf.add_argument("--tokenizer", default=None, metavar="DIR",
+                    help="a folder with the tokenizer's files to copy (byte-level models need none)")
+    hf.add_argument("--config", default=None, metavar="FILE",
+                    help="the run's config file, for checkpoints that predate saved routing settings")
+    hf.add_argument("--dropless", action="store_true",
+                    help="export a model trained with balance.capacity_factor without capacity (no transformers "
+                         "MoE drops tokens)")
     rp = sub.add_parser("report", help="write the run report (HTML with plots) of a run directory")
     rp.add_argument("run_dir", help="a run directory (runs/<time>-<name>)")
     rp.add_argument("--out", default=None, help="output file (default: RUN_DIR/report.html)")
@@ -38,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "plan":
         return _plan(args)
+    if args.command == "export":
+        return _export_hf(args)
     if args.command == "report":
         from orchestrator.report import write_report
 
@@ -71,6 +85,27 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from orchestrator.config import ConfigError
+    from orchestrator.model.hf_export import export_checkpoint
+
+    try:
+        info = export_checkpoint(args.checkpoint, args.hf, tokenizer_dir=args.tokenizer, config_file=args.config,
+                                 dropless=args.dropless)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported step {info['step']} from {info['source']} as {info['model_class']} "
+          f"({info['parameters']} parameters) -> {info['out_dir']}")
+    for note in info["notes"]:
+        print(f"  {note}")
+    print(f"  tokenizer: {info['tokenizer']}")
+    return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
