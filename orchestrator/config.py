@@ -61,6 +61,16 @@ class DataConfig:
     seq_len: int = 128
     val_fraction: float = 0.05
     max_bytes: int = 0             # cap on text bytes read (0: no cap)
+    # Tokenizers and post-training (orchestrator/data/source.py): null = the checkpoint's own tokenizer when
+    # model.hf_path holds one, else bytes; "bytes"; or a tokenizer folder. train_tokenizer=V trains a byte-level
+    # BPE of V tokens on the run's training text first (cached). task: pretrain | sft (records with `messages`,
+    # loss on assistant tokens only; data.path null = instructions built from the standard library). pack: sft
+    # samples packed into rows with per-document position ids. max_samples: cap on sft samples (0: all).
+    tokenizer: Optional[str] = None
+    train_tokenizer: int = 0
+    task: str = "pretrain"
+    pack: bool = False
+    max_samples: int = 0
 
 
 @dataclass
@@ -394,8 +404,7 @@ def validate(cfg: Config) -> None:
                           f"uint16 .bin token file, or leave data.path unset for the embedded stdlib corpus")
     if d.format == "bin" and d.path is None:
         raise ConfigError("data.format='bin' needs data.path pointing to a uint16 token file")
-    if (d.path is None or d.format == "text") and m.vocab_size < 256:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} is too small for byte-level text; it must be at least 256")
+    _validate_tokens(cfg)
     _validate_balance(cfg)
     _validate_faults(cfg)
     _validate_run(cfg)
@@ -420,6 +429,43 @@ def validate(cfg: Config) -> None:
     if c.backend == "nccl" and not c.use_gpu:
         raise ConfigError("cluster.backend='nccl' needs cluster.use_gpu=true (nccl runs on GPUs only)")
     _refuse_idle_keys(cfg)
+
+
+def _validate_tokens(cfg: Config) -> None:
+    """The tokenizer, the task and packing (orchestrator/data/source.py)."""
+    m, d = cfg.model, cfg.data
+    _choice("data.task", d.task, ("pretrain", "sft"))
+    _positive(cfg, ["data.train_tokenizer", "data.max_samples"], allow_zero=True)
+    if d.task == "pretrain":
+        _section_idle(cfg, "data", ("pack", "max_samples"), "with data.task=pretrain (they shape SFT samples): "
+                                                            "remove it, or set data.task=sft")
+    from orchestrator.data.source import tokenizer_source
+
+    folder = tokenizer_source(cfg)
+    if folder is None and not d.train_tokenizer:   # bytes
+        if d.task == "sft":
+            raise ConfigError("data.task=sft renders conversations with a tokenizer's chat template: set data.tokenizer "
+                              "to a tokenizer folder, or data.train_tokenizer to a vocabulary size to train one")
+        if (d.path is None or d.format == "text") and m.vocab_size < 256:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} is too small for byte-level text; it must be at "
+                              f"least 256" + (" (the byte corpus needs 256 byte tokens; give data.tokenizer a tokenizer "
+                                              "folder)" if m.hf_path or m.hf_config else ""))
+        return
+    if d.train_tokenizer and d.train_tokenizer > m.vocab_size:
+        raise ConfigError(f"data.train_tokenizer={d.train_tokenizer} is larger than the model's vocabulary "
+                          f"({m.vocab_size}): lower it, or raise the model's vocab_size")
+    if folder is not None and not d.train_tokenizer and not Path(folder).expanduser().is_dir():
+        raise ConfigError(f"data.tokenizer={folder!r} is not a folder; give a tokenizer folder (tokenizer.json, "
+                          f"tokenizer_config.json), \"bytes\", or data.train_tokenizer=V to train one there")
+    if d.task == "pretrain" and d.path is None:
+        raise ConfigError("a tokenizer with the embedded corpus: the embedded corpus is byte-level; set data.path to "
+                          "text / jsonl / parquet / arrow files, or data.tokenizer=bytes")
+    if d.format != "auto":
+        raise ConfigError(f"data.format={d.format!r} applies to byte-level data; with a tokenizer the files are read "
+                          f"by their suffix (.txt .md .jsonl .json .parquet .arrow): remove it")
+    if d.pack and not (m.hf_path or m.hf_config):
+        raise ConfigError("data.pack=true needs position ids the native model does not take; pack with a "
+                          "transformers model (model.hf_path / model.hf_config), or set data.pack=false")
 
 
 # Native architecture keys a Hugging Face model's own config replaces (model/hf.py reads none of them).

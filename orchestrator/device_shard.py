@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from orchestrator.checkpoint.shard import Snapshot, restore_from_files, restore_from_snapshots, take_snapshot
 from orchestrator.config import Config, expert_slots, mesh_shape
-from orchestrator.data import BatchStream
+from orchestrator.data.source import make_stream
 from orchestrator.model import build_model
 from orchestrator.model.balancing import update_expert_bias
 from orchestrator.memory import ActivationMeter, state_bytes
@@ -131,7 +131,8 @@ class DeviceShard:
         t = cfg.train
         self.optim = Optimizers(self.dense_params, self.expert_params, self.mesh, self.zero_stage, lr=t.lr,
                                 betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
-        self.data = BatchStream(train_tokens, val_tokens, cfg.seed, cfg.data.seq_len, t.global_batch_size, world, rank)
+        # Token arrays (BatchStream) or SFT samples (val_tokens None: SFTBatchStream, masked labels, loss_tokens)
+        self.data = make_stream(cfg, train_tokens, val_tokens, world, rank)
         self.global_tokens = t.global_batch_size * cfg.data.seq_len
         for m in self.model.moe_layers():  # balancing losses are shares of a loss over the global batch
             m.global_tokens = self.global_tokens
@@ -151,10 +152,21 @@ class DeviceShard:
                 dist.all_reduce(t)
         return t
 
-    def _loss_sum(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    def _loss_sum(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, positions_BT: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """Summed cross-entropy over the targets that are not -100 (SFT: the assistant tokens). Packed SFT rows
+        carry per-document position ids (a transformers model then attends within each document only)."""
         with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            logits_BTV = self.model(inputs_BT.to(self.device))
-        return F.cross_entropy(upcast(logits_BTV.flatten(0, 1)), targets_BT.to(self.device).flatten(), reduction="sum")
+            if positions_BT is None:
+                logits_BTV = self.model(inputs_BT.to(self.device))
+            else:
+                logits_BTV = self.model(inputs_BT.to(self.device), positions_BT.to(self.device))
+        return F.cross_entropy(upcast(logits_BTV.flatten(0, 1)), targets_BT.to(self.device).flatten(), reduction="sum",
+                               ignore_index=-100)
+
+    def _batch(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(inputs, targets, position ids or None): SFT rows carry position ids, token windows do not."""
+        return batch if len(batch) == 3 else (*batch, None)
 
     def train_step(self, step: int, guard: dict[str, float] | None = None) -> StepReport:
         """One step. The update is not applied (and `skipped` says why) when the global loss or gradient
@@ -170,7 +182,9 @@ class DeviceShard:
             self.slow_steps -= 1
             time.sleep(self.slow_delay_s)
         moe = self.model.moe_layers()
-        inputs_BT, targets_BT = self.data.train_batch(step)
+        inputs_BT, targets_BT, positions_BT = self._batch(self.data.train_batch(step))
+        # The loss is the mean over the global batch's trained tokens (SFT: assistant tokens only; else all).
+        loss_tokens = self.data.loss_tokens(step)
         micro = t.micro_batches
         loss_sum = aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         routed = [torch.zeros(self.cfg.model.num_experts, dtype=torch.float64, device=self.device) for _ in moe]
@@ -178,12 +192,13 @@ class DeviceShard:
         received_by_layer = [0.0] * len(moe)
         meter = ActivationMeter(self.model, self.device)
         with meter:
-            for i, (x_BT, y_BT) in enumerate(zip(inputs_BT.chunk(micro), targets_BT.chunk(micro))):
-                part = self._loss_sum(x_BT, y_BT)
+            pos = positions_BT.chunk(micro) if positions_BT is not None else [None] * micro
+            for i, (x_BT, y_BT, p_BT) in enumerate(zip(inputs_BT.chunk(micro), targets_BT.chunk(micro), pos)):
+                part = self._loss_sum(x_BT, y_BT, p_BT)
                 if i == 0:
                     part = self._inject_faults(step, part)
                 aux = self.model.aux_loss()  # balancing losses: trained on, reported apart from the LM loss
-                lm_loss = part / self.global_tokens
+                lm_loss = part / loss_tokens
                 (lm_loss if aux is None else lm_loss + aux).backward()
                 loss_sum = loss_sum + part.detach().double()
                 if aux is not None:
@@ -203,7 +218,7 @@ class DeviceShard:
         self._all_reduce(stats)
         counts = 4 + len(moe) * self.world  # where the per-expert counts start
         grad_norm = torch.sqrt(replicated_sq.to(self.device) + stats[1])
-        loss, norm = stats[0].item() / self.global_tokens, grad_norm.item()
+        loss, norm = stats[0].item() / loss_tokens, grad_norm.item()
         skipped = _reject(loss, norm, guard or {})
         local_nonfinite = skipped == "nonfinite" and not math.isfinite(loss_sum.item())
         lr = lr_of(t, step)
@@ -222,7 +237,7 @@ class DeviceShard:
         CLOCK.set_phase("idle")
         mem = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         return StepReport(rss_bytes=memory["rss"], device_mem_bytes=mem, memory=memory, step=step, rank=self.rank, loss=loss,
-                          grad_norm=norm, lr=lr, tokens=self.global_tokens,
+                          grad_norm=norm, lr=lr, tokens=loss_tokens,
                           compute_time_s=time.perf_counter() - t0, expert_load=load, device_load=device_load,
                           aux_loss=stats[2].item(), dropped=int(stats[3].item()),
                           collective_s=CLOCK.collective_s, skipped=skipped, local_nonfinite=local_nonfinite)
@@ -315,10 +330,12 @@ class DeviceShard:
         """Mean loss over `num_batches` global batches of the validation split."""
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = 0
         for i in range(num_batches):
-            total += self._loss_sum(*self.data.val_batch(i)).double()
+            total += self._loss_sum(*self._batch(self.data.val_batch(i))).double()
+            tokens += self.data.val_loss_tokens(i)
         reshard(self.model)   # stage 2 keeps the unsharded parameters after a forward without backward
-        return self._all_reduce(total.view(1)).item() / (self.global_tokens * max(1, num_batches))
+        return self._all_reduce(total.view(1)).item() / max(1, tokens)
 
     def snapshot(self, step: int) -> Snapshot:
         reshard(self.model)

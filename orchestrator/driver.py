@@ -19,6 +19,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -32,7 +33,7 @@ from orchestrator.checkpoint.coordinator import Checkpoints
 from orchestrator.checkpoint.manager import CheckpointManifest
 from orchestrator.checkpoint.timeline import ResumePlan, plan_resume, record_run_id, retire
 from orchestrator.config import Config, FaultSpec, mesh_shape, to_dict
-from orchestrator.data import load_corpus
+from orchestrator.data.source import load_data, resolve_tokenizer
 from orchestrator.device import StepReport
 from orchestrator.device_group import DeviceGroup, get
 from orchestrator.errors import RunError
@@ -94,12 +95,18 @@ class Driver:
 
     def start(self) -> None:
         cfg, plan = self.cfg, self.prepare()
-        corpus = load_corpus(cfg.data)
+        tokenizer = resolve_tokenizer(cfg)   # None: bytes; trained first when data.train_tokenizer asks
+        corpus = load_data(cfg, tokenizer)
         corpus.check_vocab(cfg.model.vocab_size, cfg.data.path)
+        if tokenizer is not None:   # beside the checkpoints: what export --hf ships with the model
+            tokenizer.save_pretrained(str(Path(self.run_dir) / "tokenizer"))
         ckpt = self.checkpoints
         ckpt.storage.check()  # an unreachable checkpoint URI fails now, not at the first save
-        log.info("run %s: checkpoints in %s; data: %s, %d train / %d validation tokens", plan.run_id,
-                 ckpt.storage.shown, corpus.description, len(corpus.train), len(corpus.val))
+        if corpus.val is None:
+            log.info("run %s: checkpoints in %s; data: %s", plan.run_id, ckpt.storage.shown, corpus.description)
+        else:
+            log.info("run %s: checkpoints in %s; data: %s, %d train / %d validation tokens", plan.run_id,
+                     ckpt.storage.shown, corpus.description, len(corpus.train), len(corpus.val))
         self.devices.start()
         self.mixed_precision = self.devices.settle_mixed_precision()
         self._check_gpu_memory()

@@ -44,6 +44,12 @@ def flops_per_token(cfg: Config) -> float:
     from orchestrator.model.transformer import count_parameters
 
     m = cfg.model
+    if m.hf_path or m.hf_config:   # a transformers model: counted on the meta device; its lookup table is untied
+        from orchestrator.model.hf import hf_counts
+
+        counts = hf_counts(m)
+        active = counts["activated"] - m.vocab_size * m.dim
+        return 6.0 * active + 12.0 * m.n_layers * m.dim * cfg.data.seq_len
     counts = count_parameters(m)
     active = counts["activated"] - (0 if m.tie_embeddings else m.vocab_size * m.dim)  # the lookup costs nothing
     return 6.0 * active + 12.0 * m.n_layers * m.dim * cfg.data.seq_len

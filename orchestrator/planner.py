@@ -97,6 +97,10 @@ class MemoryPlan:
 def _shapes(cfg: Config) -> tuple[list[tuple[str, tuple[int, ...]]], list[tuple[str, tuple[int, ...]]]]:
     """(dense, expert) parameters of one device's model, (name, shape), in named_parameters order; experts
     [El, F, D] / [El, D, F]."""
+    if cfg.model.hf_path or cfg.model.hf_config:
+        from orchestrator.model.hf import hf_shapes
+
+        return hf_shapes(cfg.model, expert_slots(cfg))
     return _shapes_of(tuple(sorted(asdict(cfg.model).items())), expert_slots(cfg))
 
 
@@ -243,7 +247,7 @@ def _state(cfg: Config, rank: int, dense: list, experts: list, b: int) -> tuple[
     ids = ExpertPlacement.initial(cfg.model.num_experts, ep, expert_slots(cfg)).slots[e_idx]  # where a run starts
     held: dict[str, Any] = {
         "dense": {"whole": [n for n, _ in dense]}, "dense_optimizer": "all",
-        "experts": {"ids": _ranges(list(ids)), "moe_layers": len(experts) // 3, "whole": [n for n, _ in experts]},
+        "experts": {"ids": _ranges(list(ids)), "moe_layers": len({n.rsplit(".", 1)[0] for n, _ in experts}), "whole": [n for n, _ in experts]},
         "experts_optimizer": "all",
         "replicas": {"dense": "every device" if stage < 2 else "none",
                      "experts": [d * ep + e_idx for d in range(dp) if d != d_idx] if stage < 2 or dp == 1 else []}}
@@ -329,7 +333,10 @@ def plan_memory(cfg: Config) -> MemoryPlan:
     b = 8 if t.dtype == "float64" else 4
     dense, experts = _shapes(cfg)
     sequences = t.global_batch_size // W // t.micro_batches
-    acts = activation_bytes(cfg, sequences, cfg.memory.activation_checkpointing, ep)
+    # A transformers model's activations follow its own architecture (DeepSeek-V4's compressed attention, mHC):
+    # the formula below is the native block's, so they are not planned (0) there; the measurement still reports them.
+    hf = bool(cfg.model.hf_path or cfg.model.hf_config)
+    acts = 0 if hf else activation_bytes(cfg, sequences, cfg.memory.activation_checkpointing, ep)
     comm = _comm_buffers(cfg, dense, experts, b)
     devices = []
     for rank in range(W):

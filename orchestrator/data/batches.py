@@ -44,6 +44,12 @@ class BatchStream:
         offsets = global_offsets(self.seed, step, len(self.train), self.seq_len, self.global_batch_size)
         return gather_sequences(self.train, offsets[self.rows], self.seq_len)
 
+    def loss_tokens(self, step: int) -> int:
+        """Targets in the global batch of a step (every one is trained on)."""
+        return self.global_batch_size * self.seq_len
+
+    val_loss_tokens = loss_tokens
+
     def val_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         offsets = global_offsets(self.seed, index, len(self.val), self.seq_len, self.global_batch_size, _VAL)
         return gather_sequences(self.val, offsets[self.rows], self.seq_len)

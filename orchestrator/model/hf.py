@@ -27,6 +27,7 @@ received by this device, D hidden size, F expert intermediate size, V vocabulary
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -232,7 +233,16 @@ def fresh_hf_state(hf_config: Any, seed: int) -> dict[str, torch.Tensor]:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    return model.state_dict()
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(seed)
+    for name, table in state.items():
+        # DeepSeek-V4's hash routers start all-zero (transformers: "real values come from the checkpoint"): every
+        # token would go to expert 0. A fresh model gets a fixed random table instead, k distinct experts per token.
+        if name.endswith("tid2eid") and not table.any():
+            V, K = table.shape
+            E = model.config.num_local_experts
+            table.copy_(torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(V)]))
+    return state
 
 
 def build_hf_model(m: ModelConfig, seed: int, expert_ids: Sequence[int] | None = None,
@@ -296,3 +306,32 @@ def hf_summary(m: ModelConfig) -> dict[str, Any]:
             "max_seq_len": getattr(hf_config, "max_position_embeddings", None) or 1 << 20,
             "num_experts": experts.pop(), "top_k": hf_config.num_experts_per_tok, "class": type(hf).__name__,
             "correction_bias": any(hasattr(b.gate, "e_score_correction_bias") for _, b in blocks)}
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_model(hf_path: str | None, hf_config: str | None, slots: int | None) -> HFMoEModel:
+    """The model on the meta device, `slots` expert slots per layer (None: every expert)."""
+    m = ModelConfig(hf_path=hf_path, hf_config=hf_config)
+    hf = build_meta_model(load_hf_config(m))
+    blocks = moe_blocks(hf)
+    E = blocks[0][1].experts.num_experts if blocks else 0
+    for _, block in blocks:
+        ExpertParallelExperts.adopt(block.experts, block.gate, list(range(E if slots is None else slots)))
+    return HFMoEModel(hf, hf.config)
+
+
+def hf_shapes(m: ModelConfig, slots: int) -> tuple[list, list]:
+    """(dense, expert) parameters of one device's model, (name, shape), as planner._shapes gives the native
+    model's: experts [El, 2F, D] / [El, D, F]."""
+    model = _meta_model(m.hf_path, m.hf_config, slots)
+    return ([(n, tuple(p.shape)) for n, p in model.dense_parameters()],
+            [(n, tuple(p.shape)) for n, p in model.expert_parameters()])
+
+
+def hf_counts(m: ModelConfig) -> dict[str, int]:
+    """Total, routed-expert and activated (per token: dense + top_k experts per layer) parameter counts."""
+    model = _meta_model(m.hf_path, m.hf_config, None)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for _, p in model.expert_parameters())
+    E = max(1, m.num_experts)
+    return {"total": total, "experts": experts, "activated": total - experts + experts // E * m.top_k}
