@@ -7,6 +7,7 @@ of the transformers model and exchanging tokens with all_to_all. The oracle is t
 gradient clipping: the published formulas, none of the project's model, dispatch or sharding code)."""
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from orchestrator.config import ConfigError
 from orchestrator.data import load_corpus
 from orchestrator.data.batches import BatchStream
 from orchestrator.parallel import groups
@@ -27,9 +29,16 @@ COMMON = ["train.dtype=float32", f"train.steps={STEPS}", "train.global_batch_siz
           "train.warmup_steps=1", "train.lr=1e-2"]
 
 
+# Variants run on the same checkpoints: "kind+variant" (the math is the same, so the oracle is too).
+VARIANTS = {"replicas": ["balance.redundant_experts=2"],   # 4 experts in 3 slots per device: two replicated
+            "zero3": ["memory.zero_stage=3", "parallel.expert_parallel=2"],   # EP 2 x DP 2, FSDP2 full shard
+            "zero1-micro": ["memory.zero_stage=1", "train.micro_batches=2"]}
+
+
 def _overrides(kind: str, path: str, world: int) -> list[str]:
+    kind, _, variant = kind.partition("+")
     bias = [f"balance.bias_update_speed={BIAS}"] if kind in ("deepseek_v3", "deepseek_v4") else []
-    return [f"model.hf_path={path}", f"cluster.num_devices={world}", *COMMON, *bias]
+    return [f"model.hf_path={path}", f"cluster.num_devices={world}", *COMMON, *bias, *VARIANTS.get(variant, [])]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +56,7 @@ def _worker(rank: int, world: int, port: int, root: str, kinds: list[str], out: 
     groups.join("gloo", "127.0.0.1", port, rank, world, timeout_s=120)
     results = {}
     for kind in kinds:
-        cfg = tiny_config(None, *_overrides(kind, f"{root}/{kind}", world))
+        cfg = tiny_config(None, *_overrides(kind, f"{root}/{kind.partition('+')[0]}", world))
         corpus = load_corpus(cfg.data)
         shard = DeviceShard(cfg, rank, world, corpus.train, corpus.val)
         # The first step's gradients, synchronised as the step does (dense all-reduced; experts where they live).
@@ -55,18 +64,20 @@ def _worker(rank: int, world: int, port: int, root: str, kinds: list[str], out: 
         (shard._loss_sum(x, y) / shard.global_tokens).backward()
         shard._sync_grads(shard.model.moe_layers())
         grads = {}
+        experts = {id(q) for _, q in shard.model.expert_parameters()}
         for name, p in shard.model.named_parameters():
             if p.grad is None:
                 continue
-            ids = shard.model.expert_ids_of(name) if any(p is q for _, q in shard.model.expert_parameters()) else None
-            if ids is None:
-                grads[name] = p.grad.clone()
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()   # FSDP2: gathered
+            if id(p) not in experts:
+                grads[name] = g
             else:
-                grads.update({f"{name}[{e}]": p.grad[j].clone() for j, e in enumerate(ids)})
+                grads.update({f"{name}[{e}]": g[j].clone() for j, e in enumerate(shard.model.expert_ids_of(name))})
         shard.optim.zero_grad()
         reports = [shard.train_step(s) for s in range(1, STEPS + 1)]
         results[kind] = {"grads": grads, "losses": [r.loss for r in reports], "load": [r.expert_load for r in reports],
-                         "read": dict(shard.load_stats, keys_read=None)}
+                         "read": dict(shard.load_stats, keys_read=None),
+                         "sharded": any(hasattr(p, "device_mesh") for p in shard.model.parameters())}
     with open(f"{out}.{rank}", "wb") as f:
         pickle.dump(results, f)
     groups.leave()
@@ -125,7 +136,8 @@ def _transformers_run(kind: str, path, world: int):
     return losses, step_loads, grads
 
 
-@pytest.mark.parametrize("world,kinds", [(2, KINDS), (4, ("deepseek_v4", "mixtral"))], ids=["2dev", "4dev"])
+@pytest.mark.parametrize("world,kinds", [(2, (*KINDS, "mixtral+replicas", "deepseek_v3+zero1-micro")),
+                                         (4, ("deepseek_v4", "mixtral", "deepseek_v4+zero3"))], ids=["2dev", "4dev"])
 def test_expert_parallel_matches_transformers_in_one_process(tmp_path, checkpoints, world, kinds):
     out = str(tmp_path / "res")
     mp.spawn(_worker, args=(world, groups.free_port("127.0.0.1"), str(checkpoints), list(kinds), out), nprocs=world)
@@ -134,8 +146,9 @@ def test_expert_parallel_matches_transformers_in_one_process(tmp_path, checkpoin
         with open(f"{out}.{r}", "rb") as f:
             ranks.append(pickle.load(f))
     for kind in kinds:
-        losses, loads, grads = _transformers_run(kind, checkpoints / kind, world)
+        losses, loads, grads = _transformers_run(kind, checkpoints / kind.partition("+")[0], world)
         got = ranks[0][kind]
+        assert got["sharded"] == kind.endswith("zero3"), kind   # FSDP2 holds DTensor shards at stage 3 only
         print(f"{kind} {world} devices: losses {got['losses']} transformers {losses}")
         assert got["losses"] == pytest.approx(losses, rel=1e-5), kind
         assert got["load"] == loads, kind      # per-expert loads: the router's own choices, summed over devices
@@ -154,3 +167,118 @@ def test_expert_parallel_matches_transformers_in_one_process(tmp_path, checkpoin
             worst = max(worst, (merged[name] - g).abs().max().item() / scale)
             torch.testing.assert_close(merged[name], g, rtol=1e-5, atol=1e-6 * scale, msg=f"{kind} {name}")
         print(f"{kind} {world} devices: worst relative gradient difference {worst:.2e}")
+
+
+# --------------------------------------------------------------------------- in one process: load, export, refuse
+def _hf_cfg(path, *overrides: str):
+    return tiny_config(None, f"model.hf_path={path}", *overrides)
+
+
+def test_a_device_reads_only_the_dense_tensors_and_its_own_experts(checkpoints):
+    """Each device materialises the dense tensors and its own experts: the on-disk tensors of other experts are
+    never read (DeepSeek-V4 stores one tensor per expert and projection: layers.N.ffn.experts.E.w1 ...)."""
+    from orchestrator.model.hf import build_hf_model
+    from orchestrator.model.hf_load import list_checkpoint_keys
+
+    path = checkpoints / "deepseek_v4"
+    cfg = _hf_cfg(path)
+    keys = list_checkpoint_keys(path)
+    expert_keys = {k for k in keys if ".experts." in k}
+    stats: dict = {}
+    model = build_hf_model(cfg.model, cfg.seed, [1, 3], cfg.balance, stats)
+    read = stats["keys_read"]
+    assert all(".experts.1." in k or ".experts.3." in k for k in read & expert_keys)
+    assert read & expert_keys and not read - set(keys)
+    assert read >= set(keys) - expert_keys          # every dense tensor
+    assert stats["tensors_read"] == len(keys) - len(expert_keys) // 2
+    ref = AutoModelForCausalLM_from(path)
+    for name, p in model.expert_parameters():
+        torch.testing.assert_close(p.detach(), ref.state_dict()[name][[1, 3]], rtol=0, atol=0)
+    print(f"device holding experts [1, 3] of 4: read {stats['tensors_read']} of {len(keys)} tensors, "
+          f"{stats['bytes_read']} bytes")
+
+
+def AutoModelForCausalLM_from(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip_import_export_from_pretrained_gives_identical_logits(tmp_path, checkpoints, kind):
+    """HF directory -> two expert-parallel devices -> the checkpoint they commit -> export --hf -> from_pretrained."""
+    from orchestrator.__main__ import main
+    from orchestrator.model.hf import build_hf_model
+    from tests.test_hf_export import write_checkpoint
+
+    path = checkpoints / kind
+    cfg = _hf_cfg(path)
+    devices = [build_hf_model(cfg.model, cfg.seed, ids, cfg.balance) for ids in ([0, 1], [2, 3])]
+    for rank, m in enumerate(devices):
+        for layer in m.moe_layers():
+            layer.set_placement([[0, 1], [2, 3]], rank)
+    write_checkpoint(tmp_path / "run" / "checkpoints", cfg, 1, devices)
+    assert main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "out")]) == 0
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM_from(tmp_path / "out")(input_ids=tokens).logits,
+                           AutoModelForCausalLM_from(path)(input_ids=tokens).logits)
+
+
+def test_experts_outside_the_shared_layout_are_refused_naming_the_class(tmp_path):
+    import transformers as tf
+
+    tf.Llama4TextConfig(hidden_size=32, intermediate_size=16, intermediate_size_mlp=32, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, vocab_size=256,
+                        head_dim=8).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="Llama4TextExperts"):
+        tiny_config(None, f"model.hf_config={tmp_path / 'config.json'}")
+
+
+def test_native_keys_and_native_balancing_are_refused_with_a_transformers_model(checkpoints):
+    with pytest.raises(ConfigError, match="model.expert_dim"):
+        _hf_cfg(checkpoints / "mixtral", "model.expert_dim=64")
+    with pytest.raises(ConfigError, match="balance.aux_loss_coeff"):
+        _hf_cfg(checkpoints / "mixtral", "balance.aux_loss_coeff=0.01")
+    with pytest.raises(ConfigError, match="balance.bias_update_speed"):   # Mixtral's router has no correction bias
+        _hf_cfg(checkpoints / "mixtral", "balance.bias_update_speed=0.01")
+    cfg = _hf_cfg(checkpoints / "deepseek_v4")
+    assert (cfg.model.num_experts, cfg.model.top_k, cfg.model.vocab_size) == (4, 2, 256)   # from its config.json
+
+
+def test_sft_step_loss_is_transformers_loss_on_the_assistant_tokens_of_its_samples(tmp_path):
+    """A packed SFT step through the device shard: its loss equals the mean cross-entropy, over assistant tokens
+    only, of transformers' model run on each of the step's samples alone (no packing, no padding, no mask code)."""
+    import transformers as tf
+
+    from orchestrator.data.source import load_data
+    from orchestrator.device_shard import DeviceShard
+
+    config = tf.MixtralConfig(vocab_size=320, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                              num_experts_per_tok=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+            for a in range(6) for b in range(5)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(None, f"model.hf_path={tmp_path / 'm'}", "data.task=sft", "data.train_tokenizer=300",
+                      f"data.path={tmp_path / 'chat.jsonl'}", "data.seq_len=96", "data.pack=true",
+                      "train.global_batch_size=4")
+    data = load_data(cfg)
+    shard = DeviceShard(cfg, 0, 1, data.train, None)
+    report = shard.train_step(0)
+    ref = AutoModelForCausalLM_from(tmp_path / "m")
+    total, count = 0.0, 0
+    for i in shard.data.samples_in(0):
+        tokens, trained = data.train.sample(i)
+        tokens = torch.as_tensor(tokens[: cfg.data.seq_len + 1].astype("int64"))
+        labels = torch.where(torch.tensor(trained[1: cfg.data.seq_len + 1]), tokens[1:], -100)
+        with torch.no_grad():
+            logits = ref(input_ids=tokens[None, :-1]).logits[0]
+        total += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
+    assert len(shard.data.samples_in(0)) > 4            # packed: more samples than the 4 rows
+    assert report.tokens == count
+    assert report.loss == pytest.approx(total / count, rel=1e-5)

@@ -28,6 +28,7 @@ received by this device, D hidden size, F expert intermediate size, V vocabulary
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -86,8 +87,10 @@ def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 found.append((name, module))
             continue
         params = dict(experts.named_parameters(recurse=False))
-        ok = all(k in params and params[k].ndim == 3 for k in EXPERT_LAYOUT) and not getattr(
-            experts, "is_transposed", False) and getattr(experts, "has_gate", True)
+        E = getattr(experts, "num_experts", None)
+        ok = (all(k in params and params[k].ndim == 3 for k in EXPERT_LAYOUT)
+              and all(p.shape[0] == E for p in params.values())          # every tensor's first dim: the expert
+              and "top_k_index" in inspect.signature(type(experts).forward).parameters)
         if not ok:
             raise ConfigError(
                 f"{type(experts).__name__} (at {name}.experts) does not hold its experts in the layout this project "
