@@ -505,9 +505,9 @@ def _resolve_hf_model(cfg: Config) -> None:
     if b.bias_update_speed and not info["correction_bias"]:
         raise ConfigError(f"balance.bias_update_speed={b.bias_update_speed} needs routers with a correction bias "
                           f"(e_score_correction_bias, as DeepSeek-V3/V4 have); {info['class']} has none: remove it")
-    if cfg.memory.activation_checkpointing != "none":
-        raise ConfigError(f"memory.activation_checkpointing={cfg.memory.activation_checkpointing!r} is not "
-                          f"available with {key} yet (the recomputation regions are the native block's): set none")
+    if cfg.memory.activation_checkpointing == "selective":
+        raise ConfigError(f"memory.activation_checkpointing='selective' is the native block's (its regions cut "
+                          f"inside the block); with {key} each decoder layer is recomputed whole: set full or none")
 
 
 def _validate_faults(cfg: Config) -> None:

@@ -32,7 +32,8 @@ COMMON = ["train.dtype=float32", f"train.steps={STEPS}", "train.global_batch_siz
 # Variants run on the same checkpoints: "kind+variant" (the math is the same, so the oracle is too).
 VARIANTS = {"replicas": ["balance.redundant_experts=2"],   # 4 experts in 3 slots per device: two replicated
             "zero3": ["memory.zero_stage=3", "parallel.expert_parallel=2"],   # EP 2 x DP 2, FSDP2 full shard
-            "zero1-micro": ["memory.zero_stage=1", "train.micro_batches=2"]}
+            "zero1-micro": ["memory.zero_stage=1", "train.micro_batches=2"],
+            "full-ckpt": ["memory.activation_checkpointing=full", "memory.zero_stage=2"]}
 
 
 def _overrides(kind: str, path: str, world: int) -> list[str]:
@@ -137,7 +138,8 @@ def _transformers_run(kind: str, path, world: int):
 
 
 @pytest.mark.parametrize("world,kinds", [(2, (*KINDS, "mixtral+replicas", "deepseek_v3+zero1-micro")),
-                                         (4, ("deepseek_v4", "mixtral", "deepseek_v4+zero3"))], ids=["2dev", "4dev"])
+                                         (4, ("deepseek_v4", "mixtral", "deepseek_v4+zero3", "deepseek_v4+full-ckpt"))],
+                         ids=["2dev", "4dev"])
 def test_expert_parallel_matches_transformers_in_one_process(tmp_path, checkpoints, world, kinds):
     out = str(tmp_path / "res")
     mp.spawn(_worker, args=(world, groups.free_port("127.0.0.1"), str(checkpoints), list(kinds), out), nprocs=world)
@@ -148,7 +150,7 @@ def test_expert_parallel_matches_transformers_in_one_process(tmp_path, checkpoin
     for kind in kinds:
         losses, loads, grads = _transformers_run(kind, checkpoints / kind.partition("+")[0], world)
         got = ranks[0][kind]
-        assert got["sharded"] == kind.endswith("zero3"), kind   # FSDP2 holds DTensor shards at stage 3 only
+        assert got["sharded"] == kind.endswith(("zero3", "full-ckpt")), kind   # FSDP2's DTensor shards: stages 2, 3
         print(f"{kind} {world} devices: losses {got['losses']} transformers {losses}")
         assert got["losses"] == pytest.approx(losses, rel=1e-5), kind
         assert got["load"] == loads, kind      # per-expert loads: the router's own choices, summed over devices

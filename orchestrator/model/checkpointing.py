@@ -86,9 +86,13 @@ def checkpointed(fn: Callable[..., Any], *args: Any, keep: list[nn.Module] | Non
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """Set the checkpointing mode of every block of `model` (an MoETransformer); `none` undoes it."""
+    """Set the checkpointing mode of every block of `model` (an MoETransformer, or a transformers model:
+    model/hf.py, full or none only); `none` undoes it."""
     if mode not in MODES:
         raise ValueError(f"activation checkpointing mode {mode!r} is not one of {', '.join(MODES)}")
+    if getattr(model, "hf", None) is not None:
+        _checkpoint_decoder_layers(model, mode)
+        return
     from orchestrator.model.moe import MoE
 
     for block in model.layers:
@@ -96,3 +100,23 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         if isinstance(block.ffn, MoE):
             block.ffn.recompute = mode == "selective"
             block.ffn.experts.recompute = mode == "selective"
+
+
+def _checkpoint_decoder_layers(model: nn.Module, mode: str) -> None:
+    """A transformers model: `full` recomputes each decoder layer from its hidden states (the layer's other
+    arguments, masks and rotary tables, are closed over: none needs a gradient), through `checkpointed`, so the
+    experts' side attributes stay and a memory meter sees the recomputation. The layer's `forward` becomes an
+    instance attribute (names and structure unchanged); `none` removes it. Selective regions would have to be
+    cut inside transformers' layer classes: refused by the config."""
+    if mode == "selective":
+        raise ValueError("selective activation checkpointing is the native block's; transformers models take full")
+    for layer, experts in model.blocks():
+        layer.__dict__.pop("forward", None)
+        if mode == "full":
+            layer.forward = _layer_forward(type(layer).forward.__get__(layer), [experts] if experts is not None else [])
+
+
+def _layer_forward(forward: Callable[..., Any], keep: list[nn.Module]) -> Callable[..., Any]:
+    def checkpointed_forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return checkpointed(lambda h: forward(h, *args, **kwargs), hidden_states, keep=keep)
+    return checkpointed_forward
