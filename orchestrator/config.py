@@ -106,6 +106,8 @@ class BalanceConfig:
     seq_aux_loss_coeff: float = 0.0   # DeepSeek-V3 sequence-wise balance loss (DeepSeek-V3: 0.0001)
     z_loss_coeff: float = 0.0         # router z-loss (ST-MoE: 0.001)
     bias_update_speed: float = 0.0    # aux-loss-free router bias: +-speed toward the mean load after each step (DeepSeek-V3: 0.001)
+    router_aux_loss_coeff: float = 0.0  # a transformers model's own router auxiliary loss (its load_balancing_loss_func,
+                                        # over the global batch) times this (Mixtral's router_aux_loss_coef: 0.02)
     routing: str = "topk"             # topk | grouped (MoGE: top_k/num_groups experts from every group) | group_limited
                                       # (DeepSeek-V3: top_k among the experts of the topk_groups best groups)
     num_groups: int = 1               # expert groups (consecutive experts); one per device balances devices exactly
@@ -405,6 +407,10 @@ def validate(cfg: Config) -> None:
     if d.format == "bin" and d.path is None:
         raise ConfigError("data.format='bin' needs data.path pointing to a uint16 token file")
     _validate_tokens(cfg)
+    if cfg.balance.router_aux_loss_coeff and not (m.hf_path or m.hf_config):
+        raise ConfigError(f"balance.router_aux_loss_coeff={cfg.balance.router_aux_loss_coeff} is a transformers "
+                          f"model's own loss (model.hf_path / model.hf_config); the native model's Switch loss is "
+                          f"balance.aux_loss_coeff")
     _validate_balance(cfg)
     _validate_faults(cfg)
     _validate_run(cfg)
@@ -502,6 +508,13 @@ def _resolve_hf_model(cfg: Config) -> None:
                       ("z_loss_coeff", "the project's balancing losses read the native router's scores")):
         if getattr(b, name) != _default_of(BalanceConfig, name):
             raise ConfigError(f"balance.{name}={getattr(b, name)!r} does not apply with {key}: {why}; remove it")
+    if b.router_aux_loss_coeff and not info["router_aux_loss"]:
+        raise ConfigError(f"balance.router_aux_loss_coeff={b.router_aux_loss_coeff}: {info['class']} computes no router "
+                          f"auxiliary loss (its transformers module has no load_balancing_loss_func): remove it")
+    if b.router_aux_loss_coeff and cfg.train.micro_batches > 1:
+        raise ConfigError(f"balance.router_aux_loss_coeff with train.micro_batches={cfg.train.micro_batches}: the loss "
+                          f"weighs each expert by its share of the whole step's routed copies, known only after the "
+                          f"last micro-batch's forward; set train.micro_batches=1 (or use balance.bias_update_speed)")
     if b.bias_update_speed and not info["correction_bias"]:
         raise ConfigError(f"balance.bias_update_speed={b.bias_update_speed} needs routers with a correction bias "
                           f"(e_score_correction_bias, as DeepSeek-V3/V4 have); {info['class']} has none: remove it")
@@ -625,7 +638,8 @@ def _validate_mesh(cfg: Config) -> None:
 def _validate_balance(cfg: Config) -> None:
     b, m = cfg.balance, cfg.model
     _positive(cfg, ["balance.aux_loss_coeff", "balance.seq_aux_loss_coeff", "balance.z_loss_coeff",
-                    "balance.bias_update_speed", "balance.capacity_factor"], allow_zero=True)
+                    "balance.router_aux_loss_coeff", "balance.bias_update_speed", "balance.capacity_factor"],
+              allow_zero=True)
     _positive(cfg, ["balance.num_groups", "balance.topk_groups", "balance.replace_window"])
     _positive(cfg, ["balance.replace_every", "balance.replace_min_gain", "balance.replace_on_imbalance"],
               allow_zero=True)

@@ -118,6 +118,10 @@ class DeviceShard:
         else:
             model = build_model(cfg.model, cfg.seed, initial.slots[self.mesh.ep_rank], cfg.balance)
         self.model = model.to(self.device, getattr(torch, cfg.train.dtype))
+        if getattr(self.model, "hf", None) is not None and cfg.train.dtype == "float64":
+            self.model.hf_config._experts_implementation = "eager"   # torch's grouped_mm has no float64 kernel
+        if cfg.balance.router_aux_loss_coeff:   # a transformers model's own router auxiliary loss
+            self.model.use_router_aux_loss(cfg.balance.router_aux_loss_coeff)
         apply_expert_parallel(self.model, ep, self.mesh.ep_group, data_parallel=world > ep)
         for m in self.model.moe_layers():
             m.set_placement(initial.slots, self.mesh.ep_rank)

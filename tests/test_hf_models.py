@@ -33,7 +33,8 @@ COMMON = ["train.dtype=float32", f"train.steps={STEPS}", "train.global_batch_siz
 VARIANTS = {"replicas": ["balance.redundant_experts=2"],   # 4 experts in 3 slots per device: two replicated
             "zero3": ["memory.zero_stage=3", "parallel.expert_parallel=2"],   # EP 2 x DP 2, FSDP2 full shard
             "zero1-micro": ["memory.zero_stage=1", "train.micro_batches=2"],
-            "full-ckpt": ["memory.activation_checkpointing=full", "memory.zero_stage=2"]}
+            "full-ckpt": ["memory.activation_checkpointing=full", "memory.zero_stage=2"],
+            "aux": ["balance.router_aux_loss_coeff=0.02"]}    # the model's own router loss, over the global batch
 
 
 def _overrides(kind: str, path: str, world: int) -> list[str]:
@@ -62,7 +63,8 @@ def _worker(rank: int, world: int, port: int, root: str, kinds: list[str], out: 
         shard = DeviceShard(cfg, rank, world, corpus.train, corpus.val)
         # The first step's gradients, synchronised as the step does (dense all-reduced; experts where they live).
         x, y = shard.data.train_batch(1)
-        (shard._loss_sum(x, y) / shard.global_tokens).backward()
+        lm, aux = shard._loss_sum(x, y) / shard.global_tokens, shard.model.aux_loss()
+        (lm if aux is None else lm + aux).backward()
         shard._sync_grads(shard.model.moe_layers())
         grads = {}
         experts = {id(q) for _, q in shard.model.expert_parameters()}
@@ -110,8 +112,12 @@ def _transformers_run(kind: str, path, world: int):
     for step in range(1, STEPS + 1):
         x, y = data.train_batch(step)
         loads.clear()
-        loss = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten(), reduction="sum") / tokens
-        loss.backward()
+        out = model(input_ids=x, output_router_logits=bool(cfg.balance.router_aux_loss_coeff))
+        loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="sum") / tokens
+        if cfg.balance.router_aux_loss_coeff:   # transformers' own load_balancing_loss_func on the whole batch
+            (loss + cfg.balance.router_aux_loss_coeff * out.aux_loss).backward()
+        else:
+            loss.backward()
         if step == 1:
             for name, p in model.named_parameters():
                 if p.grad is not None and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
@@ -137,8 +143,8 @@ def _transformers_run(kind: str, path, world: int):
     return losses, step_loads, grads
 
 
-@pytest.mark.parametrize("world,kinds", [(2, (*KINDS, "mixtral+replicas", "deepseek_v3+zero1-micro")),
-                                         (4, ("deepseek_v4", "mixtral", "deepseek_v4+zero3", "deepseek_v4+full-ckpt"))],
+@pytest.mark.parametrize("world,kinds", [(2, (*KINDS, "mixtral+replicas", "deepseek_v3+zero1-micro", "qwen2_moe+aux")),
+                                         (4, ("deepseek_v4", "mixtral", "deepseek_v4+zero3", "deepseek_v4+full-ckpt", "deepseek_v4+aux"))],
                          ids=["2dev", "4dev"])
 def test_expert_parallel_matches_transformers_in_one_process(tmp_path, checkpoints, world, kinds):
     out = str(tmp_path / "res")

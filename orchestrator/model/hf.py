@@ -184,9 +184,26 @@ class HFMoEModel(nn.Module):
         for name, child in hf_model.named_children():
             self.add_module(name, child)
         self._moe = [block.experts for _, block in moe_blocks(hf_model)]
+        self.router_aux_loss_coeff = 0.0
+        self._router_logits: list[torch.Tensor] = []
 
     def forward(self, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        self._router_logits.clear()
         return self.hf(input_ids=tokens_BT, position_ids=position_ids_BT, use_cache=False).logits
+
+    def use_router_aux_loss(self, coeff: float) -> None:
+        """Train with the model's own router auxiliary loss (its transformers class's `load_balancing_loss_func`,
+        the Switch Transformer loss over the router logits its `_can_record_outputs["router_logits"]` names),
+        times `coeff`, as this device's share of the loss over the global batch (see aux_loss)."""
+        recorder = router_logits_recorder(self.hf)
+        if recorder is None:
+            raise ConfigError(f"{type(self.hf).__name__} has no router auxiliary loss (no load_balancing_loss_func)")
+        cls, index = recorder
+        self.router_aux_loss_coeff = coeff
+        for module in self.hf.modules():
+            if isinstance(module, cls):
+                module.register_forward_hook(lambda mod, args, out: self._router_logits.append(out[index])
+                                             if self.training and torch.is_grad_enabled() else None)
 
     def moe_layers(self) -> list[ExpertParallelExperts]:
         return list(self._moe)
@@ -207,7 +224,27 @@ class HFMoEModel(nn.Module):
         return [[list(ids) for ids in m.placement] for m in self._moe]
 
     def aux_loss(self) -> torch.Tensor | None:
-        return None
+        """This device's share of the model's router auxiliary loss over the global batch (None when off).
+
+        transformers' load_balancing_loss_func pools every recorded layer's N router rows: with p = softmax(logits)
+        and the top-k (k = num_experts_per_tok) of p one-hot, L = E * sum_e (c_e / R) * (P_e / R), c_e the copies
+        to e and P_e the summed probabilities over all R = layers x tokens rows (Switch Transformer, Fedus et al.
+        2021, eq. 4-6). Over the global batch R = layers x global tokens and c is summed over every device (no
+        gradient); this device contributes its rows' P. The shares add up to the loss of one process on the whole
+        batch, and so do their gradients."""
+        if not self.router_aux_loss_coeff or not self._router_logits:
+            return None
+        E, k = self._moe[0].experts_total, self.hf_config.num_experts_per_tok
+        counts = torch.zeros(E, dtype=torch.float32, device=self._router_logits[0].device)
+        probs = torch.zeros(E, dtype=torch.float32, device=counts.device)
+        for logits in self._router_logits:
+            p = torch.softmax(logits.float(), dim=-1)
+            counts += torch.bincount(torch.topk(p, k, dim=-1).indices.reshape(-1), minlength=E).float()
+            probs = probs + p.sum(0)
+        rows = len(self._router_logits) * (self._moe[0].global_tokens or self._router_logits[0].shape[0])
+        counts = self._moe[0].dispatcher.global_counts(counts)
+        self._router_logits.clear()
+        return self.router_aux_loss_coeff * E * ((counts / rows) * (probs / rows)).sum()
 
     def _expert_param_ids(self) -> set[int]:
         return {id(p) for m in self._moe for p in m.parameters(recurse=False)}
@@ -308,7 +345,8 @@ def hf_summary(m: ModelConfig) -> dict[str, Any]:
             "n_layers": hf_config.num_hidden_layers,
             "max_seq_len": getattr(hf_config, "max_position_embeddings", None) or 1 << 20,
             "num_experts": experts.pop(), "top_k": hf_config.num_experts_per_tok, "class": type(hf).__name__,
-            "correction_bias": any(hasattr(b.gate, "e_score_correction_bias") for _, b in blocks)}
+            "correction_bias": any(hasattr(b.gate, "e_score_correction_bias") for _, b in blocks),
+            "router_aux_loss": router_logits_recorder(hf) is not None}
 
 
 @functools.lru_cache(maxsize=16)
@@ -338,3 +376,15 @@ def hf_counts(m: ModelConfig) -> dict[str, int]:
     experts = sum(p.numel() for _, p in model.expert_parameters())
     E = max(1, m.num_experts)
     return {"total": total, "experts": experts, "activated": total - experts + experts // E * m.top_k}
+
+
+def router_logits_recorder(hf: nn.Module) -> tuple[type, int] | None:
+    """(router class, index of the logits in its output) when the model's class computes a router auxiliary loss
+    (its module defines load_balancing_loss_func and it records router logits), else None."""
+    import sys
+
+    recorder = (getattr(hf, "_can_record_outputs", None) or {}).get("router_logits")
+    module = sys.modules.get(type(hf).__module__)
+    if recorder is None or not hasattr(module, "load_balancing_loss_func"):
+        return None
+    return recorder.target_class, recorder.index or 0
