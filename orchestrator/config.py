@@ -48,8 +48,8 @@ class ModelConfig:
     init_std: float = 0.02
     # A Hugging Face MoE model instead of the native one (model/hf.py): a local directory with config.json and
     # *.safetensors, or a config.json file (fresh weights from the seed). The model's own config then gives
-    # vocab_size, dim, n_layers, max_seq_len, num_experts and top_k (filled in by validate); the native
-    # architecture keys above do nothing.
+    # vocab_size, dim, n_layers, max_seq_len, num_experts, top_k and first_k_dense (its dense layers' count)
+    # (filled in by validate); the native architecture keys above do nothing.
     hf_path: Optional[str] = None
     hf_config: Optional[str] = None
 
@@ -476,8 +476,9 @@ def _validate_tokens(cfg: Config) -> None:
 
 # Native architecture keys a Hugging Face model's own config replaces (model/hf.py reads none of them).
 _NATIVE_ONLY = ("n_heads", "expert_dim", "num_shared_experts", "score_func", "norm_topk_prob", "route_scale",
-                "first_k_dense", "dense_dim", "tie_embeddings", "rope_theta", "norm_eps", "init_std")
-_FROM_HF = ("vocab_size", "dim", "n_layers", "max_seq_len", "num_experts", "top_k")
+                "dense_dim", "tie_embeddings", "rope_theta", "norm_eps", "init_std")
+# first_k_dense: how many of its layers are dense (n_layers minus its MoE layers: what the balancer counts)
+_FROM_HF = ("vocab_size", "dim", "n_layers", "max_seq_len", "num_experts", "top_k", "first_k_dense")
 
 
 def _resolve_hf_model(cfg: Config) -> None:

@@ -25,21 +25,35 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
-def test_kill_during_a_deepseek_v4_run_heals_identical_to_the_fault_free_run(ray_session, tmp_path):
+REPLACE = ["balance.replace_every=2", "balance.replace_window=2", "balance.replace_min_gain=0"]
+
+
+def test_kill_during_a_deepseek_v4_run_heals_identical_and_checkpoints_resume(ray_session, tmp_path):
+    """Live expert re-placement moves the transformers model's experts (steps 2 and 4); a kill at step 5 heals to
+    the fault-free run bit for bit; the step-3 checkpoint resumes exactly on 2 devices and, resharded, on 4."""
     model = tmp_path / "deepseek_v4"
     make_tiny_hf("deepseek_v4", model)
 
     def config(run_dir: Path, *overrides: str):
         return tiny_config(run_dir, f"model.hf_path={model}", f"train.steps={STEPS}", "cluster.num_devices=2",
-                           "train.eval_batches=0", "balance.bias_update_speed=0.01", *overrides)
+                           "train.eval_batches=0", "balance.bias_update_speed=0.01", "checkpoint.every_steps=3",
+                           *REPLACE, *overrides)
 
     twin, run = tmp_path / "twin", tmp_path / "run"
     Driver(config(twin), twin).run()
-    summary = Driver(config(run, "faults.plan=[{step: 4, kind: kill, rank: 1}]"), run).run()
+    records = [json.loads(line) for line in (twin / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if r.get("replacement")], "no re-placement happened"
+    summary = Driver(config(run, "faults.plan=[{step: 5, kind: kill, rank: 1}]"), run).run()
     assert summary.steps_done == STEPS and summary.recoveries == 1
     (incident,) = summary.incidents
     assert (incident["kind"], incident["rank"], incident["action"]) == ("dead", 1, "replaced")
     assert _losses(run) == _losses(twin)
+    step3 = twin / "checkpoints" / "step_00000003"
+    for world, exact in ((2, True), (4, False)):
+        resumed = tmp_path / f"resumed{world}"
+        Driver(config(resumed, f"train.resume={step3}", f"cluster.num_devices={world}"), resumed).run()
+        got, want = [l for s, l in _losses(resumed) if s > 3], [l for s, l in _losses(twin) if s > 3]
+        assert got == want if exact else got == pytest.approx(want, rel=1e-5), world
     healed, clean = _final_state(run), _final_state(twin)
     assert healed.keys() == clean.keys() and any(".experts." in k for k in clean)
     for key, value in clean.items():

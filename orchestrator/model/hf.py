@@ -345,6 +345,7 @@ def hf_summary(m: ModelConfig) -> dict[str, Any]:
             "n_layers": hf_config.num_hidden_layers,
             "max_seq_len": getattr(hf_config, "max_position_embeddings", None) or 1 << 20,
             "num_experts": experts.pop(), "top_k": hf_config.num_experts_per_tok, "class": type(hf).__name__,
+            "first_k_dense": hf_config.num_hidden_layers - len(blocks),
             "correction_bias": any(hasattr(b.gate, "e_score_correction_bias") for _, b in blocks),
             "router_aux_loss": router_logits_recorder(hf) is not None}
 
