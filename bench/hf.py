@@ -1,7 +1,7 @@
 """Hugging Face MoE checkpoints (issue 15): training throughput of the DeepSeek-V4 tiny SFT job at N devices against
 transformers in one process, and the memory a sharded checkpoint read saves each device.
 
-    python bench/hf.py [--devices 1,2,4] [--steps 10] [--warmup 3] [--rounds 2]
+    python bench/hf.py [--devices 1,2,4] [--steps 10] [--warmup 3] [--rounds 2] [--all-cores-baseline]
                        [--experts 256] [--expert-dim 128] [--load-rounds 3] [--only throughput|load]
 
 1. Throughput. The job of jobs/configs/sft_tiny.yaml (transformers' DeepseekV4ForCausalLM from
@@ -13,17 +13,19 @@ transformers in one process, and the memory a sharded checkpoint read saves each
    process, the same initial weights (fresh_hf_state, the seed), the same global batch of the same packed rows each
    step (orchestrator.data.source.load_data / make_stream with world=1), a plain loop: forward with position_ids and
    use_cache=False, cross-entropy with ignore_index=-100 summed / the step's trained tokens, backward, gradient
-   clipping, AdamW with the run's learning-rate schedule. Run at 1 thread (what one device gets) and at every core.
+   clipping, AdamW with the run's learning-rate schedule, at the threads one device gets (and, with
+   --all-cores-baseline, at every core).
    Each configuration runs `--warmup` steps, then `--steps` timed steps (barrier before and after); tokens are the
    step's trained (assistant) tokens, StepReport.tokens. `--rounds` rounds, configurations alternating within each;
    the figure is the median over rounds.
 2. Sharded load. A DeepSeek-V4 checkpoint with `--experts` routed experts per layer (the tiny config otherwise,
    `--expert-dim` = moe_intermediate_size), written by save_pretrained (one tensor per expert on disk). Each load
    runs in a fresh subprocess: after the imports, it builds the model and reports the wall time and the peak RSS
-   above the RSS after the imports (ru_maxrss; file pages mmap'd by safetensors count while mapped). A device
-   holding 1/4 and 1/2 of the experts (orchestrator.model.hf.build_hf_model: dense tensors + own experts, with its
-   ReadStats), the project's reader holding all experts, and transformers' AutoModelForCausalLM.from_pretrained
-   (what loading the whole checkpoint on every device costs). `--load-rounds` rounds, alternating; medians.
+   above the RSS after the imports (VmHWM; file pages mmap'd by safetensors count while mapped; a sampler thread
+   splits the peak into anonymous memory and mapped file pages). A device holding 1/4 and 1/2 of the experts
+   (orchestrator.model.hf.build_hf_model: dense tensors + own experts, with its ReadStats), the project's reader
+   holding all experts, and transformers' AutoModelForCausalLM.from_pretrained (what loading the whole checkpoint
+   on every device costs). `--load-rounds` rounds, alternating; medians.
    One more subprocess checks that the sharded read gives from_pretrained's tensors (experts E/4..E/2 and every
    dense tensor, exactly).
 
@@ -184,7 +186,8 @@ def throughput(args: argparse.Namespace, argv: list[str]) -> dict:
     per_device = cfg.cluster.torch_threads or max(1, int(cfg.cluster.cpus_per_device))
     cores = os.cpu_count() or 1
     rows_tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    configs = [("transformers", 1, per_device), *(("transformers", 1, cores) for _ in [0] if cores != per_device),
+    configs = [("transformers", 1, per_device),
+               *(("transformers", 1, cores) for _ in [0] if args.all_cores_baseline and cores != per_device),
                *(("devices", n, per_device) for n in args.devices)]
     runs: dict[tuple, list[dict]] = {}
     for rnd in range(args.rounds):
@@ -247,6 +250,17 @@ def make_checkpoint(path: Path, experts: int, expert_dim: int) -> dict:
             "checkpoint_bytes": sum(f.stat().st_size for f in files)}
 
 
+def _proc_status(keys: tuple[str, ...]) -> dict:
+    """Fields of /proc/self/status, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in keys:
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
 class _RssSampler:
     """The largest anonymous and file-backed resident memory of this process seen every `every_s` (/proc/self/status
     RssAnon, RssFile): what the peak is made of (heap vs the checkpoint's mmap'd pages)."""
@@ -259,14 +273,8 @@ class _RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def read() -> dict:
-        out = {}
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("RssAnon", "RssFile"):
-                    out[key] = int(value.split()[0]) * 1024
-        return out
+    def read(keys: tuple[str, ...] = ("RssAnon", "RssFile")) -> dict:
+        return _proc_status(keys)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -293,7 +301,6 @@ class _RssSampler:
 def _load_child(mode: str, path: str, share: float) -> None:
     """One load in this fresh process; prints a JSON line."""
     import gc
-    import resource
 
     import psutil
     import safetensors.torch  # noqa: F401
@@ -310,7 +317,9 @@ def _load_child(mode: str, path: str, share: float) -> None:
     E = json.loads((Path(path) / "config.json").read_text())["n_routed_experts"]
     gc.collect()
     proc = psutil.Process()
-    rss0, peak0 = proc.memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # The peak is VmHWM (this address space's high-water mark, new at exec), not ru_maxrss: Linux carries
+    # ru_maxrss over fork + exec, so a child of a large parent starts with the parent's peak.
+    rss0, peak0 = proc.memory_info().rss, _proc_status(("VmHWM",))["VmHWM"]
     stats: dict = {}
     with _RssSampler() as sampler:
         t0 = time.perf_counter()
@@ -321,11 +330,12 @@ def _load_child(mode: str, path: str, share: float) -> None:
             ids = list(range(round(E * share)))
             model = build_hf_model(ModelConfig(hf_path=path), 0, ids, None, stats)
         secs = time.perf_counter() - t0
-    peak1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak1 = _proc_status(("VmHWM",))["VmHWM"]
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     print(json.dumps({"load_s": secs, "peak_rss_above_imports": peak1 - rss0, "rss_after_imports": rss0,
                       "peak_rss_during_imports": peak0, "rss_after_load_above_imports": proc.memory_info().rss - rss0,
-                      "param_bytes_held": held, "experts_held": len(ids), "sampled_peak_above_start": sampler.above_base(),
+                      "param_bytes_held": held, "experts_held": len(ids),
+                      "peak_split": sampler.above_base(),
                       "read": {k: v for k, v in stats.items() if k != "keys_read"}}))
 
 
@@ -397,20 +407,52 @@ def load(args: argparse.Namespace, argv: list[str]) -> dict:
                                 if mode == "transformers" else "orchestrator.model.hf.build_hf_model (sharded read)"),
                      "experts_share": share, "experts_held": v[0]["experts_held"],
                      "load_s_median": s, "peak_rss_above_imports_median": peak,
+                     "peak_anon_median": statistics.median(r["peak_split"]["anon"] for r in v),
+                     "peak_file_pages_median": statistics.median(r["peak_split"]["file"] for r in v),
                      "rss_after_load_above_imports_median": statistics.median(
                          r["rss_after_load_above_imports"] for r in v),
                      "param_bytes_held": v[0]["param_bytes_held"],
                      "vs_whole_load_time": s / whole_s, "vs_whole_load_peak": peak / whole_peak,
                      "read": v[0]["read"] or None,
-                     "rounds": [{k: r[k] for k in ("load_s", "peak_rss_above_imports", "rss_after_imports")}
+                     "rounds": [{k: r[k] for k in ("load_s", "peak_rss_above_imports", "rss_after_imports",
+                                                   "peak_split")}
                                 for r in v]})
     return {**header(argv), "checkpoint": ckpt, "rounds": args.load_rounds,
-            "note": "each load in a fresh subprocess after its imports; peak = ru_maxrss - RSS after the imports "
-                    "(file pages safetensors maps count while mapped); the checkpoint is in the page cache (warm)",
+            "note": "each load in a fresh subprocess after its imports; peak = VmHWM - RSS after the imports "
+                    "(file pages safetensors maps count while mapped; peak_split: sampled every 2 ms, anonymous "
+                    "memory vs mapped file pages); the checkpoint is in the page cache (warm)",
             "rows": rows, "equality_check": check}
 
 
 # ---------------------------------------------------------------- main
+
+def print_tables(tp: dict | None, ld: dict | None) -> None:
+    if tp:
+        print(f"\n{tp['command']}  ({tp['date']}, load average at start {tp['machine'].get('loadavg_at_start')})")
+        print(tp["note"])
+        print(f"{'configuration':28s} {'threads':>7s} {'ms/step':>8s} {'trained tok/s':>14s} {'row tok/s':>10s} "
+              f"{'vs transformers':>15s} {'step-1 loss':>12s}")
+        for r in tp["rows"]:
+            print(f"{r['config']:28s} {r['torch_threads_per_process']:7d} {r['step_s_median'] * 1e3:8.1f} "
+                  f"{r['trained_tokens_per_s_median']:14.0f} {r['row_tokens_per_s_median']:10.0f} "
+                  f"{r['vs_transformers_1_thread']:15.2f} {r['step1_loss']:12.6f}")
+    if ld:
+        c = ld["checkpoint"]
+        print(f"\n{ld['command']}  ({ld['date']})")
+        print(f"checkpoint {c['experts']} experts x {c['moe_intermediate_size']} wide, "
+              f"{c['checkpoint_bytes'] / 2**20:.1f} MiB; {ld['note']}")
+        print(f"{'loader':14s} {'experts':>8s} {'load s':>7s} {'x whole':>7s} {'peak MiB':>9s} {'x whole':>7s} "
+              f"{'anon MiB':>8s} {'file MiB':>8s} {'params MiB':>10s} {'tensors read':>12s} {'MiB read':>8s}")
+        for r in ld["rows"]:
+            rd = r["read"] or {}
+            print(f"{'transformers' if 'transformers' in r['loader'] else 'sharded':14s} "
+                  f"{r['experts_held']:8d} {r['load_s_median']:7.2f} {r['vs_whole_load_time']:7.2f} "
+                  f"{r['peak_rss_above_imports_median'] / 2**20:9.1f} {r['vs_whole_load_peak']:7.2f} "
+                  f"{r['peak_anon_median'] / 2**20:8.1f} {r['peak_file_pages_median'] / 2**20:8.1f} "
+                  f"{r['param_bytes_held'] / 2**20:10.1f} {rd.get('tensors_read', '-'):>12} "
+                  + (f"{rd['bytes_read'] / 2**20:8.1f}" if rd else f"{'-':>8s}"))
+        print(f"equality check (sharded read vs from_pretrained): {ld['equality_check']}")
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -425,43 +467,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=3, help="steps before the timed ones")
     ap.add_argument("--rounds", type=int, default=2, help="throughput rounds (configurations alternate)")
+    ap.add_argument("--all-cores-baseline", action="store_true",
+                    help="also run transformers with every core's threads (on a shared 2-core machine OpenMP "
+                         "threads then stall behind other processes: 10x slower)")
     ap.add_argument("--experts", type=int, default=256, help="routed experts per layer of the load checkpoint")
     ap.add_argument("--expert-dim", type=int, default=128, help="moe_intermediate_size of the load checkpoint")
     ap.add_argument("--load-rounds", type=int, default=3)
     ap.add_argument("--only", choices=("throughput", "load"))
+    ap.add_argument("--table", action="store_true", help="print the tables of bench/results/hf-*.json; run nothing")
     args = ap.parse_args(argv)
     results = REPO / "bench" / "results"
-    if args.only != "load":
+    tp = ld = None
+    if args.only != "load" and not args.table:
         print(f"throughput: {JOB.relative_to(REPO)}, {os.cpu_count()} CPU cores", flush=True)
         tp = throughput(args, argv)
         (results / "hf-throughput.json").write_text(json.dumps(tp, indent=1) + "\n")
-    if args.only != "throughput":
+    if args.only != "throughput" and not args.table:
         print("sharded load", flush=True)
         ld = load(args, argv)
         (results / "hf-load.json").write_text(json.dumps(ld, indent=1) + "\n")
-    if args.only != "load":
-        print(f"\n{tp['note']}")
-        print(f"{'configuration':28s} {'threads':>7s} {'ms/step':>8s} {'trained tok/s':>14s} {'row tok/s':>10s} "
-              f"{'vs tf 1 thr':>11s} {'vs tf all':>9s} {'step-1 loss':>12s}")
-        for r in tp["rows"]:
-            print(f"{r['config']:28s} {r['torch_threads_per_process']:7d} {r['step_s_median'] * 1e3:8.1f} "
-                  f"{r['trained_tokens_per_s_median']:14.0f} {r['row_tokens_per_s_median']:10.0f} "
-                  f"{r['vs_transformers_1_thread']:11.2f} {r['vs_transformers_all_cores'] or 0:9.2f} "
-                  f"{r['step1_loss']:12.6f}")
-    if args.only != "throughput":
-        c = ld["checkpoint"]
-        print(f"\ncheckpoint {c['experts']} experts x {c['moe_intermediate_size']} wide, "
-              f"{c['checkpoint_bytes'] / 2**20:.1f} MiB; {ld['note']}")
-        print(f"{'loader':14s} {'experts':>8s} {'load s':>7s} {'x whole':>7s} {'peak MiB':>9s} {'x whole':>7s} "
-              f"{'params MiB':>10s} {'tensors read':>12s} {'MiB read':>8s}")
-        for r in ld["rows"]:
-            rd = r["read"] or {}
-            print(f"{'transformers' if 'transformers' in r['loader'] else 'sharded':14s} "
-                  f"{r['experts_held']:8d} {r['load_s_median']:7.2f} {r['vs_whole_load_time']:7.2f} "
-                  f"{r['peak_rss_above_imports_median'] / 2**20:9.1f} {r['vs_whole_load_peak']:7.2f} "
-                  f"{r['param_bytes_held'] / 2**20:10.1f} {rd.get('tensors_read', '-'):>12} "
-                  f"{(rd['bytes_read'] / 2**20 if rd else float('nan')):8.1f}")
-        print(f"equality check (sharded read vs from_pretrained): {ld['equality_check']}")
+    if args.table:   # the tables of the saved results, nothing run
+        tp, ld = (json.loads(p.read_text()) if p.is_file() else None for p in (results / "hf-throughput.json",
+                                                                                results / "hf-load.json"))
+    print_tables(tp if args.only != "load" else None, ld if args.only != "throughput" else None)
     return 0
 
 

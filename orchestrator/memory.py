@@ -150,7 +150,10 @@ class ActivationMeter:
         if self._is_state(t, key):
             return t
         self._add(key, t)
-        return _Saved(t, self, key)
+        # Detached (same storage, no grad_fn): an op that saves its own output (a custom autograd Function's
+        # ctx.save_for_backward(out)) would otherwise tie its node -> this object -> the output -> its grad_fn,
+        # a cycle through C++ that no collector sees: every step's graph leaked. unpack needs the content only.
+        return _Saved(t.detach(), self, key)
 
     @staticmethod
     def _unpack(saved: Any) -> torch.Tensor:

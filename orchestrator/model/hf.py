@@ -258,12 +258,20 @@ class HFMoEModel(nn.Module):
         return ((n, p) for n, p in self.named_parameters() if id(p) not in ids)
 
 
-def _init_nonpersistent_buffers(hf_model: nn.Module) -> None:
-    """After `to_empty`, buffers no checkpoint holds (rotary tables) are garbage: transformers' own initialiser
-    computes them (it is called only on modules without parameters, which it would re-draw)."""
+def _materialize_the_rest(hf_model: nn.Module) -> None:
+    """What no checkpoint holds is still on the meta device: buffers such as the rotary tables (non-persistent),
+    and an untied head's missing weight is an error before this. They are allocated and computed by
+    transformers' own initialiser (called only on modules without parameters, which it would re-draw)."""
     for module in hf_model.modules():
-        if module._non_persistent_buffers_set and not any(True for _ in module.parameters(recurse=False)):
-            hf_model._init_weights(module)
+        meta = [name for name, b in module._buffers.items() if b is not None and b.is_meta]
+        if not meta:
+            continue
+        if any(True for _ in module.parameters(recurse=False)):   # its initialiser would re-draw loaded weights
+            raise ConfigError(f"{type(module).__name__}: buffers {meta} are in no checkpoint file and transformers "
+                              f"computes them together with the module's weights")
+        for name in meta:
+            module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+        hf_model._init_weights(module)
 
 
 def fresh_hf_state(hf_config: Any, seed: int) -> dict[str, torch.Tensor]:
@@ -314,9 +322,9 @@ def build_hf_model(m: ModelConfig, seed: int, expert_ids: Sequence[int] | None =
     else:
         full = fresh_hf_state(hf_config, seed)
         state = {k: (v[list(experts_of[k])] if k in experts_of else v) for k, v in full.items()}
-    model.to_empty(device="cpu")
-    _init_nonpersistent_buffers(hf)
-    missing, unexpected = hf.load_state_dict(state, strict=False)
+    # The read tensors become the parameters (assign: no second copy of the weights at the peak).
+    missing, _ = hf.load_state_dict(state, strict=False, assign=True)
+    del state
     tied = set(getattr(hf, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing:
@@ -324,6 +332,7 @@ def build_hf_model(m: ModelConfig, seed: int, expert_ids: Sequence[int] | None =
                           f"{' ...' if len(missing) > 5 else ''} ({len(missing)} tensors of the model)")
     if getattr(hf_config, "tie_word_embeddings", False):
         hf.tie_weights()
+    _materialize_the_rest(hf)
     return model
 
 
