@@ -157,6 +157,7 @@ class CheckpointConfig:
 # Settings that decide which data each step sees: a resume that changes one does not continue the run, and is
 # refused unless train.resume_accept_changes names it (other training settings change with a warning).
 RESUME_EXACT_KEYS = ("seed", "data.path", "data.format", "data.seq_len", "data.val_fraction", "data.max_bytes",
+                     "data.tokenizer", "data.train_tokenizer", "data.task", "data.pack", "data.max_samples",
                      "train.global_batch_size")
 
 FAULT_KINDS = ("kill", "crash", "hang", "slow", "nan", "node", "checkpoint")
@@ -391,7 +392,7 @@ def validate(cfg: Config) -> None:
     if t.global_batch_size % c.num_devices:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by cluster.num_devices="
                           f"{c.num_devices}; each device takes an equal slice of the global batch")
-    if m.dim % m.n_heads or (m.dim // m.n_heads) % 2:
+    if not (m.hf_path or m.hf_config) and (m.dim % m.n_heads or (m.dim // m.n_heads) % 2):
         raise ConfigError(f"model.dim={m.dim} must split into model.n_heads={m.n_heads} heads of even size (for RoPE)")
     if m.first_k_dense > m.n_layers:
         raise ConfigError(f"model.first_k_dense={m.first_k_dense} exceeds model.n_layers={m.n_layers}")
@@ -437,6 +438,23 @@ def validate(cfg: Config) -> None:
     _refuse_idle_keys(cfg)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def tokenizer_source(cfg: Config) -> str | None:
+    """The tokenizer folder a run reads (None: bytes, or one trained into the cache: data/source.py):
+    data.tokenizer when it names a folder, else model.hf_path when that holds tokenizer files."""
+    d, m = cfg.data, cfg.model
+    if d.tokenizer == "bytes":
+        return None
+    if d.tokenizer:
+        return d.tokenizer
+    if m.hf_path and not d.train_tokenizer and any((Path(m.hf_path).expanduser() / f).is_file()
+                                                   for f in TOKENIZER_FILES):
+        return m.hf_path
+    return None
+
+
 def _validate_tokens(cfg: Config) -> None:
     """The tokenizer, the task and packing (orchestrator/data/source.py)."""
     m, d = cfg.model, cfg.data
@@ -445,8 +463,6 @@ def _validate_tokens(cfg: Config) -> None:
     if d.task == "pretrain":
         _section_idle(cfg, "data", ("pack", "max_samples"), "with data.task=pretrain (they shape SFT samples): "
                                                             "remove it, or set data.task=sft")
-    from orchestrator.data.source import tokenizer_source
-
     folder = tokenizer_source(cfg)
     if folder is None and not d.train_tokenizer:   # bytes
         if d.task == "sft":
@@ -519,6 +535,9 @@ def _resolve_hf_model(cfg: Config) -> None:
     if b.bias_update_speed and not info["correction_bias"]:
         raise ConfigError(f"balance.bias_update_speed={b.bias_update_speed} needs routers with a correction bias "
                           f"(e_score_correction_bias, as DeepSeek-V3/V4 have); {info['class']} has none: remove it")
+    if cfg.data.pack and info["packing_leaks"]:
+        raise ConfigError(f"data.pack=true with {info['class']}: packed samples would see each other, "
+                          f"{info['packing_leaks']}; set data.pack=false (one sample per row)")
     if cfg.memory.activation_checkpointing == "selective":
         raise ConfigError(f"memory.activation_checkpointing='selective' is the native block's (its regions cut "
                           f"inside the block); with {key} each decoder layer is recomputed whole: set full or none")

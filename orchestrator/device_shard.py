@@ -48,13 +48,14 @@ class StepReport:
     loss: float                    # mean loss over the global batch
     grad_norm: float               # global gradient norm before clipping
     lr: float
-    tokens: int                    # tokens in the global batch
+    tokens: int                    # trained tokens in the global batch (SFT: assistant tokens; else every one)
     compute_time_s: float          # time this device spent inside the step
     expert_load: list[list[int]]   # [MoE layer][expert]: global tokens routed to the expert this step
     device_load: list[list[int]] = field(default_factory=list)  # [MoE layer][device]: token copies its experts got
     collective_s: float = 0.0      # of compute_time_s, time inside collectives (mostly waiting for peers)
     skipped: str | None = None     # why the update was not applied: nonfinite | loss_spike | grad_spike
     local_nonfinite: bool = False  # this device's own loss was non-finite (who caused a non-finite step)
+    positions: int = 0             # token positions the step computed, padding and prompts included (MFU's work)
     aux_loss: float = 0.0          # balancing losses (all MoE layers, global batch), not part of `loss`
     dropped: int = 0               # token copies dropped by capacity (all MoE layers, global batch)
     rss_bytes: int = 0             # this device's process: resident host memory after the step
@@ -156,21 +157,30 @@ class DeviceShard:
                 dist.all_reduce(t)
         return t
 
-    def _loss_sum(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, positions_BT: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+    def _loss_sum(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, positions_BT: torch.Tensor | None = None,
+                  valid_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Summed cross-entropy over the targets that are not -100 (SFT: the assistant tokens). Packed SFT rows
-        carry per-document position ids (a transformers model then attends within each document only)."""
+        carry per-document position ids (a transformers model then attends within each document only); `valid`
+        marks what is not padding (a transformers model leaves padding out of expert loads and its router loss)."""
+        extra = {k: v.to(self.device) for k, v in (("position_ids_BT", positions_BT), ("valid_BT", valid_BT))
+                 if v is not None}   # (only SFT rows of a transformers model carry them: validate refuses the rest)
         with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            if positions_BT is None:
-                logits_BTV = self.model(inputs_BT.to(self.device))
-            else:
-                logits_BTV = self.model(inputs_BT.to(self.device), positions_BT.to(self.device))
+            logits_BTV = self.model(inputs_BT.to(self.device), **extra)
         return F.cross_entropy(upcast(logits_BTV.flatten(0, 1)), targets_BT.to(self.device).flatten(), reduction="sum",
                                ignore_index=-100)
 
-    def _batch(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(inputs, targets, position ids or None): SFT rows carry position ids, token windows do not."""
-        return batch if len(batch) == 3 else (*batch, None)
+    def _batch(self, step: int, val: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                             torch.Tensor | None]:
+        """(inputs, targets, position ids, padding mask) of a train step or validation batch: the last two only for
+        SFT rows (position ids only when packed, where they restart per document; the mask only for a transformers
+        model)."""
+        batch = self.data.val_batch(step) if val else self.data.train_batch(step)
+        if len(batch) == 2:
+            return (*batch, None, None)
+        inputs, targets, positions = batch
+        hf = getattr(self.model, "hf", None) is not None
+        valid = (self.data.val_valid(step) if val else self.data.train_valid(step)) if hf else None
+        return inputs, targets, positions if self.cfg.data.pack else None, valid
 
     def train_step(self, step: int, guard: dict[str, float] | None = None) -> StepReport:
         """One step. The update is not applied (and `skipped` says why) when the global loss or gradient
@@ -186,9 +196,12 @@ class DeviceShard:
             self.slow_steps -= 1
             time.sleep(self.slow_delay_s)
         moe = self.model.moe_layers()
-        inputs_BT, targets_BT, positions_BT = self._batch(self.data.train_batch(step))
+        inputs_BT, targets_BT, positions_BT, valid_BT = self._batch(step)
         # The loss is the mean over the global batch's trained tokens (SFT: assistant tokens only; else all).
         loss_tokens = self.data.loss_tokens(step)
+        if valid_BT is not None:   # a transformers model's router loss: its rows are the batch's tokens, not padding
+            for m in moe:
+                m.global_tokens = self.data.real_tokens(step)
         micro = t.micro_batches
         loss_sum = aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         routed = [torch.zeros(self.cfg.model.num_experts, dtype=torch.float64, device=self.device) for _ in moe]
@@ -197,8 +210,10 @@ class DeviceShard:
         meter = ActivationMeter(self.model, self.device)
         with meter:
             pos = positions_BT.chunk(micro) if positions_BT is not None else [None] * micro
-            for i, (x_BT, y_BT, p_BT) in enumerate(zip(inputs_BT.chunk(micro), targets_BT.chunk(micro), pos)):
-                part = self._loss_sum(x_BT, y_BT, p_BT)
+            val = valid_BT.chunk(micro) if valid_BT is not None else [None] * micro
+            for i, (x_BT, y_BT, p_BT, v_BT) in enumerate(zip(inputs_BT.chunk(micro), targets_BT.chunk(micro), pos,
+                                                             val)):
+                part = self._loss_sum(x_BT, y_BT, p_BT, v_BT)
                 if i == 0:
                     part = self._inject_faults(step, part)
                 aux = self.model.aux_loss()  # balancing losses: trained on, reported apart from the LM loss
@@ -241,7 +256,7 @@ class DeviceShard:
         CLOCK.set_phase("idle")
         mem = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         return StepReport(rss_bytes=memory["rss"], device_mem_bytes=mem, memory=memory, step=step, rank=self.rank, loss=loss,
-                          grad_norm=norm, lr=lr, tokens=loss_tokens,
+                          grad_norm=norm, lr=lr, tokens=loss_tokens, positions=self.global_tokens,
                           compute_time_s=time.perf_counter() - t0, expert_load=load, device_load=device_load,
                           aux_loss=stats[2].item(), dropped=int(stats[3].item()),
                           collective_s=CLOCK.collective_s, skipped=skipped, local_nonfinite=local_nonfinite)
@@ -336,7 +351,7 @@ class DeviceShard:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         tokens = 0
         for i in range(num_batches):
-            total += self._loss_sum(*self._batch(self.data.val_batch(i))).double()
+            total += self._loss_sum(*self._batch(i, val=True)).double()
             tokens += self.data.val_loss_tokens(i)
         reshard(self.model)   # stage 2 keeps the unsharded parameters after a forward without backward
         return self._all_reduce(total.view(1)).item() / max(1, tokens)

@@ -98,9 +98,11 @@ class Driver:
         tokenizer = resolve_tokenizer(cfg)   # None: bytes; trained first when data.train_tokenizer asks
         corpus = load_data(cfg, tokenizer)
         corpus.check_vocab(cfg.model.vocab_size, cfg.data.path)
-        if tokenizer is not None:   # beside the checkpoints: what export --hf ships with the model
-            tokenizer.save_pretrained(str(Path(self.run_dir) / "tokenizer"))
         ckpt = self.checkpoints
+        if tokenizer is not None:   # in the run dir and beside local checkpoints: what export --hf ships with the model
+            tokenizer.save_pretrained(str(Path(self.run_dir) / "tokenizer"))
+            if ckpt.storage.local:
+                tokenizer.save_pretrained(str(Path(ckpt.storage.root) / "tokenizer"))
         ckpt.storage.check()  # an unreachable checkpoint URI fails now, not at the first save
         if corpus.val is None:
             log.info("run %s: checkpoints in %s; data: %s", plan.run_id, ckpt.storage.shown, corpus.description)

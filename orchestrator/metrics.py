@@ -44,11 +44,11 @@ def flops_per_token(cfg: Config) -> float:
     from orchestrator.model.transformer import count_parameters
 
     m = cfg.model
-    if m.hf_path or m.hf_config:   # a transformers model: counted on the meta device; its lookup table is untied
+    if m.hf_path or m.hf_config:   # a transformers model: its parameters counted on the meta device
         from orchestrator.model.hf import hf_counts
 
         counts = hf_counts(m)
-        active = counts["activated"] - m.vocab_size * m.dim
+        active = counts["activated"] - (0 if counts["tied"] else m.vocab_size * m.dim)   # the lookup costs nothing
         return 6.0 * active + 12.0 * m.n_layers * m.dim * cfg.data.seq_len
     counts = count_parameters(m)
     active = counts["activated"] - (0 if m.tie_embeddings else m.vocab_size * m.dim)  # the lookup costs nothing
@@ -119,8 +119,8 @@ def step_record(step: int, reports: list[Any], wall: float, placement: Any, peak
            "device_memory": [r.memory for r in reports],
            "aux_loss": r0.aux_loss, "dropped": r0.dropped, "expert_load": r0.expert_load,
            **load_stats(r0.expert_load, world, placement, r0.device_load), "time": time.time()}
-    if peak:
-        rec["mfu"] = rec["tokens_per_s"] * flops_per_token_ / (world * peak)
+    if peak:   # the work is every position the step computed (SFT: padding and prompts too), not the trained ones
+        rec["mfu"] = (getattr(r0, "positions", 0) or r0.tokens) / wall * flops_per_token_ / (world * peak)
     if r0.skipped:
         rec["skipped"] = r0.skipped
     return rec

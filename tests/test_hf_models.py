@@ -8,6 +8,7 @@ gradient clipping: the published formulas, none of the project's model, dispatch
 from __future__ import annotations
 
 import json
+import math
 import pickle
 
 import pytest
@@ -15,13 +16,13 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from orchestrator.config import ConfigError
+from orchestrator.config import Config, ConfigError, DataConfig, ModelConfig
 from orchestrator.data import load_corpus
 from orchestrator.data.batches import BatchStream
 from orchestrator.parallel import groups
 from orchestrator.schedule import lr_of
 from tests.conftest import tiny_config
-from tests.hf_tiny import KINDS, make_tiny_hf
+from tests.hf_tiny import KINDS, make_tiny_hf, tiny_hf_config
 
 STEPS = 3
 BIAS = 0.01   # aux-loss-free bias speed for the models whose routers have a correction bias
@@ -278,6 +279,9 @@ def test_sft_step_loss_is_transformers_loss_on_the_assistant_tokens_of_its_sampl
     data = load_data(cfg)
     shard = DeviceShard(cfg, 0, 1, data.train, None)
     report = shard.train_step(0)
+    # padding counts in no expert load: every layer's loads add up to the step's sample tokens times top-k
+    assert all(sum(layer) == shard.data.real_tokens(0) * 2 for layer in report.expert_load)
+    assert shard.data.real_tokens(0) < 4 * 96
     ref = AutoModelForCausalLM_from(tmp_path / "m")
     total, count = 0.0, 0
     for i in shard.data.samples_in(0):
@@ -291,3 +295,35 @@ def test_sft_step_loss_is_transformers_loss_on_the_assistant_tokens_of_its_sampl
     assert len(shard.data.samples_in(0)) > 4            # packed: more samples than the 4 rows
     assert report.tokens == count
     assert report.loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_sft_edge_cases_are_refused_before_any_actor_or_run_unpacked(tmp_path, checkpoints):
+    """Packing on DeepSeek-V4 (its compressed attention crosses packed samples), an empty validation split,
+    training a tokenizer into a model's folder: refused or kept apart. The native model trains SFT unpacked."""
+    from orchestrator.config import tokenizer_source
+    from orchestrator.data.source import load_data
+    from orchestrator.device_shard import DeviceShard
+
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+            for w in ("yes", "no", "maybe", "never", "always", "often", "rarely", "soon")]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft = ["data.task=sft", "data.train_tokenizer=300", f"data.path={tmp_path / 'chat.jsonl'}", "data.seq_len=32"]
+    config = tiny_hf_config("deepseek_v4")
+    config.vocab_size = 320
+    config.save_pretrained(tmp_path / "v4")
+    with pytest.raises(ConfigError, match="data.pack=true with DeepseekV4ForCausalLM"):
+        tiny_config(None, f"model.hf_config={tmp_path / 'v4' / 'config.json'}", *sft, "data.pack=true")
+    with pytest.raises(ConfigError, match="validation split is empty"):
+        load_data(tiny_config(None, "model.vocab_size=320", *sft, "data.max_samples=1"))
+    (checkpoints / "mixtral" / "tokenizer.json").write_text("{}")   # a model folder holding a tokenizer
+    try:
+        model = ModelConfig(hf_path=str(checkpoints / "mixtral"))
+        assert tokenizer_source(Config(model=model)) == str(checkpoints / "mixtral")   # the model's own tokenizer
+        # ... but one to train goes to the cache, never over the model's files
+        assert tokenizer_source(Config(model=model, data=DataConfig(train_tokenizer=300))) is None
+    finally:
+        (checkpoints / "mixtral" / "tokenizer.json").unlink()
+    cfg = tiny_config(None, "model.vocab_size=320", *sft, "train.global_batch_size=4")
+    data = load_data(cfg)
+    report = DeviceShard(cfg, 0, 1, data.train, None).train_step(0)   # the native model, unpacked SFT rows
+    assert 0 < report.tokens < 4 * 32 and math.isfinite(report.loss)

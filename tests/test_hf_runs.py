@@ -63,8 +63,9 @@ def test_kill_during_a_deepseek_v4_run_heals_identical_and_checkpoints_resume(ra
 
 
 def test_sft_run_with_a_trained_tokenizer_exports_a_model_transformers_generates_with(ray_session, tmp_path):
-    """data.train_tokenizer + data.task=sft + data.pack on the standard-library instructions, two devices; the
-    loss counts assistant tokens only; the export holds the tokenizer and generates with transformers."""
+    """data.train_tokenizer + data.task=sft on the standard-library instructions, two devices, as the embedded job
+    (DeepSeek-V4, one sample per row); the loss counts assistant tokens only; the export holds the tokenizer and
+    generates with transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from orchestrator.__main__ import main
@@ -74,7 +75,7 @@ def test_sft_run_with_a_trained_tokenizer_exports_a_model_transformers_generates
     config.save_pretrained(tmp_path / "cfg")
     run = tmp_path / "run"
     cfg = tiny_config(run, f"model.hf_config={tmp_path / 'cfg' / 'config.json'}", "data.task=sft",
-                      "data.train_tokenizer=300", "data.max_samples=48", "data.seq_len=96", "data.pack=true",
+                      "data.train_tokenizer=300", "data.max_samples=48", "data.seq_len=96",
                       f"train.steps={STEPS}", "cluster.num_devices=2", "train.eval_batches=1", "train.eval_every=3",
                       "train.global_batch_size=4")
     summary = Driver(cfg, run).run()

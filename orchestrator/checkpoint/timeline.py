@@ -38,7 +38,8 @@ RETIRED = "retired"
 # eval and resume keys are free to change, the model and dtype must match (check_compatible).
 _TRAIN_KEYS = ("global_batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
                "grad_clip", "mixed_precision")
-_DATA_KEYS = ("path", "format", "seq_len", "val_fraction", "max_bytes")
+_DATA_KEYS = ("path", "format", "seq_len", "val_fraction", "max_bytes", "tokenizer", "train_tokenizer", "task", "pack",
+              "max_samples")
 
 
 def new_run_id(name: str) -> str:

@@ -118,10 +118,14 @@ class _Rows:
         order = np.random.default_rng([seed, _SALT]).permutation(len(self.starts))
         self.rows = _pack(self.positions, order, seq_len) if pack else [[int(i)] for i in order]
         self.loss_tokens = np.array([int(counts[r].sum()) for r in self.rows], dtype=np.int64)
+        self.lengths = np.array([int(self.positions[r].sum()) for r in self.rows], dtype=np.int64)   # not padding
         self.sample_ids = np.asarray(indices)[keep]
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def valid(self, row_ids: np.ndarray) -> torch.Tensor:
+        return _valid(self.lengths[np.asarray(row_ids, dtype=np.int64)], self.seq_len)
 
     def build(self, row_ids: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         T = self.seq_len
@@ -139,6 +143,10 @@ class _Rows:
                 start_of_last, at = at, at + n
             positions_BT[b, at:] = np.arange(at - start_of_last, T - start_of_last)   # padding continues
         return torch.from_numpy(inputs_BT), torch.from_numpy(labels_BT), torch.from_numpy(positions_BT)
+
+
+def _valid(lengths: np.ndarray, seq_len: int) -> torch.Tensor:
+    return torch.from_numpy(np.arange(seq_len)[None, :] < lengths[:, None])
 
 
 def _pack(positions: np.ndarray, order: np.ndarray, seq_len: int) -> list[list[int]]:
@@ -204,6 +212,17 @@ class SFTBatchStream:
 
     def val_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.val.build(self.val_rows(index)[self.device_rows], self.pad_id)
+
+    def train_valid(self, step: int) -> torch.Tensor:
+        """[B/world, T] bool for this device's rows of `step`: True where a sample's token is (not padding)."""
+        return self.train.valid(self.train_rows(step)[self.device_rows])
+
+    def val_valid(self, index: int) -> torch.Tensor:
+        return self.val.valid(self.val_rows(index)[self.device_rows])
+
+    def real_tokens(self, step: int) -> int:
+        """Positions holding a sample's token in the whole global batch of `step` (padding excluded)."""
+        return int(self.train.lengths[self.train_rows(step)].sum())
 
     def loss_tokens(self, step: int) -> int:
         return int(self.train.loss_tokens[self.train_rows(step)].sum())

@@ -15,17 +15,15 @@ through Ray's object store, as before.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import Config, ConfigError
+from orchestrator.config import Config, ConfigError, tokenizer_source
 from orchestrator.data.batches import BatchStream
 from orchestrator.data.corpus import Corpus, load_corpus
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
 
 @dataclass
 class SFTData:
@@ -47,18 +45,6 @@ class SFTData:
 
 def cache_root() -> Path:
     return Path(os.environ.get("ORCHESTRATOR_CACHE", "~/.cache/orchestrator")).expanduser()
-
-
-def tokenizer_source(cfg: Config) -> str | None:
-    """The tokenizer folder a run uses (None: bytes), before any training of one."""
-    d, m = cfg.data, cfg.model
-    if d.tokenizer == "bytes":
-        return None
-    if d.tokenizer:
-        return d.tokenizer
-    if m.hf_path and any((Path(m.hf_path).expanduser() / f).is_file() for f in TOKENIZER_FILES):
-        return m.hf_path
-    return None
 
 
 def _training_texts(cfg: Config) -> list[str]:
@@ -87,9 +73,8 @@ def resolve_tokenizer(cfg: Config):
 
     d = cfg.data
     folder = tokenizer_source(cfg)
-    if d.train_tokenizer:
+    if d.train_tokenizer:   # into data.tokenizer when it names a folder, else the cache (never a model's folder)
         texts = _training_texts(cfg)
-        import hashlib
         tag = hashlib.sha256(repr((d.task, d.path, d.max_samples, d.train_tokenizer)).encode()).hexdigest()[:12]
         out = Path(folder).expanduser() if folder else cache_root() / "tokenizers" / f"bpe{d.train_tokenizer}-{tag}"
         return train_tokenizer(texts, d.train_tokenizer, out)
@@ -112,12 +97,26 @@ def load_data(cfg: Config, tokenizer: Any = "resolve") -> Corpus | SFTData:
             if d.max_samples:
                 samples = samples.subset(range(min(d.max_samples, len(samples))))
             what = f"{len(samples)} conversations from {d.path}"
+        _check_splits(cfg, samples)
         return SFTData(samples, None, what)
     if tok is None:
         return load_corpus(d)
     from orchestrator.data.hf_data import load_pretraining_corpus
 
     return load_pretraining_corpus(d.path, tok, d.val_fraction)   # (data.path is set: validate refuses None)
+
+
+def _check_splits(cfg: Config, samples: Any) -> None:
+    """Here, before any actor: a training split with no sample that keeps an assistant token within
+    data.seq_len, or an empty validation split when the run evaluates, is a ConfigError (not every actor's)."""
+    from orchestrator.data.sft import SFTBatchStream
+
+    stream = SFTBatchStream(samples, cfg.seed, cfg.data.seq_len, cfg.train.global_batch_size, 1, 0, cfg.data.pack,
+                            cfg.data.val_fraction)
+    if cfg.train.eval_batches and len(stream.val) == 0:
+        raise ConfigError(f"the SFT validation split is empty ({len(samples)} samples, data.val_fraction="
+                          f"{cfg.data.val_fraction}, data.seq_len={cfg.data.seq_len}): add samples, raise "
+                          f"data.val_fraction, or set train.eval_batches=0")
 
 
 def make_stream(cfg: Config, train: Any, val: Any, world: int, rank: int, pad_id: int = 0):

@@ -151,6 +151,7 @@ class ExpertParallelExperts(ExpertSlots):
         experts.__dict__["_gate"] = gate  # not a child: the block holds it
         experts.dispatcher = LocalTokenDispatcher()
         experts.global_tokens, experts.aux_loss = None, None
+        experts.valid_N = None   # set per forward by HFMoEModel: the tokens that are not padding
         experts._init_slots(E)
         return experts  # type: ignore[return-value]
 
@@ -160,7 +161,8 @@ class ExpertParallelExperts(ExpertSlots):
                 ) -> torch.Tensor:
         N = hidden_states.shape[0]
         experts_NK = top_k_index.long()
-        self.last_tokens_per_expert = torch.bincount(experts_NK.reshape(-1), minlength=self.experts_total)
+        counted = experts_NK if self.valid_N is None else experts_NK[self.valid_N.to(experts_NK.device)]
+        self.last_tokens_per_expert = torch.bincount(counted.reshape(-1), minlength=self.experts_total)
         slots_NK = self.slots_of(experts_NK)
         x_MD, per_slot, _, meta = self.dispatcher.dispatch(hidden_states, slots_NK, self.num_slots)
         self.last_received = int(sum(per_slot))
@@ -186,9 +188,21 @@ class HFMoEModel(nn.Module):
         self._moe = [block.experts for _, block in moe_blocks(hf_model)]
         self.router_aux_loss_coeff = 0.0
         self._router_logits: list[torch.Tensor] = []
+        self._recording = False
+        self._valid_N: torch.Tensor | None = None
 
-    def forward(self, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None,
+                valid_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V]. position_ids: packed rows' per-document positions (None: 0..T-1). valid: which
+        positions hold a sample's token (False: padding). Padding still runs through the model (its loss is
+        masked) but counts in no expert load and no router loss, as transformers' attention_mask keeps it out
+        of load_balancing_loss_func."""
         self._router_logits.clear()
+        self._recording = True   # the router loss's logits: this forward's, not a recomputation's in backward
+        valid_N = None if valid_BT is None else valid_BT.reshape(-1)
+        for m in self._moe:
+            m.valid_N = valid_N
+        self._valid_N = valid_N
         return self.hf(input_ids=tokens_BT, position_ids=position_ids_BT, use_cache=False).logits
 
     def use_router_aux_loss(self, coeff: float) -> None:
@@ -203,7 +217,8 @@ class HFMoEModel(nn.Module):
         for module in self.hf.modules():
             if isinstance(module, cls):
                 module.register_forward_hook(lambda mod, args, out: self._router_logits.append(out[index])
-                                             if self.training and torch.is_grad_enabled() else None)
+                                             if self._recording and self.training and torch.is_grad_enabled()
+                                             else None)
 
     def moe_layers(self) -> list[ExpertParallelExperts]:
         return list(self._moe)
@@ -232,12 +247,15 @@ class HFMoEModel(nn.Module):
         2021, eq. 4-6). Over the global batch R = layers x global tokens and c is summed over every device (no
         gradient); this device contributes its rows' P. The shares add up to the loss of one process on the whole
         batch, and so do their gradients."""
+        self._recording = False
         if not self.router_aux_loss_coeff or not self._router_logits:
             return None
         E, k = self._moe[0].experts_total, self.hf_config.num_experts_per_tok
         counts = torch.zeros(E, dtype=torch.float32, device=self._router_logits[0].device)
         probs = torch.zeros(E, dtype=torch.float32, device=counts.device)
         for logits in self._router_logits:
+            if self._valid_N is not None:   # padding is no row of the loss
+                logits = logits[self._valid_N.to(logits.device)]
             p = torch.softmax(logits.float(), dim=-1)
             counts += torch.bincount(torch.topk(p, k, dim=-1).indices.reshape(-1), minlength=E).float()
             probs = probs + p.sum(0)
@@ -279,8 +297,9 @@ def fresh_hf_state(hf_config: Any, seed: int) -> dict[str, torch.Tensor]:
     a single process, draws the same): the whole model on this host, once."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    with torch.random.fork_rng():   # the process's own RNG (seeded per rank) stays as it was
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     state = model.state_dict()
     g = torch.Generator().manual_seed(seed)
     for name, table in state.items():
@@ -356,7 +375,21 @@ def hf_summary(m: ModelConfig) -> dict[str, Any]:
             "num_experts": experts.pop(), "top_k": hf_config.num_experts_per_tok, "class": type(hf).__name__,
             "first_k_dense": hf_config.num_hidden_layers - len(blocks),
             "correction_bias": any(hasattr(b.gate, "e_score_correction_bias") for _, b in blocks),
-            "router_aux_loss": router_logits_recorder(hf) is not None}
+            "router_aux_loss": router_logits_recorder(hf) is not None,
+            "packing_leaks": packing_leaks(hf_config)}
+
+
+def packing_leaks(hf_config: Any) -> str | None:
+    """Why packed samples would see each other in this model, or None. transformers isolates packed documents
+    by a block-diagonal mask built from position ids; DeepSeek-V4's compressed attention (CSA / HCA) ignores it:
+    its compressor pools windows counted from the start of the row, so a packed document attends to compressed
+    windows of the one before it (measured: logits of a document moved by 0.1 when packed after another)."""
+    types = set(getattr(hf_config, "layer_types", None) or [])
+    compressed = types & {"compressed_sparse_attention", "heavily_compressed_attention"}
+    if hf_config.model_type == "deepseek_v4" and compressed:
+        return (f"its {' and '.join(sorted(compressed))} layers compress windows counted from the start of a row, "
+                f"across the packed documents' boundaries")
+    return None
 
 
 @functools.lru_cache(maxsize=16)
@@ -380,12 +413,14 @@ def hf_shapes(m: ModelConfig, slots: int) -> tuple[list, list]:
 
 
 def hf_counts(m: ModelConfig) -> dict[str, int]:
-    """Total, routed-expert and activated (per token: dense + top_k experts per layer) parameter counts."""
+    """Total, routed-expert and activated (per token: dense + top_k experts per layer) parameter counts, and
+    whether the head is tied to the embedding (counted once)."""
     model = _meta_model(m.hf_path, m.hf_config, None)
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for _, p in model.expert_parameters())
     E = max(1, m.num_experts)
-    return {"total": total, "experts": experts, "activated": total - experts + experts // E * m.top_k}
+    return {"total": total, "experts": experts, "activated": total - experts + experts // E * m.top_k,
+            "tied": bool(getattr(model.hf_config, "tie_word_embeddings", False))}
 
 
 def router_logits_recorder(hf: nn.Module) -> tuple[type, int] | None:

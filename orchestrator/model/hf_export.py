@@ -553,9 +553,9 @@ def export_checkpoint(path: str, out_dir: str, tokenizer_dir: str | None = None,
     model_dict = dict((manifest.get("fingerprint") or {}).get("model") or {})
     dtype = (manifest.get("fingerprint") or {}).get("dtype")
     source = f"{ckpt.shown} (step {manifest['step']})"
-    run_tokenizer = Path(ckpt.root).parent.parent / "tokenizer" if ckpt.local else None
-    if tokenizer_dir is None and run_tokenizer is not None and run_tokenizer.is_dir():
-        tokenizer_dir = str(run_tokenizer)   # the run's own (the driver saves it beside the checkpoints)
+    if tokenizer_dir is None and ckpt.local:   # the run's own: the driver saves it beside the checkpoints and in
+        root = Path(ckpt.root).parent          # the run dir (<run dir>/checkpoints/step_N by default)
+        tokenizer_dir = next((str(d) for d in (root / "tokenizer", root.parent / "tokenizer") if d.is_dir()), None)
 
     # ---- a Hugging Face model trained here: the names are already the transformers names ----------------------
     # model.hf_path (the model folder: config.json + *.safetensors) / model.hf_config (a config.json file) are the
