@@ -6,11 +6,11 @@ transformers in one process, and the memory a sharded checkpoint read saves each
 
 1. Throughput. The job of jobs/configs/sft_tiny.yaml (transformers' DeepseekV4ForCausalLM from
    jobs/configs/hf/deepseek_v4_tiny, fresh weights from the seed, SFT on the standard-library instructions with
-   the run's trained BPE, packed rows with per-document position ids, global batch 8 x 256). N = 1, 2, 4: N
+   the run's trained BPE, one sample per row as the job runs it, global batch 8 x 256). N = 1, 2, 4: N
    DeviceShards in spawned processes over gloo on loopback (torch.multiprocessing + parallel.groups.join, as
    tests/test_hf_models.py runs them; no Ray, which adds nothing to a step), each with the job's torch threads
    (cluster.torch_threads or floor(cpus_per_device) = 1). The baseline: transformers' model alone in one spawned
-   process, the same initial weights (fresh_hf_state, the seed), the same global batch of the same packed rows each
+   process, the same initial weights (fresh_hf_state, the seed), the same global batch of the same rows each
    step (orchestrator.data.source.load_data / make_stream with world=1), a plain loop: forward with position_ids and
    use_cache=False, cross-entropy with ignore_index=-100 summed / the step's trained tokens, backward, gradient
    clipping, AdamW with the run's learning-rate schedule, at the threads one device gets (and, with

@@ -316,7 +316,7 @@ class Driver:
         summary = RunSummary(
             run_dir=str(self.run_dir), steps_done=t.steps, final_loss=last["loss"] if last else None,
             val_loss=self.val_loss if last else None,
-            tokens_per_s=(cfg.train.global_batch_size * cfg.data.seq_len) / step_time if t.steps else 0.0,
+            tokens_per_s=t.tokens_per_s if t.steps else 0.0,
             steps_per_s=1.0 / step_time if t.steps else 0.0, wall_time_s=wall_s,
             stopped_by_signal=self.stop_signal, resumed_from_step=self.resumed_from_step,
             checkpoints_committed=list(ck.committed_steps), checkpoints_failed=list(ck.failed_steps),

@@ -20,7 +20,7 @@ class RunSummary:
     steps_done: int
     final_loss: float | None
     val_loss: float | None
-    tokens_per_s: float          # mean over the run's steps after the first (warm-up) one
+    tokens_per_s: float          # trained tokens per second over the run's steps after the first (warm-up) one
     steps_per_s: float
     wall_time_s: float
     stopped_by_signal: str | None = None
@@ -45,10 +45,20 @@ class Totals:
     steps: int = 0
     step_time_s: float = 0.0
     first_step_time_s: float = 0.0
+    tokens: int = 0                # trained tokens (SFT: assistant tokens only) ...
+    first_tokens: int = 0          # ... and the first step's, left out with its time
 
     def add(self, rec: dict[str, Any]) -> "Totals":
-        t = rec["step_time_s"]
-        return Totals(self.steps + 1, self.step_time_s + t, self.first_step_time_s if self.steps else t)
+        t, n = rec["step_time_s"], int(rec.get("tokens", 0))
+        return Totals(self.steps + 1, self.step_time_s + t, self.first_step_time_s if self.steps else t,
+                      self.tokens + n, self.first_tokens if self.steps else n)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Trained tokens per second over the steps after the first (the same steps as mean_step_time_s)."""
+        if self.steps > 1:
+            return (self.tokens - self.first_tokens) / max(1e-12, self.step_time_s - self.first_step_time_s)
+        return self.tokens / max(1e-12, self.step_time_s)
 
     @property
     def mean_step_time_s(self) -> float:
