@@ -200,8 +200,9 @@ class DeviceShard:
         # The loss is the mean over the global batch's trained tokens (SFT: assistant tokens only; else all).
         loss_tokens = self.data.loss_tokens(step)
         if valid_BT is not None:   # a transformers model's router loss: its rows are the batch's tokens, not padding
+            real = self.data.real_tokens(step)
             for m in moe:
-                m.global_tokens = self.data.real_tokens(step)
+                m.global_tokens = real
         micro = t.micro_batches
         loss_sum = aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         routed = [torch.zeros(self.cfg.model.num_experts, dtype=torch.float64, device=self.device) for _ in moe]

@@ -95,14 +95,21 @@ def full_state_dict(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export(path: str, out_file: str) -> dict:
-    """Write the model weights of one checkpoint as a single safetensors file."""
+def newest_checkpoint(path: str) -> Storage:
+    """`path` when it is one checkpoint folder, else the newest committed checkpoint under it (a run directory or a
+    checkpoint root). CheckpointError when there is none."""
     ckpt = Storage(path)
     if not ckpt.exists(MANIFEST):
         candidates = list_checkpoints(checkpoint_root(path))
         if not candidates:
-            raise CheckpointError(f"{path}: no committed checkpoint to export")
+            raise CheckpointError(f"{path}: no committed checkpoint (a step_* folder with a {MANIFEST}) to export")
         ckpt = candidates[-1][1]
+    return ckpt
+
+
+def export(path: str, out_file: str) -> dict:
+    """Write the model weights of one checkpoint as a single safetensors file."""
+    ckpt = newest_checkpoint(path)
     params, manifest = read_parameters(ckpt)
     state = full_state_dict(params)
     meta = {"step": str(manifest["step"]), "model": json.dumps(manifest["fingerprint"]["model"]),

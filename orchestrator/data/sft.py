@@ -188,12 +188,20 @@ class SFTBatchStream:
         train_ids, val_ids = split_samples(samples, val_fraction)
         self.train = _Rows(samples, train_ids, seq_len, pack, seed)
         self.val = _Rows(samples, val_ids, seq_len, pack, seed)
+        self._last_rows: tuple[int | None, np.ndarray] = (None, np.empty(0, dtype=np.int64))
         if len(self.train) == 0:
             raise ConfigError(f"no SFT training sample has an assistant token within data.seq_len={seq_len} "
                               f"({len(samples)} samples, {len(val_ids)} of them in validation)")
 
     def train_rows(self, step: int) -> np.ndarray:
-        """The global batch of `step`: row ids (into self.train.rows), all B of them."""
+        """The global batch of `step`: row ids (into self.train.rows), all B of them (the last step's kept: a
+        step asks for its batch, mask and token counts)."""
+        if self._last_rows[0] == step:
+            return self._last_rows[1]
+        self._last_rows = (step, self._draw_rows(step))
+        return self._last_rows[1]
+
+    def _draw_rows(self, step: int) -> np.ndarray:
         g = step * self.global_batch_size + np.arange(self.global_batch_size, dtype=np.int64)
         R = len(self.train)
         out = np.empty_like(g)

@@ -312,6 +312,28 @@ def fresh_hf_state(hf_config: Any, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
+def _meta_moe(m: ModelConfig) -> tuple[Any, nn.Module, list[tuple[str, nn.Module]]]:
+    """(config, the model on the meta device, its MoE blocks); ConfigError for a model without any."""
+    hf_config = load_hf_config(m)
+    hf = build_meta_model(hf_config)
+    blocks = moe_blocks(hf)
+    if not blocks:
+        raise ConfigError(f"{type(hf).__name__} ({m.hf_path or m.hf_config}) has no MoE block (no module with an "
+                          f"`experts` child): this project trains Mixture-of-Experts models")
+    return hf_config, hf, blocks
+
+
+def _meta_expert_parallel(m: ModelConfig, expert_ids: Sequence[int] | None
+                          ) -> tuple[Any, nn.Module, HFMoEModel]:
+    """(config, transformers' model, the project's wrapper) on the meta device, every experts module holding
+    `expert_ids` (None: all of them)."""
+    hf_config, hf, blocks = _meta_moe(m)
+    ids = list(range(blocks[0][1].experts.num_experts)) if expert_ids is None else list(expert_ids)
+    for _, block in blocks:
+        ExpertParallelExperts.adopt(block.experts, block.gate, ids)
+    return hf_config, hf, HFMoEModel(hf, hf_config)
+
+
 def build_hf_model(m: ModelConfig, seed: int, expert_ids: Sequence[int] | None = None,
                    balance: BalanceConfig | None = None, stats: dict | None = None) -> HFMoEModel:
     """The model of `model.hf_path` / `model.hf_config` holding `expert_ids` (None: all) of every MoE layer.
@@ -319,17 +341,7 @@ def build_hf_model(m: ModelConfig, seed: int, expert_ids: Sequence[int] | None =
     hf_path: each tensor read from the safetensors files is a dense one or one of this device's experts
     (orchestrator.model.hf_load; `stats`, when given, receives what was read). hf_config: fresh weights from the
     seed (fresh_hf_state), then this device's slice."""
-    hf_config = load_hf_config(m)
-    hf = build_meta_model(hf_config)
-    blocks = moe_blocks(hf)
-    if not blocks:
-        raise ConfigError(f"{type(hf).__name__} has no MoE block (no module with an `experts` child): nothing to "
-                          f"train expert-parallel; this project trains Mixture-of-Experts models")
-    E = blocks[0][1].experts.num_experts
-    ids = list(range(E)) if expert_ids is None else list(expert_ids)
-    for _, block in blocks:
-        ExpertParallelExperts.adopt(block.experts, block.gate, ids)
-    model = HFMoEModel(hf, hf_config)
+    hf_config, hf, model = _meta_expert_parallel(m, expert_ids)
     experts_of = {f"{name}.{k}": mod.expert_ids for name, mod in hf.named_modules()
                   if isinstance(mod, ExpertParallelExperts) for k in mod._parameters}
     if m.hf_path:
@@ -337,7 +349,7 @@ def build_hf_model(m: ModelConfig, seed: int, expert_ids: Sequence[int] | None =
 
         state, read = read_hf_state(m.hf_path, build_meta_model(hf_config), lambda name: experts_of.get(name))
         if stats is not None:
-            stats.update(vars(read) if hasattr(read, "__dict__") else dict(read._asdict()))
+            stats.update(vars(read))
     else:
         full = fresh_hf_state(hf_config, seed)
         state = {k: (v[list(experts_of[k])] if k in experts_of else v) for k, v in full.items()}
@@ -359,12 +371,7 @@ def hf_summary(m: ModelConfig) -> dict[str, Any]:
     """What the rest of a run reads of the model, from its transformers config and its meta-device build (no
     weights): vocab_size, dim, n_layers, max_seq_len, num_experts, top_k, the class name, whether any of its
     routers has a correction bias. Raises ConfigError for a model this project cannot shard (see moe_blocks)."""
-    hf_config = load_hf_config(m)
-    hf = build_meta_model(hf_config)
-    blocks = moe_blocks(hf)
-    if not blocks:
-        raise ConfigError(f"{type(hf).__name__} ({m.hf_path or m.hf_config}) has no MoE block (no module with an "
-                          f"`experts` child): this project trains Mixture-of-Experts models")
+    hf_config, hf, blocks = _meta_moe(m)
     experts = {b.experts.num_experts for _, b in blocks}
     if len(experts) > 1:
         raise ConfigError(f"{type(hf).__name__}: MoE layers with different expert counts {sorted(experts)} are not "
@@ -396,12 +403,7 @@ def packing_leaks(hf_config: Any) -> str | None:
 def _meta_model(hf_path: str | None, hf_config: str | None, slots: int | None) -> HFMoEModel:
     """The model on the meta device, `slots` expert slots per layer (None: every expert)."""
     m = ModelConfig(hf_path=hf_path, hf_config=hf_config)
-    hf = build_meta_model(load_hf_config(m))
-    blocks = moe_blocks(hf)
-    E = blocks[0][1].experts.num_experts if blocks else 0
-    for _, block in blocks:
-        ExpertParallelExperts.adopt(block.experts, block.gate, list(range(E if slots is None else slots)))
-    return HFMoEModel(hf, hf.config)
+    return _meta_expert_parallel(m, None if slots is None else range(slots))[2]
 
 
 def hf_shapes(m: ModelConfig, slots: int) -> tuple[list, list]:

@@ -536,18 +536,10 @@ def export_checkpoint(path: str, out_dir: str, tokenizer_dir: str | None = None,
     newest committed checkpoint) as a transformers model folder. The model config is the manifest's fingerprint; the
     routing settings (balance) are the manifest's saved training settings, else the run directory's config.yaml,
     else `config_file`'s (which also overrides both)."""
-    from orchestrator.checkpoint.manager import MANIFEST, list_checkpoints
-    from orchestrator.checkpoint.shard import CheckpointError
-    from orchestrator.checkpoint.tools import checkpoint_root, full_state_dict, read_parameters
+    from orchestrator.checkpoint.tools import full_state_dict, newest_checkpoint, read_parameters
     from orchestrator.config import config_from_dict
-    from orchestrator.storage import Storage
 
-    ckpt = Storage(path)
-    if not ckpt.exists(MANIFEST):
-        candidates = list_checkpoints(checkpoint_root(path))
-        if not candidates:
-            raise CheckpointError(f"{path}: no committed checkpoint (a step_* folder with a {MANIFEST}) to export")
-        ckpt = candidates[-1][1]
+    ckpt = newest_checkpoint(path)
     params, manifest = read_parameters(ckpt)
     state = full_state_dict(params)
     model_dict = dict((manifest.get("fingerprint") or {}).get("model") or {})
