@@ -14,6 +14,8 @@ rule twice. Conditions:
     throughput_drop  tokens/s < threshold x median of the previous `window` steps'        (default 0.5)
     restarts         recoveries within the last `window` steps > threshold                (default 3)
     checkpoint_age   steps since the last committed checkpoint > threshold                (default 1000)
+    restore_failed   recovery found a snapshot or checkpoint it cannot restore (a tensor missing, the wrong shape):
+                     an incident of kind restore; the run stops there instead of replaying from an older state
 
 Actions: record (alerts.jsonl only), notify (also a warning on stderr and in the log, and a POST of
 the alert as JSON to `monitor.webhook_url` with retries and a timeout), and rollback | skip | stop,
@@ -42,8 +44,9 @@ from orchestrator.rundir import append_jsonl
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = {"nonfinite": 0.0, "loss_spike": 3.0, "grad_spike": 10.0, "maxvio": 1.0, "straggler": 1.5,
-                     "throughput_drop": 0.5, "restarts": 3.0, "checkpoint_age": 1000.0}
+                     "throughput_drop": 0.5, "restarts": 3.0, "checkpoint_age": 1000.0, "restore_failed": 0.0}
 RULES = tuple(DEFAULT_THRESHOLD)
+INCIDENT_RULES = ("restore_failed",)
 ACTIONS = ("record", "notify", "rollback", "skip", "stop")
 
 
@@ -73,6 +76,8 @@ def _median_before(history: list[dict[str, Any]], key: str, window: int) -> floa
 def measure(rule: str, threshold: float, window: int, rec: dict[str, Any], history: list[dict[str, Any]],
             ctx: Context) -> tuple[float | None, bool, str]:
     """(the value the rule watches, does it break the threshold, a sentence saying so) for one record."""
+    if rule in INCIDENT_RULES:   # fired by incidents only (AlertEngine.incident), never by a step's record
+        return None, False, ""
     if rule == "nonfinite":
         bad = rec.get("skipped") == "nonfinite" or not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]))
         return rec["loss"], bad, f"non-finite loss {rec['loss']} or gradient norm {rec['grad_norm']}"
@@ -204,7 +209,7 @@ class AlertEngine:
 
     def incident(self, incident: dict[str, Any]) -> list[Alert]:
         """Alerts from an incident the healer decided: non-finite values it rolled back (a skipped step has a
-        record, which `evaluate` sees). The healer has acted already: an alert can record, notify or stop."""
+        record, which `evaluate` sees), a straggler left in place, a state recovery could not restore. The healer has acted already: an alert can record, notify or stop."""
         fired = []
         if incident.get("kind") == "slow" and incident.get("action") == "recorded":  # a straggler left in place
             step = int(incident["step"])
@@ -223,6 +228,12 @@ class AlertEngine:
                     fired.append(alert)
                     if action == "stop":
                         self.stop = alert
+        if incident.get("kind") == "restore":   # the run stops on it: an alert says why, naming the tensor
+            step = int(incident["step"])
+            for r in self.rules:
+                if r.rule == "restore_failed" and ("restore_failed", step) not in self.fired:
+                    action = r.action if r.action in ("record", "notify") else "notify"
+                    fired.append(self._fire(step, "restore_failed", None, 0.0, action, str(incident.get("detail"))))
         return fired
 
     def _fire(self, step: int, rule: str, value: float | None, threshold: float, action: str, detail: str) -> Alert:

@@ -97,6 +97,9 @@ class TrainConfig:
                                    # forward/backward passes, one optimizer step (same math as the whole slice)
     resume_accept_changes: List[str] = field(default_factory=list)  # keys a resume may change although the run then
                                    # does not continue exactly (seed, data.seq_len, ...; see README "Resume")
+    freeze: List[str] = field(default_factory=list)  # parameters kept as they are (fnmatch patterns over the names
+                                   # `python -m orchestrator plan` lists, e.g. "*.router.*", "model.embed_tokens.*"):
+                                   # no gradient, no AdamW state or weight decay; checked against the model before start
 
 
 @dataclass
@@ -242,7 +245,7 @@ class RunConfig:
 class AlertRule:
     """One alert rule (conditions and actions: orchestrator/alerts.py)."""
     rule: str = "loss_spike"   # nonfinite | loss_spike | grad_spike | maxvio | straggler | throughput_drop | restarts
-                               # | checkpoint_age
+                               # | checkpoint_age | restore_failed
     threshold: Optional[float] = None  # None: the rule's default (see alerts.py)
     steps: int = 1             # consecutive steps the condition must hold before the alert fires
     window: int = 20           # steps of history: the moving median (spikes, throughput), recoveries counted (restarts)
@@ -253,7 +256,7 @@ def _default_alerts() -> list[AlertRule]:
     return [AlertRule("nonfinite"), AlertRule("loss_spike", 3.0), AlertRule("grad_spike", 10.0),
             AlertRule("straggler", 1.5, steps=5), AlertRule("throughput_drop", 0.5, steps=5),
             AlertRule("restarts", 3.0, window=100), AlertRule("maxvio", 1.0, steps=50, action="record"),
-            AlertRule("checkpoint_age", 1000.0, action="record")]
+            AlertRule("checkpoint_age", 1000.0, action="record"), AlertRule("restore_failed")]
 
 
 @dataclass
@@ -420,7 +423,8 @@ def validate(cfg: Config) -> None:
     _positive(cfg, ["monitor.webhook_timeout_s"])
     for i, a in enumerate(cfg.monitor.alerts):
         _choice(f"monitor.alerts[{i}].rule", a.rule, ("nonfinite", "loss_spike", "grad_spike", "maxvio", "straggler",
-                                                      "throughput_drop", "restarts", "checkpoint_age"))
+                                                      "throughput_drop", "restarts", "checkpoint_age",
+                                                      "restore_failed"))
         _choice(f"monitor.alerts[{i}].action", a.action, ("record", "notify", "rollback", "skip", "stop"))
         if a.steps < 1 or a.window < 1 or (a.threshold is not None and a.threshold < 0):
             raise ConfigError(f"monitor.alerts[{i}] ({a.rule}): steps and window must be at least 1 and threshold "
@@ -584,6 +588,13 @@ def _validate_faults(cfg: Config) -> None:
     if f.snapshot_every == 0 and needs_snapshots:
         raise ConfigError(f"faults.snapshot_every=0 turns healing off, but faults are planned ({', '.join(sorted(set(needs_snapshots)))}); "
                           f"set faults.snapshot_every to 1 (or more)")
+
+
+def is_frozen(name: str, patterns: list[str]) -> bool:
+    """Does train.freeze (`patterns`, fnmatch, case-sensitive) name the parameter `name`?"""
+    from fnmatch import fnmatchcase
+
+    return any(fnmatchcase(name, p) for p in patterns)
 
 
 def mesh_shape(cfg: Config) -> tuple[int, int]:
@@ -808,6 +819,9 @@ def _refuse_idle_keys(cfg: Config) -> None:
         if a.rule == "nonfinite":
             _idle(f"monitor.alerts[{i}].threshold", a.threshold, None, "on the nonfinite rule (any non-finite loss "
                                                                        "or gradient norm fires it): remove it")
+        if a.rule == "restore_failed":
+            _idle(f"monitor.alerts[{i}].threshold", a.threshold, None, "on the restore_failed rule (any state "
+                                                                       "recovery cannot restore fires it): remove it")
         if a.rule not in ("loss_spike", "grad_spike", "throughput_drop", "restarts"):
             _idle(f"monitor.alerts[{i}].window", a.window, _default_of(AlertRule, "window"),
                   f"on the {a.rule} rule (only loss_spike, grad_spike, throughput_drop and restarts look back over "
@@ -945,3 +959,7 @@ def _validate_run(cfg: Config) -> None:
                               f"those are {', '.join(RESUME_EXACT_KEYS)} (others change with a warning)")
     if cfg.train.resume_accept_changes and not cfg.train.resume:
         raise ConfigError("train.resume_accept_changes is set but train.resume is not: it only affects a resume")
+    for i, pattern in enumerate(cfg.train.freeze):   # whether each names a parameter: planner.frozen_names
+        if not pattern.strip():
+            raise ConfigError(f"train.freeze[{i}] is empty: give a parameter name or an fnmatch pattern such as "
+                              f"'*.router.*'")

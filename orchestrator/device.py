@@ -98,7 +98,8 @@ class DeviceActor:
         fault, self._save_fault = self._save_fault, None
         result: dict[str, Any] = {"step": snap.step, "rank": snap.rank, "files": {}, "error": None,
                                   "expert_files": snap.expert_files, "optimizer_step": snap.optimizer_step,
-                                  "placement": snap.placement, "index": snap.index, "writer_pid": os.getpid()}
+                                  "placement": snap.placement, "index": snap.index,
+                                  "optimizer_steps": snap.optimizer_steps, "writer_pid": os.getpid()}
         t0 = time.perf_counter()
         try:
             storage = Storage(uri)

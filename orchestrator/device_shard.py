@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestrator.checkpoint.shard import Snapshot, restore_from_files, restore_from_snapshots, take_snapshot
-from orchestrator.config import Config, expert_slots, mesh_shape
+from orchestrator.config import Config, expert_slots, is_frozen, mesh_shape
 from orchestrator.data.source import make_stream
 from orchestrator.model import build_model
 from orchestrator.model.balancing import update_expert_bias
@@ -126,6 +126,9 @@ class DeviceShard:
         apply_expert_parallel(self.model, ep, self.mesh.ep_group, data_parallel=world > ep)
         for m in self.model.moe_layers():
             m.set_placement(initial.slots, self.mesh.ep_rank)
+        for name, p in self.model.named_parameters():   # train.freeze: no gradient, so no AdamW state either
+            if is_frozen(name, cfg.train.freeze):
+                p.requires_grad_(False)
         if cfg.memory.activation_checkpointing != "none":
             from orchestrator.model.checkpointing import apply_activation_checkpointing
 
@@ -316,12 +319,16 @@ class DeviceShard:
             row = {e: i for i, e in enumerate(e for e, n in enumerate(m.copies) if n > 1)}
             mine = [(j, row[e]) for j, e in enumerate(m.experts.expert_ids) if e in row]
             for p in m.experts.parameters():
+                if not p.requires_grad:   # frozen (train.freeze): no gradient to sum
+                    continue
                 buf = p.new_zeros((len(row), *p.shape[1:]))
                 for j, i in mine:
                     if p.grad is not None:
                         buf[i] += p.grad[j]
                 parts.append(buf)
                 targets.append((p, mine))
+        if not parts:
+            return
         flat = torch.cat([b.flatten() for b in parts])
         with CLOCK.collective("all_reduce replica grads (ep)"):
             dist.all_reduce(flat)

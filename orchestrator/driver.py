@@ -24,7 +24,8 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (Retrying, retry_if_exception_type, retry_if_not_exception_type, stop_after_attempt,
+                      wait_exponential)
 
 from orchestrator import signals
 from orchestrator.alerts import AlertEngine, Context
@@ -36,7 +37,7 @@ from orchestrator.config import Config, FaultSpec, mesh_shape, to_dict
 from orchestrator.data.source import load_data, resolve_tokenizer
 from orchestrator.device import StepReport
 from orchestrator.device_group import DeviceGroup, get
-from orchestrator.errors import RunError
+from orchestrator.errors import CheckpointError, RunError
 from orchestrator.goodput import Goodput
 from orchestrator.healing import Decision, Healer, Incident, Injector, StepFailure, Watch, plan_faults
 from orchestrator.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops, step_record
@@ -360,11 +361,14 @@ class Driver:
 
         retrying = Retrying(stop=stop_after_attempt(f.recovery_attempts), reraise=True, sleep=backoff,
                             wait=wait_exponential(multiplier=f.retry_backoff_s, min=f.retry_backoff_s),
-                            retry=retry_if_exception_type((RunError, RayActorError)),
+                            retry=retry_if_exception_type((RunError, RayActorError))
+                            & retry_if_not_exception_type(CheckpointError),   # a state that does not fit stays so
                             before_sleep=lambda s: log.warning("recovery attempt %d failed (%s); retrying",
                                                                s.attempt_number, s.outcome.exception()))
         try:
             step, source = retrying(attempt)
+        except CheckpointError as e:
+            raise self.healer.unrestorable(self.last_step, e) from e
         except (RunError, RayActorError) as e:
             raise self.healer.recovery_failed(f.recovery_attempts, e) from e
         self.healer.recovered(d, step, source, time.perf_counter() - t0)
@@ -517,6 +521,9 @@ class Driver:
         return step, source
 
     def _restore_state(self, timeout_s: float) -> tuple[int, str]:
+        """The newest state every device can go back to. A snapshot or checkpoint that cannot be restored (it does
+        not fit the model: CheckpointError) ends the recovery there; only a state that is gone (lost with a node,
+        deleted) makes it look further back, and only having none at all goes back to the initial state."""
         snap = self.checkpoints.snapshots.restore(self.actors, timeout_s, replacing=self.balancer.enabled,
                                                   ep=mesh_shape(self.cfg)[0])
         if snap is not None:

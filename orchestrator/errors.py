@@ -15,6 +15,10 @@ class RunError(RuntimeError):
     """A run could not start or go on; the message says what failed, where, and what to do."""
 
 
+class CheckpointError(RunError):
+    """A checkpoint or in-memory snapshot cannot be used; the message names the checkpoint, the file or the tensor."""
+
+
 class Interrupted(KeyboardInterrupt):
     """A signal that stops a run at once: the second SIGINT/SIGTERM (the first one stops after the step in flight),
     or the first one where no step loop is listening (see signals.py). The `finally` work still happens (devices

@@ -50,7 +50,8 @@ REPLACE = ("dead", "crash", "hang", "slow")   # incident kinds healed by replaci
 @dataclass
 class Incident:
     step: int
-    kind: str            # dead | crash | hang | collective | slow | nan | loss_spike | grad_spike | checkpoint
+    kind: str            # dead | crash | hang | collective | slow | nan | loss_spike | grad_spike | checkpoint |
+                         # restore
     rank: int            # -1: not one device
     node: str | None
     time: float
@@ -439,6 +440,15 @@ class Healer:
     def recovery_failed(self, attempts: int, error: Exception) -> RunError:
         return self._stop(f"recovery failed {attempts} times (faults.recovery_attempts={self.f.recovery_attempts}); "
                           f"the last error: {error}")
+
+    def unrestorable(self, step: int, error: Exception) -> RunError:
+        """Recovery found a state it cannot restore (CheckpointError: a snapshot or checkpoint that does not fit the
+        model). An incident, and the run stops: an older state of the same run would not fit either, and going
+        back to step 0 would throw the run's progress away in silence. Its committed checkpoints stay."""
+        incident = Incident(step, "restore", -1, None, time.time(), last_line(error), action="stopped")
+        self._record([incident])
+        return self._stop(f"step {step}: recovery cannot restore the run's state ({last_line(error)}); stopping "
+                          f"rather than replaying from an older state")
 
     def checkpoint_failed(self, step: int, detail: str, current_step: int, ranks: list[int] = ()) -> None:
         """A checkpoint did not commit: retry after 1, 2, 4 ... steps; stop after checkpoint_retries in a row."""

@@ -37,7 +37,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
-from orchestrator.config import Config, ConfigError, expert_slots, mesh_shape, validate
+from orchestrator.config import Config, ConfigError, expert_slots, is_frozen, mesh_shape, validate
 
 CATEGORIES = ("params", "grads", "optimizer", "activations_peak", "comm_buffers")
 MODES = ("none", "selective", "full")
@@ -115,6 +115,27 @@ def _shapes_of(model_items: tuple, slots: int) -> tuple[list, list]:
         model = MoETransformer(ModelConfig(**dict(model_items)), list(range(slots)))
     return ([(n, tuple(p.shape)) for n, p in model.dense_parameters()],
             [(n, tuple(p.shape)) for n, p in model.expert_parameters()])
+
+
+def frozen_names(cfg: Config) -> set[str]:
+    """The parameters train.freeze names (their `named_parameters` names; experts: the stacked tensor). ConfigError
+    for a pattern that names none (with the names it could have meant) or when nothing would be left to train."""
+    if not cfg.train.freeze:
+        return set()
+    dense, experts = _shapes(cfg)
+    names = [n for n, _ in dense + experts]
+    out: set[str] = set()
+    for i, pattern in enumerate(cfg.train.freeze):
+        hit = {n for n in names if is_frozen(n, [pattern])}
+        if not hit:
+            raise ConfigError(f"train.freeze[{i}]={pattern!r} names no parameter of this model (its names look like "
+                              f"{names[0]!r}, {names[min(5, len(names) - 1)]!r}; `python -m orchestrator plan` lists "
+                              f"them all): fix the pattern, or remove it")
+        out |= hit
+    if out == set(names):
+        raise ConfigError(f"train.freeze={cfg.train.freeze} freezes every parameter: nothing would train; freeze "
+                          f"fewer")
+    return out
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -252,15 +273,21 @@ def _state(cfg: Config, rank: int, dense: list, experts: list, b: int) -> tuple[
         "replicas": {"dense": "every device" if stage < 2 else "none",
                      "experts": [d * ep + e_idx for d in range(dp) if d != d_idx] if stage < 2 or dp == 1 else []}}
     elems = [_numel(s) for _, s in dense + experts]
-    opt_elems: list[int | None] = list(elems)  # per tensor: elements of its AdamW moments here (None: elsewhere)
+    frozen = frozen_names(cfg)   # no gradient, no AdamW state (ZeRO-1 partitions the others only)
+    trains = [n not in frozen for n, _ in dense + experts]
+    opt_elems: list[int | None] = [e if t else None for e, t in zip(elems, trains)]  # per tensor: elements of its
+    if frozen:                                                                        # AdamW moments here (None: none)
+        held["frozen"] = sorted(frozen)
     if stage == 1:
-        owner = zero1_partition([s for _, s in dense], W)
-        held["dense_optimizer"] = [n for (n, _), o in zip(dense, owner) if o == rank]
-        opt_elems[:len(dense)] = [e if o == rank else None for e, o in zip(elems, owner)]
-        if dp > 1:
-            owner = zero1_partition([s for _, s in experts], dp)
-            held["experts_optimizer"] = [n for (n, _), o in zip(experts, owner) if o == d_idx]
-            opt_elems[len(dense):] = [e if o == d_idx else None for e, o in zip(elems[len(dense):], owner)]
+        for kind, params, offset, world, index in (("dense", dense, 0, W, rank), ("experts", experts, len(dense), dp,
+                                                                                    d_idx)):
+            if kind == "experts" and dp == 1:
+                continue
+            live = [i for i in range(len(params)) if trains[offset + i]]
+            owner = dict(zip(live, zero1_partition([params[i][1] for i in live], world)))
+            held[f"{kind}_optimizer"] = [params[i][0] for i in live if owner[i] == index]
+            for i in range(len(params)):
+                opt_elems[offset + i] = elems[offset + i] if owner.get(i) == index else None
     padded = list(elems)
     if stage >= 2:
         for kind, params, dim, world, index in (("dense", dense, 0, W, rank), ("experts", experts, 1, dp, d_idx)):
@@ -275,10 +302,13 @@ def _state(cfg: Config, rank: int, dense: list, experts: list, b: int) -> tuple[
             held[kind] = {**({"ids": held[kind]["ids"], "moe_layers": held[kind]["moe_layers"]} if dim else {}),
                           **shards}
             held[f"{kind}_optimizer"] = "its shards"
+            for i in range(len(params)):   # a frozen one's shard has no AdamW state
+                if not trains[offset + i]:
+                    opt_elems[offset + i] = None
     # memory.offload_optimizer: FSDP2's CPUOffloadPolicy keeps the sharded parameters, their gradients and
     # AdamW states in host memory (experts left out of FSDP, dp == 1, stay on the device)
     host = [stage >= 2 and cfg.memory.offload_optimizer and (i < len(dense) or dp > 1) for i in range(len(elems))]
-    state = [(padded[i] * b, padded[i] * b, 2 * e * b + STEP_BYTES if e is not None else 0)
+    state = [(padded[i] * b, padded[i] * b if trains[i] else 0, 2 * e * b + STEP_BYTES if e is not None else 0)
              for i, e in enumerate(opt_elems)]
     if any(host):
         held["host_bytes"] = sum(sum(t) for t, h in zip(state, host) if h)

@@ -152,6 +152,38 @@ def test_fault_repeating_past_its_budget_stops_the_run(ray_session, tmp_path):
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3]  # what was done is recorded once; nothing after the stop
 
 
+class SpoiledSnapshot(Driver):
+    """The in-memory snapshot of step 2 loses rank 0's `param/tok_emb.weight` (as a snapshot writer that left out a
+    tensor would): recovery from it must stop the run with an incident and an alert naming the tensor."""
+
+    def after_step(self, step: int) -> bool:
+        saved = super().after_step(step)
+        if step == 2:
+            import ray
+
+            snap = self.checkpoints.snapshots.items[-1]
+            bad = ray.get(snap.refs[0])
+            del bad.files["dense.safetensors"]["param/tok_emb.weight"]
+            del bad.index["param/tok_emb.weight"]
+            snap.refs[0] = ray.put(bad)
+        return saved
+
+
+def test_a_snapshot_that_cannot_be_restored_stops_the_run_with_an_incident_and_an_alert(ray_session, tmp_path):
+    """Not a silent replay from step 0 (what a snapshot missing a tensor used to cause): the recovery stops, its
+    incident and the restore_failed alert name the tensor, and no step is recorded twice."""
+    with pytest.raises(RunError, match=r"recovery cannot restore the run's state .*'param/tok_emb.weight'"):
+        SpoiledSnapshot(config(tmp_path, "faults.plan=[{step: 3, kind: kill, rank: 1}]"), tmp_path).run()
+    dead, restore = incidents_file(tmp_path)
+    assert (dead["kind"], restore["kind"], restore["action"]) == ("dead", "restore", "stopped")
+    assert "in-memory snapshot of step 2" in restore["detail"] and "'param/tok_emb.weight'" in restore["detail"]
+    alerts = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    (alert,) = [a for a in alerts if a["rule"] == "restore_failed"]
+    assert alert["step"] == restore["step"] and "'param/tok_emb.weight'" in alert["detail"]
+    assert [s for s, _ in losses(tmp_path)] == [1, 2]   # kept steps once; nothing replayed from step 0
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "failed"
+
+
 def test_node_loss_on_a_multi_node_cluster_heals_from_the_checkpoint(fault_free, tmp_path):
     """Three worker nodes, two devices (one per node); before step 6 the raylet of device 1's node is
     SIGKILLed: the node dies with its actor and the in-memory snapshots stored there. The placement group

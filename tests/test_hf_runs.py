@@ -62,6 +62,40 @@ def test_kill_during_a_deepseek_v4_run_heals_identical_and_checkpoints_resume(ra
     assert len(loads[0]) == 3 and all(sum(layer) == 8 * 32 * 2 for layer in loads[0])   # 3 MoE layers, top-2
 
 
+def test_deepseek_v4_under_zero3_heals_and_resumes_bit_identical(ray_session, tmp_path):
+    """DeepSeek-V4's indexer never gets a gradient (its scores only pick positions), so AdamW holds no state for it:
+    under ZeRO-3 its snapshots and checkpoints say so (step count 0) instead of lacking moments that a restore
+    then asked for. A non-finite step (rolled back to the snapshot) and a kill (a device rebuilt from the snapshots)
+    heal to the fault-free bits; the step-3 checkpoint resumes exactly. (Every stage: test_optimizer_state.py.)"""
+    model = tmp_path / "deepseek_v4"
+    make_tiny_hf("deepseek_v4", model)
+
+    def config(run_dir: Path, *overrides: str):
+        return tiny_config(run_dir, f"model.hf_path={model}", f"train.steps={STEPS}", "cluster.num_devices=2",
+                           "train.eval_batches=0", "balance.bias_update_speed=0.01", "checkpoint.every_steps=3",
+                           "memory.zero_stage=3", *overrides)
+
+    twin, run, resumed = tmp_path / "twin", tmp_path / "run", tmp_path / "resumed"
+    Driver(config(twin), twin).run()
+    manifest = json.loads((twin / "checkpoints" / "step_00000003" / "manifest.json").read_text())
+    assert manifest["optimizer_steps"] and set(manifest["optimizer_steps"].values()) == {0}
+    assert all(".indexer." in name for name in manifest["optimizer_steps"])
+    summary = Driver(config(run, "faults.plan=[{step: 2, kind: nan, rank: 0}, {step: 5, kind: kill, rank: 1}]"),
+                     run).run()
+    assert [(i["kind"], i["action"], i["source"]) for i in summary.incidents] == [
+        ("nan", "rolled back", "snapshot"), ("dead", "replaced", "snapshot")]
+    assert _losses(run) == _losses(twin)
+    healed, clean = _final_state(run), _final_state(twin)
+    assert healed.keys() == clean.keys()
+    for key, value in clean.items():
+        assert torch.equal(healed[key], value), key
+    Driver(config(resumed, f"train.resume={twin / 'checkpoints' / 'step_00000003'}"), resumed).run()
+    assert [l for s, l in _losses(resumed) if s > 3] == [l for s, l in _losses(twin) if s > 3]
+    assert _final_state(resumed).keys() == clean.keys()
+    for key, value in clean.items():
+        assert torch.equal(_final_state(resumed)[key], value), key
+
+
 def test_sft_run_with_a_trained_tokenizer_exports_a_model_transformers_generates_with(ray_session, tmp_path):
     """data.train_tokenizer + data.task=sft on the standard-library instructions, two devices, as the embedded job
     (DeepSeek-V4, one sample per row); the loss counts assistant tokens only; the export holds the tokenizer and

@@ -229,8 +229,10 @@ class Checkpoints:
         files: dict[str, dict[str, Any]] = {}
         expert_files: dict[str, dict[str, str]] = {}
         index: dict[str, list[list[Any]]] = {}
+        optimizer_steps: dict[str, int] = {}
         for r in p.results.values():
             files.update(r["files"])
+            optimizer_steps.update(r.get("optimizer_steps", {}))
             for layer, placement in r["expert_files"].items():
                 expert_files.setdefault(layer, {}).update(placement)
             for key, pieces in r.get("index", {}).items():
@@ -241,7 +243,8 @@ class Checkpoints:
                                       config_hash=fingerprint_hash(self.fingerprint), fingerprint=self.fingerprint,
                                       seed=self.cfg.seed, placement=first.get("placement"), run_id=self.run_id,
                                       parent=self._parent(p.step), lr_horizon=self.lr_horizon,
-                                      training=self.training, index=index, layout=self.layout)
+                                      training=self.training, index=index, layout=self.layout,
+                                      optimizer_steps=optimizer_steps)
         commit_manifest(self.storage, manifest)
         self.committed_steps.append(p.step)
         elapsed = time.perf_counter() - p.started

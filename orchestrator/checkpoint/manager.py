@@ -60,6 +60,8 @@ class CheckpointManifest:
     index: Optional[dict[str, list[list[Any]]]] = None  # key -> [[file, dim, start, stop], ...]: where each piece of each
                                                # tensor is (shard.take_snapshot); None: written before sharded states
     layout: Optional[dict[str, Any]] = None    # world, expert_parallel, data_parallel, zero_stage it was saved with
+    optimizer_steps: Optional[dict[str, int]] = None  # tensor name -> its AdamW step count where not optimizer_step,
+                                               # 0: no state (shard.py); None: written before they were recorded
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode()

@@ -8,6 +8,10 @@ What a device owns in a checkpoint (safetensors; nothing that needs unpickling):
 Keys: `param/<name>`, `exp_avg/<name>`, `exp_avg_sq/<name>`, `buffer/<name>`, `rng/torch`, where an
 expert's <name> is `<parameter name>[<global expert id>]`. Because experts are stored by global
 id, a checkpoint written by N devices loads into M devices: each takes the ids it now holds.
+What AdamW holds is saved as it is: beside the moments, `optimizer_steps` (in the manifest) gives each <name>
+whose state's step count differs from the checkpoint's `optimizer_step`, 0 for "no state": a parameter that
+never had a gradient (DeepSeek-V4's indexer; any parameter the forward leaves out) or a frozen one. Restoring
+gives it no state, as AdamW had, instead of asking for moments that never existed.
 """
 from __future__ import annotations
 
@@ -23,17 +27,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from orchestrator.config import redact_url
-from orchestrator.errors import RunError
+from orchestrator.errors import CheckpointError
 
 DENSE_FILE = "dense.safetensors"
 
 
 def expert_file(rank: int) -> str:
     return f"experts-{rank:05d}.safetensors"
-
-
-class CheckpointError(RunError):
-    """A checkpoint cannot be used; the message names the checkpoint, the file or the key."""
 
 
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
@@ -78,6 +78,8 @@ class Snapshot:
     placement: list[list[list[int]]] = field(default_factory=list)  # [MoE layer][device] -> expert ids (slot order)
     index: dict[str, list[list[Any]]] = field(default_factory=dict)  # key -> [[file, dim, start, stop], ...] (dim None:
                                                                     # the whole tensor); see take_snapshot
+    optimizer_steps: dict[str, int] = field(default_factory=dict)  # <name> -> its AdamW step count where that is
+                                                                   # not optimizer_step; 0: no state (module docstring)
 
 
 def _host_copy(t: torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -141,10 +143,22 @@ def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_r
         staging.put(dense if file == DENSE_FILE else mine, key + piece.suffix(), t)
         index.setdefault(key, []).append([file, piece.dim, piece.start, piece.stop])
 
-    def moments(p: torch.Tensor, first: bool, sharded: bool, write: Any) -> None:
-        state = optim.state_of(p)
-        if state is None or "exp_avg" not in state or not (first or sharded or optim.partitioned(p)):
+    steps: dict[str, int] = {}
+
+    def moments(p: torch.Tensor, first: bool, sharded: bool, name: str, write: Any) -> None:
+        """p's AdamW state under <name>, by the device that writes it: its moments, or that it has none."""
+        if not (first or sharded or optim.partitioned(p)):
+            return   # another device writes this state (rank 0, the first replica, or the ZeRO-1 owner)
+        if not optim.owns(p):
+            if not p.requires_grad:
+                steps[name] = 0   # frozen: in no optimizer
             return
+        count = optim.step_of(p)
+        if count != optim.optimizer_step:
+            steps[name] = count
+        if count == 0:
+            return
+        state = optim.state_of(p)
         for moment in ("exp_avg", "exp_avg_sq"):
             write(moment, local(state[moment]))
 
@@ -154,7 +168,7 @@ def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_r
         file = own if sharded or (optim.partitioned(p) and rank != 0) else DENSE_FILE
         if sharded or rank == 0:
             put(own if sharded else DENSE_FILE, f"param/{name}", local(p), piece)
-        moments(p, rank == 0, sharded, lambda m, t: put(file, f"{m}/{name}", t, piece))
+        moments(p, rank == 0, sharded, name, lambda m, t: put(file, f"{m}/{name}", t, piece))
     if rank == 0:
         param_names = {n for n, _ in model.named_parameters()}
         for name, b in model.state_dict().items():
@@ -172,13 +186,14 @@ def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_r
         for j, gid in ids:
             if sharded or dp_rank == 0:
                 put(own, f"param/{name}[{gid}]", held[j], piece)
-            moments(p, dp_rank == 0, sharded, lambda m, t, j=j, gid=gid: put(own, f"{m}/{name}[{gid}]", t[j], piece))
+            moments(p, dp_rank == 0, sharded, f"{name}[{gid}]",
+                    lambda m, t, j=j, gid=gid: put(own, f"{m}/{name}[{gid}]", t[j], piece))
         if sharded or dp_rank == 0:
             expert_files[name.rsplit(".experts.", 1)[0]] = {str(gid): own for _, gid in ids}
     files[own] = mine
     staging.finish()
     return Snapshot(step=step, rank=rank, files=files, optimizer_step=optim.optimizer_step,
-                    expert_files=expert_files, placement=model.placement(), index=index)
+                    expert_files=expert_files, placement=model.placement(), index=index, optimizer_steps=steps)
 
 
 def serialize(tensors: dict[str, np.ndarray | torch.Tensor]) -> tuple[bytes, dict[str, object]]:
@@ -242,7 +257,7 @@ def restore_from_files(model: torch.nn.Module, optim: Any, rank: int,
 
     index = manifest.get("index")
     locate = (lambda key: index.get(key, [])) if index else legacy_locate(manifest["expert_files"])
-    restore(model, optim, rank, locate, manifest["optimizer_step"], tensors, where)
+    restore(model, optim, rank, locate, manifest["optimizer_step"], tensors, where, manifest.get("optimizer_steps"))
 
 
 def restore_from_snapshots(model: torch.nn.Module, optim: Any, rank: int, snapshots: list[Snapshot]) -> None:
@@ -250,9 +265,11 @@ def restore_from_snapshots(model: torch.nn.Module, optim: Any, rank: int, snapsh
     files = {name: {k: torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v.clone() for k, v in t.items()}
              for snap in snapshots for name, t in snap.files.items()}
     index: dict[str, list[list[Any]]] = {}
+    steps: dict[str, int] = {}
     for snap in snapshots:
         for key, pieces in snap.index.items():
             index.setdefault(key, []).extend(pieces)
+        steps.update(snap.optimizer_steps)
     where = f"in-memory snapshot of step {snapshots[0].step}"
 
     def tensors(name: str) -> dict[str, torch.Tensor]:
@@ -260,7 +277,7 @@ def restore_from_snapshots(model: torch.nn.Module, optim: Any, rank: int, snapsh
             raise CheckpointError(f"{where}: no {name} among the snapshots given")
         return files[name]
 
-    restore(model, optim, rank, lambda key: index.get(key, []), snapshots[0].optimizer_step, tensors, where)
+    restore(model, optim, rank, lambda key: index.get(key, []), snapshots[0].optimizer_step, tensors, where, steps)
 
 
 def assemble(key: str, pieces: list[list[Any]], tensors: Callable[[str], dict[str, torch.Tensor]], where: str,
@@ -308,12 +325,18 @@ def assemble(key: str, pieces: list[list[Any]], tensors: Callable[[str], dict[st
 
 
 def restore(model: torch.nn.Module, optim: Any, rank: int, locate: Locate, optimizer_step: int,
-            tensors: Callable[[str], dict[str, torch.Tensor]], where: str) -> None:
+            tensors: Callable[[str], dict[str, torch.Tensor]], where: str,
+            optimizer_steps: dict[str, int] | None = None) -> None:
     """Put parameters, AdamW state, buffers and RNG back: every tensor this device holds (its piece of a sharded
-    one) is cut from the whole logical tensor, assembled from wherever `locate(key)` says its pieces are."""
+    one) is cut from the whole logical tensor, assembled from wherever `locate(key)` says its pieces are. A
+    parameter's AdamW state gets the step count `optimizer_steps` gives its name (else `optimizer_step`); a count
+    of 0 restores "no state yet", and nothing is read for it. `optimizer_steps` None: a checkpoint written before
+    they were recorded, whose writer left out exactly the moments of parameters without state: a parameter
+    whose moments are nowhere in it has none."""
     from orchestrator.parallel.sharding import local, piece_of
 
-    step = torch.tensor(float(optimizer_step))
+    counts = optimizer_steps or {}
+    older = optimizer_steps is None
 
     def part(key: str, piece: Any, shape: tuple[int, ...]) -> torch.Tensor:
         return assemble(key, locate(key), tensors, where, piece, shape)
@@ -331,13 +354,23 @@ def restore(model: torch.nn.Module, optim: Any, rank: int, locate: Locate, optim
             local(p).copy_(mine("param"))
         p.grad = None  # a step that failed halfway may have left gradients behind
         optim.set_state(p, None)
-        if optimizer_step > 0 and optim.owns(p):
-            state = {"step": step.clone()}
-            for moment in ("exp_avg", "exp_avg_sq"):
-                m = torch.zeros_like(p)
-                local(m).copy_(mine(moment))
-                state[moment] = m
-            optim.set_state(p, state)
+        if not optim.owns(p):
+            return
+        count = {counts.get(n, optimizer_step) for n in names}
+        if len(count) > 1:   # one AdamW state holds these experts' rows: they must have stepped alike
+            raise CheckpointError(f"{where}: the experts {names} of one parameter have different AdamW step counts "
+                                  f"{sorted(count)}: they cannot share one optimizer state")
+        n = count.pop()
+        if older and not any(locate(f"exp_avg/{name}") for name in names):
+            n = 0
+        if n == 0:   # no state yet (never a gradient, or frozen when saved): AdamW makes it at the first gradient
+            return
+        state = {"step": torch.tensor(float(n))}
+        for moment in ("exp_avg", "exp_avg_sq"):
+            m = torch.zeros_like(p)
+            local(m).copy_(mine(moment))
+            state[moment] = m
+        optim.set_state(p, state)
 
     for name, p in model.dense_parameters():
         put(p, [name], experts=False)
@@ -348,6 +381,7 @@ def restore(model: torch.nn.Module, optim: Any, rank: int, locate: Locate, optim
                 b.copy_(part(f"buffer/{name}", None, tuple(b.shape)))
     for name, p in model.expert_parameters():
         put(p, [f"{name}[{gid}]" for gid in model.expert_ids_of(name)], experts=True)
+    optim.steps_taken = optimizer_step
     try:  # the same rank existed when it was saved
         torch.set_rng_state(tensors(expert_file(rank))["rng/torch"])
     except CheckpointError:

@@ -37,7 +37,7 @@ RETIRED = "retired"
 # train.* settings a resume compares with the checkpoint (a change is allowed with a warning); train.steps,
 # eval and resume keys are free to change, the model and dtype must match (check_compatible).
 _TRAIN_KEYS = ("global_batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
-               "grad_clip", "mixed_precision")
+               "grad_clip", "mixed_precision", "freeze")
 _DATA_KEYS = ("path", "format", "seq_len", "val_fraction", "max_bytes", "tokenizer", "train_tokenizer", "task", "pack",
               "max_samples")
 

@@ -15,15 +15,26 @@ def allreduce_dense_grads(params: list[torch.nn.Parameter], group=None, name: st
 
     The loss on every device is already divided by the global token count, so the sum is the
     gradient of the global mean loss: no extra division by the world size.
+
+    A parameter that got no gradient on any device (unused by the step's forward, or fed only through
+    non-differentiable ops, such as DeepSeek-V4's indexer) keeps `grad = None`, as on one device: AdamW then
+    leaves it and its state alone (no weight decay, no moments), so N devices update what one does. One that got
+    a gradient on some devices only gets the sum (zeros counted for the others), as torch DDP does. Whether a
+    gradient exists travels in the same buffer (one flag per parameter), so it is still one collective.
     """
+    params = [p for p in params if p.requires_grad]   # frozen ones (train.freeze) never have a gradient
     if not params:   # a model without MoE layers has no expert gradients to sum
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = _flatten_dense_tensors(grads)
+    had = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = _flatten_dense_tensors(grads + [had])
     with CLOCK.collective(name):
         dist.all_reduce(flat, group=group)
-    for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
-        if p.grad is None:
+    *summed, anywhere = _unflatten_dense_tensors(flat, grads + [had])
+    for p, g, used in zip(params, summed, anywhere.tolist()):
+        if not used:
+            p.grad = None
+        elif p.grad is None:
             p.grad = g
         else:
             p.grad.copy_(g)

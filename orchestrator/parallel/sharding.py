@@ -84,11 +84,15 @@ class Optimizers:
     """The AdamW of one device, whole or ZeRO-partitioned: one interface for the step and for snapshots.
 
     `state_of(p)` is p's AdamW state if this device holds it (ZeRO-1: only for the parameters its partition
-    owns; FSDP2: the local shards of the moments, as DTensors like p), else None."""
+    owns; FSDP2: the local shards of the moments, as DTensors like p), else None. A parameter it owns may still
+    have no state: AdamW creates it at the parameter's first gradient (one that never got one has none; a frozen
+    parameter, `requires_grad=False`, is in no optimizer at all)."""
 
     def __init__(self, dense: list[nn.Parameter], experts: list[nn.Parameter], mesh: Mesh, stage: int, *,
                  lr: float, betas: tuple[float, float], weight_decay: float):
         kw = dict(lr=lr, betas=betas, eps=1e-8)
+        dense = [p for p in dense if p.requires_grad]
+        experts = [p for p in experts if p.requires_grad]
         if stage == 1 and mesh.world > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -103,6 +107,7 @@ class Optimizers:
             self.optimizers = [torch.optim.AdamW(_param_groups(dense + experts, weight_decay), **kw)]
         self._owner: dict[int, torch.optim.Optimizer] = {}
         self._partitioned: set[int] = set()
+        self.steps_taken = 0   # updates applied (the same on every device: all skip or step alike); set on restore
         for opt in self.optimizers:
             inner = getattr(opt, "optim", opt)   # ZeroRedundancyOptimizer: the local AdamW of its partition
             for group in inner.param_groups:
@@ -119,6 +124,7 @@ class Optimizers:
     def step(self) -> None:
         for opt in self.optimizers:
             opt.step()
+        self.steps_taken += 1
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -150,8 +156,15 @@ class Optimizers:
 
     @property
     def optimizer_step(self) -> int:
-        steps = [int(s["step"]) for s in self.states() if "step" in s]
-        return steps[0] if steps else 0
+        """The optimizer steps taken, counted by this object, not read from a state: a device whose ZeRO-1 partition
+        holds only parameters without a gradient has no state to read it from, and a parameter whose gradient
+        came later, or not at every step, has a smaller count of its own (`step_of`)."""
+        return self.steps_taken
+
+    def step_of(self, p: nn.Parameter) -> int:
+        """The step count of p's own AdamW state on this device (0: no state yet)."""
+        state = self.state_of(p)
+        return int(state["step"]) if state and "step" in state else 0
 
 
 @dataclass
