@@ -54,6 +54,14 @@ def train(args: argparse.Namespace) -> int:
 
     started = time.time()
     cfg.run.dir = str(run_dir_path(cfg))   # decided once: the plan and the run use the same directory
+    if cfg.train.freeze:   # the patterns against the model's parameter names (built on the meta device)
+        from orchestrator.planner import frozen_names
+
+        try:
+            frozen_names(cfg)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
     if cfg.cluster.device_memory_gb > 0:  # the memory plan must fit the budget before anything starts
         from orchestrator.planner import check_fits
 

@@ -86,6 +86,10 @@ class Driver:
         """Where the run starts and whether its data is good; nothing is started or written yet."""
         if self.checkpoints is None:
             check_sinks(self.cfg)
+            if self.cfg.train.freeze:   # every pattern names a parameter (the jobs check it before Ray starts)
+                from orchestrator.planner import frozen_names
+
+                frozen_names(self.cfg)
             self.plan = self.plan or plan_resume(self.cfg, self.run_dir)
             for warning in self.plan.warnings:
                 log.warning("%s", warning)

@@ -128,9 +128,11 @@ def frozen_names(cfg: Config) -> set[str]:
     for i, pattern in enumerate(cfg.train.freeze):
         hit = {n for n in names if is_frozen(n, [pattern])}
         if not hit:
-            raise ConfigError(f"train.freeze[{i}]={pattern!r} names no parameter of this model (its names look like "
-                              f"{names[0]!r}, {names[min(5, len(names) - 1)]!r}; `python -m orchestrator plan` lists "
-                              f"them all): fix the pattern, or remove it")
+            import re
+
+            shapes = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in names))   # layers.3.x -> layers.*.x
+            raise ConfigError(f"train.freeze[{i}]={pattern!r} names no parameter of this model, whose parameters are "
+                              f"{', '.join(shapes)}: fix the pattern, or remove it")
         out |= hit
     if out == set(names):
         raise ConfigError(f"train.freeze={cfg.train.freeze} freezes every parameter: nothing would train; freeze "

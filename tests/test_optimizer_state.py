@@ -75,8 +75,9 @@ def _worker(rank: int, world: int, port: int, out: str, hf_dir: str) -> None:
             def shard() -> DeviceShard:
                 return DeviceShard(cfg, rank, world, corpus.train, corpus.val)
 
-            def rest(s: DeviceShard) -> tuple[list[float], dict[str, torch.Tensor]]:
-                return [s.train_step(step).loss for step in range(BEFORE + 1, BEFORE + AFTER + 1)], s.global_parameters()
+            def rest(s: DeviceShard) -> tuple[list[float], dict[str, torch.Tensor], dict[str, int]]:
+                reports = [s.train_step(step) for step in range(BEFORE + 1, BEFORE + AFTER + 1)]
+                return [r.loss for r in reports], s.global_parameters(), reports[-1].memory
 
             run = shard()
             initial = run.global_parameters()
@@ -132,8 +133,8 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], where: str) ->
 def test_healing_and_resume_continue_bit_for_bit_at_every_stage(runs, model):
     results, _ = runs
     for stage in STAGES:
-        _, (losses, params), healed, resumed, _, _ = results[(model, stage)]
-        for how, (got_losses, got_params) in (("healed", healed), ("resumed", resumed)):
+        _, (losses, params, _), healed, resumed, _, _ = results[(model, stage)]
+        for how, (got_losses, got_params, _) in (("healed", healed), ("resumed", resumed)):
             where = f"{model}, ZeRO stage {stage}, {how}"
             assert got_losses == losses, where
             _same(got_params, params, where)
@@ -146,7 +147,7 @@ def test_parameters_without_gradients_keep_no_state_and_do_not_move(runs, model)
     once gave them zero gradients, which AdamW then decayed)."""
     results, _ = runs
     for stage in STAGES:
-        initial, (_, final), _, _, stateless, counts = results[(model, stage)]
+        initial, (_, final, _), _, _, stateless, counts = results[(model, stage)]
         still = sorted(n for n in initial if ".experts." not in n and torch.equal(initial[n], final[n]))
         if model == "frozen":
             frozen = {n for n in initial if n.endswith("router.gate.weight")} | {"layers.1.attn.wq.weight"}
@@ -175,7 +176,7 @@ def test_two_devices_compute_what_one_does_for_every_parameter(runs, model):
     results, hf_dir = runs
     ref_reports, ref = reference_run(_config(model, hf_dir))
     for stage in STAGES:
-        _, (losses, params), _, _, _, _ = results[(model, stage)]
+        _, (losses, params, _), _, _, _, _ = results[(model, stage)]
         assert params.keys() == ref.keys()
         if model == "deepseek_v4":
             assert losses == pytest.approx([r.loss for r in ref_reports][BEFORE:], rel=1e-5), stage
@@ -185,3 +186,36 @@ def test_two_devices_compute_what_one_does_for_every_parameter(runs, model):
         for name, want in ref.items():
             torch.testing.assert_close(params[name], want, rtol=1e-6, atol=1e-7,
                                        msg=lambda m: f"{model} stage {stage} {name}: {m}")
+
+
+def test_freeze_patterns_are_checked_against_the_model_before_anything_starts():
+    from orchestrator.config import ConfigError
+    from orchestrator.planner import frozen_names
+
+    assert frozen_names(tiny_config(None, *FROZEN)) == {"layers.1.ffn.router.gate.weight",
+                                                        "layers.2.ffn.router.gate.weight", "layers.1.attn.wq.weight",
+                                                        "layers.2.ffn.experts.w1_EFD"}
+    with pytest.raises(ConfigError, match=r"train.freeze\[1\]='layers.9.\*' names no parameter of this model, whose "
+                                          r"parameters are tok_emb.weight, layers.\*.attn_norm.weight, .*fix the "
+                                          r"pattern, or remove it"):
+        frozen_names(tiny_config(None, "train.freeze=['*.router.*', 'layers.9.*']"))
+    with pytest.raises(ConfigError, match=r"freezes every parameter: nothing would train"):
+        frozen_names(tiny_config(None, "train.freeze=['*']"))
+    with pytest.raises(ConfigError, match=r"train.freeze\[0\] is empty"):
+        tiny_config(None, "train.freeze=['']")
+
+
+def test_the_memory_plan_counts_no_gradient_or_optimizer_state_for_frozen_parameters(runs):
+    """The planner's bytes of the frozen run on device 0 against what it held after its last step (as
+    test_planner: within 10%), at every stage; and fewer than the same model's without freezing."""
+    from orchestrator.planner import plan_memory
+
+    results, hf_dir = runs
+    for stage in STAGES:
+        cfg = _config("frozen", hf_dir, f"cluster.num_devices={WORLD}", f"memory.zero_stage={stage}")
+        plan, plain = plan_memory(cfg).devices[0], plan_memory(_config("native", hf_dir, f"cluster.num_devices={WORLD}",
+                                                                       f"memory.zero_stage={stage}")).devices[0]
+        measured = results[("frozen", stage)][1][2]
+        for category in ("params", "grads", "optimizer"):
+            assert measured[category] == pytest.approx(getattr(plan, category), rel=0.10), (stage, category)
+        assert plan.params == plain.params and plan.grads < plain.grads and plan.optimizer < plain.optimizer, stage
