@@ -68,9 +68,15 @@ def _check_records(path: Path, column: str, check: Callable[[Any, str], list | N
     from orchestrator.data.hf_data import data_files, records_by_file
 
     builder, files = data_files(path)
+    if builder == "text" and column == "messages":
+        raise ConfigError(f"data.path={str(path)!r}: {_names(files, 'is', 'are')} text, but data.task=sft reads records with "
+                          f"`messages`: give .jsonl, .json, .parquet or .arrow files, or set data.task=pretrain")
     roles: dict[str, tuple] = {}
+    count = 0
 
     def note(messages: list | None, where: str) -> None:
+        nonlocal count
+        count += 1
         for m in messages or []:
             roles.setdefault(m["role"], (where, messages))
 
@@ -87,7 +93,17 @@ def _check_records(path: Path, column: str, check: Callable[[Any, str], list | N
                 n += 1
                 where = f"{f}, record {n}"
                 note(check({column: value}, where), where)
+    if builder != "text" and count == 0:
+        raise ConfigError(f"data.path={str(path)!r}: {_names(files, 'has', 'have')} no records; give data with records")
     return roles
+
+
+def _names(files: list[Path], verb: str, verbs: str) -> str:
+    """`a.jsonl has` / `its 3 files (a.jsonl, b.jsonl, c.jsonl) have`: a sentence's subject and verb."""
+    if len(files) == 1:
+        return f"{files[0].name} {verb}"
+    shown = ", ".join(f.name for f in files[:3]) + (", ..." if len(files) > 3 else "")
+    return f"its {len(files)} files ({shown}) {verbs}"
 
 
 def _json_records(f: Path) -> Iterator[tuple[str, Any]]:

@@ -272,6 +272,36 @@ def test_data_checks_name_the_record_of_json_arrays_parquet_and_the_pretraining_
     (tmp_path / "broken.jsonl").write_text(json.dumps(_conversation(0)) + "\n" + '{"messages": [\n')
     with pytest.raises(ConfigError, match=r"broken.jsonl, line 2: not valid JSON"):
         check_inputs(load_config(None, [*sft, f"data.path={tmp_path / 'broken.jsonl'}"]))
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(ConfigError, match=r"blank.jsonl has no records"):
+        check_inputs(load_config(None, [*sft, f"data.path={tmp_path / 'blank.jsonl'}"]))
+    (tmp_path / "notes.txt").write_text("alpha beta")
+    with pytest.raises(ConfigError, match=r"notes.txt is text, but data.task=sft reads records with `messages`"):
+        check_inputs(load_config(None, [*sft, f"data.path={tmp_path / 'notes.txt'}"]))
+
+
+def test_a_tokenizer_folders_own_template_decides_the_roles(tmp_path):
+    """With a tokenizer folder the roles are its chat template's: one that raises for `system` refuses the first
+    record using it; one without a {% generation %} block is refused before the records are read."""
+    from orchestrator.data.tokenizer import CHAT_TEMPLATE, train_tokenizer
+    from orchestrator.preflight import check_inputs
+
+    tok = train_tokenizer(["Say 1.", "1", "be brief"], 300, tmp_path / "tok")
+    tok.chat_template = CHAT_TEMPLATE.replace("message['role'] == 'system' or ", "")
+    tok.save_pretrained(tmp_path / "tok")
+    records = [_conversation(i) for i in range(4)]
+    records[2]["messages"].insert(0, {"role": "system", "content": "be brief"})
+    data = _jsonl(tmp_path / "chat.jsonl", records)
+    args = ["model.vocab_size=320", "data.task=sft", f"data.tokenizer={tmp_path / 'tok'}", f"data.path={data}"]
+    with pytest.raises(ConfigError, match=rf"chat.jsonl, line 3: the chat template of the tokenizer in "
+                                          rf"{tmp_path / 'tok'} refuses this conversation, the first with role "
+                                          rf"'system' \(unknown chat role: system\); the data's roles it accepts: "
+                                          rf"'user', 'assistant'"):
+        check_inputs(load_config(None, args))
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(tmp_path / "tok")
+    with pytest.raises(ConfigError, match=r"has no \{% generation %\} block"):
+        check_inputs(load_config(None, args))
 
 
 def test_sharded_checkpoints_are_checked_file_by_file(tmp_path, mixtral):
