@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.cli import interrupted_exit, job_parser, setup_logging
+from jobs.cli import bad_input, interrupted_exit, job_parser, setup_logging
 from orchestrator.config import ConfigError, load_config
 from orchestrator.rundir import read_jsonl
 
@@ -84,9 +84,11 @@ def chaos(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides + ["checkpoint.at_end=true"])
         if not cfg.faults.plan and not cfg.faults.chaos.mean_steps_between:
             raise ConfigError("no faults to inject: give --every N (random chaos) or faults.plan=[...]")
+        from orchestrator.preflight import check_inputs
+
+        check_inputs(cfg)   # before Ray and the run directory
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e, args.debug)
 
     from orchestrator.cluster import ray_cluster
     from orchestrator.errors import RunError
@@ -150,8 +152,7 @@ def chaos(args: argparse.Namespace) -> int:
                 report.update(identical_losses=losses[0] == losses[1], identical_state=not diff,
                               tensors_compared=len(states[0]), tensors_different=diff[:20])
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e, args.debug)
     except RunError as e:
         print(f"run failed: {e}", file=sys.stderr)
         return 1

@@ -1,9 +1,12 @@
-"""What every job's command line shares: --config, key=value overrides, log format, exit codes of signals."""
+"""What every job's command line shares: --config, key=value overrides, --debug, log format, exit codes of bad
+input and of signals."""
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+import traceback
 from pathlib import Path
 
 from orchestrator.config import DEFAULT_CONFIG
@@ -18,7 +21,23 @@ def job_parser(prog: str, doc: str, epilog: str | None = None) -> argparse.Argum
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG})")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. train.steps=50")
+    add_debug(parser)
     return parser
+
+
+def add_debug(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="with bad input (exit 2), also print the traceback of where it was found")
+
+
+def bad_input(e: BaseException, debug: bool = False, prefix: str = "config error") -> int:
+    """Bad input (a ConfigError, a checkpoint that cannot be resumed): one line on stderr, `prefix: message`, and
+    exit code 2. A traceback only with --debug: the message names the key, file, line and fix; the stack is ours."""
+    if debug:
+        traceback.print_exception(e, file=sys.stderr)
+    message = re.sub(r"\s*\n\s*", " ", str(e).strip())   # one line, whatever a library put in it
+    print(f"{prefix}: {message}", file=sys.stderr)
+    return 2
 
 
 def setup_logging() -> None:

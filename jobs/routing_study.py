@@ -21,7 +21,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from jobs.cli import interrupted_exit, job_parser, setup_logging
+from jobs.cli import bad_input, interrupted_exit, job_parser, setup_logging
 from orchestrator.config import ConfigError, load_config
 from orchestrator.rundir import read_jsonl
 
@@ -180,9 +180,11 @@ def study(args: argparse.Namespace) -> int:
         # every strategy starts from no balancing (the default job balances its router), then the command
         # line's overrides, then the strategy's own settings
         configs = {n: load_config(args.config, NO_BALANCING + overrides + strategies[n]) for n in strategies}
+        from orchestrator.preflight import check_inputs
+
+        check_inputs(cfg)   # the strategies share the model and the data; before Ray and the run directory
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e, args.debug)
 
     from orchestrator.cluster import ray_cluster
     from orchestrator.errors import RunError

@@ -4,7 +4,8 @@
 
 Starts a local Ray when none is running and joins the running cluster when there is one (so the
 same command works under `ray job submit --working-dir . -- python -m jobs.train ...`).
-Exit codes: 0 success, 2 bad config or data, 1 a run that failed, 128+signal when stopped by SIGTERM or
+Exit codes: 0 success, 2 bad config or data (one line naming the key or file and the fix; --debug adds the
+traceback), 1 a run that failed, 128+signal when stopped by SIGTERM or
 SIGINT (143, 130): the first stops after the step in flight with a checkpoint, a second at once, with the
 run's end files written as far as they can be (stderr names any that are not); see orchestrator/signals.py.
 """
@@ -15,7 +16,7 @@ import signal
 import sys
 import time
 
-from jobs.cli import interrupted_exit, job_parser, setup_logging
+from jobs.cli import bad_input, interrupted_exit, job_parser, setup_logging
 from orchestrator.config import ConfigError, load_config
 
 
@@ -42,46 +43,39 @@ def train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e, args.debug)
 
     from orchestrator.cluster import ray_cluster
     from orchestrator.errors import RunError
     from orchestrator.monitor import make_run_dir, run_dir_path
+    from orchestrator.preflight import check_inputs
     from orchestrator.signals import interrupted
 
     from orchestrator.checkpoint.timeline import plan_resume
 
     started = time.time()
     cfg.run.dir = str(run_dir_path(cfg))   # decided once: the plan and the run use the same directory
-    if cfg.train.freeze:   # the patterns against the model's parameter names (built on the meta device)
-        from orchestrator.planner import frozen_names
-
-        try:
-            frozen_names(cfg)
-        except ConfigError as e:
-            print(f"config error: {e}", file=sys.stderr)
-            return 2
     if cfg.cluster.device_memory_gb > 0:  # the memory plan must fit the budget before anything starts
         from orchestrator.planner import check_fits
 
         try:
             check_fits(cfg)
         except ConfigError as e:  # MemoryPlanError: the numbers and the knob that would make it fit
-            print(f"config error: {e}", file=sys.stderr)
-            return 2
+            return bad_input(e, args.debug)
     try:  # where the run starts, before anything starts or is written (a finished run's results stay as they are)
         plan = plan_resume(cfg, run_dir_path(cfg))
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e, args.debug)
     except RunError as e:  # the checkpoint to resume from is missing, damaged or of another model
-        print(f"cannot resume: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e, args.debug, "cannot resume")
     if plan.complete:
         print(f"run complete: the checkpoint of step {plan.step} ({plan.storage.shown}) is at train.steps="
               f"{cfg.train.steps}; nothing to do (raise train.steps to train further)", file=sys.stderr)
         return 0
+    try:  # the input files (model weights, data, chat roles, token ids), before Ray and the run directory
+        check_inputs(cfg)
+    except ConfigError as e:
+        return bad_input(e, args.debug)
     run_dir = make_run_dir(cfg)
     print(f"run directory: {run_dir}", file=sys.stderr)
     try:
@@ -90,9 +84,8 @@ def train(args: argparse.Namespace) -> int:
             from orchestrator.driver import Driver
 
             summary = Driver(cfg, run_dir, plan).run()
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as e:  # what only the devices can find (the memory of the GPUs they got, ...)
+        return bad_input(e, args.debug)
     except RunError as e:
         print(f"run failed: {e}", file=sys.stderr)
         return 1

@@ -16,6 +16,8 @@ from orchestrator.errors import RunError
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import add_debug
+
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ck = sub.add_parser("checkpoints", help="list, verify and export checkpoints")
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     hf.add_argument("--dropless", action="store_true",
                     help="export a model trained with balance.capacity_factor without capacity (no transformers "
                          "MoE drops tokens)")
+    add_debug(hf)
     rp = sub.add_parser("report", help="write the run report (HTML with plots) of a run directory")
     rp.add_argument("run_dir", help="a run directory (runs/<time>-<name>)")
     rp.add_argument("--out", default=None, help="output file (default: RUN_DIR/report.html)")
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "python -m jobs.train)")
     pl.add_argument("overrides", nargs="*", help="key=value overrides, as for python -m jobs.train")
     pl.add_argument("--json", action="store_true", help="print JSON (the plan and the table) instead of text")
+    add_debug(pl)
     args = parser.parse_args(argv)
 
     if args.command == "plan":
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
+    from jobs.cli import bad_input
     from orchestrator.config import ConfigError
     from orchestrator.model.hf_export import export_checkpoint
 
@@ -95,8 +100,7 @@ def _export_hf(args: argparse.Namespace) -> int:
         info = export_checkpoint(args.checkpoint, args.hf, tokenizer_dir=args.tokenizer, config_file=args.config,
                                  dropless=args.dropless)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e, args.debug)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -109,13 +113,14 @@ def _export_hf(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from jobs.cli import bad_input, setup_logging
     from orchestrator.config import DEFAULT_CONFIG, ConfigError, load_config
 
+    setup_logging()   # load_config logs the defaults it resolves (stderr; the plan goes to stdout)
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return bad_input(e, args.debug)
     from orchestrator.plan_render import render
     from orchestrator.planner import MemoryPlanError, check_fits, plan_memory, plan_table
 

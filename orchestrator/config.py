@@ -8,6 +8,7 @@ This module imports no torch and no Ray: validating a config costs nothing.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -20,6 +21,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "default.yaml"
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -292,16 +294,32 @@ class Config:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Config from the structured defaults, then the YAML file, then `key=value` overrides."""
+    """Config from the structured defaults, then the YAML file, then `key=value` overrides.
+
+    Keys from the dataclass defaults and from the default config file (DEFAULT_CONFIG: what the jobs read when
+    --config is not given) are defaults; keys from another --config file and from overrides are the user's. A
+    user's key that has no effect under the chosen options is refused (every one of them, in one ConfigError); a
+    default that does not apply resolves to what does, said once in the log. Raises ConfigError (one line, naming
+    the key, the file and its 1-based line where there is one)."""
     merged: DictConfig = OmegaConf.structured(Config)
+    user: set[str] = set()
     if path is not None:
-        merged = _merge(merged, _read_yaml(Path(path)), f"config file {path}")
+        data = _read_yaml(Path(path))
+        merged = _merge(merged, data, f"config file {path}", Path(path))
+        if not _is_default_file(Path(path)):
+            user |= _dotted_keys(data)
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (for example train.steps=50)")
-        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
+        extra = _parse_override(item)
+        merged = _merge(merged, extra, f"override {item!r}")
+        user |= _dotted_keys(extra)
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:   # a missing mandatory field (a fault without kind), an interpolation
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"bad value for '{key}': {str(e).splitlines()[0]}") from None
+    resolved = validate(cfg, frozenset(user))
+    if resolved:
+        log.info("defaults that do not apply here resolve to what does: %s", "; ".join(resolved))
     return cfg
 
 
@@ -319,29 +337,114 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def _is_default_file(path: Path) -> bool:
+    try:
+        return path.resolve() == DEFAULT_CONFIG.resolve()
+    except OSError:
+        return False
+
+
+def _dotted_keys(data: DictConfig) -> set[str]:
+    """Every leaf key of a config file or override as a dotted path (a list is one leaf: `faults.plan`)."""
+    out: set[str] = set()
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif prefix:
+            out.add(prefix)
+
+    walk(OmegaConf.to_container(data, resolve=False), "")
+    return out
+
+
+def _yaml_error(e: Exception, lines: bool = True) -> str:
+    """A YAML parser's error as one line, with 1-based line and column numbers (yaml's marks count from 0);
+    lines=False: columns only (an override's value is one line, and its end of stream counts as the next)."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark, context, cmark = (getattr(e, n, None) for n in ("problem_mark", "context", "context_mark"))
+
+    def at(m: Any) -> str:
+        return f"line {m.line + 1}, column {m.column + 1}" if lines else f"column {m.column + 1}"
+
+    where = f"{at(mark)}: " if mark is not None and (lines or cmark is None) else ""
+    if context:
+        return f"{where}{problem} ({context}{f' at {at(cmark)}' if cmark is not None else ''})"
+    return f"{where}{problem}"
+
+
+def _parse_override(item: str) -> DictConfig:
+    """One `key=value` override; its value is YAML (`[1, 2]`, `{kind: kill}`, a quoted string)."""
+    import yaml
+
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (for example train.steps=50)")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as e:
+        value = item.split("=", 1)[1]
+        raise ConfigError(f"override {item!r}: its value {value!r} is not valid YAML ({_yaml_error(e, False)}); close "
+                          f"its brackets and quotes, or quote the whole value (key='...')") from None
+
+
 def _read_yaml(path: Path) -> DictConfig:
+    import yaml
+
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file such as {DEFAULT_CONFIG}")
     try:
         data = OmegaConf.load(path)
-    except Exception as e:  # yaml errors come in several types
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_error(e)}; fix that line (indent with "
+                          f"spaces, close brackets and quotes, quote values holding ': ' or ' #')") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
     if not isinstance(data, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model:, train:, ...), not a list")
     return data
 
 
-def _merge(base: DictConfig, extra: DictConfig, where: str) -> DictConfig:
+def _key_line(path: Path, key: str | None) -> int | None:
+    """The 1-based line of dotted `key` in the YAML file `path` (the deepest part of it found), or None."""
+    import yaml
+
+    if not key:
+        return None
+    try:
+        node = yaml.compose(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    line = None
+    for part in re.split(r"\.|\[", key):
+        part = part.rstrip("]")
+        if isinstance(node, yaml.MappingNode):
+            found = next(((k, v) for k, v in node.value if k.value == part), None)
+            if found is None:
+                break
+            line, node = found[0].start_mark.line + 1, found[1]
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _merge(base: DictConfig, extra: DictConfig, where: str, file: Path | None = None) -> DictConfig:
     try:
         return OmegaConf.merge(base, extra)  # type: ignore[return-value]
     except (ConfigKeyError, ConfigAttributeError) as e:
         key = getattr(e, "full_key", None) or str(e)
-        raise ConfigError(f"{where}: unknown config key '{key}'; known sections are "
-                          f"{', '.join(Config.__dataclass_fields__)} (see {DEFAULT_CONFIG} for every key)") from None
+        line = _key_line(file, key) if file is not None else None
+        raise ConfigError(f"{where}: unknown config key '{key}'{f' (line {line})' if line else ''}; known sections "
+                          f"are {', '.join(Config.__dataclass_fields__)} (see {DEFAULT_CONFIG} for every key)") from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
-        raise ConfigError(f"{where}: bad value for '{key}': {msg}") from None
+        line = _key_line(file, key) if file is not None else None
+        what = f"bad value for '{key}'" if key else "bad value"
+        raise ConfigError(f"{where}{f', line {line}' if line else ''}: {what}: {msg}") from None
 
 
 def _positive(cfg: Config, keys: list[str], allow_zero: bool = False) -> None:
@@ -358,11 +461,15 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
 
 
-def validate(cfg: Config) -> None:
-    """Check everything that would otherwise fail inside an actor. Raises ConfigError."""
+def validate(cfg: Config, user_keys: frozenset[str] | None = None) -> list[str]:
+    """Check everything that would otherwise fail inside an actor. `user_keys`: the dotted keys the user set
+    (None: every key counts as set by the user). Returns the defaults resolved to what applies, one line each
+    (the caller logs them). Raises ConfigError: the first bad value, or every key set by the user that has no
+    effect under the chosen options, all in one message."""
     m, d, t, c = cfg.model, cfg.data, cfg.train, cfg.cluster
+    keys = _Keys(user_keys)
     if m.hf_path or m.hf_config:
-        _resolve_hf_model(cfg)
+        _resolve_hf_model(cfg, keys)
     _positive(cfg, ["model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.max_seq_len",
                     "model.num_experts", "model.top_k", "model.expert_dim", "model.dense_dim",
                     "model.rope_theta", "model.norm_eps", "model.init_std", "model.route_scale",
@@ -410,7 +517,7 @@ def validate(cfg: Config) -> None:
                           f"uint16 .bin token file, or leave data.path unset for the embedded stdlib corpus")
     if d.format == "bin" and d.path is None:
         raise ConfigError("data.format='bin' needs data.path pointing to a uint16 token file")
-    _validate_tokens(cfg)
+    _validate_tokens(cfg, keys)
     if cfg.balance.router_aux_loss_coeff and not (m.hf_path or m.hf_config):
         raise ConfigError(f"balance.router_aux_loss_coeff={cfg.balance.router_aux_loss_coeff} is a transformers "
                           f"model's own loss (model.hf_path / model.hf_config); the native model's Switch loss is "
@@ -439,7 +546,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs train.eval_batches > 0 (batches scored each time)")
     if c.backend == "nccl" and not c.use_gpu:
         raise ConfigError("cluster.backend='nccl' needs cluster.use_gpu=true (nccl runs on GPUs only)")
-    _refuse_idle_keys(cfg)
+    _refuse_idle_keys(cfg, keys)
+    keys.raise_refused()
+    return keys.resolved
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -459,14 +568,14 @@ def tokenizer_source(cfg: Config) -> str | None:
     return None
 
 
-def _validate_tokens(cfg: Config) -> None:
+def _validate_tokens(cfg: Config, keys: _Keys) -> None:
     """The tokenizer, the task and packing (orchestrator/data/source.py)."""
     m, d = cfg.model, cfg.data
     _choice("data.task", d.task, ("pretrain", "sft"))
     _positive(cfg, ["data.train_tokenizer", "data.max_samples"], allow_zero=True)
     if d.task == "pretrain":
-        _section_idle(cfg, "data", ("pack", "max_samples"), "with data.task=pretrain (they shape SFT samples): "
-                                                            "remove it, or set data.task=sft")
+        keys.section(cfg, "data", ("pack", "max_samples"), "with data.task=pretrain (they shape SFT samples): "
+                                                           "remove it, or set data.task=sft")
     folder = tokenizer_source(cfg)
     if folder is None and not d.train_tokenizer:   # bytes
         if d.task == "sft":
@@ -501,7 +610,7 @@ _NATIVE_ONLY = ("n_heads", "expert_dim", "num_shared_experts", "score_func", "no
 _FROM_HF = ("vocab_size", "dim", "n_layers", "max_seq_len", "num_experts", "top_k", "first_k_dense")
 
 
-def _resolve_hf_model(cfg: Config) -> None:
+def _resolve_hf_model(cfg: Config, keys: _Keys) -> None:
     """model.hf_path / model.hf_config: read the model's config (transformers, locally), check that its experts
     can be sharded, and fill the model keys the rest of the run reads from it. Refuses what does not apply to
     a transformers model yet, naming the key."""
@@ -514,9 +623,11 @@ def _resolve_hf_model(cfg: Config) -> None:
 
     info = hf_summary(m)
     for name in _NATIVE_ONLY + _FROM_HF:   # (a value equal to the model's own passes: validate runs again on it)
-        if getattr(m, name) not in (_default_of(ModelConfig, name), info.get(name, _default_of(ModelConfig, name))):
-            raise ConfigError(f"model.{name}={getattr(m, name)!r} has no effect with {key}: the Hugging Face config "
-                              f"defines the architecture ({info['class']}); remove it (or change its config.json)")
+        if getattr(m, name) != info.get(name, _default_of(ModelConfig, name)):
+            keys.check(m, name, f"model.{name}", _default_of(ModelConfig, name),
+                       f"model.{name}={getattr(m, name)!r} has no effect with {key}: the Hugging Face config defines "
+                       f"the architecture ({info['class']}); remove it (or change its config.json)",
+                       f"{info['class']}'s config.json defines the architecture")
     for name in _FROM_HF:
         setattr(m, name, info[name])
     # What the transformers path does not do (yet): the model's router is its own; recomputation is the native
@@ -527,18 +638,23 @@ def _resolve_hf_model(cfg: Config) -> None:
                       ("aux_loss_coeff", "the project's balancing losses read the native router's scores"),
                       ("seq_aux_loss_coeff", "the project's balancing losses read the native router's scores"),
                       ("z_loss_coeff", "the project's balancing losses read the native router's scores")):
-        if getattr(b, name) != _default_of(BalanceConfig, name):
-            raise ConfigError(f"balance.{name}={getattr(b, name)!r} does not apply with {key}: {why}; remove it")
-    if b.router_aux_loss_coeff and not info["router_aux_loss"]:
-        raise ConfigError(f"balance.router_aux_loss_coeff={b.router_aux_loss_coeff}: {info['class']} computes no router "
-                          f"auxiliary loss (its transformers module has no load_balancing_loss_func): remove it")
+        keys.check(b, name, f"balance.{name}", _default_of(BalanceConfig, name),
+                   f"balance.{name}={getattr(b, name)!r} does not apply with {key}: {why}; remove it",
+                   f"with {key}: {why}")
+    if not info["router_aux_loss"]:
+        keys.check(b, "router_aux_loss_coeff", "balance.router_aux_loss_coeff", 0.0,
+                   f"balance.router_aux_loss_coeff={b.router_aux_loss_coeff}: {info['class']} computes no router "
+                   f"auxiliary loss (its transformers module has no load_balancing_loss_func): remove it",
+                   f"{info['class']} computes no router auxiliary loss")
     if b.router_aux_loss_coeff and cfg.train.micro_batches > 1:
         raise ConfigError(f"balance.router_aux_loss_coeff with train.micro_batches={cfg.train.micro_batches}: the loss "
                           f"weighs each expert by its share of the whole step's routed copies, known only after the "
                           f"last micro-batch's forward; set train.micro_batches=1 (or use balance.bias_update_speed)")
-    if b.bias_update_speed and not info["correction_bias"]:
-        raise ConfigError(f"balance.bias_update_speed={b.bias_update_speed} needs routers with a correction bias "
-                          f"(e_score_correction_bias, as DeepSeek-V3/V4 have); {info['class']} has none: remove it")
+    if not info["correction_bias"]:
+        keys.check(b, "bias_update_speed", "balance.bias_update_speed", 0.0,
+                   f"balance.bias_update_speed={b.bias_update_speed} needs routers with a correction bias "
+                   f"(e_score_correction_bias, as DeepSeek-V3/V4 have); {info['class']} has none: remove it",
+                   f"{info['class']}'s routers have no correction bias to move")
     if cfg.data.pack and info["packing_leaks"]:
         raise ConfigError(f"data.pack=true with {info['class']}: packed samples would see each other, "
                           f"{info['packing_leaks']}; set data.pack=false (one sample per row)")
@@ -721,18 +837,63 @@ def _default_of(cls: type, name: str) -> Any:
     return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
 
 
-def _idle(key: str, value: Any, default: Any, why: str) -> None:
-    """Refuse `key` when it is set (differs from its default) although nothing reads it: `why` says so and what to do."""
-    if value != default:
-        raise ConfigError(f"{key}={_show(value)} has no effect {why}")
+class _Keys:
+    """Keys that have no effect under the chosen options, as validation finds them: one the user set (their config
+    file or an override) is refused, every one of them in a single ConfigError; a default (the dataclasses', the
+    default config file's) resolves to the value that applies, and says so. Either way the key takes its
+    default value, so the checks after it do not trip over it."""
+
+    def __init__(self, user: frozenset[str] | None):
+        self.user = user              # None: every key counts as the user's (a Config built in code)
+        self.refused: list[str] = []  # one message per key, each naming it and the fix
+        self.resolved: list[str] = [] # `key=value -> default (why)`
+
+    def by_user(self, key: str) -> bool:
+        """Did the user set `key`, or a section or list holding it (`faults.plan` for `faults.plan[0].steps`)?"""
+        return self.user is None or any(key == u or key.startswith((u + ".", u + "[")) for u in self.user)
+
+    def check(self, obj: Any, name: str, key: str, default: Any, refusal: str, reason: str) -> None:
+        """`obj.name` (dotted `key`) has no effect unless it equals `default`: refuse it with `refusal` if the
+        user set it, else resolve it to `default` (`reason` says why, in the log)."""
+        value = getattr(obj, name)
+        if value == default:
+            return
+        if self.by_user(key):
+            self.refused.append(refusal)
+        else:
+            self.resolved.append(f"{key}={_show(value)} -> {_show(default)} ({reason})")
+        setattr(obj, name, default)
+
+    def idle(self, obj: Any, name: str, key: str, why: str) -> None:
+        """`obj.name` is read by nothing under the chosen options: `why` says so and what to do."""
+        value = getattr(obj, name)
+        self.check(obj, name, key, _default_of(type(obj), name), f"{key}={_show(value)} has no effect {why}",
+                   f"no effect {_reason(why)}")
+
+    def section(self, cfg: Config, section: str, names: tuple[str, ...], why: str) -> None:
+        obj = cfg
+        for part in section.split("."):
+            obj = getattr(obj, part)
+        for name in names:
+            self.idle(obj, name, f"{section}.{name}", why)
+
+    def raise_refused(self) -> None:
+        if len(self.refused) == 1:
+            raise ConfigError(self.refused[0])
+        if self.refused:
+            raise ConfigError(f"{len(self.refused)} keys have no effect under the chosen options: "
+                              + " ".join(f"({i}) {r}" for i, r in enumerate(self.refused, 1)))
 
 
-def _section_idle(cfg: Config, section: str, names: tuple[str, ...], why: str) -> None:
-    obj = cfg
-    for part in section.split("."):
-        obj = getattr(obj, part)
-    for name in names:
-        _idle(f"{section}.{name}", getattr(obj, name), _default_of(type(obj), name), why)
+def _reason(why: str) -> str:
+    """The reason part of an idle key's `why` ("with X (because): remove it, ..."): up to its first ': ' outside
+    parentheses, where the fix starts."""
+    depth = 0
+    for i, ch in enumerate(why):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0 and why.startswith(": ", i):
+            return why[:i]
+    return why
 
 
 def _token_files(d: DataConfig) -> bool:
@@ -745,142 +906,143 @@ def _token_files(d: DataConfig) -> bool:
     return path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").is_file())
 
 
-def _refuse_idle_keys(cfg: Config) -> None:
+def _refuse_idle_keys(cfg: Config, keys: _Keys) -> None:
     """A key set to something other than its default where, under the chosen options, no code reads it is an
     error naming it: `balance.routing=topk balance.num_groups=3` would otherwise train plain top-k in silence.
     Each rule below mirrors the code that reads the key (named in the comment)."""
     m, d, b, c, mon = cfg.model, cfg.data, cfg.balance, cfg.cluster, cfg.monitor
     # model/transformer.py: dense layers only below first_k_dense; model/moe.py Router: renormalises k > 1 gates
     if m.first_k_dense == 0:
-        _section_idle(cfg, "model", ("dense_dim",), "with model.first_k_dense=0 (no dense layers): remove it, or "
-                                                    "set model.first_k_dense")
+        keys.section(cfg, "model", ("dense_dim",), "with model.first_k_dense=0 (no dense layers): remove it, or "
+                                                   "set model.first_k_dense")
     if m.top_k == 1:
-        _section_idle(cfg, "model", ("norm_topk_prob",), "with model.top_k=1 (a single gate is never "
-                                                         "renormalised): remove it")
+        keys.section(cfg, "model", ("norm_topk_prob",), "with model.top_k=1 (a single gate is never "
+                                                        "renormalised): remove it")
     # data/corpus.py: the embedded corpus is text; token files are read whole, and a val.bin beside train.bin
     # is the validation split
     if d.path is None:  # (format=bin without a path is refused above)
-        _section_idle(cfg, "data", ("format",), "without data.path (the embedded corpus is text already): remove "
-                                                "it, or set data.path")
+        keys.section(cfg, "data", ("format",), "without data.path (the embedded corpus is text already): remove "
+                                               "it, or set data.path")
     elif _token_files(d):
-        _section_idle(cfg, "data", ("max_bytes",), f"on token files (data.path={d.path!r} is read as uint16 "
-                                                   f"tokens, whole): remove it")
+        keys.section(cfg, "data", ("max_bytes",), f"on token files (data.path={d.path!r} is read as uint16 "
+                                                  f"tokens, whole): remove it")
         if Path(d.path).expanduser().is_dir() and (Path(d.path).expanduser() / "val.bin").is_file():
-            _section_idle(cfg, "data", ("val_fraction",), f"with a val.bin in data.path={d.path!r} (it is the "
-                                                          f"validation split): remove it")
+            keys.section(cfg, "data", ("val_fraction",), f"with a val.bin in data.path={d.path!r} (it is the "
+                                                         f"validation split): remove it")
     # model/balancing.py select_experts: topk reads neither group key, grouped not topk_groups
     if b.routing == "topk":
-        _section_idle(cfg, "balance", ("num_groups", "topk_groups"),
-                      "with balance.routing='topk' (only the grouped and group_limited routings read it): remove "
-                      "it, or set balance.routing=grouped or group_limited")
+        keys.section(cfg, "balance", ("num_groups", "topk_groups"),
+                     "with balance.routing='topk' (only the grouped and group_limited routings read it): remove "
+                     "it, or set balance.routing=grouped or group_limited")
     elif b.routing == "grouped":
-        _section_idle(cfg, "balance", ("topk_groups",),
-                      "with balance.routing='grouped' (every token takes top_k/num_groups experts from every "
-                      "group; only group_limited reads it): remove it, or set balance.routing=group_limited")
+        keys.section(cfg, "balance", ("topk_groups",),
+                     "with balance.routing='grouped' (every token takes top_k/num_groups experts from every "
+                     "group; only group_limited reads it): remove it, or set balance.routing=group_limited")
     # balancer.py Balancer.due/plan: one device never re-plans; without replace_every or replace_on_imbalance no
     # plan is ever made (redundant_experts alone keeps the initial placement and its replicas)
     if c.num_devices == 1:
-        _section_idle(cfg, "balance", ("replace_every", "replace_on_imbalance"),
-                      "with cluster.num_devices=1 (re-placement moves experts between devices): remove it, or use "
-                      "more devices")
+        keys.section(cfg, "balance", ("replace_every", "replace_on_imbalance"),
+                     "with cluster.num_devices=1 (re-placement moves experts between devices): remove it, or use "
+                     "more devices")
     if not b.replace_every and not b.replace_on_imbalance:
-        _section_idle(cfg, "balance", ("replace_window", "replace_min_gain"),
-                      "while live re-placement is off (balance.replace_every=0 and balance.replace_on_imbalance=0): "
-                      "set one of them, or remove it")
+        keys.section(cfg, "balance", ("replace_window", "replace_min_gain"),
+                     "while live re-placement is off (balance.replace_every=0 and balance.replace_on_imbalance=0): "
+                     "set one of them, or remove it")
     # device_group.py: the GPU share of a bundle is asked for only with use_gpu
     if not c.use_gpu:
-        _section_idle(cfg, "cluster", ("gpus_per_device",), "with cluster.use_gpu=false: set cluster.use_gpu=true, "
-                                                            "or remove it")
-        _section_idle(cfg, "memory", ("offload_optimizer",), "with cluster.use_gpu=false (optimizer states are in "
-                                                             "host memory already): remove it, or run on GPUs")
+        keys.section(cfg, "cluster", ("gpus_per_device",), "with cluster.use_gpu=false: set cluster.use_gpu=true, "
+                                                           "or remove it")
+        keys.section(cfg, "memory", ("offload_optimizer",), "with cluster.use_gpu=false (optimizer states are in "
+                                                            "host memory already): remove it, or run on GPUs")
     # parallel/sharding.py, parallel/mesh.py: one device has nothing to shard its state over or split experts across
     if c.num_devices == 1:
-        _section_idle(cfg, "memory", ("zero_stage",), "with cluster.num_devices=1 (ZeRO shards state over several "
-                                                      "devices): remove it, or use more devices")
-        _section_idle(cfg, "parallel", ("expert_parallel",), "with cluster.num_devices=1: remove it")
+        keys.section(cfg, "memory", ("zero_stage",), "with cluster.num_devices=1 (ZeRO shards state over several "
+                                                     "devices): remove it, or use more devices")
+        keys.section(cfg, "parallel", ("expert_parallel",), "with cluster.num_devices=1: remove it")
     # parallel/sharding.py: optimizer offload moves states that ZeRO stage >= 1 shards (FSDP2's CPUOffloadPolicy)
     if cfg.memory.zero_stage < 2:
-        _section_idle(cfg, "memory", ("offload_optimizer",), "with memory.zero_stage below 2 (offload follows FSDP2's "
-                                                             "sharded state): set memory.zero_stage=2 or 3, or remove it")
-    _refuse_idle_checkpoint_keys(cfg)
-    _refuse_idle_fault_keys(cfg)
+        keys.section(cfg, "memory", ("offload_optimizer",), "with memory.zero_stage below 2 (offload follows FSDP2's "
+                                                            "sharded state): set memory.zero_stage=2 or 3, or remove it")
+    _refuse_idle_checkpoint_keys(cfg, keys)
+    _refuse_idle_fault_keys(cfg, keys)
     # metrics.py TensorBoardSink: histograms go to TensorBoard only; alerts.py: the webhook and its settings
     if not mon.tensorboard:
-        _section_idle(cfg, "monitor", ("histogram_every",), "with monitor.tensorboard=false (histograms go to "
-                                                            "TensorBoard only): remove it, or set monitor.tensorboard=true")
+        keys.section(cfg, "monitor", ("histogram_every",), "with monitor.tensorboard=false (histograms go to "
+                                                           "TensorBoard only): remove it, or set monitor.tensorboard=true")
     if not mon.webhook_url:
-        _section_idle(cfg, "monitor", ("webhook_timeout_s", "webhook_retries"),
-                      "without monitor.webhook_url: set monitor.webhook_url, or remove it")
+        keys.section(cfg, "monitor", ("webhook_timeout_s", "webhook_retries"),
+                     "without monitor.webhook_url: set monitor.webhook_url, or remove it")
     elif all(a.action == "record" for a in mon.alerts):
-        raise ConfigError("monitor.webhook_url has no effect: every rule of monitor.alerts has action=record, and "
-                          "only alerts whose action is notify, rollback, skip or stop are posted; give a rule "
-                          "action=notify, or remove monitor.webhook_url")
+        keys.check(mon, "webhook_url", "monitor.webhook_url", None,
+                   "monitor.webhook_url has no effect: every rule of monitor.alerts has action=record, and only "
+                   "alerts whose action is notify, rollback, skip or stop are posted; give a rule action=notify, or "
+                   "remove monitor.webhook_url", "every rule of monitor.alerts has action=record")
     for i, a in enumerate(mon.alerts):  # alerts.py measure: which rules read threshold and window
         if a.rule == "nonfinite":
-            _idle(f"monitor.alerts[{i}].threshold", a.threshold, None, "on the nonfinite rule (any non-finite loss "
-                                                                       "or gradient norm fires it): remove it")
+            keys.idle(a, "threshold", f"monitor.alerts[{i}].threshold", "on the nonfinite rule (any non-finite "
+                                                                        "loss or gradient norm fires it): remove it")
         if a.rule == "restore_failed":
-            _idle(f"monitor.alerts[{i}].threshold", a.threshold, None, "on the restore_failed rule (any state "
-                                                                       "recovery cannot restore fires it): remove it")
+            keys.idle(a, "threshold", f"monitor.alerts[{i}].threshold", "on the restore_failed rule (any state "
+                                                                        "recovery cannot restore fires it): remove it")
         if a.rule not in ("loss_spike", "grad_spike", "throughput_drop", "restarts"):
-            _idle(f"monitor.alerts[{i}].window", a.window, _default_of(AlertRule, "window"),
-                  f"on the {a.rule} rule (only loss_spike, grad_spike, throughput_drop and restarts look back over "
-                  f"a window): remove it")
+            keys.idle(a, "window", f"monitor.alerts[{i}].window",
+                      f"on the {a.rule} rule (only loss_spike, grad_spike, throughput_drop and restarts look back "
+                      f"over a window): remove it")
 
 
-def _refuse_idle_checkpoint_keys(cfg: Config) -> None:
+def _refuse_idle_checkpoint_keys(cfg: Config, keys: _Keys) -> None:
     ck, f = cfg.checkpoint, cfg.faults
     # checkpoint/manager.py retention: keep_last=0 keeps every checkpoint already
     if ck.keep_last == 0:
-        _section_idle(cfg, "checkpoint", ("keep_every",), "with checkpoint.keep_last=0 (every checkpoint is kept): "
-                                                          "remove it, or set checkpoint.keep_last")
+        keys.section(cfg, "checkpoint", ("keep_every",), "with checkpoint.keep_last=0 (every checkpoint is kept): "
+                                                         "remove it, or set checkpoint.keep_last")
     # driver.py after_step/run: a save happens by the policy, on a signal, at the end, or for a checkpoint fault
     faults = [s.kind for s in f.plan] + (list(f.chaos.kinds) if f.chaos.mean_steps_between else [])
     if not (ck.every_steps or ck.at_end or ck.on_signal or "checkpoint" in faults):
-        _section_idle(cfg, "checkpoint", ("keep_last", "keep_every", "async_save"),
-                      "in a run that never saves a checkpoint (checkpoint.every_steps=0, at_end=false, "
-                      "on_signal=false): turn a save on, or remove it")
+        keys.section(cfg, "checkpoint", ("keep_last", "keep_every", "async_save"),
+                     "in a run that never saves a checkpoint (checkpoint.every_steps=0, at_end=false, "
+                     "on_signal=false): turn a save on, or remove it")
 
 
-def _refuse_idle_fault_keys(cfg: Config) -> None:
+def _refuse_idle_fault_keys(cfg: Config, keys: _Keys) -> None:
     f, ch = cfg.faults, cfg.faults.chaos
     # healing.py Injector: a step wins over after_s; DeviceActor.inject: steps/delay_s for slow, in_collective for hang
     for i, spec in enumerate(f.plan):
         key = f"faults.plan[{i}]"
         if spec.step:
-            _idle(f"{key}.after_s", spec.after_s, 0.0, f"(the fault strikes in its step={spec.step}): give either "
-                                                       f"step or after_s")
+            keys.idle(spec, "after_s", f"{key}.after_s", f"(the fault strikes in its step={spec.step}): give "
+                                                          f"either step or after_s")
         if spec.kind != "slow":
             for name in ("steps", "delay_s"):
-                _idle(f"{key}.{name}", getattr(spec, name), _default_of(FaultSpec, name),
-                      f"on a {spec.kind} fault (only slow faults read steps and delay_s): remove it")
+                keys.idle(spec, name, f"{key}.{name}",
+                          f"on a {spec.kind} fault (only slow faults read steps and delay_s): remove it")
         if spec.kind != "hang":
-            _idle(f"{key}.in_collective", spec.in_collective, False,
-                  f"on a {spec.kind} fault (only hang faults read it): remove it")
+            keys.idle(spec, "in_collective", f"{key}.in_collective",
+                      f"on a {spec.kind} fault (only hang faults read it): remove it")
     # healing.py plan_faults: the chaos keys make random faults; the seed also draws the device of rank -1 faults
     if not ch.mean_steps_between:
-        _section_idle(cfg, "faults.chaos", ("kinds", "first_step", "slow_steps", "slow_delay_s"),
-                      "while random chaos is off (faults.chaos.mean_steps_between=0): set "
-                      "faults.chaos.mean_steps_between (jobs.chaos: --every N), or remove it")
+        keys.section(cfg, "faults.chaos", ("kinds", "first_step", "slow_steps", "slow_delay_s"),
+                     "while random chaos is off (faults.chaos.mean_steps_between=0): set "
+                     "faults.chaos.mean_steps_between (jobs.chaos: --every N), or remove it")
         if all(s.rank != -1 for s in f.plan):
-            _section_idle(cfg, "faults.chaos", ("seed",),
-                          "while random chaos is off (faults.chaos.mean_steps_between=0) and no planned fault has "
-                          "rank -1 (a random device): set faults.chaos.mean_steps_between (jobs.chaos: --every N), "
-                          "or remove it")
+            keys.section(cfg, "faults.chaos", ("seed",),
+                         "while random chaos is off (faults.chaos.mean_steps_between=0) and no planned fault has "
+                         "rank -1 (a random device): set faults.chaos.mean_steps_between (jobs.chaos: --every N), "
+                         "or remove it")
     elif "slow" not in ch.kinds:
-        _section_idle(cfg, "faults.chaos", ("slow_steps", "slow_delay_s"),
-                      "while faults.chaos.kinds has no slow: add slow to faults.chaos.kinds, or remove it")
+        keys.section(cfg, "faults.chaos", ("slow_steps", "slow_delay_s"),
+                     "while faults.chaos.kinds has no slow: add slow to faults.chaos.kinds, or remove it")
     # healing.py Watch._stragglers: compares a device with the others
     if cfg.cluster.num_devices == 1:
-        _section_idle(cfg, "faults", ("straggler_factor", "straggler_min_s", "straggler_patience", "on_straggler"),
-                      "with cluster.num_devices=1 (a straggler is a device slower than the others): remove it, or "
-                      "use more devices")
+        keys.section(cfg, "faults", ("straggler_factor", "straggler_min_s", "straggler_patience", "on_straggler"),
+                     "with cluster.num_devices=1 (a straggler is a device slower than the others): remove it, or "
+                     "use more devices")
     # healing.py Healer._spend: with snapshots off the first failure stops the run before any of these is read
     if f.snapshot_every == 0:
-        _section_idle(cfg, "faults", ("standby", "max_recoveries", "recovery_window_s", "max_repeats",
-                                      "recovery_attempts", "retry_backoff_s", "recovery_timeout_s"),
-                      "with faults.snapshot_every=0 (healing off: the first failure stops the run): set "
-                      "faults.snapshot_every to 1 (or more), or remove it")
+        keys.section(cfg, "faults", ("standby", "max_recoveries", "recovery_window_s", "max_repeats",
+                                     "recovery_attempts", "retry_backoff_s", "recovery_timeout_s"),
+                     "with faults.snapshot_every=0 (healing off: the first failure stops the run): set "
+                     "faults.snapshot_every to 1 (or more), or remove it")
 
 
 # --------------------------------------------------------------------------- secrets

@@ -32,9 +32,15 @@ class Corpus:
         return int(max(self.train.max(initial=0), self.val.max(initial=0)))
 
     def check_vocab(self, vocab_size: int, path: str | None) -> None:
-        if self.max_token >= vocab_size:
-            raise ConfigError(f"data.path={path!r} holds token id {self.max_token}, but model.vocab_size="
-                              f"{vocab_size}; raise model.vocab_size above it")
+        """ConfigError naming the split, the first id out of range and its 1-based position (the driver checks
+        token files, naming each, before Ray starts: check_token_ids)."""
+        for name, split in (("training", self.train), ("validation", self.val)):
+            if int(split.max(initial=0)) >= vocab_size:
+                at = int(np.argmax(split >= vocab_size))
+                raise ConfigError(f"data.path={path!r} holds token id {self.max_token}, but model.vocab_size="
+                                  f"{vocab_size} (the first id out of range: token {at + 1:,} of the {name} split of "
+                                  f"{self.description}, id {int(split[at])}); raise model.vocab_size above "
+                                  f"{self.max_token}, or use data of that vocabulary")
 
 
 def stdlib_root() -> Path:
@@ -52,10 +58,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         root = stdlib_root()
         return _from_documents(root, stdlib_documents(), cfg, f"Python {root.name} standard library at {root}")
     path = Path(cfg.path).expanduser()
-    fmt = cfg.format
-    if fmt == "auto":
-        fmt = "bin" if path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").is_file()) else "text"
-    if fmt == "bin":
+    if _format(cfg, path) == "bin":
         return _from_token_files(path, cfg)
     if path.is_dir():
         docs = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
@@ -65,6 +68,41 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         return _from_documents(path, docs, cfg, f"text folder {path} ({len(docs)} files)")
     data = np.frombuffer(_read_capped(path, cfg.max_bytes), dtype=np.uint8)
     return _tail_split(data, cfg, f"text file {path}")
+
+
+def _format(cfg: DataConfig, path: Path) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    return "bin" if path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").is_file()) else "text"
+
+
+def token_files(cfg: DataConfig) -> list[Path]:
+    """The uint16 token files load_corpus reads for `cfg` (none for text): the file, or a folder's train.bin and
+    its val.bin when there is one."""
+    if cfg.path is None:
+        return []
+    path = Path(cfg.path).expanduser()
+    if _format(cfg, path) != "bin":
+        return []
+    if path.is_dir():
+        return [path / "train.bin"] + ([path / "val.bin"] if (path / "val.bin").is_file() else [])
+    return [path]
+
+
+def check_token_ids(cfg: DataConfig, vocab_size: int, chunk: int = 1 << 24) -> None:
+    """Every id of the token files below `vocab_size`, read through a memmap a chunk at a time. Raises
+    ConfigError naming the file, the first id out of range, its 1-based position and the fix."""
+    for f in token_files(cfg):
+        tokens = _memmap_tokens(f, cfg)
+        for start in range(0, len(tokens), chunk):
+            part = tokens[start: start + chunk]
+            if int(part.max(initial=0)) >= vocab_size:
+                at = int(np.argmax(part >= vocab_size))
+                top = max(int(tokens[i: i + chunk].max()) for i in range(start, len(tokens), chunk))
+                raise ConfigError(f"data.path={cfg.path!r}: {f} holds token id {int(part[at])} at token "
+                                  f"{start + at + 1:,} (of {len(tokens):,}), but model.vocab_size={vocab_size} "
+                                  f"(ids 0..{vocab_size - 1}); raise model.vocab_size above {top} (its largest "
+                                  f"id), or use token files of the model's vocabulary")
 
 
 def _read_capped(path: Path, max_bytes: int) -> bytes:
@@ -105,6 +143,8 @@ def _memmap_tokens(path: Path, cfg: DataConfig) -> np.ndarray:
     if path.stat().st_size % 2:
         raise ConfigError(f"data.path={cfg.path!r}: {path} has an odd number of bytes; a uint16 token file "
                           f"(nanoGPT .bin) holds 2 bytes per token")
+    if path.stat().st_size == 0:   # numpy cannot map an empty file; the split-length check names it
+        return np.zeros(0, np.uint16)
     return np.asarray(np.memmap(path, dtype=np.uint16, mode="r"))
 
 

@@ -108,6 +108,13 @@ def _datasets():
 
 def _read_records(path: Path, column: str) -> Iterator[list]:
     """Batches of the values of `column`, file by file, in file order; ConfigError naming the file."""
+    for _, batch in records_by_file(path, column):
+        yield batch
+
+
+def records_by_file(path: Path, column: str) -> Iterator[tuple[Path, list]]:
+    """(file, a batch of the values of `column`), file by file, in file order (a file's records in their order);
+    ConfigError naming the file."""
     builder, files = data_files(path)
     datasets = _datasets()
     scratch = tempfile.mkdtemp(prefix="orchestrator-datasets-")   # datasets' lock files; removed after
@@ -126,7 +133,7 @@ def _read_records(path: Path, column: str) -> Iterator[list]:
             if column not in first:
                 raise ConfigError(f"data.path={str(path)!r}: the records of {f} have no {column!r} column "
                                   f"(columns: {', '.join(first) or 'none'})")
-            yield first[column]
+            yield f, first[column]
             while True:
                 try:
                     batch = next(batches, None)
@@ -134,7 +141,7 @@ def _read_records(path: Path, column: str) -> Iterator[list]:
                     raise ConfigError(f"data.path={str(path)!r}: cannot read {f} as {builder}: {e}") from e
                 if batch is None:
                     break
-                yield batch[column]
+                yield f, batch[column]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -235,16 +242,20 @@ def load_sft_samples(path: str | Path, tokenizer, cache_dir: str | Path | None =
 
 
 def _conversations(path: Path) -> Iterator[list[dict]]:
-    n = 0
-    for batch in _read_records(path, "messages"):
+    """Each record's `messages` as [{role, content}]; ConfigError naming the file and the record (1-based; the
+    driver checks JSON files line by line before Ray starts: orchestrator/preflight.py)."""
+    n, current = 0, None
+    for f, batch in records_by_file(path, "messages"):
+        if f != current:
+            n, current = 0, f
         for messages in batch:
+            n += 1
             if not isinstance(messages, list) or not all(
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                     for m in messages):
-                raise ConfigError(f"data.path={str(path)!r}: record {n} has `messages` that are not a list of "
-                                  f"{{role, content}} strings: {str(messages)[:200]}")
+                raise ConfigError(f"{f}, record {n}: `messages` must be a list of {{role, content}} strings, not "
+                                  f"{str(messages)[:200]}; fix or remove the record")
             yield [{"role": m["role"], "content": m["content"]} for m in messages]
-            n += 1
 
 
 def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:

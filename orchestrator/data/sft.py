@@ -75,8 +75,20 @@ def tokenize_conversations(conversations: Iterable[list[dict]], tokenizer, batch
     tokens, trained, lengths, batch = [], [], [], []
 
     def flush():
-        out = tokenizer.apply_chat_template(batch, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+        try:
+            out = tokenizer.apply_chat_template(batch, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+        except Exception as e:  # the template refused one (jinja's TemplateError: an unknown role, ...): name it
+            for i, conversation in enumerate(batch):
+                try:
+                    tokenizer.apply_chat_template(conversation, tokenize=False)
+                except Exception as one:
+                    n = len(lengths) + i + 1
+                    roles = ", ".join(sorted({repr(m.get("role")) for m in conversation}))
+                    raise ConfigError(f"conversation {n} (1-based, in data order; roles {roles}): the tokenizer's "
+                                      f"chat template refuses it ({str(one).strip() or type(one).__name__}); change "
+                                      f"its roles or remove it") from one
+            raise e
         for ids, mask in zip(out["input_ids"], out["assistant_masks"]):
             tokens.append(np.asarray(ids, dtype=dtype))
             trained.append(np.asarray(mask, dtype=bool))

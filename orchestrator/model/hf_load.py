@@ -42,7 +42,8 @@ import torch
 
 from orchestrator.config import ConfigError
 
-__all__ = ["ReadStats", "read_hf_state", "is_expert_param", "list_checkpoint_keys"]
+__all__ = ["ReadStats", "read_hf_state", "is_expert_param", "list_checkpoint_keys", "weight_files",
+           "check_weight_files"]
 
 _EXPERT_PARAM = re.compile(r"(?:^|\.)experts\.[A-Za-z_]\w*$")
 _FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
@@ -88,24 +89,10 @@ class _Files:
         self._safe_open, self._stack, self.stats, self.path = safe_open, stack, stats, path
         self._handles: dict[str, Any] = {}
         self.file_of: dict[str, str] = {}
-        # as from_pretrained: the index if there is one, else model.safetensors, else every *.safetensors
-        indexes = sorted(path.glob("*.safetensors.index.json"), key=lambda p: p.name != "model.safetensors.index.json")
-        if indexes:
-            index = indexes[0]
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise ConfigError(f"{index}: not a safetensors index (no readable 'weight_map'): {e}") from e
-            for key, fname in weight_map.items():
-                if not (path / fname).is_file():
-                    raise ConfigError(f"{index}: key {key!r} is in {fname!r}, which is not in {path}")
-                self.file_of[key] = fname
+        weight_map, files = weight_files(path)
+        if weight_map is not None:
+            self.file_of = dict(weight_map)
             return
-        files = (["model.safetensors"] if (path / "model.safetensors").is_file()
-                 else sorted(p.name for p in path.glob("*.safetensors")))
-        if not files:
-            raise ConfigError(f"{path}: no *.safetensors file (and no *.safetensors.index.json); "
-                              "save the model with save_pretrained(..., safe_serialization=True)")
         for fname in files:
             for key in self._open(fname).keys():
                 if key in self.file_of:
@@ -167,6 +154,65 @@ class _Files:
         block = torch.cat(parts) if len(parts) > 1 else parts[0]
         pos = {i: n for n, i in enumerate(unique)}
         return block[torch.tensor([pos[i] for i in ids], dtype=torch.long)] if unique != list(ids) else block
+
+
+def weight_files(path: Path) -> tuple[dict[str, str] | None, list[str]]:
+    """The safetensors files of checkpoint folder `path` as from_pretrained picks them: an index's (and its
+    weight_map, key -> file name), else model.safetensors, else every *.safetensors (weight_map None). Raises
+    ConfigError naming the folder or the index."""
+    indexes = sorted(path.glob("*.safetensors.index.json"), key=lambda p: p.name != "model.safetensors.index.json")
+    if indexes:
+        index = indexes[0]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            items = list(weight_map.items())
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+            raise ConfigError(f"{index}: not a safetensors index (no readable 'weight_map': {e}); save the model "
+                              f"again with save_pretrained") from e
+        for key, fname in items:
+            if not (path / str(fname)).is_file():
+                raise ConfigError(f"{index}: key {key!r} is in {fname!r}, which is not in {path}; copy that file "
+                                  f"there, or save the model again")
+        return {str(k): str(f) for k, f in items}, sorted({str(f) for _, f in items})
+    files = (["model.safetensors"] if (path / "model.safetensors").is_file()
+             else sorted(p.name for p in path.glob("*.safetensors")))
+    if not files:
+        raise ConfigError(f"{path}: no *.safetensors file (and no *.safetensors.index.json); "
+                          "save the model with save_pretrained(..., safe_serialization=True)")
+    return None, files
+
+
+def check_weight_files(path: str | Path) -> None:
+    """Every safetensors file of checkpoint folder `path` is whole: its header (an 8-byte little-endian length,
+    then JSON) parses, and the end of its last tensor's data is the file's end, as safetensors requires on open.
+    Reads the headers only (no torch, no tensor), so the driver can run it before anything starts. Raises
+    ConfigError naming the file, what is wrong and the fix."""
+    folder = Path(path).expanduser()
+    _, files = weight_files(folder)
+    for fname in files:
+        f = folder / fname
+
+        def damaged(what: str) -> ConfigError:
+            return ConfigError(f"model.hf_path={str(path)!r}: {f} is not a whole safetensors file: {what}; copy or "
+                               f"download it again (or save the model again with save_pretrained)")
+
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise damaged(f"it has {size} bytes, fewer than the 8 of its header's length")
+            n = int.from_bytes(head, "little")
+            if 8 + n > size:
+                raise damaged(f"its header is {n:,} bytes long, but the file has {size:,} bytes (truncated)")
+            try:
+                header = json.loads(fh.read(n))
+                ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+                raise damaged(f"its header is not a safetensors header ({e})") from None
+        end = 8 + n + max(ends, default=0)
+        if end != size:
+            raise damaged(f"its header says its tensors end at byte {end:,}, but the file has {size:,} bytes "
+                          + ("(truncated)" if size < end else "(bytes after the last tensor)"))
 
 
 def list_checkpoint_keys(path: str | Path) -> dict[str, str]:
