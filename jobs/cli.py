@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from orchestrator.config import DEFAULT_CONFIG
-from orchestrator.errors import Interrupted
+from orchestrator.errors import Interrupted, RunInUse
 
 END_FILES = ("status.json", "summary.json", "goodput.json")  # what a run writes at its end (report.html: optional)
 
@@ -23,6 +23,13 @@ def job_parser(prog: str, doc: str, epilog: str | None = None) -> argparse.Argum
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def refused(e: Exception) -> int:
+    """A run that may not start, said on stderr in one line: a config error, or a run directory or checkpoint
+    folder another live job holds (RunInUse, which names the holder); exit code 2."""
+    print(e if isinstance(e, RunInUse) else f"config error: {e}", file=sys.stderr)
+    return 2
 
 
 def interrupted_exit(e: Interrupted, run_dir: Path | None = None, since: float = 0.0, report: bool = False) -> int:

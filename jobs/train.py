@@ -14,9 +14,10 @@ import argparse
 import signal
 import sys
 import time
+from contextlib import ExitStack
 
-from jobs.cli import interrupted_exit, job_parser, setup_logging
-from orchestrator.config import ConfigError, load_config
+from jobs.cli import interrupted_exit, job_parser, refused, setup_logging
+from orchestrator.config import Config, ConfigError, load_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,12 +46,9 @@ def train(args: argparse.Namespace) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    from orchestrator.cluster import ray_cluster
-    from orchestrator.errors import RunError
-    from orchestrator.monitor import make_run_dir, run_dir_path
-    from orchestrator.signals import interrupted
-
-    from orchestrator.checkpoint.timeline import plan_resume
+    from orchestrator.errors import RunInUse
+    from orchestrator.monitor import run_dir_path
+    from orchestrator.runlock import hold_run
 
     started = time.time()
     cfg.run.dir = str(run_dir_path(cfg))   # decided once: the plan and the run use the same directory
@@ -62,8 +60,26 @@ def train(args: argparse.Namespace) -> int:
         except ConfigError as e:  # MemoryPlanError: the numbers and the knob that would make it fit
             print(f"config error: {e}", file=sys.stderr)
             return 2
+    # The run holds its directory (and a local checkpoint folder) before it reads or writes anything there, until
+    # its end files are written: a second job on either is refused here and changes nothing of this one.
+    with ExitStack() as held:
+        try:
+            run_id = held.enter_context(hold_run(cfg, run_dir_path(cfg)))
+        except (RunInUse, ConfigError) as e:  # ConfigError: a run.dir or checkpoint folder that cannot be created
+            return refused(e)
+        return _train(cfg, run_id, started)
+
+
+def _train(cfg: Config, run_id: str, started: float) -> int:
+    """The held run: where it starts, then the run on Ray; the exit code."""
+    from orchestrator.checkpoint.timeline import plan_resume
+    from orchestrator.cluster import ray_cluster
+    from orchestrator.errors import RunError
+    from orchestrator.monitor import make_run_dir, run_dir_path
+    from orchestrator.signals import interrupted
+
     try:  # where the run starts, before anything starts or is written (a finished run's results stay as they are)
-        plan = plan_resume(cfg, run_dir_path(cfg))
+        plan = plan_resume(cfg, run_dir_path(cfg), run_id)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
