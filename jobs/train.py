@@ -4,9 +4,10 @@
 
 Starts a local Ray when none is running and joins the running cluster when there is one (so the
 same command works under `ray job submit --working-dir . -- python -m jobs.train ...`).
-Exit codes: 0 success, 2 bad config or data, 1 a run that failed, 128+signal when stopped by SIGTERM or
-SIGINT (143, 130): the first stops after the step in flight with a checkpoint, a second at once, with the
-run's end files written as far as they can be (stderr names any that are not); see orchestrator/signals.py.
+Exit codes: 0 success, 2 bad config or data, or a run directory or checkpoint folder another live job holds
+(orchestrator/runlock.py), 1 a run that failed, 128+signal when stopped by SIGTERM or SIGINT (143, 130): the
+first stops after the step in flight with a checkpoint, a second at once, with the run's end files written as
+far as they can be (stderr names any that are not); see orchestrator/signals.py.
 """
 from __future__ import annotations
 
