@@ -1,9 +1,9 @@
 """One live run per run directory and per checkpoint folder (orchestrator/runlock.py), with real jobs.
 
 A second `python -m jobs.train` on a live run's directory, or on its checkpoint folder from another run
-directory, exits 2 naming the holder and changes nothing of the live run, which then finishes as if alone; a
-holder killed with SIGKILL is taken over with a warning; holds are re-entrant in one process (a job, then its
-Driver.run) and released at the end.
+directory, exits 2 naming the holder and changes nothing of the live run, which then finishes as if alone; of
+two jobs started together one runs and the other is refused; a holder killed with SIGKILL is taken over with a
+warning; holds are re-entrant in one process (a job, then its Driver.run) and released at the end.
 """
 from __future__ import annotations
 
@@ -132,19 +132,31 @@ def test_a_second_job_on_a_live_run_is_refused_naming_the_holder_and_changes_not
     assert not (run_dir / HOLDER_FILE).exists() and not (folder / HOLDER_FILE).exists()   # released
 
 
-def test_a_holder_killed_with_sigkill_is_taken_over_with_a_warning(tmp_path):
+def test_of_two_jobs_started_together_one_runs_and_once_it_is_killed_the_next_takes_over(tmp_path):
     run_dir = tmp_path / "run"
-    first = _job(run_dir, "train.steps=100000")
+    both = [_job(run_dir, "train.steps=100000") for _ in range(2)]   # runs until killed
     try:
+        deadline = time.monotonic() + 120
+        while all(p.poll() is None for p in both):
+            assert time.monotonic() < deadline, "neither job was refused"
+            time.sleep(0.1)
+        (refused,) = [p for p in both if p.poll() is not None]
+        (first,) = [p for p in both if p is not refused]
+        err = refused.communicate()[1]
+        assert refused.returncode == 2, err[-3000:]
+        (line,) = err.splitlines()
+        assert line.startswith(f"run directory {run_dir} is in use by ") and f"(pid {first.pid} on host " in line
         _wait_for_steps(first, run_dir, 1)
         holder = json.loads((run_dir / HOLDER_FILE).read_text())
+        assert holder["pid"] == first.pid and f"run {holder['run_id']} (pid {first.pid}" in line
         first.kill()   # SIGKILL: no release, its record stays; the OS drops its lock
         first.wait()
         assert json.loads((run_dir / HOLDER_FILE).read_text()) == holder
         second = _job(run_dir, "train.steps=3")
         out, err = second.communicate(timeout=300)
     finally:
-        _stop(first)
+        for p in both:
+            _stop(p)
     assert second.returncode == 0, err[-3000:]
     assert (f"taking over run directory {run_dir} from run {holder['run_id']} (pid {first.pid} on host "
             f"{socket.gethostname()}, since {_since(holder)}), whose process is gone") in err
