@@ -92,12 +92,16 @@ class _Hold:
         self.directory, self.lock, self.holder, self.count = directory, lock, holder, 1
 
     def record(self, run_id: str | None) -> None:
-        """Write run.lock.json (atomically: a reader never sees half of it)."""
+        """Write run.lock.json (atomically: a reader never sees half of it); ConfigError when it cannot be."""
         if run_id is not None:
             self.holder.run_id = run_id
         tmp = self.directory / f"{HOLDER_FILE}.tmp"
-        tmp.write_text(json.dumps(asdict(self.holder)) + "\n")
-        tmp.replace(self.directory / HOLDER_FILE)
+        try:
+            tmp.write_text(json.dumps(asdict(self.holder)) + "\n")
+            tmp.replace(self.directory / HOLDER_FILE)
+        except OSError as e:
+            raise ConfigError(f"{self.directory}: cannot write {HOLDER_FILE} ({e.strerror or e}); a run needs its "
+                              f"directory writable") from None
 
     def release(self) -> None:
         # the record goes first: once the OS lock is free, run.lock.json belongs to whoever takes it next
@@ -126,9 +130,9 @@ def hold(directory: Path, what: str = "run directory", run_id: str | None = None
     with _guard:
         h = _holds.get(key)
         if h is not None:
-            h.count += 1
             if run_id is not None and run_id != h.holder.run_id:
                 h.record(run_id)
+            h.count += 1
         else:
             h = _holds[key] = _acquire(directory, what, run_id, run_dir or directory, instead)
     try:

@@ -211,3 +211,12 @@ def test_a_record_naming_a_live_process_refuses_although_the_os_lock_is_free(tmp
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_run_directory_that_cannot_be_created_is_a_config_error(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(TINY), f"run.dir={tmp_path}/file/run"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [f"config error: run directory {tmp_path}/file/run: cannot create or lock it "
+                                        f"(Not a directory); choose a writable local path"]
