@@ -23,7 +23,7 @@ from filelock import FileLock, Timeout
 from orchestrator.errors import RunInUse
 from orchestrator.runlock import HOLDER_FILE, LOCK_FILE, hold, hold_run
 from tests.conftest import tiny_config
-from tests.test_train_job import session_processes, wait_gone
+from tests.test_train_job import wait_gone
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
