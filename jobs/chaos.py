@@ -18,10 +18,11 @@ import json
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from jobs.cli import bad_input, interrupted_exit, job_parser, setup_logging
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import Config, ConfigError, load_config
 from orchestrator.rundir import read_jsonl
 
 # What the watch reports for each kind of injected fault.
@@ -90,9 +91,24 @@ def chaos(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return bad_input(e, args.debug)
 
+    from orchestrator.errors import RunInUse
+    from orchestrator.monitor import run_dir_path
+    from orchestrator.runlock import hold
+
+    cfg.run.dir = str(run_dir_path(cfg))   # decided once
+    with ExitStack() as held:  # the job holds its directory; each of its two runs holds its own too
+        try:
+            held.enter_context(hold(Path(cfg.run.dir)))
+        except (RunInUse, ConfigError) as e:
+            return bad_input(e, args.debug)
+        return _chaos(args, cfg)
+
+
+def _chaos(args: argparse.Namespace, cfg: Config) -> int:
     from orchestrator.cluster import ray_cluster
-    from orchestrator.errors import RunError
+    from orchestrator.errors import RunError, RunInUse
     from orchestrator.monitor import make_run_dir
+    from orchestrator.runlock import hold_run
     from orchestrator.signals import interrupted
 
     started = time.time()
@@ -114,15 +130,19 @@ def chaos(args: argparse.Namespace) -> int:
                 d["run"]["id"] = f"{cfg.run.id}-{name}" if cfg.run.id else None  # two runs, two checkpoint folders
                 d["faults"].update(faults)
                 c = config_from_dict(d)
-                path = make_run_dir(c)
-                return c, path
+                return c, Path(c.run.dir)
+
+            def run(c, path: Path):
+                with hold_run(c, path):   # held before its config.yaml is written
+                    make_run_dir(c)
+                    return Driver(c, path).run()
 
             chaos_cfg, chaos_dir = sub("chaos")
             print(f"chaos run: {len(chaos_cfg.faults.plan)} planned fault(s)"
                   + (f", random chaos every {cfg.faults.chaos.mean_steps_between:g} steps on average"
                      if cfg.faults.chaos.mean_steps_between else ""), file=sys.stderr)
             try:
-                summary = Driver(chaos_cfg, chaos_dir).run()
+                summary = run(chaos_cfg, chaos_dir)
                 report["interruptions"] = 0
             except RunError as e:
                 print(f"chaos run stopped: {e}", file=sys.stderr)
@@ -139,7 +159,7 @@ def chaos(args: argparse.Namespace) -> int:
                 twin_cfg, twin_dir = sub("twin", plan=[], chaos={**to_dict(cfg)["faults"]["chaos"],
                                                                  "mean_steps_between": 0.0})
                 print("fault-free twin run ...", file=sys.stderr)
-                twin = Driver(twin_cfg, twin_dir).run()
+                twin = run(twin_cfg, twin_dir)
                 if twin.stopped_by_signal:
                     report["stopped_by_signal"] = twin.stopped_by_signal
                     return _stopped(run_dir, report)
@@ -151,7 +171,7 @@ def chaos(args: argparse.Namespace) -> int:
                 diff = differences(*states)
                 report.update(identical_losses=losses[0] == losses[1], identical_state=not diff,
                               tensors_compared=len(states[0]), tensors_different=diff[:20])
-    except ConfigError as e:
+    except (ConfigError, RunInUse) as e:
         return bad_input(e, args.debug)
     except RunError as e:
         print(f"run failed: {e}", file=sys.stderr)

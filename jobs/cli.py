@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 
 from orchestrator.config import DEFAULT_CONFIG
-from orchestrator.errors import Interrupted
+from orchestrator.errors import Interrupted, RunInUse
 
 END_FILES = ("status.json", "summary.json", "goodput.json")  # what a run writes at its end (report.html: optional)
 
@@ -31,12 +31,14 @@ def add_debug(parser: argparse.ArgumentParser) -> None:
 
 
 def bad_input(e: BaseException, debug: bool = False, prefix: str = "config error") -> int:
-    """Bad input (a ConfigError, a checkpoint that cannot be resumed): one line on stderr, `prefix: message`, and
-    exit code 2. A traceback only with --debug: the message names the key, file, line and fix; the stack is ours."""
+    """Bad input (a ConfigError, a checkpoint that cannot be resumed, a run directory another job holds): one line on
+    stderr, `prefix: message` (RunInUse: its message, which names the holder), and exit code 2. A traceback only
+    with --debug: the message names the key, file, line and fix; the stack is ours."""
     if debug:
         traceback.print_exception(e, file=sys.stderr)
     message = re.sub(r"\s*\n\s*", " ", str(e).strip())   # one line, whatever a library put in it
-    print(f"{prefix}: {message}", file=sys.stderr)
+    # a run directory another live job holds names its holder: no "config error" about it
+    print(message if isinstance(e, RunInUse) else f"{prefix}: {message}", file=sys.stderr)
     return 2
 
 

@@ -18,11 +18,12 @@ import json
 import signal
 import statistics
 import sys
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
 from jobs.cli import bad_input, interrupted_exit, job_parser, setup_logging
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import Config, ConfigError, load_config
 from orchestrator.rundir import read_jsonl
 
 # what every strategy starts from: the router left alone
@@ -186,9 +187,24 @@ def study(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return bad_input(e, args.debug)
 
+    from orchestrator.errors import RunInUse
+    from orchestrator.monitor import run_dir_path
+    from orchestrator.runlock import hold
+
+    cfg.run.dir = str(run_dir_path(cfg))   # decided once
+    with ExitStack() as held:  # the study holds its directory; each strategy's run holds its own too
+        try:
+            held.enter_context(hold(Path(cfg.run.dir)))
+        except (RunInUse, ConfigError) as e:
+            return bad_input(e, args.debug)
+        return _study(args, cfg, configs, strategies)
+
+
+def _study(args: argparse.Namespace, cfg: Config, configs: dict[str, Config], strategies: dict[str, list[str]]) -> int:
     from orchestrator.cluster import ray_cluster
-    from orchestrator.errors import RunError
+    from orchestrator.errors import RunError, RunInUse
     from orchestrator.monitor import make_run_dir
+    from orchestrator.runlock import hold_run
 
     out = make_run_dir(cfg)
     warmup = args.warmup if args.warmup is not None else cfg.train.steps // 5
@@ -200,13 +216,16 @@ def study(args: argparse.Namespace) -> int:
             for name, c in configs.items():
                 c.run.dir = str(out / name)
                 print(f"strategy {name}: {' '.join(strategies[name]) or 'no balancing'}", file=sys.stderr)
-                summary = asdict(Driver(c, make_run_dir(c)).run())
+                with hold_run(c, Path(c.run.dir)):   # held before its config.yaml is written
+                    summary = asdict(Driver(c, make_run_dir(c)).run())
                 if summary["stopped_by_signal"]:
                     print(f"strategy {name}: stopped by {summary['stopped_by_signal']}; no comparison", file=sys.stderr)
                     return 128 + int(getattr(signal, summary["stopped_by_signal"]))
                 records = list(read_jsonl(out / name / "metrics.jsonl"))
                 runs[name] = records
                 rows.append(summarize(name, records, summary, warmup))
+    except (ConfigError, RunInUse) as e:
+        return bad_input(e, args.debug)
     except RunError as e:
         print(f"run failed: {e}", file=sys.stderr)
         return 1

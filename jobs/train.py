@@ -5,9 +5,10 @@
 Starts a local Ray when none is running and joins the running cluster when there is one (so the
 same command works under `ray job submit --working-dir . -- python -m jobs.train ...`).
 Exit codes: 0 success, 2 bad config or data (one line naming the key or file and the fix; --debug adds the
-traceback), 1 a run that failed, 128+signal when stopped by SIGTERM or
-SIGINT (143, 130): the first stops after the step in flight with a checkpoint, a second at once, with the
-run's end files written as far as they can be (stderr names any that are not); see orchestrator/signals.py.
+traceback), or a run directory or checkpoint folder another live job holds (orchestrator/runlock.py), 1 a run
+that failed, 128+signal when stopped by SIGTERM or SIGINT (143, 130): the first stops after the step in flight
+with a checkpoint, a second at once, with the run's end files written as far as they can be (stderr names any that
+are not); see orchestrator/signals.py.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import argparse
 import signal
 import sys
 import time
+from contextlib import ExitStack
 
 from jobs.cli import bad_input, interrupted_exit, job_parser, setup_logging
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import Config, ConfigError, load_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,13 +47,9 @@ def train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return bad_input(e, args.debug)
 
-    from orchestrator.cluster import ray_cluster
-    from orchestrator.errors import RunError
-    from orchestrator.monitor import make_run_dir, run_dir_path
-    from orchestrator.preflight import check_inputs
-    from orchestrator.signals import interrupted
-
-    from orchestrator.checkpoint.timeline import plan_resume
+    from orchestrator.errors import RunInUse
+    from orchestrator.monitor import run_dir_path
+    from orchestrator.runlock import hold_run
 
     started = time.time()
     cfg.run.dir = str(run_dir_path(cfg))   # decided once: the plan and the run use the same directory
@@ -62,12 +60,31 @@ def train(args: argparse.Namespace) -> int:
             check_fits(cfg)
         except ConfigError as e:  # MemoryPlanError: the numbers and the knob that would make it fit
             return bad_input(e, args.debug)
+    # The run holds its directory (and a local checkpoint folder) before it reads or writes anything there, until
+    # its end files are written: a second job on either is refused here and changes nothing of this one.
+    with ExitStack() as held:
+        try:
+            run_id = held.enter_context(hold_run(cfg, run_dir_path(cfg)))
+        except (RunInUse, ConfigError) as e:  # ConfigError: a run.dir or checkpoint folder that cannot be created
+            return bad_input(e, args.debug)
+        return _train(cfg, run_id, started, args.debug)
+
+
+def _train(cfg: Config, run_id: str, started: float, debug: bool) -> int:
+    """The held run: where it starts, its inputs, then the run on Ray; the exit code."""
+    from orchestrator.checkpoint.timeline import plan_resume
+    from orchestrator.cluster import ray_cluster
+    from orchestrator.errors import RunError
+    from orchestrator.monitor import make_run_dir, run_dir_path
+    from orchestrator.preflight import check_inputs
+    from orchestrator.signals import interrupted
+
     try:  # where the run starts, before anything starts or is written (a finished run's results stay as they are)
-        plan = plan_resume(cfg, run_dir_path(cfg))
+        plan = plan_resume(cfg, run_dir_path(cfg), run_id)
     except ConfigError as e:
-        return bad_input(e, args.debug)
+        return bad_input(e, debug)
     except RunError as e:  # the checkpoint to resume from is missing, damaged or of another model
-        return bad_input(e, args.debug, "cannot resume")
+        return bad_input(e, debug, "cannot resume")
     if plan.complete:
         print(f"run complete: the checkpoint of step {plan.step} ({plan.storage.shown}) is at train.steps="
               f"{cfg.train.steps}; nothing to do (raise train.steps to train further)", file=sys.stderr)
@@ -75,7 +92,7 @@ def train(args: argparse.Namespace) -> int:
     try:  # the input files (model weights, data, chat roles, token ids), before Ray and the run directory
         check_inputs(cfg)
     except ConfigError as e:
-        return bad_input(e, args.debug)
+        return bad_input(e, debug)
     run_dir = make_run_dir(cfg)
     print(f"run directory: {run_dir}", file=sys.stderr)
     try:
@@ -85,7 +102,7 @@ def train(args: argparse.Namespace) -> int:
 
             summary = Driver(cfg, run_dir, plan).run()
     except ConfigError as e:  # what only the devices can find (the memory of the GPUs they got, ...)
-        return bad_input(e, args.debug)
+        return bad_input(e, debug)
     except RunError as e:
         print(f"run failed: {e}", file=sys.stderr)
         return 1

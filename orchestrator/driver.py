@@ -42,6 +42,7 @@ from orchestrator.goodput import Goodput
 from orchestrator.healing import Decision, Healer, Incident, Injector, StepFailure, Watch, plan_faults
 from orchestrator.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops, step_record
 from orchestrator.monitor import Progress, device_status, write_memory_plan, write_status
+from orchestrator.runlock import hold_run
 from orchestrator.rundir import append_jsonl, read_jsonl, rewind_logs
 from orchestrator.storage import Storage
 from orchestrator.summary import RunSummary, Totals, history_len, write_results
@@ -57,6 +58,7 @@ class Driver:
         self.mixed_precision = cfg.train.mixed_precision   # settled in start() from the devices' hardware
         self.stop_signal: str | None = None
         self.plan = plan
+        self.run_id: str | None = None      # decided with the run directory held (run())
         self.checkpoints: Checkpoints | None = None
         self.resumed_from_step: int | None = None
         self.restore_s: float | None = None
@@ -90,7 +92,7 @@ class Driver:
                 from orchestrator.planner import frozen_names
 
                 frozen_names(self.cfg)
-            self.plan = self.plan or plan_resume(self.cfg, self.run_dir)
+            self.plan = self.plan or plan_resume(self.cfg, self.run_dir, self.run_id)
             for warning in self.plan.warnings:
                 log.warning("%s", warning)
             # the schedule's horizon as the devices use it: the checkpoint's on resume (timeline.plan_resume)
@@ -171,6 +173,12 @@ class Driver:
         return self.last_kept
 
     def run(self) -> RunSummary:
+        """The whole run, holding its run directory and local checkpoint folder throughout (orchestrator/runlock.py:
+        re-entrant, so a job that holds them already goes on; RunInUse when another live process holds them)."""
+        with hold_run(self.cfg, Path(self.run_dir), self.plan.run_id if self.plan else None) as self.run_id:
+            return self._run()
+
+    def _run(self) -> RunSummary:
         cfg = self.cfg
         t_start = time.perf_counter()
         if self.prepare().complete:

@@ -19,6 +19,11 @@ class CheckpointError(RunError):
     """A checkpoint or in-memory snapshot cannot be used; the message names the checkpoint, the file or the tensor."""
 
 
+class RunInUse(RuntimeError):
+    """A run directory or checkpoint folder another live job holds (orchestrator/runlock.py): the message names
+    it and its holder (run id, pid, host, since when) in one line; the jobs exit 2, having changed nothing."""
+
+
 class Interrupted(KeyboardInterrupt):
     """A signal that stops a run at once: the second SIGINT/SIGTERM (the first one stops after the step in flight),
     or the first one where no step loop is listening (see signals.py). The `finally` work still happens (devices

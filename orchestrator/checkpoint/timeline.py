@@ -53,6 +53,12 @@ def recorded_run_id(run_dir: Path) -> str | None:
         return None
 
 
+def run_id_of(cfg: Config, run_dir: Path) -> str:
+    """The run's id: `run.id`, else the one the run directory records (run.json), else a new one. Decided once per
+    run, with the run directory held (orchestrator.runlock.hold_run), and handed to `plan_resume`."""
+    return cfg.run.id or recorded_run_id(run_dir) or new_run_id(cfg.run.name)
+
+
 def record_run_id(run_dir: Path, run_id: str) -> None:
     path = run_dir / RUN_FILE
     if recorded_run_id(run_dir) != run_id:
@@ -122,11 +128,11 @@ class ResumePlan:
         return {"run_id": self.manifest.run_id, "step": self.manifest.step} if self.manifest else None
 
 
-def plan_resume(cfg: Config, run_dir: Path) -> ResumePlan:
-    """The run's id and folder, the checkpoint it continues from, the checkpoints it retires, the LR horizon.
-    Raises ConfigError (train.steps below the checkpoint; a setting whose change breaks continuation) and
-    CheckpointError (nothing to resume at an explicit path; a different model)."""
-    run_id = cfg.run.id or recorded_run_id(run_dir) or new_run_id(cfg.run.name)
+def plan_resume(cfg: Config, run_dir: Path, run_id: str | None = None) -> ResumePlan:
+    """The run's id (`run_id`, else `run_id_of`) and folder, the checkpoint it continues from, the checkpoints it
+    retires, the LR horizon. Raises ConfigError (train.steps below the checkpoint; a setting whose change breaks
+    continuation) and CheckpointError (nothing to resume at an explicit path; a different model)."""
+    run_id = run_id or run_id_of(cfg, run_dir)
     folder = run_folder(cfg, run_dir, run_id)
     plan = ResumePlan(run_id, folder, lr_horizon=cfg.train.lr_horizon or cfg.train.steps)
     if cfg.train.resume:
@@ -227,4 +233,4 @@ def retire(folder: Storage, steps: list[int], after: int) -> str | None:
 
 
 __all__ = ["ResumePlan", "plan_resume", "retire", "run_folder", "training_settings", "record_run_id",
-           "recorded_run_id", "RUN_FILE", "RETIRED"]
+           "recorded_run_id", "run_id_of", "RUN_FILE", "RETIRED"]
