@@ -49,6 +49,7 @@ def train(args: argparse.Namespace) -> int:
 
     from orchestrator.errors import RunInUse
     from orchestrator.monitor import run_dir_path
+    from orchestrator.preflight import check_inputs
     from orchestrator.runlock import hold_run
 
     started = time.time()
@@ -60,6 +61,10 @@ def train(args: argparse.Namespace) -> int:
             check_fits(cfg)
         except ConfigError as e:  # MemoryPlanError: the numbers and the knob that would make it fit
             return bad_input(e, args.debug)
+    try:  # the input files (model weights, data, chat roles, token ids), before Ray and the run directory
+        check_inputs(cfg)
+    except ConfigError as e:
+        return bad_input(e, args.debug)
     # The run holds its directory (and a local checkpoint folder) before it reads or writes anything there, until
     # its end files are written: a second job on either is refused here and changes nothing of this one.
     with ExitStack() as held:
@@ -71,12 +76,11 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _train(cfg: Config, run_id: str, started: float, debug: bool) -> int:
-    """The held run: where it starts, its inputs, then the run on Ray; the exit code."""
+    """The held run: where it starts, then the run on Ray; the exit code."""
     from orchestrator.checkpoint.timeline import plan_resume
     from orchestrator.cluster import ray_cluster
     from orchestrator.errors import RunError
     from orchestrator.monitor import make_run_dir, run_dir_path
-    from orchestrator.preflight import check_inputs
     from orchestrator.signals import interrupted
 
     try:  # where the run starts, before anything starts or is written (a finished run's results stay as they are)
@@ -89,10 +93,6 @@ def _train(cfg: Config, run_id: str, started: float, debug: bool) -> int:
         print(f"run complete: the checkpoint of step {plan.step} ({plan.storage.shown}) is at train.steps="
               f"{cfg.train.steps}; nothing to do (raise train.steps to train further)", file=sys.stderr)
         return 0
-    try:  # the input files (model weights, data, chat roles, token ids), before Ray and the run directory
-        check_inputs(cfg)
-    except ConfigError as e:
-        return bad_input(e, debug)
     run_dir = make_run_dir(cfg)
     print(f"run directory: {run_dir}", file=sys.stderr)
     try:
