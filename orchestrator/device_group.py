@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.config import Config, mesh_shape
 from orchestrator.device import DeviceActor, autocast_dtype
-from orchestrator.errors import CheckpointError, RunError, last_line
+from orchestrator.errors import CheckpointError, RunError, StateMismatch, last_line
 from orchestrator.parallel.groups import choose_backend
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ def get(refs: list[Any], timeout_s: float, what: str) -> list[Any]:
         raise RunError(f"a device actor died while trying to {what}: {e}") from e
     except RayTaskError as e:  # an error inside a device (a rendezvous timeout, ...): the recovery may retry it
         if isinstance(e, CheckpointError):  # a state that cannot be restored: its own type, in one line
-            raise CheckpointError(f"a device could not {what}: {last_line(e)}") from e
+            raise (StateMismatch if isinstance(e, StateMismatch) else CheckpointError)(
+                f"a device could not {what}: {last_line(e)}") from e
         if isinstance(e, RunError):  # ours already: it says what is wrong
             raise
         raise RunError(f"a device failed to {what}: {last_line(e)}") from e

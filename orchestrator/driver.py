@@ -37,7 +37,7 @@ from orchestrator.config import Config, FaultSpec, mesh_shape, to_dict
 from orchestrator.data.source import load_data, resolve_tokenizer
 from orchestrator.device import StepReport
 from orchestrator.device_group import DeviceGroup, get
-from orchestrator.errors import CheckpointError, RunError
+from orchestrator.errors import RunError, StateMismatch
 from orchestrator.goodput import Goodput
 from orchestrator.healing import Decision, Healer, Incident, Injector, StepFailure, Watch, plan_faults
 from orchestrator.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops, step_record
@@ -374,12 +374,12 @@ class Driver:
         retrying = Retrying(stop=stop_after_attempt(f.recovery_attempts), reraise=True, sleep=backoff,
                             wait=wait_exponential(multiplier=f.retry_backoff_s, min=f.retry_backoff_s),
                             retry=retry_if_exception_type((RunError, RayActorError))
-                            & retry_if_not_exception_type(CheckpointError),   # a state that does not fit stays so
+                            & retry_if_not_exception_type(StateMismatch),   # a state that does not fit stays so
                             before_sleep=lambda s: log.warning("recovery attempt %d failed (%s); retrying",
                                                                s.attempt_number, s.outcome.exception()))
         try:
             step, source = retrying(attempt)
-        except CheckpointError as e:
+        except StateMismatch as e:
             raise self.healer.unrestorable(self.last_step, e) from e
         except (RunError, RayActorError) as e:
             raise self.healer.recovery_failed(f.recovery_attempts, e) from e
@@ -533,9 +533,10 @@ class Driver:
         return step, source
 
     def _restore_state(self, timeout_s: float) -> tuple[int, str]:
-        """The newest state every device can go back to. A snapshot or checkpoint that cannot be restored (it does
-        not fit the model: CheckpointError) ends the recovery there; only a state that is gone (lost with a node,
-        deleted) makes it look further back, and only having none at all goes back to the initial state."""
+        """The newest state every device can go back to: the newest complete in-memory snapshot that can still be
+        read (one lost with its node: the one before), else the newest committed checkpoint that verifies, else the
+        initial state. One that does not fit the model (StateMismatch) ends the recovery there: an older state of
+        the same run would not fit either, and the run's progress is not thrown away in silence."""
         snap = self.checkpoints.snapshots.restore(self.actors, timeout_s, replacing=self.balancer.enabled,
                                                   ep=mesh_shape(self.cfg)[0])
         if snap is not None:
@@ -603,8 +604,11 @@ class Driver:
         """Every device adopts `new` and takes its experts from the newest snapshot (of `step`); then a snapshot in
         the new placement."""
         refs = self.checkpoints.snapshots.newest_refs
-        self._get([a.restore_snapshots.remote(*refs, placement=new) for a in self.actors],
-                  self.cfg.cluster.step_timeout_s, f"move experts to their new devices after step {step}")
+        try:
+            self._get([a.restore_snapshots.remote(*refs, placement=new) for a in self.actors],
+                      self.cfg.cluster.step_timeout_s, f"move experts to their new devices after step {step}")
+        except StateMismatch as e:   # as in a recovery: an incident, an alert, the run stops
+            raise self.healer.unrestorable(step, e) from e
         self.balancer.placement = new
         self.snapshot(step, always=True)
 

@@ -19,6 +19,11 @@ class CheckpointError(RunError):
     """A checkpoint or in-memory snapshot cannot be used; the message names the checkpoint, the file or the tensor."""
 
 
+class StateMismatch(CheckpointError):
+    """A checkpoint or snapshot that does not fit the model: a tensor or rows of it missing. Unlike a damaged file,
+    neither a retry nor an older state of the same run helps (recovery stops on it: Healer.unrestorable)."""
+
+
 class RunInUse(RuntimeError):
     """A run directory or checkpoint folder another live job holds (orchestrator/runlock.py): the message names
     it and its holder (run id, pid, host, since when) in one line; the jobs exit 2, having changed nothing."""

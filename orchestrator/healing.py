@@ -442,7 +442,7 @@ class Healer:
                           f"the last error: {error}")
 
     def unrestorable(self, step: int, error: Exception) -> RunError:
-        """Recovery found a state it cannot restore (CheckpointError: a snapshot or checkpoint that does not fit the
+        """Recovery found a state it cannot restore (StateMismatch: a snapshot or checkpoint that does not fit the
         model). An incident, and the run stops: an older state of the same run would not fit either, and going
         back to step 0 would throw the run's progress away in silence. Its committed checkpoints stay."""
         incident = Incident(step, "restore", -1, None, time.time(), last_line(error), action="stopped")

@@ -58,7 +58,7 @@ def _checkpoint(snapshots: list) -> tuple[dict, dict[str, bytes]]:
     return manifest, blobs
 
 
-def _worker(rank: int, world: int, port: int, out: str, hf_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, hf_dir: str, combos: list[tuple[str, int]]) -> None:
     import torch.distributed as dist
 
     from orchestrator.device_shard import DeviceShard
@@ -66,10 +66,10 @@ def _worker(rank: int, world: int, port: int, out: str, hf_dir: str) -> None:
     torch.set_num_threads(1)
     groups.join("gloo", "127.0.0.1", port, rank, world, timeout_s=120)
     results = {}
-    for model in MODELS:
-        cfg = _config(model, hf_dir, f"cluster.num_devices={world}")
+    for model in dict.fromkeys(m for m, _ in combos):
+        cfg = _config(model, hf_dir, f"cluster.num_devices={world}", "parallel.expert_parallel=2")
         corpus = load_corpus(cfg.data)
-        for stage in STAGES:
+        for stage in [s for m, s in combos if m == model]:
             cfg.memory.zero_stage = stage
 
             def shard() -> DeviceShard:
@@ -102,15 +102,14 @@ def _worker(rank: int, world: int, port: int, out: str, hf_dir: str) -> None:
     groups.leave()
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("optimizer_state")
+def _spawn(tmp, world: int, combos: list[tuple[str, int]]) -> tuple[dict, str]:
     hf_dir = tmp / "deepseek_v4"
-    make_tiny_hf("deepseek_v4", hf_dir)
-    out = str(tmp / "results")
-    mp.spawn(_worker, args=(WORLD, groups.free_port("127.0.0.1"), out, str(hf_dir)), nprocs=WORLD)
+    if not hf_dir.exists():
+        make_tiny_hf("deepseek_v4", hf_dir)
+    out = str(tmp / f"results{world}")
+    mp.spawn(_worker, args=(world, groups.free_port("127.0.0.1"), out, str(hf_dir), combos), nprocs=world)
     parts = []
-    for rank in range(WORLD):
+    for rank in range(world):
         with open(f"{out}.{rank}", "rb") as f:
             parts.append(pickle.load(f))
     results = parts[0]
@@ -121,6 +120,17 @@ def runs(tmp_path_factory):
                                           (mine[3][1], resumed[1])):
                 mine_part.update(their_part)
     return results, str(hf_dir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """2 devices, expert parallel: every model at every stage."""
+    return _spawn(tmp_path_factory.mktemp("optimizer_state"), WORLD, [(m, s) for m in MODELS for s in STAGES])
+
+
+# 4 devices, EP 2 x DP 2: ZeRO-1 partitions the experts' states over the data-parallel pair (the device writing
+# a moment is its partition's owner, not the first replica) and FSDP2 shards the experts on dim 1 over it
+DP_COMBOS = [("frozen", 1), ("frozen", 3), ("deepseek_v4", 1), ("deepseek_v4", 3)]
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], where: str) -> None:
@@ -138,6 +148,19 @@ def test_healing_and_resume_continue_bit_for_bit_at_every_stage(runs, model):
             where = f"{model}, ZeRO stage {stage}, {how}"
             assert got_losses == losses, where
             _same(got_params, params, where)
+
+
+def test_healing_and_resume_continue_bit_for_bit_with_data_parallel_experts(tmp_path):
+    results, _ = _spawn(tmp_path, 4, DP_COMBOS)
+    for model, stage in DP_COMBOS:
+        initial, (losses, params, _), healed, resumed, _, counts = results[(model, stage)]
+        for how, (got_losses, got_params, _) in (("healed", healed), ("resumed", resumed)):
+            where = f"{model}, EP 2 x DP 2, ZeRO stage {stage}, {how}"
+            assert got_losses == losses, where
+            _same(got_params, params, where)
+        still = [n for n in initial if ".indexer." in n or n.endswith("router.gate.weight")]
+        assert still and all(torch.equal(initial[n], params[n]) for n in still), (model, stage)
+        assert counts and set(counts.values()) == {0}, (model, stage)
 
 
 @pytest.mark.parametrize("model", ["frozen", "deepseek_v4"])
@@ -219,3 +242,22 @@ def test_the_memory_plan_counts_no_gradient_or_optimizer_state_for_frozen_parame
         for category in ("params", "grads", "optimizer"):
             assert measured[category] == pytest.approx(getattr(plan, category), rel=0.10), (stage, category)
         assert plan.params == plain.params and plan.grads < plain.grads and plan.optimizer < plain.optimizer, stage
+
+
+def test_an_experts_module_without_rows_still_gets_zero_gradients(tmp_path):
+    """transformers' eager expert loop runs only the experts that got rows: a device that got none would leave its
+    experts' gradient None (AdamW then skips them there only: no weight decay, a step count behind the other
+    devices'), where one device holding every expert always has one. ExpertParallelExperts keeps them in the
+    graph: zero gradients."""
+    from orchestrator.model.hf import build_hf_model
+
+    make_tiny_hf("mixtral", tmp_path / "mixtral")
+    cfg = tiny_config(None, f"model.hf_path={tmp_path / 'mixtral'}", "train.dtype=float64")
+    model = build_hf_model(cfg.model, 0, [0, 1, 2, 3], cfg.balance, {}).double()
+    model.hf_config._experts_implementation = "eager"
+    experts = model.moe_layers()[0]
+    x = torch.zeros(0, cfg.model.dim, dtype=torch.float64)
+    y = experts(x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2, dtype=torch.float64))
+    y.sum().backward()
+    grads = {n: p.grad for n, p in experts.named_parameters()}
+    assert grads and all(g is not None and not g.any() for g in grads.values()), grads

@@ -25,6 +25,7 @@ from ray.exceptions import RayActorError
 
 from orchestrator.checkpoint.manager import (CheckpointManifest, apply_retention, commit_manifest, find_resume,
                                              fingerprint_hash, model_fingerprint, step_dir)
+from orchestrator.checkpoint.shard import merge_optimizer_steps
 from orchestrator.checkpoint.snapshots import InMemorySnapshot, SnapshotStore
 from orchestrator.checkpoint.timeline import ResumePlan, training_settings
 from orchestrator.config import Config, mesh_shape
@@ -232,7 +233,7 @@ class Checkpoints:
         optimizer_steps: dict[str, int] = {}
         for r in p.results.values():
             files.update(r["files"])
-            optimizer_steps.update(r.get("optimizer_steps", {}))
+            merge_optimizer_steps(optimizer_steps, r.get("optimizer_steps", {}), f"checkpoint of step {p.step}")
             for layer, placement in r["expert_files"].items():
                 expert_files.setdefault(layer, {}).update(placement)
             for key, pieces in r.get("index", {}).items():

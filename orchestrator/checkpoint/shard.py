@@ -16,8 +16,9 @@ gives it no state, as AdamW had, instead of asking for moments that never existe
 from __future__ import annotations
 
 import hashlib
-import warnings
+import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,7 +28,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from orchestrator.config import redact_url
-from orchestrator.errors import CheckpointError
+from orchestrator.errors import CheckpointError, StateMismatch
+
+log = logging.getLogger(__name__)
 
 DENSE_FILE = "dense.safetensors"
 
@@ -260,6 +263,17 @@ def restore_from_files(model: torch.nn.Module, optim: Any, rank: int,
     restore(model, optim, rank, locate, manifest["optimizer_step"], tensors, where, manifest.get("optimizer_steps"))
 
 
+def merge_optimizer_steps(into: dict[str, int], more: dict[str, int], where: str) -> None:
+    """Add one device's `optimizer_steps` to those of the others. Devices holding pieces of one tensor (FSDP2)
+    record the same count; should two disagree (the devices' states diverged), the largest is kept, with a warning."""
+    for name, count in more.items():
+        if name in into and into[name] != count:
+            log.warning("%s: %s has AdamW step count %d, another device's piece of it %d; keeping %d", where, name,
+                        count, into[name], max(count, into[name]))
+            count = max(count, into[name])
+        into[name] = count
+
+
 def restore_from_snapshots(model: torch.nn.Module, optim: Any, rank: int, snapshots: list[Snapshot]) -> None:
     """Load this device's part from in-memory snapshots of one step (those holding the pieces it needs)."""
     files = {name: {k: torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v.clone() for k, v in t.items()}
@@ -269,12 +283,12 @@ def restore_from_snapshots(model: torch.nn.Module, optim: Any, rank: int, snapsh
     for snap in snapshots:
         for key, pieces in snap.index.items():
             index.setdefault(key, []).extend(pieces)
-        steps.update(snap.optimizer_steps)
+        merge_optimizer_steps(steps, snap.optimizer_steps, f"the snapshot of device {snap.rank}")
     where = f"in-memory snapshot of step {snapshots[0].step}"
 
     def tensors(name: str) -> dict[str, torch.Tensor]:
         if name not in files:
-            raise CheckpointError(f"{where}: no {name} among the snapshots given")
+            raise StateMismatch(f"{where}: no {name} among the snapshots given")
         return files[name]
 
     restore(model, optim, rank, lambda key: index.get(key, []), snapshots[0].optimizer_step, tensors, where, steps)
@@ -286,12 +300,12 @@ def assemble(key: str, pieces: list[list[Any]], tensors: Callable[[str], dict[st
     copy, or slices along one dim. Only the pieces that overlap the rows asked for are read, and they must cover
     them (a device restoring its own shard needs only its own snapshot; CheckpointError names the rows missing)."""
     if not pieces:
-        raise CheckpointError(f"{where} has no tensor {key!r}: the checkpoint does not fit this model")
+        raise StateMismatch(f"{where} has no tensor {key!r}: the checkpoint does not fit this model")
 
     def get(file: str, name: str) -> torch.Tensor:
         src = tensors(file)
         if name not in src:
-            raise CheckpointError(f"{where}/{file} has no tensor {name!r}: the checkpoint does not fit this model")
+            raise StateMismatch(f"{where}/{file} has no tensor {name!r}: the checkpoint does not fit this model")
         return src[name]
 
     whole = next((pc for pc in pieces if pc[1] is None), None)
@@ -300,7 +314,7 @@ def assemble(key: str, pieces: list[list[Any]], tensors: Callable[[str], dict[st
         return t if want is None or want.dim is None else want.take(t)
     dim = pieces[0][1]
     if want is not None and want.dim is not None and want.dim != dim:
-        raise CheckpointError(f"{where}: {key!r} is stored in slices of dim {dim}, asked for slices of dim {want.dim}")
+        raise StateMismatch(f"{where}: {key!r} is stored in slices of dim {dim}, asked for slices of dim {want.dim}")
     lo, hi = (want.start, want.stop) if want is not None and want.dim is not None else (0, None)
     if hi is None and shape is not None:
         hi = shape[dim]
@@ -320,7 +334,7 @@ def assemble(key: str, pieces: list[list[Any]], tensors: Callable[[str], dict[st
         if hi is not None and at >= hi:
             break
     if (hi is not None and at < hi) or (hi is None and not parts):
-        raise CheckpointError(f"{where}: the pieces of {key!r} at hand leave rows {at}:{hi} of dim {dim} out")
+        raise StateMismatch(f"{where}: the pieces of {key!r} at hand leave rows {at}:{hi} of dim {dim} out")
     return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
 
 
@@ -357,18 +371,23 @@ def restore(model: torch.nn.Module, optim: Any, rank: int, locate: Locate, optim
         if not optim.owns(p):
             return
         count = {counts.get(n, optimizer_step) for n in names}
-        if len(count) > 1:   # one AdamW state holds these experts' rows: they must have stepped alike
-            raise CheckpointError(f"{where}: the experts {names} of one parameter have different AdamW step counts "
-                                  f"{sorted(count)}: they cannot share one optimizer state")
-        n = count.pop()
-        if older and not any(locate(f"exp_avg/{name}") for name in names):
-            n = 0
+        n = max(count)
+        if len(count) > 1:   # experts from devices whose histories differ, now rows of one AdamW state: inexact
+            log.warning("%s: the experts %s, now one parameter's rows, have different AdamW step counts %s; their "
+                        "state takes step %d (the bias correction of the others' rows is not theirs)", where, names,
+                        sorted(count), n)
         if n == 0:   # no state yet (never a gradient, or frozen when saved): AdamW makes it at the first gradient
             return
+        try:
+            saved = {moment: mine(moment) for moment in ("exp_avg", "exp_avg_sq")}
+        except StateMismatch:
+            if older:   # written before `optimizer_steps`: its writer left out the moments of exactly those parameters
+                return  # that had no state
+            raise
         state = {"step": torch.tensor(float(n))}
-        for moment in ("exp_avg", "exp_avg_sq"):
+        for moment, value in saved.items():
             m = torch.zeros_like(p)
-            local(m).copy_(mine(moment))
+            local(m).copy_(value)
             state[moment] = m
         optim.set_state(p, state)
 

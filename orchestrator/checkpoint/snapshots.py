@@ -14,7 +14,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from orchestrator.errors import CheckpointError, RunError, last_line
+from orchestrator.errors import RunError, StateMismatch, last_line
 from orchestrator.goodput import Goodput
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,9 @@ class SnapshotStore:
                 ) -> InMemorySnapshot | None:
         """Put every device back to the newest complete snapshot that can still be read, with the expert placement
         it was taken with; that snapshot, or None when there is none (all lost, e.g. with their node). A device
-        dying meanwhile is a RunError; a snapshot that a device cannot restore (a tensor missing, the wrong shape)
-        is a CheckpointError naming it, never a reason to go further back. `replacing`: experts may sit anywhere, so every device gets every snapshot.
-        `ep`: the expert-parallel degree (None: every device)."""
+        dying meanwhile is a RunError; a snapshot that does not fit the model (a tensor or rows of it missing) is a
+        StateMismatch naming it, never a reason to go further back. `replacing`: experts may sit anywhere, so every
+        device gets every snapshot. `ep`: the expert-parallel degree (None: every device)."""
         ep = ep or len(actors)
         for snap in reversed(self.items):
             if not self.complete(snap, timeout_s):
@@ -93,9 +93,9 @@ class SnapshotStore:
                 raise RunError(f"a device died while restoring the snapshot of step {snap.step}: {e}") from e
             except GetTimeoutError:
                 raise RunError(f"timed out restoring the snapshot of step {snap.step}") from None
-            except CheckpointError as e:  # it does not fit the model: an older state would not either (a defect)
-                raise CheckpointError(f"the in-memory snapshot of step {snap.step} cannot be restored: "
-                                      f"{last_line(e)}") from e
+            except StateMismatch as e:  # it does not fit the model: an older state would not either (a defect)
+                raise StateMismatch(f"the in-memory snapshot of step {snap.step} cannot be restored: "
+                                    f"{last_line(e)}") from e
             except Exception as e:  # ObjectLostError and kin: stored on a node that died
                 log.warning("the snapshot of step %d cannot be restored (%s); trying an older state", snap.step,
                             str(e).splitlines()[0][:200])

@@ -170,6 +170,12 @@ class ExpertParallelExperts(ExpertSlots):
                                            torch.tensor(per_slot, device=x_MD.device)).unsqueeze(1)
         ones_M1 = torch.ones(local_M1.shape, dtype=x_MD.dtype, device=x_MD.device)
         y_MD = super().forward(x_MD, local_M1, ones_M1)   # transformers' expert math on the local slots
+        if not self.last_received:
+            # transformers' loop runs only the experts that got rows: none here, so nothing would reach the weights
+            # and their gradient would be None, where one device holding every expert always has one (zeros for
+            # the experts without tokens). AdamW would then skip them here only (no weight decay, a step count
+            # behind the other devices'), and FSDP2's reduce-scatter would not match its peers'.
+            y_MD = y_MD + sum(p.sum() for p in self.parameters() if p.requires_grad) * 0
         return self.dispatcher.combine(y_MD, top_k_weights, meta, N)
 
 
