@@ -250,8 +250,8 @@ class PrometheusSink:
                                                "optimizer, activations_peak, rss)",
                                    tag_keys=("run", "device", "category"))
         self.incidents = Counter("orchestrator_incidents", description="incidents, by kind", tag_keys=("run", "kind"))
-        self.checkpoints = Counter("orchestrator_checkpoints", description="checkpoint saves started, committed and "
-                                   "failed", tag_keys=("run", "outcome"))
+        self.checkpoints = Counter("orchestrator_checkpoints", description="checkpoints committed and failed",
+                                   tag_keys=("run", "outcome"))
         self.committed = Gauge("orchestrator_checkpoint_committed_step", description="step of the newest committed "
                                "checkpoint", tag_keys=("run",))
 
@@ -275,7 +275,8 @@ class PrometheusSink:
         self.incidents.inc(1.0, tags={**self.tags, "kind": str(incident.get("kind"))})
 
     def event(self, event: dict[str, Any]) -> None:
-        self.checkpoints.inc(1.0, tags={**self.tags, "outcome": event["event"].removeprefix("checkpoint_")})
+        if event["event"] in ("checkpoint_committed", "checkpoint_failed"):
+            self.checkpoints.inc(1.0, tags={**self.tags, "outcome": event["event"].removeprefix("checkpoint_")})
         if event["event"] == "checkpoint_committed":
             self.committed.set(float(event["step"]), tags=self.tags)
 
