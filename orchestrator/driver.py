@@ -58,6 +58,7 @@ class Driver:
         self.devices = DeviceGroup(cfg)
         self.mixed_precision = cfg.train.mixed_precision   # settled in start() from the devices' hardware
         self.stop_signal: str | None = None
+        self.ending = False                   # in the end work (_end_work): a first signal stops nothing more
         self.plan = plan
         self.checkpoints: Checkpoints | None = None
         self.resumed_from_step: int | None = None
@@ -231,11 +232,13 @@ class Driver:
 
     def _end_work(self, state: str, reason: str | None, interrupted, t_start: float, t_loop: float | None):
         """What every run does at its end, whatever ended it, each part as far as it can: incidents published,
-        the checkpoints in flight of a failed run committed (those whose step's record is written), status.json,
+        the checkpoints in flight committed (a failed run's waited for, an interrupted run's if written already;
+        only those whose step's record is written), status.json,
         the devices released, saves left unfinished removed, the sinks closed, webhooks delivered, summary.json,
         goodput.json and report.html. A second signal during it (the first one when every step had finished)
         makes the run interrupted, and the end work goes on (status.json and summary.json say so); an error in
         one part (a full disk) is logged and the next part done. Returns (state, interrupted, summary)."""
+        self.ending = True
         if t_loop is not None and not self.goodput.wall:  # the loop did not get to its end: close the books now
             self.goodput.finish(time.perf_counter() - t_loop)
         summary = None
@@ -259,8 +262,13 @@ class Driver:
             summary = self._summarize(time.perf_counter() - t_start, interrupted, state, why(), report)
 
         part("could not publish the incidents", self._publish_incidents)
-        if state == "failed" and self.checkpoints.pending and self.actors:
-            part("could not settle the checkpoints in flight", self._settle_before_shutdown)
+        if self.checkpoints.pending and self.actors:
+            if state == "failed":
+                part("could not settle the checkpoints in flight", self._settle_before_shutdown)
+            else:  # interrupted: no waiting, but what is written already commits
+                part("could not commit the checkpoints written", lambda: self._checkpoint_outcomes(
+                    *self.checkpoints.poll(self.actors, commit_through=self.recorded_through), self.last_step,
+                    judge=False))
         told = state
         part("could not write status.json", lambda: self.write_status(told, reason=why()))
         part("could not release the devices", self.shutdown)
@@ -749,6 +757,8 @@ class Driver:
         finished: then the run ends as a finished one (its final checkpoint, validation and results; exit 0).
         A second raises Interrupted (see signals.py). Returns the function that undoes this."""
         def stop(name: str) -> str | None:
+            if self.ending:
+                return "the run is ending; its end work goes on (status, devices released, results)"
             if self.last_kept >= self.cfg.train.steps:
                 return "every step has finished; the run ends as a finished one (final checkpoint, validation, results)"
             self.stop_signal = name

@@ -166,6 +166,9 @@ class Checkpoints:
             del self.pending[step]
             if commit_through is not None and step > commit_through and not p.errors:
                 p.errors[-1] = f"not committed: the record of step {step} could not be written to the run directory"
+            missing = sorted(set(range(self.world)) - set(p.results))
+            if missing and not p.errors:  # every shard or no commit, whatever interrupted the bookkeeping
+                p.errors[-1] = f"no written shard from device(s) {missing}"
             if not p.errors:
                 try:
                     self._commit(p)
@@ -196,15 +199,17 @@ class Checkpoints:
         return committed, failed
 
     def _take(self, p: PendingCheckpoint, w: _Write, actors: list[Any]) -> None:
-        del p.writes[w.rank]
-        try:
+        try:  # the write leaves p.writes only once its outcome is in hand (a signal may land inside ray.get)
             result = ray.get(w.ref)
         except RayActorError as e:
+            del p.writes[w.rank]
             self._rewrite(p, w, actors, e)
             return
         except Exception as e:  # the snapshot was lost with its node, or the writer raised
+            del p.writes[w.rank]
             p.errors[w.rank] = f"device {w.rank}: {last_line(e)}"
             return
+        del p.writes[w.rank]
         if result.get("error"):
             p.errors[w.rank] = f"rank {w.rank}: {result['error']}"
         else:
