@@ -18,8 +18,8 @@ would be one. So the gate also registers a pipe with `signal.set_wakeup_fd`: the
 byte, the signal's number, per delivery, and the Python handler reads them all, handling each signal in
 the order it came. (CPython trips the flag before it writes the byte, possibly in another thread: a call
 that finds no byte waits up to 50 ms for it; a call whose byte an earlier call already took finds none and
-handles nothing twice.) Where another wakeup fd is registered (an asyncio loop in the main thread), that
-one stays and each handler call counts as one signal, as before. A self-pipe rather than
+handles nothing twice.) Where another wakeup fd is registered (an asyncio loop in the main thread, before
+the gate or since), that one stays and each handler call counts as one signal, as before. A self-pipe rather than
 `signal.sigwait` in a thread: the main thread must still be interrupted (Interrupted is raised there), and
 the pipe needs no signal masks, which Ray's and gRPC's threads would inherit.
 
@@ -69,6 +69,13 @@ class StopSignals:
         data = self._drain()
         if not data and select.select([self._pipe[0]], [], [], BYTE_WAIT_S)[0]:
             data = self._drain()
+        if not data:
+            current = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+            if current != self._pipe[1]:  # cleared or replaced since (an asyncio loop): this byte went elsewhere
+                if current != -1:         # another one's: it stays, and from now on a call counts as one signal
+                    signal.set_wakeup_fd(current)
+                    self._close_pipe()
+                return [signum]
         return [b for b in data if b in SIGNALS]
 
     def _drain(self) -> bytes:
