@@ -32,7 +32,7 @@ from orchestrator.disk import DiskFull, full, room
 log = logging.getLogger(__name__)
 
 STEP_LOGS = ("metrics.jsonl", "incidents.jsonl", "alerts.jsonl")
-FIX = "free space there, or set run.dir to a disk with room"   # what a full run directory asks of its user
+FIX = "free space there, or move the run directory to a disk with room and point run.dir at it"  # its user's part
 
 
 def read_jsonl(path: Path | str, what: str | None = None) -> Iterator[dict[str, Any]]:

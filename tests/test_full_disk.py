@@ -148,9 +148,9 @@ def test_a_full_run_directory_stops_the_run_at_a_committed_checkpoint_and_it_res
         assert job.returncode == 1 and "Traceback" not in err, err[-3000:]
         failed = err.strip().splitlines()[-1]
         found = re.fullmatch(rf"run failed: no space left on the disk of {run_dir}/(\S+): writing it needs [\d,]+ "
-                             rf"bytes, [\d,]+ bytes free there; free space there, or set run.dir to a disk with room; "
-                             rf"the run stopped, its newest committed checkpoint is step (\d+): resume with "
-                             rf"train.resume=latest once there is room", failed)
+                             rf"bytes, [\d,]+ bytes free there; free space there, or move the run directory to a "
+                             rf"disk with room and point run.dir at it; the run stopped, its newest committed "
+                             rf"checkpoint is step (\d+): resume with train.resume=latest once there is room", failed)
         assert found, failed
         newest = int(found.group(2))
         assert not [p.name for p in run_dir.iterdir() if ".tmp" in p.name]
