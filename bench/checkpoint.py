@@ -29,7 +29,7 @@ def run(run_dir: Path, overrides: list[str]) -> tuple[dict, list[dict]]:
 
 
 def stall(records: list[dict]) -> dict:
-    saved_after = {r["step"] for r in records if r.get("checkpoint_saved")}
+    saved_after = {r["step"] for r in records if r.get("checkpoint_started")}
     after = [r["step_time_s"] for r in records[1:] if r["step"] - 1 in saved_after]
     other = [r["step_time_s"] for r in records[1:] if r["step"] - 1 not in saved_after]
     mean_all = statistics.mean(r["step_time_s"] for r in records[1:])

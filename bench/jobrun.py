@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from orchestrator.rundir import read_jsonl
+from orchestrator.rundir import read_jsonl, records as step_records
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,5 +20,5 @@ def run_job(run_dir: Path, overrides: list[str]) -> tuple[dict, list[dict], floa
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    records = list(read_jsonl(run_dir / "metrics.jsonl"))
+    records = step_records(read_jsonl(run_dir / "metrics.jsonl"))   # event lines left out
     return summary, records, wall

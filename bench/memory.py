@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.model.transformer import count_parameters  # noqa: E402
 from orchestrator.planner import plan_memory  # noqa: E402
-from orchestrator.rundir import read_jsonl  # noqa: E402
+from orchestrator.rundir import read_jsonl, records  # noqa: E402
 
 MODES = list(itertools.product((0, 1, 2, 3), ("none", "selective", "full")))
 CATEGORIES = ("params", "grads", "optimizer", "activations_peak")
@@ -67,7 +67,7 @@ def measured(dim: int, stage: int, ac: str, devices: int, ep: int, extra: list[s
     with tempfile.TemporaryDirectory() as d:
         cfg = config(dim, stage, ac, devices, ep, [*extra, f"train.steps={steps}", f"run.dir={d}"])
         Driver(cfg, Path(d)).run()
-        return list(read_jsonl(Path(d) / "metrics.jsonl"))[-1]["device_memory"]
+        return records(read_jsonl(Path(d) / "metrics.jsonl"))[-1]["device_memory"]
 
 
 def step_times(stage: int, ac: str, devices: int, ep: int, steps: int, skip: int) -> list[float]:
@@ -79,7 +79,7 @@ def step_times(stage: int, ac: str, devices: int, ep: int, steps: int, skip: int
                 "monitor.report=false", "checkpoint.at_end=false", "train.eval_batches=0", f"run.dir={d}",
                 f"cluster.cpus_per_device={2 / devices}"]
         Driver(load_config(REPO / "jobs/configs/default.yaml", over), Path(d)).run()
-        return [r["step_time_s"] for r in read_jsonl(Path(d) / "metrics.jsonl")][skip:]
+        return [r["step_time_s"] for r in records(read_jsonl(Path(d) / "metrics.jsonl"))][skip:]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from jobs.cli import bad_input, interrupted_exit, job_parser, setup_logging
 from orchestrator.config import Config, ConfigError, load_config
-from orchestrator.rundir import read_jsonl
+from orchestrator.rundir import read_jsonl, records
 
 # What the watch reports for each kind of injected fault.
 _DETECTED_AS = {"kill": {"dead"}, "crash": {"crash"}, "hang": {"hang"}, "slow": {"slow"}, "nan": {"nan"},
@@ -198,7 +198,7 @@ def _stopped(run_dir: Path, report: dict) -> int:
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl")]
+    return [(r["step"], r["loss"]) for r in records(read_jsonl(run_dir / "metrics.jsonl"))]
 
 
 def render(report: dict) -> str:

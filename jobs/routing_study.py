@@ -24,7 +24,7 @@ from pathlib import Path
 
 from jobs.cli import bad_input, interrupted_exit, job_parser, setup_logging
 from orchestrator.config import Config, ConfigError, load_config
-from orchestrator.rundir import read_jsonl
+from orchestrator.rundir import read_jsonl, records as step_records
 
 # what every strategy starts from: the router left alone
 NO_BALANCING = ["balance.aux_loss_coeff=0", "balance.seq_aux_loss_coeff=0", "balance.z_loss_coeff=0",
@@ -221,7 +221,7 @@ def _study(args: argparse.Namespace, cfg: Config, configs: dict[str, Config], st
                 if summary["stopped_by_signal"]:
                     print(f"strategy {name}: stopped by {summary['stopped_by_signal']}; no comparison", file=sys.stderr)
                     return 128 + int(getattr(signal, summary["stopped_by_signal"]))
-                records = list(read_jsonl(out / name / "metrics.jsonl"))
+                records = step_records(read_jsonl(out / name / "metrics.jsonl"))
                 runs[name] = records
                 rows.append(summarize(name, records, summary, warmup))
     except (ConfigError, RunInUse) as e:

@@ -6,9 +6,11 @@ Starts a local Ray when none is running and joins the running cluster when there
 same command works under `ray job submit --working-dir . -- python -m jobs.train ...`).
 Exit codes: 0 success, 2 bad config or data (one line naming the key or file and the fix; --debug adds the
 traceback), or a run directory or checkpoint folder another live job holds (orchestrator/runlock.py), 1 a run
-that failed, 128+signal when stopped by SIGTERM or SIGINT (143, 130): the first stops after the step in flight
-with a checkpoint, a second at once, with the run's end files written as far as they can be (stderr names any that
-are not); see orchestrator/signals.py.
+that failed (a full run directory too: the message names the file and the bytes), 128+signal when stopped by
+SIGTERM or SIGINT (143, 130): the first stops after the step in flight with a checkpoint, a second at once, with
+the run's end files written as far as they can be (stderr names any that are not); see orchestrator/signals.py.
+A first signal that comes once every step has finished leaves the run finished (its final checkpoint and
+validation; exit 0).
 """
 from __future__ import annotations
 
@@ -93,8 +95,13 @@ def _train(cfg: Config, run_id: str, started: float, debug: bool) -> int:
         print(f"run complete: the checkpoint of step {plan.step} ({plan.storage.shown}) is at train.steps="
               f"{cfg.train.steps}; nothing to do (raise train.steps to train further)", file=sys.stderr)
         return 0
-    run_dir = make_run_dir(cfg)
+    try:
+        run_dir = make_run_dir(cfg)
+    except RunError as e:  # a full disk (DiskFull names the path and the bytes)
+        print(f"run failed: {e}", file=sys.stderr)
+        return 1
     print(f"run directory: {run_dir}", file=sys.stderr)
+    summary = None
     try:
         with ray_cluster(cfg.cluster, spare_devices=cfg.faults.standby):
             # Ray and torch are imported only now: the config is good and the cluster's network chosen.
@@ -107,7 +114,11 @@ def _train(cfg: Config, run_id: str, started: float, debug: bool) -> int:
         print(f"run failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Interrupted: a second signal, or one while no step loop listened
-        return interrupted_exit(interrupted(e), run_dir, started, cfg.monitor.report)
+        if summary is None:
+            return interrupted_exit(interrupted(e), run_dir, started, cfg.monitor.report)
+        # the run had ended, its end files written: the signal only cut Ray's shutdown short (its watchdog
+        # finishes that); the job exits as the run ended
+        print(f"{interrupted(e).describe()} after the run ended: Ray's shutdown cut short", file=sys.stderr)
     val = f", validation loss {summary.val_loss:.4f}" if summary.val_loss is not None else ""
     final = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
     print(f"done: {summary.steps_done} steps, final loss {final}{val}, {summary.tokens_per_s:,.0f} tokens/s, "

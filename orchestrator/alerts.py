@@ -14,8 +14,10 @@ rule twice. Conditions:
     throughput_drop  tokens/s < threshold x median of the previous `window` steps'        (default 0.5)
     restarts         recoveries within the last `window` steps > threshold                (default 3)
     checkpoint_age   steps since the last committed checkpoint > threshold                (default 1000)
-    restore_failed   recovery found a snapshot or checkpoint it cannot restore (a tensor missing, the wrong shape):
-                     an incident of kind restore; the run stops there instead of replaying from an older state
+    checkpoint_failed  a checkpoint that did not commit (an incident of kind checkpoint): every failed save
+                     fires it, as it is decided, with the reason (the healer retakes it or stops the run)
+    restore_failed     recovery found a snapshot or checkpoint it cannot restore (a tensor missing, the wrong shape):
+                       an incident of kind restore; the run stops there instead of replaying from an older state
 
 Actions: record (alerts.jsonl only), notify (also a warning on stderr and in the log, and a POST of
 the alert as JSON to `monitor.webhook_url` with retries and a timeout), and rollback | skip | stop,
@@ -44,9 +46,10 @@ from orchestrator.rundir import append_jsonl
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = {"nonfinite": 0.0, "loss_spike": 3.0, "grad_spike": 10.0, "maxvio": 1.0, "straggler": 1.5,
-                     "throughput_drop": 0.5, "restarts": 3.0, "checkpoint_age": 1000.0, "restore_failed": 0.0}
+                     "throughput_drop": 0.5, "restarts": 3.0, "checkpoint_age": 1000.0, "checkpoint_failed": 0.0,
+                     "restore_failed": 0.0}
+INCIDENT_RULES = ("checkpoint_failed", "restore_failed")   # fired by incidents only: a step's record never shows them
 RULES = tuple(DEFAULT_THRESHOLD)
-INCIDENT_RULES = ("restore_failed",)
 ACTIONS = ("record", "notify", "rollback", "skip", "stop")
 
 
@@ -76,8 +79,6 @@ def _median_before(history: list[dict[str, Any]], key: str, window: int) -> floa
 def measure(rule: str, threshold: float, window: int, rec: dict[str, Any], history: list[dict[str, Any]],
             ctx: Context) -> tuple[float | None, bool, str]:
     """(the value the rule watches, does it break the threshold, a sentence saying so) for one record."""
-    if rule in INCIDENT_RULES:   # fired by incidents only (AlertEngine.incident), never by a step's record
-        return None, False, ""
     if rule == "nonfinite":
         bad = rec.get("skipped") == "nonfinite" or not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]))
         return rec["loss"], bad, f"non-finite loss {rec['loss']} or gradient norm {rec['grad_norm']}"
@@ -112,6 +113,8 @@ def measure(rule: str, threshold: float, window: int, rec: dict[str, Any], histo
     if rule == "checkpoint_age":
         age = rec["step"] - (ctx.last_checkpoint_step or 0)
         return float(age), age > threshold, f"last committed checkpoint {age} steps ago"
+    if rule in INCIDENT_RULES:
+        return None, False, ""
     raise ValueError(f"unknown alert rule {rule!r}")
 
 
@@ -209,8 +212,20 @@ class AlertEngine:
 
     def incident(self, incident: dict[str, Any]) -> list[Alert]:
         """Alerts from an incident the healer decided: non-finite values it rolled back (a skipped step has a
-        record, which `evaluate` sees), a straggler left in place, a state recovery could not restore. The healer has acted already: an alert can record, notify or stop."""
+        record, which `evaluate` sees), a straggler left in place, a checkpoint that did not commit (each one: a
+        retake of the same step that fails again fires again), a state recovery could not restore. The healer has
+        acted already: an alert can record, notify or stop."""
         fired = []
+        if incident.get("kind") == "checkpoint":
+            for r in self.rules:
+                if r.rule == "checkpoint_failed":
+                    outcome = "retaken later" if incident.get("action") == "retried" else "the run stops"
+                    alert = self._fire(int(incident["step"]), "checkpoint_failed", None, 0.0, r.action,
+                                       f"checkpoint of step {incident['step']} not committed: "
+                                       f"{incident.get('detail')} ({outcome})")
+                    fired.append(alert)
+                    if r.action == "stop":
+                        self.stop = alert
         if incident.get("kind") == "slow" and incident.get("action") == "recorded":  # a straggler left in place
             step = int(incident["step"])
             for r in self.rules:
@@ -245,17 +260,22 @@ class AlertEngine:
             log.warning(line)
             self.stream.write(line + "\n")
             self.stream.flush()
-        if self.webhook and action != "record":
+        posted = bool(self.webhook) and action != "record"
+        if posted:
             alert.webhook = "pending"
+        try:
             self._append(asdict(alert))
-            self.webhook.send(alert)
-        else:
-            self._append(asdict(alert))
+        finally:  # a full run directory (DiskFull, raised on) must not keep the alert from its webhook
+            if posted:
+                self.webhook.send(alert)
         return alert
 
     def _delivered(self, alert: Alert, outcome: str) -> None:
         alert.webhook = outcome
-        self._append({"step": alert.step, "rule": alert.rule, "webhook": outcome, "time": time.time()})
+        try:
+            self._append({"step": alert.step, "rule": alert.rule, "webhook": outcome, "time": time.time()})
+        except Exception as e:  # a webhook thread: a full run directory is the driver's to report, not this thread's
+            log.warning("alert webhook outcome for step %d %s not recorded: %s", alert.step, alert.rule, e)
 
     def _append(self, line: dict[str, Any]) -> None:
         if self.path is None:
@@ -268,4 +288,5 @@ class AlertEngine:
             self.webhook.wait(timeout_s)
 
 
-__all__ = ["Alert", "AlertEngine", "Context", "Webhook", "measure", "RULES", "ACTIONS", "DEFAULT_THRESHOLD"]
+__all__ = ["Alert", "AlertEngine", "Context", "Webhook", "measure", "RULES", "ACTIONS", "DEFAULT_THRESHOLD",
+           "INCIDENT_RULES"]

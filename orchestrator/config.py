@@ -247,7 +247,7 @@ class RunConfig:
 class AlertRule:
     """One alert rule (conditions and actions: orchestrator/alerts.py)."""
     rule: str = "loss_spike"   # nonfinite | loss_spike | grad_spike | maxvio | straggler | throughput_drop | restarts
-                               # | checkpoint_age | restore_failed
+                               # | checkpoint_age | checkpoint_failed | restore_failed
     threshold: Optional[float] = None  # None: the rule's default (see alerts.py)
     steps: int = 1             # consecutive steps the condition must hold before the alert fires
     window: int = 20           # steps of history: the moving median (spikes, throughput), recoveries counted (restarts)
@@ -258,7 +258,8 @@ def _default_alerts() -> list[AlertRule]:
     return [AlertRule("nonfinite"), AlertRule("loss_spike", 3.0), AlertRule("grad_spike", 10.0),
             AlertRule("straggler", 1.5, steps=5), AlertRule("throughput_drop", 0.5, steps=5),
             AlertRule("restarts", 3.0, window=100), AlertRule("maxvio", 1.0, steps=50, action="record"),
-            AlertRule("checkpoint_age", 1000.0, action="record"), AlertRule("restore_failed")]
+            AlertRule("checkpoint_age", 1000.0, action="record"), AlertRule("checkpoint_failed"),
+            AlertRule("restore_failed")]
 
 
 @dataclass
@@ -531,11 +532,14 @@ def validate(cfg: Config, user_keys: frozenset[str] | None = None) -> list[str]:
     for i, a in enumerate(cfg.monitor.alerts):
         _choice(f"monitor.alerts[{i}].rule", a.rule, ("nonfinite", "loss_spike", "grad_spike", "maxvio", "straggler",
                                                       "throughput_drop", "restarts", "checkpoint_age",
-                                                      "restore_failed"))
+                                                      "checkpoint_failed", "restore_failed"))
         _choice(f"monitor.alerts[{i}].action", a.action, ("record", "notify", "rollback", "skip", "stop"))
         if a.steps < 1 or a.window < 1 or (a.threshold is not None and a.threshold < 0):
             raise ConfigError(f"monitor.alerts[{i}] ({a.rule}): steps and window must be at least 1 and threshold "
                               f"zero or more (got steps={a.steps}, window={a.window}, threshold={a.threshold})")
+        if a.rule == "checkpoint_failed" and a.action in ("rollback", "skip"):
+            raise ConfigError(f"monitor.alerts[{i}] (checkpoint_failed) action={a.action}: a failed checkpoint is no "
+                              f"step to rewind (the healer retakes it); use record, notify or stop")
         if a.action in ("rollback", "skip") and cfg.faults.snapshot_every == 0:
             raise ConfigError(f"monitor.alerts[{i}] ({a.rule}) action={a.action} rewinds to a snapshot, but "
                               f"faults.snapshot_every=0 turns snapshots off")
@@ -984,6 +988,11 @@ def _refuse_idle_keys(cfg: Config, keys: _Keys) -> None:
         if a.rule == "restore_failed":
             keys.idle(a, "threshold", f"monitor.alerts[{i}].threshold", "on the restore_failed rule (any state "
                                                                         "recovery cannot restore fires it): remove it")
+        if a.rule == "checkpoint_failed":
+            keys.idle(a, "threshold", f"monitor.alerts[{i}].threshold", "on the checkpoint_failed rule (every "
+                                                                        "failed checkpoint fires it): remove it")
+            keys.idle(a, "steps", f"monitor.alerts[{i}].steps", "on the checkpoint_failed rule (every failed "
+                                                                "checkpoint fires it): remove it")
         if a.rule not in ("loss_spike", "grad_spike", "throughput_drop", "restarts"):
             keys.idle(a, "window", f"monitor.alerts[{i}].window",
                       f"on the {a.rule} rule (only loss_spike, grad_spike, throughput_drop and restarts look back "

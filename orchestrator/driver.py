@@ -10,7 +10,9 @@ actor's train_step, collected by the Watch within a learned deadline -> StepRepo
 judged by the Healer, whose Decisions the driver carries out (replace, rewind, replay) -> metrics
 and alerts -> checkpoints and snapshots (Checkpoints: written in the background, committed when every
 shard is written, whatever later steps do) -> at the end the final checkpoint, healed and retaken
-if a device dies meanwhile -> validation -> summary.json, goodput.json, report.html.
+if a device dies meanwhile -> validation -> the end work, whatever ended the run (_end_work: status.json, the
+devices released, summary.json, goodput.json, report.html, each as far as it can, with the run's state and
+reason). A checkpoint's start is in its step's record, its commit or failure an event line when it happens.
 The driver keeps bounded state: a window of recent records and running totals, never the history.
 """
 from __future__ import annotations
@@ -37,13 +39,14 @@ from orchestrator.config import Config, FaultSpec, mesh_shape, to_dict
 from orchestrator.data.source import load_data, resolve_tokenizer
 from orchestrator.device import StepReport
 from orchestrator.device_group import DeviceGroup, get
+from orchestrator.disk import DiskFull, full
 from orchestrator.errors import RunError, StateMismatch
 from orchestrator.goodput import Goodput
 from orchestrator.healing import Decision, Healer, Incident, Injector, StepFailure, Watch, plan_faults
 from orchestrator.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops, step_record
 from orchestrator.monitor import Progress, device_status, write_memory_plan, write_status
 from orchestrator.runlock import hold_run
-from orchestrator.rundir import append_jsonl, read_jsonl, rewind_logs
+from orchestrator.rundir import FIX, append_jsonl, read_jsonl, rewind_logs
 from orchestrator.storage import Storage
 from orchestrator.summary import RunSummary, Totals, history_len, write_results
 
@@ -57,6 +60,7 @@ class Driver:
         self.devices = DeviceGroup(cfg)
         self.mixed_precision = cfg.train.mixed_precision   # settled in start() from the devices' hardware
         self.stop_signal: str | None = None
+        self.ending = False                   # in the end work (_end_work): a first signal stops nothing more
         self.plan = plan
         self.run_id: str | None = None      # decided with the run directory held (run())
         self.checkpoints: Checkpoints | None = None
@@ -72,6 +76,7 @@ class Driver:
         self.totals_at: dict[int, Totals] = {}   # after steps a rewind can go back to
         self.first = 1
         self.last_kept = 0                  # the last step kept (history is a bounded window of it)
+        self.recorded_through = 0           # the last step whose record is in metrics.jsonl
         self.high_water = 0                 # the furthest step ever completed (steps up to it are replays)
         self.metrics: MetricsStream | None = None
         self.progress: Progress | None = None
@@ -187,54 +192,113 @@ class Driver:
             return RunSummary(str(self.run_dir), 0, None, None, 0.0, 0.0, 0.0, resumed_from_step=self.plan.step,
                               run_id=self.plan.run_id)
         restore_signals = self._install_signal_handlers()
-        state = "failed"   # until the run gets to its end
+        state, reason = "failed", None   # until the run gets to its end
         interrupted = None  # a second SIGINT/SIGTERM (orchestrator/signals.py): end work below, then raised again
+        failure: BaseException | None = None   # the run's own error: end work below, then raised again
         t_loop = None
         try:
-            self.start()
-            self.first = first = self.restore() + 1
-            # the run continues after `first - 1`: only now (the devices started, the checkpoint loaded) are the
-            # abandoned timeline's checkpoints retired and the run directory's logs rewound
-            record_run_id(self.run_dir, self.plan.run_id)
-            write_memory_plan(self.run_dir, self.cfg)
-            retire(self.checkpoints.storage, self.plan.retire, self.plan.step)
-            rewind_logs(self.run_dir, self.plan.logs_through)
-            self.high_water = self.last_kept = first - 1
-            self.totals_at[first - 1] = self.totals
-            self.metrics = MetricsStream(cfg, self.run_dir, first)
-            m = cfg.monitor
-            self.alerts = AlertEngine(m.alerts, self.run_dir / "alerts.jsonl", m.webhook_url, m.webhook_timeout_s,
-                                      m.webhook_retries)
-            self.balancer.earlier = self.metrics.log.tail(self.history.maxlen)  # a resumed run's recent loads
-            self.watch.rebuild(self.balancer.earlier)                          # ... and its spike history
-            self.progress = Progress(cfg.train.steps, cfg.run.progress, first_step=first)
-            self.snapshot(first - 1)
-            t_loop = time.perf_counter()
-            self._loop(first)
-            self.goodput.finish(time.perf_counter() - t_loop)
-            self._final_validation()
-            state = "stopped" if self.stop_signal else "finished"
-        except KeyboardInterrupt as e:  # Ray's blocking calls turn Interrupted into a plain KeyboardInterrupt
-            interrupted, state = signals.interrupted(e), "interrupted"
-        finally:
-            self._publish_incidents()
             try:
-                self.write_status(state)
-            except Exception as e:  # a full disk must not hide the run's own error or leave actors behind
-                log.warning("could not write status.json: %s", e)
-            for closable in (self.progress, self.metrics):
-                if closable is not None:
-                    closable.close()
-            restore_signals()
-            if state == "failed" and self.checkpoints.pending and self.actors:
-                self._settle_before_shutdown()
-            self.shutdown()
-            if self.alerts is not None:
-                self.alerts.close()  # webhooks still being posted: after the devices are released
-        summary = self._summarize(time.perf_counter() - t_start, interrupted)
+                self.start()
+                self.first = first = self.restore() + 1
+                # the run continues after `first - 1`: only now (the devices started, the checkpoint loaded) are the
+                # abandoned timeline's checkpoints retired and the run directory's logs rewound
+                record_run_id(self.run_dir, self.plan.run_id)
+                write_memory_plan(self.run_dir, self.cfg)
+                retire(self.checkpoints.storage, self.plan.retire, self.plan.step)
+                rewind_logs(self.run_dir, self.plan.logs_through)
+                self.high_water = self.last_kept = self.recorded_through = first - 1
+                self.totals_at[first - 1] = self.totals
+                self.metrics = MetricsStream(cfg, self.run_dir, first)
+                m = cfg.monitor
+                self.alerts = AlertEngine(m.alerts, self.run_dir / "alerts.jsonl", m.webhook_url,
+                                          m.webhook_timeout_s, m.webhook_retries)
+                self.balancer.earlier = self.metrics.log.tail(self.history.maxlen)  # a resumed run's recent loads
+                self.watch.rebuild(self.balancer.earlier)                          # ... and its spike history
+                self.progress = Progress(cfg.train.steps, cfg.run.progress, first_step=first)
+                self.snapshot(first - 1)
+                t_loop = time.perf_counter()
+                self._loop(first)
+                self.goodput.finish(time.perf_counter() - t_loop)
+                self._final_validation()
+                state = "stopped" if self.stop_signal else "finished"
+                if self.stop_signal:
+                    reason = f"{self.stop_signal}: stopped after step {self.last_step}"
+            except KeyboardInterrupt as e:  # Ray's blocking calls turn Interrupted into a plain KeyboardInterrupt
+                interrupted, state = signals.interrupted(e), "interrupted"
+            except BaseException as e:  # the run failed: its end work first (the devices released), then the error
+                if full(e) and not isinstance(e, DiskFull):  # a write of a library (TensorBoard's, a tokenizer's)
+                    e = DiskFull(e.filename or self.run_dir, None, FIX)
+                failure, reason = e, str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
+            state, interrupted, summary = self._end_work(state, reason, interrupted, t_start, t_loop)
+        finally:
+            restore_signals()  # only now: a signal during the end work is the run's to count, not an interruption
         if interrupted is not None:
             raise interrupted
+        if isinstance(failure, DiskFull):  # where the run stands and how to go on, in the same one line
+            newest = self.checkpoints.last_checkpoint(self.last_step)
+            at = f"its newest committed checkpoint is step {newest}" if newest else "it has no committed checkpoint"
+            raise RunError(f"{failure}; the run stopped, {at}: resume with train.resume=latest once there is room") \
+                from failure
+        if failure is not None:
+            raise failure
         return summary
+
+    def _end_work(self, state: str, reason: str | None, interrupted, t_start: float, t_loop: float | None):
+        """What every run does at its end, whatever ended it, each part as far as it can: incidents published,
+        the checkpoints in flight committed (a failed run's waited for, an interrupted run's if written already;
+        only those whose step's record is written), status.json,
+        the devices released, saves left unfinished removed, the sinks closed, webhooks delivered, summary.json,
+        goodput.json and report.html. A second signal during it (the first one when every step had finished)
+        makes the run interrupted, and the end work goes on (status.json and summary.json say so); an error in
+        one part (a full disk) is logged and the next part done. Returns (state, interrupted, summary)."""
+        self.ending = True
+        if t_loop is not None and not self.goodput.wall:  # the loop did not get to its end: close the books now
+            self.goodput.finish(time.perf_counter() - t_loop)
+        summary = None
+
+        def part(what: str, fn) -> None:
+            nonlocal state, interrupted
+            try:
+                fn()
+            except KeyboardInterrupt as e:
+                interrupted, state = signals.interrupted(e), "interrupted"
+            except Exception as e:  # a full disk must not hide the run's own error or leave actors behind
+                log.warning("%s: %s", what, e)
+
+        def why() -> str | None:
+            if state == "interrupted" and interrupted is not None:
+                return f"{interrupted.describe()}: interrupted after step {self.last_step}"
+            return reason
+
+        def results(report: bool) -> None:
+            nonlocal summary
+            summary = self._summarize(time.perf_counter() - t_start, interrupted, state, why(), report)
+
+        part("could not publish the incidents", self._publish_incidents)
+        if self.checkpoints.pending and self.actors:
+            if state == "failed":
+                part("could not settle the checkpoints in flight", self._settle_before_shutdown)
+            else:  # interrupted: no waiting, but what is written already commits
+                part("could not commit the checkpoints written", lambda: self._checkpoint_outcomes(
+                    *self.checkpoints.poll(self.actors, commit_through=self.recorded_through), self.last_step,
+                    judge=False))
+        told = state
+        part("could not write status.json", lambda: self.write_status(told, reason=why()))
+        part("could not release the devices", self.shutdown)
+        if self.checkpoints.pending:  # an interrupted run's saves: their writers are gone with the devices
+            part("could not remove the unfinished checkpoints", lambda: self._checkpoint_outcomes(
+                [], self.checkpoints.abandon("not committed: the run ended before its shards were written"),
+                self.last_step, judge=False))
+        for closable in (self.progress, self.metrics):
+            if closable is not None:
+                part("could not close the metrics", closable.close)
+        if self.alerts is not None:
+            part("could not deliver the alerts", self.alerts.close)  # webhooks still being posted
+        part("could not write the run's results", lambda: results(True))
+        if state != told:  # interrupted during the end work: status.json and summary.json say so
+            part("could not write status.json", lambda: self.write_status(state, reason=why()))
+            part("could not write the run's results", lambda: results(False))
+        return state, interrupted, summary
 
     def _loop(self, step: int) -> None:
         cfg = self.cfg
@@ -278,10 +342,11 @@ class Driver:
             if self.balancer.due(step, list(self.history)):  # before the step's checkpoint: it holds the new placement
                 rec["replacement"] = self.replace_experts(step)
             if self.after_step(step):
-                rec["checkpoint_saved"] = True
+                rec["checkpoint_started"] = True   # started, not committed: that is an event of its own, later
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 self._periodic_eval(rec)
             self.metrics.write(rec)
+            self.recorded_through = step
             self._poll_checkpoints(step)   # after the record: a committed checkpoint's step is in the log
             self.progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], rec.get("maxvio"),
                                  rec.get("mfu"), len(self.healer.incidents))
@@ -321,7 +386,8 @@ class Driver:
                                   cfg.cluster.step_timeout_s, "evaluate")[0]
         self.metrics.validation(last["step"], self.val_loss)
 
-    def _summarize(self, wall_s: float, interrupted=None) -> RunSummary:
+    def _summarize(self, wall_s: float, interrupted=None, state: str = "finished", reason: str | None = None,
+                   report: bool = True) -> RunSummary:
         cfg, ck, t = self.cfg, self.checkpoints, self.totals
         last = self.history[-1] if self.history else None
         step_time = t.mean_step_time_s
@@ -337,9 +403,9 @@ class Driver:
             checkpoint_commit_s=ck.commit_seconds, restore_s=self.restore_s,
             recoveries=self.healer.recoveries, incidents=self.healer.report(), faults_injected=self.injector.fired,
             goodput=self.goodput.to_dict(), run_id=ck.run_id,
-            monitoring_s=self.status_s + (self.metrics.seconds if self.metrics else 0.0))
+            monitoring_s=self.status_s + (self.metrics.seconds if self.metrics else 0.0), state=state, reason=reason)
         if t.steps or not (self.run_dir / "summary.json").exists():
-            write_results(self.run_dir, summary, self.goodput.to_dict(), cfg.monitor.report, interrupted)
+            write_results(self.run_dir, summary, self.goodput.to_dict(), cfg.monitor.report and report, interrupted)
         elif interrupted is not None:  # nothing trained: a finished run's results are not overwritten by nothing
             for name in ("summary.json", "goodput.json", "report.html"):
                 interrupted.not_written[name] = "no step had finished; the earlier results are left as they were"
@@ -391,6 +457,7 @@ class Driver:
         while self.history and self.history[-1]["step"] > back:
             self.history.pop()
         self.last_kept = back
+        self.recorded_through = min(self.recorded_through, back)
         self.totals = self.totals_at.get(back) or self._totals_from_log(back)
         self.metrics.truncate(back)
         if not self.history and back >= self.first:  # a rewind deeper than the window: refill it from the log
@@ -403,7 +470,7 @@ class Driver:
     def _totals_from_log(self, back: int) -> Totals:
         totals = Totals()
         for rec in read_jsonl(self.run_dir / "metrics.jsonl"):
-            if self.first <= rec.get("step", 0) <= back:
+            if self.first <= rec.get("step", 0) <= back and "event" not in rec:   # step records only
                 totals = totals.add(rec)
         return totals
 
@@ -422,12 +489,20 @@ class Driver:
         return self.healer.alert(step, "+".join(a.rule for a in acting), action, "; ".join(a.detail for a in acting))
 
     def _publish_incidents(self) -> None:
+        """New incidents to incidents.jsonl, the sinks and the alert rules; each gets all three even where one fails
+        (a full run directory must not cost the alert its webhook); the first error is raised after."""
+        error = None
         for incident in self.healer.take_new():
-            append_jsonl(self.run_dir / "incidents.jsonl", asdict(incident))
-            if self.metrics is not None:
-                self.metrics.incident(asdict(incident))
-            if self.alerts is not None:
-                self.alerts.incident(asdict(incident))
+            row = asdict(incident)
+            for publish in (lambda: append_jsonl(self.run_dir / "incidents.jsonl", row),
+                            lambda: self.metrics is not None and self.metrics.incident(row),
+                            lambda: self.alerts is not None and self.alerts.incident(row)):
+                try:
+                    publish()
+                except Exception as e:
+                    error = error or e
+        if error is not None:
+            raise error
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int) -> None:
@@ -455,11 +530,29 @@ class Driver:
         committed, failed = self.checkpoints.poll(self.actors)
         return self._checkpoint_outcomes(committed, failed, now)
 
-    def _checkpoint_outcomes(self, committed: list[int], failed: list, now: int) -> list:
-        if committed:
-            self.healer.checkpoint_committed()
-        for f in failed:
-            self.healer.checkpoint_failed(f.step, f.detail, now, f.ranks)
+    def _checkpoint_outcomes(self, committed: list[int], failed: list, now: int, judge: bool = True) -> list:
+        """Commits and failures as they happen: as events to metrics.jsonl and the sinks, then to the healer (which
+        retakes or stops the run; not when `judge` is False, at the end of a run). The failures. An event that
+        cannot be written (DiskFull) is raised after the healer has judged."""
+        error = None
+        try:
+            if self.metrics is not None:
+                ck = self.checkpoints
+                for step in committed:
+                    self.metrics.event({"event": "checkpoint_committed", "step": step, "time": time.time(),
+                                        "bytes": ck.bytes_saved.get(step), "seconds": ck.commit_seconds.get(step)})
+                for f in failed:
+                    self.metrics.event({"event": "checkpoint_failed", "step": f.step, "time": time.time(),
+                                        "reason": f.detail})
+        except Exception as e:
+            error = e
+        if judge:
+            if committed:
+                self.healer.checkpoint_committed()
+            for f in failed:
+                self.healer.checkpoint_failed(f.step, f.detail, now, f.ranks)
+        if error is not None:
+            raise error
         return failed
 
     def finish_checkpoints(self) -> list:
@@ -474,7 +567,7 @@ class Driver:
         last, ck = self.last_step, self.cfg.checkpoint
         wanted = (ck.on_signal if self.stop_signal else ck.at_end) and last >= self.first
         if wanted and last not in self.checkpoints.committed_steps and last not in self.checkpoints.pending:
-            self.save_checkpoint(last)
+            self._save_final(last)
         while True:
             failed = [f for f in self.finish_checkpoints() if f.step == last]  # (healer: incident, retries left?)
             dead = self.devices.dead_ranks() if (wanted and failed) or self._devices_needed() else []
@@ -486,7 +579,12 @@ class Driver:
                                       "died at the end of the run (final checkpoint, validation ahead)") for r in dead]
                 return self._carry_out(self.healer.failed_step(StepFailure(last, incidents, time.perf_counter())),
                                        "healed during the final checkpoint")
-            self.save_checkpoint(last)
+            self._save_final(last)
+
+    def _save_final(self, step: int) -> None:
+        """The run's last checkpoint (or its retake): begun after the last record, so its start is an event."""
+        self.save_checkpoint(step)
+        self.metrics.event({"event": "checkpoint_started", "step": step, "time": time.time()})
 
     def _devices_needed(self) -> bool:
         """Does the end of the run still need every device (the final validation)?"""
@@ -495,13 +593,14 @@ class Driver:
 
     def _settle_before_shutdown(self) -> None:
         """A run that fails still commits the checkpoints whose shards are written (they do not depend on the step
-        that failed); what cannot finish within a minute is left uncommitted."""
-        try:
-            committed, _ = self.checkpoints.finish(self.actors, min(60.0, self.cfg.cluster.step_timeout_s))
-            if committed:
-                log.info("committed checkpoint(s) %s before stopping", committed)
-        except Exception as e:  # the run's own error is what matters now
-            log.warning("could not settle the checkpoints in flight: %s", e)
+        that failed), but not one whose step's record never reached metrics.jsonl (a full run directory: a
+        committed checkpoint's step is in the log); what cannot finish within a minute is left uncommitted, and
+        what is not committed has its folder removed."""
+        committed, failed = self.checkpoints.finish(self.actors, min(60.0, self.cfg.cluster.step_timeout_s),
+                                                    commit_through=self.recorded_through)
+        if committed:
+            log.info("committed checkpoint(s) %s before stopping", committed)
+        self._checkpoint_outcomes(committed, failed, self.last_step, judge=False)
 
     # -------------------------------------------------------------- recovery
     def dead_ranks(self) -> list[int]:
@@ -645,8 +744,9 @@ class Driver:
         except Exception as e:
             log.warning("validation after step %d failed (%s); the next step will find out why", rec["step"], e)
 
-    def write_status(self, state: str, reports: list[StepReport] | None = None) -> None:
-        """status.json: the run and each device's health now (rewritten every step; read it while the job runs)."""
+    def write_status(self, state: str, reports: list[StepReport] | None = None, reason: str | None = None) -> None:
+        """status.json: the run and each device's health now (rewritten every step; read it while the job runs);
+        `reason`: why a run that ended did not finish. A full run directory: DiskFull."""
         t0 = time.perf_counter()
         last = self.history[-1] if self.history else {}
         self.last_reports = reports or self.last_reports
@@ -655,7 +755,7 @@ class Driver:
         ema = self.progress.step_time_ema if self.progress else None
         eta = (ema or 0) * (self.cfg.train.steps - step) if state == "running" else 0
         write_status(self.run_dir / "status.json", {
-            "state": state, "step": step, "steps": self.cfg.train.steps, "updated": time.time(),
+            "state": state, "reason": reason, "step": step, "steps": self.cfg.train.steps, "updated": time.time(),
             "loss": last.get("loss"), "val_loss": self.val_loss, "tokens_per_s": last.get("tokens_per_s"),
             "mfu": last.get("mfu"), "maxvio": last.get("maxvio"), "eta_s": eta,
             "incidents": len(self.healer.incidents), "recoveries": self.healer.recoveries,
@@ -676,8 +776,14 @@ class Driver:
         return get(refs, timeout_s, what)
 
     def _install_signal_handlers(self):
-        """The first SIGINT/SIGTERM sets stop_signal (stop after the step in flight); a second raises Interrupted
-        (see signals.py). Returns the function that undoes this."""
-        def stop(name: str) -> None:
+        """The first SIGINT/SIGTERM sets stop_signal (stop after the step in flight), unless every step has
+        finished: then the run ends as a finished one (its final checkpoint, validation and results; exit 0).
+        A second raises Interrupted (see signals.py). Returns the function that undoes this."""
+        def stop(name: str) -> str | None:
+            if self.ending:
+                return "the run is ending; its end work goes on (status, devices released, results)"
+            if self.last_kept >= self.cfg.train.steps:
+                return "every step has finished; the run ends as a finished one (final checkpoint, validation, results)"
             self.stop_signal = name
+            return None
         return signals.on_stop(stop)

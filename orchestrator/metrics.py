@@ -1,6 +1,12 @@
 """One metrics stream, many sinks: every step's record goes to metrics.jsonl (always), TensorBoard event
 files, Prometheus through Ray's metrics API, and MLflow when asked for; incidents go to every sink too.
 
+Events that are not a step's record go to metrics.jsonl as lines of their own, written when they happen,
+each with the step it is about, and to every sink: `{"event": "checkpoint_committed", "step", "time",
+"bytes", "seconds"}`, `{"event": "checkpoint_failed", "step", "time", "reason"}` and, for a save begun after
+the last record (the final or stop checkpoint, a retake), `{"event": "checkpoint_started", "step", "time"}`;
+a save begun with a step says so in that step's record (`checkpoint_started: true`).
+
 The record is the driver's per-step dict (see README "The run directory"); `SCALARS` says which of its
 keys each sink shows and under which name, so every sink carries the same values.
 
@@ -12,7 +18,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -126,10 +134,20 @@ def step_record(step: int, reports: list[Any], wall: float, placement: Any, peak
     return rec
 
 
+def describe_event(event: dict[str, Any]) -> str:
+    """One line for a checkpoint event (TensorBoard's text, logs)."""
+    what = event["event"].replace("checkpoint_", "checkpoint ")
+    extra = {"checkpoint_committed": f" ({event.get('bytes', 0) / 1e6:.1f} MB, {event.get('seconds', 0):.2f}s)",
+             "checkpoint_failed": f": {event.get('reason', '')}"}.get(event["event"], "")
+    return f"step {event['step']}: {what}{extra}"
+
+
 class Sink(Protocol):
     def write(self, record: dict[str, Any]) -> None: ...
 
     def incident(self, incident: dict[str, Any]) -> None: ...
+
+    def event(self, event: dict[str, Any]) -> None: ...
 
     def rewind(self, back: int) -> None: ...
 
@@ -149,6 +167,18 @@ class TensorBoardSink:
         self.w = SummaryWriter(str(path), purge_step=first_step)
         self.histogram_every = histogram_every
         self.incidents = 0
+        self.checkpoints = {"checkpoint_committed": 0, "checkpoint_failed": 0}
+        self._excepthook = threading.excepthook
+        threading.excepthook = self._writer_failed
+
+    def _writer_failed(self, args) -> None:
+        """TensorBoard writes from a thread of its own, which dies with a traceback on a full disk: one warning
+        line instead (the sink's next call fails too, and is logged as any failing sink is)."""
+        tb = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+        if isinstance(args.exc_value, OSError) and any("tensorboard" in f.filename for f in tb):
+            log.warning("TensorBoard's event writer stopped: %s", args.exc_value)
+            return
+        self._excepthook(args)
 
     def write(self, record: dict[str, Any]) -> None:
         step = record["step"]
@@ -180,8 +210,20 @@ class TensorBoardSink:
         self.w.add_text("incidents", f"{incident.get('kind')} on device {incident.get('rank')}: "
                         f"{incident.get('detail', '')} -> {incident.get('action', '')}", step)
 
+    def event(self, event: dict[str, Any]) -> None:
+        """Checkpoint events as text, and the running counts `checkpoints/committed` and `checkpoints/failed`."""
+        step, kind = int(event["step"]), event["event"]
+        if kind in self.checkpoints:
+            self.checkpoints[kind] += 1
+            self.w.add_scalar(f"checkpoints/{kind.removeprefix('checkpoint_')}", self.checkpoints[kind], step)
+        self.w.add_text("checkpoints", describe_event(event), step)
+
     def close(self) -> None:
-        self.w.close()
+        try:
+            self.w.close()
+        finally:
+            if threading.excepthook == self._writer_failed:
+                threading.excepthook = self._excepthook
 
 
 class PrometheusSink:
@@ -208,6 +250,10 @@ class PrometheusSink:
                                                "optimizer, activations_peak, rss)",
                                    tag_keys=("run", "device", "category"))
         self.incidents = Counter("orchestrator_incidents", description="incidents, by kind", tag_keys=("run", "kind"))
+        self.checkpoints = Counter("orchestrator_checkpoints", description="checkpoints committed and failed",
+                                   tag_keys=("run", "outcome"))
+        self.committed = Gauge("orchestrator_checkpoint_committed_step", description="step of the newest committed "
+                               "checkpoint", tag_keys=("run",))
 
     def write(self, record: dict[str, Any]) -> None:
         for key, gauge in self.gauges.items():
@@ -227,6 +273,12 @@ class PrometheusSink:
 
     def incident(self, incident: dict[str, Any]) -> None:
         self.incidents.inc(1.0, tags={**self.tags, "kind": str(incident.get("kind"))})
+
+    def event(self, event: dict[str, Any]) -> None:
+        if event["event"] in ("checkpoint_committed", "checkpoint_failed"):
+            self.checkpoints.inc(1.0, tags={**self.tags, "outcome": event["event"].removeprefix("checkpoint_")})
+        if event["event"] == "checkpoint_committed":
+            self.committed.set(float(event["step"]), tags=self.tags)
 
     def rewind(self, back: int) -> None:
         pass   # gauges: the replay sets them again
@@ -259,6 +311,10 @@ class MLflowSink:
     def incident(self, incident: dict[str, Any]) -> None:
         self.mlflow.log_metric("incidents", 1.0, step=int(incident.get("step") or 0), synchronous=False)
 
+    def event(self, event: dict[str, Any]) -> None:
+        if event["event"] in ("checkpoint_committed", "checkpoint_failed"):
+            self.mlflow.log_metric(event["event"], 1.0, step=int(event["step"]), synchronous=False)
+
     def rewind(self, back: int) -> None:
         pass   # MLflow keeps every logged value; a replayed step is logged again
 
@@ -282,7 +338,9 @@ def check_sinks(cfg: Config) -> None:
 
 class MetricsStream:
     """metrics.jsonl plus the sinks the config turns on. `write` every completed step, `incident` as decided,
-    `truncate` on a rewind (metrics.jsonl keeps each step once; the other sinks show the replay over it)."""
+    `event` as it happens (a checkpoint committed or failed), `truncate` on a rewind (metrics.jsonl keeps each
+    step once; the other sinks show the replay over it). A full run directory raises DiskFull from `write` and
+    `event` (metrics.jsonl is the record the run keeps); a sink that fails only logs."""
 
     def __init__(self, cfg: Config, run_dir: Path, first_step: int):
         from orchestrator.monitor import MetricsLog
@@ -308,6 +366,14 @@ class MetricsStream:
     def incident(self, incident: dict[str, Any]) -> None:
         for sink in self.sinks:
             self._safely(sink.incident, incident)
+
+    def event(self, event: dict[str, Any]) -> None:
+        """An event line (see the module docstring) to metrics.jsonl, then to every sink."""
+        t0 = time.perf_counter()
+        self.log.write(event)
+        for sink in self.sinks:
+            self._safely(sink.event, event)
+        self.seconds += time.perf_counter() - t0
 
     def truncate(self, back: int) -> None:
         self.log.truncate(back)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from orchestrator.config import Config, redacted_yaml
-from orchestrator.rundir import jsonl_line, tail_jsonl, truncate_jsonl
+from orchestrator.rundir import append_line, jsonl_line, read_jsonl, truncate_jsonl, write_atomic
 
 
 def run_dir_path(cfg: Config) -> Path:
@@ -24,15 +24,14 @@ def make_run_dir(cfg: Config) -> Path:
     secrets redacted (credentials in URIs, the webhook URL): a run directory is shared, a credential is not."""
     path = run_dir_path(cfg)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(redacted_yaml(cfg))
+    write_atomic(path / "config.yaml", redacted_yaml(cfg))
     return path
 
 
 def write_status(path: Path, status: dict[str, Any]) -> None:
-    """Replace status.json atomically (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(status, indent=1) + "\n")
-    tmp.replace(path)
+    """Replace status.json atomically (a reader never sees half a file); on a full disk DiskFull, and no
+    status.json.tmp left behind."""
+    write_atomic(path, json.dumps(status, indent=1) + "\n")
 
 
 def write_memory_plan(run_dir: Path, cfg: Config) -> None:
@@ -40,7 +39,7 @@ def write_memory_plan(run_dir: Path, cfg: Config) -> None:
     the measured ones (metrics.jsonl `device_memory`)."""
     from orchestrator.planner import plan_memory
 
-    (Path(run_dir) / "memory_plan.json").write_text(plan_memory(cfg).to_json() + "\n")
+    write_atomic(Path(run_dir) / "memory_plan.json", plan_memory(cfg).to_json() + "\n")
 
 
 def device_status(info: list[dict[str, Any]], restarts: list[int], reports: list[Any]) -> list[dict[str, Any]]:
@@ -62,25 +61,31 @@ def device_status(info: list[dict[str, Any]], restarts: list[int], reports: list
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per line, flushed per record so readers see it live. The run directory
-    is rewound before the log opens (orchestrator.rundir.rewind_logs): it appends after what was kept."""
+    """`metrics.jsonl`: one JSON object per line (step records and event lines), each written whole with one
+    unbuffered write so readers see it live, or not at all (a full disk: DiskFull, no torn line). The run
+    directory is rewound before the log opens (orchestrator.rundir.rewind_logs): it appends after what was kept."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._f = open(path, "a", buffering=1)
+        self._f = open(path, "ab", buffering=0)
 
     def truncate(self, keep_through_step: int) -> None:
-        """Keep the records of steps <= keep_through_step and append after them (a rewind inside the run)."""
+        """Keep the lines of steps <= keep_through_step and append after them (a rewind inside the run)."""
         self._f.close()
-        truncate_jsonl(self.path, keep_through_step)
-        self._f = open(self.path, "a", buffering=1)
+        try:
+            truncate_jsonl(self.path, keep_through_step)
+        finally:
+            self._f = open(self.path, "ab", buffering=0)
 
     def tail(self, n: int) -> list[dict[str, Any]]:
-        """The last `n` records (a resumed run's recent history; the driver never holds the whole log)."""
-        return tail_jsonl(self.path, n)
+        """The last `n` step records, event lines left out (a resumed run's recent history; the driver never
+        holds the whole log)."""
+        from collections import deque
+
+        return list(deque((o for o in read_jsonl(self.path) if "event" not in o), maxlen=n)) if n > 0 else []
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(jsonl_line(record))
+        append_line(self._f, self.path, jsonl_line(record))
 
     def close(self) -> None:
         self._f.close()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import redact_text, redacted_yaml
-from orchestrator.rundir import read_jsonl
+from orchestrator.rundir import read_jsonl, records as step_records, write_atomic
 
 FIGURES = ("loss", "throughput", "device-step-time", "balance", "expert-load", "timeline", "goodput", "jigsaw")
 MEASURED = ("params", "grads", "optimizer", "activations_peak")   # what a device measures (device_shard, memory.py)
@@ -403,7 +403,7 @@ def _config_text(path: Path) -> str:
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write RUN_DIR/report.html (or `out`); the path written."""
     run = Path(run_dir)
-    records = _jsonl(run / "metrics.jsonl")
+    records = step_records(_jsonl(run / "metrics.jsonl"))   # checkpoint event lines left out: plots are per step
     if not records:
         raise FileNotFoundError(f"{run}/metrics.jsonl has no steps: nothing to report (is {run} a run directory?)")
     summary, goodput = _json(run / "summary.json"), _json(run / "goodput.json")
@@ -414,13 +414,15 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if pieces:   # a run from before memory was measured has none
         figures["jigsaw"], around["jigsaw"] = pieces[:2], pieces[2:]
     mfu = [r["mfu"] for r in records if r.get("mfu") is not None]
-    facts = {"run": run.name, "steps done": summary.get("steps_done", len(records)),
+    facts = {"run": run.name, "state": summary.get("state"), "reason": summary.get("reason"),
+             "steps done": summary.get("steps_done", len(records)),
              "final loss": records[-1]["loss"], "validation loss": summary.get("val_loss"),
              "tokens/s": summary.get("tokens_per_s"),
              "mean MFU": f"{sum(mfu) / len(mfu):.2%}" if mfu else None,
              "wall time (s)": summary.get("wall_time_s"), "recoveries": summary.get("recoveries", 0),
              "incidents": len(incidents), "alerts": len(alerts),
              "checkpoints committed": len(summary.get("checkpoints_committed", [])),
+             "checkpoints failed": len(summary.get("checkpoints_failed", [])),
              "goodput": f"{goodput['goodput']:.1%}" if "goodput" in goodput else None,
              "stopped by": summary.get("stopped_by_signal")}
     sections = []
@@ -454,7 +456,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 0.8em; }}
 </body></html>
 """
     path = Path(out) if out else run / "report.html"
-    path.write_text(page)
+    write_atomic(path, page)   # whole or not at all: a full disk leaves no half page and no .tmp
     return path
 
 

@@ -10,6 +10,14 @@ incident and alert appears once, from the live timeline. (Rewinds inside one run
 drop only the metrics records of the steps that will be replayed: their incidents and alerts did
 happen on the live timeline.) TensorBoard is told the same at its first step (`purge_step`), and
 status.json, summary.json, goodput.json and report.html are rewritten whole.
+
+`metrics.jsonl` also holds event lines (`{"event": "checkpoint_committed", "step": ...}`, see metrics.py):
+they carry the step they are about, so the rewind rule takes them with that step; `records` reads the step
+records alone.
+
+Every write to the run directory goes through `append_line` or `write_atomic`: on a full disk they leave
+no torn line and no `.tmp` behind (a line cut short is cut off again, a temporary file removed) and raise
+`DiskFull` naming the file, the bytes needed and the bytes free (orchestrator/disk.py, with its test hook).
 """
 from __future__ import annotations
 
@@ -17,11 +25,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
+
+from orchestrator.disk import DiskFull, full, room
 
 log = logging.getLogger(__name__)
 
 STEP_LOGS = ("metrics.jsonl", "incidents.jsonl", "alerts.jsonl")
+FIX = "free space there, or move the run directory to a disk with room and point run.dir at it"  # its user's part
 
 
 def read_jsonl(path: Path | str, what: str | None = None) -> Iterator[dict[str, Any]]:
@@ -62,15 +73,23 @@ def truncate_jsonl(path: Path | str, keep_through_step: int) -> int:
         return 0
     tmp = path.with_name(path.name + ".tmp")
     dropped = 0
-    with open(tmp, "w", encoding="utf-8") as out:
-        for obj in read_jsonl(path):
-            if int(obj.get("step") or 0) <= keep_through_step:
-                out.write(jsonl_line(obj))
-            else:
-                dropped += 1
-        out.flush()
-        os.fsync(out.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as out:
+            for obj in read_jsonl(path):
+                if int(obj.get("step") or 0) <= keep_through_step:
+                    line = jsonl_line(obj).encode()
+                    room(tmp, len(line))
+                    out.write(line)
+                else:
+                    dropped += 1
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if full(e):   # the rewritten file needs at most what the file holds now
+            raise DiskFull(path, path.stat().st_size, FIX) from None
+        raise
     return dropped
 
 
@@ -90,9 +109,53 @@ def jsonl_line(obj: dict[str, Any]) -> str:
     return json.dumps(obj, separators=(",", ":")) + "\n"
 
 
+def records(objs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The step records of metrics.jsonl's objects: its event lines (with an `event` key) left out."""
+    return [o for o in objs if "event" not in o]
+
+
+def append_line(f: BinaryIO, path: Path, line: str) -> None:
+    """Append one line to `f` (a file opened "ab", unbuffered) whole or not at all: on a full disk what part of it
+    was written is cut off again and DiskFull names `path`; another OSError is raised as it is."""
+    data = line.encode()
+    start = os.fstat(f.fileno()).st_size
+    try:
+        room(path, len(data))
+        view = memoryview(data)
+        while view:   # a short write (the disk filling up) writes the rest, or fails on it
+            view = view[f.write(view):]
+    except OSError as e:
+        try:
+            os.ftruncate(f.fileno(), start)
+        except OSError:
+            pass
+        if full(e):
+            raise DiskFull(path, len(data), FIX) from None
+        raise
+
+
 def append_jsonl(path: Path, obj: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(jsonl_line(obj))
+    with open(path, "ab", buffering=0) as f:
+        append_line(f, path, jsonl_line(obj))
 
 
-__all__ = ["read_jsonl", "tail_jsonl", "truncate_jsonl", "rewind_logs", "append_jsonl", "jsonl_line", "STEP_LOGS"]
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace `path` with `data` through a temporary file and a rename (a reader never sees half a file); on
+    failure the temporary file is removed; a full disk raises DiskFull naming `path`."""
+    raw = data.encode() if isinstance(data, str) else data
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        room(tmp, len(raw))
+        with open(tmp, "wb") as f:
+            f.write(raw)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if full(e):
+            raise DiskFull(path, len(raw), FIX) from None
+        raise
+
+
+__all__ = ["read_jsonl", "tail_jsonl", "truncate_jsonl", "rewind_logs", "append_jsonl", "append_line", "write_atomic",
+           "records", "jsonl_line", "STEP_LOGS", "FIX"]

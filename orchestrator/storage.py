@@ -10,7 +10,8 @@ Paths given to the methods are relative to the root, '/'-separated, and stay ins
 from storage, and a name in it must not reach outside its checkpoint). `write_atomic` makes an object visible whole
 or not at all: a temporary file and one rename locally, a single PUT on object stores (whose
 objects appear atomically). A Storage is cheap to rebuild from its URI, which is what travels to
-actors. Messages and repr show the URI with its credentials redacted (`shown`).
+actors. Messages and repr show the URI with its credentials redacted (`shown`). A full disk is said as such,
+with the bytes the write needed and those free (orchestrator/disk.py, whose test hook local writes obey).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from orchestrator.config import redact_text, redact_url
+from orchestrator.disk import free_bytes, full, room
 from orchestrator.errors import RunError
 
 
@@ -99,9 +101,14 @@ class Storage:
             parent = self._full(rel).rsplit("/", 1)[0]
             if self.local:
                 self.fs.create_dir(parent, recursive=True)
+                room(self._full(rel), len(data))
             with self.fs.open_output_stream(self._full(rel)) as f:
                 f.write(data)
         except Exception as e:
+            if full(e):
+                free = free_bytes(self._full(rel)) if self.local else None
+                raise StorageError(f"no space left writing {rel} under {self.shown}: it needs {len(data):,} bytes"
+                                   + (f", {free:,} are free there" if free is not None else "")) from None
             raise self._fail("write", rel, e) from None
 
     def write_atomic(self, rel: str, data: bytes) -> None:
@@ -110,12 +117,16 @@ class Storage:
             self.write(rel, data)  # one PUT: the object appears whole or not at all
             return
         tmp = f"{rel}.tmp-{uuid.uuid4().hex[:8]}"
-        self.write(tmp, data)
         try:
+            self.write(tmp, data)
             with open(self._full(tmp), "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(self._full(tmp), self._full(rel))
         except Exception as e:
+            try:  # what a full disk let through of the temporary file
+                os.unlink(self._full(tmp))
+            except OSError:
+                pass
             raise self._fail("commit", rel, e) from None
 
     def read(self, rel: str) -> bytes:

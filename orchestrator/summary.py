@@ -10,12 +10,16 @@ from typing import Any
 
 from orchestrator import signals
 from orchestrator.config import Config
+from orchestrator.rundir import write_atomic
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunSummary:
+    """summary.json. `state`: finished (every step and the end work), stopped (a first SIGINT/SIGTERM: after the
+    step in flight, with its checkpoint), interrupted (a second signal), failed; `reason`: why it did not
+    finish (the signal, the error), None when it did."""
     run_dir: str
     steps_done: int
     final_loss: float | None
@@ -37,6 +41,8 @@ class RunSummary:
     goodput: dict[str, float] = field(default_factory=dict)
     monitoring_s: float = 0.0      # spent in the metrics sinks and status.json (the monitoring's own cost)
     run_id: str | None = None
+    state: str = "finished"        # finished | stopped | interrupted | failed
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,11 +81,19 @@ def history_len(cfg: Config) -> int:
 
 
 def write_results(run_dir: Path, summary: RunSummary, goodput: dict[str, float], report: bool,
-                  interrupted: Any = None) -> None:
-    """summary.json and goodput.json, then report.html (when `report` and a step finished). A report that fails does
-    not fail the run; for an interrupted run, what was not written and why goes into `interrupted.not_written`."""
-    (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    (run_dir / "goodput.json").write_text(json.dumps(goodput, indent=2) + "\n")
+                  interrupted: Any = None) -> dict[str, str]:
+    """summary.json and goodput.json (both with the run's `state` and `reason`), then report.html (when `report`
+    and a step finished), each as far as it can be: a file that cannot be written (a full disk) is logged and
+    the next one tried, and a report that fails does not fail the run. Returns {file: why} for those not
+    written; for an interrupted run they go into `interrupted.not_written` too."""
+    missing: dict[str, str] = {}
+    outcome = {"state": summary.state, "reason": summary.reason}
+    for name, content in (("summary.json", asdict(summary)), ("goodput.json", {**goodput, **outcome})):
+        try:
+            write_atomic(run_dir / name, json.dumps(content, indent=2) + "\n")
+        except Exception as e:  # DiskFull, a permission: the run's own outcome is what the job reports
+            log.warning("could not write %s: %s", name, e)
+            missing[name] = str(e)
     if report and summary.steps_done:
         try:
             from orchestrator.report import write_report
@@ -87,14 +101,17 @@ def write_results(run_dir: Path, summary: RunSummary, goodput: dict[str, float],
             log.info("run report: %s", write_report(run_dir))
         except Exception as e:  # the run's results are written; a report that fails must not fail the run
             log.warning("could not write the run report: %s", e)
-            if interrupted is not None:
-                interrupted.not_written["report.html"] = str(e)
+            missing["report.html"] = str(e)
         except KeyboardInterrupt as e:  # a second signal while it was being written
             interrupted = signals.interrupted(e)
+            interrupted.not_written.update(missing)
             interrupted.not_written["report.html"] = "interrupted while it was being written"
             raise interrupted
-    elif report and interrupted is not None:
-        interrupted.not_written["report.html"] = "no step had finished"
+    elif report:
+        missing["report.html"] = "no step had finished"
+    if interrupted is not None:
+        interrupted.not_written.update(missing)
+    return missing
 
 
 __all__ = ["RunSummary", "Totals", "history_len", "write_results"]

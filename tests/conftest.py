@@ -20,6 +20,13 @@ def ray_session():
     ray.shutdown()
 
 
+def step_records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's step records, in order (its checkpoint event lines left out)."""
+    from orchestrator.rundir import read_jsonl, records
+
+    return records(read_jsonl(Path(run_dir) / "metrics.jsonl"))
+
+
 def tiny_config(tmp_path: Path | None = None, *overrides: str) -> Config:
     """A model small enough for the test suite; still has dense and MoE layers, shared expert, top-2."""
     base = ["model.dim=32", "model.n_layers=3", "model.n_heads=2", "model.num_experts=4", "model.top_k=2",

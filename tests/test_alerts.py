@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.alerts import AlertEngine, Context
 from orchestrator.config import AlertRule, ConfigError
-from tests.conftest import tiny_config
+from tests.conftest import step_records, tiny_config
 
 
 def normal(n: int = 40) -> list[dict]:
@@ -30,7 +30,8 @@ def run(rules: list[AlertRule], records: list[dict], ctx: Context | None = None,
 
 
 ALL = [AlertRule(rule=r, action="record") for r in ("nonfinite", "loss_spike", "grad_spike", "maxvio", "straggler",
-                                                     "throughput_drop", "restarts", "checkpoint_age")]
+                                                     "throughput_drop", "restarts", "checkpoint_age",
+                                                     "checkpoint_failed")]
 
 
 def test_no_rule_fires_on_a_normal_run():
@@ -150,6 +151,40 @@ def test_notify_posts_to_the_webhook_with_retries(tmp_path):
     assert lines[0]["action"] == "notify" and lines[0]["value"] > 3
 
 
+def test_every_failed_checkpoint_alerts_by_default_and_is_posted(tmp_path):
+    from orchestrator.config import _default_alerts
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Hook.received, Hook.fail_first = [], 0
+    out = io.StringIO()
+    try:
+        engine = AlertEngine(_default_alerts(), tmp_path / "alerts.jsonl",
+                             webhook_url=f"http://127.0.0.1:{server.server_port}/hook", stream=out)
+        # the healer's incidents: a failed save retaken, its retake failing too (the same step: a second alert),
+        # then the one that stops the run
+        for step, action in ((10, "retried"), (10, "retried"), (12, "stopped")):
+            engine.incident({"kind": "checkpoint", "step": step, "detail": "no space left writing dense.safetensors",
+                             "action": action})
+        assert engine.incident({"kind": "dead", "step": 13}) == [] and engine.stop is None
+        engine.close()
+    finally:
+        server.shutdown()
+    assert [(a.step, a.rule, a.action) for a in engine.alerts] == [(10, "checkpoint_failed", "notify")] * 2 + [
+        (12, "checkpoint_failed", "notify")]
+    assert "ALERT step 12 checkpoint_failed: checkpoint of step 12 not committed: no space left writing " \
+           "dense.safetensors (the run stops) (action: notify)" in out.getvalue()
+    assert sorted((b["step"], b["rule"]) for b in Hook.received) == [(10, "checkpoint_failed")] * 2 + [
+        (12, "checkpoint_failed")]
+    stopper = AlertEngine([AlertRule(rule="checkpoint_failed", action="stop")], None, stream=io.StringIO())
+    stopper.incident({"kind": "checkpoint", "step": 4, "detail": "x", "action": "retried"})
+    assert stopper.stop is not None and stopper.stop.step == 4
+    with pytest.raises(ConfigError, match="checkpoint_failed\\) action=rollback: a failed checkpoint is no step"):
+        tiny_config(None, "monitor.alerts=[{rule: checkpoint_failed, action: rollback}]")
+    with pytest.raises(ConfigError, match="monitor.alerts\\[0\\].threshold=1.0 has no effect on the checkpoint_failed"):
+        tiny_config(None, "monitor.alerts=[{rule: checkpoint_failed, threshold: 1}]")
+
+
 def test_a_webhook_that_refuses_is_given_up_on(tmp_path):
     engine = AlertEngine([AlertRule(rule="maxvio", action="notify")], tmp_path / "alerts.jsonl",
                          webhook_url="http://127.0.0.1:9/none", webhook_timeout_s=1, webhook_retries=1,
@@ -168,7 +203,7 @@ def test_alert_config_errors_name_the_rule():
 
 
 def _records(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return step_records(run_dir)
 
 
 def test_alert_actions_reach_the_healer(ray_session, tmp_path):

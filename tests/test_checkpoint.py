@@ -24,7 +24,7 @@ from orchestrator.driver import Driver
 from orchestrator.model import MoETransformer
 from orchestrator.reference import reference_run
 from orchestrator.storage import Storage
-from tests.conftest import tiny_config
+from tests.conftest import step_records, tiny_config
 
 
 class StopAfter(Driver):
@@ -44,7 +44,7 @@ class StopAfter(Driver):
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return step_records(run_dir)
 
 
 def ckpt(run_dir: Path, step: int) -> Path:

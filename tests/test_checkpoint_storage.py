@@ -1,7 +1,6 @@
 """Checkpoints on S3: a real S3-compatible server (moto's) on 127.0.0.1, the real job, save and resume."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from moto.server import ThreadedMotoServer
 
 from orchestrator.checkpoint.tools import describe
 from orchestrator.parallel.groups import free_port
+from tests.conftest import step_records
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
@@ -54,7 +54,7 @@ def test_s3_round_trip_save_and_resume(s3_endpoint, tmp_path, monkeypatch):
                    "cluster.num_devices=4")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from s3://ckpt/runs/r1/step_00000006" in second.stderr
-    resumed = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    resumed = step_records(tmp_path / "b")
     assert [r["step"] for r in resumed] == [7, 8, 9]
     assert [r["step"] for r in describe(run)] == [3, 6, 9]
 

@@ -4,7 +4,6 @@ and a bf16-autocast run on two CPU devices against the float32 run (the autocast
 GPU). The CUDA-only parts (pinned snapshot buffers, GPU memory in status.json, nccl) need a GPU: not in this suite."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from orchestrator.device import autocast_dtype
 from orchestrator.driver import Driver
 from orchestrator.errors import RunError
 from orchestrator.parallel.groups import choose_backend
-from tests.conftest import tiny_config
+from tests.conftest import step_records, tiny_config
 
 
 def gpus(*placed: tuple[str, str]) -> list[dict]:
@@ -61,7 +60,7 @@ def test_bf16_autocast_trains_close_to_float32(ray_session, tmp_path):
     def run(name: str, *overrides: str) -> list[float]:
         Driver(tiny_config(tmp_path / name, "cluster.num_devices=2", "train.steps=6", *overrides),
                tmp_path / name).run()
-        return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in step_records(tmp_path / name)]
 
     f32, bf16 = run("f32"), run("bf16", "train.mixed_precision=bf16")
     assert len(bf16) == 6 and bf16 != f32                       # the forward really ran in bf16 ...

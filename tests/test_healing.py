@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from orchestrator.config import to_yaml
 from orchestrator.driver import Driver
 from orchestrator.errors import RunError
-from tests.conftest import tiny_config
+from tests.conftest import step_records, tiny_config
 
 STEPS = 8
 FILES = ("dense.safetensors", "experts-00000.safetensors", "experts-00001.safetensors")
@@ -38,7 +38,7 @@ def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    return [(r["step"], r["loss"]) for r in step_records(run_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_nonfinite_step_skipped_by_policy(fault_free, tmp_path):
     summary = Driver(config(tmp_path, "faults.plan=[{step: 5, kind: nan, rank: 1}]", "faults.on_nonfinite=skip"),
                      tmp_path).run()
     assert summary.recoveries == 0 and summary.incidents[0]["action"] == "skipped"
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = step_records(tmp_path)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert records[4].get("skipped") == "nonfinite" and all("skipped" not in r for r in records if r["step"] != 5)
     assert losses(tmp_path)[:4] == fault_free[0][:4]

@@ -2,7 +2,6 @@
 and the post-training path (a tokenizer trained here, SFT on packed conversations, export, generation)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from orchestrator.driver import Driver
-from tests.conftest import tiny_config
+from tests.conftest import step_records, tiny_config
 from tests.hf_tiny import make_tiny_hf, tiny_hf_config
 
 STEPS = 6
@@ -22,7 +21,7 @@ def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    return [(r["step"], r["loss"]) for r in step_records(run_dir)]
 
 
 REPLACE = ["balance.replace_every=2", "balance.replace_window=2", "balance.replace_min_gain=0"]
@@ -41,7 +40,7 @@ def test_kill_during_a_deepseek_v4_run_heals_identical_and_checkpoints_resume(ra
 
     twin, run = tmp_path / "twin", tmp_path / "run"
     Driver(config(twin), twin).run()
-    records = [json.loads(line) for line in (twin / "metrics.jsonl").read_text().splitlines()]
+    records = step_records(twin)
     assert [r for r in records if r.get("replacement")], "no re-placement happened"
     summary = Driver(config(run, "faults.plan=[{step: 5, kind: kill, rank: 1}]"), run).run()
     assert summary.steps_done == STEPS and summary.recoveries == 1
@@ -58,7 +57,7 @@ def test_kill_during_a_deepseek_v4_run_heals_identical_and_checkpoints_resume(ra
     assert healed.keys() == clean.keys() and any(".experts." in k for k in clean)
     for key, value in clean.items():
         assert torch.equal(healed[key], value), key
-    loads = [json.loads(line)["expert_load"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    loads = [r["expert_load"] for r in step_records(run)]
     assert len(loads[0]) == 3 and all(sum(layer) == 8 * 32 * 2 for layer in loads[0])   # 3 MoE layers, top-2
 
 
@@ -114,7 +113,7 @@ def test_sft_run_with_a_trained_tokenizer_exports_a_model_transformers_generates
                       "train.global_batch_size=4")
     summary = Driver(cfg, run).run()
     assert summary.steps_done == STEPS and (run / "tokenizer" / "tokenizer.json").is_file()
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = step_records(run)
     assert all(0 < r["tokens"] < 4 * 96 for r in records)      # trained (assistant) tokens only, not every slot
     assert main(["export", str(run), "--hf", str(tmp_path / "out")]) == 0
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")

@@ -15,11 +15,11 @@ from orchestrator.config import ConfigError
 from orchestrator.driver import Driver
 from orchestrator.metrics import flops_per_token
 from orchestrator.monitor import Progress
-from tests.conftest import tiny_config
+from tests.conftest import step_records, tiny_config
 
 
 def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return step_records(run_dir)
 
 
 def prometheus_samples(run: str, timeout_s: float = 60.0, want: str = "ray_orchestrator_incidents_total") -> dict:
@@ -34,7 +34,8 @@ def prometheus_samples(run: str, timeout_s: float = 60.0, want: str = "ray_orche
         for line in body.splitlines():
             if line.startswith("ray_orchestrator_") and f'run="{run}"' in line:
                 name, labels = line.split("{", 1)[0], line.split("{", 1)[1].rsplit("}", 1)[0]
-                keep = ",".join(p for p in labels.split(",") if p.split("=")[0] in ("layer", "expert", "rank", "kind"))
+                keep = ",".join(p for p in labels.split(",")
+                                if p.split("=")[0] in ("layer", "expert", "rank", "kind", "outcome"))
                 samples[f"{name}{{{keep}}}"] = float(line.rsplit(" ", 1)[1])
         if any(k.startswith(want) for k in samples) or time.monotonic() > deadline:
             return samples
@@ -67,6 +68,11 @@ def test_every_sink_gets_the_same_values(ray_session, tmp_path):
     assert {e.step: e.value for e in tb.Scalars("device/step_time_s/rank_1")} == pytest.approx(
         {r["step"]: r["device_step_time_s"][1] for r in recs}, rel=1e-6)
     assert [e.value for e in tb.Scalars("incidents/total")] == [1.0]
+    # the final checkpoint: begun after the last record, committed; an event line each, and in every sink
+    events = [(e["event"], e["step"]) for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "event" in e]
+    assert events == [("checkpoint_started", 8), ("checkpoint_committed", 8)]
+    assert [(e.step, e.value) for e in tb.Scalars("checkpoints/committed")] == [(8, 1.0)]
     assert {e.step for e in tb.Histograms("balance/expert_load_layer_0")} >= {2, 4, 8}
     # Prometheus, through Ray's metrics agent: the last step's values, the incident counted
     prom = prometheus_samples(run.name)
@@ -76,6 +82,8 @@ def test_every_sink_gets_the_same_values(ray_session, tmp_path):
     assert prom["ray_orchestrator_mfu{}"] == pytest.approx(last["mfu"], rel=1e-6)
     assert prom['ray_orchestrator_expert_load{expert="3",layer="1"}'] == last["expert_load"][1][3]
     assert prom['ray_orchestrator_incidents_total{kind="dead"}'] == 1
+    assert prom['ray_orchestrator_checkpoints_total{outcome="committed"}'] == 1
+    assert prom["ray_orchestrator_checkpoint_committed_step{}"] == 8
     # status.json: the run and each device's health, the killed device restarted once
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == 8 and status["val_loss"] == summary.val_loss
@@ -152,3 +160,4 @@ def test_mlflow_gets_the_same_values(ray_session, tmp_path, monkeypatch):
     history = {m.step: m.value for m in client.get_metric_history(found.info.run_id, "loss")}
     assert history == pytest.approx({r["step"]: r["loss"] for r in records(run)}, rel=1e-6)
     assert sorted(m.step for m in client.get_metric_history(found.info.run_id, "val_loss")) == [2, 4]
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "checkpoint_committed")] == [4]

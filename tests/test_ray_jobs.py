@@ -16,6 +16,7 @@ from pathlib import Path
 
 from orchestrator.checkpoint import verify
 from orchestrator.storage import Storage
+from tests.conftest import step_records
 from tests.test_train_job import REPO, assert_only_loopback, job_servers, local_head
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -68,7 +69,7 @@ def test_ray_job_submit_succeeds_and_ray_job_stop_leaves_a_final_checkpoint(tmp_
                       f"run.dir={done}", "train.steps=6", "train.eval_batches=0")
         assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
         assert "succeeded" in _job(env, "status", "--address", address, _job_id(sub)).stdout
-        records = [json.loads(line) for line in (done / "metrics.jsonl").read_text().splitlines()]
+        records = step_records(done)
         assert [r["step"] for r in records] == list(range(1, 7))
         assert json.loads((done / "status.json").read_text())["state"] == "finished"
         first_step_s = records[0]["time"] - t0

@@ -22,7 +22,7 @@ from filelock import FileLock, Timeout
 
 from orchestrator.errors import RunInUse
 from orchestrator.runlock import HOLDER_FILE, LOCK_FILE, hold, hold_run
-from tests.conftest import tiny_config
+from tests.conftest import step_records, tiny_config
 from tests.test_train_job import wait_gone
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,8 +42,8 @@ def _job(run_dir: Path, *overrides: str) -> subprocess.Popen:
 
 
 def _steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+    """The steps metrics.jsonl records (its checkpoint event lines left out)."""
+    return [r["step"] for r in step_records(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
 
 
 def _wait_for_steps(proc: subprocess.Popen, run_dir: Path, n: int, timeout_s: float = 180) -> None:

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,9 @@ import psutil
 import pytest
 
 from orchestrator import signals
+from orchestrator.checkpoint import verify
 from orchestrator.errors import Interrupted
+from orchestrator.storage import Storage
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
@@ -74,6 +77,52 @@ def test_a_signal_where_no_step_loop_listens_interrupts_at_once():
     assert {s: signal.getsignal(s) for s in signals.SIGNALS} == before
 
 
+def test_two_signals_while_the_main_thread_is_blocked_in_c_both_count():
+    """Ray's waits block the main thread in C, where CPython cannot run a handler: a signal only trips a flag (one
+    per signal number), and two SIGINTs were one. Here two SIGINTs, 50 ms apart, are delivered to another thread
+    (as the kernel may deliver them to Ray's) while the main thread is blocked in read(2): the first stops
+    gracefully, the second interrupts, as when they come apart."""
+    stops: list[str] = []
+    r, w = os.pipe()
+    main = threading.get_native_id()
+
+    def main_blocked_in_read() -> bool | None:
+        try:
+            fields = Path(f"/proc/self/task/{main}/syscall").read_text().split()
+        except OSError:
+            return None   # no /proc: the sender gives the main thread a moment instead
+        return len(fields) > 1 and fields[1] == hex(r)
+
+    def sender() -> None:
+        deadline = time.monotonic() + 30
+        while main_blocked_in_read() is False and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if main_blocked_in_read() is None:
+            time.sleep(0.5)
+        me = threading.get_ident()
+        signal.pthread_kill(me, signal.SIGINT)
+        time.sleep(0.05)
+        signal.pthread_kill(me, signal.SIGINT)
+        time.sleep(0.05)
+        os.write(w, b"x")   # the main thread's read returns: now the handler runs, once
+
+    with signals.job_signals() as gate:
+        undo = signals.on_stop(stops.append)
+        thread = threading.Thread(target=sender)
+        thread.start()
+        try:
+            with pytest.raises(Interrupted) as caught:
+                os.read(r, 1)
+                time.sleep(0.5)   # the handler runs at the first bytecode after the read
+        finally:
+            undo()
+            thread.join()
+            os.close(r)
+            os.close(w)
+    assert stops == ["SIGINT"] and gate.received == [signal.SIGINT, signal.SIGINT]
+    assert caught.value.describe() == "SIGINT, then SIGINT" and caught.value.exit_code == 130
+
+
 # ------------------------------------------------------------------------------- the real CLI
 def _start(run_dir: Path, *overrides: str) -> tuple[subprocess.Popen, Path]:
     """The train job as a user runs it, on its own local Ray (RAY_ADDRESS emptied: the test session's Ray and
@@ -95,7 +144,7 @@ def _wait_for(proc: subprocess.Popen, err: Path, ready, timeout_s: float, what: 
 
 def _steps(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+    return [r["step"] for r in map(json.loads, path.read_text().splitlines()) if "event" not in r] if path.exists() else []
 
 
 def _in_session(sid: int) -> list[psutil.Process]:
@@ -177,3 +226,57 @@ def test_kill_9_of_the_driver_leaves_nothing_of_its_own_ray(tmp_path):
     log = Path(session_dir) / "logs" / "job_watchdog.log"
     assert lingering == [], f"still running: {lingering}; watchdog log:\n{log.read_text() if log.exists() else '-'}"
     assert "is gone without shutting down its Ray session" in log.read_text()
+
+
+def _events(run_dir: Path) -> list[tuple[str, int]]:
+    path = run_dir / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [(r["event"], r["step"]) for r in lines if "event" in r]
+
+
+# 300 validation batches: the end of a run (final checkpoint, validation, results) lasts while the signals land
+LATE = ["train.steps=3", "train.eval_batches=300", "monitor.report=true"]
+
+
+def test_a_sigint_once_every_step_finished_leaves_the_run_finished(tmp_path):
+    run_dir = tmp_path / "run"
+    proc, err = _start(run_dir, *LATE)
+    try:
+        _wait_for(proc, err, lambda: 3 in _steps(run_dir), 180, "the last step")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "SIGINT: every step has finished; the run ends as a finished one" in text and "Traceback" not in text
+    status = json.loads((run_dir / "status.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert status["state"] == summary["state"] == "finished" and summary["stopped_by_signal"] is None
+    assert summary["val_loss"] is not None and status["val_loss"] == summary["val_loss"]   # validated
+    assert summary["checkpoints_committed"] == [3] and ("checkpoint_committed", 3) in _events(run_dir)
+
+
+def test_two_quick_sigints_after_the_final_commit_interrupt_and_status_says_so(tmp_path):
+    run_dir = tmp_path / "run"
+    proc, err = _start(run_dir, *LATE)
+    try:
+        _wait_for(proc, err, lambda: ("checkpoint_committed", 3) in _events(run_dir), 180, "the final commit")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)   # the driver is blocked in the validation's ray.get: both must count
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert "interrupted (SIGINT, then SIGINT)" in text and "Traceback" not in text
+    status = json.loads((run_dir / "status.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert status["state"] == summary["state"] == "interrupted"   # as README promises, after the commit too
+    assert status["reason"] == summary["reason"] == "SIGINT, then SIGINT: interrupted after step 3"
+    assert summary["val_loss"] is None                             # the validation was cut short
+    assert summary["checkpoints_committed"] == [3]                 # the committed checkpoint stays
+    assert verify(Storage(str(run_dir / "checkpoints" / "step_00000003")))[1] is None

@@ -19,14 +19,14 @@ from orchestrator.errors import RunError
 from orchestrator.rundir import read_jsonl
 from orchestrator.schedule import lr_at
 from orchestrator.storage import Storage
-from tests.conftest import tiny_config
+from tests.conftest import step_records, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 TWO = ("cluster.num_devices=2", "train.eval_batches=0")
 
 
 def steps_of(run_dir: Path, name: str = "metrics.jsonl") -> list[int]:
-    return [r["step"] for r in read_jsonl(run_dir / name)]
+    return [r["step"] for r in read_jsonl(run_dir / name) if "event" not in r]
 
 
 def committed(root: Path) -> list[int]:
@@ -175,11 +175,11 @@ def test_resume_keeps_the_lr_schedule_of_the_checkpoint(ray_session, tmp_path):
     common = (*TWO, "train.warmup_steps=2", "train.lr=1e-2", "train.min_lr_ratio=0.1")
     Driver(tiny_config(run_dir, *common, "train.steps=6"), run_dir).run()
     Driver(tiny_config(run_dir, *common, "train.steps=10", "train.resume=latest"), run_dir).run()
-    lrs = {r["step"]: r["lr"] for r in read_jsonl(run_dir / "metrics.jsonl")}
+    lrs = {r["step"]: r["lr"] for r in step_records(run_dir)}
     assert lrs[6] == pytest.approx(1e-3) and lrs[7] == pytest.approx(1e-3)        # the horizon stayed 6: no jump
     assert manifest(run_dir / "checkpoints", 10).lr_horizon == 6
     Driver(tiny_config(run_dir, *common, "train.steps=12", "train.lr_horizon=12", "train.resume=latest"), run_dir).run()
-    lrs = {r["step"]: r["lr"] for r in read_jsonl(run_dir / "metrics.jsonl")}
+    lrs = {r["step"]: r["lr"] for r in step_records(run_dir)}
     assert lrs[11] == pytest.approx(lr_at(11, 1e-2, 2, 12, 0.1))                   # an explicit horizon changes it
 
 
@@ -231,11 +231,12 @@ def test_resume_with_nothing_to_do_touches_nothing(finished):
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning(ray_session, tmp_path, caplog):
     run_dir = tmp_path / "run"
     Driver(tiny_config(run_dir, *TWO, "train.steps=4"), run_dir).run()
+    torn = len((run_dir / "metrics.jsonl").read_text().splitlines()) + 1
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 3.1')   # a driver killed mid-write
     summary = Driver(tiny_config(run_dir, *TWO, "train.steps=6", "train.resume=latest"), run_dir).run()
     assert summary.resumed_from_step == 4 and steps_of(run_dir) == [1, 2, 3, 4, 5, 6]
-    assert any("metrics.jsonl line 5 is not a JSON object (torn" in r.getMessage() for r in caplog.records)
+    assert any(f"metrics.jsonl line {torn} is not a JSON object (torn" in r.getMessage() for r in caplog.records)
 
 
 # ----------------------------------------------------------------- 8: bounded driver state
@@ -248,4 +249,4 @@ def test_driver_state_is_bounded_in_the_step_count(ray_session, tmp_path):
     assert len(driver.history) == driver.history.maxlen < 150
     # kept for the steps a rewind can reach: the start, the two in-memory snapshots, the step just done
     assert len(driver.totals_at) <= 4 and len(driver.alerts.states) <= 4
-    assert summary.tokens_per_s > 0 and summary.final_loss == list(read_jsonl(run_dir / "metrics.jsonl"))[-1]["loss"]
+    assert summary.tokens_per_s > 0 and summary.final_loss == step_records(run_dir)[-1]["loss"]

@@ -18,6 +18,7 @@ from orchestrator import cluster
 from orchestrator.checkpoint import verify
 from orchestrator.storage import Storage
 from orchestrator.config import load_config
+from tests.conftest import step_records
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
@@ -110,7 +111,7 @@ def test_train_job_runs_on_its_own_ray_and_loss_goes_down(tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "started a local Ray instance" in err and "done: 40 steps" in out
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = step_records(run_dir)
     assert [r["step"] for r in records] == list(range(1, 41))
     cfg = load_config(None, [])
     for r in records:
@@ -147,7 +148,7 @@ def test_sigterm_stops_cleanly_after_the_step_in_flight(tmp_path):
     assert "SIGTERM: stopping after step" in err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped_by_signal"] == "SIGTERM"
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in step_records(run_dir)]
     assert steps == list(range(1, summary["steps_done"] + 1))  # every finished step recorded, once
     # Graceful stop: a final checkpoint of the last finished step, committed and verified.
     assert summary["checkpoints_committed"] == [summary["steps_done"]]
@@ -209,4 +210,4 @@ def test_train_job_joins_a_running_local_cluster_with_token_auth(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert job.returncode == 0, job.stderr[-3000:]
         assert f"joined the local cluster at 127.0.0.1:{port}" in job.stderr
-        assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 5
+        assert len(step_records(run_dir)) == 5

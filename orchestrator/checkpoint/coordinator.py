@@ -8,10 +8,14 @@ Each write's result is an object ref the driver polls, so the commit never rides
     every shard written            -> manifest committed (atomically), retention applied
     a writer died (its actor died) -> the shard is rewritten from the same snapshot by the device that now
                                       holds that rank (a replacement) or by another live one
-    a snapshot lost, a write error -> the checkpoint failed: the Healer records it and schedules a retake
-                                      (a half-written folder has no manifest: nothing loads it)
-`finish` waits for what is in flight, within a deadline. Commits name their run and the checkpoint they
-descend from (timeline.py); retention never deletes the checkpoint just committed or one being written.
+    a snapshot lost, a write error -> the checkpoint failed: its half-written folder (no manifest: nothing
+                                      loads it) is removed at once, so a full disk has its room back for the
+                                      retake the Healer schedules
+`finish` waits for what is in flight, within a deadline; `commit_through` holds back the commit of a
+checkpoint whose step's record could not be written (a full run directory: a committed checkpoint's step is
+in metrics.jsonl). `abandon` removes the folders of saves a stopped run leaves unfinished, once their writers
+are gone. Commits name their run and the checkpoint they descend from (timeline.py); retention never deletes
+the checkpoint just committed or one being written.
 """
 from __future__ import annotations
 
@@ -23,8 +27,8 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from orchestrator.checkpoint.manager import (CheckpointManifest, apply_retention, commit_manifest, find_resume,
-                                             fingerprint_hash, model_fingerprint, step_dir)
+from orchestrator.checkpoint.manager import (MANIFEST, CheckpointManifest, apply_retention, commit_manifest,
+                                             find_resume, fingerprint_hash, model_fingerprint, step_dir)
 from orchestrator.checkpoint.shard import merge_optimizer_steps
 from orchestrator.checkpoint.snapshots import InMemorySnapshot, SnapshotStore
 from orchestrator.checkpoint.timeline import ResumePlan, training_settings
@@ -140,9 +144,11 @@ class Checkpoints:
         return False
 
     # ------------------------------------------------------------ completing
-    def poll(self, actors: list[Any], timeout_s: float = 0.0) -> tuple[list[int], list[CheckpointFailure]]:
-        """Take the shard writes that finished; commit each checkpoint whose shards are all written. Returns the
-        steps committed and the checkpoints that failed."""
+    def poll(self, actors: list[Any], timeout_s: float = 0.0,
+             commit_through: int | None = None) -> tuple[list[int], list[CheckpointFailure]]:
+        """Take the shard writes that finished; commit each checkpoint whose shards are all written (and whose
+        step is at most `commit_through`, when given: a later one fails instead). Returns the steps committed and
+        the checkpoints that failed."""
         committed, failed = [], []
         for step in sorted(self.pending):
             p = self.pending[step]
@@ -159,6 +165,11 @@ class Checkpoints:
             if p.writes:
                 continue
             del self.pending[step]
+            if commit_through is not None and step > commit_through and not p.errors:
+                p.errors[-1] = f"not committed: the record of step {step} could not be written to the run directory"
+            missing = sorted(set(range(self.world)) - set(p.results))
+            if missing and not p.errors:  # every shard or no commit, whatever interrupted the bookkeeping
+                p.errors[-1] = f"no written shard from device(s) {missing}"
             if not p.errors:
                 try:
                     self._commit(p)
@@ -169,13 +180,15 @@ class Checkpoints:
             failed.append(self._failed(p))
         return committed, failed
 
-    def finish(self, actors: list[Any], timeout_s: float) -> tuple[list[int], list[CheckpointFailure]]:
-        """Wait (at most `timeout_s`) for every write in flight; commit what completes, fail what does not."""
+    def finish(self, actors: list[Any], timeout_s: float,
+               commit_through: int | None = None) -> tuple[list[int], list[CheckpointFailure]]:
+        """Wait (at most `timeout_s`) for every write in flight; commit what completes (up to `commit_through`, as
+        `poll`), fail what does not."""
         deadline = time.monotonic() + timeout_s
         committed, failed = [], []
         while self.pending:
             left = deadline - time.monotonic()
-            c, f = self.poll(actors, timeout_s=max(0.0, min(1.0, left)))
+            c, f = self.poll(actors, timeout_s=max(0.0, min(1.0, left)), commit_through=commit_through)
             committed, failed = committed + c, failed + f
             if left <= 0:
                 for step, p in sorted(self.pending.items()):
@@ -187,15 +200,17 @@ class Checkpoints:
         return committed, failed
 
     def _take(self, p: PendingCheckpoint, w: _Write, actors: list[Any]) -> None:
-        del p.writes[w.rank]
-        try:
+        try:  # the write leaves p.writes only once its outcome is in hand (a signal may land inside ray.get)
             result = ray.get(w.ref)
         except RayActorError as e:
+            del p.writes[w.rank]
             self._rewrite(p, w, actors, e)
             return
         except Exception as e:  # the snapshot was lost with its node, or the writer raised
+            del p.writes[w.rank]
             p.errors[w.rank] = f"device {w.rank}: {last_line(e)}"
             return
+        del p.writes[w.rank]
         if result.get("error"):
             p.errors[w.rank] = f"rank {w.rank}: {result['error']}"
         else:
@@ -268,11 +283,38 @@ class Checkpoints:
         before = [s for s in self.committed_steps if s < step]
         return {"run_id": self.run_id, "step": max(before)} if before else self.origin
 
+    def abandon(self, why: str, wait_s: float = 10.0) -> list[CheckpointFailure]:
+        """The saves still in flight when the run stops without settling them (interrupted): once their writers
+        are gone (the devices are released first; a kill lands within `wait_s`), each fails and its folder goes."""
+        refs = [w.ref for p in self.pending.values() for w in p.writes.values()]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        failed = []
+        for step, p in sorted(self.pending.items()):
+            p.writes.clear()
+            p.errors[-1] = why
+            failed.append(self._failed(p))
+        self.pending.clear()
+        return failed
+
     def _failed(self, p: PendingCheckpoint) -> CheckpointFailure:
         detail = "; ".join(v for _, v in sorted(p.errors.items()))
         self.failed_steps.append(p.step)
+        self._remove_partial(p.step)
         log.error("checkpoint at step %d not committed (%s); the previous checkpoint is kept", p.step, detail)
         return CheckpointFailure(p.step, detail, sorted(p.errors))
+
+    def _remove_partial(self, step: int) -> None:
+        """Delete the folder a failed save of `step` left (its shards so far), never a committed checkpoint's: on a
+        full disk the retakes need that room. A writer that hangs may still add a file; the next save of that
+        step or the next commit's retention clears it."""
+        name = step_dir(step)
+        try:
+            if step in self.committed_steps or self.storage.exists(f"{name}/{MANIFEST}"):
+                return
+            self.storage.delete_dir(name)
+        except StorageError as e:  # the failure itself is what matters; retention clears it later
+            log.warning("could not remove the partial checkpoint folder %s: %s", name, e)
 
     # ------------------------------------------------------------ reading back
     def committed_newest_first(self):

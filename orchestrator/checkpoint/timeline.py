@@ -27,6 +27,7 @@ from typing import Any
 
 from orchestrator.checkpoint.manager import CheckpointManifest, check_compatible, find_resume, list_checkpoints, step_dir
 from orchestrator.config import RESUME_EXACT_KEYS, Config, ConfigError, to_dict
+from orchestrator.rundir import write_atomic
 from orchestrator.schedule import lr_at
 from orchestrator.storage import Storage, StorageError, uri_join
 
@@ -63,9 +64,7 @@ def record_run_id(run_dir: Path, run_id: str) -> None:
     path = run_dir / RUN_FILE
     if recorded_run_id(run_dir) != run_id:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(RUN_FILE + ".tmp")
-        tmp.write_text(json.dumps({"run_id": run_id, "created": time.time()}) + "\n")
-        tmp.replace(path)
+        write_atomic(path, json.dumps({"run_id": run_id, "created": time.time()}) + "\n")
 
 
 def run_folder(cfg: Config, run_dir: Path, run_id: str) -> str:
