@@ -152,6 +152,9 @@ class _NoMoments:
     def partitioned(self, p):
         return False
 
+    def owns(self, p):
+        return False
+
 
 def write_checkpoint(folder: Path, cfg: Config, step: int, models: list[torch.nn.Module], training: bool = True
                      ) -> Path:

@@ -2,6 +2,7 @@
 and the post-training path (a tokenizer trained here, SFT on packed conversations, export, generation)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest

@@ -28,10 +28,10 @@ from tests.test_train_job import wait_gone
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 SMALL = ["cluster.num_devices=1", "data.max_bytes=300000", "run.progress=lines"]
-# step 3 takes 40 s on the device (the watch's hang deadline made longer than that): the run is live, and
+# step 3 takes 25 s on the device (the watch's hang deadline made longer than that): the run is live, and
 # writes nothing of its own, while the second jobs try
 SLOW_STEP_3 = ["train.steps=6", "checkpoint.every_steps=1", "faults.hang_floor_s=300", "faults.hang_cap_s=300",
-               "faults.plan=[{step: 3, kind: slow, rank: 0, steps: 1, delay_s: 40}]"]
+               "faults.plan=[{step: 3, kind: slow, rank: 0, steps: 1, delay_s: 25}]"]
 
 
 def _job(run_dir: Path, *overrides: str) -> subprocess.Popen:
