@@ -215,40 +215,34 @@ class AlertEngine:
         record, which `evaluate` sees), a straggler left in place, a checkpoint that did not commit (each one: a
         retake of the same step that fails again fires again), a state recovery could not restore. The healer has
         acted already: an alert can record, notify or stop."""
+        kind, step, detail = incident.get("kind"), int(incident.get("step") or 0), incident.get("detail")
+        if kind == "checkpoint":   # every failed save fires, a retake of the same step too
+            outcome = "retaken later" if incident.get("action") == "retried" else "the run stops"
+            return self._on_incident("checkpoint_failed", step, f"checkpoint of step {step} not committed: {detail} "
+                                     f"({outcome})", ("record", "notify", "stop"), once=False)
+        if kind == "slow" and incident.get("action") == "recorded":  # a straggler left in place
+            return self._on_incident("straggler", step, f"device {incident.get('rank')}: {detail}",
+                                     ("record", "notify"))
+        if kind == "nan" and incident.get("action") != "skipped":
+            return self._on_incident("nonfinite", step, f"{detail or 'non-finite values'} ({incident.get('action')})",
+                                     ("record", "notify", "stop"))
+        if kind == "restore":   # the run stops on it: an alert says why, naming the tensor
+            return self._on_incident("restore_failed", step, str(detail), ("record", "notify"))
+        return []
+
+    def _on_incident(self, rule: str, step: int, detail: str, actions: tuple[str, ...], once: bool = True
+                     ) -> list[Alert]:
+        """Fire every configured `rule` for an incident at `step` (`once`: not again for a step it fired at); an
+        action outside `actions` (the healer has acted already) becomes notify; `stop` stops the run."""
         fired = []
-        if incident.get("kind") == "checkpoint":
-            for r in self.rules:
-                if r.rule == "checkpoint_failed":
-                    outcome = "retaken later" if incident.get("action") == "retried" else "the run stops"
-                    alert = self._fire(int(incident["step"]), "checkpoint_failed", None, 0.0, r.action,
-                                       f"checkpoint of step {incident['step']} not committed: "
-                                       f"{incident.get('detail')} ({outcome})")
-                    fired.append(alert)
-                    if r.action == "stop":
-                        self.stop = alert
-        if incident.get("kind") == "slow" and incident.get("action") == "recorded":  # a straggler left in place
-            step = int(incident["step"])
-            for r in self.rules:
-                if r.rule == "straggler" and ("straggler", step) not in self.fired:
-                    action = r.action if r.action in ("record", "notify") else "notify"
-                    fired.append(self._fire(step, "straggler", None, 0.0, action,
-                                            f"device {incident.get('rank')}: {incident.get('detail')}"))
-        if incident.get("kind") == "nan" and incident.get("action") != "skipped":
-            step = int(incident["step"])
-            for r in self.rules:
-                if r.rule == "nonfinite" and ("nonfinite", step) not in self.fired:
-                    action = r.action if r.action in ("record", "notify", "stop") else "notify"
-                    alert = self._fire(step, "nonfinite", None, 0.0, action,
-                                       f"{incident.get('detail') or 'non-finite values'} ({incident.get('action')})")
-                    fired.append(alert)
-                    if action == "stop":
-                        self.stop = alert
-        if incident.get("kind") == "restore":   # the run stops on it: an alert says why, naming the tensor
-            step = int(incident["step"])
-            for r in self.rules:
-                if r.rule == "restore_failed" and ("restore_failed", step) not in self.fired:
-                    action = r.action if r.action in ("record", "notify") else "notify"
-                    fired.append(self._fire(step, "restore_failed", None, 0.0, action, str(incident.get("detail"))))
+        for r in self.rules:
+            if r.rule != rule or (once and (rule, step) in self.fired):
+                continue
+            action = r.action if r.action in actions else "notify"
+            alert = self._fire(step, rule, None, 0.0, action, detail)
+            fired.append(alert)
+            if action == "stop":
+                self.stop = alert
         return fired
 
     def _fire(self, step: int, rule: str, value: float | None, threshold: float, action: str, detail: str) -> Alert:

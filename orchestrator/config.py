@@ -900,8 +900,9 @@ def _reason(why: str) -> str:
     return why
 
 
-def _token_files(d: DataConfig) -> bool:
-    """Will data.path be read as uint16 token files (as orchestrator/data/corpus.py decides)?"""
+def reads_token_files(d: DataConfig) -> bool:
+    """Will data.path be read as uint16 token files (data.format, else a .bin file or a folder with train.bin)?
+    orchestrator/data/corpus.py reads it so; the idle-key rules below ask the same."""
     if d.path is None:
         return False
     if d.format != "auto":
@@ -927,7 +928,7 @@ def _refuse_idle_keys(cfg: Config, keys: _Keys) -> None:
     if d.path is None:  # (format=bin without a path is refused above)
         keys.section(cfg, "data", ("format",), "without data.path (the embedded corpus is text already): remove "
                                                "it, or set data.path")
-    elif _token_files(d):
+    elif reads_token_files(d):
         keys.section(cfg, "data", ("max_bytes",), f"on token files (data.path={d.path!r} is read as uint16 "
                                                   f"tokens, whole): remove it")
         if Path(d.path).expanduser().is_dir() and (Path(d.path).expanduser() / "val.bin").is_file():

@@ -46,7 +46,7 @@ from orchestrator.healing import Decision, Healer, Incident, Injector, StepFailu
 from orchestrator.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops, step_record
 from orchestrator.monitor import Progress, device_status, write_memory_plan, write_status
 from orchestrator.runlock import hold_run
-from orchestrator.rundir import FIX, append_jsonl, read_jsonl, rewind_logs
+from orchestrator.rundir import FIX, append_jsonl, is_record, read_jsonl, rewind_logs
 from orchestrator.storage import Storage
 from orchestrator.summary import RunSummary, Totals, history_len, write_results
 
@@ -470,7 +470,7 @@ class Driver:
     def _totals_from_log(self, back: int) -> Totals:
         totals = Totals()
         for rec in read_jsonl(self.run_dir / "metrics.jsonl"):
-            if self.first <= rec.get("step", 0) <= back and "event" not in rec:   # step records only
+            if self.first <= rec.get("step", 0) <= back and is_record(rec):
                 totals = totals.add(rec)
         return totals
 

@@ -357,11 +357,7 @@ class MetricsStream:
             self.sinks.append(MLflowSink(cfg, run))
 
     def write(self, record: dict[str, Any]) -> None:
-        t0 = time.perf_counter()
-        self.log.write(record)
-        for sink in self.sinks:
-            self._safely(sink.write, record)
-        self.seconds += time.perf_counter() - t0
+        self._line(record, "write")
 
     def incident(self, incident: dict[str, Any]) -> None:
         for sink in self.sinks:
@@ -369,10 +365,15 @@ class MetricsStream:
 
     def event(self, event: dict[str, Any]) -> None:
         """An event line (see the module docstring) to metrics.jsonl, then to every sink."""
+        self._line(event, "event")
+
+    def _line(self, obj: dict[str, Any], method: str) -> None:
+        """`obj` to metrics.jsonl (DiskFull when it cannot be written), then to each sink's `method` (a sink that
+        fails only logs); the time spent is the monitoring's own cost."""
         t0 = time.perf_counter()
-        self.log.write(event)
+        self.log.write(obj)
         for sink in self.sinks:
-            self._safely(sink.event, event)
+            self._safely(getattr(sink, method), obj)
         self.seconds += time.perf_counter() - t0
 
     def truncate(self, back: int) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from orchestrator.config import Config, redacted_yaml
-from orchestrator.rundir import append_line, jsonl_line, read_jsonl, truncate_jsonl, write_atomic
+from orchestrator.rundir import append_line, is_record, jsonl_line, tail_jsonl, truncate_jsonl, write_atomic
 
 
 def run_dir_path(cfg: Config) -> Path:
@@ -80,9 +80,7 @@ class MetricsLog:
     def tail(self, n: int) -> list[dict[str, Any]]:
         """The last `n` step records, event lines left out (a resumed run's recent history; the driver never
         holds the whole log)."""
-        from collections import deque
-
-        return list(deque((o for o in read_jsonl(self.path) if "event" not in o), maxlen=n)) if n > 0 else []
+        return tail_jsonl(self.path, n, is_record)
 
     def write(self, record: dict[str, Any]) -> None:
         append_line(self._f, self.path, jsonl_line(record))

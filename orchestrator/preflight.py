@@ -148,26 +148,27 @@ def _show(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _field(record: Any, where: str, key: str, fix: str) -> Any:
+    """`record[key]`: ConfigError naming `where` when the record is not an object or lacks `key` (its keys said)."""
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: the record is {_show(record)}, not an object with `{key}`; {fix}")
+    if record.get(key) is None:
+        keys = ", ".join(k for k, v in record.items() if v is not None) or "none"
+        raise ConfigError(f"{where}: the record has no `{key}` (its keys: {keys}); {fix}")
+    return record[key]
+
+
 def _text_record(record: Any, where: str) -> None:
     fix = "a pretraining record needs `text`, a string: fix or remove the record"
-    if not isinstance(record, dict):
-        raise ConfigError(f"{where}: the record is {_show(record)}, not an object with `text`; {fix}")
-    if record.get("text") is None:
-        keys = ", ".join(k for k, v in record.items() if v is not None) or "none"
-        raise ConfigError(f"{where}: the record has no `text` (its keys: {keys}); {fix}")
-    if not isinstance(record["text"], str):
-        raise ConfigError(f"{where}: `text` is {_show(record['text'])}; {fix}")
+    text = _field(record, where, "text", fix)
+    if not isinstance(text, str):
+        raise ConfigError(f"{where}: `text` is {_show(text)}; {fix}")
 
 
 def _sft_record(record: Any, where: str) -> list:
     """The record's messages, checked as the run reads them (data/hf_data.py _conversations)."""
     fix = "give every record `messages`: a list of {role, content} strings"
-    if not isinstance(record, dict):
-        raise ConfigError(f"{where}: the record is {_show(record)}, not an object with `messages`; {fix}")
-    if record.get("messages") is None:
-        keys = ", ".join(k for k, v in record.items() if v is not None) or "none"
-        raise ConfigError(f"{where}: the record has no `messages` (its keys: {keys}); {fix}")
-    messages = record["messages"]
+    messages = _field(record, where, "messages", fix)
     if not isinstance(messages, list):
         raise ConfigError(f"{where}: `messages` is {_show(messages)}, not a list; {fix}")
     for k, m in enumerate(messages, 1):

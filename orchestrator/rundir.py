@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from orchestrator.disk import DiskFull, full, room
 
@@ -58,11 +58,14 @@ def read_jsonl(path: Path | str, what: str | None = None) -> Iterator[dict[str, 
             yield obj
 
 
-def tail_jsonl(path: Path | str, n: int) -> list[dict[str, Any]]:
-    """The last `n` objects of a .jsonl file (read in one pass, holding at most n)."""
+def tail_jsonl(path: Path | str, n: int, keep: Callable[[dict[str, Any]], bool] | None = None
+               ) -> list[dict[str, Any]]:
+    """The last `n` objects of a .jsonl file (those `keep` accepts, when given), read in one pass, holding at
+    most n."""
     from collections import deque
 
-    return list(deque(read_jsonl(path), maxlen=n)) if n > 0 else []
+    objs = read_jsonl(path) if keep is None else filter(keep, read_jsonl(path))
+    return list(deque(objs, maxlen=n)) if n > 0 else []
 
 
 def truncate_jsonl(path: Path | str, keep_through_step: int) -> int:
@@ -109,9 +112,14 @@ def jsonl_line(obj: dict[str, Any]) -> str:
     return json.dumps(obj, separators=(",", ":")) + "\n"
 
 
+def is_record(obj: dict[str, Any]) -> bool:
+    """Is this object of metrics.jsonl a step record (not an event line, which has an `event` key)?"""
+    return "event" not in obj
+
+
 def records(objs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The step records of metrics.jsonl's objects: its event lines (with an `event` key) left out."""
-    return [o for o in objs if "event" not in o]
+    """The step records of metrics.jsonl's objects: its event lines left out."""
+    return [o for o in objs if is_record(o)]
 
 
 def append_line(f: BinaryIO, path: Path, line: str) -> None:
@@ -158,4 +166,4 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 
 __all__ = ["read_jsonl", "tail_jsonl", "truncate_jsonl", "rewind_logs", "append_jsonl", "append_line", "write_atomic",
-           "records", "jsonl_line", "STEP_LOGS", "FIX"]
+           "records", "is_record", "jsonl_line", "STEP_LOGS", "FIX"]

@@ -81,11 +81,11 @@ def history_len(cfg: Config) -> int:
 
 
 def write_results(run_dir: Path, summary: RunSummary, goodput: dict[str, float], report: bool,
-                  interrupted: Any = None) -> dict[str, str]:
+                  interrupted: Any = None) -> None:
     """summary.json and goodput.json (both with the run's `state` and `reason`), then report.html (when `report`
     and a step finished), each as far as it can be: a file that cannot be written (a full disk) is logged and
-    the next one tried, and a report that fails does not fail the run. Returns {file: why} for those not
-    written; for an interrupted run they go into `interrupted.not_written` too."""
+    the next one tried, and a report that fails does not fail the run. For an interrupted run, what was not
+    written and why goes into `interrupted.not_written`."""
     missing: dict[str, str] = {}
     outcome = {"state": summary.state, "reason": summary.reason}
     for name, content in (("summary.json", asdict(summary)), ("goodput.json", {**goodput, **outcome})):
@@ -111,7 +111,6 @@ def write_results(run_dir: Path, summary: RunSummary, goodput: dict[str, float],
         missing["report.html"] = "no step had finished"
     if interrupted is not None:
         interrupted.not_written.update(missing)
-    return missing
 
 
 __all__ = ["RunSummary", "Totals", "history_len", "write_results"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.config import ConfigError, DataConfig
+from orchestrator.config import ConfigError, DataConfig, reads_token_files
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".yaml", ".yml", ".toml", ".cfg", ".ini",
                  ".html", ".css", ".js", ".sh", ".tex", ".csv"}
@@ -58,7 +58,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         root = stdlib_root()
         return _from_documents(root, stdlib_documents(), cfg, f"Python {root.name} standard library at {root}")
     path = Path(cfg.path).expanduser()
-    if _format(cfg, path) == "bin":
+    if reads_token_files(cfg):
         return _from_token_files(path, cfg)
     if path.is_dir():
         docs = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
@@ -70,20 +70,12 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     return _tail_split(data, cfg, f"text file {path}")
 
 
-def _format(cfg: DataConfig, path: Path) -> str:
-    if cfg.format != "auto":
-        return cfg.format
-    return "bin" if path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").is_file()) else "text"
-
-
 def token_files(cfg: DataConfig) -> list[Path]:
     """The uint16 token files load_corpus reads for `cfg` (none for text): the file, or a folder's train.bin and
     its val.bin when there is one."""
-    if cfg.path is None:
+    if not reads_token_files(cfg):   # (also: no data.path)
         return []
     path = Path(cfg.path).expanduser()
-    if _format(cfg, path) != "bin":
-        return []
     if path.is_dir():
         return [path / "train.bin"] + ([path / "val.bin"] if (path / "val.bin").is_file() else [])
     return [path]
