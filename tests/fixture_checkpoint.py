@@ -1,0 +1,16 @@
+"""The settings of the committed checkpoint fixture (tests/fixtures/checkpoint_v1), shared by the script that made
+it and the test that resumes it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "fixtures" / "checkpoint_v1"
+_BASE = ["cluster.num_devices=2", "memory.zero_stage=1", "train.eval_batches=0"]
+
+
+def save_overrides() -> list[str]:
+    return ["train.steps=4", *_BASE]
+
+
+def resume_overrides(path: Path) -> list[str]:
+    return ["train.steps=7", *_BASE, f"train.resume={path}"]
