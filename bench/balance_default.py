@@ -6,7 +6,7 @@ Reads each run directory's metrics.jsonl (`expert_load`: per MoE layer, every ex
 count that step), summary.json and alerts.jsonl, and prints one row per run: MaxVio of the load summed
 over the first `--first` and the last `--last` steps, the mean per-step MaxVio over the same steps,
 final loss, mean loss of the last 50 steps, validation loss, tokens/s and the `maxvio` alerts fired.
-MaxVio is orchestrator/balancer.py's definition, max_i c_i / mean_i c_i - 1 per layer, mean over the
+MaxVio is orchestrator/experts/balancer.py's definition, max_i c_i / mean_i c_i - 1 per layer, mean over the
 MoE layers; summing over steps first averages out the noise of one small batch, whose sequences
 route alike (see README, Expert load balancing).
 
@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchestrator.balancer import load_stats  # noqa: E402  (after the path: runs as a plain script)
+from orchestrator.experts.balancer import load_stats  # noqa: E402  (after the path: runs as a plain script)
 
 
 def summed_maxvio(records: list[dict]) -> float:

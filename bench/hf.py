@@ -87,7 +87,7 @@ def _project_worker(rank: int, world: int, port: int, threads: int, warmup: int,
     import torch.distributed as dist
 
     from orchestrator.data.source import load_data
-    from orchestrator.device_shard import DeviceShard
+    from orchestrator.device.shard import DeviceShard
     from orchestrator.parallel import groups
 
     torch.set_num_threads(threads)
@@ -122,9 +122,9 @@ def _transformers_worker(_rank: int, threads: int, warmup: int, steps: int, out:
     from transformers import AutoModelForCausalLM
 
     from orchestrator.data.source import load_data, make_stream
-    from orchestrator.device_shard import rss_bytes
+    from orchestrator.device.shard import rss_bytes
     from orchestrator.model.hf import fresh_hf_state, load_hf_config
-    from orchestrator.schedule import lr_of
+    from orchestrator.device.schedule import lr_of
 
     torch.set_num_threads(threads)
     cfg = job_config(1)

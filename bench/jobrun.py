@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from orchestrator.rundir import read_jsonl, records as step_records
+from orchestrator.monitoring.rundir import read_jsonl, records as step_records
 
 REPO = Path(__file__).resolve().parent.parent
 

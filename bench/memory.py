@@ -5,7 +5,7 @@ per-device budget, and what each costs in step time.
 
 1. Largest model per mode. For every memory.zero_stage x memory.activation_checkpointing, on `--devices`
    devices with expert-parallel degree `--ep` (the rest data parallelism, over which expert states shard),
-   the planner (orchestrator/planner.py) finds the widest model of one family (the default model's shape,
+   the planner (orchestrator/memory/plan.py) finds the widest model of one family (the default model's shape,
    width `dim` in steps of 16 with expert_dim = dim and dense_dim = 2 dim, 4 heads) whose plan fits
    `--budget-mb` per device. `--confirm` trains it for a few steps (a real run through
    the driver and Ray) and reads the measured bytes per device (metrics.jsonl `device_memory`): the row
@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.model.transformer import count_parameters  # noqa: E402
-from orchestrator.planner import plan_memory  # noqa: E402
-from orchestrator.rundir import read_jsonl, records  # noqa: E402
+from orchestrator.memory.plan import plan_memory  # noqa: E402
+from orchestrator.monitoring.rundir import read_jsonl, records  # noqa: E402
 
 MODES = list(itertools.product((0, 1, 2, 3), ("none", "selective", "full")))
 CATEGORIES = ("params", "grads", "optimizer", "activations_peak")
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.confirm or args.times:   # real runs: one Ray for all of them, as the job starts it
         import contextlib
 
-        from orchestrator.cluster import ray_cluster
+        from orchestrator.runtime.cluster import ray_cluster
 
         with contextlib.ExitStack() as stack:
             stack.enter_context(ray_cluster(config(64, 0, "none", args.devices, args.ep, []).cluster))

@@ -28,7 +28,7 @@ def reference_throughput(overrides: list[str], steps: int) -> dict:
 
     from orchestrator.config import load_config
     from orchestrator.data import load_corpus
-    from orchestrator.device import DeviceShard
+    from orchestrator.device.actor import DeviceShard
 
     cfg = load_config(REPO / "jobs/configs/default.yaml", overrides + [f"train.steps={steps}"])
     # As many threads as one device actor gets, so the ratio is the speed-up over one such device.

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from jobs.cli import bad_input, interrupted_exit, job_parser, setup_logging
 from orchestrator.config import Config, ConfigError, load_config
-from orchestrator.rundir import read_jsonl, records
+from orchestrator.monitoring.rundir import read_jsonl, records
 
 # What the watch reports for each kind of injected fault.
 _DETECTED_AS = {"kill": {"dead"}, "crash": {"crash"}, "hang": {"hang"}, "slow": {"slow"}, "nan": {"nan"},
@@ -64,7 +64,7 @@ def match_faults(injected: list[dict], incidents: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from orchestrator.signals import interrupted, job_signals
+    from orchestrator.runtime.signals import interrupted, job_signals
 
     with job_signals(keep=argv is None):  # main(None): this process's own command line, the gate stays
         try:
@@ -85,15 +85,15 @@ def chaos(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides + ["checkpoint.at_end=true"])
         if not cfg.faults.plan and not cfg.faults.chaos.mean_steps_between:
             raise ConfigError("no faults to inject: give --every N (random chaos) or faults.plan=[...]")
-        from orchestrator.preflight import check_inputs
+        from orchestrator.runtime.preflight import check_inputs
 
         check_inputs(cfg)   # before Ray and the run directory
     except ConfigError as e:
         return bad_input(e, args.debug)
 
     from orchestrator.errors import RunInUse
-    from orchestrator.monitor import run_dir_path
-    from orchestrator.runlock import hold
+    from orchestrator.monitoring.status import run_dir_path
+    from orchestrator.runtime.runlock import hold
 
     cfg.run.dir = str(run_dir_path(cfg))   # decided once
     with ExitStack() as held:  # the job holds its directory; each of its two runs holds its own too
@@ -105,11 +105,11 @@ def chaos(args: argparse.Namespace) -> int:
 
 
 def _chaos(args: argparse.Namespace, cfg: Config) -> int:
-    from orchestrator.cluster import ray_cluster
+    from orchestrator.runtime.cluster import ray_cluster
     from orchestrator.errors import RunError, RunInUse
-    from orchestrator.monitor import make_run_dir
-    from orchestrator.runlock import hold_run
-    from orchestrator.signals import interrupted
+    from orchestrator.monitoring.status import make_run_dir
+    from orchestrator.runtime.runlock import hold_run
+    from orchestrator.runtime.signals import interrupted
 
     started = time.time()
     run_dir = make_run_dir(cfg)
@@ -122,7 +122,7 @@ def _chaos(args: argparse.Namespace, cfg: Config) -> int:
             from orchestrator.checkpoint.tools import differences, read_state
             from orchestrator.config import config_from_dict, to_dict
             from orchestrator.driver import Driver
-            from orchestrator.storage import Storage
+            from orchestrator.checkpoint.storage import Storage
 
             def sub(name: str, **faults) -> tuple:
                 d = to_dict(cfg)
@@ -202,7 +202,7 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def render(report: dict) -> str:
-    from orchestrator.goodput import Goodput
+    from orchestrator.monitoring.goodput import Goodput
 
     lines = ["", "== chaos report =="]
     if "stopped" in report:

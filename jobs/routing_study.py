@@ -24,7 +24,7 @@ from pathlib import Path
 
 from jobs.cli import bad_input, interrupted_exit, job_parser, setup_logging
 from orchestrator.config import Config, ConfigError, load_config
-from orchestrator.rundir import read_jsonl, records as step_records
+from orchestrator.monitoring.rundir import read_jsonl, records as step_records
 
 # what every strategy starts from: the router left alone
 NO_BALANCING = ["balance.aux_loss_coeff=0", "balance.seq_aux_loss_coeff=0", "balance.z_loss_coeff=0",
@@ -124,7 +124,7 @@ def plot(out: Path, runs: dict[str, list[dict]]) -> list[str]:
         fig.savefig(out / file, dpi=110)
         plt.close(fig)
         written.append(file)
-    from orchestrator.report import expert_load_heatmaps
+    from orchestrator.monitoring.report import expert_load_heatmaps
 
     for name, records in runs.items():
         fig = expert_load_heatmaps(records, f"Expert load per layer over steps: {name}")
@@ -153,7 +153,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from orchestrator.signals import interrupted, job_signals
+    from orchestrator.runtime.signals import interrupted, job_signals
 
     # SIGTERM/SIGINT: the strategy's run stops as jobs.train's does and the study ends there, 128 + signal
     with job_signals(keep=argv is None):  # main(None): this process's own command line, the gate stays
@@ -181,15 +181,15 @@ def study(args: argparse.Namespace) -> int:
         # every strategy starts from no balancing (the default job balances its router), then the command
         # line's overrides, then the strategy's own settings
         configs = {n: load_config(args.config, NO_BALANCING + overrides + strategies[n]) for n in strategies}
-        from orchestrator.preflight import check_inputs
+        from orchestrator.runtime.preflight import check_inputs
 
         check_inputs(cfg)   # the strategies share the model and the data; before Ray and the run directory
     except ConfigError as e:
         return bad_input(e, args.debug)
 
     from orchestrator.errors import RunInUse
-    from orchestrator.monitor import run_dir_path
-    from orchestrator.runlock import hold
+    from orchestrator.monitoring.status import run_dir_path
+    from orchestrator.runtime.runlock import hold
 
     cfg.run.dir = str(run_dir_path(cfg))   # decided once
     with ExitStack() as held:  # the study holds its directory; each strategy's run holds its own too
@@ -201,10 +201,10 @@ def study(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace, cfg: Config, configs: dict[str, Config], strategies: dict[str, list[str]]) -> int:
-    from orchestrator.cluster import ray_cluster
+    from orchestrator.runtime.cluster import ray_cluster
     from orchestrator.errors import RunError, RunInUse
-    from orchestrator.monitor import make_run_dir
-    from orchestrator.runlock import hold_run
+    from orchestrator.monitoring.status import make_run_dir
+    from orchestrator.runtime.runlock import hold_run
 
     out = make_run_dir(cfg)
     warmup = args.warmup if args.warmup is not None else cfg.train.steps // 5

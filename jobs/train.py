@@ -5,10 +5,10 @@
 Starts a local Ray when none is running and joins the running cluster when there is one (so the
 same command works under `ray job submit --working-dir . -- python -m jobs.train ...`).
 Exit codes: 0 success, 2 bad config or data (one line naming the key or file and the fix; --debug adds the
-traceback), or a run directory or checkpoint folder another live job holds (orchestrator/runlock.py), 1 a run
+traceback), or a run directory or checkpoint folder another live job holds (orchestrator/runtime/runlock.py), 1 a run
 that failed (a full run directory too: the message names the file and the bytes), 128+signal when stopped by
 SIGTERM or SIGINT (143, 130): the first stops after the step in flight with a checkpoint, a second at once, with
-the run's end files written as far as they can be (stderr names any that are not); see orchestrator/signals.py.
+the run's end files written as far as they can be (stderr names any that are not); see orchestrator/runtime/signals.py.
 A first signal that comes once every step has finished leaves the run finished (its final checkpoint and
 validation; exit 0).
 """
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from orchestrator.signals import interrupted, job_signals
+    from orchestrator.runtime.signals import interrupted, job_signals
 
     # main(None) runs this process's own command line: the gate then stays until the process exits
     with job_signals(keep=argv is None):
@@ -50,14 +50,14 @@ def train(args: argparse.Namespace) -> int:
         return bad_input(e, args.debug)
 
     from orchestrator.errors import RunInUse
-    from orchestrator.monitor import run_dir_path
-    from orchestrator.preflight import check_inputs
-    from orchestrator.runlock import hold_run
+    from orchestrator.monitoring.status import run_dir_path
+    from orchestrator.runtime.preflight import check_inputs
+    from orchestrator.runtime.runlock import hold_run
 
     started = time.time()
     cfg.run.dir = str(run_dir_path(cfg))   # decided once: the plan and the run use the same directory
     if cfg.cluster.device_memory_gb > 0:  # the memory plan must fit the budget before anything starts
-        from orchestrator.planner import check_fits
+        from orchestrator.memory.plan import check_fits
 
         try:
             check_fits(cfg)
@@ -80,10 +80,10 @@ def train(args: argparse.Namespace) -> int:
 def _train(cfg: Config, run_id: str, started: float, debug: bool) -> int:
     """The held run: where it starts, then the run on Ray; the exit code."""
     from orchestrator.checkpoint.timeline import plan_resume
-    from orchestrator.cluster import ray_cluster
+    from orchestrator.runtime.cluster import ray_cluster
     from orchestrator.errors import RunError
-    from orchestrator.monitor import make_run_dir, run_dir_path
-    from orchestrator.signals import interrupted
+    from orchestrator.monitoring.status import make_run_dir, run_dir_path
+    from orchestrator.runtime.signals import interrupted
 
     try:  # where the run starts, before anything starts or is written (a finished run's results stay as they are)
         plan = plan_resume(cfg, run_dir_path(cfg), run_id)
@@ -123,7 +123,7 @@ def _train(cfg: Config, run_id: str, started: float, debug: bool) -> int:
     final = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
     print(f"done: {summary.steps_done} steps, final loss {final}{val}, {summary.tokens_per_s:,.0f} tokens/s, "
           f"{summary.steps_per_s:.2f} steps/s, {summary.wall_time_s:.1f}s wall; metrics in {run_dir}/metrics.jsonl")
-    from orchestrator.goodput import Goodput
+    from orchestrator.monitoring.goodput import Goodput
 
     print(Goodput.from_dict(summary.goodput).table())
     if summary.incidents:

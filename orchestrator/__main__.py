@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         return _export_hf(args)
     if args.command == "report":
-        from orchestrator.report import write_report
+        from orchestrator.monitoring.report import write_report
 
         try:
             print(f"written {write_report(args.run_dir, args.out)}")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 def _export_hf(args: argparse.Namespace) -> int:
     from jobs.cli import bad_input
     from orchestrator.config import ConfigError
-    from orchestrator.model.hf_export import export_checkpoint
+    from orchestrator.checkpoint.hf_export import export_checkpoint
 
     try:
         info = export_checkpoint(args.checkpoint, args.hf, tokenizer_dir=args.tokenizer, config_file=args.config,
@@ -121,8 +121,8 @@ def _plan(args: argparse.Namespace) -> int:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
     except ConfigError as e:
         return bad_input(e, args.debug)
-    from orchestrator.plan_render import render
-    from orchestrator.planner import MemoryPlanError, check_fits, plan_memory, plan_table
+    from orchestrator.memory.render import render
+    from orchestrator.memory.plan import MemoryPlanError, check_fits, plan_memory, plan_table
 
     plan, table = plan_memory(cfg), plan_table(cfg)
     verdict = None  # with cluster.device_memory_gb set: what python -m jobs.train would say

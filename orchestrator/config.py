@@ -139,7 +139,7 @@ class ParallelConfig:
 
 @dataclass
 class MemoryConfig:
-    """The memory puzzle: what each device holds (orchestrator/planner.py predicts it; `python -m orchestrator plan`)."""
+    """The memory puzzle: what each device holds (orchestrator/memory/plan.py predicts it; `python -m orchestrator plan`)."""
     zero_stage: int = 0               # 0: replicate dense state | 1: + optimizer states sharded | 2: + gradients
                                       # | 3: + parameters (FSDP full shard); dense over all devices, experts over
                                       # their data-parallel dimension
@@ -245,7 +245,7 @@ class RunConfig:
 
 @dataclass
 class AlertRule:
-    """One alert rule (conditions and actions: orchestrator/alerts.py)."""
+    """One alert rule (conditions and actions: orchestrator/monitoring/alerts.py)."""
     rule: str = "loss_spike"   # nonfinite | loss_spike | grad_spike | maxvio | straggler | throughput_drop | restarts
                                # | checkpoint_age | checkpoint_failed | restore_failed
     threshold: Optional[float] = None  # None: the rule's default (see alerts.py)
@@ -953,7 +953,7 @@ def _refuse_idle_keys(cfg: Config, keys: _Keys) -> None:
         keys.section(cfg, "balance", ("replace_window", "replace_min_gain"),
                      "while live re-placement is off (balance.replace_every=0 and balance.replace_on_imbalance=0): "
                      "set one of them, or remove it")
-    # device_group.py: the GPU share of a bundle is asked for only with use_gpu
+    # device/group.py: the GPU share of a bundle is asked for only with use_gpu
     if not c.use_gpu:
         keys.section(cfg, "cluster", ("gpus_per_device",), "with cluster.use_gpu=false: set cluster.use_gpu=true, "
                                                            "or remove it")

@@ -29,26 +29,26 @@ from ray.exceptions import RayActorError
 from tenacity import (Retrying, retry_if_exception_type, retry_if_not_exception_type, stop_after_attempt,
                       wait_exponential)
 
-from orchestrator import signals
-from orchestrator.alerts import AlertEngine, Context
-from orchestrator.balancer import Balancer, Placement, placement_from_manifest
+from orchestrator.runtime import signals
+from orchestrator.monitoring.alerts import AlertEngine, Context
+from orchestrator.experts.balancer import Balancer, Placement, placement_from_manifest
 from orchestrator.checkpoint.coordinator import Checkpoints
 from orchestrator.checkpoint.manager import CheckpointManifest
 from orchestrator.checkpoint.timeline import ResumePlan, plan_resume, record_run_id, retire
 from orchestrator.config import Config, FaultSpec, mesh_shape, to_dict
 from orchestrator.data.source import load_data, resolve_tokenizer
-from orchestrator.device import StepReport
-from orchestrator.device_group import DeviceGroup, get
-from orchestrator.disk import DiskFull, full
+from orchestrator.device.actor import StepReport
+from orchestrator.device.group import DeviceGroup, get
+from orchestrator.runtime.disk import DiskFull, full
 from orchestrator.errors import RunError, StateMismatch
-from orchestrator.goodput import Goodput
+from orchestrator.monitoring.goodput import Goodput
 from orchestrator.healing import Decision, Healer, Incident, Injector, StepFailure, Watch, plan_faults
-from orchestrator.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops, step_record
-from orchestrator.monitor import Progress, device_status, write_memory_plan, write_status
-from orchestrator.runlock import hold_run
-from orchestrator.rundir import FIX, append_jsonl, is_record, read_jsonl, rewind_logs
-from orchestrator.storage import Storage
-from orchestrator.summary import RunSummary, Totals, history_len, write_results
+from orchestrator.monitoring.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops, step_record
+from orchestrator.monitoring.status import Progress, device_status, write_memory_plan, write_status
+from orchestrator.runtime.runlock import hold_run
+from orchestrator.monitoring.rundir import FIX, append_jsonl, is_record, read_jsonl, rewind_logs
+from orchestrator.checkpoint.storage import Storage
+from orchestrator.monitoring.summary import RunSummary, Totals, history_len, write_results
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Driver:
         if self.checkpoints is None:
             check_sinks(self.cfg)
             if self.cfg.train.freeze:   # every pattern names a parameter (the jobs check it before Ray starts)
-                from orchestrator.planner import frozen_names
+                from orchestrator.memory.plan import frozen_names
 
                 frozen_names(self.cfg)
             self.plan = self.plan or plan_resume(self.cfg, self.run_dir, self.run_id)
@@ -145,7 +145,7 @@ class Driver:
         gpu_memory = [i["gpu_memory"] for i in self.device_info if i.get("gpu_memory")]
         if not (c.use_gpu and gpu_memory) or c.device_memory_gb:
             return
-        from orchestrator.planner import check_fits
+        from orchestrator.memory.plan import check_fits
 
         cfg = replace(self.cfg, train=replace(self.cfg.train, mixed_precision=self.mixed_precision))
         share = int(min(gpu_memory) * c.gpus_per_device)
@@ -178,7 +178,7 @@ class Driver:
         return self.last_kept
 
     def run(self) -> RunSummary:
-        """The whole run, holding its run directory and local checkpoint folder throughout (orchestrator/runlock.py:
+        """The whole run, holding its run directory and local checkpoint folder throughout (orchestrator/runtime/runlock.py:
         re-entrant, so a job that holds them already goes on; RunInUse when another live process holds them)."""
         with hold_run(self.cfg, Path(self.run_dir), self.plan.run_id if self.plan else None) as self.run_id:
             return self._run()
@@ -193,7 +193,7 @@ class Driver:
                               run_id=self.plan.run_id)
         restore_signals = self._install_signal_handlers()
         state, reason = "failed", None   # until the run gets to its end
-        interrupted = None  # a second SIGINT/SIGTERM (orchestrator/signals.py): end work below, then raised again
+        interrupted = None  # a second SIGINT/SIGTERM (orchestrator/runtime/signals.py): end work below, then raised again
         failure: BaseException | None = None   # the run's own error: end work below, then raised again
         t_loop = None
         try:

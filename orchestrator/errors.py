@@ -25,7 +25,7 @@ class StateMismatch(CheckpointError):
 
 
 class RunInUse(RuntimeError):
-    """A run directory or checkpoint folder another live job holds (orchestrator/runlock.py): the message names
+    """A run directory or checkpoint folder another live job holds (orchestrator/runtime/runlock.py): the message names
     it and its holder (run id, pid, host, since when) in one line; the jobs exit 2, having changed nothing."""
 
 

@@ -7,7 +7,7 @@ import torch
 
 from orchestrator.config import Config
 from orchestrator.data import Corpus, load_corpus
-from orchestrator.device import DeviceShard, StepReport
+from orchestrator.device.actor import DeviceShard, StepReport
 
 
 def reference_run(cfg: Config, steps: int | None = None, corpus: Corpus | None = None

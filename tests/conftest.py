@@ -22,7 +22,7 @@ def ray_session():
 
 def step_records(run_dir: Path) -> list[dict]:
     """metrics.jsonl's step records, in order (its checkpoint event lines left out)."""
-    from orchestrator.rundir import read_jsonl, records
+    from orchestrator.monitoring.rundir import read_jsonl, records
 
     return records(read_jsonl(Path(run_dir) / "metrics.jsonl"))
 

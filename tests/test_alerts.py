@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from orchestrator.alerts import AlertEngine, Context
+from orchestrator.monitoring.alerts import AlertEngine, Context
 from orchestrator.config import AlertRule, ConfigError
 from tests.conftest import step_records, tiny_config
 

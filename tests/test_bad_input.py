@@ -250,7 +250,7 @@ def test_data_checks_name_the_record_of_json_arrays_parquet_and_the_pretraining_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from orchestrator.preflight import check_inputs
+    from orchestrator.runtime.preflight import check_inputs
 
     sft = ["model.vocab_size=320", "data.task=sft", "data.train_tokenizer=300"]
     records = [_conversation(i) for i in range(5)]
@@ -284,7 +284,7 @@ def test_a_tokenizer_folders_own_template_decides_the_roles(tmp_path):
     """With a tokenizer folder the roles are its chat template's: one that raises for `system` refuses the first
     record using it; one without a {% generation %} block is refused before the records are read."""
     from orchestrator.data.tokenizer import CHAT_TEMPLATE, train_tokenizer
-    from orchestrator.preflight import check_inputs
+    from orchestrator.runtime.preflight import check_inputs
 
     tok = train_tokenizer(["Say 1.", "1", "be brief"], 300, tmp_path / "tok")
     tok.chat_template = CHAT_TEMPLATE.replace("message['role'] == 'system' or ", "")

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from orchestrator.balancer import load_stats
+from orchestrator.experts.balancer import load_stats
 from orchestrator.model.balancing import (drop_over_capacity, router_z_loss, select_experts, sequence_aux_loss,
                                           switch_aux_loss, update_expert_bias)
 from orchestrator.model.moe import Router

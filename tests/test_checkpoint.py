@@ -23,7 +23,7 @@ from orchestrator.data import load_corpus
 from orchestrator.driver import Driver
 from orchestrator.model import MoETransformer
 from orchestrator.reference import reference_run
-from orchestrator.storage import Storage
+from orchestrator.checkpoint.storage import Storage
 from tests.conftest import step_records, tiny_config
 
 

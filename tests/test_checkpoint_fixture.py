@@ -7,7 +7,7 @@ import json
 import shutil
 
 from orchestrator.checkpoint import verify
-from orchestrator.storage import Storage
+from orchestrator.checkpoint.storage import Storage
 from orchestrator.driver import Driver
 from tests.conftest import step_records, tiny_config
 from tests.fixture_checkpoint import OUT, resume_overrides

@@ -3,7 +3,7 @@ fires and is posted, the failed run still writes its end files) and under run.di
 and the bytes, nothing torn or half-written left, the run stopped at a committed checkpoint it resumes from).
 
 The disks are small tmpfs mounts where this process may mount (root, as CI runs); elsewhere the storage and
-run-directory writers' test hook (orchestrator/disk.py, ORCHESTRATOR_TEST_DISK_LIMIT) plays the same disk.
+run-directory writers' test hook (orchestrator/runtime/disk.py, ORCHESTRATOR_TEST_DISK_LIMIT) plays the same disk.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.checkpoint import verify
-from orchestrator.disk import HOOK, DiskFull
-from orchestrator.rundir import append_line, read_jsonl, write_atomic
-from orchestrator.storage import Storage
+from orchestrator.runtime.disk import HOOK, DiskFull
+from orchestrator.monitoring.rundir import append_line, read_jsonl, write_atomic
+from orchestrator.checkpoint.storage import Storage
 from tests.test_alerts import Hook
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from orchestrator.config import ConfigError
-from orchestrator.device import autocast_dtype
+from orchestrator.device.actor import autocast_dtype
 from orchestrator.driver import Driver
 from orchestrator.errors import RunError
 from orchestrator.parallel.groups import choose_backend
@@ -88,7 +88,7 @@ def test_the_interface_gloo_is_given_holds_the_nodes_address():
 
 
 def test_gpu_peaks_match_the_most_specific_name():
-    from orchestrator.metrics import gpu_peak_flops
+    from orchestrator.monitoring.metrics import gpu_peak_flops
 
     assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
     assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "float32") == 67e12

@@ -249,7 +249,7 @@ def test_recovery_is_retried_with_backoff(fault_free, tmp_path):
 
 def test_spikes_and_stragglers_are_detected_from_reports(tmp_path):
     """The Watch's judgement of completed steps, on crafted reports (no cluster needed)."""
-    from orchestrator.device import StepReport
+    from orchestrator.device.actor import StepReport
     from orchestrator.healing import Watch
 
     class NoDriver:
@@ -338,7 +338,7 @@ def test_recovery_budget_is_counted_over_a_time_window():
 
 
 def test_straggler_is_replaced_only_with_a_standby_on_another_node():
-    from orchestrator.alerts import AlertEngine
+    from orchestrator.monitoring.alerts import AlertEngine
     from orchestrator.config import AlertRule
     from orchestrator.healing import Healer, Incident
 

@@ -22,7 +22,7 @@ from orchestrator.checkpoint.timeline import training_settings  # noqa: E402
 from orchestrator.config import BalanceConfig, Config, ConfigError, ModelConfig  # noqa: E402
 from orchestrator.model import hf_export as H  # noqa: E402
 from orchestrator.model.transformer import build_model  # noqa: E402
-from orchestrator.storage import Storage  # noqa: E402
+from orchestrator.checkpoint.storage import Storage  # noqa: E402
 
 BASE = dict(vocab_size=64, dim=32, n_layers=3, n_heads=4, max_seq_len=32, num_experts=4, top_k=2, expert_dim=16,
             dense_dim=24, init_std=0.1)

@@ -20,7 +20,7 @@ from orchestrator.config import Config, ConfigError, DataConfig, ModelConfig
 from orchestrator.data import load_corpus
 from orchestrator.data.batches import BatchStream
 from orchestrator.parallel import groups
-from orchestrator.schedule import lr_of
+from orchestrator.device.schedule import lr_of
 from tests.conftest import tiny_config
 from tests.hf_tiny import KINDS, make_tiny_hf, tiny_hf_config
 
@@ -54,7 +54,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _worker(rank: int, world: int, port: int, root: str, kinds: list[str], out: str) -> None:
-    from orchestrator.device_shard import DeviceShard
+    from orchestrator.device.shard import DeviceShard
 
     torch.set_num_threads(1)
     groups.join("gloo", "127.0.0.1", port, rank, world, timeout_s=120)
@@ -274,7 +274,7 @@ def test_sft_step_loss_is_transformers_loss_on_the_assistant_tokens_of_its_sampl
     import transformers as tf
 
     from orchestrator.data.source import load_data
-    from orchestrator.device_shard import DeviceShard
+    from orchestrator.device.shard import DeviceShard
 
     config = tf.MixtralConfig(vocab_size=320, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
@@ -314,7 +314,7 @@ def test_sft_edge_cases_are_refused_before_any_actor_or_run_unpacked(tmp_path, c
     training a tokenizer into a model's folder: refused or kept apart. The native model trains SFT unpacked."""
     from orchestrator.config import tokenizer_source
     from orchestrator.data.source import load_data
-    from orchestrator.device_shard import DeviceShard
+    from orchestrator.device.shard import DeviceShard
 
     rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
             for w in ("yes", "no", "maybe", "never", "always", "often", "rarely", "soon")]

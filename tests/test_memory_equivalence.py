@@ -38,7 +38,7 @@ GROUPED = [["memory.zero_stage=3", "train.micro_batches=2", *ROUTING]]
 
 
 def _worker(rank: int, world: int, ep: int, port: int, out: str, combos: list | None = None) -> None:
-    from orchestrator.device_shard import DeviceShard
+    from orchestrator.device.shard import DeviceShard
 
     torch.set_num_threads(1)
     groups.join("gloo", "127.0.0.1", port, rank, world, timeout_s=120)
@@ -94,7 +94,7 @@ def test_every_stage_checkpointing_and_micro_batching_matches_the_reference(tmp_
 def _roundtrip_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from orchestrator.device_shard import DeviceShard
+    from orchestrator.device.shard import DeviceShard
 
     torch.set_num_threads(1)
     groups.join("gloo", "127.0.0.1", port, rank, world, timeout_s=120)

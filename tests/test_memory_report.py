@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.monitor import device_status
-from orchestrator.report import FIGURES, write_report
+from orchestrator.monitoring.status import device_status
+from orchestrator.monitoring.report import FIGURES, write_report
 
 MIB = 2 ** 20
 
@@ -209,7 +209,7 @@ def test_a_plan_with_keys_absent_still_reports(tmp_path):
 def test_the_planners_own_plan_is_read_as_written(tmp_path):
     """memory_plan.json as the driver writes it (planner.plan_memory(cfg).to_dict()): every planned byte and the
     first slice of every device's dense holdings reach the report."""
-    from orchestrator.planner import plan_memory
+    from orchestrator.memory.plan import plan_memory
     from tests.conftest import tiny_config
 
     plan = plan_memory(tiny_config(None, "cluster.num_devices=2", "memory.zero_stage=2")).to_dict()
@@ -230,7 +230,7 @@ def test_the_planners_own_plan_is_read_as_written(tmp_path):
 def test_tensorboard_sink_writes_each_devices_memory_in_mib(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from orchestrator.metrics import TensorBoardSink
+    from orchestrator.monitoring.metrics import TensorBoardSink
 
     sink = TensorBoardSink(tmp_path / "tb", histogram_every=0, first_step=1)
     for step in (1, 2, 3):
@@ -265,7 +265,7 @@ def test_prometheus_sink_sets_device_memory_bytes_by_device_and_category(monkeyp
 
     monkeypatch.setattr(ray.util.metrics, "Gauge", FakeGauge)
     monkeypatch.setattr(ray.util.metrics, "Counter", FakeGauge)
-    from orchestrator.metrics import PrometheusSink
+    from orchestrator.monitoring.metrics import PrometheusSink
 
     sink = PrometheusSink("the-run")
     for step in (1, 2, 3):

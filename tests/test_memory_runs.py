@@ -12,7 +12,7 @@ from orchestrator.checkpoint.tools import read_parameters
 from orchestrator.data import load_corpus
 from orchestrator.driver import Driver
 from orchestrator.reference import reference_run
-from orchestrator.storage import Storage
+from orchestrator.checkpoint.storage import Storage
 from tests.conftest import tiny_config
 from tests.test_checkpoint import StopAfter, ckpt, metrics
 

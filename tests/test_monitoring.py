@@ -13,8 +13,8 @@ import pytest
 
 from orchestrator.config import ConfigError
 from orchestrator.driver import Driver
-from orchestrator.metrics import flops_per_token
-from orchestrator.monitor import Progress
+from orchestrator.monitoring.metrics import flops_per_token
+from orchestrator.monitoring.status import Progress
 from tests.conftest import step_records, tiny_config
 
 
@@ -132,7 +132,7 @@ def test_progress_line_shows_mfu_and_incidents():
 def test_grafana_dashboard_queries_only_metrics_we_export():
     import re
 
-    from orchestrator.metrics import SCALARS
+    from orchestrator.monitoring.metrics import SCALARS
 
     dashboard = json.loads((Path(__file__).parent.parent / "cluster_configs/grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]

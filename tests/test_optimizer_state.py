@@ -61,7 +61,7 @@ def _checkpoint(snapshots: list) -> tuple[dict, dict[str, bytes]]:
 def _worker(rank: int, world: int, port: int, out: str, hf_dir: str, combos: list[tuple[str, int]]) -> None:
     import torch.distributed as dist
 
-    from orchestrator.device_shard import DeviceShard
+    from orchestrator.device.shard import DeviceShard
 
     torch.set_num_threads(1)
     groups.join("gloo", "127.0.0.1", port, rank, world, timeout_s=120)
@@ -213,7 +213,7 @@ def test_two_devices_compute_what_one_does_for_every_parameter(runs, model):
 
 def test_freeze_patterns_are_checked_against_the_model_before_anything_starts():
     from orchestrator.config import ConfigError
-    from orchestrator.planner import frozen_names
+    from orchestrator.memory.plan import frozen_names
 
     assert frozen_names(tiny_config(None, *FROZEN)) == {"layers.1.ffn.router.gate.weight",
                                                         "layers.2.ffn.router.gate.weight", "layers.1.attn.wq.weight",
@@ -231,7 +231,7 @@ def test_freeze_patterns_are_checked_against_the_model_before_anything_starts():
 def test_the_memory_plan_counts_no_gradient_or_optimizer_state_for_frozen_parameters(runs):
     """The planner's bytes of the frozen run on device 0 against what it held after its last step (as
     test_planner: within 10%), at every stage; and fewer than the same model's without freezing."""
-    from orchestrator.planner import plan_memory
+    from orchestrator.memory.plan import plan_memory
 
     results, hf_dir = runs
     for stage in STAGES:

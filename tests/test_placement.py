@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from orchestrator.placement import ExpertPlacement, plan_placement
+from orchestrator.experts.placement import ExpertPlacement, plan_placement
 
 
 def test_contiguous_placement_is_the_default_layout():

@@ -1,4 +1,4 @@
-"""The memory plan (orchestrator/planner.py) against what torch allocates (orchestrator/memory.py), and the
+"""The memory plan (orchestrator/memory/plan.py) against what torch allocates (orchestrator/memory/measure.py), and the
 refusal that names the knob.
 
 Model states: four processes over gloo on loopback (torch.multiprocessing, no Ray) shard the model as the run
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from orchestrator.config import DEFAULT_CONFIG, REPO_ROOT, load_config
 from orchestrator.parallel import groups
-from orchestrator.planner import CATEGORIES, MemoryPlanError, check_fits, plan_memory
+from orchestrator.memory.plan import CATEGORIES, MemoryPlanError, check_fits, plan_memory
 
 MODELS = {"default": [],
           # ~10x the default's parameters (17M vs 1.7M); dense_dim 702 does not split evenly over 4 devices (FSDP2 pads;
@@ -46,12 +46,12 @@ def _layout(model: str, ep: int, stage: int = 0):
 
 def _state_worker(rank: int, port: int, out: str) -> None:
     from orchestrator.config import expert_slots
-    from orchestrator.memory import ActivationMeter, state_bytes
+    from orchestrator.memory.measure import ActivationMeter, state_bytes
     from orchestrator.model import build_model
     from orchestrator.parallel import apply_expert_parallel
     from orchestrator.parallel.mesh import build_mesh
     from orchestrator.parallel.sharding import Optimizers, shard_model
-    from orchestrator.placement import ExpertPlacement
+    from orchestrator.experts.placement import ExpertPlacement
 
     torch.set_num_threads(1)
     groups.join("gloo", "127.0.0.1", port, rank, WORLD, timeout_s=120)
@@ -134,7 +134,7 @@ def _measure_step(model, cfg, autocast: bool = False) -> int:
     """Peak saved-activation bytes of one training step of one device (all experts local), as DeviceShard runs
     it: the model in train.dtype, the device's slice in train.micro_batches forward/backward passes, the
     forward under bf16 autocast when train.mixed_precision says so."""
-    from orchestrator.memory import ActivationMeter
+    from orchestrator.memory.measure import ActivationMeter
 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch_size, cfg.data.seq_len + 1), generator=g)

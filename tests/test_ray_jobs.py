@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from orchestrator.checkpoint import verify
-from orchestrator.storage import Storage
+from orchestrator.checkpoint.storage import Storage
 from tests.conftest import step_records
 from tests.test_train_job import REPO, assert_only_loopback, job_servers, local_head
 

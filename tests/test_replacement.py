@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.balancer import placement_from_manifest
+from orchestrator.experts.balancer import placement_from_manifest
 from orchestrator.checkpoint.manager import list_checkpoints
 from orchestrator.checkpoint.tools import read_parameters, read_state
 from orchestrator.driver import Driver
 from orchestrator.reference import reference_run
-from orchestrator.storage import Storage
+from orchestrator.checkpoint.storage import Storage
 from tests.conftest import step_records, tiny_config
 
 STEPS = 6
@@ -42,7 +42,7 @@ def test_replacement_keeps_the_reference_math(ray_session, tmp_path, world):
     assert moves, "no re-placement happened"
     assert all(m["device_imbalance_planned"] < m["device_imbalance_before"] for m in moves)
     # device loads are counted in the placement of each step: after a move, by the new one
-    from orchestrator.balancer import device_loads
+    from orchestrator.experts.balancer import device_loads
     after = next(r for r in recs if r["step"] > min(r2["step"] for r2 in recs if r2.get("replacement")))
     placement = next(r["replacement"]["placement"] for r in recs if r.get("replacement"))
     assert after["device_tokens"] == [sum(x) for x in zip(*(device_loads(layer, world, placement[i])

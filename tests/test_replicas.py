@@ -16,13 +16,13 @@ import torch.multiprocessing as mp
 from orchestrator.checkpoint.manager import list_checkpoints
 from orchestrator.checkpoint.tools import read_parameters, read_state
 from orchestrator.config import ConfigError
-from orchestrator.device import DeviceShard
+from orchestrator.device.actor import DeviceShard
 from orchestrator.driver import Driver
 from orchestrator.model.moe import MoE
 from orchestrator.parallel import groups
-from orchestrator.placement import ExpertPlacement
+from orchestrator.experts.placement import ExpertPlacement
 from orchestrator.reference import reference_run
-from orchestrator.storage import Storage
+from orchestrator.checkpoint.storage import Storage
 from tests.conftest import step_records, tiny_config
 
 STEPS = 6

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.driver import Driver
-from orchestrator.report import FIGURES
+from orchestrator.monitoring.report import FIGURES
 from tests.conftest import tiny_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,4 +1,4 @@
-"""One live run per run directory and per checkpoint folder (orchestrator/runlock.py), with real jobs.
+"""One live run per run directory and per checkpoint folder (orchestrator/runtime/runlock.py), with real jobs.
 
 A second `python -m jobs.train` on a live run's directory, or on its checkpoint folder from another run
 directory, exits 2 naming the holder and changes nothing of the live run, which then finishes as if alone; of
@@ -21,7 +21,7 @@ import pytest
 from filelock import FileLock, Timeout
 
 from orchestrator.errors import RunInUse
-from orchestrator.runlock import HOLDER_FILE, LOCK_FILE, hold, hold_run
+from orchestrator.runtime.runlock import HOLDER_FILE, LOCK_FILE, hold, hold_run
 from tests.conftest import step_records, tiny_config
 from tests.test_train_job import wait_gone
 

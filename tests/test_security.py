@@ -16,7 +16,7 @@ import pytest
 from orchestrator.checkpoint.shard import (DENSE_FILE, CheckpointError, check_file_name, expert_file, load_verified,
                                            restore_from_files)
 from orchestrator.config import ConfigError, load_config, redact_text, redact_url, redacted, redacted_yaml
-from orchestrator.storage import Storage, StorageError
+from orchestrator.checkpoint.storage import Storage, StorageError
 
 WEBHOOK = "https://hooks.slack.com/services/T000/B000/SLACKSECRET"
 S3 = "s3://AKIAKEY:S3SECRET@bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http&session_token=TOKENSECRET"
@@ -65,8 +65,8 @@ def test_redacted_config_holds_no_secret_and_keeps_the_rest():
 
 
 def test_run_directory_config_and_report_hold_no_secret(tmp_path):
-    from orchestrator.monitor import make_run_dir
-    from orchestrator.report import write_report
+    from orchestrator.monitoring.status import make_run_dir
+    from orchestrator.monitoring.report import write_report
 
     cfg = secret_config()
     cfg.run.dir = str(tmp_path / "run")
@@ -87,7 +87,7 @@ def test_run_directory_config_and_report_hold_no_secret(tmp_path):
 
 
 def test_mlflow_params_hold_no_secret(monkeypatch):
-    from orchestrator.metrics import MLflowSink
+    from orchestrator.monitoring.metrics import MLflowSink
 
     logged = {}
     fake = types.SimpleNamespace(start_run=lambda run_name: None, log_params=logged.update)
@@ -98,12 +98,12 @@ def test_mlflow_params_hold_no_secret(monkeypatch):
 
 
 def test_webhook_failures_are_logged_without_the_url(caplog):
-    from orchestrator.alerts import Alert, Webhook
+    from orchestrator.monitoring.alerts import Alert, Webhook
 
     outcomes = []
     hook = Webhook("http://127.0.0.1:9/services/T000/B000/SLACKSECRET", timeout_s=1, retries=0,
                    on_result=lambda alert, outcome: outcomes.append(outcome))
-    with caplog.at_level(logging.WARNING, logger="orchestrator.alerts"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.monitoring.alerts"):
         hook.send(Alert(step=1, rule="maxvio", value=2.0, threshold=1.0, action="notify", detail="x"))
         hook.wait(10)
     assert outcomes and outcomes[0].startswith("failed:")

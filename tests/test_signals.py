@@ -19,10 +19,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator import signals
+from orchestrator.runtime import signals
 from orchestrator.checkpoint import verify
 from orchestrator.errors import Interrupted
-from orchestrator.storage import Storage
+from orchestrator.checkpoint.storage import Storage
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"

@@ -16,9 +16,9 @@ from orchestrator.checkpoint import list_checkpoints, read_manifest
 from orchestrator.checkpoint.tools import differences, read_state
 from orchestrator.driver import Driver
 from orchestrator.errors import RunError
-from orchestrator.rundir import read_jsonl
-from orchestrator.schedule import lr_at
-from orchestrator.storage import Storage
+from orchestrator.monitoring.rundir import read_jsonl
+from orchestrator.device.schedule import lr_at
+from orchestrator.checkpoint.storage import Storage
 from tests.conftest import step_records, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent

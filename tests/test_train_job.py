@@ -14,9 +14,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from orchestrator import cluster
+from orchestrator.runtime import cluster
 from orchestrator.checkpoint import verify
-from orchestrator.storage import Storage
+from orchestrator.checkpoint.storage import Storage
 from orchestrator.config import load_config
 from tests.conftest import step_records
 

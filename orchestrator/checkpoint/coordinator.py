@@ -34,8 +34,8 @@ from orchestrator.checkpoint.snapshots import InMemorySnapshot, SnapshotStore
 from orchestrator.checkpoint.timeline import ResumePlan, training_settings
 from orchestrator.config import Config, mesh_shape
 from orchestrator.errors import last_line
-from orchestrator.goodput import Goodput
-from orchestrator.storage import Storage, StorageError
+from orchestrator.monitoring.goodput import Goodput
+from orchestrator.checkpoint.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from orchestrator.checkpoint.shard import CheckpointError, check_file_name
 from orchestrator.config import Config, to_dict
-from orchestrator.storage import Storage, StorageError
+from orchestrator.checkpoint.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 

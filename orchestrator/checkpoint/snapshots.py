@@ -15,7 +15,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from orchestrator.errors import RunError, StateMismatch, last_line
-from orchestrator.goodput import Goodput
+from orchestrator.monitoring.goodput import Goodput
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ live timeline: a run that continues from step k (a resume, or a fresh start at 0
 directory) first retires the checkpoints after k, moving them to <folder>/retired/<time>-after-<k>/,
 so `latest` is the newest checkpoint of the live timeline, and retention and commits never meet a
 checkpoint of another timeline or another run. The run directory's logs follow the same rule
-(orchestrator.rundir.rewind_logs).
+(orchestrator.monitoring.rundir.rewind_logs).
 
 `plan_resume` decides all of this before anything starts (no Ray, no torch): a checkpoint beyond
 train.steps is a config error, one at train.steps means there is nothing to do, and settings whose
@@ -27,9 +27,9 @@ from typing import Any
 
 from orchestrator.checkpoint.manager import CheckpointManifest, check_compatible, find_resume, list_checkpoints, step_dir
 from orchestrator.config import RESUME_EXACT_KEYS, Config, ConfigError, to_dict
-from orchestrator.rundir import write_atomic
-from orchestrator.schedule import lr_at
-from orchestrator.storage import Storage, StorageError, uri_join
+from orchestrator.monitoring.rundir import write_atomic
+from orchestrator.device.schedule import lr_at
+from orchestrator.checkpoint.storage import Storage, StorageError, uri_join
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def recorded_run_id(run_dir: Path) -> str | None:
 
 def run_id_of(cfg: Config, run_dir: Path) -> str:
     """The run's id: `run.id`, else the one the run directory records (run.json), else a new one. Decided once per
-    run, with the run directory held (orchestrator.runlock.hold_run), and handed to `plan_resume`."""
+    run, with the run directory held (orchestrator.runtime.runlock.hold_run), and handed to `plan_resume`."""
     return cfg.run.id or recorded_run_id(run_dir) or new_run_id(cfg.run.name)
 
 

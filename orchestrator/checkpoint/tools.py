@@ -10,7 +10,7 @@ from safetensors.torch import save as st_save
 
 from orchestrator.checkpoint.manager import MANIFEST, _parse_step, list_checkpoints, verify
 from orchestrator.checkpoint.shard import CheckpointError, assemble, load_verified
-from orchestrator.storage import Storage
+from orchestrator.checkpoint.storage import Storage
 
 _EXPERT_KEY = re.compile(r"^(?P<name>.+)\[(?P<gid>\d+)\]$")
 

@@ -1,7 +1,7 @@
 """Token corpora and the deterministic per-step global batch.
 
 The names below load on first use (PEP 562): `import orchestrator.data.corpus` then costs no torch, so the
-driver checks a run's data files before Ray and torch start (orchestrator/preflight.py)."""
+driver checks a run's data files before Ray and torch start (orchestrator/runtime/preflight.py)."""
 from __future__ import annotations
 
 import importlib

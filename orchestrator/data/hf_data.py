@@ -243,7 +243,7 @@ def load_sft_samples(path: str | Path, tokenizer, cache_dir: str | Path | None =
 
 def _conversations(path: Path) -> Iterator[list[dict]]:
     """Each record's `messages` as [{role, content}]; ConfigError naming the file and the record (1-based; the
-    driver checks JSON files line by line before Ray starts: orchestrator/preflight.py)."""
+    driver checks JSON files line by line before Ray starts: orchestrator/runtime/preflight.py)."""
     n, current = 0, None
     for f, batch in records_by_file(path, "messages"):
         if f != current:

@@ -16,7 +16,7 @@ Non-reentrant checkpointing gives every tensor computed inside a region its grad
 (the balancing loss of an MoE layer). A recomputation would overwrite the side attributes an MoE layer sets
 in its forward (`last_tokens_per_expert`, `aux_loss`, ...): `_Region` puts back what the forward left.
 
-`set_observer` lets a memory meter (orchestrator/memory.py) see what a recomputation saves: the checkpoint's
+`set_observer` lets a memory meter (orchestrator/memory/measure.py) see what a recomputation saves: the checkpoint's
 own saved-tensor hooks hide it from any outer hooks.
 """
 from __future__ import annotations

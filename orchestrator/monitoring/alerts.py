@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.config import redact_text, redact_url
-from orchestrator.detectors import against_others, own_work, recent_median
-from orchestrator.rundir import append_jsonl
+from orchestrator.healing.detectors import against_others, own_work, recent_median
+from orchestrator.monitoring.rundir import append_jsonl
 
 log = logging.getLogger(__name__)
 

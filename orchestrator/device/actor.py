@@ -1,5 +1,5 @@
 """The Ray-facing device: `DeviceActor`, placed by the DeviceGroup on a bundle of the placement group, holds
-one `DeviceShard` (device_shard.py, plain torch) and adds what Ray and the driver need around it: its
+one `DeviceShard` (device/shard.py, plain torch) and adds what Ray and the driver need around it: its
 process group membership, checkpoint shard writes in a thread of their own, fault injection, and a
 progress probe answered from its own thread while a step is stuck.
 """
@@ -16,7 +16,7 @@ import torch
 
 from orchestrator.checkpoint.shard import Snapshot, serialize
 from orchestrator.config import config_from_dict
-from orchestrator.device_shard import (DeviceShard, InjectedCrash, StepReport, _bf16_native, autocast_dtype,
+from orchestrator.device.shard import (DeviceShard, InjectedCrash, StepReport, _bf16_native, autocast_dtype,
                                        rss_bytes)
 from orchestrator.parallel import groups
 from orchestrator.parallel.groups import CLOCK
@@ -50,7 +50,7 @@ class DeviceActor:
 
     def touch(self, uri: str, name: str) -> str | None:
         """Write a small file `name` under `uri` from this device's node; why it failed, or None (storage check)."""
-        from orchestrator.storage import Storage
+        from orchestrator.checkpoint.storage import Storage
 
         try:
             Storage(uri).write(name, b"written by a device\n")
@@ -93,7 +93,7 @@ class DeviceActor:
         as its files under `uri`; the result the driver commits from: {step, rank, files: name -> {size,
         sha256}, expert_files, optimizer_step, placement, write_s, error}. Runs in a thread of its own, so
         training goes on meanwhile; the snapshot comes from the object store (the driver owns it)."""
-        from orchestrator.storage import Storage
+        from orchestrator.checkpoint.storage import Storage
 
         fault, self._save_fault = self._save_fault, None
         result: dict[str, Any] = {"step": snap.step, "rank": snap.rank, "files": {}, "error": None,
@@ -172,7 +172,7 @@ class DeviceActor:
         self._save_fault = mode
 
     def load(self, uri: str, manifest: dict[str, Any], placement: list[list[list[int]]] | None = None) -> None:
-        from orchestrator.storage import Storage
+        from orchestrator.checkpoint.storage import Storage
 
         assert self.shard is not None, "build() first"
         if placement is not None:

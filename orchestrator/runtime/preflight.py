@@ -38,7 +38,7 @@ def check_inputs(cfg: Config) -> None:
 
         check_weight_files(cfg.model.hf_path)
     if cfg.train.freeze:   # every pattern names a parameter (the model built on the meta device)
-        from orchestrator.planner import frozen_names
+        from orchestrator.memory.plan import frozen_names
 
         frozen_names(cfg)
     d = cfg.data

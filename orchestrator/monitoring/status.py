@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from orchestrator.config import Config, redacted_yaml
-from orchestrator.rundir import append_line, is_record, jsonl_line, tail_jsonl, truncate_jsonl, write_atomic
+from orchestrator.monitoring.rundir import append_line, is_record, jsonl_line, tail_jsonl, truncate_jsonl, write_atomic
 
 
 def run_dir_path(cfg: Config) -> Path:
@@ -35,9 +35,9 @@ def write_status(path: Path, status: dict[str, Any]) -> None:
 
 
 def write_memory_plan(run_dir: Path, cfg: Config) -> None:
-    """memory_plan.json: the planner's bytes per device and category for this run (orchestrator/planner.py), beside
+    """memory_plan.json: the planner's bytes per device and category for this run (orchestrator/memory/plan.py), beside
     the measured ones (metrics.jsonl `device_memory`)."""
-    from orchestrator.planner import plan_memory
+    from orchestrator.memory.plan import plan_memory
 
     write_atomic(Path(run_dir) / "memory_plan.json", plan_memory(cfg).to_json() + "\n")
 
@@ -63,7 +63,7 @@ def device_status(info: list[dict[str, Any]], restarts: list[int], reports: list
 class MetricsLog:
     """`metrics.jsonl`: one JSON object per line (step records and event lines), each written whole with one
     unbuffered write so readers see it live, or not at all (a full disk: DiskFull, no torn line). The run
-    directory is rewound before the log opens (orchestrator.rundir.rewind_logs): it appends after what was kept."""
+    directory is rewound before the log opens (orchestrator.monitoring.rundir.rewind_logs): it appends after what was kept."""
 
     def __init__(self, path: Path):
         self.path = path

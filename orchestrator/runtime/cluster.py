@@ -4,7 +4,7 @@ Order: an address in the config or in RAY_ADDRESS (what `ray job submit` sets) i
 answer; otherwise a local head recorded in /tmp/ray/ray_current_cluster is joined if its GCS port
 answers (a stopped `ray start` leaves that file behind, and a plain `ray.init()` would hang on it);
 otherwise a private local instance is started on loopback and shut down at the end. A watchdog process
-(ray_watchdog.py) takes that private instance down should this process die without shutting it down
+(runtime/watchdog.py) takes that private instance down should this process die without shutting it down
 (kill -9): Ray's own fate sharing leaves its dashboard and runtime-env agents running.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from orchestrator import signals
+from orchestrator.runtime import signals
 from orchestrator.config import ClusterConfig
 from orchestrator.errors import RunError
 
@@ -115,7 +115,7 @@ def _watch(session_dir: str, log: logging.Logger):
     """The watchdog of the private instance just started (None, with a warning, if it cannot be started)."""
     import ray
 
-    from orchestrator.ray_watchdog import watch
+    from orchestrator.runtime.watchdog import watch
 
     try:
         watchdog = watch(session_dir, os.path.dirname(ray.__file__))

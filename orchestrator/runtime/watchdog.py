@@ -1,6 +1,6 @@
 """Takes down a private local Ray instance whose driver died without shutting it down (kill -9, the OOM killer).
 
-    python orchestrator/ray_watchdog.py DRIVER_PID SESSION_DIR RAY_PACKAGE_DIR   (started by `watch`)
+    python orchestrator/runtime/watchdog.py DRIVER_PID SESSION_DIR RAY_PACKAGE_DIR   (started by `watch`)
 
 Ray's fate sharing takes the GCS, the raylet and the workers down with a driver that dies, but not all of it:
 in Ray 2.60 the dashboard agent and the runtime-env agent (children of the raylet, renamed `ray::DashboardAgent`

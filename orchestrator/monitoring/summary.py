@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import signals
+from orchestrator.runtime import signals
 from orchestrator.config import Config
-from orchestrator.rundir import write_atomic
+from orchestrator.monitoring.rundir import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def write_results(run_dir: Path, summary: RunSummary, goodput: dict[str, float],
             missing[name] = str(e)
     if report and summary.steps_done:
         try:
-            from orchestrator.report import write_report
+            from orchestrator.monitoring.report import write_report
 
             log.info("run report: %s", write_report(run_dir))
         except Exception as e:  # the run's results are written; a report that fails must not fail the run

@@ -17,7 +17,7 @@ records alone.
 
 Every write to the run directory goes through `append_line` or `write_atomic`: on a full disk they leave
 no torn line and no `.tmp` behind (a line cut short is cut off again, a temporary file removed) and raise
-`DiskFull` naming the file, the bytes needed and the bytes free (orchestrator/disk.py, with its test hook).
+`DiskFull` naming the file, the bytes needed and the bytes free (orchestrator/runtime/disk.py, with its test hook).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
-from orchestrator.disk import DiskFull, full, room
+from orchestrator.runtime.disk import DiskFull, full, room
 
 log = logging.getLogger(__name__)
 

@@ -252,7 +252,7 @@ def activation_bytes(cfg: Config, sequences: int, mode: str, ep: int = 1) -> int
 
 
 def _autocast(cfg: Config) -> bool:
-    """Will the forward run under bf16 autocast (device_shard.autocast_dtype; `auto` assumes a GPU with bf16)?"""
+    """Will the forward run under bf16 autocast (device.shard.autocast_dtype; `auto` assumes a GPU with bf16)?"""
     mp = cfg.train.mixed_precision
     return cfg.train.dtype == "float32" and (mp == "bf16" or (mp == "auto" and cfg.cluster.use_gpu))
 
@@ -262,7 +262,7 @@ def _state(cfg: Config, rank: int, dense: list, experts: list, b: int) -> tuple[
     """(params, grads, optimizer) bytes of device `rank`, and its holdings: per kind (dense, experts) the
     slices it holds ("whole", or "rows a:b of n" -> parameter names), the parameters whose AdamW states it
     holds ("all", "its shards", or names), the expert ids of its slots, and the devices holding the same."""
-    from orchestrator.placement import ExpertPlacement
+    from orchestrator.experts.placement import ExpertPlacement
 
     ep, dp = mesh_shape(cfg)
     W, e_idx, d_idx = cfg.cluster.num_devices, rank % ep, rank // ep

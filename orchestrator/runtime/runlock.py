@@ -196,7 +196,7 @@ def hold_run(cfg: Config, run_dir: Path, run_id: str | None = None) -> Iterator[
     Yields the run's id: `run_id`, else the one `timeline.run_id_of` decides, read under the lock.
     Raises RunInUse or ConfigError (see `hold`)."""
     from orchestrator.checkpoint.timeline import run_folder, run_id_of
-    from orchestrator.storage import Storage, StorageError
+    from orchestrator.checkpoint.storage import Storage, StorageError
 
     run_dir = Path(run_dir)
     with ExitStack() as stack:

@@ -2,7 +2,7 @@
 
 `state_bytes(model, optimizers)` counts the bytes of the tensors this process holds for the model's
 parameters, their gradients and the optimizer's state. `ActivationMeter` measures the peak of one training
-step's activations. The planner (orchestrator/planner.py) predicts both from the config alone; the tests
+step's activations. The planner (orchestrator/memory/plan.py) predicts both from the config alone; the tests
 hold the two against each other.
 
 Units: bytes. What is counted is storages, not tensor sizes: a view keeps its whole storage alive, so a

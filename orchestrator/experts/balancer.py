@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from orchestrator.config import Config, expert_slots
-from orchestrator.placement import ExpertPlacement, plan_placement
+from orchestrator.experts.placement import ExpertPlacement, plan_placement
 
 
 def _maxvio(counts: list[int]) -> float:

@@ -11,7 +11,7 @@ from storage, and a name in it must not reach outside its checkpoint). `write_at
 or not at all: a temporary file and one rename locally, a single PUT on object stores (whose
 objects appear atomically). A Storage is cheap to rebuild from its URI, which is what travels to
 actors. Messages and repr show the URI with its credentials redacted (`shown`). A full disk is said as such,
-with the bytes the write needed and those free (orchestrator/disk.py, whose test hook local writes obey).
+with the bytes the write needed and those free (orchestrator/runtime/disk.py, whose test hook local writes obey).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from orchestrator.config import redact_text, redact_url
-from orchestrator.disk import free_bytes, full, room
+from orchestrator.runtime.disk import free_bytes, full, room
 from orchestrator.errors import RunError
 
 

@@ -103,7 +103,7 @@ def hf_architecture(model_cfg: ModelConfig, balance_cfg: BalanceConfig | None = 
         if f.name not in _MAPPED_MODEL_KEYS and f.name not in HF_MODEL_KEYS \
                 and getattr(m, f.name) != getattr(defaults, f.name):
             raise ConfigError(f"model.{f.name}={getattr(m, f.name)!r}: the Hugging Face export does not know this "
-                              f"setting (orchestrator/model/hf_export.py maps {', '.join(sorted(_MAPPED_MODEL_KEYS))})"
+                              f"setting (orchestrator/checkpoint/hf_export.py maps {', '.join(sorted(_MAPPED_MODEL_KEYS))})"
                               f"; leave it at its default {getattr(defaults, f.name)!r} to export")
     if b.capacity_factor and not dropless:
         raise ConfigError(f"balance.capacity_factor={b.capacity_factor}: the native forward drops routed token copies "

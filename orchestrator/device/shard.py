@@ -27,14 +27,14 @@ from orchestrator.config import Config, expert_slots, is_frozen, mesh_shape
 from orchestrator.data.source import make_stream
 from orchestrator.model import build_model
 from orchestrator.model.balancing import update_expert_bias
-from orchestrator.memory import ActivationMeter, state_bytes
+from orchestrator.memory.measure import ActivationMeter, state_bytes
 from orchestrator.model.layers import upcast
 from orchestrator.parallel import allreduce_dense_grads, apply_expert_parallel, clip_, sum_of_squares
 from orchestrator.parallel.groups import CLOCK
 from orchestrator.parallel.mesh import current_mesh
 from orchestrator.parallel.sharding import Optimizers, is_sharded, local, reshard, shard_model
-from orchestrator.placement import ExpertPlacement
-from orchestrator.schedule import lr_of
+from orchestrator.experts.placement import ExpertPlacement
+from orchestrator.device.schedule import lr_of
 
 
 class InjectedCrash(RuntimeError):
@@ -61,7 +61,7 @@ class StepReport:
     rss_bytes: int = 0             # this device's process: resident host memory after the step
     device_mem_bytes: int = 0      # GPU memory allocated by torch (0 on CPU)
     memory: dict[str, int] = field(default_factory=dict)  # bytes this device holds: params, grads, optimizer (local
-                                   # shards, after the update), activations_peak (of this step), rss (orchestrator/memory.py)
+                                   # shards, after the update), activations_peak (of this step), rss (orchestrator/memory/measure.py)
     pid: int = field(default_factory=os.getpid)
 
 

@@ -17,7 +17,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.config import Config, mesh_shape
-from orchestrator.device import DeviceActor, autocast_dtype
+from orchestrator.device.actor import DeviceActor, autocast_dtype
 from orchestrator.errors import CheckpointError, RunError, StateMismatch, last_line
 from orchestrator.parallel.groups import choose_backend
 

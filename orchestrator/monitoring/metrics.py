@@ -116,7 +116,7 @@ def step_record(step: int, reports: list[Any], wall: float, placement: Any, peak
                 flops_per_token_: float) -> dict[str, Any]:
     """A completed step's record (one line of metrics.jsonl; see README "The run directory") from every device's
     StepReport, the step's wall time, the expert placement and, for MFU, one device's peak FLOP/s."""
-    from orchestrator.balancer import load_stats
+    from orchestrator.experts.balancer import load_stats
 
     r0, world = reports[0], len(reports)
     rec = {"step": step, "loss": r0.loss, "grad_norm": r0.grad_norm, "lr": r0.lr, "tokens": r0.tokens,
@@ -343,7 +343,7 @@ class MetricsStream:
     `event` (metrics.jsonl is the record the run keeps); a sink that fails only logs."""
 
     def __init__(self, cfg: Config, run_dir: Path, first_step: int):
-        from orchestrator.monitor import MetricsLog
+        from orchestrator.monitoring.status import MetricsLog
 
         self.log = MetricsLog(run_dir / "metrics.jsonl")   # the run directory was rewound to first_step - 1
         self.sinks: list[Sink] = []

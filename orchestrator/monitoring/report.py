@@ -7,7 +7,7 @@ config.yaml, whichever exist, so it works on a finished, stopped, failed or stil
 (train, validation), throughput and MFU, per-device step time, MaxVio and device imbalance, the expert-load
 heatmap of every MoE layer, the incident and alert timeline with recovery durations, the goodput breakdown,
 and "the jigsaw": each device's memory by category, measured (the last record's `device_memory`) beside
-planned (memory_plan.json, orchestrator/planner.py), with tables of the bytes (<table id="jigsaw-bytes">,
+planned (memory_plan.json, orchestrator/memory/plan.py), with tables of the bytes (<table id="jigsaw-bytes">,
 every cell's exact bytes in `data-bytes`) and of which slice of which tensor each device holds
 (<table id="jigsaw-holdings">). A run whose records have no `device_memory` (older runs) has no jigsaw. Each
 figure is an HTML <figure id=...> so tools (and the tests' headless browser) can find it.
@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import redact_text, redacted_yaml
-from orchestrator.rundir import read_jsonl, records as step_records, write_atomic
+from orchestrator.monitoring.rundir import read_jsonl, records as step_records, write_atomic
 
 FIGURES = ("loss", "throughput", "device-step-time", "balance", "expert-load", "timeline", "goodput", "jigsaw")
-MEASURED = ("params", "grads", "optimizer", "activations_peak")   # what a device measures (device_shard, memory.py)
+MEASURED = ("params", "grads", "optimizer", "activations_peak")   # what a device measures (device/shard.py, memory/measure.py)
 PLANNED = MEASURED + ("comm_buffers",)                             # what the planner adds: collective buffers
 COLORS = {"params": "tab:blue", "grads": "tab:orange", "optimizer": "tab:green", "activations_peak": "tab:red",
           "comm_buffers": "tab:gray"}

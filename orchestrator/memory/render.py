@@ -1,11 +1,11 @@
 """The memory plan as text: a table per device, the ASCII jigsaw (per device a bar stacked by category and the
 slices of tensors it holds), and every ZeRO stage x checkpointing mode side by side (`python -m orchestrator
-plan`). The plan itself: orchestrator/planner.py."""
+plan`). The plan itself: orchestrator/memory/plan.py."""
 from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.planner import CATEGORIES, MemoryPlan
+from orchestrator.memory.plan import CATEGORIES, MemoryPlan
 
 _MARKS = {"params": "P", "grads": "G", "optimizer": "O", "activations_peak": "A", "comm_buffers": "C"}
 _HEAD = ("params", "grads", "optimizer", "activations", "comm", "total")
