@@ -1,6 +1,7 @@
 """The documentation site builds: `mkdocs build --strict` on the repository's mkdocs.yml, whose `validation:`
 turns a page missing from the nav, a link to a missing page and a link to a missing anchor into warnings that
-strict mode makes fatal; and no page of docs/ links outside the repository."""
+strict mode makes fatal; no page of docs/ links outside the repository, and the built site loads nothing from
+outside (no web fonts, no footer link)."""
 from __future__ import annotations
 
 import os
@@ -24,6 +25,10 @@ def test_mkdocs_build_strict_passes(tmp_path):
     for page in pages:   # every page rendered (index.md is the site's root)
         out = site / "index.html" if page == "index" else site / page / "index.html"
         assert out.is_file(), f"docs/{page}.md was not rendered to {out}"
+    outside = re.compile(r"""(?:src|href)=["'](?:https?:)?//""", re.IGNORECASE)   # the site fetches nothing from elsewhere
+    fetched = [f"{p.relative_to(site)}: {m.group(0)}" for p in sorted(site.rglob("*.html"))
+               for m in outside.finditer(p.read_text())]
+    assert not fetched, "the built site refers to outside addresses:\n" + "\n".join(fetched[:20])
 
 
 def test_no_page_links_outside_the_repository():
