@@ -7,10 +7,6 @@ from orchestrator.config.base import ConfigError, Root, _choice, _positive
 from orchestrator.config.mesh import expert_slots, mesh_shape
 
 
-                                   # names, e.g. "*.router.*", "model.embed_tokens.*"; a wrong one lists them):
-                                   # no gradient, no AdamW state or weight decay; checked against the model before start
-
-
 @dataclass
 class BalanceConfig:
     """Expert load balancing strategies; combinable (formulas in orchestrator/model/balancing.py)."""
@@ -32,6 +28,8 @@ class BalanceConfig:
     replace_on_imbalance: float = 0.0 # also re-plan when the device max/mean load of recent steps exceeds this (0: off),
                                       # at most once per replace_window steps
     redundant_experts: int = 0        # extra expert slots over all devices (a multiple of num_devices; as DeepSeek's
+                                      # EPLB): re-placement fills them with replicas of hot experts, whose tokens are
+                                      # split between the replicas and whose gradients are summed
 
 
 def _validate_balance(cfg: Root) -> None:

@@ -9,16 +9,10 @@ from typing import Optional
 from orchestrator.config.base import ConfigError, Root, _choice, _positive
 
 
-                                      # EPLB): re-placement fills them with replicas of hot experts, whose tokens are
-                                      # split between the replicas and whose gradients are summed
-
-
 @dataclass
 class ParallelConfig:
     """The device mesh: cluster.num_devices = expert_parallel x data-parallel degree (orchestrator/parallel/mesh.py)."""
     expert_parallel: int = 0          # expert-parallel degree: devices one MoE layer's experts are split over; 0: the
-
-
                                       # largest divisor of num_devices that divides num_experts. The rest of the
                                       # devices is data parallelism (each group of expert_parallel devices a replica)
 

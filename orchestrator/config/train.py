@@ -32,6 +32,8 @@ class TrainConfig:
     resume_accept_changes: List[str] = field(default_factory=list)  # keys a resume may change although the run then
                                    # does not continue exactly (seed, data.seq_len, ...; see README "Resume")
     freeze: List[str] = field(default_factory=list)  # parameters kept as they are (fnmatch patterns over their
+                                   # names, e.g. "*.router.*", "model.embed_tokens.*"; a wrong one lists them):
+                                   # no gradient, no AdamW state or weight decay; checked against the model before start
 
 
 @dataclass
