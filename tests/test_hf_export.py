@@ -20,7 +20,7 @@ from orchestrator.checkpoint.manager import CheckpointManifest, commit_manifest,
 from orchestrator.checkpoint.shard import serialize, take_snapshot  # noqa: E402
 from orchestrator.checkpoint.timeline import training_settings  # noqa: E402
 from orchestrator.config import BalanceConfig, Config, ConfigError, ModelConfig  # noqa: E402
-from orchestrator.model import hf_export as H  # noqa: E402
+from orchestrator.checkpoint import hf_export as H  # noqa: E402
 from orchestrator.model.transformer import build_model  # noqa: E402
 from orchestrator.checkpoint.storage import Storage  # noqa: E402
 

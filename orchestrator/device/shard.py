@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestrator.checkpoint.shard import Snapshot, restore_from_files, restore_from_snapshots, take_snapshot
-from orchestrator.config import Config, expert_slots, is_frozen, mesh_shape
+from orchestrator.config import Config, effective_zero_stage, expert_slots, is_frozen, mesh_shape
 from orchestrator.data.source import make_stream
 from orchestrator.model import build_model
 from orchestrator.model.balancing import update_expert_bias
@@ -107,7 +107,7 @@ class DeviceShard:
         # The mesh: experts are split over the "ep" dimension, each group of ep devices a data-parallel replica.
         ep = mesh_shape(cfg)[0] if world > 1 else 1
         self.mesh = current_mesh(world, rank, ep, self.device.type)
-        self.zero_stage = cfg.memory.zero_stage if world > 1 else 0
+        self.zero_stage = effective_zero_stage(cfg, world)
         # The initial placement over the ep ranks: experts [e*El, (e+1)*El), then replicas in the redundant slots.
         initial = ExpertPlacement.initial(cfg.model.num_experts, ep, expert_slots(cfg) if ep > 1 else None)
         self.load_stats: dict = {}   # a Hugging Face checkpoint: what this device read of it (model/hf_load.py)

@@ -37,7 +37,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
-from orchestrator.config import Config, ConfigError, expert_slots, is_frozen, mesh_shape, validate
+from orchestrator.config import Config, ConfigError, effective_zero_stage, expert_slots, is_frozen, mesh_shape, validate
 
 CATEGORIES = ("params", "grads", "optimizer", "activations_peak", "comm_buffers")
 MODES = ("none", "selective", "full")
@@ -266,7 +266,7 @@ def _state(cfg: Config, rank: int, dense: list, experts: list, b: int) -> tuple[
 
     ep, dp = mesh_shape(cfg)
     W, e_idx, d_idx = cfg.cluster.num_devices, rank % ep, rank // ep
-    stage = cfg.memory.zero_stage if W > 1 else 0
+    stage = effective_zero_stage(cfg)
     ids = ExpertPlacement.initial(cfg.model.num_experts, ep, expert_slots(cfg)).slots[e_idx]  # where a run starts
     held: dict[str, Any] = {
         "dense": {"whole": [n for n, _ in dense]}, "dense_optimizer": "all",
@@ -332,8 +332,8 @@ def _comm_buffers(cfg: Config, dense: list, experts: list, b: int) -> int:
     gradients for its reduce-scatter. stage 3: two block units unsharded at a time (the current one and the
     prefetched next: FSDP2's implicit prefetch) plus the root's, plus one unit's reduce-scatter input."""
     ep, dp = mesh_shape(cfg)
-    W, stage = cfg.cluster.num_devices, cfg.memory.zero_stage
-    if W == 1:
+    W, stage = cfg.cluster.num_devices, effective_zero_stage(cfg)
+    if W == 1:   # no collective: nothing gathered or reduced
         return 0
     n_exp = sum(_numel(s) for _, s in experts)
     if stage < 2:

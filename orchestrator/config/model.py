@@ -1,0 +1,118 @@
+"""The model section: the native MoE transformer's architecture, or a Hugging Face MoE model whose own config
+gives it. The facts of a transformers model (its config.json and a meta-device build: orchestrator/model/hf.py
+`hf_summary`) come from the model layer, which sits above config and is not imported here: a describer is bound
+into `describe_hf_model` by orchestrator/__init__.py (the composition root), or handed to `validate`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from orchestrator.config.balance import BalanceConfig
+from orchestrator.config.base import ConfigError, Root, _Keys, _default_of
+
+
+# ModelConfig -> what the rest of a run reads of a transformers model (keys: those of model/hf.py hf_summary).
+Describer = Callable[["ModelConfig"], dict[str, Any]]
+_describer: Describer | None = None
+
+
+def describe_hf_models_with(describer: Describer) -> None:
+    """Bind the function that describes a transformers model (orchestrator/__init__.py binds model/hf.py's)."""
+    global _describer
+    _describer = describer
+
+
+def describe_hf_model(m: "ModelConfig", describer: Describer | None = None) -> dict[str, Any]:
+    describer = describer or _describer
+    if describer is None:
+        raise RuntimeError("no describer of transformers models is bound (orchestrator/__init__.py binds "
+                           "orchestrator.model.hf.hf_summary); pass validate(..., describe=hf_summary)")
+    return describer(m)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256          # byte-level tokens by default
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256         # RoPE table length; data.seq_len must fit
+    num_experts: int = 8           # routed experts per MoE layer
+    top_k: int = 2
+    expert_dim: int = 128          # hidden size of one routed SwiGLU expert
+    num_shared_experts: int = 1    # 0 disables the shared expert; n>0 gives hidden n*expert_dim
+    score_func: str = "softmax"    # softmax | sigmoid
+    norm_topk_prob: bool = True    # renormalise the k gate values to sum to 1
+    route_scale: float = 1.0
+    first_k_dense: int = 1         # the first k layers use a dense SwiGLU instead of MoE
+    dense_dim: int = 256           # hidden size of those dense layers
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # A Hugging Face MoE model instead of the native one (model/hf.py): a local directory with config.json and
+    # *.safetensors, or a config.json file (fresh weights from the seed). The model's own config then gives
+    # vocab_size, dim, n_layers, max_seq_len, num_experts, top_k and first_k_dense (its dense layers' count)
+    # (filled in by validate); the native architecture keys above do nothing.
+    hf_path: Optional[str] = None
+    hf_config: Optional[str] = None
+
+
+# Native architecture keys a Hugging Face model's own config replaces (model/hf.py reads none of them).
+_NATIVE_ONLY = ("n_heads", "expert_dim", "num_shared_experts", "score_func", "norm_topk_prob", "route_scale",
+                "dense_dim", "tie_embeddings", "rope_theta", "norm_eps", "init_std")
+
+
+# first_k_dense: how many of its layers are dense (n_layers minus its MoE layers: what the balancer counts)
+_FROM_HF = ("vocab_size", "dim", "n_layers", "max_seq_len", "num_experts", "top_k", "first_k_dense")
+
+
+def _resolve_hf_model(cfg: Root, keys: _Keys, describe: Describer | None = None) -> None:
+    """model.hf_path / model.hf_config: read the model's config (transformers, locally), check that its experts
+    can be sharded, and fill the model keys the rest of the run reads from it. Refuses what does not apply to
+    a transformers model yet, naming the key."""
+    m, b = cfg.model, cfg.balance
+    if m.hf_path and m.hf_config:
+        raise ConfigError(f"model.hf_path={m.hf_path!r} and model.hf_config={m.hf_config!r} are both set: hf_path "
+                          f"loads a checkpoint (its config.json included), hf_config starts fresh weights; set one")
+    key = "model.hf_path" if m.hf_path else "model.hf_config"
+    info = describe_hf_model(m, describe)
+    for name in _NATIVE_ONLY + _FROM_HF:   # (a value equal to the model's own passes: validate runs again on it)
+        if getattr(m, name) != info.get(name, _default_of(ModelConfig, name)):
+            keys.check(m, name, f"model.{name}", _default_of(ModelConfig, name),
+                       f"model.{name}={getattr(m, name)!r} has no effect with {key}: the Hugging Face config defines "
+                       f"the architecture ({info['class']}); remove it (or change its config.json)",
+                       f"{info['class']}'s config.json defines the architecture")
+    for name in _FROM_HF:
+        setattr(m, name, info[name])
+    # What the transformers path does not do (yet): the model's router is its own; recomputation is the native
+    # block's; the project's balancing losses read the native router's scores.
+    for name, why in (("routing", "the model's own router picks experts (group-limited top-k, hash routing: as "
+                                  "its config says)"),
+                      ("capacity_factor", "a transformers model routes dropless"),
+                      ("aux_loss_coeff", "the project's balancing losses read the native router's scores"),
+                      ("seq_aux_loss_coeff", "the project's balancing losses read the native router's scores"),
+                      ("z_loss_coeff", "the project's balancing losses read the native router's scores")):
+        keys.check(b, name, f"balance.{name}", _default_of(BalanceConfig, name),
+                   f"balance.{name}={getattr(b, name)!r} does not apply with {key}: {why}; remove it",
+                   f"with {key}: {why}")
+    if not info["router_aux_loss"]:
+        keys.check(b, "router_aux_loss_coeff", "balance.router_aux_loss_coeff", 0.0,
+                   f"balance.router_aux_loss_coeff={b.router_aux_loss_coeff}: {info['class']} computes no router "
+                   f"auxiliary loss (its transformers module has no load_balancing_loss_func): remove it",
+                   f"{info['class']} computes no router auxiliary loss")
+    if b.router_aux_loss_coeff and cfg.train.micro_batches > 1:
+        raise ConfigError(f"balance.router_aux_loss_coeff with train.micro_batches={cfg.train.micro_batches}: the loss "
+                          f"weighs each expert by its share of the whole step's routed copies, known only after the "
+                          f"last micro-batch's forward; set train.micro_batches=1 (or use balance.bias_update_speed)")
+    if not info["correction_bias"]:
+        keys.check(b, "bias_update_speed", "balance.bias_update_speed", 0.0,
+                   f"balance.bias_update_speed={b.bias_update_speed} needs routers with a correction bias "
+                   f"(e_score_correction_bias, as DeepSeek-V3/V4 have); {info['class']} has none: remove it",
+                   f"{info['class']}'s routers have no correction bias to move")
+    if cfg.data.pack and info["packing_leaks"]:
+        raise ConfigError(f"data.pack=true with {info['class']}: packed samples would see each other, "
+                          f"{info['packing_leaks']}; set data.pack=false (one sample per row)")
+    if cfg.memory.activation_checkpointing == "selective":
+        raise ConfigError(f"memory.activation_checkpointing='selective' is the native block's (its regions cut "
+                          f"inside the block); with {key} each decoder layer is recomputed whole: set full or none")
