@@ -25,11 +25,6 @@ from jobs.cli import bad_input, interrupted_exit, job_parser, setup_logging
 from orchestrator.config import Config, ConfigError, load_config
 from orchestrator.monitoring.rundir import read_jsonl, records
 
-# What the watch reports for each kind of injected fault.
-_DETECTED_AS = {"kill": {"dead"}, "crash": {"crash"}, "hang": {"hang"}, "slow": {"slow"}, "nan": {"nan"},
-                "node": {"dead", "hang"}, "checkpoint": {"checkpoint"}}
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = job_parser("python -m jobs.chaos", __doc__,
                     epilog="examples:\n  python -m jobs.chaos --every 50 train.steps=1500\n"
@@ -44,13 +39,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def match_faults(injected: list[dict], incidents: list[dict]) -> list[dict]:
     """Each injected fault with the incident that caught it (the first unmatched one of its kind at or after
-    its step), or None."""
+    its step: its rule's `caught_as`, orchestrator/healing/faults.py), or None."""
+    from orchestrator.healing.faults import fault_rule
+
     used: set[int] = set()
     out = []
     for fault in injected:
         found = None
         for n, i in enumerate(incidents):
-            if n not in used and i["kind"] in _DETECTED_AS[fault["kind"]] and i["step"] >= fault["step"]:
+            if n not in used and i["kind"] in fault_rule(fault["kind"]).caught_as and i["step"] >= fault["step"]:
                 found = n
                 break
         if found is not None:

@@ -19,6 +19,8 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from orchestrator.fault_kinds import FaultKind
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "default.yaml"
 log = logging.getLogger(__name__)
@@ -165,7 +167,7 @@ RESUME_EXACT_KEYS = ("seed", "data.path", "data.format", "data.seq_len", "data.v
                      "data.tokenizer", "data.train_tokenizer", "data.task", "data.pack", "data.max_samples",
                      "train.global_batch_size")
 
-FAULT_KINDS = ("kill", "crash", "hang", "slow", "nan", "node", "checkpoint")
+FAULT_KINDS = tuple(FaultKind)  # the names: what each does is orchestrator/healing/faults.py FAULTS
 
 
 @dataclass
