@@ -123,7 +123,7 @@ class DeviceActor:
         orchestrator/healing/faults.py (FAULTS): the process killed now (with its node's raylet first, for a node
         fault), or the shard armed for its next step(s)."""
         rule = fault_rule(kind)
-        if rule.kills == "node":
+        if rule.on_node:
             os.kill(os.getppid(), signal.SIGKILL)
         if rule.kills:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -89,11 +89,11 @@ class DeviceGroup:
         return settled
 
     def inject(self, fault: Any) -> None:
-        """Make a planned fault (FaultSpec) happen on its device (DeviceActor.inject says what each kind does)."""
+        """Make a planned fault (FaultSpec) happen on its device, as its rule says (healing/faults.py FAULTS)."""
         actor, rule = self.actors[fault.rank], fault_rule(fault.kind)
         if rule.fails_save:  # the next shard this device writes fails midway
             actor.fail_next_save.remote("fail")
-        elif rule.kills == "node":
+        elif rule.on_node:
             node = self.node_of(fault.rank)
             if node == ray.get_runtime_context().get_node_id():
                 # Killing the raylet of the driver's own node ends the run; kill every device actor there instead.
@@ -103,7 +103,7 @@ class DeviceGroup:
                     if self.node_of(rank) == node:
                         self.actors[rank].inject.remote(FaultKind.KILL)
             else:
-                actor.inject.remote("node")
+                actor.inject.remote(fault.kind)
         else:
             actor.inject.remote(fault.kind, fault.steps, fault.delay_s, fault.in_collective)
 

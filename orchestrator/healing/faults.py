@@ -21,13 +21,14 @@ Arm = Callable[[Any, int, float, bool], None]   # (the device's shard, steps, de
 class FaultRule:
     """One kind of fault. Injected: the driver (Driver.inject) waits for the newest snapshot first when it `kills`
     and forces the checkpoint after its step when it `fails_save`; the device group (DeviceGroup.inject) has the
-    device's next shard write fail (`fails_save`), kills the node's devices (`kills == "node"`) or calls
-    DeviceActor.inject, which kills its own process (`kills`) or `arm`s its shard for the next step. Caught: the
-    incident kinds the Watch (or the Healer, for a checkpoint) reports it as."""
+    device's next shard write fail (`fails_save`), kills the node's devices (`on_node`) or calls DeviceActor.inject,
+    which kills its own process (`kills`; its node's raylet first with `on_node`) or `arm`s its shard for the next
+    step. Caught: the incident kinds the Watch (or the Healer, for a checkpoint) reports it as."""
     kind: FaultKind
     does: str                          # what happens, in words
     caught_as: frozenset[IncidentKind]
-    kills: str = ""                    # "process": SIGKILL of the device's process; "node": of its node's raylet too
+    kills: bool = False                # SIGKILL of the device's process
+    on_node: bool = False              # ... and first of its node's raylet: every device on the node dies
     arm: Arm | None = None             # what the device's next step(s) do
     fails_save: bool = False           # the checkpoint after its step is taken, and this device's shard write fails
 
@@ -55,11 +56,11 @@ def _arm_slow(shard: Any, steps: int, delay_s: float, in_collective: bool) -> No
 
 _I = IncidentKind
 FAULTS: dict[FaultKind, FaultRule] = {r.kind: r for r in (
-    FaultRule(FaultKind.KILL, "SIGKILL of the device's process now", frozenset({_I.DEAD}), kills="process"),
+    FaultRule(FaultKind.KILL, "SIGKILL of the device's process now", frozenset({_I.DEAD}), kills=True),
     FaultRule(FaultKind.NODE, "SIGKILL of the device's node's raylet (the parent of every worker process on the "
                               "node: the node dies with all its actors and objects), then of its process; where "
                               "the node runs the driver too, every device actor on it is killed instead",
-              frozenset({_I.DEAD, _I.HANG}), kills="node"),
+              frozenset({_I.DEAD, _I.HANG}), kills=True, on_node=True),
     FaultRule(FaultKind.CRASH, "an exception in the next step, between forward and backward",
               frozenset({_I.CRASH}), arm=_arm_crash),
     FaultRule(FaultKind.HANG, "the next step stops between forward and backward and never returns (peers wait "
