@@ -17,17 +17,15 @@ import argparse
 import json
 import signal
 import sys
-import time
-from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jobs.cli import bad_input, interrupted_exit, job_parser, setup_logging
+from jobs.cli import job_parser, run_main, setup_logging
 from orchestrator.config import Config, ConfigError, load_config
 from orchestrator.monitoring.rundir import read_jsonl, records
 
-# What the watch reports for each kind of injected fault.
-_DETECTED_AS = {"kill": {"dead"}, "crash": {"crash"}, "hang": {"hang"}, "slow": {"slow"}, "nan": {"nan"},
-                "node": {"dead", "hang"}, "checkpoint": {"checkpoint"}}
+if TYPE_CHECKING:
+    from orchestrator.runtime.startup import Job
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,13 +42,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def match_faults(injected: list[dict], incidents: list[dict]) -> list[dict]:
     """Each injected fault with the incident that caught it (the first unmatched one of its kind at or after
-    its step), or None."""
+    its step: its rule's `caught_as`, orchestrator/healing/faults.py), or None."""
+    from orchestrator.healing.faults import fault_rule
+
     used: set[int] = set()
     out = []
     for fault in injected:
         found = None
         for n, i in enumerate(incidents):
-            if n not in used and i["kind"] in _DETECTED_AS[fault["kind"]] and i["step"] >= fault["step"]:
+            if n not in used and i["kind"] in fault_rule(fault["kind"]).caught_as and i["step"] >= fault["step"]:
                 found = n
                 break
         if found is not None:
@@ -64,16 +64,14 @@ def match_faults(injected: list[dict], incidents: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from orchestrator.runtime.signals import interrupted, job_signals
-
-    with job_signals(keep=argv is None):  # main(None): this process's own command line, the gate stays
-        try:
-            return chaos(args)
-        except KeyboardInterrupt as e:  # a signal before the run directory existed
-            return interrupted_exit(interrupted(e))
+    return run_main(lambda: chaos(args), args.debug, keep=argv is None)
 
 
 def chaos(args: argparse.Namespace) -> int:
+    """The chaos run and its fault-free twin, sub-runs of one job started as every job starts
+    (orchestrator/runtime/startup.py); the exit code of the comparison."""
+    from orchestrator.runtime.startup import started_job
+
     overrides = list(args.overrides)
     if args.every is not None:
         overrides.append(f"faults.chaos.mean_steps_between={args.every}")
@@ -81,104 +79,13 @@ def chaos(args: argparse.Namespace) -> int:
         overrides.append(f"faults.chaos.kinds=[{args.kinds}]")
     if args.seed is not None:
         overrides.append(f"faults.chaos.seed={args.seed}")
-    try:
-        cfg = load_config(args.config, overrides + ["checkpoint.at_end=true"])
-        if not cfg.faults.plan and not cfg.faults.chaos.mean_steps_between:
-            raise ConfigError("no faults to inject: give --every N (random chaos) or faults.plan=[...]")
-        from orchestrator.runtime.preflight import check_inputs
-
-        check_inputs(cfg)   # before Ray and the run directory
-    except ConfigError as e:
-        return bad_input(e, args.debug)
-
-    from orchestrator.errors import RunInUse
-    from orchestrator.monitoring.status import run_dir_path
-    from orchestrator.runtime.runlock import hold
-
-    cfg.run.dir = str(run_dir_path(cfg))   # decided once
-    with ExitStack() as held:  # the job holds its directory; each of its two runs holds its own too
-        try:
-            held.enter_context(hold(Path(cfg.run.dir)))
-        except (RunInUse, ConfigError) as e:
-            return bad_input(e, args.debug)
-        return _chaos(args, cfg)
-
-
-def _chaos(args: argparse.Namespace, cfg: Config) -> int:
-    from orchestrator.runtime.cluster import ray_cluster
-    from orchestrator.errors import RunError, RunInUse
-    from orchestrator.monitoring.status import make_run_dir
-    from orchestrator.runtime.runlock import hold_run
-    from orchestrator.runtime.signals import interrupted
-
-    started = time.time()
-    run_dir = make_run_dir(cfg)
-    print(f"run directory: {run_dir} (chaos/ and twin/)", file=sys.stderr)
-    report: dict = {"run_dir": str(run_dir)}
-    try:
-        with ray_cluster(cfg.cluster, spare_devices=cfg.faults.standby):
-            from orchestrator.checkpoint.manager import list_checkpoints
-            from orchestrator.checkpoint.timeline import run_folder
-            from orchestrator.checkpoint.tools import differences, read_state
-            from orchestrator.config import config_from_dict, to_dict
-            from orchestrator.driver import Driver
-            from orchestrator.checkpoint.storage import Storage
-
-            def sub(name: str, **faults) -> tuple:
-                d = to_dict(cfg)
-                d["run"]["dir"] = str(run_dir / name)
-                d["run"]["id"] = f"{cfg.run.id}-{name}" if cfg.run.id else None  # two runs, two checkpoint folders
-                d["faults"].update(faults)
-                c = config_from_dict(d)
-                return c, Path(c.run.dir)
-
-            def run(c, path: Path):
-                with hold_run(c, path):   # held before its config.yaml is written
-                    make_run_dir(c)
-                    return Driver(c, path).run()
-
-            chaos_cfg, chaos_dir = sub("chaos")
-            print(f"chaos run: {len(chaos_cfg.faults.plan)} planned fault(s)"
-                  + (f", random chaos every {cfg.faults.chaos.mean_steps_between:g} steps on average"
-                     if cfg.faults.chaos.mean_steps_between else ""), file=sys.stderr)
-            try:
-                summary = run(chaos_cfg, chaos_dir)
-                report["interruptions"] = 0
-            except RunError as e:
-                print(f"chaos run stopped: {e}", file=sys.stderr)
-                report.update(interruptions=1, stopped=str(e))
-                summary = None
-            if summary is not None:
-                caught = match_faults(summary.faults_injected, summary.incidents)
-                report.update(steps=summary.steps_done, faults_injected=len(caught),
-                              faults_healed=sum(1 for f in caught if f["caught_as"]), recoveries=summary.recoveries,
-                              faults=caught, incidents=summary.incidents, goodput=summary.goodput)
-            if summary is not None and summary.stopped_by_signal:
-                report["stopped_by_signal"] = summary.stopped_by_signal
-            elif summary is not None and not args.no_twin:
-                twin_cfg, twin_dir = sub("twin", plan=[], chaos={**to_dict(cfg)["faults"]["chaos"],
-                                                                 "mean_steps_between": 0.0})
-                print("fault-free twin run ...", file=sys.stderr)
-                twin = run(twin_cfg, twin_dir)
-                if twin.stopped_by_signal:
-                    report["stopped_by_signal"] = twin.stopped_by_signal
-                    return _stopped(run_dir, report)
-                losses = [_losses(chaos_dir), _losses(twin_dir)]
-                states = []
-                for c, d, s in ((chaos_cfg, chaos_dir, summary), (twin_cfg, twin_dir, twin)):
-                    root = Storage(run_folder(c, d, s.run_id))
-                    states.append(read_state(list_checkpoints(root)[-1][1]))
-                diff = differences(*states)
-                report.update(identical_losses=losses[0] == losses[1], identical_state=not diff,
-                              tensors_compared=len(states[0]), tensors_different=diff[:20])
-    except (ConfigError, RunInUse) as e:
-        return bad_input(e, args.debug)
-    except RunError as e:
-        print(f"run failed: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:  # Interrupted: a second signal, or one while no step loop listened
-        current = next((d for d in (run_dir / "twin", run_dir / "chaos") if d.is_dir()), run_dir)
-        return interrupted_exit(interrupted(e), current, started, cfg.monitor.report)
+    cfg = load_config(args.config, overrides + ["checkpoint.at_end=true"])
+    if not cfg.faults.plan and not cfg.faults.chaos.mean_steps_between:
+        raise ConfigError("no faults to inject: give --every N (random chaos) or faults.plan=[...]")
+    # the job holds its directory; each of its two runs holds its own too
+    with started_job(cfg, sub_runs=True, announce=" (chaos/ and twin/)") as job:
+        report = _chaos(args, cfg, job)
+    run_dir = job.run_dir
     if "stopped_by_signal" in report:
         return _stopped(run_dir, report)
     (run_dir / "chaos_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -187,6 +94,62 @@ def _chaos(args: argparse.Namespace, cfg: Config) -> int:
     if not args.no_twin:
         ok = ok and bool(report.get("identical_losses")) and bool(report.get("identical_state"))
     return 0 if ok else 1
+
+
+def _chaos(args: argparse.Namespace, cfg: Config, job: "Job") -> dict:
+    """The two runs on the job's cluster and their comparison: the report."""
+    from orchestrator.checkpoint.manager import list_checkpoints
+    from orchestrator.checkpoint.storage import Storage
+    from orchestrator.checkpoint.timeline import run_folder
+    from orchestrator.checkpoint.tools import differences, read_state
+    from orchestrator.config import config_from_dict, to_dict
+    from orchestrator.errors import RunError
+
+    run_dir = job.run_dir
+    report: dict = {"run_dir": str(run_dir)}
+
+    def sub(name: str, **faults) -> tuple:
+        d = to_dict(cfg)
+        d["run"]["dir"] = str(run_dir / name)
+        d["run"]["id"] = f"{cfg.run.id}-{name}" if cfg.run.id else None  # two runs, two checkpoint folders
+        d["faults"].update(faults)
+        c = config_from_dict(d)
+        return c, Path(c.run.dir)
+
+    chaos_cfg, chaos_dir = sub("chaos")
+    print(f"chaos run: {len(chaos_cfg.faults.plan)} planned fault(s)"
+          + (f", random chaos every {cfg.faults.chaos.mean_steps_between:g} steps on average"
+             if cfg.faults.chaos.mean_steps_between else ""), file=sys.stderr)
+    try:
+        summary = job.run(chaos_cfg)
+        report["interruptions"] = 0
+    except RunError as e:
+        print(f"chaos run stopped: {e}", file=sys.stderr)
+        report.update(interruptions=1, stopped=str(e))
+        summary = None
+    if summary is not None:
+        caught = match_faults(summary.faults_injected, summary.incidents)
+        report.update(steps=summary.steps_done, faults_injected=len(caught),
+                      faults_healed=sum(1 for f in caught if f["caught_as"]), recoveries=summary.recoveries,
+                      faults=caught, incidents=summary.incidents, goodput=summary.goodput)
+    if summary is not None and summary.stopped_by_signal:
+        report["stopped_by_signal"] = summary.stopped_by_signal
+    elif summary is not None and not args.no_twin:
+        twin_cfg, twin_dir = sub("twin", plan=[], chaos={**to_dict(cfg)["faults"]["chaos"], "mean_steps_between": 0.0})
+        print("fault-free twin run ...", file=sys.stderr)
+        twin = job.run(twin_cfg)
+        if twin.stopped_by_signal:
+            report["stopped_by_signal"] = twin.stopped_by_signal
+            return report
+        losses = [_losses(chaos_dir), _losses(twin_dir)]
+        states = []
+        for c, d, s in ((chaos_cfg, chaos_dir, summary), (twin_cfg, twin_dir, twin)):
+            root = Storage(run_folder(c, d, s.run_id))
+            states.append(read_state(list_checkpoints(root)[-1][1]))
+        diff = differences(*states)
+        report.update(identical_losses=losses[0] == losses[1], identical_state=not diff,
+                      tensors_compared=len(states[0]), tensors_different=diff[:20])
+    return report
 
 
 def _stopped(run_dir: Path, report: dict) -> int:

@@ -1,16 +1,18 @@
-"""What every job's command line shares: --config, key=value overrides, --debug, log format, exit codes of bad
-input and of signals."""
+"""What every job's command line shares: --config, key=value overrides, --debug, log format, the exit codes
+(`run_main`: bad input 2, a failed run 1, a signal 128 + it). How an error becomes its exit code and line is
+orchestrator/exits.py, which `python -m orchestrator` uses too (the library does not import the jobs)."""
 from __future__ import annotations
 
 import argparse
-import logging
-import re
 import sys
-import traceback
 from pathlib import Path
+from typing import Callable
 
 from orchestrator.config import DEFAULT_CONFIG
-from orchestrator.errors import Interrupted, RunInUse
+from orchestrator.errors import Interrupted
+from orchestrator.exits import add_debug, bad_input, exit_code, setup_logging
+
+__all__ = ["END_FILES", "job_parser", "add_debug", "bad_input", "setup_logging", "run_main", "interrupted_exit"]
 
 END_FILES = ("status.json", "summary.json", "goodput.json")  # what a run writes at its end (report.html: optional)
 
@@ -23,27 +25,6 @@ def job_parser(prog: str, doc: str, epilog: str | None = None) -> argparse.Argum
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. train.steps=50")
     add_debug(parser)
     return parser
-
-
-def add_debug(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true",
-                        help="with bad input (exit 2), also print the traceback of where it was found")
-
-
-def bad_input(e: BaseException, debug: bool = False, prefix: str = "config error") -> int:
-    """Bad input (a ConfigError, a checkpoint that cannot be resumed, a run directory another job holds): one line on
-    stderr, `prefix: message` (RunInUse: its message, which names the holder), and exit code 2. A traceback only
-    with --debug: the message names the key, file, line and fix; the stack is ours."""
-    if debug:
-        traceback.print_exception(e, file=sys.stderr)
-    message = re.sub(r"\s*\n\s*", " ", str(e).strip())   # one line, whatever a library put in it
-    # a run directory another live job holds names its holder: no "config error" about it
-    print(message if isinstance(e, RunInUse) else f"{prefix}: {message}", file=sys.stderr)
-    return 2
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
 def interrupted_exit(e: Interrupted, run_dir: Path | None = None, since: float = 0.0, report: bool = False) -> int:
@@ -61,3 +42,23 @@ def interrupted_exit(e: Interrupted, run_dir: Path | None = None, since: float =
             why = e.not_written.get(f, "the interruption came before the run's end work got to it")
             print(f"not written: {run_dir / f} ({why})", file=sys.stderr)
     return e.exit_code
+
+
+def run_main(body: Callable[[], int], debug: bool = False, keep: bool = False) -> int:
+    """A job's main: `body()` under the job's signal gate (`keep`: main(None), this process's own command line,
+    the gate stays until it exits), and its exit code: what it returns; bad input 2 and a failed run 1, each one
+    line on stderr (orchestrator/exits.py; --debug: the traceback of bad input); a signal that stopped it at once
+    128 + the first signal, naming the end files of the run it was in (startup.started_job says which)."""
+    from orchestrator.runtime.signals import interrupted, job_signals
+
+    with job_signals(keep=keep):
+        try:
+            return body()
+        except KeyboardInterrupt as e:
+            signal = interrupted(e)
+            return interrupted_exit(signal, signal.run_dir, signal.since, signal.report)
+        except Exception as e:
+            code = exit_code(e, debug)
+            if code is None:
+                raise
+            return code

@@ -18,12 +18,11 @@ import json
 import signal
 import statistics
 import sys
-from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
-from jobs.cli import bad_input, interrupted_exit, job_parser, setup_logging
-from orchestrator.config import Config, ConfigError, load_config
+from jobs.cli import job_parser, run_main, setup_logging
+from orchestrator.config import ConfigError, load_config
 from orchestrator.monitoring.rundir import read_jsonl, records as step_records
 
 # what every strategy starts from: the router left alone
@@ -153,82 +152,46 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from orchestrator.runtime.signals import interrupted, job_signals
-
     # SIGTERM/SIGINT: the strategy's run stops as jobs.train's does and the study ends there, 128 + signal
-    with job_signals(keep=argv is None):  # main(None): this process's own command line, the gate stays
-        try:
-            return study(args)
-        except KeyboardInterrupt as e:
-            return interrupted_exit(interrupted(e))
+    return run_main(lambda: study(args), args.debug, keep=argv is None)
 
 
 def study(args: argparse.Namespace) -> int:
+    """One run per strategy, sub-runs of one job started as every job starts (orchestrator/runtime/startup.py)."""
+    from orchestrator.runtime.startup import started_job
+
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [n for n in names if n not in STRATEGIES]
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
-    try:
-        if unknown:
-            raise ConfigError(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(STRATEGIES)}")
-        cfg = load_config(args.config, overrides)
-        world = cfg.cluster.num_devices
-        if world == 1:  # experts cannot move (or have replicas) on one device
-            skipped = [n for n in names if any("replace" in o or "redundant" in o for o in STRATEGIES[n])]
-            if skipped and args.strategies == ",".join(STRATEGIES):
-                print(f"one device: leaving out {', '.join(skipped)}", file=sys.stderr)
-                names = [n for n in names if n not in skipped]
-        strategies = {n: [o.format(world=world) for o in STRATEGIES[n]] for n in names} | parse_extra(args.extra)
-        # every strategy starts from no balancing (the default job balances its router), then the command
-        # line's overrides, then the strategy's own settings
-        configs = {n: load_config(args.config, NO_BALANCING + overrides + strategies[n]) for n in strategies}
-        from orchestrator.runtime.preflight import check_inputs
-
-        check_inputs(cfg)   # the strategies share the model and the data; before Ray and the run directory
-    except ConfigError as e:
-        return bad_input(e, args.debug)
-
-    from orchestrator.errors import RunInUse
-    from orchestrator.monitoring.status import run_dir_path
-    from orchestrator.runtime.runlock import hold
-
-    cfg.run.dir = str(run_dir_path(cfg))   # decided once
-    with ExitStack() as held:  # the study holds its directory; each strategy's run holds its own too
-        try:
-            held.enter_context(hold(Path(cfg.run.dir)))
-        except (RunInUse, ConfigError) as e:
-            return bad_input(e, args.debug)
-        return _study(args, cfg, configs, strategies)
-
-
-def _study(args: argparse.Namespace, cfg: Config, configs: dict[str, Config], strategies: dict[str, list[str]]) -> int:
-    from orchestrator.runtime.cluster import ray_cluster
-    from orchestrator.errors import RunError, RunInUse
-    from orchestrator.monitoring.status import make_run_dir
-    from orchestrator.runtime.runlock import hold_run
-
-    out = make_run_dir(cfg)
-    warmup = args.warmup if args.warmup is not None else cfg.train.steps // 5
-    runs, rows = {}, []
-    try:
-        with ray_cluster(cfg.cluster):
-            from orchestrator.driver import Driver
-
-            for name, c in configs.items():
-                c.run.dir = str(out / name)
-                print(f"strategy {name}: {' '.join(strategies[name]) or 'no balancing'}", file=sys.stderr)
-                with hold_run(c, Path(c.run.dir)):   # held before its config.yaml is written
-                    summary = asdict(Driver(c, make_run_dir(c)).run())
-                if summary["stopped_by_signal"]:
-                    print(f"strategy {name}: stopped by {summary['stopped_by_signal']}; no comparison", file=sys.stderr)
-                    return 128 + int(getattr(signal, summary["stopped_by_signal"]))
-                records = step_records(read_jsonl(out / name / "metrics.jsonl"))
-                runs[name] = records
-                rows.append(summarize(name, records, summary, warmup))
-    except (ConfigError, RunInUse) as e:
-        return bad_input(e, args.debug)
-    except RunError as e:
-        print(f"run failed: {e}", file=sys.stderr)
-        return 1
+    if unknown:
+        raise ConfigError(f"--strategies: unknown {', '.join(unknown)}; known: {', '.join(STRATEGIES)}")
+    cfg = load_config(args.config, overrides)
+    world = cfg.cluster.num_devices
+    if world == 1:  # experts cannot move (or have replicas) on one device
+        skipped = [n for n in names if any("replace" in o or "redundant" in o for o in STRATEGIES[n])]
+        if skipped and args.strategies == ",".join(STRATEGIES):
+            print(f"one device: leaving out {', '.join(skipped)}", file=sys.stderr)
+            names = [n for n in names if n not in skipped]
+    strategies = {n: [o.format(world=world) for o in STRATEGIES[n]] for n in names} | parse_extra(args.extra)
+    # every strategy starts from no balancing (the default job balances its router), then the command
+    # line's overrides, then the strategy's own settings
+    configs = {n: load_config(args.config, NO_BALANCING + overrides + strategies[n]) for n in strategies}
+    # the strategies share the model and the data: one preflight; the study holds its directory, each strategy's
+    # run holds its own too
+    with started_job(cfg, sub_runs=True, announce=None) as job:
+        out = job.run_dir
+        warmup = args.warmup if args.warmup is not None else cfg.train.steps // 5
+        runs, rows = {}, []
+        for name, c in configs.items():
+            c.run.dir = str(out / name)
+            print(f"strategy {name}: {' '.join(strategies[name]) or 'no balancing'}", file=sys.stderr)
+            summary = asdict(job.run(c))
+            if summary["stopped_by_signal"]:
+                print(f"strategy {name}: stopped by {summary['stopped_by_signal']}; no comparison", file=sys.stderr)
+                return 128 + int(getattr(signal, summary["stopped_by_signal"]))
+            records = step_records(read_jsonl(out / name / "metrics.jsonl"))
+            runs[name] = records
+            rows.append(summarize(name, records, summary, warmup))
     (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
     text = table(rows)
     (out / "comparison.md").write_text(text + "\n")

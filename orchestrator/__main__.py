@@ -12,12 +12,10 @@ import argparse
 import json
 import sys
 
-from orchestrator.errors import RunError
+from orchestrator.exits import add_debug, exits
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import add_debug
-
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ck = sub.add_parser("checkpoints", help="list, verify and export checkpoints")
@@ -53,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "plan":
-        return _plan(args)
+        return exits(lambda: _plan(args), args.debug, failed="error")
     if args.command == "export":
-        return _export_hf(args)
+        return exits(lambda: _export_hf(args), args.debug, failed="error")
     if args.command == "report":
         from orchestrator.monitoring.report import write_report
 
@@ -66,44 +64,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
 
+    return exits(lambda: _checkpoints(args), failed="error")
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
     from orchestrator.checkpoint import tools
 
-    try:
-        if args.action == "list":
-            rows = tools.describe(args.path)
-            if args.json:
-                print(json.dumps(rows, indent=1))
-            elif not rows:
-                print(f"no checkpoints under {args.path}")
-            else:
-                print(f"{'step':>8}  {'size MB':>8}  {'devices':>7}  {'files':>5}  {'created':19}  status")
-                for r in rows:
-                    print(f"{r['step'] if r['step'] is not None else '?':>8}  {r.get('size_mb') or '':>8}  "
-                          f"{r.get('world_size') or '':>7}  {r.get('files') or '':>5}  {r.get('created') or '':19}  "
-                          f"{r['status']}")
-            return 0 if all(r["status"] == "verified" or r["status"].startswith("uncommitted") for r in rows) else 1
-        info = tools.export(args.checkpoint, args.out)
-        print(f"exported step {info['step']} from {info['source']}: {info['tensors']} tensors, "
-              f"{info['bytes'] / 1e6:.2f} MB -> {info['file']}")
-        return 0
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.action == "list":
+        rows = tools.describe(args.path)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        elif not rows:
+            print(f"no checkpoints under {args.path}")
+        else:
+            print(f"{'step':>8}  {'size MB':>8}  {'devices':>7}  {'files':>5}  {'created':19}  status")
+            for r in rows:
+                print(f"{r['step'] if r['step'] is not None else '?':>8}  {r.get('size_mb') or '':>8}  "
+                      f"{r.get('world_size') or '':>7}  {r.get('files') or '':>5}  {r.get('created') or '':19}  "
+                      f"{r['status']}")
+        return 0 if all(r["status"] == "verified" or r["status"].startswith("uncommitted") for r in rows) else 1
+    info = tools.export(args.checkpoint, args.out)
+    print(f"exported step {info['step']} from {info['source']}: {info['tensors']} tensors, "
+          f"{info['bytes'] / 1e6:.2f} MB -> {info['file']}")
+    return 0
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from jobs.cli import bad_input
-    from orchestrator.config import ConfigError
     from orchestrator.checkpoint.hf_export import export_checkpoint
 
-    try:
-        info = export_checkpoint(args.checkpoint, args.hf, tokenizer_dir=args.tokenizer, config_file=args.config,
-                                 dropless=args.dropless)
-    except ConfigError as e:
-        return bad_input(e, args.debug)
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    info = export_checkpoint(args.checkpoint, args.hf, tokenizer_dir=args.tokenizer, config_file=args.config,
+                             dropless=args.dropless)
     print(f"exported step {info['step']} from {info['source']} as {info['model_class']} "
           f"({info['parameters']} parameters) -> {info['out_dir']}")
     for note in info["notes"]:
@@ -113,14 +103,11 @@ def _export_hf(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from jobs.cli import bad_input, setup_logging
-    from orchestrator.config import DEFAULT_CONFIG, ConfigError, load_config
+    from orchestrator.config import DEFAULT_CONFIG, load_config
+    from orchestrator.exits import setup_logging
 
     setup_logging()   # load_config logs the defaults it resolves (stderr; the plan goes to stdout)
-    try:
-        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
-    except ConfigError as e:
-        return bad_input(e, args.debug)
+    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
     from orchestrator.memory.render import render
     from orchestrator.memory.plan import MemoryPlanError, check_fits, plan_memory, plan_table
 

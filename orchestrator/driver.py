@@ -42,7 +42,8 @@ from orchestrator.device.group import DeviceGroup, get
 from orchestrator.runtime.disk import DiskFull, full
 from orchestrator.errors import RunError, StateMismatch
 from orchestrator.monitoring.goodput import Goodput
-from orchestrator.healing import Decision, Healer, Incident, Injector, StepFailure, Watch, plan_faults
+from orchestrator.healing import (Decision, Healer, Incident, IncidentKind, Injector, StepFailure, Watch, fault_rule,
+                                  plan_faults)
 from orchestrator.monitoring.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops, step_record
 from orchestrator.monitoring.status import Progress, device_status, write_memory_plan, write_status
 from orchestrator.runtime.runlock import hold_run
@@ -351,7 +352,7 @@ class Driver:
             self.progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], rec.get("maxvio"),
                                  rec.get("mfu"), len(self.healer.incidents))
             self.write_status("running", reports)
-            slow = [i for i in incidents if i.kind == "slow"]
+            slow = [i for i in incidents if i.kind == IncidentKind.SLOW]
             decision = self.healer.stragglers(step, slow, self.devices.spares_elsewhere([i.rank for i in slow])) \
                 if slow else None
             step = self._carry_out(decision, f"replaced straggler(s) after step {step}") if decision else step + 1
@@ -725,11 +726,12 @@ class Driver:
     # ------------------------------------------------------------- faults
     def inject(self, fault: FaultSpec, step: int) -> None:
         """Make a planned fault happen (DeviceGroup.inject; DeviceActor.inject says what each kind does)."""
-        if fault.kind in ("kill", "node"):
+        rule = fault_rule(fault.kind)
+        if rule.kills:
             # The fault strikes in its step: after the snapshot of the step before. (A kill landing while a
             # snapshot's reply is still on its way loses that snapshot: recovery then goes back one step more.)
             self.checkpoints.snapshots.wait_newest(self.cfg.faults.recovery_timeout_s)
-        if fault.kind == "checkpoint":  # the checkpoint after this step is taken, and one shard write of it fails
+        if rule.fails_save:  # the checkpoint after this step is taken, and one shard write of it fails
             self.checkpoints.force.add(step)
         self.devices.inject(fault)
 

@@ -13,7 +13,7 @@ pyproject.toml keeps it so). Its modules:
     train.py     TrainConfig, RunConfig, CheckpointConfig; RESUME_EXACT_KEYS, is_frozen
     balance.py   BalanceConfig
     mesh.py      ParallelConfig, MemoryConfig, ClusterConfig; mesh_shape, expert_slots, effective_zero_stage
-    faults.py    FaultSpec, ChaosConfig, FaultConfig
+    faults.py    FaultKind, FaultSpec, ChaosConfig, FaultConfig
     monitor.py   AlertRule, MonitorConfig
     schema.py    Config, the root
     validate.py  validate: the sections' checks in order and those across sections
@@ -25,7 +25,7 @@ pyproject.toml keeps it so). Its modules:
 from orchestrator.config.balance import BalanceConfig
 from orchestrator.config.base import DEFAULT_CONFIG, REPO_ROOT, ConfigError, to_dict, to_yaml
 from orchestrator.config.data import TOKENIZER_FILES, DataConfig, reads_token_files, tokenizer_source
-from orchestrator.config.faults import FAULT_KINDS, ChaosConfig, FaultConfig, FaultSpec
+from orchestrator.config.faults import FAULT_KINDS, ChaosConfig, FaultConfig, FaultKind, FaultSpec
 from orchestrator.config.load import config_from_dict, load_config
 from orchestrator.config.mesh import ClusterConfig, MemoryConfig, ParallelConfig, effective_zero_stage, expert_slots, \
     mesh_shape
@@ -37,7 +37,7 @@ from orchestrator.config.train import RESUME_EXACT_KEYS, CheckpointConfig, RunCo
 from orchestrator.config.validate import validate
 
 __all__ = ["AlertRule", "BalanceConfig", "ChaosConfig", "CheckpointConfig", "ClusterConfig", "Config", "ConfigError",
-           "DEFAULT_CONFIG", "DataConfig", "FAULT_KINDS", "FaultConfig", "FaultSpec", "MemoryConfig", "ModelConfig",
+           "DEFAULT_CONFIG", "DataConfig", "FAULT_KINDS", "FaultConfig", "FaultKind", "FaultSpec", "MemoryConfig", "ModelConfig",
            "MonitorConfig", "ParallelConfig", "REDACTED", "REPO_ROOT", "RESUME_EXACT_KEYS", "RunConfig",
            "TOKENIZER_FILES", "TrainConfig", "_default_alerts", "config_from_dict", "describe_hf_models_with",
            "effective_zero_stage", "expert_slots", "is_frozen", "load_config", "mesh_shape", "reads_token_files",

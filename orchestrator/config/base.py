@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import MISSING
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,17 @@ DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "default.yaml"
 # The root Config (schema.py) as the sections' checks see it: schema.py imports every section, so a section
 # names the root by this alias instead of importing it (no import cycle inside the package).
 Root = Any
+
+
+try:
+    from enum import StrEnum
+except ImportError:  # Python 3.10: the same behaviour (the member is its plain string in str(), f-strings, JSON)
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str.__str__(self)
+
+        def __format__(self, spec: str) -> str:
+            return str.__format__(self, spec)
 
 
 class ConfigError(ValueError):

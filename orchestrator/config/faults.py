@@ -4,10 +4,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from orchestrator.config.base import ConfigError, Root, _choice, _positive
+from orchestrator.config.base import ConfigError, Root, StrEnum, _choice, _positive
 
 
-FAULT_KINDS = ("kill", "crash", "hang", "slow", "nan", "node", "checkpoint")
+
+
+class FaultKind(StrEnum):
+    """The kinds of fault a run can inject (`faults.plan[].kind`, `faults.chaos.kinds`). A str Enum: config values,
+    JSON and logs keep the plain names. What each kind does when injected and how the night watch catches it is
+    its entry in orchestrator/healing/faults.py (FAULTS); the config only needs the names."""
+    KILL = "kill"
+    CRASH = "crash"
+    HANG = "hang"
+    SLOW = "slow"
+    NAN = "nan"
+    NODE = "node"
+    CHECKPOINT = "checkpoint"
+
+
+FAULT_KINDS = tuple(FaultKind)
 
 
 @dataclass
@@ -72,7 +87,7 @@ def _validate_faults(cfg: Root) -> None:
             raise ConfigError(f"{key}.rank={spec.rank} is not a device (0..{c.num_devices - 1}, or -1 for a random one)")
         if spec.repeat < 1:
             raise ConfigError(f"{key}.repeat={spec.repeat} must be 1 or more")
-        if spec.kind == "slow" and (spec.steps < 1 or spec.delay_s <= 0):
+        if spec.kind == FaultKind.SLOW and (spec.steps < 1 or spec.delay_s <= 0):
             raise ConfigError(f"{key}: a slow fault needs steps >= 1 and delay_s > 0 (got {spec.steps}, {spec.delay_s})")
     ch = f.chaos
     if ch.mean_steps_between < 0:
@@ -96,7 +111,7 @@ def _validate_faults(cfg: Root) -> None:
     _choice("faults.on_straggler", f.on_straggler, ("replace", "record"))
     _choice("faults.on_nonfinite", f.on_nonfinite, ("rollback", "skip"))
     _choice("faults.on_spike", f.on_spike, ("record", "rollback", "skip"))
-    needs_snapshots = [s.kind for s in f.plan if s.kind != "checkpoint"] + (list(ch.kinds) if ch.mean_steps_between else [])
+    needs_snapshots = [s.kind for s in f.plan if s.kind != FaultKind.CHECKPOINT] + (list(ch.kinds) if ch.mean_steps_between else [])
     if f.snapshot_every == 0 and needs_snapshots:
         raise ConfigError(f"faults.snapshot_every=0 turns healing off, but faults are planned ({', '.join(sorted(set(needs_snapshots)))}); "
                           f"set faults.snapshot_every to 1 (or more)")

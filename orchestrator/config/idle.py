@@ -7,6 +7,7 @@ from pathlib import Path
 from orchestrator.config.base import _Keys
 from orchestrator.config.data import reads_token_files
 from orchestrator.config.mesh import effective_zero_stage
+from orchestrator.config.faults import FaultKind
 
 from orchestrator.config.schema import Config
 
@@ -124,7 +125,7 @@ def _refuse_idle_checkpoint_keys(cfg: Config, keys: _Keys) -> None:
                                                          "remove it, or set checkpoint.keep_last")
     # driver.py after_step/run: a save happens by the policy, on a signal, at the end, or for a checkpoint fault
     faults = [s.kind for s in f.plan] + (list(f.chaos.kinds) if f.chaos.mean_steps_between else [])
-    if not (ck.every_steps or ck.at_end or ck.on_signal or "checkpoint" in faults):
+    if not (ck.every_steps or ck.at_end or ck.on_signal or FaultKind.CHECKPOINT in faults):
         keys.section(cfg, "checkpoint", ("keep_last", "keep_every", "async_save"),
                      "in a run that never saves a checkpoint (checkpoint.every_steps=0, at_end=false, "
                      "on_signal=false): turn a save on, or remove it")
@@ -138,11 +139,11 @@ def _refuse_idle_fault_keys(cfg: Config, keys: _Keys) -> None:
         if spec.step:
             keys.idle(spec, "after_s", f"{key}.after_s", f"(the fault strikes in its step={spec.step}): give "
                                                           f"either step or after_s")
-        if spec.kind != "slow":
+        if spec.kind != FaultKind.SLOW:
             for name in ("steps", "delay_s"):
                 keys.idle(spec, name, f"{key}.{name}",
                           f"on a {spec.kind} fault (only slow faults read steps and delay_s): remove it")
-        if spec.kind != "hang":
+        if spec.kind != FaultKind.HANG:
             keys.idle(spec, "in_collective", f"{key}.in_collective",
                       f"on a {spec.kind} fault (only hang faults read it): remove it")
     # healing.py plan_faults: the chaos keys make random faults; the seed also draws the device of rank -1 faults
@@ -155,7 +156,7 @@ def _refuse_idle_fault_keys(cfg: Config, keys: _Keys) -> None:
                          "while random chaos is off (faults.chaos.mean_steps_between=0) and no planned fault has "
                          "rank -1 (a random device): set faults.chaos.mean_steps_between (jobs.chaos: --every N), "
                          "or remove it")
-    elif "slow" not in ch.kinds:
+    elif FaultKind.SLOW not in ch.kinds:
         keys.section(cfg, "faults.chaos", ("slow_steps", "slow_delay_s"),
                      "while faults.chaos.kinds has no slow: add slow to faults.chaos.kinds, or remove it")
     # healing.py Watch._stragglers: compares a device with the others

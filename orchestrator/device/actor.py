@@ -16,6 +16,7 @@ import torch
 
 from orchestrator.checkpoint.shard import Snapshot, serialize
 from orchestrator.config import config_from_dict
+from orchestrator.healing.faults import fault_rule
 from orchestrator.device.shard import (DeviceShard, InjectedCrash, StepReport, _bf16_native, autocast_dtype,
                                        rss_bytes)
 from orchestrator.parallel import groups
@@ -118,32 +119,18 @@ class DeviceActor:
         return result
 
     def inject(self, kind: str, steps: int = 0, delay_s: float = 0.0, in_collective: bool = False) -> None:
-        """Fault injection, called just before the step it strikes.
-
-        kill: SIGKILL of this process now. node: SIGKILL of this node's raylet (the parent of every
-        worker process on the node: the node dies with all its actors and objects), then of this
-        process. crash: an exception in the next step, between forward and backward. hang: the next
-        step stops there and never returns (peers wait inside all_to_all), looking as if in compute or,
-        with `in_collective`, inside a collective itself. nan: this device's loss in
-        the next step is NaN. slow: the next `steps` steps each take `delay_s` longer.
-        """
-        shard = self.shard
-        assert shard is not None or kind in ("kill", "node"), "build() first"
-        if kind == "node":
+        """Fault injection, called just before the step it strikes: what `kind` does is its rule in
+        orchestrator/healing/faults.py (FAULTS): the process killed now (with its node's raylet first, for a node
+        fault), or the shard armed for its next step(s)."""
+        rule = fault_rule(kind)
+        if rule.on_node:
             os.kill(os.getppid(), signal.SIGKILL)
+        if rule.kills:
             os.kill(os.getpid(), signal.SIGKILL)
-        elif kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif kind == "crash":
-            shard.crash_next_step = True
-        elif kind == "hang":
-            shard.hang_next_step = "collective" if in_collective else True
-        elif kind == "nan":
-            shard.nan_next_step = True
-        elif kind == "slow":
-            shard.slow_steps, shard.slow_delay_s = steps, delay_s
-        else:
-            raise ValueError(f"unknown fault kind {kind!r}")
+        if rule.arm is None:
+            raise ValueError(f"a {kind} fault is not injected into a device's step")
+        assert self.shard is not None, "build() first"
+        rule.arm(self.shard, steps, delay_s, in_collective)
 
     @ray.method(concurrency_group="watch")
     def progress(self) -> dict[str, Any]:

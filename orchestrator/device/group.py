@@ -18,6 +18,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.config import Config, mesh_shape
 from orchestrator.device.actor import DeviceActor, autocast_dtype
+from orchestrator.config import FaultKind
+from orchestrator.healing.faults import fault_rule
 from orchestrator.errors import CheckpointError, RunError, StateMismatch, last_line
 from orchestrator.parallel.groups import choose_backend
 
@@ -87,11 +89,11 @@ class DeviceGroup:
         return settled
 
     def inject(self, fault: Any) -> None:
-        """Make a planned fault (FaultSpec) happen on its device (DeviceActor.inject says what each kind does)."""
-        actor = self.actors[fault.rank]
-        if fault.kind == "checkpoint":  # the next shard this device writes fails midway
+        """Make a planned fault (FaultSpec) happen on its device, as its rule says (healing/faults.py FAULTS)."""
+        actor, rule = self.actors[fault.rank], fault_rule(fault.kind)
+        if rule.fails_save:  # the next shard this device writes fails midway
             actor.fail_next_save.remote("fail")
-        elif fault.kind == "node":
+        elif rule.on_node:
             node = self.node_of(fault.rank)
             if node == ray.get_runtime_context().get_node_id():
                 # Killing the raylet of the driver's own node ends the run; kill every device actor there instead.
@@ -99,9 +101,9 @@ class DeviceGroup:
                             "on it instead of the node", fault.rank)
                 for rank in range(self.world):
                     if self.node_of(rank) == node:
-                        self.actors[rank].inject.remote("kill")
+                        self.actors[rank].inject.remote(FaultKind.KILL)
             else:
-                actor.inject.remote("node")
+                actor.inject.remote(fault.kind)
         else:
             actor.inject.remote(fault.kind, fault.steps, fault.delay_s, fault.in_collective)
 

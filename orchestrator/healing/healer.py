@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import Config
 from orchestrator.errors import RunError, last_line
-from orchestrator.healing.incidents import REPLACE, Incident, StepFailure
+from orchestrator.healing.incidents import REPLACE, Incident, IncidentKind, StepFailure
 
 if TYPE_CHECKING:
     from orchestrator.device.actor import StepReport
@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- policy
+# Incidents of a completed step's values, each with the faults.* setting that says what its skipped step does
+# (rollback | skip); one whose update was applied (a spike under the ceiling's guard off) is only recorded.
+VALUE_POLICY = {IncidentKind.NAN: "on_nonfinite", IncidentKind.LOSS_SPIKE: "on_spike",
+                IncidentKind.GRAD_SPIKE: "on_spike"}
+
 @dataclass
 class Decision:
     """A recovery for the driver to carry out: replace the devices of `replace` (re-forming the process group when
@@ -107,8 +112,11 @@ class Healer:
         self._record(incidents)
         skipped = reports[0].skipped
         for i in incidents:
-            if i.kind == "nan" or (i.kind in ("loss_spike", "grad_spike") and skipped):
-                policy = self.f.on_nonfinite if i.kind == "nan" else self.f.on_spike
+            knob = VALUE_POLICY.get(i.kind)
+            if knob is None:
+                continue
+            if skipped or i.kind == IncidentKind.NAN:   # a NaN step is skipped by the devices whatever the policy
+                policy = getattr(self.f, knob)
                 if policy == "rollback" and step not in self.rolled_back:
                     self.rolled_back.add(step)
                     self._spend(step, f"step {step}: {i.detail}")
@@ -117,7 +125,7 @@ class Healer:
                 i.action = "skipped"
                 log.warning("step %d: %s; the batch is skipped%s", step, i.detail,
                             " (it repeated after a rollback)" if policy == "rollback" else "")
-            elif i.kind in ("loss_spike", "grad_spike"):
+            else:   # a spike whose update was applied
                 i.action = "recorded"
                 log.warning("step %d: %s", step, i.detail)
         return None
@@ -144,7 +152,7 @@ class Healer:
         """After a kept step (and its snapshot): replace straggling devices per `faults.on_straggler`, only with a
         warm standby on another node (`spare_elsewhere`: the ranks one exists for); a slow node's own bundle
         would put the replacement back on the slow node. Otherwise the straggler is recorded (and alerted)."""
-        slow = [i for i in incidents if i.kind == "slow"]
+        slow = [i for i in incidents if i.kind == IncidentKind.SLOW]
         if not slow:
             return None
         movable = [i for i in slow if self.f.on_straggler == "replace" and i.rank in spare_elsewhere]
@@ -182,7 +190,7 @@ class Healer:
         """Recovery found a state it cannot restore (StateMismatch: a snapshot or checkpoint that does not fit the
         model). An incident, and the run stops: an older state of the same run would not fit either, and going
         back to step 0 would throw the run's progress away in silence. Its committed checkpoints stay."""
-        incident = Incident(step, "restore", -1, None, time.time(), last_line(error), action="stopped")
+        incident = Incident(step, IncidentKind.RESTORE, -1, None, time.time(), last_line(error), action="stopped")
         self._record([incident])
         return self._stop(f"step {step}: recovery cannot restore the run's state ({last_line(error)}); stopping "
                           f"rather than replaying from an older state")
@@ -191,7 +199,7 @@ class Healer:
         """A checkpoint did not commit: retry after 1, 2, 4 ... steps; stop after checkpoint_retries in a row."""
         self.checkpoint_failures += 1
         rank = ranks[0] if len(ranks) == 1 else -1
-        incident = Incident(step, "checkpoint", rank, None, time.time(), detail, action="retried")
+        incident = Incident(step, IncidentKind.CHECKPOINT, rank, None, time.time(), detail, action="retried")
         if self.checkpoint_failures > self.f.checkpoint_retries:
             incident.action = "stopped"
             self._record([incident])

@@ -4,14 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-REPLACE = ("dead", "crash", "hang", "slow")   # incident kinds healed by replacing the device
+from orchestrator.config.base import StrEnum
+
+
+class IncidentKind(StrEnum):
+    """What an incident is (a str Enum: incidents.jsonl, alerts and metrics keep the plain names). An alert's
+    incident is `alert:<rule>`, outside this list."""
+    DEAD = "dead"                # the device's process is gone
+    CRASH = "crash"              # its step raised
+    HANG = "hang"                # its step did not finish within the deadline (it is killed)
+    COLLECTIVE = "collective"    # only collective errors: the failing peer could not be told apart
+    SLOW = "slow"                # a straggler: its own work slower than the others', steps in a row
+    NAN = "nan"                  # a non-finite loss or gradient norm (the update was not applied)
+    LOSS_SPIKE = "loss_spike"
+    GRAD_SPIKE = "grad_spike"
+    CHECKPOINT = "checkpoint"    # a checkpoint did not commit
+    RESTORE = "restore"          # recovery found a state it cannot restore
+
+
+REPLACE = frozenset({IncidentKind.DEAD, IncidentKind.CRASH, IncidentKind.HANG, IncidentKind.SLOW})
+"""Incident kinds healed by replacing the device."""
 
 
 @dataclass
 class Incident:
     step: int
-    kind: str            # dead | crash | hang | collective | slow | nan | loss_spike | grad_spike | checkpoint |
-                         # restore
+    kind: str            # an IncidentKind, or alert:<rule>
     rank: int            # -1: not one device
     node: str | None
     time: float

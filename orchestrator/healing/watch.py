@@ -32,7 +32,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from orchestrator.config import Config
 from orchestrator.healing.detectors import against_others, own_work, recent_median
 from orchestrator.errors import last_line
-from orchestrator.healing.incidents import Incident, StepFailure
+from orchestrator.healing.incidents import Incident, IncidentKind, StepFailure
 
 if TYPE_CHECKING:
     from orchestrator.device.actor import StepReport
@@ -117,20 +117,20 @@ class Watch:
         incidents = []
         for rank, e in sorted(errors.items()):
             if rank in hung:
-                kind, detail = "hang", hung[rank]
+                kind, detail = IncidentKind.HANG, hung[rank]
             elif isinstance(e, RayActorError):
-                kind, detail = "dead", last_line(e)
+                kind, detail = IncidentKind.DEAD, last_line(e)
             elif _collateral(e):
                 continue
             else:
-                kind, detail = "crash", last_line(e)
+                kind, detail = IncidentKind.CRASH, last_line(e)
             incidents.append(Incident(step, kind, rank, devices.node_of(rank), now, detail, detect_s=detect_s))
         for rank in sorted(pending.values()):  # still inside the step well after a peer failed
             ray.kill(devices.actors[rank], no_restart=True)
-            incidents.append(Incident(step, "hang", rank, devices.node_of(rank), now,
+            incidents.append(Incident(step, IncidentKind.HANG, rank, devices.node_of(rank), now,
                                       hung.get(rank, "no answer after a peer failed"), detect_s=detect_s))
         if not incidents:  # only collective errors: the failing peer could not be told apart; replace none
-            incidents.append(Incident(step, "collective", -1, None, now, last_line(next(iter(errors.values()))),
+            incidents.append(Incident(step, IncidentKind.COLLECTIVE, -1, None, now, last_line(next(iter(errors.values()))),
                                       detect_s=detect_s))
         raise StepFailure(step, incidents, started)
 
@@ -161,12 +161,12 @@ class Watch:
         if r0.skipped == "nonfinite":
             bad = [r.rank for r in reports if r.local_nonfinite]
             rank = bad[0] if len(bad) == 1 else -1
-            out.append(Incident(step, "nan", rank, devices.node_of(rank) if rank >= 0 else None, now,
+            out.append(Incident(step, IncidentKind.NAN, rank, devices.node_of(rank) if rank >= 0 else None, now,
                                 f"non-finite loss {r0.loss} / grad norm {r0.grad_norm}; the update was not applied"))
         else:
             guard = self.guard() or {}
-            for kind, value, limit in (("loss_spike", r0.loss, guard.get("max_loss")),
-                                       ("grad_spike", r0.grad_norm, guard.get("max_grad_norm"))):
+            for kind, value, limit in ((IncidentKind.LOSS_SPIKE, r0.loss, guard.get("max_loss")),
+                                       (IncidentKind.GRAD_SPIKE, r0.grad_norm, guard.get("max_grad_norm"))):
                 if r0.skipped == kind or (limit and value > limit):
                     out.append(Incident(step, kind, -1, None, now, f"{value:.4g} above {limit:.4g} "
                                         f"(factor x median of the last {len(self.losses)} steps)"))
@@ -193,7 +193,7 @@ class Watch:
             if mine > self.f.straggler_factor * others and mine - others > self.f.straggler_min_s:
                 self.slow_count[r.rank] = self.slow_count.get(r.rank, 0) + 1
                 if self.slow_count[r.rank] == self.f.straggler_patience:  # once per episode: until it catches up
-                    out.append(Incident(step, "slow", r.rank, devices.node_of(r.rank), now,
+                    out.append(Incident(step, IncidentKind.SLOW, r.rank, devices.node_of(r.rank), now,
                                         f"own work {mine:.3f}s vs {others:.3f}s on the others, "
                                         f"{self.f.straggler_patience} steps in a row"))
             else:
