@@ -6,8 +6,8 @@ from pathlib import Path
 
 from orchestrator.config.base import _Keys
 from orchestrator.config.data import reads_token_files
-from orchestrator.config.mesh import effective_zero_stage
 from orchestrator.config.faults import FaultKind
+from orchestrator.config.mesh import effective_zero_stage
 
 from orchestrator.config.schema import Config
 
