@@ -25,7 +25,7 @@ from orchestrator.config import Config, ConfigError, load_config
 from orchestrator.monitoring.rundir import read_jsonl, records
 
 if TYPE_CHECKING:
-    from orchestrator.runtime.startup import Job
+    from jobs.startup import Job
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def chaos(args: argparse.Namespace) -> int:
     """The chaos run and its fault-free twin, sub-runs of one job started as every job starts
-    (orchestrator/runtime/startup.py); the exit code of the comparison."""
-    from orchestrator.runtime.startup import started_job
+    (jobs/startup.py); the exit code of the comparison."""
+    from jobs.startup import started_job
 
     overrides = list(args.overrides)
     if args.every is not None:

@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def study(args: argparse.Namespace) -> int:
-    """One run per strategy, sub-runs of one job started as every job starts (orchestrator/runtime/startup.py)."""
-    from orchestrator.runtime.startup import started_job
+    """One run per strategy, sub-runs of one job started as every job starts (jobs/startup.py)."""
+    from jobs.startup import started_job
 
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [n for n in names if n not in STRATEGIES]

@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    """The run, started as every job starts (orchestrator/runtime/startup.py); the exit code of its end."""
-    from orchestrator.runtime.startup import started_job
+    """The run, started as every job starts (jobs/startup.py); the exit code of its end."""
+    from jobs.startup import started_job
 
     cfg = load_config(args.config, args.overrides)
     with started_job(cfg) as job:

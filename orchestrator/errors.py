@@ -44,7 +44,7 @@ class Interrupted(KeyboardInterrupt):
         self.first = first if first is not None else signum  # the signal that asked to stop first
         self.second = first is not None                      # a second signal (the first asked for a graceful stop)
         self.not_written: dict[str, str] = {}  # end-of-run file -> why the interrupted run did not write it
-        # the run directory the job was in (runtime/startup.py says; jobs/cli.py interrupted_exit lists its end
+        # the run directory the job was in (jobs/startup.py says; jobs/cli.py interrupted_exit lists its end
         # files written since `since`, the job's start, report.html too with `report`); None: before any
         self.run_dir: Any = None
         self.since, self.report = 0.0, False

@@ -16,7 +16,7 @@ import torch
 
 from orchestrator.checkpoint.shard import Snapshot, serialize
 from orchestrator.config import config_from_dict
-from orchestrator.healing.faults import fault_rule
+from orchestrator.device.faults import injection
 from orchestrator.device.shard import (DeviceShard, InjectedCrash, StepReport, _bf16_native, autocast_dtype,
                                        rss_bytes)
 from orchestrator.parallel import groups
@@ -120,9 +120,9 @@ class DeviceActor:
 
     def inject(self, kind: str, steps: int = 0, delay_s: float = 0.0, in_collective: bool = False) -> None:
         """Fault injection, called just before the step it strikes: what `kind` does is its rule in
-        orchestrator/healing/faults.py (FAULTS): the process killed now (with its node's raylet first, for a node
+        orchestrator/device/faults.py (INJECTIONS): the process killed now (with its node's raylet first, for a node
         fault), or the shard armed for its next step(s)."""
-        rule = fault_rule(kind)
+        rule = injection(kind)
         if rule.on_node:
             os.kill(os.getppid(), signal.SIGKILL)
         if rule.kills:

@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from orchestrator.config import Config, mesh_shape
 from orchestrator.device.actor import DeviceActor, autocast_dtype
 from orchestrator.config import FaultKind
-from orchestrator.healing.faults import fault_rule
+from orchestrator.device.faults import injection
 from orchestrator.errors import CheckpointError, RunError, StateMismatch, last_line
 from orchestrator.parallel.groups import choose_backend
 
@@ -89,8 +89,8 @@ class DeviceGroup:
         return settled
 
     def inject(self, fault: Any) -> None:
-        """Make a planned fault (FaultSpec) happen on its device, as its rule says (healing/faults.py FAULTS)."""
-        actor, rule = self.actors[fault.rank], fault_rule(fault.kind)
+        """Make a planned fault (FaultSpec) happen on its device, as its kind's injection says (device/faults.py INJECTIONS)."""
+        actor, rule = self.actors[fault.rank], injection(fault.kind)
         if rule.fails_save:  # the next shard this device writes fails midway
             actor.fail_next_save.remote("fail")
         elif rule.on_node:

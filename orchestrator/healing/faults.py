@@ -6,31 +6,34 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
-from orchestrator.config import Config, FaultSpec
-from orchestrator.config import FaultKind
+from orchestrator.config import Config, FaultKind, FaultSpec
+from orchestrator.device.faults import INJECTIONS, Injection
 from orchestrator.healing.incidents import REPLACE, IncidentKind
 
 log = logging.getLogger(__name__)
 
-Arm = Callable[[Any, int, float, bool], None]   # (the device's shard, steps, delay_s, in_collective)
-
 
 @dataclass(frozen=True)
 class FaultRule:
-    """One kind of fault. Injected: the driver (Driver.inject) waits for the newest snapshot first when it `kills`
-    and forces the checkpoint after its step when it `fails_save`; the device group (DeviceGroup.inject) has the
-    device's next shard write fail (`fails_save`), kills the node's devices (`on_node`) or calls DeviceActor.inject,
-    which kills its own process (`kills`; its node's raylet first with `on_node`) or `arm`s its shard for the next
-    step. Caught: the incident kinds the Watch (or the Healer, for a checkpoint) reports it as."""
+    """One kind of fault: what it does, how it is injected (its `injection`, orchestrator/device/faults.py: kills,
+    on_node, arm, fails_save) and the incident kinds the Watch (or the Healer, for a checkpoint) catches it as."""
     kind: FaultKind
     does: str                          # what happens, in words
     caught_as: frozenset[IncidentKind]
-    kills: bool = False                # SIGKILL of the device's process
-    on_node: bool = False              # ... and first of its node's raylet: every device on the node dies
-    arm: Arm | None = None             # what the device's next step(s) do
-    fails_save: bool = False           # the checkpoint after its step is taken, and this device's shard write fails
+
+    @property
+    def injection(self) -> Injection:
+        return INJECTIONS[self.kind]
+
+    @property
+    def kills(self) -> bool:
+        return self.injection.kills
+
+    @property
+    def fails_save(self) -> bool:
+        return self.injection.fails_save
 
     @property
     def replaces_device(self) -> bool:
@@ -38,39 +41,22 @@ class FaultRule:
         return bool(self.caught_as & REPLACE)
 
 
-def _arm_crash(shard: Any, steps: int, delay_s: float, in_collective: bool) -> None:
-    shard.crash_next_step = True
-
-
-def _arm_hang(shard: Any, steps: int, delay_s: float, in_collective: bool) -> None:
-    shard.hang_next_step = "collective" if in_collective else True
-
-
-def _arm_nan(shard: Any, steps: int, delay_s: float, in_collective: bool) -> None:
-    shard.nan_next_step = True
-
-
-def _arm_slow(shard: Any, steps: int, delay_s: float, in_collective: bool) -> None:
-    shard.slow_steps, shard.slow_delay_s = steps, delay_s
-
-
 _I = IncidentKind
 FAULTS: dict[FaultKind, FaultRule] = {r.kind: r for r in (
-    FaultRule(FaultKind.KILL, "SIGKILL of the device's process now", frozenset({_I.DEAD}), kills=True),
+    FaultRule(FaultKind.KILL, "SIGKILL of the device's process now", frozenset({_I.DEAD})),
     FaultRule(FaultKind.NODE, "SIGKILL of the device's node's raylet (the parent of every worker process on the "
                               "node: the node dies with all its actors and objects), then of its process; where "
                               "the node runs the driver too, every device actor on it is killed instead",
-              frozenset({_I.DEAD, _I.HANG}), kills=True, on_node=True),
+              frozenset({_I.DEAD, _I.HANG})),
     FaultRule(FaultKind.CRASH, "an exception in the next step, between forward and backward",
-              frozenset({_I.CRASH}), arm=_arm_crash),
+              frozenset({_I.CRASH})),
     FaultRule(FaultKind.HANG, "the next step stops between forward and backward and never returns (peers wait "
                               "inside all_to_all), looking as if in compute or, with in_collective, inside a "
-                              "collective itself", frozenset({_I.HANG}), arm=_arm_hang),
-    FaultRule(FaultKind.NAN, "the device's loss in the next step is NaN", frozenset({_I.NAN}), arm=_arm_nan),
-    FaultRule(FaultKind.SLOW, "the next `steps` steps each take `delay_s` longer", frozenset({_I.SLOW}),
-              arm=_arm_slow),
+                              "collective itself", frozenset({_I.HANG})),
+    FaultRule(FaultKind.NAN, "the device's loss in the next step is NaN", frozenset({_I.NAN})),
+    FaultRule(FaultKind.SLOW, "the next `steps` steps each take `delay_s` longer", frozenset({_I.SLOW})),
     FaultRule(FaultKind.CHECKPOINT, "the checkpoint after its step is taken, and the device's shard write of it "
-                                    "fails midway", frozenset({_I.CHECKPOINT}), fails_save=True),
+                                    "fails midway", frozenset({_I.CHECKPOINT})),
 )}
 assert set(FAULTS) == set(FaultKind), "every fault kind has its rule"
 
