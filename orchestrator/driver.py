@@ -40,10 +40,11 @@ from orchestrator.monitoring.listeners import IncidentLog, Listeners
 from orchestrator.monitoring.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops, step_record
 from orchestrator.monitoring.rundir import FIX, rewind_logs
 from orchestrator.monitoring.status import Progress, device_status, write_memory_plan, write_status
-from orchestrator.monitoring.summary import RunSummary, history_len, write_results
+from orchestrator.monitoring.summary import RunSummary, history_len
 from orchestrator.runtime import signals
 from orchestrator.runtime.disk import DiskFull, full
 from orchestrator.runtime.runlock import hold_run
+from orchestrator.run_end import end_work
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ class Driver:
                     e = DiskFull(e.filename or self.run_dir, None, FIX)
                 self.state, failure = RunState.FAILED, e
                 reason = str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
-            outcome, interrupted, summary = self._end_work(outcome, reason, interrupted, t_start)
+            outcome, interrupted, summary = end_work(self, outcome, reason, interrupted, t_start)
         finally:
             restore_signals()  # only now: a signal during the end work is the run's to count, not an interruption
         if interrupted is not None:
@@ -382,17 +383,6 @@ class Driver:
         return bool(self.cfg.train.eval_batches) and not self.stop_signal and bool(self.history) \
             and self.history[-1].get("val_loss") is None
 
-    def _settle_before_shutdown(self) -> None:
-        """A run that fails still commits the checkpoints whose shards are written (they do not depend on the step
-        that failed), but not one whose step's record never reached metrics.jsonl (a full run directory: a
-        committed checkpoint's step is in the log); what cannot finish within a minute is left uncommitted, and
-        what is not committed has its folder removed."""
-        committed, failed = self.checkpoints.finish(self.actors, min(60.0, self.cfg.cluster.step_timeout_s),
-                                                    commit_through=self.history.recorded_through)
-        if committed:
-            log.info("committed checkpoint(s) %s before stopping", committed)
-        self._checkpoint_outcomes(committed, failed, self.last_step, judge=False)
-
     def _final_validation(self) -> None:
         cfg = self.cfg
         if not cfg.train.eval_batches or self.stop_signal or not self.history:
@@ -404,88 +394,6 @@ class Driver:
         self.val_loss = self._get([a.evaluate.remote(cfg.train.eval_batches) for a in self.actors],
                                   cfg.cluster.step_timeout_s, "evaluate")[0]
         self.metrics.validation(last["step"], self.val_loss)
-
-    def _end_work(self, state: str, reason: str | None, interrupted, t_start: float):
-        """What every run does at its end, whatever ended it, each part as far as it can: incidents published,
-        the checkpoints in flight committed (a failed run's waited for, an interrupted run's if written already;
-        only those whose step's record is written), status.json,
-        the devices released, saves left unfinished removed, the sinks closed, webhooks delivered, summary.json,
-        goodput.json and report.html. A second signal during it (the first one when every step had finished)
-        makes the run interrupted, and the end work goes on (status.json and summary.json say so); an error in
-        one part (a full disk) is logged and the next part done. Returns (state, interrupted, summary)."""
-        self.ending = True
-        if self.t_loop is not None and not self.goodput.wall:  # stepping did not get to its end: close the books now
-            self.goodput.finish(time.perf_counter() - self.t_loop)
-        summary = None
-
-        def part(what: str, fn) -> None:
-            nonlocal state, interrupted
-            try:
-                fn()
-            except KeyboardInterrupt as e:
-                interrupted, state = signals.interrupted(e), "interrupted"
-            except Exception as e:  # a full disk must not hide the run's own error or leave actors behind
-                log.warning("%s: %s", what, e)
-
-        def why() -> str | None:
-            if state == "interrupted" and interrupted is not None:
-                return f"{interrupted.describe()}: interrupted after step {self.last_step}"
-            return reason
-
-        def results(report: bool) -> None:
-            nonlocal summary
-            summary = self._summarize(time.perf_counter() - t_start, interrupted, state, why(), report)
-
-        part("could not publish the incidents", self._publish_incidents)
-        if self.checkpoints.pending and self.actors:
-            if state == "failed":
-                part("could not settle the checkpoints in flight", self._settle_before_shutdown)
-            else:  # interrupted: no waiting, but what is written already commits
-                part("could not commit the checkpoints written", lambda: self._checkpoint_outcomes(
-                    *self.checkpoints.poll(self.actors, commit_through=self.history.recorded_through), self.last_step,
-                    judge=False))
-        told = state
-        part("could not write status.json", lambda: self.write_status(told, reason=why()))
-        part("could not release the devices", self.shutdown)
-        if self.checkpoints.pending:  # an interrupted run's saves: their writers are gone with the devices
-            part("could not remove the unfinished checkpoints", lambda: self._checkpoint_outcomes(
-                [], self.checkpoints.abandon("not committed: the run ended before its shards were written"),
-                self.last_step, judge=False))
-        for closable in (self.progress, self.metrics):
-            if closable is not None:
-                part("could not close the metrics", closable.close)
-        if self.alerts is not None:
-            part("could not deliver the alerts", self.alerts.close)  # webhooks still being posted
-        part("could not write the run's results", lambda: results(True))
-        if state != told:  # interrupted during the end work: status.json and summary.json say so
-            part("could not write status.json", lambda: self.write_status(state, reason=why()))
-            part("could not write the run's results", lambda: results(False))
-        return state, interrupted, summary
-
-    def _summarize(self, wall_s: float, interrupted=None, state: str = "finished", reason: str | None = None,
-                   report: bool = True) -> RunSummary:
-        cfg, ck, t = self.cfg, self.checkpoints, self.history.totals
-        last = self.history[-1] if self.history else None
-        step_time = t.mean_step_time_s
-        self.goodput.steps_done = t.steps
-        summary = RunSummary(
-            run_dir=str(self.run_dir), steps_done=t.steps, final_loss=last["loss"] if last else None,
-            val_loss=self.val_loss if last else None,
-            tokens_per_s=t.tokens_per_s if t.steps else 0.0,
-            steps_per_s=1.0 / step_time if t.steps else 0.0, wall_time_s=wall_s,
-            stopped_by_signal=self.stop_signal, resumed_from_step=self.recovery.resumed_from_step,
-            checkpoints_committed=list(ck.committed_steps), checkpoints_failed=list(ck.failed_steps),
-            checkpoint_bytes=ck.bytes_saved, checkpoint_write_s=ck.write_seconds,
-            checkpoint_commit_s=ck.commit_seconds, restore_s=self.recovery.restore_s,
-            recoveries=self.healer.recoveries, incidents=self.healer.report(), faults_injected=self.injector.fired,
-            goodput=self.goodput.to_dict(), run_id=ck.run_id,
-            monitoring_s=self.status_s + (self.metrics.seconds if self.metrics else 0.0), state=state, reason=reason)
-        if t.steps or not (self.run_dir / "summary.json").exists():
-            write_results(self.run_dir, summary, self.goodput.to_dict(), cfg.monitor.report and report, interrupted)
-        elif interrupted is not None:  # nothing trained: a finished run's results are not overwritten by nothing
-            for name in ("summary.json", "goodput.json", "report.html"):
-                interrupted.not_written[name] = "no step had finished; the earlier results are left as they were"
-        return summary
 
     # ------------------------------------------------------- devices, state
     def dead_ranks(self) -> list[int]:
@@ -624,9 +532,9 @@ class Driver:
         return self._checkpoint_outcomes(committed, failed, now)
 
     def _checkpoint_outcomes(self, committed: list[int], failed: list, now: int, judge: bool = True) -> list:
-        """Commits and failures as they happen: as events to the listeners (metrics.jsonl, the sinks), then to the healer (which
-        retakes or stops the run; not when `judge` is False, at the end of a run). The failures. An event that
-        cannot be written (DiskFull) is raised after the healer has judged."""
+        """Commits and failures as they happen: as events to the listeners (metrics.jsonl, the sinks), then to the
+        healer (which retakes or stops the run; not when `judge` is False, at the end of a run). The failures. An
+        event that cannot be written (DiskFull) is raised after the healer has judged."""
         error, ck = None, self.checkpoints
         try:
             for step in committed:

@@ -157,10 +157,10 @@ class Recovery:
     def load(self, storage: Storage, manifest: CheckpointManifest, timeout_s: float) -> None:
         """Every device loads its part of a checkpoint; with re-placement or replicas on, in the placement it was
         saved with (when it had as many devices and slots), else the initial one."""
-        placement = None
+        placement, world = None, self.cfg.cluster.num_devices
         if self.balancer.enabled:
-            placement = (placement_from_manifest(manifest.expert_files, self.cfg.cluster.num_devices, self.balancer.slots,
-                                                 manifest.placement) or self.balancer.initial())
+            placement = (placement_from_manifest(manifest.expert_files, world, self.balancer.slots, manifest.placement)
+                         or self.balancer.initial())
         get([a.load.remote(storage.uri, asdict(manifest), placement) for a in self.actors], timeout_s,
             f"load checkpoint {storage.shown}")
         self.balancer.placement = placement
