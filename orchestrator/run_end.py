@@ -1,22 +1,19 @@
 """The end of a run, whatever ended it (Driver._run calls end_work once its loop is over or broke off): a
 checklist over the run's services, each part done as far as it can, and the run's results (summary.json,
-goodput.json, report.html)."""
+goodput.json, report.html). `d`: the Driver (not imported here: the driver imports this module)."""
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 from orchestrator.monitoring.summary import RunSummary, write_results
 from orchestrator.runtime import signals
 
-if TYPE_CHECKING:
-    from orchestrator.driver import Driver
-
 log = logging.getLogger(__name__)
 
 
-def end_work(d: "Driver", state: str, reason: str | None, interrupted, t_start: float):
+def end_work(d: Any, state: str, reason: str | None, interrupted, t_start: float):
     """What every run does at its end, whatever ended it, each part as far as it can: incidents published,
     the checkpoints in flight committed (a failed run's waited for, an interrupted run's if written already;
     only those whose step's record is written), status.json, the devices released, saves left unfinished
@@ -73,7 +70,7 @@ def end_work(d: "Driver", state: str, reason: str | None, interrupted, t_start: 
         part("could not write the run's results", lambda: results(False))
     return state, interrupted, summary
 
-def summarize(d: "Driver", wall_s: float, interrupted=None, state: str = "finished", reason: str | None = None,
+def summarize(d: Any, wall_s: float, interrupted=None, state: str = "finished", reason: str | None = None,
                report: bool = True) -> RunSummary:
     cfg, ck, t = d.cfg, d.checkpoints, d.history.totals
     last = d.history[-1] if d.history else None
@@ -99,7 +96,7 @@ def summarize(d: "Driver", wall_s: float, interrupted=None, state: str = "finish
     return summary
 
 
-def _settle_before_shutdown(d: "Driver") -> None:
+def _settle_before_shutdown(d: Any) -> None:
     """A run that fails still commits the checkpoints whose shards are written (they do not depend on the step
     that failed), but not one whose step's record never reached metrics.jsonl (a full run directory: a
     committed checkpoint's step is in the log); what cannot finish within a minute is left uncommitted, and
