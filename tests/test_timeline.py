@@ -248,5 +248,5 @@ def test_driver_state_is_bounded_in_the_step_count(ray_session, tmp_path):
     assert summary.steps_done == 150 and len(steps_of(run_dir)) == 150
     assert len(driver.history) == driver.history.maxlen < 150
     # kept for the steps a rewind can reach: the start, the two in-memory snapshots, the step just done
-    assert len(driver.totals_at) <= 4 and len(driver.alerts.states) <= 4
+    assert len(driver.history.totals_at) <= 4 and len(driver.alerts.states) <= 4
     assert summary.tokens_per_s > 0 and summary.final_loss == step_records(run_dir)[-1]["loss"]

@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 from orchestrator.config import redact_text, redact_url
 from orchestrator.healing.detectors import against_others, own_work, recent_median
+from orchestrator.monitoring.listeners import RunListener
 from orchestrator.monitoring.rundir import append_jsonl
 
 log = logging.getLogger(__name__)
@@ -161,9 +162,10 @@ class Webhook:
             t.join(max(0.0, deadline - time.monotonic()))
 
 
-class AlertEngine:
+class AlertEngine(RunListener):
     """Evaluates `monitor.alerts` on each record; writes alerts.jsonl; notifies. Returns the alerts whose action
-    the Healer must take (rollback, skip, stop)."""
+    the Healer must take (rollback, skip, stop). A run's listener of incidents (listeners.py); `on_fire`, when
+    set, hears every alert fired (the driver hands it its listeners' `alert`)."""
 
     def __init__(self, rules: list[Any], path: Path | None, webhook_url: str | None = None,
                  webhook_timeout_s: float = 5.0, webhook_retries: int = 3, stream=None):
@@ -178,6 +180,7 @@ class AlertEngine:
         self.alerts: list[Alert] = []
         self.webhook = Webhook(webhook_url, webhook_timeout_s, webhook_retries, self._delivered) if webhook_url else None
         self._lock = threading.Lock()
+        self.on_fire: Callable[[Alert], None] | None = None
 
     def evaluate(self, rec: dict[str, Any], history: list[dict[str, Any]], ctx: Context) -> list[Alert]:
         """Alerts fired by this step's record (`history`: the records before it)."""
@@ -202,6 +205,8 @@ class AlertEngine:
         self.states = {s: v for s, v in self.states.items() if s <= back}
         streak, firing = self.states.get(back, ([0] * len(self.rules), [False] * len(self.rules)))
         self.streak, self.firing = list(streak), list(firing)
+
+    on_rewind = rewind
 
     def forget(self, before: int, keep: set[int], fired_before: int) -> None:
         """Bounded memory however long the run: drop the rule states of steps before `before` (the oldest step a
@@ -229,6 +234,9 @@ class AlertEngine:
         if kind == "restore":   # the run stops on it: an alert says why, naming the tensor
             return self._on_incident("restore_failed", step, str(detail), ("record", "notify"))
         return []
+
+    def on_incident(self, incident: dict[str, Any]) -> None:
+        self.incident(incident)
 
     def _on_incident(self, rule: str, step: int, detail: str, actions: tuple[str, ...], once: bool = True
                      ) -> list[Alert]:
@@ -262,6 +270,8 @@ class AlertEngine:
         finally:  # a full run directory (DiskFull, raised on) must not keep the alert from its webhook
             if posted:
                 self.webhook.send(alert)
+        if self.on_fire is not None:
+            self.on_fire(alert)
         return alert
 
     def _delivered(self, alert: Alert, outcome: str) -> None:

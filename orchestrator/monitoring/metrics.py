@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.config import Config
+from orchestrator.monitoring.listeners import RunListener
 
 log = logging.getLogger(__name__)
 
@@ -336,11 +337,12 @@ def check_sinks(cfg: Config) -> None:
                           "`pip install tensorboard`, or set monitor.tensorboard=false")
 
 
-class MetricsStream:
+class MetricsStream(RunListener):
     """metrics.jsonl plus the sinks the config turns on. `write` every completed step, `incident` as decided,
     `event` as it happens (a checkpoint committed or failed), `truncate` on a rewind (metrics.jsonl keeps each
     step once; the other sinks show the replay over it). A full run directory raises DiskFull from `write` and
-    `event` (metrics.jsonl is the record the run keeps); a sink that fails only logs."""
+    `event` (metrics.jsonl is the record the run keeps); a sink that fails only logs. As a run's listener
+    (listeners.py): records, incidents and checkpoint events."""
 
     def __init__(self, cfg: Config, run_dir: Path, first_step: int):
         from orchestrator.monitoring.status import MetricsLog
@@ -367,6 +369,7 @@ class MetricsStream:
         """An event line (see the module docstring) to metrics.jsonl, then to every sink."""
         self._line(event, "event")
 
+
     def _line(self, obj: dict[str, Any], method: str) -> None:
         """`obj` to metrics.jsonl (DiskFull when it cannot be written), then to each sink's `method` (a sink that
         fails only logs); the time spent is the monitoring's own cost."""
@@ -380,6 +383,8 @@ class MetricsStream:
         self.log.truncate(back)
         for sink in self.sinks:
             self._safely(sink.rewind, back)
+
+    on_record, on_incident, on_checkpoint, on_rewind = write, incident, event, truncate
 
     def validation(self, step: int, val_loss: float) -> None:
         """The validation loss scored after the last step (its record is written already): the sinks only."""

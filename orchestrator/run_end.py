@@ -1,0 +1,111 @@
+"""The end of a run, whatever ended it (Driver._run calls end_work once its loop is over or broke off): a
+checklist over the run's services, each part done as far as it can, and the run's results (summary.json,
+goodput.json, report.html). `d`: the Driver (not imported here: the driver imports this module)."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from orchestrator.monitoring.summary import RunSummary, write_results
+from orchestrator.runtime import signals
+
+log = logging.getLogger(__name__)
+
+
+def end_work(d: Any, state: str, reason: str | None, interrupted, t_start: float):
+    """What every run does at its end, whatever ended it, each part as far as it can: incidents published,
+    the checkpoints in flight committed (a failed run's waited for, an interrupted run's if written already;
+    only those whose step's record is written), status.json, the devices released, saves left unfinished
+    removed, the sinks closed, webhooks delivered, summary.json, goodput.json and report.html. A second signal
+    during it (the first one when every step had finished) makes the run interrupted, and the end work goes on
+    (status.json and summary.json say so); an error in one part (a full disk) is logged and the next part done.
+    Returns (state, interrupted, summary)."""
+    d.ending = True
+    if d.t_loop is not None and not d.goodput.wall:  # stepping did not get to its end: close the books now
+        d.goodput.finish(time.perf_counter() - d.t_loop)
+    summary = None
+
+    def part(what: str, fn) -> None:
+        nonlocal state, interrupted
+        try:
+            fn()
+        except KeyboardInterrupt as e:
+            interrupted, state = signals.interrupted(e), "interrupted"
+        except Exception as e:  # a full disk must not hide the run's own error or leave actors behind
+            log.warning("%s: %s", what, e)
+
+    def why() -> str | None:
+        if state == "interrupted" and interrupted is not None:
+            return f"{interrupted.describe()}: interrupted after step {d.last_step}"
+        return reason
+
+    def results(report: bool) -> None:
+        nonlocal summary
+        summary = summarize(d, time.perf_counter() - t_start, interrupted, state, why(), report)
+
+    part("could not publish the incidents", d._publish_incidents)
+    if d.checkpoints.pending and d.actors:
+        if state == "failed":
+            part("could not settle the checkpoints in flight", lambda: _settle_before_shutdown(d))
+        else:  # interrupted: no waiting, but what is written already commits
+            part("could not commit the checkpoints written", lambda: d._checkpoint_outcomes(
+                *d.checkpoints.poll(d.actors, commit_through=d.history.recorded_through), d.last_step,
+                judge=False))
+    told = state
+    part("could not write status.json", lambda: d.write_status(told, reason=why()))
+    part("could not release the devices", d.shutdown)
+    if d.checkpoints.pending:  # an interrupted run's saves: their writers are gone with the devices
+        part("could not remove the unfinished checkpoints", lambda: d._checkpoint_outcomes(
+            [], d.checkpoints.abandon("not committed: the run ended before its shards were written"),
+            d.last_step, judge=False))
+    for closable in (d.progress, d.metrics):
+        if closable is not None:
+            part("could not close the metrics", closable.close)
+    if d.alerts is not None:
+        part("could not deliver the alerts", d.alerts.close)  # webhooks still being posted
+    part("could not write the run's results", lambda: results(True))
+    if state != told:  # interrupted during the end work: status.json and summary.json say so
+        part("could not write status.json", lambda: d.write_status(state, reason=why()))
+        part("could not write the run's results", lambda: results(False))
+    return state, interrupted, summary
+
+def summarize(d: Any, wall_s: float, interrupted=None, state: str = "finished", reason: str | None = None,
+               report: bool = True) -> RunSummary:
+    cfg, ck, t = d.cfg, d.checkpoints, d.history.totals
+    last = d.history[-1] if d.history else None
+    step_time = t.mean_step_time_s
+    d.goodput.steps_done = t.steps
+    summary = RunSummary(
+        run_dir=str(d.run_dir), steps_done=t.steps, final_loss=last["loss"] if last else None,
+        val_loss=d.val_loss if last else None,
+        tokens_per_s=t.tokens_per_s if t.steps else 0.0,
+        steps_per_s=1.0 / step_time if t.steps else 0.0, wall_time_s=wall_s,
+        stopped_by_signal=d.stop_signal, resumed_from_step=d.recovery.resumed_from_step,
+        checkpoints_committed=list(ck.committed_steps), checkpoints_failed=list(ck.failed_steps),
+        checkpoint_bytes=ck.bytes_saved, checkpoint_write_s=ck.write_seconds,
+        checkpoint_commit_s=ck.commit_seconds, restore_s=d.recovery.restore_s,
+        recoveries=d.healer.recoveries, incidents=d.healer.report(), faults_injected=d.injector.fired,
+        goodput=d.goodput.to_dict(), run_id=ck.run_id,
+        monitoring_s=d.status_s + (d.metrics.seconds if d.metrics else 0.0), state=state, reason=reason)
+    if t.steps or not (d.run_dir / "summary.json").exists():
+        write_results(d.run_dir, summary, d.goodput.to_dict(), cfg.monitor.report and report, interrupted)
+    elif interrupted is not None:  # nothing trained: a finished run's results are not overwritten by nothing
+        for name in ("summary.json", "goodput.json", "report.html"):
+            interrupted.not_written[name] = "no step had finished; the earlier results are left as they were"
+    return summary
+
+
+def _settle_before_shutdown(d: Any) -> None:
+    """A run that fails still commits the checkpoints whose shards are written (they do not depend on the step
+    that failed), but not one whose step's record never reached metrics.jsonl (a full run directory: a
+    committed checkpoint's step is in the log); what cannot finish within a minute is left uncommitted, and
+    what is not committed has its folder removed."""
+    committed, failed = d.checkpoints.finish(d.actors, min(60.0, d.cfg.cluster.step_timeout_s),
+                                                commit_through=d.history.recorded_through)
+    if committed:
+        log.info("committed checkpoint(s) %s before stopping", committed)
+    d._checkpoint_outcomes(committed, failed, d.last_step, judge=False)
+
+
+__all__ = ["end_work", "summarize"]
