@@ -20,7 +20,7 @@ pyproject.toml keeps it so). Its modules:
     idle.py      keys with no effect under the chosen options
     redact.py    secrets out of what is written or logged
     load.py      load_config, config_from_dict: YAML files and overrides
-    reference.py docs/configuration-reference.md from the dataclasses' field comments
+    docgen.py    docs/configuration-reference.md from the dataclasses' field comments
 """
 from orchestrator.config.balance import BalanceConfig
 from orchestrator.config.base import DEFAULT_CONFIG, REPO_ROOT, ConfigError, to_dict, to_yaml
