@@ -50,9 +50,14 @@ INJECTIONS: dict[FaultKind, Injection] = {
 assert set(INJECTIONS) == set(FaultKind), "every fault kind says how it is injected"
 
 
-def injection(kind: str) -> Injection:
-    """How a fault kind (a FaultKind or its name) is injected; ValueError for a name that is none."""
+def fault_kind(kind: str) -> FaultKind:
+    """A FaultKind from itself or its name; ValueError naming a name that is none."""
     try:
-        return INJECTIONS[FaultKind(kind)]
+        return FaultKind(kind)
     except ValueError:
         raise ValueError(f"unknown fault kind {kind!r}") from None
+
+
+def injection(kind: str) -> Injection:
+    """How a fault kind (a FaultKind or its name) is injected."""
+    return INJECTIONS[fault_kind(kind)]

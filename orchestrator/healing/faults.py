@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from orchestrator.config import Config, FaultKind, FaultSpec
-from orchestrator.device.faults import INJECTIONS, Injection
+from orchestrator.device.faults import INJECTIONS, Injection, fault_kind
 from orchestrator.healing.incidents import REPLACE, IncidentKind
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,7 @@ assert set(FAULTS) == set(FaultKind), "every fault kind has its rule"
 
 def fault_rule(kind: str) -> FaultRule:
     """The rule of a fault kind (a FaultKind or its name); ValueError for a name that is none."""
-    try:
-        return FAULTS[FaultKind(kind)]
-    except ValueError:
-        raise ValueError(f"unknown fault kind {kind!r}") from None
+    return FAULTS[fault_kind(kind)]
 
 
 def plan_faults(cfg: Config) -> list[FaultSpec]:
