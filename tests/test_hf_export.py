@@ -20,7 +20,7 @@ from orchestrator.checkpoint.manager import CheckpointManifest, commit_manifest,
 from orchestrator.checkpoint.shard import serialize, take_snapshot  # noqa: E402
 from orchestrator.checkpoint.timeline import training_settings  # noqa: E402
 from orchestrator.config import BalanceConfig, Config, ConfigError, ModelConfig  # noqa: E402
-from orchestrator.checkpoint import hf_export as H  # noqa: E402
+from orchestrator.checkpoint import hf_export as H, hf_mapping  # noqa: E402
 from orchestrator.model.transformer import build_model  # noqa: E402
 from orchestrator.checkpoint.storage import Storage  # noqa: E402
 
@@ -107,7 +107,7 @@ def test_export_then_from_pretrained_gives_the_native_logits(tmp_path):
 
 def test_rope_permutation_is_what_makes_rotate_half_classes_equal(monkeypatch):
     model, mc, bc = native("mixtral")
-    monkeypatch.setattr(H, "_rope_perm", lambda d: torch.arange(d))   # copy q/k rows as they are
+    monkeypatch.setattr(hf_mapping, "_rope_perm", lambda d: torch.arange(d))   # copy q/k rows as they are
     tokens = torch.randint(0, mc.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (hf_model(model, mc, bc)(input_ids=tokens).logits - model(tokens)).abs().max() > 1e-2

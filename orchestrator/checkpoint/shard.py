@@ -131,72 +131,102 @@ def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_r
     written once over all devices: a replicated one by rank 0 (dense) or by the first data-parallel replica
     (experts), a sharded one (FSDP2) by every holder as its piece `<key>@<dim>:<start>:<stop>`, a ZeRO-1
     moment by the device whose partition owns it. `index` says which file holds which piece of which key."""
-    from orchestrator.parallel.sharding import local, piece_of
-
+    snap = _SnapshotWriter(optim, rank)
+    snap.dense_parameters(model)
     files: dict[str, dict[str, np.ndarray | torch.Tensor]] = {}
-    index: dict[str, list[list[Any]]] = {}
-    staging = _HostStaging()
-    dense: dict[str, np.ndarray | torch.Tensor] = {}
-    mine: dict[str, np.ndarray | torch.Tensor] = {"rng/torch": torch.get_rng_state().numpy()}
-    own = expert_file(rank)
+    if rank == 0:
+        snap.buffers(model)
+        files[DENSE_FILE] = snap.dense
+    expert_files = snap.expert_parameters(model, dp_rank)
+    files[snap.own] = snap.mine
+    snap.staging.finish()
+    return Snapshot(step=step, rank=rank, files=files, optimizer_step=optim.optimizer_step,
+                    expert_files=expert_files, placement=model.placement(), index=snap.index,
+                    optimizer_steps=snap.steps)
 
-    def put(file: str, key: str, t: torch.Tensor, piece: Any) -> None:
+
+class _SnapshotWriter:
+    """What take_snapshot gathers: the dense file's tensors (rank 0), this device's own file's (its experts, its
+    pieces of sharded tensors, its RNG), the index of pieces and the AdamW step counts that differ."""
+
+    def __init__(self, optim: Any, rank: int) -> None:
+        self.optim, self.rank = optim, rank
+        self.index: dict[str, list[list[Any]]] = {}
+        self.staging = _HostStaging()
+        self.dense: dict[str, np.ndarray | torch.Tensor] = {}
+        self.mine: dict[str, np.ndarray | torch.Tensor] = {"rng/torch": torch.get_rng_state().numpy()}
+        self.own = expert_file(rank)
+        self.steps: dict[str, int] = {}
+
+    def put(self, file: str, key: str, t: torch.Tensor, piece: Any) -> None:
         if piece.dim is not None and piece.start == piece.stop:
             return   # an empty shard (fewer rows than devices): nothing of the tensor here
-        staging.put(dense if file == DENSE_FILE else mine, key + piece.suffix(), t)
-        index.setdefault(key, []).append([file, piece.dim, piece.start, piece.stop])
+        self.staging.put(self.dense if file == DENSE_FILE else self.mine, key + piece.suffix(), t)
+        self.index.setdefault(key, []).append([file, piece.dim, piece.start, piece.stop])
 
-    steps: dict[str, int] = {}
-
-    def moments(p: torch.Tensor, first: bool, sharded: bool, name: str, write: Any) -> None:
+    def moments(self, p: torch.Tensor, first: bool, sharded: bool, name: str, write: Any) -> None:
         """p's AdamW state under <name>, by the device that writes it: its moments, or that it has none."""
+        from orchestrator.parallel.sharding import local
+
+        optim = self.optim
         if not (first or sharded or optim.partitioned(p)):
             return   # another device writes this state (rank 0, the first replica, or the ZeRO-1 owner)
         if not optim.owns(p):
             if not p.requires_grad:
-                steps[name] = 0   # frozen: in no optimizer
+                self.steps[name] = 0   # frozen: in no optimizer
             return
         count = optim.step_of(p)
         if count != optim.optimizer_step:
-            steps[name] = count
+            self.steps[name] = count
         if count == 0:
             return
         state = optim.state_of(p)
         for moment in ("exp_avg", "exp_avg_sq"):
             write(moment, local(state[moment]))
 
-    for name, p in model.dense_parameters():
-        piece = piece_of(p)
-        sharded = piece.dim is not None
-        file = own if sharded or (optim.partitioned(p) and rank != 0) else DENSE_FILE
-        if sharded or rank == 0:
-            put(own if sharded else DENSE_FILE, f"param/{name}", local(p), piece)
-        moments(p, rank == 0, sharded, name, lambda m, t: put(file, f"{m}/{name}", t, piece))
-    if rank == 0:
+    def dense_parameters(self, model: torch.nn.Module) -> None:
+        from orchestrator.parallel.sharding import local, piece_of
+
+        rank, own = self.rank, self.own
+        for name, p in model.dense_parameters():
+            piece = piece_of(p)
+            sharded = piece.dim is not None
+            file = own if sharded or (self.optim.partitioned(p) and rank != 0) else DENSE_FILE
+            if sharded or rank == 0:
+                self.put(own if sharded else DENSE_FILE, f"param/{name}", local(p), piece)
+            self.moments(p, rank == 0, sharded, name,
+                         lambda m, t, file=file, name=name, piece=piece: self.put(file, f"{m}/{name}", t, piece))
+
+    def buffers(self, model: torch.nn.Module) -> None:
+        from orchestrator.parallel.sharding import piece_of
+
         param_names = {n for n, _ in model.named_parameters()}
         for name, b in model.state_dict().items():
             if name not in param_names:
-                put(DENSE_FILE, f"buffer/{name}", b, piece_of(b))
-        files[DENSE_FILE] = dense
-    expert_files: dict[str, dict[str, str]] = {}
-    for name, p in model.expert_parameters():
-        # This layer's experts on this device (placement may differ per layer); of replicas, only the primary copy.
-        ids = [(j, gid) for j, (gid, primary) in enumerate(zip(model.expert_ids_of(name), model.primary_of(name)))
-               if primary]
-        piece = piece_of(p, drop_leading=True)
-        sharded = piece.dim is not None
-        held = local(p)
-        for j, gid in ids:
+                self.put(DENSE_FILE, f"buffer/{name}", b, piece_of(b))
+
+    def expert_parameters(self, model: torch.nn.Module, dp_rank: int) -> dict[str, dict[str, str]]:
+        """Write this device's experts; return which file holds each expert of each MoE layer it writes."""
+        from orchestrator.parallel.sharding import local, piece_of
+
+        own = self.own
+        expert_files: dict[str, dict[str, str]] = {}
+        for name, p in model.expert_parameters():
+            # This layer's experts on this device (placement may differ per layer); of replicas, only the primary.
+            ids = [(j, gid) for j, (gid, primary) in enumerate(zip(model.expert_ids_of(name), model.primary_of(name)))
+                   if primary]
+            piece = piece_of(p, drop_leading=True)
+            sharded = piece.dim is not None
+            held = local(p)
+            for j, gid in ids:
+                if sharded or dp_rank == 0:
+                    self.put(own, f"param/{name}[{gid}]", held[j], piece)
+                self.moments(p, dp_rank == 0, sharded, f"{name}[{gid}]",
+                             lambda m, t, j=j, gid=gid, name=name, piece=piece:
+                             self.put(own, f"{m}/{name}[{gid}]", t[j], piece))
             if sharded or dp_rank == 0:
-                put(own, f"param/{name}[{gid}]", held[j], piece)
-            moments(p, dp_rank == 0, sharded, f"{name}[{gid}]",
-                    lambda m, t, j=j, gid=gid: put(own, f"{m}/{name}[{gid}]", t[j], piece))
-        if sharded or dp_rank == 0:
-            expert_files[name.rsplit(".experts.", 1)[0]] = {str(gid): own for _, gid in ids}
-    files[own] = mine
-    staging.finish()
-    return Snapshot(step=step, rank=rank, files=files, optimizer_step=optim.optimizer_step,
-                    expert_files=expert_files, placement=model.placement(), index=index, optimizer_steps=steps)
+                expert_files[name.rsplit(".experts.", 1)[0]] = {str(gid): own for _, gid in ids}
+        return expert_files
 
 
 def serialize(tensors: dict[str, np.ndarray | torch.Tensor]) -> tuple[bytes, dict[str, object]]:
@@ -347,61 +377,75 @@ def restore(model: torch.nn.Module, optim: Any, rank: int, locate: Locate, optim
     of 0 restores "no state yet", and nothing is read for it. `optimizer_steps` None: a checkpoint written before
     they were recorded, whose writer left out exactly the moments of parameters without state: a parameter
     whose moments are nowhere in it has none."""
-    from orchestrator.parallel.sharding import local, piece_of
+    back = _Restorer(optim, locate, tensors, where, optimizer_step, optimizer_steps)
+    for name, p in model.dense_parameters():
+        back.parameter(p, [name], experts=False)
+    param_names = {n for n, _ in model.named_parameters()}
+    with torch.no_grad():
+        for name, b in model.state_dict(keep_vars=True).items():
+            if name not in param_names:
+                b.copy_(back.part(f"buffer/{name}", None, tuple(b.shape)))
+    for name, p in model.expert_parameters():
+        back.parameter(p, [f"{name}[{gid}]" for gid in model.expert_ids_of(name)], experts=True)
+    optim.steps_taken = optimizer_step
+    try:  # the same rank existed when it was saved
+        torch.set_rng_state(tensors(expert_file(rank))["rng/torch"])
+    except CheckpointError:
+        pass
 
-    counts = optimizer_steps or {}
-    older = optimizer_steps is None
 
-    def part(key: str, piece: Any, shape: tuple[int, ...]) -> torch.Tensor:
-        return assemble(key, locate(key), tensors, where, piece, shape)
+@dataclass
+class _Restorer:
+    """restore's reading of one checkpoint: a parameter's piece of every logical tensor, and its AdamW state."""
+    optim: Any
+    locate: Locate
+    tensors: Callable[[str], dict[str, torch.Tensor]]
+    where: str
+    optimizer_step: int
+    optimizer_steps: dict[str, int] | None
 
-    def put(p: torch.nn.Parameter, names: list[str], experts: bool) -> None:
+    def part(self, key: str, piece: Any, shape: tuple[int, ...]) -> torch.Tensor:
+        return assemble(key, self.locate(key), self.tensors, self.where, piece, shape)
+
+    def parameter(self, p: torch.nn.Parameter, names: list[str], experts: bool) -> None:
+        """p's value and AdamW state (an expert parameter's: the rows of the experts `names`, stacked)."""
+        from orchestrator.parallel.sharding import local, piece_of
+
         piece = piece_of(p, drop_leading=experts)
-
         shape = tuple(p.shape[1:] if experts else p.shape)   # the logical tensor's (a DTensor's is global)
 
         def mine(prefix: str) -> torch.Tensor:
-            parts = [part(f"{prefix}/{n}", piece, shape) for n in names]
+            parts = [self.part(f"{prefix}/{n}", piece, shape) for n in names]
             return torch.stack(parts) if experts else parts[0]
 
         with torch.no_grad():
             local(p).copy_(mine("param"))
         p.grad = None  # a step that failed halfway may have left gradients behind
-        optim.set_state(p, None)
-        if not optim.owns(p):
+        self.optim.set_state(p, None)
+        if not self.optim.owns(p):
             return
-        count = {counts.get(n, optimizer_step) for n in names}
+        self._adamw_state(p, names, mine)
+
+    def _adamw_state(self, p: torch.nn.Parameter, names: list[str], mine: Callable[[str], torch.Tensor]) -> None:
+        from orchestrator.parallel.sharding import local
+
+        count = {(self.optimizer_steps or {}).get(n, self.optimizer_step) for n in names}
         n = max(count)
         if len(count) > 1:   # experts from devices whose histories differ, now rows of one AdamW state: inexact
             log.warning("%s: the experts %s, now one parameter's rows, have different AdamW step counts %s; their "
-                        "state takes step %d (the bias correction of the others' rows is not theirs)", where, names,
-                        sorted(count), n)
+                        "state takes step %d (the bias correction of the others' rows is not theirs)", self.where,
+                        names, sorted(count), n)
         if n == 0:   # no state yet (never a gradient, or frozen when saved): AdamW makes it at the first gradient
             return
         try:
             saved = {moment: mine(moment) for moment in ("exp_avg", "exp_avg_sq")}
         except StateMismatch:
-            if older:   # written before `optimizer_steps`: its writer left out the moments of exactly those parameters
-                return  # that had no state
+            if self.optimizer_steps is None:   # written before `optimizer_steps`: its writer left out the moments
+                return                         # of exactly those parameters that had no state
             raise
         state = {"step": torch.tensor(float(n))}
         for moment, value in saved.items():
             m = torch.zeros_like(p)
             local(m).copy_(value)
             state[moment] = m
-        optim.set_state(p, state)
-
-    for name, p in model.dense_parameters():
-        put(p, [name], experts=False)
-    param_names = {n for n, _ in model.named_parameters()}
-    with torch.no_grad():
-        for name, b in model.state_dict(keep_vars=True).items():
-            if name not in param_names:
-                b.copy_(part(f"buffer/{name}", None, tuple(b.shape)))
-    for name, p in model.expert_parameters():
-        put(p, [f"{name}[{gid}]" for gid in model.expert_ids_of(name)], experts=True)
-    optim.steps_taken = optimizer_step
-    try:  # the same rank existed when it was saved
-        torch.set_rng_state(tensors(expert_file(rank))["rng/torch"])
-    except CheckpointError:
-        pass
+        self.optim.set_state(p, state)

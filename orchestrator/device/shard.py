@@ -65,6 +65,28 @@ class StepReport:
     pid: int = field(default_factory=os.getpid)
 
 
+@dataclass
+class _Passes:
+    """What a step's forward/backward passes add up on this device (DeviceShard._forward_backward)."""
+    loss_tokens: int                 # trained tokens in the global batch: the loss is their mean
+    loss_sum: torch.Tensor           # float64: summed LM loss of this device's slice
+    aux_sum: torch.Tensor            # float64: its balancing losses
+    routed: list[torch.Tensor]       # [MoE layer] float64 tokens routed to each expert
+    received_by_layer: list[float]   # [MoE layer] token copies this device's experts received
+    meter: ActivationMeter           # the passes' activation peak
+    dropped: int = 0                 # token copies dropped by capacity
+
+    def add(self, part: torch.Tensor, aux: torch.Tensor | None, moe: list, device: torch.device) -> None:
+        """Add one micro-batch's loss sum, balancing losses and expert loads."""
+        self.loss_sum = self.loss_sum + part.detach().double()
+        if aux is not None:
+            self.aux_sum = self.aux_sum + aux.detach().double()
+        for j, m in enumerate(moe):
+            self.routed[j] += m.last_tokens_per_expert.double().to(device)
+            self.received_by_layer[j] += float(m.last_received)
+            self.dropped += m.last_dropped
+
+
 def _reject(loss: float, grad_norm: float, guard: dict[str, float]) -> str | None:
     """Why an update must not be applied, or None."""
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -193,12 +215,36 @@ class DeviceShard:
         global mean; the balancing losses are per sequence or per token, so they split the same way)."""
         t0 = time.perf_counter()
         CLOCK.start(step)
-        t = self.cfg.train
         self.model.train()
         if self.slow_steps:  # injected straggler: extra work outside any collective
             self.slow_steps -= 1
             time.sleep(self.slow_delay_s)
         moe = self.model.moe_layers()
+        passes = self._forward_backward(step, moe)
+        self._sync_grads(moe)
+        stats, grad_norm = self._global_stats(moe, passes)
+        counts = 4 + len(moe) * self.world  # where the per-expert counts start
+        loss, norm = stats[0].item() / passes.loss_tokens, grad_norm.item()
+        skipped = _reject(loss, norm, guard or {})
+        local_nonfinite = skipped == "nonfinite" and not math.isfinite(passes.loss_sum.item())
+        lr = lr_of(self.cfg.train, step)
+        if skipped is None:
+            self._update(moe, grad_norm, lr, stats[counts:])
+        memory = {**state_bytes(self.model, self.optim), "activations_peak": passes.meter.peak_bytes,
+                  "rss": rss_bytes()}
+        self.optim.zero_grad()
+        load = stats[counts:].nan_to_num().round().long().view(len(moe), -1).tolist() if moe else []
+        device_load = stats[4:counts].round().long().view(len(moe), self.world).tolist() if moe else []
+        CLOCK.set_phase("idle")
+        mem = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        return StepReport(rss_bytes=memory["rss"], device_mem_bytes=mem, memory=memory, step=step, rank=self.rank, loss=loss,
+                          grad_norm=norm, lr=lr, tokens=passes.loss_tokens, positions=self.global_tokens,
+                          compute_time_s=time.perf_counter() - t0, expert_load=load, device_load=device_load,
+                          aux_loss=stats[2].item(), dropped=int(stats[3].item()),
+                          collective_s=CLOCK.collective_s, skipped=skipped, local_nonfinite=local_nonfinite)
+
+    def _forward_backward(self, step: int, moe: list) -> _Passes:
+        """The step's forward and backward passes, one per micro-batch, gradients accumulating; what they add up."""
         inputs_BT, targets_BT, positions_BT, valid_BT = self._batch(step)
         # The loss is the mean over the global batch's trained tokens (SFT: assistant tokens only; else all).
         loss_tokens = self.data.loss_tokens(step)
@@ -206,13 +252,13 @@ class DeviceShard:
             real = self.data.real_tokens(step)
             for m in moe:
                 m.global_tokens = real
-        micro = t.micro_batches
-        loss_sum = aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        routed = [torch.zeros(self.cfg.model.num_experts, dtype=torch.float64, device=self.device) for _ in moe]
-        dropped = 0
-        received_by_layer = [0.0] * len(moe)
-        meter = ActivationMeter(self.model, self.device)
-        with meter:
+        micro = self.cfg.train.micro_batches
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        passes = _Passes(loss_tokens=loss_tokens, loss_sum=zero, aux_sum=zero,
+                         routed=[torch.zeros(self.cfg.model.num_experts, dtype=torch.float64, device=self.device)
+                                 for _ in moe],
+                         received_by_layer=[0.0] * len(moe), meter=ActivationMeter(self.model, self.device))
+        with passes.meter:
             pos = positions_BT.chunk(micro) if positions_BT is not None else [None] * micro
             val = valid_BT.chunk(micro) if valid_BT is not None else [None] * micro
             for i, (x_BT, y_BT, p_BT, v_BT) in enumerate(zip(inputs_BT.chunk(micro), targets_BT.chunk(micro), pos,
@@ -223,47 +269,32 @@ class DeviceShard:
                 aux = self.model.aux_loss()  # balancing losses: trained on, reported apart from the LM loss
                 lm_loss = part / loss_tokens
                 (lm_loss if aux is None else lm_loss + aux).backward()
-                loss_sum = loss_sum + part.detach().double()
-                if aux is not None:
-                    aux_sum = aux_sum + aux.detach().double()
-                for j, m in enumerate(moe):
-                    routed[j] += m.last_tokens_per_expert.double().to(self.device)
-                    received_by_layer[j] += float(m.last_received)
-                    dropped += m.last_dropped
-        self._sync_grads(moe)
+                passes.add(part, aux, moe, self.device)
+        return passes
+
+    def _global_stats(self, moe: list, passes: _Passes) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the step's numbers summed over the world, the global gradient norm). The stats vector: [0] loss sum,
+        [1] sharded gradients' squared norm, [2] balancing losses, [3] dropped copies, then [4:counts] token
+        copies each MoE layer's experts on each device received, then [counts:] tokens routed to each expert."""
         received = torch.zeros(len(moe), self.world, dtype=torch.float64, device=self.device)
-        received[:, self.rank] = torch.tensor(received_by_layer, dtype=torch.float64)
+        received[:, self.rank] = torch.tensor(passes.received_by_layer, dtype=torch.float64)
         replicated_sq, sharded_sq = self._grad_sum_of_squares(moe)
         # float64: exact token counts, and the loss sum as precise as the model's dtype allows.
-        stats = torch.cat([loss_sum.view(1), sharded_sq.view(1).to(self.device), aux_sum.view(1),
-                           torch.tensor([float(dropped)], dtype=torch.float64, device=self.device),
-                           received.flatten(), *routed])
+        stats = torch.cat([passes.loss_sum.view(1), sharded_sq.view(1).to(self.device), passes.aux_sum.view(1),
+                           torch.tensor([float(passes.dropped)], dtype=torch.float64, device=self.device),
+                           received.flatten(), *passes.routed])
         self._all_reduce(stats)
-        counts = 4 + len(moe) * self.world  # where the per-expert counts start
-        grad_norm = torch.sqrt(replicated_sq.to(self.device) + stats[1])
-        loss, norm = stats[0].item() / loss_tokens, grad_norm.item()
-        skipped = _reject(loss, norm, guard or {})
-        local_nonfinite = skipped == "nonfinite" and not math.isfinite(loss_sum.item())
-        lr = lr_of(t, step)
-        if skipped is None:
-            clip_(self.dense_params + self.expert_params, grad_norm, t.grad_clip)
-            self.optim.set_lr(lr)
-            self.optim.step()
-            if self.cfg.balance.bias_update_speed:
-                for m, counts_E in zip(moe, stats[counts:].view(len(moe), -1)):
-                    if m.router.expert_bias is not None:   # (a hash-routed layer of a transformers model has none)
-                        update_expert_bias(m.router.expert_bias, counts_E, self.cfg.balance.bias_update_speed)
-        memory = {**state_bytes(self.model, self.optim), "activations_peak": meter.peak_bytes, "rss": rss_bytes()}
-        self.optim.zero_grad()
-        load = stats[counts:].nan_to_num().round().long().view(len(moe), -1).tolist() if moe else []
-        device_load = stats[4:counts].round().long().view(len(moe), self.world).tolist() if moe else []
-        CLOCK.set_phase("idle")
-        mem = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-        return StepReport(rss_bytes=memory["rss"], device_mem_bytes=mem, memory=memory, step=step, rank=self.rank, loss=loss,
-                          grad_norm=norm, lr=lr, tokens=loss_tokens, positions=self.global_tokens,
-                          compute_time_s=time.perf_counter() - t0, expert_load=load, device_load=device_load,
-                          aux_loss=stats[2].item(), dropped=int(stats[3].item()),
-                          collective_s=CLOCK.collective_s, skipped=skipped, local_nonfinite=local_nonfinite)
+        return stats, torch.sqrt(replicated_sq.to(self.device) + stats[1])
+
+    def _update(self, moe: list, grad_norm: torch.Tensor, lr: float, counts: torch.Tensor) -> None:
+        """Clip, step the optimizer at `lr`, and move the experts' routing biases by the step's global `counts`."""
+        clip_(self.dense_params + self.expert_params, grad_norm, self.cfg.train.grad_clip)
+        self.optim.set_lr(lr)
+        self.optim.step()
+        if self.cfg.balance.bias_update_speed:
+            for m, counts_E in zip(moe, counts.view(len(moe), -1)):
+                if m.router.expert_bias is not None:   # (a hash-routed layer of a transformers model has none)
+                    update_expert_bias(m.router.expert_bias, counts_E, self.cfg.balance.bias_update_speed)
 
     def _inject_faults(self, step: int, loss_sum: torch.Tensor) -> torch.Tensor:
         """Faults injected into this step (DeviceActor.inject), struck between forward and backward."""

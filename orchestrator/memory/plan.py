@@ -173,6 +173,8 @@ def _sharded(shape: tuple[int, ...], dim: int, world: int, index: int) -> tuple[
 
 
 # --------------------------------------------------------------------------- activations
+# Long on purpose (64 lines, 22 of them the docstring): a table of what autograd saves per op, in forward order;
+# the docstring's formulas and the code's share one set of symbols (N, R, D, a, f, ...), read side by side.
 def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tuple[str, int, int]]:
     """What one micro-batch of `sequences` sequences keeps for backward, in forward order: (op group, bytes
     held from its forward to its backward, bytes its backward recomputes and holds meanwhile).

@@ -326,6 +326,27 @@ def _convert(group: _Group, tensors: dict[str, list[torch.Tensor]], model, files
     return {name: (t[0] if isinstance(t, list) else t) for name, t in result.items()}
 
 
+def _as_model_tensor(name: str, value: torch.Tensor, group: _Group, ids: list[int] | None, files: _Files, model,
+                     meta_sd: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A converted tensor checked against the model's `name` (its shape; of an expert parameter, `ids`' rows; not
+    pre-quantized) and cast to the model's dtype."""
+    keys = [k for ks in group.sources.values() for k in ks]
+    where = f"{files.where(keys[0])}: {keys[0]!r}" + (f" (+{len(keys) - 1} more)" if len(keys) > 1 else "")
+    if name not in meta_sd:
+        raise ConfigError(f"{where} converts to {name!r}, which is not a tensor of "
+                          f"{type(model).__name__}")
+    want = meta_sd[name]
+    shape = list(want.shape)
+    if ids is not None:
+        shape[0] = len(ids)
+    if list(value.shape) != shape:
+        raise ConfigError(f"{where} gives {name} shape {list(value.shape)}; the model expects {shape}"
+                          + (f" (experts {ids})" if ids is not None else ""))
+    if value.dtype in _FLOAT8 and want.dtype not in _FLOAT8:
+        raise ConfigError(f"{where} is {value.dtype}: pre-quantized checkpoints are not supported")
+    return value.to(want.dtype) if value.dtype != want.dtype else value
+
+
 def read_hf_state(path: str | Path, model, experts_of: Callable[[str], list[int] | None]
                   ) -> tuple[dict[str, torch.Tensor], ReadStats]:
     """Read from the safetensors checkpoint in `path` the state of `model` that one expert-parallel device holds.
@@ -364,21 +385,7 @@ def read_hf_state(path: str | Path, model, experts_of: Callable[[str], list[int]
                 continue
             tensors = _read_group(group, ids, files, meta_sd)
             for name, value in _convert(group, tensors, model, files).items():
-                keys = [k for ks in group.sources.values() for k in ks]
-                where = f"{files.where(keys[0])}: {keys[0]!r}" + (f" (+{len(keys) - 1} more)" if len(keys) > 1 else "")
-                if name not in meta_sd:
-                    raise ConfigError(f"{where} converts to {name!r}, which is not a tensor of "
-                                      f"{type(model).__name__}")
-                want = meta_sd[name]
-                shape = list(want.shape)
-                if ids is not None:
-                    shape[0] = len(ids)
-                if list(value.shape) != shape:
-                    raise ConfigError(f"{where} gives {name} shape {list(value.shape)}; the model expects {shape}"
-                                      + (f" (experts {ids})" if ids is not None else ""))
-                if value.dtype in _FLOAT8 and want.dtype not in _FLOAT8:
-                    raise ConfigError(f"{where} is {value.dtype}: pre-quantized checkpoints are not supported")
-                state[name] = value.to(want.dtype) if value.dtype != want.dtype else value
+                state[name] = _as_model_tensor(name, value, group, ids, files, model, meta_sd)
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     for name, source in tied.items():
         if name in meta_sd and name not in state and source in state:

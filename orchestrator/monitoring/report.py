@@ -278,15 +278,25 @@ def jigsaw(records: list[dict[str, Any]], plan: dict[str, Any]) -> tuple[str, st
 
 def _figures(records: list[dict], incidents: list[dict], alerts: list[dict], goodput: dict, val_end: float | None
              ) -> dict[str, tuple[str, str | None]]:
-    """figure id -> (caption, base64 PNG or None when the run has nothing to show there)."""
+    """figure id -> (caption, base64 PNG or None when the run has nothing to show there), in the report's order."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out: dict[str, tuple[str, str | None]] = {}
     steps = [r["step"] for r in records]
     last = steps[-1] if steps else 0
+    out: dict[str, tuple[str, str | None]] = {
+        "loss": _loss_figure(records, steps, last, val_end),
+        "throughput": _throughput_figure(records, steps),
+        "device-step-time": _device_step_time_figure(records, steps),
+    }
+    out["balance"], out["expert-load"] = _balance_figures(records, steps)
+    out["timeline"] = _timeline_figure(incidents, alerts, last)
+    out["goodput"] = _goodput_figure(goodput)
+    return out
+
+
+def _loss_figure(records: list[dict], steps: list, last: Any, val_end: float | None) -> tuple[str, str]:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.6))
     ax.plot(steps, [r["loss"] for r in records], lw=0.8, label="train")
@@ -298,7 +308,11 @@ def _figures(records: list[dict], incidents: list[dict], alerts: list[dict], goo
     ax.set(xlabel="step", ylabel="loss", title="Loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    out["loss"] = ("Training loss every step; validation loss where it was scored", _png(fig))
+    return "Training loss every step; validation loss where it was scored", _png(fig)
+
+
+def _throughput_figure(records: list[dict], steps: list) -> tuple[str, str]:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.6))
     ax.plot(steps, [r["tokens_per_s"] for r in records], lw=1.5, color="tab:blue")
@@ -308,8 +322,12 @@ def _figures(records: list[dict], incidents: list[dict], alerts: list[dict], goo
         ax2.plot(steps, [100 * (r.get("mfu") or 0) for r in records], lw=0.8, ls="--", color="tab:orange")
         ax2.set_ylabel("MFU %", color="tab:orange")
     ax.grid(alpha=0.3)
-    out["throughput"] = ("Tokens per second (blue) and model FLOPs utilisation (orange, dashed; proportional to "
-                         "tokens/s for a fixed model and peak)", _png(fig))
+    return ("Tokens per second (blue) and model FLOPs utilisation (orange, dashed; proportional to "
+            "tokens/s for a fixed model and peak)", _png(fig))
+
+
+def _device_step_time_figure(records: list[dict], steps: list) -> tuple[str, str]:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for rank in range(len(records[0].get("device_step_time_s") or []) if records else 0):
@@ -318,21 +336,28 @@ def _figures(records: list[dict], incidents: list[dict], alerts: list[dict], goo
     if ax.get_legend_handles_labels()[0]:   # records without device step times (a run that did no step) draw none
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    out["device-step-time"] = ("Each device's time in the step (collectives included)", _png(fig))
+    return "Each device's time in the step (collectives included)", _png(fig)
 
-    has_moe = any(r.get("maxvio") is not None for r in records)
-    if has_moe:
-        fig, ax = plt.subplots(figsize=(8, 3.6))
-        ax.plot(steps, [r["maxvio"] for r in records], lw=0.8, label="MaxVio (mean over layers)")
-        ax.plot(steps, [r["device_imbalance"] - 1 for r in records], lw=0.8, label="device max/mean - 1")
-        ax.set(xlabel="step", title="Expert and device load imbalance")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        out["balance"] = ("MaxVio (max expert load / mean - 1) and the devices' max/mean load", _png(fig))
-        out["expert-load"] = ("Every expert's share of its layer's token copies, over steps",
-                              _png(expert_load_heatmaps(records, "Expert load per MoE layer")))
-    else:
-        out["balance"] = out["expert-load"] = ("No MoE layer in this model", None)
+
+def _balance_figures(records: list[dict], steps: list) -> tuple[tuple[str, str | None], tuple[str, str | None]]:
+    """The "balance" and "expert-load" figures: both only for a model with an MoE layer."""
+    import matplotlib.pyplot as plt
+
+    if not any(r.get("maxvio") is not None for r in records):
+        return ("No MoE layer in this model", None), ("No MoE layer in this model", None)
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.plot(steps, [r["maxvio"] for r in records], lw=0.8, label="MaxVio (mean over layers)")
+    ax.plot(steps, [r["device_imbalance"] - 1 for r in records], lw=0.8, label="device max/mean - 1")
+    ax.set(xlabel="step", title="Expert and device load imbalance")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    balance = ("MaxVio (max expert load / mean - 1) and the devices' max/mean load", _png(fig))
+    return balance, ("Every expert's share of its layer's token copies, over steps",
+                     _png(expert_load_heatmaps(records, "Expert load per MoE layer")))
+
+
+def _timeline_figure(incidents: list[dict], alerts: list[dict], last: Any) -> tuple[str, str]:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.0))
     kinds = sorted({i["kind"] for i in incidents})
@@ -352,21 +377,23 @@ def _figures(records: list[dict], incidents: list[dict], alerts: list[dict], goo
     ax.set(xlabel="step", xlim=(0, max(last, 1) + 1), title="Incidents (x, recovery time) and alerts (^)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out["timeline"] = (f"{len(incidents)} incident(s), {len(alerts)} alert(s)", _png(fig))
+    return f"{len(incidents)} incident(s), {len(alerts)} alert(s)", _png(fig)
+
+
+def _goodput_figure(goodput: dict) -> tuple[str, str | None]:
+    import matplotlib.pyplot as plt
 
     parts = {k: v for k, v in goodput.items() if k not in ("wall", "goodput", "steps_done", "steps_recomputed")
              and isinstance(v, (int, float))}
-    if parts:
-        fig, ax = plt.subplots(figsize=(8, 3.2))
-        names = list(parts)
-        ax.barh(names, [parts[n] for n in names], color=["tab:green" if n == "productive" else "tab:gray" for n in names])
-        ax.invert_yaxis()
-        ax.set(xlabel="seconds", title=f"Goodput {goodput.get('goodput', 0):.1%} of {goodput.get('wall', 0):.1f}s")
-        fig.tight_layout()
-        out["goodput"] = ("Where the training loop's time went", _png(fig))
-    else:
-        out["goodput"] = ("No goodput.json yet", None)
-    return out
+    if not parts:
+        return "No goodput.json yet", None
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    names = list(parts)
+    ax.barh(names, [parts[n] for n in names], color=["tab:green" if n == "productive" else "tab:gray" for n in names])
+    ax.invert_yaxis()
+    ax.set(xlabel="seconds", title=f"Goodput {goodput.get('goodput', 0):.1%} of {goodput.get('wall', 0):.1f}s")
+    fig.tight_layout()
+    return "Where the training loop's time went", _png(fig)
 
 
 def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
