@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("checkpoint", help="one checkpoint folder, or a run dir / root (its newest committed one)")
     ex.add_argument("out", help="output .safetensors file")
     hf = sub.add_parser("export", help="write a checkpoint as the Hugging Face transformers model it equals "
-                                       "(Mixtral, ERNIE-4.5-MoE, Qwen2-MoE or GLM-4-MoE; see model/hf_export.py)")
+                                       "(Mixtral, ERNIE-4.5-MoE, Qwen2-MoE or GLM-4-MoE; see checkpoint/hf_mapping.py)")
     hf.add_argument("checkpoint", help="one checkpoint folder, or a run dir / root (its newest committed one)")
     hf.add_argument("--hf", required=True, metavar="OUT", help="output folder: config.json, model.safetensors, ...")
     hf.add_argument("--tokenizer", default=None, metavar="DIR",
