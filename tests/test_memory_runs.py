@@ -52,9 +52,17 @@ def _final_state(run_dir):
     return params, [r["loss"] for r in metrics(run_dir)]
 
 
-def test_stage3_resume_on_the_same_layout_is_exact(ray_session, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
+@pytest.fixture(scope="module")
+def stage3_straight(ray_session, tmp_path_factory):
+    """The fault-free 6-step run on ep2 x dp2 under stage 3: the twin that the resume and the kill tests compare
+    against (they only read it)."""
+    straight = tmp_path_factory.mktemp("stage3") / "straight"
     Driver(tiny_config(straight, *COMMON, *EP2_DP2_STAGE3), straight).run()
+    return straight
+
+
+def test_stage3_resume_on_the_same_layout_is_exact(ray_session, tmp_path, stage3_straight):
+    straight, split = stage3_straight, tmp_path / "split"
     StopAfter(tiny_config(split, *COMMON, *EP2_DP2_STAGE3), split, 3).run()
     Driver(tiny_config(split, *COMMON, *EP2_DP2_STAGE3, "train.resume=latest"), split).run()
     (a, losses_a), (b, losses_b) = _final_state(straight), _final_state(split)
@@ -66,9 +74,8 @@ def test_stage3_resume_on_the_same_layout_is_exact(ray_session, tmp_path):
     assert len(dense) == 4 and all(piece[1] == 0 for piece in dense)   # 4 row-shards, one per device
 
 
-def test_kill_under_stage3_heals_to_the_fault_free_bits(ray_session, tmp_path):
-    clean, faulty = tmp_path / "clean", tmp_path / "faulty"
-    Driver(tiny_config(clean, *COMMON, *EP2_DP2_STAGE3), clean).run()
+def test_kill_under_stage3_heals_to_the_fault_free_bits(ray_session, tmp_path, stage3_straight):
+    clean, faulty = stage3_straight, tmp_path / "faulty"
     summary = Driver(tiny_config(faulty, *COMMON, *EP2_DP2_STAGE3, "faults.plan=[{step: 4, kind: kill, rank: 3}]"),
                      faulty).run()
     assert summary.recoveries >= 1
