@@ -22,6 +22,12 @@ EP2_DP2_STAGE3 = ["cluster.num_devices=4", "parallel.expert_parallel=2", "memory
                   "cluster.cpus_per_device=0.25"]
 
 
+@pytest.fixture(scope="module")
+def reference():
+    """The single-device reference run on COMMON: the same for every stage and layout, so run once."""
+    return reference_run(tiny_config(None, *COMMON), corpus=load_corpus(tiny_config().data))
+
+
 @pytest.mark.parametrize("before,after", [
     (EP2_DP2_STAGE3, ["cluster.num_devices=2", "memory.zero_stage=0"]),
     # an evaluation at the stop step: stage 2 then holds unsharded parameters until resharded (the checkpoint must
@@ -31,8 +37,8 @@ EP2_DP2_STAGE3 = ["cluster.num_devices=4", "parallel.expert_parallel=2", "memory
      ["cluster.num_devices=4", "parallel.expert_parallel=2", "memory.zero_stage=1", "cluster.cpus_per_device=0.25",
       "train.micro_batches=2"]),
 ], ids=["stage3-ep2xdp2-to-stage0-2dev", "stage2-2dev-to-stage1-ep2xdp2"])
-def test_checkpoint_resumes_under_another_stage_and_layout(ray_session, tmp_path, before, after):
-    ref_reports, ref_params = reference_run(tiny_config(None, *COMMON), corpus=load_corpus(tiny_config().data))
+def test_checkpoint_resumes_under_another_stage_and_layout(ray_session, tmp_path, reference, before, after):
+    ref_reports, ref_params = reference
     run_dir = tmp_path / "run"
     StopAfter(tiny_config(run_dir, *COMMON, *before), run_dir, 3).run()
     manifest = json.loads((ckpt(run_dir, 3) / "manifest.json").read_text())
