@@ -63,8 +63,16 @@ def reference():
     return reports, params
 
 
+@pytest.fixture(scope="module")
+def other_references():
+    """The float32 and the group-limited reference runs: the same for every layout, so run once."""
+    ref32 = reference_run(tiny_config(None, *BASE, "train.dtype=float32"))[0]
+    return ref32, reference_run(tiny_config(None, *BASE, *ROUTING))
+
+
 @pytest.mark.parametrize("world,ep", LAYOUTS, ids=[f"{w}dev-ep{e}" for w, e in LAYOUTS])
-def test_every_stage_checkpointing_and_micro_batching_matches_the_reference(tmp_path, reference, world, ep):
+def test_every_stage_checkpointing_and_micro_batching_matches_the_reference(tmp_path, reference, other_references,
+                                                                            world, ep):
     ref_reports, ref_params = reference
     out = str(tmp_path / "results")
     mp.spawn(_worker, args=(world, ep, groups.free_port("127.0.0.1"), out), nprocs=world)
@@ -72,8 +80,7 @@ def test_every_stage_checkpointing_and_micro_batching_matches_the_reference(tmp_
     for rank in range(world):
         with open(f"{out}.{rank}", "rb") as f:
             parts.append(pickle.load(f))
-    ref32 = reference_run(tiny_config(None, *BASE, "train.dtype=float32"))[0]
-    grouped = reference_run(tiny_config(None, *BASE, *ROUTING))
+    ref32, grouped = other_references
     assert sum(r.dropped for r in grouped[0]) > 0   # capacity really dropped copies
     for combo in parts[0]:
         losses, loads, params = parts[0][combo]

@@ -22,6 +22,12 @@ EP2_DP2_STAGE3 = ["cluster.num_devices=4", "parallel.expert_parallel=2", "memory
                   "cluster.cpus_per_device=0.25"]
 
 
+@pytest.fixture(scope="module")
+def reference():
+    """The single-device reference run on COMMON: the same for every stage and layout, so run once."""
+    return reference_run(tiny_config(None, *COMMON), corpus=load_corpus(tiny_config().data))
+
+
 @pytest.mark.parametrize("before,after", [
     (EP2_DP2_STAGE3, ["cluster.num_devices=2", "memory.zero_stage=0"]),
     # an evaluation at the stop step: stage 2 then holds unsharded parameters until resharded (the checkpoint must
@@ -31,8 +37,8 @@ EP2_DP2_STAGE3 = ["cluster.num_devices=4", "parallel.expert_parallel=2", "memory
      ["cluster.num_devices=4", "parallel.expert_parallel=2", "memory.zero_stage=1", "cluster.cpus_per_device=0.25",
       "train.micro_batches=2"]),
 ], ids=["stage3-ep2xdp2-to-stage0-2dev", "stage2-2dev-to-stage1-ep2xdp2"])
-def test_checkpoint_resumes_under_another_stage_and_layout(ray_session, tmp_path, before, after):
-    ref_reports, ref_params = reference_run(tiny_config(None, *COMMON), corpus=load_corpus(tiny_config().data))
+def test_checkpoint_resumes_under_another_stage_and_layout(ray_session, tmp_path, reference, before, after):
+    ref_reports, ref_params = reference
     run_dir = tmp_path / "run"
     StopAfter(tiny_config(run_dir, *COMMON, *before), run_dir, 3).run()
     manifest = json.loads((ckpt(run_dir, 3) / "manifest.json").read_text())
@@ -52,9 +58,17 @@ def _final_state(run_dir):
     return params, [r["loss"] for r in metrics(run_dir)]
 
 
-def test_stage3_resume_on_the_same_layout_is_exact(ray_session, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
+@pytest.fixture(scope="module")
+def stage3_straight(ray_session, tmp_path_factory):
+    """The fault-free 6-step run on ep2 x dp2 under stage 3: the twin that the resume and the kill tests compare
+    against (they only read it)."""
+    straight = tmp_path_factory.mktemp("stage3") / "straight"
     Driver(tiny_config(straight, *COMMON, *EP2_DP2_STAGE3), straight).run()
+    return straight
+
+
+def test_stage3_resume_on_the_same_layout_is_exact(ray_session, tmp_path, stage3_straight):
+    straight, split = stage3_straight, tmp_path / "split"
     StopAfter(tiny_config(split, *COMMON, *EP2_DP2_STAGE3), split, 3).run()
     Driver(tiny_config(split, *COMMON, *EP2_DP2_STAGE3, "train.resume=latest"), split).run()
     (a, losses_a), (b, losses_b) = _final_state(straight), _final_state(split)
@@ -66,9 +80,8 @@ def test_stage3_resume_on_the_same_layout_is_exact(ray_session, tmp_path):
     assert len(dense) == 4 and all(piece[1] == 0 for piece in dense)   # 4 row-shards, one per device
 
 
-def test_kill_under_stage3_heals_to_the_fault_free_bits(ray_session, tmp_path):
-    clean, faulty = tmp_path / "clean", tmp_path / "faulty"
-    Driver(tiny_config(clean, *COMMON, *EP2_DP2_STAGE3), clean).run()
+def test_kill_under_stage3_heals_to_the_fault_free_bits(ray_session, tmp_path, stage3_straight):
+    clean, faulty = stage3_straight, tmp_path / "faulty"
     summary = Driver(tiny_config(faulty, *COMMON, *EP2_DP2_STAGE3, "faults.plan=[{step: 4, kind: kill, rank: 3}]"),
                      faulty).run()
     assert summary.recoveries >= 1

@@ -45,6 +45,10 @@ def _job_id(out: subprocess.CompletedProcess) -> str:
                 if w.startswith("raysubmit_"))
 
 
+# The submissions are about Ray's job server, not the model: tiny.yaml's model and corpus shrunk to the suite's size.
+SMALLER = ["model.dim=32", "model.expert_dim=32", "model.dense_dim=64", "data.seq_len=32", "data.max_bytes=300000"]
+
+
 def test_ray_job_submit_succeeds_and_ray_job_stop_leaves_a_final_checkpoint(tmp_path):
     from orchestrator.parallel.groups import free_port
 
@@ -66,7 +70,7 @@ def test_ray_job_submit_succeeds_and_ray_job_stop_leaves_a_final_checkpoint(tmp_
         done = tmp_path / "done"
         t0 = time.time()
         sub = _submit(env, address, "--", "python", "-m", "jobs.train", "--config", "jobs/configs/tiny.yaml",
-                      f"run.dir={done}", "train.steps=6", "train.eval_batches=0")
+                      f"run.dir={done}", "train.steps=6", "train.eval_batches=0", *SMALLER)
         assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
         assert "succeeded" in _job(env, "status", "--address", address, _job_id(sub)).stdout
         records = step_records(done)
@@ -78,7 +82,7 @@ def test_ray_job_submit_succeeds_and_ray_job_stop_leaves_a_final_checkpoint(tmp_
         chaos = tmp_path / "chaos"
         sub = _submit(env, address, "--", "python", "-m", "jobs.chaos", "--config", "jobs/configs/tiny.yaml",
                       f"run.dir={chaos}", "train.steps=6", "train.eval_batches=0", "run.progress=lines",
-                      "faults.plan=[{step: 4, kind: kill, rank: 1}]")
+                      "faults.plan=[{step: 4, kind: kill, rank: 1}]", *SMALLER)
         assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
         outputs.append(sub.stdout + sub.stderr)
         assert "succeeded" in _job(env, "status", "--address", address, _job_id(sub)).stdout
@@ -88,7 +92,7 @@ def test_ray_job_submit_succeeds_and_ray_job_stop_leaves_a_final_checkpoint(tmp_
         stopped = tmp_path / "stopped"
         sub = _submit(env, address, "--no-wait", "--", "python", "-m", "jobs.train", "--config",
                       "jobs/configs/tiny.yaml", f"run.dir={stopped}", "train.steps=100000", "train.eval_batches=0",
-                      "run.progress=lines")
+                      "run.progress=lines", *SMALLER)
         assert sub.returncode == 0, sub.stderr[-3000:]
         job_id = _job_id(sub)
         deadline = time.monotonic() + 180
