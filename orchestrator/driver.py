@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import ray
-
 from orchestrator.checkpoint.coordinator import Checkpoints
-from orchestrator.checkpoint.timeline import ResumePlan, plan_resume, record_run_id, retire
+from orchestrator.checkpoint.events import CheckpointEvents, Settled
+from orchestrator.checkpoint.timeline import ResumePlan, plan_resume
 from orchestrator.config import Config, FaultSpec, to_dict
-from orchestrator.data.source import load_data, resolve_tokenizer
 from orchestrator.device.actor import StepReport
 from orchestrator.device.group import DeviceGroup, get
 from orchestrator.errors import RunError
@@ -34,18 +32,19 @@ from orchestrator.experts.balancer import Balancer
 from orchestrator.healing import (Decision, Healer, Incident, IncidentKind, Injector, StepFailure, Watch, fault_rule,
                                   plan_faults)
 from orchestrator.healing.recovery import Recovery
-from orchestrator.monitoring.alerts import AlertEngine, Context
+from orchestrator.monitoring.alerts import AlertEngine, Context, acting
 from orchestrator.monitoring.goodput import Goodput
 from orchestrator.monitoring.history import RunHistory
 from orchestrator.monitoring.listeners import IncidentLog, Listeners
-from orchestrator.monitoring.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops, step_record
-from orchestrator.monitoring.rundir import FIX, rewind_logs
-from orchestrator.monitoring.status import Progress, device_status, write_memory_plan, write_status
+from orchestrator.monitoring.metrics import MetricsStream, check_sinks, flops_per_token, step_record
+from orchestrator.monitoring.rundir import FIX
+from orchestrator.monitoring.status import Progress, StatusFile
 from orchestrator.monitoring.summary import RunSummary, history_len
 from orchestrator.runtime import signals
 from orchestrator.runtime.disk import DiskFull, full
 from orchestrator.runtime.runlock import hold_run
-from orchestrator.run_end import end_work
+from orchestrator.run_end import RunEnd, end_work
+from orchestrator.run_start import log_devices, open_monitoring, rewind_run_dir, start_devices
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +74,7 @@ class Driver:
         self.plan = plan
         self.run_id: str | None = None      # decided with the run directory held (run())
         self.checkpoints: Checkpoints | None = None
+        self.events: CheckpointEvents | None = None   # the checkpoints' commits and failures told (prepare())
         self.recovery: Recovery | None = None    # made with the checkpoints (prepare())
         self.data_refs: tuple[Any, Any] | None = None
         self.injector, self.watch, self.healer = Injector(plan_faults(cfg)), Watch(cfg), Healer(cfg)
@@ -88,8 +88,7 @@ class Driver:
         self.t_loop: float | None = None      # when stepping began (goodput's wall time)
         self.metrics: MetricsStream | None = None
         self.progress: Progress | None = None
-        self.last_reports: list[StepReport] = []
-        self.status_s = 0.0                   # spent writing status.json
+        self.status = StatusFile(Path(run_dir), cfg.train.steps)
         self.alerts: AlertEngine | None = None
         self.skip_steps: set[int] = set()     # steps whose batch an alert's action=skip has the devices skip
         self.peak_flops: float | None = None  # of one device, for MFU
@@ -111,55 +110,19 @@ class Driver:
             # the schedule's horizon as the devices use it: the checkpoint's on resume (timeline.plan_resume)
             self.cfg = replace(self.cfg, train=replace(self.cfg.train, lr_horizon=self.plan.lr_horizon))
             self.checkpoints = Checkpoints(self.cfg, self.plan, self.goodput)
+            self.events = CheckpointEvents(self.checkpoints, self.listeners)
             self.recovery = Recovery(self.cfg, self.plan, self.devices, self.checkpoints, self.balancer, self.healer,
                                      self.watch, self.goodput, self.history, self.listeners, self._build)
         return self.plan
+
     def start(self) -> None:
-        cfg, plan = self.cfg, self.prepare()
-        tokenizer = resolve_tokenizer(cfg)   # None: bytes; trained first when data.train_tokenizer asks
-        corpus = load_data(cfg, tokenizer)
-        corpus.check_vocab(cfg.model.vocab_size, cfg.data.path)
-        ckpt = self.checkpoints
-        if tokenizer is not None:   # in the run dir and beside local checkpoints: what export --hf ships with the model
-            tokenizer.save_pretrained(str(Path(self.run_dir) / "tokenizer"))
-            if ckpt.storage.local:
-                tokenizer.save_pretrained(str(Path(ckpt.storage.root) / "tokenizer"))
-        ckpt.storage.check()  # an unreachable checkpoint URI fails now, not at the first save
-        if corpus.val is None:
-            log.info("run %s: checkpoints in %s; data: %s", plan.run_id, ckpt.storage.shown, corpus.description)
-        else:
-            log.info("run %s: checkpoints in %s; data: %s, %d train / %d validation tokens", plan.run_id,
-                     ckpt.storage.shown, corpus.description, len(corpus.train), len(corpus.val))
-        self.devices.start()
-        self.mixed_precision = self.devices.settle_mixed_precision()
-        self._check_gpu_memory()
-        ck = cfg.checkpoint
-        if ck.every_steps or ck.at_end or ck.on_signal:
-            self.devices.check_storage_reach(ckpt.storage)
-        self.data_refs = (ray.put(corpus.train), ray.put(corpus.val))
+        """The data, the devices (checked against the memory plan) and every device's shard (run_start.py)."""
+        cfg = self.cfg
+        started = start_devices(cfg, Path(self.run_dir), self.prepare(), self.devices, self.checkpoints)
+        self.data_refs, self.mixed_precision, self.peak_flops = \
+            started.data_refs, started.mixed_precision, started.peak_flops
         self._build(range(self.world), cfg.cluster.start_timeout_s, "build device shards")
-        nodes = len({i["node_id"] for i in self.device_info})
-        self.peak_flops = peak_flops(cfg, self.device_info[0].get("gpu_name"), self.mixed_precision)
-        spares = cfg.faults.standby
-        log.info("devices: %d actors on %d node(s), backend %s%s", self.world, nodes, self.devices.backend,
-                 f", {spares} warm standby" if spares else "")
-        for rank, i in enumerate(self.device_info):
-            log.info("device %d: node %s (%s), pid %d%s", rank, str(i["node_id"])[:12], i["ip"], i["pid"],
-                     f", GPU {i['gpu_ids']} {i['gpu_name']}" if i.get("gpu_name") else "")
-
-    def _check_gpu_memory(self) -> None:
-        """The memory plan must fit each device's share of the smallest GPU (cluster.device_memory_gb unset), with
-        the precision the devices settled on: else ConfigError (exit 2) before any shard is built."""
-        c = self.cfg.cluster
-        gpu_memory = [i["gpu_memory"] for i in self.device_info if i.get("gpu_memory")]
-        if not (c.use_gpu and gpu_memory) or c.device_memory_gb:
-            return
-        from orchestrator.memory.plan import check_fits
-
-        cfg = replace(self.cfg, train=replace(self.cfg.train, mixed_precision=self.mixed_precision))
-        share = int(min(gpu_memory) * c.gpus_per_device)
-        check_fits(cfg, share, f"{c.gpus_per_device:g} of the smallest GPU's {min(gpu_memory) / 2**30:.1f} GiB; "
-                               f"set cluster.device_memory_gb to plan for another budget")
+        log_devices(cfg, self.devices)
 
     @property
     def actors(self) -> list[Any]:
@@ -217,7 +180,8 @@ class Driver:
                     e = DiskFull(e.filename or self.run_dir, None, FIX)
                 self.state, failure = RunState.FAILED, e
                 reason = str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
-            outcome, interrupted, summary = end_work(self, outcome, reason, interrupted, t_start)
+            self.ending = True
+            outcome, interrupted, summary = end_work(self.run_end(), outcome, reason, interrupted, t_start)
         finally:
             restore_signals()  # only now: a signal during the end work is the run's to count, not an interruption
         if interrupted is not None:
@@ -235,23 +199,13 @@ class Driver:
     def _starting(self) -> RunState:
         """The devices started and the checkpoint loaded; only now (the run continues after `first - 1`) are the
         abandoned timeline's checkpoints retired and the run directory's logs rewound; then the listeners."""
-        cfg = self.cfg
         self.start()
         self.next_step = first = self.restore() + 1
-        record_run_id(self.run_dir, self.plan.run_id)
-        write_memory_plan(self.run_dir, cfg)
-        retire(self.checkpoints.storage, self.plan.retire, self.plan.step)
-        rewind_logs(self.run_dir, self.plan.logs_through)
+        rewind_run_dir(self.cfg, Path(self.run_dir), self.plan, self.checkpoints.storage)
         self.history.begin(first)
-        self.metrics = MetricsStream(cfg, self.run_dir, first)
-        m = cfg.monitor
-        self.alerts = AlertEngine(m.alerts, self.run_dir / "alerts.jsonl", m.webhook_url, m.webhook_timeout_s,
-                                  m.webhook_retries)
-        self.alerts.on_fire = self.listeners.alert
-        self.listeners.add(self.metrics, self.alerts)
+        self.metrics, self.alerts, self.progress = open_monitoring(self.cfg, Path(self.run_dir), first, self.listeners)
         self.balancer.earlier = self.metrics.log.tail(self.history.maxlen)  # a resumed run's recent loads
         self.watch.rebuild(self.balancer.earlier)                          # ... and its spike history
-        self.progress = Progress(cfg.train.steps, cfg.run.progress, first_step=first)
         self.snapshot(first - 1)
         self.t_loop = time.perf_counter()
         return RunState.STEPPING
@@ -259,7 +213,7 @@ class Driver:
     def _stepping(self) -> RunState:
         """The next step: its faults, every device's step, judged (by the Watch, the Healer, the alert rules); kept
         (_keep), or a decision to carry out (RECOVERING). FINISHING after the last step or a stop signal."""
-        self._publish_incidents()
+        self.listeners.incidents(self.healer.take_new())
         if self.alerts.stop is not None:
             a = self.alerts.stop
             raise RunError(f"step {a.step}: alert {a.rule} ({a.detail}); stopping (its action is stop)")
@@ -305,7 +259,7 @@ class Driver:
         """The pending decision carried out (Recovery: replace, restore, rewind); stepping again after the step
         recovered. Writes finished before the fault commit first, whatever comes next."""
         (decision, why), self.pending = self.pending, None
-        self._poll_checkpoints(self.last_step)
+        self._judged(self.events.poll(self.actors), self.last_step)
         if decision.skip is not None:
             self.skip_steps.add(decision.skip)
         back = self.recovery.carry_out(decision, self.last_step, self.recover)
@@ -349,7 +303,7 @@ class Driver:
             self._periodic_eval(rec)
         self.listeners.record(rec)
         self.history.recorded_through = step
-        self._poll_checkpoints(step)
+        self._judged(self.events.poll(self.actors), step)
         self.progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], rec.get("maxvio"),
                              rec.get("mfu"), len(self.healer.incidents))
         self.write_status("running", reports)
@@ -377,7 +331,7 @@ class Driver:
     def _save_final(self, step: int) -> None:
         """The run's last checkpoint (or its retake): begun after the last record, so its start is an event."""
         self.save_checkpoint(step)
-        self.listeners.checkpoint({"event": "checkpoint_started", "step": step, "time": time.time()})
+        self.events.started(step)
 
     def _devices_needed(self) -> bool:
         """Does the end of the run still need every device (the final validation)?"""
@@ -467,50 +421,20 @@ class Driver:
             log.warning("validation after step %d failed (%s); the next step will find out why", rec["step"], e)
 
     def write_status(self, state: str, reports: list[StepReport] | None = None, reason: str | None = None) -> None:
-        """status.json: the run and each device's health now (rewritten every step; read it while the job runs);
-        `reason`: why a run that ended did not finish. A full run directory: DiskFull."""
-        t0 = time.perf_counter()
+        """status.json now (monitoring/status.py StatusFile); `reason`: why a run that ended did not finish."""
         last = self.history[-1] if self.history else {}
-        self.last_reports = reports or self.last_reports
-        step = last.get("step", 0)
-        checkpoint = self.checkpoints.last_checkpoint(step) if self.checkpoints else None
-        ema = self.progress.step_time_ema if self.progress else None
-        eta = (ema or 0) * (self.cfg.train.steps - step) if state == "running" else 0
-        write_status(self.run_dir / "status.json", {
-            "state": state, "reason": reason, "step": step, "steps": self.cfg.train.steps, "updated": time.time(),
-            "loss": last.get("loss"), "val_loss": self.val_loss, "tokens_per_s": last.get("tokens_per_s"),
-            "mfu": last.get("mfu"), "maxvio": last.get("maxvio"), "eta_s": eta,
-            "incidents": len(self.healer.incidents), "recoveries": self.healer.recoveries,
-            "last_checkpoint_step": checkpoint,
-            "checkpoint_age_steps": step - checkpoint if checkpoint is not None else None,
-            "devices": device_status(self.device_info, self.devices.restarts, self.last_reports)})
-        self.status_s += time.perf_counter() - t0
+        checkpoint = self.checkpoints.last_checkpoint(last.get("step", 0)) if self.checkpoints else None
+        self.status.write(state, reason, last, self.val_loss, checkpoint,
+                          self.progress.step_time_ema if self.progress else None, self.healer, self.devices, reports)
 
     def _alerts(self, step: int, rec: dict[str, Any]) -> Decision | None:
-        """Check the alert rules on this step's record; a Decision when one's action rewinds."""
+        """Check the alert rules on this step's record; the Healer's Decision when one's action asks for one."""
         fired = self.alerts.evaluate(rec, list(self.history),
                                      Context(self.healer.recovery_steps, self.checkpoints.last_checkpoint(step)))
         if fired:
             rec["alerts"] = [a.rule for a in fired]
-        acting = [a for a in fired if a.action in ("rollback", "skip", "stop")]
-        if rec.get("skipped"):  # the update was not applied anyway: nothing to rewind for
-            acting = [a for a in acting if a.action == "stop"]
-        if not acting:
-            return None
-        action = next(x for x in ("stop", "skip", "rollback") if any(a.action == x for a in acting))
-        return self.healer.alert(step, "+".join(a.rule for a in acting), action, "; ".join(a.detail for a in acting))
-
-    def _publish_incidents(self) -> None:
-        """New incidents to the listeners (incidents.jsonl, the sinks, the alert rules); every incident to each of
-        them even where one fails; the first error is raised after."""
-        error = None
-        for incident in self.healer.take_new():
-            try:
-                self.listeners.incident(asdict(incident))
-            except Exception as e:
-                error = error or e
-        if error is not None:
-            raise error
+        act = acting(fired, bool(rec.get("skipped")))
+        return self.healer.alert(step, *act) if act else None
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int) -> None:
@@ -529,37 +453,26 @@ class Driver:
             self.healer.checkpoint_retry_at = None
         return saved
 
-    def _poll_checkpoints(self, now: int) -> list:
-        committed, failed = self.checkpoints.poll(self.actors)
-        return self._checkpoint_outcomes(committed, failed, now)
-
-    def _checkpoint_outcomes(self, committed: list[int], failed: list, now: int, judge: bool = True) -> list:
-        """Commits and failures as they happen: as events to the listeners (metrics.jsonl, the sinks), then to the
-        healer (which retakes or stops the run; not when `judge` is False, at the end of a run). The failures. An
-        event that cannot be written (DiskFull) is raised after the healer has judged."""
-        error, ck = None, self.checkpoints
-        try:
-            for step in committed:
-                self.listeners.checkpoint({"event": "checkpoint_committed", "step": step, "time": time.time(),
-                                           "bytes": ck.bytes_saved.get(step), "seconds": ck.commit_seconds.get(step)})
-            for f in failed:
-                self.listeners.checkpoint({"event": "checkpoint_failed", "step": f.step, "time": time.time(),
-                                           "reason": f.detail})
-        except Exception as e:
-            error = e
-        if judge:
-            if committed:
-                self.healer.checkpoint_committed()
-            for f in failed:
-                self.healer.checkpoint_failed(f.step, f.detail, now, f.ranks)
-        if error is not None:
-            raise error
-        return failed
+    def _judged(self, out: Settled, now: int) -> list:
+        """The checkpoints' outcome to the healer (which retakes a failed one, or stops the run); the failures. An
+        event that could not be written (DiskFull) is raised after."""
+        if out.committed:
+            self.healer.checkpoint_committed()
+        for f in out.failed:
+            self.healer.checkpoint_failed(f.step, f.detail, now, f.ranks)
+        out.raise_error()
+        return out.failed
 
     def finish_checkpoints(self) -> list:
         """Wait for the writes in flight and commit what they complete; the checkpoints that failed."""
-        committed, failed = self.checkpoints.finish(self.actors, self.cfg.cluster.step_timeout_s)
-        return self._checkpoint_outcomes(committed, failed, self.last_step)
+        return self._judged(self.events.finish(self.actors, self.cfg.cluster.step_timeout_s), self.last_step)
+
+    def run_end(self) -> RunEnd:
+        """What the end of the run works with (run_end.py)."""
+        return RunEnd(self.cfg, Path(self.run_dir), self.history, self.checkpoints, self.events, self.devices,
+                      self.healer, self.listeners, self.injector, self.recovery, self.goodput, self.status,
+                      lambda state, reason: self.write_status(state, reason=reason), self.metrics, self.progress,
+                      self.alerts, self.t_loop, self.stop_signal, self.val_loss)
 
     # ------------------------------------------------------------- helpers
     def _build(self, ranks, timeout_s: float, what: str) -> None:

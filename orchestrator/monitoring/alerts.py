@@ -292,5 +292,16 @@ class AlertEngine(RunListener):
             self.webhook.wait(timeout_s)
 
 
-__all__ = ["Alert", "AlertEngine", "Context", "Webhook", "measure", "RULES", "ACTIONS", "DEFAULT_THRESHOLD",
+def acting(fired: list[Alert], skipped: bool) -> tuple[str, str, str] | None:
+    """What the alerts fired on a step ask of the run, by their actions: (the rules, "stop", "skip" or "rollback",
+    the details) for the Healer to decide on, the strongest action first; None when only to record or notify. A
+    step whose update was skipped anyway has nothing to rewind: only a stop acts on it."""
+    acts = [a for a in fired if a.action in (("stop",) if skipped else ("rollback", "skip", "stop"))]
+    if not acts:
+        return None
+    action = next(x for x in ("stop", "skip", "rollback") if any(a.action == x for a in acts))
+    return "+".join(a.rule for a in acts), action, "; ".join(a.detail for a in acts)
+
+
+__all__ = ["Alert", "acting", "AlertEngine", "Context", "Webhook", "measure", "RULES", "ACTIONS", "DEFAULT_THRESHOLD",
            "INCIDENT_RULES"]
