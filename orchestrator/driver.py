@@ -23,28 +23,26 @@ from typing import Any
 
 from orchestrator.checkpoint.coordinator import Checkpoints
 from orchestrator.checkpoint.events import CheckpointEvents, Settled
-from orchestrator.checkpoint.timeline import ResumePlan, plan_resume
-from orchestrator.config import Config, FaultSpec, to_dict
+from orchestrator.checkpoint.timeline import ResumePlan
+from orchestrator.config import Config, FaultSpec
 from orchestrator.device.actor import StepReport
-from orchestrator.device.group import DeviceGroup, get
+from orchestrator.device.group import DeviceGroup
 from orchestrator.errors import RunError
 from orchestrator.experts.balancer import Balancer
-from orchestrator.healing import (Decision, Healer, Incident, IncidentKind, Injector, StepFailure, Watch, fault_rule,
-                                  plan_faults)
+from orchestrator.healing import Decision, Healer, IncidentKind, Injector, StepFailure, Watch, plan_faults
+from orchestrator.healing.faults import make_happen
 from orchestrator.healing.recovery import Recovery
 from orchestrator.monitoring.alerts import AlertEngine, Context, acting
 from orchestrator.monitoring.goodput import Goodput
 from orchestrator.monitoring.history import RunHistory
 from orchestrator.monitoring.listeners import IncidentLog, Listeners
-from orchestrator.monitoring.metrics import MetricsStream, check_sinks, flops_per_token, step_record
-from orchestrator.monitoring.rundir import FIX
+from orchestrator.monitoring.metrics import MetricsStream, flops_per_token, step_record
 from orchestrator.monitoring.status import Progress, StatusFile
 from orchestrator.monitoring.summary import RunSummary, history_len
 from orchestrator.runtime import signals
-from orchestrator.runtime.disk import DiskFull, full
 from orchestrator.runtime.runlock import hold_run
-from orchestrator.run_end import RunEnd, end_work
-from orchestrator.run_start import log_devices, open_monitoring, rewind_run_dir, start_devices
+from orchestrator.run_end import RunEnd, end_work, failure_of, nothing_to_do, raise_failure
+from orchestrator.run_start import check_before_start, log_devices, open_monitoring, rewind_run_dir, start_devices
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +74,6 @@ class Driver:
         self.checkpoints: Checkpoints | None = None
         self.events: CheckpointEvents | None = None   # the checkpoints' commits and failures told (prepare())
         self.recovery: Recovery | None = None    # made with the checkpoints (prepare())
-        self.data_refs: tuple[Any, Any] | None = None
         self.injector, self.watch, self.healer = Injector(plan_faults(cfg)), Watch(cfg), Healer(cfg)
         self.goodput = Goodput()
         self.balancer = Balancer(cfg)
@@ -99,29 +96,21 @@ class Driver:
     def prepare(self) -> ResumePlan:
         """Where the run starts and whether its data is good; nothing is started or written yet."""
         if self.checkpoints is None:
-            check_sinks(self.cfg)
-            if self.cfg.train.freeze:   # every pattern names a parameter (the jobs check it before Ray starts)
-                from orchestrator.memory.plan import frozen_names
-
-                frozen_names(self.cfg)
-            self.plan = self.plan or plan_resume(self.cfg, self.run_dir, self.run_id)
-            for warning in self.plan.warnings:
-                log.warning("%s", warning)
+            self.plan = check_before_start(self.cfg, self.run_dir, self.plan, self.run_id)
             # the schedule's horizon as the devices use it: the checkpoint's on resume (timeline.plan_resume)
             self.cfg = replace(self.cfg, train=replace(self.cfg.train, lr_horizon=self.plan.lr_horizon))
             self.checkpoints = Checkpoints(self.cfg, self.plan, self.goodput)
             self.events = CheckpointEvents(self.checkpoints, self.listeners)
             self.recovery = Recovery(self.cfg, self.plan, self.devices, self.checkpoints, self.balancer, self.healer,
-                                     self.watch, self.goodput, self.history, self.listeners, self._build)
+                                     self.watch, self.goodput, self.history, self.listeners, self.devices.build)
         return self.plan
 
     def start(self) -> None:
         """The data, the devices (checked against the memory plan) and every device's shard (run_start.py)."""
         cfg = self.cfg
         started = start_devices(cfg, Path(self.run_dir), self.prepare(), self.devices, self.checkpoints)
-        self.data_refs, self.mixed_precision, self.peak_flops = \
-            started.data_refs, started.mixed_precision, started.peak_flops
-        self._build(range(self.world), cfg.cluster.start_timeout_s, "build device shards")
+        self.mixed_precision, self.peak_flops = started.mixed_precision, started.peak_flops
+        self.devices.build(range(self.world), cfg.cluster.start_timeout_s, "build device shards")
         log_devices(cfg, self.devices)
 
     @property
@@ -155,10 +144,7 @@ class Driver:
     def _run(self) -> RunSummary:
         t_start = time.perf_counter()
         if self.prepare().complete:
-            log.info("the checkpoint of step %d is at train.steps=%d: the run is complete, nothing to do",
-                     self.plan.step, self.cfg.train.steps)
-            return RunSummary(str(self.run_dir), 0, None, None, 0.0, 0.0, 0.0, resumed_from_step=self.plan.step,
-                              run_id=self.plan.run_id)
+            return nothing_to_do(self.plan, self.cfg.train.steps, self.run_dir)
         restore_signals = self._install_signal_handlers()
         outcome, reason = "failed", None   # until the run gets to its end
         interrupted = None  # a second SIGINT/SIGTERM (orchestrator/runtime/signals.py): end work below, then raised again
@@ -176,23 +162,15 @@ class Driver:
             except KeyboardInterrupt as e:  # Ray's blocking calls turn Interrupted into a plain KeyboardInterrupt
                 self.state, interrupted, outcome = RunState.FAILED, signals.interrupted(e), "interrupted"
             except BaseException as e:  # the run failed: its end work first (the devices released), then the error
-                if full(e) and not isinstance(e, DiskFull):  # a write of a library (TensorBoard's, a tokenizer's)
-                    e = DiskFull(e.filename or self.run_dir, None, FIX)
-                self.state, failure = RunState.FAILED, e
-                reason = str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
+                self.state, (failure, reason) = RunState.FAILED, failure_of(e, self.run_dir)
             self.ending = True
             outcome, interrupted, summary = end_work(self.run_end(), outcome, reason, interrupted, t_start)
         finally:
             restore_signals()  # only now: a signal during the end work is the run's to count, not an interruption
         if interrupted is not None:
             raise interrupted
-        if isinstance(failure, DiskFull):  # where the run stands and how to go on, in the same one line
-            newest = self.checkpoints.last_checkpoint(self.last_step)
-            at = f"its newest committed checkpoint is step {newest}" if newest else "it has no committed checkpoint"
-            raise RunError(f"{failure}; the run stopped, {at}: resume with train.resume=latest once there is room") \
-                from failure
         if failure is not None:
-            raise failure
+            raise_failure(failure, self.checkpoints.last_checkpoint(self.last_step))
         return summary
 
     # ----------------------------------------------------------- the states
@@ -284,17 +262,8 @@ class Driver:
         """A step kept: into the history and totals (what no rewind can need forgotten), its re-placement and
         checkpoint or snapshot, its validation; its record to the listeners (then its checkpoint can commit: a
         committed checkpoint's step is in the log), the progress line and status.json."""
-        if self.history.keep(step, rec):
-            self.goodput.recomputed += wall
-            self.goodput.steps_recomputed += 1
-        else:
-            self.goodput.productive += wall
-        # A rewind goes back to an in-memory snapshot; rarely (snapshots lost with their node) to the newest
-        # committed checkpoint, whose totals are then read back from metrics.jsonl (RunHistory.rewind).
-        first = self.history.first
-        floor = min([s.step for s in self.checkpoints.snapshots.items] + [step])
-        self.history.forget(floor)
-        self.alerts.forget(floor, {first - 1}, min(floor, max(self.checkpoints.committed_steps, default=first - 1)))
+        self.goodput.kept(wall, replayed=self.history.keep(step, rec))
+        self.recovery.forget(step, self.alerts)
         if self.balancer.due(step, list(self.history)):  # before the step's checkpoint: it holds the new placement
             rec["replacement"] = self.replace_experts(step)
         if self.after_step(step):
@@ -322,10 +291,7 @@ class Driver:
             if not dead and (not wanted or not failed):
                 return None
             if dead:
-                now = time.time()
-                incidents = [Incident(last, IncidentKind.DEAD, r, self.devices.node_of(r), now,
-                                      "died at the end of the run (final checkpoint, validation ahead)") for r in dead]
-                return self.healer.failed_step(StepFailure(last, incidents, time.perf_counter()))
+                return self.healer.died_at_end(last, dead, self.devices.node_of)
             self._save_final(last)
 
     def _save_final(self, step: int) -> None:
@@ -334,21 +300,17 @@ class Driver:
         self.events.started(step)
 
     def _devices_needed(self) -> bool:
-        """Does the end of the run still need every device (the final validation)?"""
+        """Does the end of the run still need every device (the final validation; not when the last step's
+        periodic validation scored it already)?"""
         return bool(self.cfg.train.eval_batches) and not self.stop_signal and bool(self.history) \
             and self.history[-1].get("val_loss") is None
 
     def _final_validation(self) -> None:
-        cfg = self.cfg
-        if not cfg.train.eval_batches or self.stop_signal or not self.history:
-            return
-        last = self.history[-1]
-        if last.get("val_loss") is not None:  # just scored by the periodic validation
-            self.val_loss = last["val_loss"]
-            return
-        self.val_loss = self._get([a.evaluate.remote(cfg.train.eval_batches) for a in self.actors],
-                                  cfg.cluster.step_timeout_s, "evaluate")[0]
-        self.metrics.validation(last["step"], self.val_loss)
+        if self._devices_needed():
+            self.val_loss = self.devices.evaluate(self.cfg.train.eval_batches, self.cfg.cluster.step_timeout_s)
+            self.metrics.validation(self.history[-1]["step"], self.val_loss)
+        elif self.cfg.train.eval_batches and not self.stop_signal and self.history:
+            self.val_loss = self.history[-1]["val_loss"]   # just scored by the periodic validation
 
     # ------------------------------------------------------- devices, state
     def dead_ranks(self) -> list[int]:
@@ -369,54 +331,27 @@ class Driver:
         self.recovery.snapshot(step, always)
 
     def replace_experts(self, step: int) -> dict[str, Any] | None:
-        """Live expert re-placement between two steps: plan; if worth it, every device adopts the new placement and
-        takes the experts it now holds (weights and AdamW moments) from the snapshot of this step, which every
-        device has just taken; then a snapshot in the new placement. Nothing restarts, the math is unchanged."""
-        plan = self.balancer.plan(list(self.history))
-        if plan is None:
-            return None
-        new, before, after = plan
-        t0 = time.perf_counter()
-        items = self.checkpoints.snapshots.items
-        if not items or items[-1].step != step:
-            self.snapshot(step, always=True)
-        self.recovery.move_experts(step, new)
-        seconds = time.perf_counter() - t0
-        log.info("step %d: experts re-placed in %.2fs; planned device max/mean load %.3f -> %.3f", step, seconds,
-                 before, after)
-        return {"seconds": seconds, "device_imbalance_before": before, "device_imbalance_planned": after,
-                "placement": new}
+        """Live expert re-placement between two steps, if worth it (Recovery.replace_experts); what it did."""
+        return self.recovery.replace_experts(step)
 
     def global_parameters(self) -> dict[str, Any]:
         """Every parameter of the model, gathered from the devices (experts by global id)."""
-        merged: dict[str, Any] = {}
-        for part in self._get([a.global_parameters.remote() for a in self.actors],
-                              self.cfg.cluster.step_timeout_s, "report their parameters"):
-            merged.update(part)
-        return merged
+        return self.devices.global_parameters(self.cfg.cluster.step_timeout_s)
 
     def shutdown(self) -> None:
         self.devices.shutdown()
 
     # ------------------------------------------------------------- faults
     def inject(self, fault: FaultSpec, step: int) -> None:
-        """Make a planned fault happen, as its kind's rule says (healing/faults.py FAULTS; DeviceGroup.inject)."""
-        rule = fault_rule(fault.kind)
-        if rule.kills:
-            # The fault strikes in its step: after the snapshot of the step before. (A kill landing while a
-            # snapshot's reply is still on its way loses that snapshot: recovery then goes back one step more.)
-            self.checkpoints.snapshots.wait_newest(self.cfg.faults.recovery_timeout_s)
-        if rule.fails_save:  # the checkpoint after this step is taken, and one shard write of it fails
-            self.checkpoints.force.add(step)
-        self.devices.inject(fault)
+        """Make a planned fault happen, as its kind's rule says (healing/faults.py make_happen)."""
+        make_happen(fault, step, self.devices, self.checkpoints, self.cfg.faults.recovery_timeout_s)
 
     def _periodic_eval(self, rec: dict[str, Any]) -> None:
         """Validation loss after this step (into its record). A device failing here is left to the next step's
         watch and healer; the run goes on without this value."""
         try:
-            self.val_loss = rec["val_loss"] = self._get(
-                [a.evaluate.remote(self.cfg.train.eval_batches) for a in self.actors],
-                self.cfg.cluster.step_timeout_s, "evaluate")[0]
+            self.val_loss = rec["val_loss"] = self.devices.evaluate(self.cfg.train.eval_batches,
+                                                                    self.cfg.cluster.step_timeout_s)
         except Exception as e:
             log.warning("validation after step %d failed (%s); the next step will find out why", rec["step"], e)
 
@@ -475,16 +410,6 @@ class Driver:
                       self.alerts, self.t_loop, self.stop_signal, self.val_loss)
 
     # ------------------------------------------------------------- helpers
-    def _build(self, ranks, timeout_s: float, what: str) -> None:
-        """The devices of `ranks` build their shards (initial state: init keyed by seed, rank and expert id)."""
-        assert self.data_refs is not None
-        cfg = to_dict(self.cfg)
-        cfg["train"]["mixed_precision"] = self.mixed_precision
-        self._get([self.actors[r].build.remote(cfg, r, self.world, *self.data_refs) for r in ranks], timeout_s, what)
-
-    def _get(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
-        return get(refs, timeout_s, what)
-
     def _install_signal_handlers(self):
         """The first SIGINT/SIGTERM sets stop_signal (stop after the step in flight), unless every step has
         finished: then the run ends as a finished one (its final checkpoint, validation and results; exit 0).

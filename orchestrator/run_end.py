@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from orchestrator.errors import RunError
+from orchestrator.monitoring.rundir import FIX
 from orchestrator.monitoring.summary import RunSummary, write_results
 from orchestrator.runtime import signals
+from orchestrator.runtime.disk import DiskFull, full
 
 if TYPE_CHECKING:
     from orchestrator.checkpoint.coordinator import Checkpoints
@@ -132,6 +135,29 @@ def summarize(d: RunEnd, wall_s: float, interrupted=None, state: str = "finished
     return summary
 
 
+def nothing_to_do(plan: Any, steps: int, run_dir: Path) -> RunSummary:
+    """A run whose checkpoint is at train.steps already: nothing is started, nothing written."""
+    log.info("the checkpoint of step %d is at train.steps=%d: the run is complete, nothing to do", plan.step, steps)
+    return RunSummary(str(run_dir), 0, None, None, 0.0, 0.0, 0.0, resumed_from_step=plan.step, run_id=plan.run_id)
+
+
+def failure_of(e: BaseException, run_dir: Path) -> tuple[BaseException, str]:
+    """The run's own error as raised after its end work, and the reason status.json and summary.json give."""
+    if full(e) and not isinstance(e, DiskFull):  # a write of a library (TensorBoard's, a tokenizer's)
+        e = DiskFull(e.filename or run_dir, None, FIX)
+    return e, str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
+
+
+def raise_failure(failure: BaseException, newest: int | None) -> None:
+    """Raise the run's error after its end work; a full disk says where the run stands and how to go on, in the
+    same one line (`newest`: the newest committed checkpoint)."""
+    if isinstance(failure, DiskFull):
+        at = f"its newest committed checkpoint is step {newest}" if newest else "it has no committed checkpoint"
+        raise RunError(f"{failure}; the run stopped, {at}: resume with train.resume=latest once there is room") \
+            from failure
+    raise failure
+
+
 def _settle_before_shutdown(d: RunEnd) -> None:
     """A run that fails still commits the checkpoints whose shards are written (they do not depend on the step
     that failed), but not one whose step's record never reached metrics.jsonl (a full run directory: a
@@ -144,4 +170,4 @@ def _settle_before_shutdown(d: RunEnd) -> None:
     out.raise_error()
 
 
-__all__ = ["RunEnd", "end_work", "summarize"]
+__all__ = ["RunEnd", "end_work", "summarize", "nothing_to_do", "failure_of", "raise_failure"]

@@ -11,13 +11,13 @@ from typing import Any
 import ray
 
 from orchestrator.checkpoint.coordinator import Checkpoints
-from orchestrator.checkpoint.timeline import ResumePlan, record_run_id, retire
-from orchestrator.config import Config
+from orchestrator.checkpoint.timeline import ResumePlan, plan_resume, record_run_id, retire
+from orchestrator.config import Config, to_dict
 from orchestrator.data.source import load_data, resolve_tokenizer
 from orchestrator.device.group import DeviceGroup
 from orchestrator.monitoring.alerts import AlertEngine
 from orchestrator.monitoring.listeners import Listeners
-from orchestrator.monitoring.metrics import MetricsStream, peak_flops
+from orchestrator.monitoring.metrics import MetricsStream, check_sinks, peak_flops
 from orchestrator.monitoring.rundir import rewind_logs
 from orchestrator.monitoring.status import Progress, write_memory_plan
 
@@ -26,18 +26,31 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Started:
-    """What the started devices settled: the data in Ray's object store (train, validation), the precision the
-    hardware allows, one device's peak FLOP/s (for MFU; None when unknown)."""
-    data_refs: tuple[Any, Any]
+    """What the started devices settled: the precision the hardware allows, one device's peak FLOP/s (for MFU;
+    None when unknown)."""
     mixed_precision: str
     peak_flops: float | None
+
+
+def check_before_start(cfg: Config, run_dir: Path, plan: ResumePlan | None, run_id: str | None) -> ResumePlan:
+    """The sinks and frozen-parameter patterns checked, and where the run starts (`plan`, else planned now:
+    timeline.plan_resume), its warnings logged; nothing is started or written yet."""
+    check_sinks(cfg)
+    if cfg.train.freeze:   # every pattern names a parameter (the jobs check it before Ray starts)
+        from orchestrator.memory.plan import frozen_names
+
+        frozen_names(cfg)
+    plan = plan or plan_resume(cfg, run_dir, run_id)
+    for warning in plan.warnings:
+        log.warning("%s", warning)
+    return plan
 
 
 def start_devices(cfg: Config, run_dir: Path, plan: ResumePlan, devices: DeviceGroup,
                   checkpoints: Checkpoints) -> Started:
     """The data loaded and checked, the tokenizer saved, the checkpoint storage reached; then every device
-    started and checked against the memory plan (ConfigError before any shard is built). The shards are built
-    after (Driver._build)."""
+    started and checked against the memory plan (ConfigError before any shard is built), and given what their
+    shards are built from (the config with the settled precision, the data in Ray's object store: build())."""
     tokenizer = resolve_tokenizer(cfg)   # None: bytes; trained first when data.train_tokenizer asks
     corpus = load_data(cfg, tokenizer)
     corpus.check_vocab(cfg.model.vocab_size, cfg.data.path)
@@ -58,8 +71,10 @@ def start_devices(cfg: Config, run_dir: Path, plan: ResumePlan, devices: DeviceG
     ck = cfg.checkpoint
     if ck.every_steps or ck.at_end or ck.on_signal:
         devices.check_storage_reach(ckpt.storage)
-    return Started((ray.put(corpus.train), ray.put(corpus.val)), mixed_precision,
-                   peak_flops(cfg, devices.info[0].get("gpu_name"), mixed_precision))
+    shard_cfg = to_dict(cfg)
+    shard_cfg["train"]["mixed_precision"] = mixed_precision
+    devices.shard_inputs = (shard_cfg, ray.put(corpus.train), ray.put(corpus.val))
+    return Started(mixed_precision, peak_flops(cfg, devices.info[0].get("gpu_name"), mixed_precision))
 
 
 def check_gpu_memory(cfg: Config, info: list[dict[str, Any]], mixed_precision: str) -> None:
@@ -108,4 +123,4 @@ def open_monitoring(cfg: Config, run_dir: Path, first: int, listeners: Listeners
     return metrics, alerts, Progress(cfg.train.steps, cfg.run.progress, first_step=first)
 
 
-__all__ = ["Started", "start_devices", "check_gpu_memory", "log_devices", "rewind_run_dir", "open_monitoring"]
+__all__ = ["check_before_start", "Started", "start_devices", "check_gpu_memory", "log_devices", "rewind_run_dir", "open_monitoring"]

@@ -107,6 +107,14 @@ class Healer:
                     ", ".join(f"{i.rank}:{i.kind}" for i in failure.incidents), replace or "none")
         return Decision(failure.incidents, replace, reform=True)
 
+    def died_at_end(self, step: int, dead: list[int], node_of) -> Decision:
+        """Devices found dead after the last step (`node_of`: a rank's node): heal the group as for a failed step,
+        so that the final checkpoint and validation have every device."""
+        now = time.time()
+        incidents = [Incident(step, IncidentKind.DEAD, r, node_of(r), now,
+                              "died at the end of the run (final checkpoint, validation ahead)") for r in dead]
+        return self.failed_step(StepFailure(step, incidents, time.perf_counter()))
+
     def completed_step(self, step: int, reports: list["StepReport"], incidents: list[Incident]) -> Decision | None:
         """A completed step with incidents. None: keep the step; else a rollback to carry out."""
         self._record(incidents)
