@@ -2,17 +2,17 @@
 
 RunState: STARTING (prepare(): the run's id, folder and starting point, checked before anything starts; start():
 the DeviceGroup and every shard; the checkpoint resumed from loaded; the abandoned timeline retired and the run
-directory rewound) -> STEPPING (planned faults, every actor's train_step collected by the Watch within a learned
-deadline; incidents judged by the Healer; a kept step's record to the listeners, its checkpoint or snapshot)
--> RECOVERING (a Healer's Decision carried out by Recovery: replace, restore, rewind; then stepping again)
--> FINISHING (the final checkpoint, healed and retaken if a device dies meanwhile; validation) -> DONE; an error
-ends it FAILED. Then the end work, whatever ended the run (_end_work: status.json, the devices released,
+directory rewound: run_start.py) -> STEPPING (planned faults, every actor's train_step collected by the Watch
+within a learned deadline; incidents judged by the Healer; a kept step's record to the listeners, its checkpoint
+or snapshot) -> RECOVERING (a Healer's Decision carried out by Recovery: replace, restore, rewind; then stepping
+again) -> FINISHING (the final checkpoint, healed and retaken if a device dies meanwhile; validation) -> DONE; an
+error ends it FAILED. Then the end work, whatever ended the run (run_end.py: status.json, the devices released,
 summary.json, goodput.json, report.html, each as far as it can, with the run's outcome and reason).
 Collaborators: Healer (policy), Recovery (mechanism), Checkpoints (written in the background, committed when
-every shard is written, whatever later steps do), listeners (metrics.jsonl and sinks, incidents.jsonl, alert
-rules), RunHistory (bounded: a window of recent records and running totals, never the history).
-"""
-from __future__ import annotations
+every shard is written, whatever later steps do; their commits and failures told by CheckpointEvents, judged by
+the Healer), listeners (metrics.jsonl and sinks, incidents.jsonl, alert rules), RunHistory (bounded: a window of
+recent records and running totals, never the history), StatusFile (status.json).
+"""from __future__ import annotations
 
 import logging
 import time
@@ -32,7 +32,7 @@ from orchestrator.experts.balancer import Balancer
 from orchestrator.healing import Decision, Healer, IncidentKind, Injector, StepFailure, Watch, plan_faults
 from orchestrator.healing.faults import make_happen
 from orchestrator.healing.recovery import Recovery
-from orchestrator.monitoring.alerts import AlertEngine, Context, acting
+from orchestrator.monitoring.alerts import AlertEngine, Context
 from orchestrator.monitoring.goodput import Goodput
 from orchestrator.monitoring.history import RunHistory
 from orchestrator.monitoring.listeners import IncidentLog, Listeners
@@ -68,7 +68,7 @@ class Driver:
         self.devices = DeviceGroup(cfg)
         self.mixed_precision = cfg.train.mixed_precision   # settled in start() from the devices' hardware
         self.stop_signal: str | None = None
-        self.ending = False                   # in the end work (_end_work): a first signal stops nothing more
+        self.ending = False                   # in the end work (run_end.py): a first signal stops nothing more
         self.plan = plan
         self.run_id: str | None = None      # decided with the run directory held (run())
         self.checkpoints: Checkpoints | None = None
@@ -215,7 +215,9 @@ class Driver:
         if decision is not None:
             return self._decided(decision, f"step {step} rolled back: {incidents[0].detail}", rolled_back=wall)
         rec = self._record(step, reports, wall)
-        decision = self._alerts(step, rec)
+        acts = self.alerts.check(rec, list(self.history),   # the alert rules: the Healer decides on their actions
+                                 Context(self.healer.recovery_steps, self.checkpoints.last_checkpoint(step)))
+        decision = self.healer.alert(step, *acts) if acts else None
         if decision is not None:
             return self._decided(decision, f"step {step} rolled back by an alert", rolled_back=wall)
         self._keep(step, rec, wall, reports)
@@ -362,15 +364,6 @@ class Driver:
         self.status.write(state, reason, last, self.val_loss, checkpoint,
                           self.progress.step_time_ema if self.progress else None, self.healer, self.devices, reports)
 
-    def _alerts(self, step: int, rec: dict[str, Any]) -> Decision | None:
-        """Check the alert rules on this step's record; the Healer's Decision when one's action asks for one."""
-        fired = self.alerts.evaluate(rec, list(self.history),
-                                     Context(self.healer.recovery_steps, self.checkpoints.last_checkpoint(step)))
-        if fired:
-            rec["alerts"] = [a.rule for a in fired]
-        act = acting(fired, bool(rec.get("skipped")))
-        return self.healer.alert(step, *act) if act else None
-
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int) -> None:
         """Every device snapshots the state after `step` and writes its shard in the background."""
@@ -391,10 +384,7 @@ class Driver:
     def _judged(self, out: Settled, now: int) -> list:
         """The checkpoints' outcome to the healer (which retakes a failed one, or stops the run); the failures. An
         event that could not be written (DiskFull) is raised after."""
-        if out.committed:
-            self.healer.checkpoint_committed()
-        for f in out.failed:
-            self.healer.checkpoint_failed(f.step, f.detail, now, f.ranks)
+        self.healer.checkpoints_settled(out.committed, out.failed, now)
         out.raise_error()
         return out.failed
 

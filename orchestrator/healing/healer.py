@@ -220,6 +220,14 @@ class Healer:
     def checkpoint_committed(self) -> None:
         self.checkpoint_failures, self.checkpoint_retry_at = 0, None
 
+    def checkpoints_settled(self, committed: list[int], failed: list[Any], current_step: int) -> None:
+        """What became of the checkpoints in flight (checkpoint/events.py Settled): a commit resets the retries,
+        each failure (a CheckpointFailure: step, detail, ranks) is retaken later or stops the run."""
+        if committed:
+            self.checkpoint_committed()
+        for f in failed:
+            self.checkpoint_failed(f.step, f.detail, current_step, f.ranks)
+
     def report(self) -> list[dict[str, Any]]:
         return [asdict(i) for i in self.incidents]
 

@@ -200,6 +200,14 @@ class AlertEngine(RunListener):
         self.states[step] = (list(self.streak), list(self.firing))
         return fired
 
+    def check(self, rec: dict[str, Any], history: list[dict[str, Any]], ctx: Context) -> tuple[str, str, str] | None:
+        """The rules evaluated on a step's record (the rules fired noted in it, `alerts`); what they ask of the run
+        (acting)."""
+        fired = self.evaluate(rec, history, ctx)
+        if fired:
+            rec["alerts"] = [a.rule for a in fired]
+        return acting(fired, bool(rec.get("skipped")))
+
     def rewind(self, back: int) -> None:
         """The driver went back to after step `back`: the rules' state is what it was then."""
         self.states = {s: v for s, v in self.states.items() if s <= back}
