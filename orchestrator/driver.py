@@ -12,7 +12,8 @@ Collaborators: Healer (policy), Recovery (mechanism), Checkpoints (written in th
 every shard is written, whatever later steps do; their commits and failures told by CheckpointEvents, judged by
 the Healer), listeners (metrics.jsonl and sinks, incidents.jsonl, alert rules), RunHistory (bounded: a window of
 recent records and running totals, never the history), StatusFile (status.json).
-"""from __future__ import annotations
+"""
+from __future__ import annotations
 
 import logging
 import time
