@@ -2,50 +2,48 @@
 
 RunState: STARTING (prepare(): the run's id, folder and starting point, checked before anything starts; start():
 the DeviceGroup and every shard; the checkpoint resumed from loaded; the abandoned timeline retired and the run
-directory rewound) -> STEPPING (planned faults, every actor's train_step collected by the Watch within a learned
-deadline; incidents judged by the Healer; a kept step's record to the listeners, its checkpoint or snapshot)
--> RECOVERING (a Healer's Decision carried out by Recovery: replace, restore, rewind; then stepping again)
--> FINISHING (the final checkpoint, healed and retaken if a device dies meanwhile; validation) -> DONE; an error
-ends it FAILED. Then the end work, whatever ended the run (_end_work: status.json, the devices released,
+directory rewound: run_start.py) -> STEPPING (planned faults, every actor's train_step collected by the Watch
+within a learned deadline; incidents judged by the Healer; a kept step's record to the listeners, its checkpoint
+or snapshot) -> RECOVERING (a Healer's Decision carried out by Recovery: replace, restore, rewind; then stepping
+again) -> FINISHING (the final checkpoint, healed and retaken if a device dies meanwhile; validation) -> DONE; an
+error ends it FAILED. Then the end work, whatever ended the run (run_end.py: status.json, the devices released,
 summary.json, goodput.json, report.html, each as far as it can, with the run's outcome and reason).
 Collaborators: Healer (policy), Recovery (mechanism), Checkpoints (written in the background, committed when
-every shard is written, whatever later steps do), listeners (metrics.jsonl and sinks, incidents.jsonl, alert
-rules), RunHistory (bounded: a window of recent records and running totals, never the history).
+every shard is written, whatever later steps do; their commits and failures told by CheckpointEvents, judged by
+the Healer), listeners (metrics.jsonl and sinks, incidents.jsonl, alert rules), RunHistory (bounded: a window of
+recent records and running totals, never the history), StatusFile (status.json).
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import ray
-
 from orchestrator.checkpoint.coordinator import Checkpoints
-from orchestrator.checkpoint.timeline import ResumePlan, plan_resume, record_run_id, retire
-from orchestrator.config import Config, FaultSpec, to_dict
-from orchestrator.data.source import load_data, resolve_tokenizer
+from orchestrator.checkpoint.events import CheckpointEvents, Settled
+from orchestrator.checkpoint.timeline import ResumePlan
+from orchestrator.config import Config, FaultSpec
 from orchestrator.device.actor import StepReport
-from orchestrator.device.group import DeviceGroup, get
+from orchestrator.device.group import DeviceGroup
 from orchestrator.errors import RunError
 from orchestrator.experts.balancer import Balancer
-from orchestrator.healing import (Decision, Healer, Incident, IncidentKind, Injector, StepFailure, Watch, fault_rule,
-                                  plan_faults)
+from orchestrator.healing import Decision, Healer, IncidentKind, Injector, StepFailure, Watch, plan_faults
+from orchestrator.healing.faults import make_happen
 from orchestrator.healing.recovery import Recovery
 from orchestrator.monitoring.alerts import AlertEngine, Context
 from orchestrator.monitoring.goodput import Goodput
 from orchestrator.monitoring.history import RunHistory
 from orchestrator.monitoring.listeners import IncidentLog, Listeners
-from orchestrator.monitoring.metrics import MetricsStream, check_sinks, flops_per_token, peak_flops, step_record
-from orchestrator.monitoring.rundir import FIX, rewind_logs
-from orchestrator.monitoring.status import Progress, device_status, write_memory_plan, write_status
+from orchestrator.monitoring.metrics import MetricsStream, flops_per_token, step_record
+from orchestrator.monitoring.status import Progress, StatusFile
 from orchestrator.monitoring.summary import RunSummary, history_len
 from orchestrator.runtime import signals
-from orchestrator.runtime.disk import DiskFull, full
 from orchestrator.runtime.runlock import hold_run
-from orchestrator.run_end import end_work
+from orchestrator.run_end import RunEnd, end_work, failure_of, nothing_to_do, raise_failure
+from orchestrator.run_start import check_before_start, log_devices, open_monitoring, rewind_run_dir, start_devices
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +69,12 @@ class Driver:
         self.devices = DeviceGroup(cfg)
         self.mixed_precision = cfg.train.mixed_precision   # settled in start() from the devices' hardware
         self.stop_signal: str | None = None
-        self.ending = False                   # in the end work (_end_work): a first signal stops nothing more
+        self.ending = False                   # in the end work (run_end.py): a first signal stops nothing more
         self.plan = plan
         self.run_id: str | None = None      # decided with the run directory held (run())
         self.checkpoints: Checkpoints | None = None
+        self.events: CheckpointEvents | None = None   # the checkpoints' commits and failures told (prepare())
         self.recovery: Recovery | None = None    # made with the checkpoints (prepare())
-        self.data_refs: tuple[Any, Any] | None = None
         self.injector, self.watch, self.healer = Injector(plan_faults(cfg)), Watch(cfg), Healer(cfg)
         self.goodput = Goodput()
         self.balancer = Balancer(cfg)
@@ -88,8 +86,7 @@ class Driver:
         self.t_loop: float | None = None      # when stepping began (goodput's wall time)
         self.metrics: MetricsStream | None = None
         self.progress: Progress | None = None
-        self.last_reports: list[StepReport] = []
-        self.status_s = 0.0                   # spent writing status.json
+        self.status = StatusFile(Path(run_dir), cfg.train.steps)
         self.alerts: AlertEngine | None = None
         self.skip_steps: set[int] = set()     # steps whose batch an alert's action=skip has the devices skip
         self.peak_flops: float | None = None  # of one device, for MFU
@@ -100,66 +97,22 @@ class Driver:
     def prepare(self) -> ResumePlan:
         """Where the run starts and whether its data is good; nothing is started or written yet."""
         if self.checkpoints is None:
-            check_sinks(self.cfg)
-            if self.cfg.train.freeze:   # every pattern names a parameter (the jobs check it before Ray starts)
-                from orchestrator.memory.plan import frozen_names
-
-                frozen_names(self.cfg)
-            self.plan = self.plan or plan_resume(self.cfg, self.run_dir, self.run_id)
-            for warning in self.plan.warnings:
-                log.warning("%s", warning)
+            self.plan = check_before_start(self.cfg, self.run_dir, self.plan, self.run_id)
             # the schedule's horizon as the devices use it: the checkpoint's on resume (timeline.plan_resume)
             self.cfg = replace(self.cfg, train=replace(self.cfg.train, lr_horizon=self.plan.lr_horizon))
             self.checkpoints = Checkpoints(self.cfg, self.plan, self.goodput)
+            self.events = CheckpointEvents(self.checkpoints, self.listeners)
             self.recovery = Recovery(self.cfg, self.plan, self.devices, self.checkpoints, self.balancer, self.healer,
-                                     self.watch, self.goodput, self.history, self.listeners, self._build)
+                                     self.watch, self.goodput, self.history, self.listeners, self.devices.build)
         return self.plan
+
     def start(self) -> None:
-        cfg, plan = self.cfg, self.prepare()
-        tokenizer = resolve_tokenizer(cfg)   # None: bytes; trained first when data.train_tokenizer asks
-        corpus = load_data(cfg, tokenizer)
-        corpus.check_vocab(cfg.model.vocab_size, cfg.data.path)
-        ckpt = self.checkpoints
-        if tokenizer is not None:   # in the run dir and beside local checkpoints: what export --hf ships with the model
-            tokenizer.save_pretrained(str(Path(self.run_dir) / "tokenizer"))
-            if ckpt.storage.local:
-                tokenizer.save_pretrained(str(Path(ckpt.storage.root) / "tokenizer"))
-        ckpt.storage.check()  # an unreachable checkpoint URI fails now, not at the first save
-        if corpus.val is None:
-            log.info("run %s: checkpoints in %s; data: %s", plan.run_id, ckpt.storage.shown, corpus.description)
-        else:
-            log.info("run %s: checkpoints in %s; data: %s, %d train / %d validation tokens", plan.run_id,
-                     ckpt.storage.shown, corpus.description, len(corpus.train), len(corpus.val))
-        self.devices.start()
-        self.mixed_precision = self.devices.settle_mixed_precision()
-        self._check_gpu_memory()
-        ck = cfg.checkpoint
-        if ck.every_steps or ck.at_end or ck.on_signal:
-            self.devices.check_storage_reach(ckpt.storage)
-        self.data_refs = (ray.put(corpus.train), ray.put(corpus.val))
-        self._build(range(self.world), cfg.cluster.start_timeout_s, "build device shards")
-        nodes = len({i["node_id"] for i in self.device_info})
-        self.peak_flops = peak_flops(cfg, self.device_info[0].get("gpu_name"), self.mixed_precision)
-        spares = cfg.faults.standby
-        log.info("devices: %d actors on %d node(s), backend %s%s", self.world, nodes, self.devices.backend,
-                 f", {spares} warm standby" if spares else "")
-        for rank, i in enumerate(self.device_info):
-            log.info("device %d: node %s (%s), pid %d%s", rank, str(i["node_id"])[:12], i["ip"], i["pid"],
-                     f", GPU {i['gpu_ids']} {i['gpu_name']}" if i.get("gpu_name") else "")
-
-    def _check_gpu_memory(self) -> None:
-        """The memory plan must fit each device's share of the smallest GPU (cluster.device_memory_gb unset), with
-        the precision the devices settled on: else ConfigError (exit 2) before any shard is built."""
-        c = self.cfg.cluster
-        gpu_memory = [i["gpu_memory"] for i in self.device_info if i.get("gpu_memory")]
-        if not (c.use_gpu and gpu_memory) or c.device_memory_gb:
-            return
-        from orchestrator.memory.plan import check_fits
-
-        cfg = replace(self.cfg, train=replace(self.cfg.train, mixed_precision=self.mixed_precision))
-        share = int(min(gpu_memory) * c.gpus_per_device)
-        check_fits(cfg, share, f"{c.gpus_per_device:g} of the smallest GPU's {min(gpu_memory) / 2**30:.1f} GiB; "
-                               f"set cluster.device_memory_gb to plan for another budget")
+        """The data, the devices (checked against the memory plan) and every device's shard (run_start.py)."""
+        cfg = self.cfg
+        started = start_devices(cfg, Path(self.run_dir), self.prepare(), self.devices, self.checkpoints)
+        self.mixed_precision, self.peak_flops = started.mixed_precision, started.peak_flops
+        self.devices.build(range(self.world), cfg.cluster.start_timeout_s, "build device shards")
+        log_devices(cfg, self.devices)
 
     @property
     def actors(self) -> list[Any]:
@@ -192,10 +145,7 @@ class Driver:
     def _run(self) -> RunSummary:
         t_start = time.perf_counter()
         if self.prepare().complete:
-            log.info("the checkpoint of step %d is at train.steps=%d: the run is complete, nothing to do",
-                     self.plan.step, self.cfg.train.steps)
-            return RunSummary(str(self.run_dir), 0, None, None, 0.0, 0.0, 0.0, resumed_from_step=self.plan.step,
-                              run_id=self.plan.run_id)
+            return nothing_to_do(self.plan, self.cfg.train.steps, self.run_dir)
         restore_signals = self._install_signal_handlers()
         outcome, reason = "failed", None   # until the run gets to its end
         interrupted = None  # a second SIGINT/SIGTERM (orchestrator/runtime/signals.py): end work below, then raised again
@@ -213,45 +163,28 @@ class Driver:
             except KeyboardInterrupt as e:  # Ray's blocking calls turn Interrupted into a plain KeyboardInterrupt
                 self.state, interrupted, outcome = RunState.FAILED, signals.interrupted(e), "interrupted"
             except BaseException as e:  # the run failed: its end work first (the devices released), then the error
-                if full(e) and not isinstance(e, DiskFull):  # a write of a library (TensorBoard's, a tokenizer's)
-                    e = DiskFull(e.filename or self.run_dir, None, FIX)
-                self.state, failure = RunState.FAILED, e
-                reason = str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
-            outcome, interrupted, summary = end_work(self, outcome, reason, interrupted, t_start)
+                self.state, (failure, reason) = RunState.FAILED, failure_of(e, self.run_dir)
+            self.ending = True
+            outcome, interrupted, summary = end_work(self.run_end(), outcome, reason, interrupted, t_start)
         finally:
             restore_signals()  # only now: a signal during the end work is the run's to count, not an interruption
         if interrupted is not None:
             raise interrupted
-        if isinstance(failure, DiskFull):  # where the run stands and how to go on, in the same one line
-            newest = self.checkpoints.last_checkpoint(self.last_step)
-            at = f"its newest committed checkpoint is step {newest}" if newest else "it has no committed checkpoint"
-            raise RunError(f"{failure}; the run stopped, {at}: resume with train.resume=latest once there is room") \
-                from failure
         if failure is not None:
-            raise failure
+            raise_failure(failure, self.checkpoints.last_checkpoint(self.last_step))
         return summary
 
     # ----------------------------------------------------------- the states
     def _starting(self) -> RunState:
         """The devices started and the checkpoint loaded; only now (the run continues after `first - 1`) are the
         abandoned timeline's checkpoints retired and the run directory's logs rewound; then the listeners."""
-        cfg = self.cfg
         self.start()
         self.next_step = first = self.restore() + 1
-        record_run_id(self.run_dir, self.plan.run_id)
-        write_memory_plan(self.run_dir, cfg)
-        retire(self.checkpoints.storage, self.plan.retire, self.plan.step)
-        rewind_logs(self.run_dir, self.plan.logs_through)
+        rewind_run_dir(self.cfg, Path(self.run_dir), self.plan, self.checkpoints.storage)
         self.history.begin(first)
-        self.metrics = MetricsStream(cfg, self.run_dir, first)
-        m = cfg.monitor
-        self.alerts = AlertEngine(m.alerts, self.run_dir / "alerts.jsonl", m.webhook_url, m.webhook_timeout_s,
-                                  m.webhook_retries)
-        self.alerts.on_fire = self.listeners.alert
-        self.listeners.add(self.metrics, self.alerts)
+        self.metrics, self.alerts, self.progress = open_monitoring(self.cfg, Path(self.run_dir), first, self.listeners)
         self.balancer.earlier = self.metrics.log.tail(self.history.maxlen)  # a resumed run's recent loads
         self.watch.rebuild(self.balancer.earlier)                          # ... and its spike history
-        self.progress = Progress(cfg.train.steps, cfg.run.progress, first_step=first)
         self.snapshot(first - 1)
         self.t_loop = time.perf_counter()
         return RunState.STEPPING
@@ -259,7 +192,7 @@ class Driver:
     def _stepping(self) -> RunState:
         """The next step: its faults, every device's step, judged (by the Watch, the Healer, the alert rules); kept
         (_keep), or a decision to carry out (RECOVERING). FINISHING after the last step or a stop signal."""
-        self._publish_incidents()
+        self.listeners.incidents(self.healer.take_new())
         if self.alerts.stop is not None:
             a = self.alerts.stop
             raise RunError(f"step {a.step}: alert {a.rule} ({a.detail}); stopping (its action is stop)")
@@ -283,7 +216,9 @@ class Driver:
         if decision is not None:
             return self._decided(decision, f"step {step} rolled back: {incidents[0].detail}", rolled_back=wall)
         rec = self._record(step, reports, wall)
-        decision = self._alerts(step, rec)
+        acts = self.alerts.check(rec, list(self.history),   # the alert rules: the Healer decides on their actions
+                                 Context(self.healer.recovery_steps, self.checkpoints.last_checkpoint(step)))
+        decision = self.healer.alert(step, *acts) if acts else None
         if decision is not None:
             return self._decided(decision, f"step {step} rolled back by an alert", rolled_back=wall)
         self._keep(step, rec, wall, reports)
@@ -305,7 +240,7 @@ class Driver:
         """The pending decision carried out (Recovery: replace, restore, rewind); stepping again after the step
         recovered. Writes finished before the fault commit first, whatever comes next."""
         (decision, why), self.pending = self.pending, None
-        self._poll_checkpoints(self.last_step)
+        self._judged(self.events.poll(self.actors), self.last_step)
         if decision.skip is not None:
             self.skip_steps.add(decision.skip)
         back = self.recovery.carry_out(decision, self.last_step, self.recover)
@@ -330,17 +265,8 @@ class Driver:
         """A step kept: into the history and totals (what no rewind can need forgotten), its re-placement and
         checkpoint or snapshot, its validation; its record to the listeners (then its checkpoint can commit: a
         committed checkpoint's step is in the log), the progress line and status.json."""
-        if self.history.keep(step, rec):
-            self.goodput.recomputed += wall
-            self.goodput.steps_recomputed += 1
-        else:
-            self.goodput.productive += wall
-        # A rewind goes back to an in-memory snapshot; rarely (snapshots lost with their node) to the newest
-        # committed checkpoint, whose totals are then read back from metrics.jsonl (RunHistory.rewind).
-        first = self.history.first
-        floor = min([s.step for s in self.checkpoints.snapshots.items] + [step])
-        self.history.forget(floor)
-        self.alerts.forget(floor, {first - 1}, min(floor, max(self.checkpoints.committed_steps, default=first - 1)))
+        self.goodput.kept(wall, replayed=self.history.keep(step, rec))
+        self.recovery.forget(step, self.alerts)
         if self.balancer.due(step, list(self.history)):  # before the step's checkpoint: it holds the new placement
             rec["replacement"] = self.replace_experts(step)
         if self.after_step(step):
@@ -349,7 +275,7 @@ class Driver:
             self._periodic_eval(rec)
         self.listeners.record(rec)
         self.history.recorded_through = step
-        self._poll_checkpoints(step)
+        self._judged(self.events.poll(self.actors), step)
         self.progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], rec.get("maxvio"),
                              rec.get("mfu"), len(self.healer.incidents))
         self.write_status("running", reports)
@@ -368,33 +294,26 @@ class Driver:
             if not dead and (not wanted or not failed):
                 return None
             if dead:
-                now = time.time()
-                incidents = [Incident(last, IncidentKind.DEAD, r, self.devices.node_of(r), now,
-                                      "died at the end of the run (final checkpoint, validation ahead)") for r in dead]
-                return self.healer.failed_step(StepFailure(last, incidents, time.perf_counter()))
+                return self.healer.died_at_end(last, dead, self.devices.node_of)
             self._save_final(last)
 
     def _save_final(self, step: int) -> None:
         """The run's last checkpoint (or its retake): begun after the last record, so its start is an event."""
         self.save_checkpoint(step)
-        self.listeners.checkpoint({"event": "checkpoint_started", "step": step, "time": time.time()})
+        self.events.started(step)
 
     def _devices_needed(self) -> bool:
-        """Does the end of the run still need every device (the final validation)?"""
+        """Does the end of the run still need every device (the final validation; not when the last step's
+        periodic validation scored it already)?"""
         return bool(self.cfg.train.eval_batches) and not self.stop_signal and bool(self.history) \
             and self.history[-1].get("val_loss") is None
 
     def _final_validation(self) -> None:
-        cfg = self.cfg
-        if not cfg.train.eval_batches or self.stop_signal or not self.history:
-            return
-        last = self.history[-1]
-        if last.get("val_loss") is not None:  # just scored by the periodic validation
-            self.val_loss = last["val_loss"]
-            return
-        self.val_loss = self._get([a.evaluate.remote(cfg.train.eval_batches) for a in self.actors],
-                                  cfg.cluster.step_timeout_s, "evaluate")[0]
-        self.metrics.validation(last["step"], self.val_loss)
+        if self._devices_needed():
+            self.val_loss = self.devices.evaluate(self.cfg.train.eval_batches, self.cfg.cluster.step_timeout_s)
+            self.metrics.validation(self.history[-1]["step"], self.val_loss)
+        elif self.cfg.train.eval_batches and not self.stop_signal and self.history:
+            self.val_loss = self.history[-1]["val_loss"]   # just scored by the periodic validation
 
     # ------------------------------------------------------- devices, state
     def dead_ranks(self) -> list[int]:
@@ -415,102 +334,36 @@ class Driver:
         self.recovery.snapshot(step, always)
 
     def replace_experts(self, step: int) -> dict[str, Any] | None:
-        """Live expert re-placement between two steps: plan; if worth it, every device adopts the new placement and
-        takes the experts it now holds (weights and AdamW moments) from the snapshot of this step, which every
-        device has just taken; then a snapshot in the new placement. Nothing restarts, the math is unchanged."""
-        plan = self.balancer.plan(list(self.history))
-        if plan is None:
-            return None
-        new, before, after = plan
-        t0 = time.perf_counter()
-        items = self.checkpoints.snapshots.items
-        if not items or items[-1].step != step:
-            self.snapshot(step, always=True)
-        self.recovery.move_experts(step, new)
-        seconds = time.perf_counter() - t0
-        log.info("step %d: experts re-placed in %.2fs; planned device max/mean load %.3f -> %.3f", step, seconds,
-                 before, after)
-        return {"seconds": seconds, "device_imbalance_before": before, "device_imbalance_planned": after,
-                "placement": new}
+        """Live expert re-placement between two steps, if worth it (Recovery.replace_experts); what it did."""
+        return self.recovery.replace_experts(step)
 
     def global_parameters(self) -> dict[str, Any]:
         """Every parameter of the model, gathered from the devices (experts by global id)."""
-        merged: dict[str, Any] = {}
-        for part in self._get([a.global_parameters.remote() for a in self.actors],
-                              self.cfg.cluster.step_timeout_s, "report their parameters"):
-            merged.update(part)
-        return merged
+        return self.devices.global_parameters(self.cfg.cluster.step_timeout_s)
 
     def shutdown(self) -> None:
         self.devices.shutdown()
 
     # ------------------------------------------------------------- faults
     def inject(self, fault: FaultSpec, step: int) -> None:
-        """Make a planned fault happen, as its kind's rule says (healing/faults.py FAULTS; DeviceGroup.inject)."""
-        rule = fault_rule(fault.kind)
-        if rule.kills:
-            # The fault strikes in its step: after the snapshot of the step before. (A kill landing while a
-            # snapshot's reply is still on its way loses that snapshot: recovery then goes back one step more.)
-            self.checkpoints.snapshots.wait_newest(self.cfg.faults.recovery_timeout_s)
-        if rule.fails_save:  # the checkpoint after this step is taken, and one shard write of it fails
-            self.checkpoints.force.add(step)
-        self.devices.inject(fault)
+        """Make a planned fault happen, as its kind's rule says (healing/faults.py make_happen)."""
+        make_happen(fault, step, self.devices, self.checkpoints, self.cfg.faults.recovery_timeout_s)
 
     def _periodic_eval(self, rec: dict[str, Any]) -> None:
         """Validation loss after this step (into its record). A device failing here is left to the next step's
         watch and healer; the run goes on without this value."""
         try:
-            self.val_loss = rec["val_loss"] = self._get(
-                [a.evaluate.remote(self.cfg.train.eval_batches) for a in self.actors],
-                self.cfg.cluster.step_timeout_s, "evaluate")[0]
+            self.val_loss = rec["val_loss"] = self.devices.evaluate(self.cfg.train.eval_batches,
+                                                                    self.cfg.cluster.step_timeout_s)
         except Exception as e:
             log.warning("validation after step %d failed (%s); the next step will find out why", rec["step"], e)
 
     def write_status(self, state: str, reports: list[StepReport] | None = None, reason: str | None = None) -> None:
-        """status.json: the run and each device's health now (rewritten every step; read it while the job runs);
-        `reason`: why a run that ended did not finish. A full run directory: DiskFull."""
-        t0 = time.perf_counter()
+        """status.json now (monitoring/status.py StatusFile); `reason`: why a run that ended did not finish."""
         last = self.history[-1] if self.history else {}
-        self.last_reports = reports or self.last_reports
-        step = last.get("step", 0)
-        checkpoint = self.checkpoints.last_checkpoint(step) if self.checkpoints else None
-        ema = self.progress.step_time_ema if self.progress else None
-        eta = (ema or 0) * (self.cfg.train.steps - step) if state == "running" else 0
-        write_status(self.run_dir / "status.json", {
-            "state": state, "reason": reason, "step": step, "steps": self.cfg.train.steps, "updated": time.time(),
-            "loss": last.get("loss"), "val_loss": self.val_loss, "tokens_per_s": last.get("tokens_per_s"),
-            "mfu": last.get("mfu"), "maxvio": last.get("maxvio"), "eta_s": eta,
-            "incidents": len(self.healer.incidents), "recoveries": self.healer.recoveries,
-            "last_checkpoint_step": checkpoint,
-            "checkpoint_age_steps": step - checkpoint if checkpoint is not None else None,
-            "devices": device_status(self.device_info, self.devices.restarts, self.last_reports)})
-        self.status_s += time.perf_counter() - t0
-
-    def _alerts(self, step: int, rec: dict[str, Any]) -> Decision | None:
-        """Check the alert rules on this step's record; a Decision when one's action rewinds."""
-        fired = self.alerts.evaluate(rec, list(self.history),
-                                     Context(self.healer.recovery_steps, self.checkpoints.last_checkpoint(step)))
-        if fired:
-            rec["alerts"] = [a.rule for a in fired]
-        acting = [a for a in fired if a.action in ("rollback", "skip", "stop")]
-        if rec.get("skipped"):  # the update was not applied anyway: nothing to rewind for
-            acting = [a for a in acting if a.action == "stop"]
-        if not acting:
-            return None
-        action = next(x for x in ("stop", "skip", "rollback") if any(a.action == x for a in acting))
-        return self.healer.alert(step, "+".join(a.rule for a in acting), action, "; ".join(a.detail for a in acting))
-
-    def _publish_incidents(self) -> None:
-        """New incidents to the listeners (incidents.jsonl, the sinks, the alert rules); every incident to each of
-        them even where one fails; the first error is raised after."""
-        error = None
-        for incident in self.healer.take_new():
-            try:
-                self.listeners.incident(asdict(incident))
-            except Exception as e:
-                error = error or e
-        if error is not None:
-            raise error
+        checkpoint = self.checkpoints.last_checkpoint(last.get("step", 0)) if self.checkpoints else None
+        self.status.write(state, reason, last, self.val_loss, checkpoint,
+                          self.progress.step_time_ema if self.progress else None, self.healer, self.devices, reports)
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int) -> None:
@@ -529,49 +382,25 @@ class Driver:
             self.healer.checkpoint_retry_at = None
         return saved
 
-    def _poll_checkpoints(self, now: int) -> list:
-        committed, failed = self.checkpoints.poll(self.actors)
-        return self._checkpoint_outcomes(committed, failed, now)
-
-    def _checkpoint_outcomes(self, committed: list[int], failed: list, now: int, judge: bool = True) -> list:
-        """Commits and failures as they happen: as events to the listeners (metrics.jsonl, the sinks), then to the
-        healer (which retakes or stops the run; not when `judge` is False, at the end of a run). The failures. An
-        event that cannot be written (DiskFull) is raised after the healer has judged."""
-        error, ck = None, self.checkpoints
-        try:
-            for step in committed:
-                self.listeners.checkpoint({"event": "checkpoint_committed", "step": step, "time": time.time(),
-                                           "bytes": ck.bytes_saved.get(step), "seconds": ck.commit_seconds.get(step)})
-            for f in failed:
-                self.listeners.checkpoint({"event": "checkpoint_failed", "step": f.step, "time": time.time(),
-                                           "reason": f.detail})
-        except Exception as e:
-            error = e
-        if judge:
-            if committed:
-                self.healer.checkpoint_committed()
-            for f in failed:
-                self.healer.checkpoint_failed(f.step, f.detail, now, f.ranks)
-        if error is not None:
-            raise error
-        return failed
+    def _judged(self, out: Settled, now: int) -> list:
+        """The checkpoints' outcome to the healer (which retakes a failed one, or stops the run); the failures. An
+        event that could not be written (DiskFull) is raised after."""
+        self.healer.checkpoints_settled(out.committed, out.failed, now)
+        out.raise_error()
+        return out.failed
 
     def finish_checkpoints(self) -> list:
         """Wait for the writes in flight and commit what they complete; the checkpoints that failed."""
-        committed, failed = self.checkpoints.finish(self.actors, self.cfg.cluster.step_timeout_s)
-        return self._checkpoint_outcomes(committed, failed, self.last_step)
+        return self._judged(self.events.finish(self.actors, self.cfg.cluster.step_timeout_s), self.last_step)
+
+    def run_end(self) -> RunEnd:
+        """What the end of the run works with (run_end.py)."""
+        return RunEnd(self.cfg, Path(self.run_dir), self.history, self.checkpoints, self.events, self.devices,
+                      self.healer, self.listeners, self.injector, self.recovery, self.goodput, self.status,
+                      lambda state, reason: self.write_status(state, reason=reason), self.metrics, self.progress,
+                      self.alerts, self.t_loop, self.stop_signal, self.val_loss)
 
     # ------------------------------------------------------------- helpers
-    def _build(self, ranks, timeout_s: float, what: str) -> None:
-        """The devices of `ranks` build their shards (initial state: init keyed by seed, rank and expert id)."""
-        assert self.data_refs is not None
-        cfg = to_dict(self.cfg)
-        cfg["train"]["mixed_precision"] = self.mixed_precision
-        self._get([self.actors[r].build.remote(cfg, r, self.world, *self.data_refs) for r in ranks], timeout_s, what)
-
-    def _get(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
-        return get(refs, timeout_s, what)
-
     def _install_signal_handlers(self):
         """The first SIGINT/SIGTERM sets stop_signal (stop after the step in flight), unless every step has
         finished: then the run ends as a finished one (its final checkpoint, validation and results; exit 0).

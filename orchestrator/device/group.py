@@ -55,6 +55,7 @@ class DeviceGroup:
         self.bundle_of: list[int] = list(range(self.world))  # placement-group bundle of each rank
         self.standby: list[tuple[Any, int, Any]] = []        # (actor, bundle, info ref) of warm spares
         self.pg = None
+        self.shard_inputs: tuple[dict[str, Any], Any, Any] | None = None   # (config, train, val): build()
         self.backend = "gloo"                                # chosen in start() from where the devices landed
 
     def settle_backend(self) -> None:
@@ -257,6 +258,24 @@ class DeviceGroup:
             except Exception:
                 dead.append(rank)
         return dead
+
+    def build(self, ranks: Any, timeout_s: float, what: str) -> None:
+        """The devices of `ranks` build their shards (initial state: init keyed by seed, rank and expert id) from
+        `shard_inputs`: the run's config as a dict and its data in the object store (set once at the start)."""
+        assert self.shard_inputs is not None
+        cfg, train, val = self.shard_inputs
+        get([self.actors[r].build.remote(cfg, r, self.world, train, val) for r in ranks], timeout_s, what)
+
+    def evaluate(self, batches: int, timeout_s: float) -> float:
+        """The validation loss over `batches` held-out batches (every device takes part; all report the same)."""
+        return get([a.evaluate.remote(batches) for a in self.actors], timeout_s, "evaluate")[0]
+
+    def global_parameters(self, timeout_s: float) -> dict[str, Any]:
+        """Every parameter of the model, gathered from the devices (experts by global id)."""
+        merged: dict[str, Any] = {}
+        for part in get([a.global_parameters.remote() for a in self.actors], timeout_s, "report their parameters"):
+            merged.update(part)
+        return merged
 
     def shutdown(self) -> None:
         for a in self.actors + [s[0] for s in self.standby]:

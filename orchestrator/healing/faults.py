@@ -66,6 +66,19 @@ def fault_rule(kind: str) -> FaultRule:
     return FAULTS[fault_kind(kind)]
 
 
+def make_happen(fault: FaultSpec, step: int, devices: Any, checkpoints: Any, timeout_s: float) -> None:
+    """Make a planned fault happen in `step`, as its kind's rule says (DeviceGroup.inject). A fault that kills
+    strikes after the snapshot of the step before (waited for, at most `timeout_s`: a kill landing while a
+    snapshot's reply is still on its way loses that snapshot, and recovery then goes back one step more); one that
+    fails a save has the checkpoint after this step taken, one of its shard writes then failing."""
+    rule = fault_rule(fault.kind)
+    if rule.kills:
+        checkpoints.snapshots.wait_newest(timeout_s)
+    if rule.fails_save:
+        checkpoints.force.add(step)
+    devices.inject(fault)
+
+
 def plan_faults(cfg: Config) -> list[FaultSpec]:
     """The run's faults: `faults.plan` plus, with chaos on, random ones; random ranks drawn. Same seed, same faults."""
     f, world, steps = cfg.faults, cfg.cluster.num_devices, cfg.train.steps

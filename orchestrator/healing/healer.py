@@ -107,6 +107,14 @@ class Healer:
                     ", ".join(f"{i.rank}:{i.kind}" for i in failure.incidents), replace or "none")
         return Decision(failure.incidents, replace, reform=True)
 
+    def died_at_end(self, step: int, dead: list[int], node_of) -> Decision:
+        """Devices found dead after the last step (`node_of`: a rank's node): heal the group as for a failed step,
+        so that the final checkpoint and validation have every device."""
+        now = time.time()
+        incidents = [Incident(step, IncidentKind.DEAD, r, node_of(r), now,
+                              "died at the end of the run (final checkpoint, validation ahead)") for r in dead]
+        return self.failed_step(StepFailure(step, incidents, time.perf_counter()))
+
     def completed_step(self, step: int, reports: list["StepReport"], incidents: list[Incident]) -> Decision | None:
         """A completed step with incidents. None: keep the step; else a rollback to carry out."""
         self._record(incidents)
@@ -211,6 +219,14 @@ class Healer:
 
     def checkpoint_committed(self) -> None:
         self.checkpoint_failures, self.checkpoint_retry_at = 0, None
+
+    def checkpoints_settled(self, committed: list[int], failed: list[Any], current_step: int) -> None:
+        """What became of the checkpoints in flight (checkpoint/events.py Settled): a commit resets the retries,
+        each failure (a CheckpointFailure: step, detail, ranks) is retaken later or stops the run."""
+        if committed:
+            self.checkpoint_committed()
+        for f in failed:
+            self.checkpoint_failed(f.step, f.detail, current_step, f.ranks)
 
     def report(self) -> list[dict[str, Any]]:
         return [asdict(i) for i in self.incidents]

@@ -165,6 +165,35 @@ class Recovery:
             f"load checkpoint {storage.shown}")
         self.balancer.placement = placement
 
+    def replace_experts(self, step: int) -> dict[str, Any] | None:
+        """Live expert re-placement between two steps: plan; if worth it, every device adopts the new placement and
+        takes the experts it now holds (weights and AdamW moments) from the snapshot of this step, which every
+        device has just taken; then a snapshot in the new placement. Nothing restarts, the math is unchanged."""
+        plan = self.balancer.plan(list(self.history))
+        if plan is None:
+            return None
+        new, before, after = plan
+        t0 = time.perf_counter()
+        items = self.checkpoints.snapshots.items
+        if not items or items[-1].step != step:
+            self.snapshot(step, always=True)
+        self.move_experts(step, new)
+        seconds = time.perf_counter() - t0
+        log.info("step %d: experts re-placed in %.2fs; planned device max/mean load %.3f -> %.3f", step, seconds,
+                 before, after)
+        return {"seconds": seconds, "device_imbalance_before": before, "device_imbalance_planned": after,
+                "placement": new}
+
+    def forget(self, step: int, alerts: Any) -> None:
+        """After a kept `step`: what no rewind can go back to any more (before the oldest in-memory snapshot) leaves
+        the history's window and the alert rules' memory. (A rewind goes back to an in-memory snapshot; rarely,
+        snapshots lost with their node, to the newest committed checkpoint, whose totals are then read back from
+        metrics.jsonl: RunHistory.rewind.)"""
+        first = self.history.first
+        floor = min([s.step for s in self.checkpoints.snapshots.items] + [step])
+        self.history.forget(floor)
+        alerts.forget(floor, {first - 1}, min(floor, max(self.checkpoints.committed_steps, default=first - 1)))
+
     def move_experts(self, step: int, new: Placement) -> None:
         """Every device adopts `new` and takes its experts from the newest snapshot (of `step`); then a snapshot in
         the new placement."""

@@ -200,6 +200,14 @@ class AlertEngine(RunListener):
         self.states[step] = (list(self.streak), list(self.firing))
         return fired
 
+    def check(self, rec: dict[str, Any], history: list[dict[str, Any]], ctx: Context) -> tuple[str, str, str] | None:
+        """The rules evaluated on a step's record (the rules fired noted in it, `alerts`); what they ask of the run
+        (acting)."""
+        fired = self.evaluate(rec, history, ctx)
+        if fired:
+            rec["alerts"] = [a.rule for a in fired]
+        return acting(fired, bool(rec.get("skipped")))
+
     def rewind(self, back: int) -> None:
         """The driver went back to after step `back`: the rules' state is what it was then."""
         self.states = {s: v for s, v in self.states.items() if s <= back}
@@ -292,5 +300,16 @@ class AlertEngine(RunListener):
             self.webhook.wait(timeout_s)
 
 
-__all__ = ["Alert", "AlertEngine", "Context", "Webhook", "measure", "RULES", "ACTIONS", "DEFAULT_THRESHOLD",
+def acting(fired: list[Alert], skipped: bool) -> tuple[str, str, str] | None:
+    """What the alerts fired on a step ask of the run, by their actions: (the rules, "stop", "skip" or "rollback",
+    the details) for the Healer to decide on, the strongest action first; None when only to record or notify. A
+    step whose update was skipped anyway has nothing to rewind: only a stop acts on it."""
+    acts = [a for a in fired if a.action in (("stop",) if skipped else ("rollback", "skip", "stop"))]
+    if not acts:
+        return None
+    action = next(x for x in ("stop", "skip", "rollback") if any(a.action == x for a in acts))
+    return "+".join(a.rule for a in acts), action, "; ".join(a.detail for a in acts)
+
+
+__all__ = ["Alert", "acting", "AlertEngine", "Context", "Webhook", "measure", "RULES", "ACTIONS", "DEFAULT_THRESHOLD",
            "INCIDENT_RULES"]

@@ -35,6 +35,14 @@ class Goodput:
     steps_done: int = 0
     steps_recomputed: int = 0
 
+    def kept(self, wall_s: float, replayed: bool) -> None:
+        """A step kept: productive time, or recomputed when it was `replayed` after a rewind."""
+        if replayed:
+            self.recomputed += wall_s
+            self.steps_recomputed += 1
+        else:
+            self.productive += wall_s
+
     def finish(self, wall_s: float) -> None:
         """Close the books: `productive` is the step time less stalls counted elsewhere; the rest is `other`."""
         self.wall = wall_s

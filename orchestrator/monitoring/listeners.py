@@ -5,8 +5,9 @@ the sinks by hand. MetricsStream (metrics.jsonl and its sinks), IncidentLog (inc
 (alert rules on incidents, its state on a rewind) are listeners."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from orchestrator.monitoring.rundir import append_jsonl
 
@@ -56,6 +57,18 @@ class Listeners:
 
     def incident(self, incident: dict[str, Any]) -> None:
         self._notify("on_incident", incident)
+
+    def incidents(self, incidents: Iterable[Any]) -> None:
+        """Each incident (a dataclass: Healer.take_new) as a dict to every listener, every one of them even where
+        one fails; the first error is raised after."""
+        error = None
+        for incident in incidents:
+            try:
+                self.incident(asdict(incident))
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
 
     def alert(self, alert: Any) -> None:
         self._notify("on_alert", alert)

@@ -34,6 +34,36 @@ def write_status(path: Path, status: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(status, indent=1) + "\n")
 
 
+class StatusFile:
+    """status.json: the run and each device's health now (rewritten every step; read it while the job runs).
+    `seconds`: the time spent writing it; `reports`: the newest step's StepReports (kept for the devices' rows)."""
+
+    def __init__(self, run_dir: Path, steps: int):
+        self.path, self.steps = Path(run_dir) / "status.json", steps
+        self.seconds = 0.0
+        self.reports: list[Any] = []
+
+    def write(self, state: str, reason: str | None, last: dict[str, Any], val_loss: float | None,
+              checkpoint: int | None, step_time_ema: float | None, healer: Any, devices: Any,
+              reports: list[Any] | None = None) -> None:
+        """`last`: the newest record; `checkpoint`: the newest committed checkpoint's step; `healer` its incidents
+        and recoveries, `devices` (a DeviceGroup) its info and restarts; `reason`: why a run that ended did not
+        finish. A full run directory: DiskFull."""
+        t0 = time.perf_counter()
+        self.reports = reports or self.reports
+        step = last.get("step", 0)
+        eta = (step_time_ema or 0) * (self.steps - step) if state == "running" else 0
+        write_status(self.path, {
+            "state": state, "reason": reason, "step": step, "steps": self.steps, "updated": time.time(),
+            "loss": last.get("loss"), "val_loss": val_loss, "tokens_per_s": last.get("tokens_per_s"),
+            "mfu": last.get("mfu"), "maxvio": last.get("maxvio"), "eta_s": eta,
+            "incidents": len(healer.incidents), "recoveries": healer.recoveries,
+            "last_checkpoint_step": checkpoint,
+            "checkpoint_age_steps": step - checkpoint if checkpoint is not None else None,
+            "devices": device_status(devices.info, devices.restarts, self.reports)})
+        self.seconds += time.perf_counter() - t0
+
+
 def write_memory_plan(run_dir: Path, cfg: Config) -> None:
     """memory_plan.json: the planner's bytes per device and category for this run (orchestrator/memory/plan.py), beside
     the measured ones (metrics.jsonl `device_memory`)."""
