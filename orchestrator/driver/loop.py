@@ -2,11 +2,11 @@
 
 RunState: STARTING (prepare(): the run's id, folder and starting point, checked before anything starts; start():
 the DeviceGroup and every shard; the checkpoint resumed from loaded; the abandoned timeline retired and the run
-directory rewound: run_start.py) -> STEPPING (planned faults, every actor's train_step collected by the Watch
+directory rewound: start.py) -> STEPPING (planned faults, every actor's train_step collected by the Watch
 within a learned deadline; incidents judged by the Healer; a kept step's record to the listeners, its checkpoint
 or snapshot) -> RECOVERING (a Healer's Decision carried out by Recovery: replace, restore, rewind; then stepping
 again) -> FINISHING (the final checkpoint, healed and retaken if a device dies meanwhile; validation) -> DONE; an
-error ends it FAILED. Then the end work, whatever ended the run (run_end.py: status.json, the devices released,
+error ends it FAILED. Then the end work, whatever ended the run (end.py: status.json, the devices released,
 summary.json, goodput.json, report.html, each as far as it can, with the run's outcome and reason).
 Collaborators: Healer (policy), Recovery (mechanism), Checkpoints (written in the background, committed when
 every shard is written, whatever later steps do; their commits and failures told by CheckpointEvents, judged by
@@ -42,8 +42,8 @@ from orchestrator.monitoring.status import Progress, StatusFile
 from orchestrator.monitoring.summary import RunSummary, history_len
 from orchestrator.runtime import signals
 from orchestrator.runtime.runlock import hold_run
-from orchestrator.run_end import RunEnd, end_work, failure_of, nothing_to_do, raise_failure
-from orchestrator.run_start import check_before_start, log_devices, open_monitoring, rewind_run_dir, start_devices
+from orchestrator.driver.end import RunEnd, end_work, failure_of, nothing_to_do, raise_failure
+from orchestrator.driver.start import check_before_start, log_devices, open_monitoring, rewind_run_dir, start_devices
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Driver:
         self.devices = DeviceGroup(cfg)
         self.mixed_precision = cfg.train.mixed_precision   # settled in start() from the devices' hardware
         self.stop_signal: str | None = None
-        self.ending = False                   # in the end work (run_end.py): a first signal stops nothing more
+        self.ending = False                   # in the end work (end.py): a first signal stops nothing more
         self.plan = plan
         self.run_id: str | None = None      # decided with the run directory held (run())
         self.checkpoints: Checkpoints | None = None
@@ -107,7 +107,7 @@ class Driver:
         return self.plan
 
     def start(self) -> None:
-        """The data, the devices (checked against the memory plan) and every device's shard (run_start.py)."""
+        """The data, the devices (checked against the memory plan) and every device's shard (start.py)."""
         cfg = self.cfg
         started = start_devices(cfg, Path(self.run_dir), self.prepare(), self.devices, self.checkpoints)
         self.mixed_precision, self.peak_flops = started.mixed_precision, started.peak_flops
@@ -394,7 +394,7 @@ class Driver:
         return self._judged(self.events.finish(self.actors, self.cfg.cluster.step_timeout_s), self.last_step)
 
     def run_end(self) -> RunEnd:
-        """What the end of the run works with (run_end.py)."""
+        """What the end of the run works with (end.py)."""
         return RunEnd(self.cfg, Path(self.run_dir), self.history, self.checkpoints, self.events, self.devices,
                       self.healer, self.listeners, self.injector, self.recovery, self.goodput, self.status,
                       lambda state, reason: self.write_status(state, reason=reason), self.metrics, self.progress,
