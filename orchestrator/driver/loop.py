@@ -43,6 +43,7 @@ from orchestrator.monitoring.summary import RunSummary, history_len
 from orchestrator.runtime import signals
 from orchestrator.runtime.runlock import hold_run
 from orchestrator.driver.end import RunEnd, end_work, failure_of, nothing_to_do, raise_failure
+from orchestrator.driver.finish import Finish
 from orchestrator.driver.start import check_before_start, log_devices, open_monitoring, rewind_run_dir, start_devices
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class Driver:
         self.checkpoints: Checkpoints | None = None
         self.events: CheckpointEvents | None = None   # the checkpoints' commits and failures told (prepare())
         self.recovery: Recovery | None = None    # made with the checkpoints (prepare())
+        self.finish: Finish | None = None        # FINISHING's mechanics, made with them too
         self.injector, self.watch, self.healer = Injector(plan_faults(cfg)), Watch(cfg), Healer(cfg)
         self.goodput = Goodput()
         self.balancer = Balancer(cfg)
@@ -104,6 +106,8 @@ class Driver:
             self.events = CheckpointEvents(self.checkpoints, self.listeners)
             self.recovery = Recovery(self.cfg, self.plan, self.devices, self.checkpoints, self.balancer, self.healer,
                                      self.watch, self.goodput, self.history, self.listeners, self.devices.build)
+            self.finish = Finish(self.cfg, self.checkpoints, self.events, self.devices, self.healer, self.history,
+                                 self.save_checkpoint, self.finish_checkpoints)   # the hooks, as a subclass has them
         return self.plan
 
     def start(self) -> None:
@@ -251,11 +255,12 @@ class Driver:
     def _finishing(self) -> RunState:
         """The run's last checkpoint settled (a device lost meanwhile: RECOVERING, then the steps since the state
         it went back to are replayed); the final validation."""
-        decision = self._final_checkpoint()
+        decision = self.finish.final_checkpoint(self.last_step, self.stop_signal)
         if decision is not None:
             return self._decided(decision, "healed during the final checkpoint")
         self.goodput.finish(time.perf_counter() - self.t_loop)
-        self._final_validation()
+        val_loss = self.finish.validation(self.stop_signal, self.metrics)
+        self.val_loss = self.val_loss if val_loss is None else val_loss
         return RunState.DONE
 
     def _record(self, step: int, reports: list[StepReport], wall: float) -> dict[str, Any]:
@@ -279,41 +284,6 @@ class Driver:
         self.progress.update(step, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], rec.get("maxvio"),
                              rec.get("mfu"), len(self.healer.incidents))
         self.write_status("running", reports)
-
-    def _final_checkpoint(self) -> Decision | None:
-        """The run's last checkpoint (at its end, or on a stop signal), settled with every write in flight. A final
-        checkpoint that fails is taken again (the devices still hold that state); if a device died, the Healer's
-        decision to heal the group first (the steps since the newest state it kept are then replayed)."""
-        last, ck = self.last_step, self.cfg.checkpoint
-        wanted = (ck.on_signal if self.stop_signal else ck.at_end) and last >= self.history.first
-        if wanted and last not in self.checkpoints.committed_steps and last not in self.checkpoints.pending:
-            self._save_final(last)
-        while True:
-            failed = [f for f in self.finish_checkpoints() if f.step == last]  # (healer: incident, retries left?)
-            dead = self.devices.dead_ranks() if (wanted and failed) or self._devices_needed() else []
-            if not dead and (not wanted or not failed):
-                return None
-            if dead:
-                return self.healer.died_at_end(last, dead, self.devices.node_of)
-            self._save_final(last)
-
-    def _save_final(self, step: int) -> None:
-        """The run's last checkpoint (or its retake): begun after the last record, so its start is an event."""
-        self.save_checkpoint(step)
-        self.events.started(step)
-
-    def _devices_needed(self) -> bool:
-        """Does the end of the run still need every device (the final validation; not when the last step's
-        periodic validation scored it already)?"""
-        return bool(self.cfg.train.eval_batches) and not self.stop_signal and bool(self.history) \
-            and self.history[-1].get("val_loss") is None
-
-    def _final_validation(self) -> None:
-        if self._devices_needed():
-            self.val_loss = self.devices.evaluate(self.cfg.train.eval_batches, self.cfg.cluster.step_timeout_s)
-            self.metrics.validation(self.history[-1]["step"], self.val_loss)
-        elif self.cfg.train.eval_batches and not self.stop_signal and self.history:
-            self.val_loss = self.history[-1]["val_loss"]   # just scored by the periodic validation
 
     # ------------------------------------------------------- devices, state
     def dead_ranks(self) -> list[int]:
