@@ -59,16 +59,8 @@ class Listeners:
         self._notify("on_incident", incident)
 
     def incidents(self, incidents: Iterable[Any]) -> None:
-        """Each incident (a dataclass: Healer.take_new) as a dict to every listener, every one of them even where
-        one fails; the first error is raised after."""
-        error = None
-        for incident in incidents:
-            try:
-                self.incident(asdict(incident))
-            except Exception as e:
-                error = error or e
-        if error is not None:
-            raise error
+        """Each incident (a dataclass: Healer.take_new) as a dict to every listener."""
+        self._deliver(("on_incident", asdict(incident)) for incident in incidents)
 
     def alert(self, alert: Any) -> None:
         self._notify("on_alert", alert)
@@ -80,12 +72,17 @@ class Listeners:
         self._notify("on_rewind", back)
 
     def _notify(self, method: str, payload: Any) -> None:
+        self._deliver([(method, payload)])
+
+    def _deliver(self, events: Iterable[tuple[str, Any]]) -> None:
+        """Every event to every listener, even where one fails; the first error raised after."""
         error = None
-        for listener in self.listeners:
-            try:
-                getattr(listener, method)(payload)
-            except Exception as e:
-                error = error or e
+        for method, payload in events:
+            for listener in self.listeners:
+                try:
+                    getattr(listener, method)(payload)
+                except Exception as e:
+                    error = error or e
         if error is not None:
             raise error
 
