@@ -59,7 +59,7 @@ def reads_token_files(d: DataConfig) -> bool:
 def _validate_tokens(cfg: Root, keys: _Keys) -> None:
     """The tokenizer, the task and packing (orchestrator/data/source.py)."""
     m, d = cfg.model, cfg.data
-    _choice("data.task", d.task, ("pretrain", "sft"))
+    _choice("data.task", d.task, ("pretrain", "sft", "rl"))
     _positive(cfg, ["data.train_tokenizer", "data.max_samples"], allow_zero=True)
     if d.task == "pretrain":
         keys.section(cfg, "data", ("pack", "max_samples"), "with data.task=pretrain (they shape SFT samples): "

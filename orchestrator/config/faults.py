@@ -35,6 +35,8 @@ class FaultSpec:
     delay_s: float = 0.5           # slow: delay added to each of those steps
     repeat: int = 1                # strikes each of the first `repeat` times its step runs (a fault that comes back on replay)
     in_collective: bool = False    # hang: stuck inside a collective (its peers then all wait in one too), not in compute
+    target: str = "device"         # device | rollout (data.task=rl: a kill of rollout worker `rank`, mid-generation;
+                                   # colocated rollouts run in the device actors, so it is that device's actor)
 
 
 @dataclass
@@ -83,7 +85,16 @@ def _validate_faults(cfg: Root) -> None:
             raise ConfigError(f"{key}.step={spec.step} is outside the run's steps 1..{t.steps}")
         if not spec.step and spec.after_s <= 0:
             raise ConfigError(f"{key} needs a step (1..{t.steps}) or after_s > 0 (seconds into training)")
-        if not -1 <= spec.rank < c.num_devices:
+        _choice(f"{key}.target", spec.target, ("device", "rollout"))
+        if spec.target == "rollout":
+            workers = cfg.rl.rollout.workers or c.num_devices
+            if cfg.data.task != "rl":
+                raise ConfigError(f"{key}.target=rollout needs data.task=rl (rollout workers): remove it")
+            if spec.kind != FaultKind.KILL:
+                raise ConfigError(f"{key}: a fault with target=rollout is a kill (got kind={spec.kind})")
+            if not 0 <= spec.rank < workers:
+                raise ConfigError(f"{key}.rank={spec.rank} is not a rollout worker (0..{workers - 1})")
+        elif not -1 <= spec.rank < c.num_devices:
             raise ConfigError(f"{key}.rank={spec.rank} is not a device (0..{c.num_devices - 1}, or -1 for a random one)")
         if spec.repeat < 1:
             raise ConfigError(f"{key}.repeat={spec.repeat} must be 1 or more")

@@ -21,6 +21,30 @@ def _refuse_idle_keys(cfg: Config, keys: _Keys) -> None:
     _refuse_idle_checkpoint_keys(cfg, keys)
     _refuse_idle_fault_keys(cfg, keys)
     _refuse_idle_monitor_keys(cfg, keys)
+    _refuse_idle_rl_keys(cfg, keys)
+
+
+def _refuse_idle_rl_keys(cfg: Config, keys: _Keys) -> None:
+    """device/rl.py and rl/: the rl section is read with data.task=rl only; data keys an RL run does not read."""
+    r = cfg.rl
+    if cfg.data.task != "rl":
+        keys.section(cfg, "rl", tuple(n for n in vars(r) if n != "rollout"),
+                     "without data.task=rl (the rl section shapes RL post-training): set data.task=rl, or remove it")
+        keys.section(cfg, "rl.rollout", tuple(vars(r.rollout)), "without data.task=rl: set data.task=rl, or remove it")
+        return
+    keys.section(cfg, "data", ("path", "format", "max_bytes", "val_fraction", "pack", "max_samples"),
+                 "with data.task=rl (the prompts come from rl.task): remove it")
+    for name in ("eval_batches", "eval_every"):   # no validation loss: held-out accuracy instead (rl.eval_problems)
+        keys.check(cfg.train, name, f"train.{name}", 0, f"train.{name}={getattr(cfg.train, name)} has no effect with "
+                   f"data.task=rl (held-out accuracy is measured instead: rl.eval_problems): remove it",
+                   "data.task=rl measures held-out accuracy instead")
+    if r.task != "arithmetic":
+        keys.section(cfg, "rl", ("task_digits", "task_ops"), f"with rl.task={r.task!r} (they shape the arithmetic "
+                                                             f"task): remove it")
+    if r.rollout.workers == 0:
+        keys.section(cfg, "rl.rollout", ("cpus_per_worker", "gpus_per_worker"),
+                     "with rl.rollout.workers=0 (colocated: the device actors generate): remove it, or set "
+                     "rl.rollout.workers")
 
 
 def _refuse_idle_model_data_keys(cfg: Config, keys: _Keys) -> None:

@@ -9,6 +9,7 @@ from orchestrator.config.faults import FaultConfig
 from orchestrator.config.mesh import ClusterConfig, MemoryConfig, ParallelConfig
 from orchestrator.config.model import ModelConfig
 from orchestrator.config.monitor import MonitorConfig
+from orchestrator.config.rl import RLConfig
 from orchestrator.config.train import CheckpointConfig, RunConfig, TrainConfig
 
 
@@ -26,3 +27,4 @@ class Config:
     faults: FaultConfig = field(default_factory=FaultConfig)
     run: RunConfig = field(default_factory=RunConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    rl: RLConfig = field(default_factory=RLConfig)

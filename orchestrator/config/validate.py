@@ -12,6 +12,7 @@ from orchestrator.config.idle import _Keys, _refuse_idle_keys
 from orchestrator.config.mesh import _validate_mesh
 from orchestrator.config.model import Describer, _resolve_hf_model
 from orchestrator.config.monitor import _validate_monitor
+from orchestrator.config.rl import _validate_rl
 from orchestrator.config.schema import Config
 from orchestrator.config.train import _validate_run
 
@@ -38,6 +39,8 @@ def validate(cfg: Config, user_keys: frozenset[str] | None = None, describe: Des
     _validate_faults(cfg)
     _validate_run(cfg)
     _validate_monitor(cfg)
+    if cfg.data.task == "rl":
+        _validate_rl(cfg)
     if cfg.train.eval_every and not cfg.train.eval_batches:
         raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs train.eval_batches > 0 (batches scored each time)")
     if cfg.cluster.backend == "nccl" and not cfg.cluster.use_gpu:

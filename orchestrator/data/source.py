@@ -85,6 +85,10 @@ def load_data(cfg: Config, tokenizer: Any = "resolve") -> Corpus | SFTData:
     """The run's data (see the module docstring). Raises ConfigError naming the key or file."""
     d = cfg.data
     tok = resolve_tokenizer(cfg) if tokenizer == "resolve" else tokenizer
+    if d.task == "rl":
+        from orchestrator.data.rl import RLData
+
+        return RLData.of(cfg)
     if d.task == "sft":
         from orchestrator.data.sft import tokenize_conversations
         from orchestrator.data.hf_data import load_sft_samples
@@ -123,6 +127,8 @@ def make_stream(cfg: Config, train: Any, val: Any, world: int, rank: int, pad_id
     """One device's batch stream: BatchStream over token arrays, SFTBatchStream over SFT samples. Both give
     train_batch(step) -> (inputs_BT, targets_BT[, position_ids_BT]) and loss_tokens(step)."""
     t = cfg.train
+    if cfg.data.task == "rl":   # each step's batch comes from the rollouts (device/rl.py)
+        return None
     if val is None:   # SFT samples
         from orchestrator.data.sft import SFTBatchStream
 

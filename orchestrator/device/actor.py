@@ -83,9 +83,46 @@ class DeviceActor:
         self._build_args = (config_from_dict(cfg), train, val)
         self.shard = DeviceShard(self._build_args[0], rank, world, train, val)
 
-    def train_step(self, step: int, guard: dict[str, float] | None = None) -> StepReport:
+    def train_step(self, step: int, guard: dict[str, float] | None = None, batch: Any = None) -> StepReport:
+        """One step; `batch`: an RL step's batch (data/rl.py RLBatch, resolved from the object store)."""
         assert self.shard is not None, "build() first"
-        return self.shard.train_step(step, guard)
+        return self.shard.train_step(step, guard, batch)
+
+    # ----------------------------------------------------------------- RL
+    def sync_weights(self) -> tuple[list[tuple[str, Any]], int]:
+        """The tensors this device sends the rollout engines (DeviceShard.sync_tensors), each put in the object
+        store on its own: (name, ref) pairs and their bytes. Collective: every device calls it."""
+        assert self.shard is not None, "build() first"
+        out, size = [], 0
+        for name, t in self.shard.sync_tensors():
+            out.append((name, ray.put(t)))
+            size += t.numel() * t.element_size()
+        return out, size
+
+    def _engine(self) -> Any:
+        if getattr(self, "engine", None) is None:
+            from orchestrator.device.rollout import RolloutEngine
+
+            assert self._build_args is not None, "build() first"
+            self.engine = RolloutEngine(self._build_args[0])
+        return self.engine
+
+    def rollout_load(self, refs: list[tuple[str, Any]], version: int) -> int:
+        """Colocated rollouts: the trainer's tensors into this actor's rollout engine, fetched one at a time."""
+        return self._engine().load(((name, ray.get(ref)) for name, ref in refs), version)
+
+    def rollout_generate(self, step: int, prompt_ids: list[int]) -> Any:
+        return self._engine().generate(step, prompt_ids)
+
+    def rollout_accuracy(self, problems: list[Any]) -> float:
+        return self._engine().accuracy(problems)
+
+    def rollout_parameters(self) -> dict[str, torch.Tensor]:
+        return self._engine().parameters()
+
+    def rollout_arm_kill(self) -> None:
+        """Fault injection (target: rollout): this actor dies in its next generation, after its first prompt."""
+        self._engine().kill_armed = True
 
     # ------------------------------------------------------------ checkpoints
     @ray.method(concurrency_group="io")

@@ -62,6 +62,7 @@ class StepReport:
     device_mem_bytes: int = 0      # GPU memory allocated by torch (0 on CPU)
     memory: dict[str, int] = field(default_factory=dict)  # bytes this device holds: params, grads, optimizer (local
                                    # shards, after the update), activations_peak (of this step), rss (orchestrator/memory/measure.py)
+    extra: dict[str, float] = field(default_factory=dict)   # an RL step's own numbers (device/rl.py), the world's
     pid: int = field(default_factory=os.getpid)
 
 
@@ -156,6 +157,11 @@ class DeviceShard:
 
             apply_activation_checkpointing(self.model, cfg.memory.activation_checkpointing)
         shard_model(self.model, self.mesh, self.zero_stage, cfg.memory.offload_optimizer)
+        self.reference = None   # RL's frozen reference policy (rl.kl_coeff), held and sharded like the policy
+        if cfg.data.task == "rl" and cfg.rl.kl_coeff:
+            from orchestrator.device.rl import build_reference
+
+            self.reference = build_reference(self, initial.slots[self.mesh.ep_rank], initial.slots)
         self.dense_params = [p for _, p in self.model.dense_parameters()]
         self.expert_params = [p for _, p in self.model.expert_parameters()]
         t = cfg.train
@@ -207,20 +213,34 @@ class DeviceShard:
         valid = (self.data.val_valid(step) if val else self.data.train_valid(step)) if hf else None
         return inputs, targets, positions if self.cfg.data.pack else None, valid
 
-    def train_step(self, step: int, guard: dict[str, float] | None = None) -> StepReport:
+    def train_step(self, step: int, guard: dict[str, float] | None = None, batch: Any = None) -> StepReport:
         """One step. The update is not applied (and `skipped` says why) when the global loss or gradient
         norm is non-finite, or above `guard`'s max_loss / max_grad_norm: every device sees the same
         all-reduced values, so all of them decide alike. With train.micro_batches = m the device's slice runs
         in m forward/backward passes whose gradients add up to the whole slice's (each loss is a share of the
         global mean; the balancing losses are per sequence or per token, so they split the same way)."""
+        if batch is not None:   # an RL step (data.task=rl): its batch comes from the rollouts (device/rl.py)
+            from orchestrator.device.rl import rl_step
+
+            return rl_step(self, step, batch, guard)
+        t0 = self._begin(step)
+        moe = self.model.moe_layers()
+        return self._update_from(step, moe, self._forward_backward(step, moe), guard, t0)
+
+    def _begin(self, step: int) -> float:
+        """A step begins: its clock, train mode, an injected straggler's delay; when it began."""
         t0 = time.perf_counter()
         CLOCK.start(step)
         self.model.train()
         if self.slow_steps:  # injected straggler: extra work outside any collective
             self.slow_steps -= 1
             time.sleep(self.slow_delay_s)
-        moe = self.model.moe_layers()
-        passes = self._forward_backward(step, moe)
+        return t0
+
+    def _update_from(self, step: int, moe: list, passes: "_Passes", guard: dict[str, float] | None, t0: float
+                     ) -> StepReport:
+        """The gradients of `passes` synced, the step's statistics all-reduced, the update applied unless rejected;
+        the step's report."""
         self._sync_grads(moe)
         stats, grad_norm = self._global_stats(moe, passes)
         counts = 4 + len(moe) * self.world  # where the per-expert counts start
@@ -253,11 +273,7 @@ class DeviceShard:
             for m in moe:
                 m.global_tokens = real
         micro = self.cfg.train.micro_batches
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        passes = _Passes(loss_tokens=loss_tokens, loss_sum=zero, aux_sum=zero,
-                         routed=[torch.zeros(self.cfg.model.num_experts, dtype=torch.float64, device=self.device)
-                                 for _ in moe],
-                         received_by_layer=[0.0] * len(moe), meter=ActivationMeter(self.model, self.device))
+        passes = self._new_passes(loss_tokens, moe)
         with passes.meter:
             pos = positions_BT.chunk(micro) if positions_BT is not None else [None] * micro
             val = valid_BT.chunk(micro) if valid_BT is not None else [None] * micro
@@ -271,6 +287,14 @@ class DeviceShard:
                 (lm_loss if aux is None else lm_loss + aux).backward()
                 passes.add(part, aux, moe, self.device)
         return passes
+
+    def _new_passes(self, loss_tokens: int, moe: list) -> _Passes:
+        """Nothing added up yet; the loss is the sum over the world divided by `loss_tokens`."""
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        return _Passes(loss_tokens=loss_tokens, loss_sum=zero, aux_sum=zero,
+                       routed=[torch.zeros(self.cfg.model.num_experts, dtype=torch.float64, device=self.device)
+                               for _ in moe],
+                       received_by_layer=[0.0] * len(moe), meter=ActivationMeter(self.model, self.device))
 
     def _global_stats(self, moe: list, passes: _Passes) -> tuple[torch.Tensor, torch.Tensor]:
         """(the step's numbers summed over the world, the global gradient norm). The stats vector: [0] loss sum,
@@ -413,6 +437,30 @@ class DeviceShard:
         number of slots per device is fixed by the config: a placement only says which expert sits in which."""
         for m, slots in zip(self.model.moe_layers(), placement):
             m.set_placement(slots, self.mesh.ep_rank)
+
+    def sync_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """The tensors this device sends a rollout engine after an update, each logical tensor by one device: dense
+        parameters and persistent buffers (the routers' biases) by rank 0, each expert (by global id) by its primary
+        copy on the first data-parallel replica. Sharded ones are gathered one tensor at a time (a collective: every
+        device calls it), never the whole model at once."""
+        reshard(self.model)
+        out: list[tuple[str, torch.Tensor]] = []
+        for name, p in self.model.dense_parameters():
+            t = p.full_tensor() if is_sharded(p) else local(p)
+            if self.rank == 0:
+                out.append((name, t.detach().cpu().clone()))
+        for name, p in self.model.expert_parameters():
+            t = p.full_tensor() if is_sharded(p) else local(p)
+            if self.mesh.dp_rank == 0:
+                for j, (gid, primary) in enumerate(zip(self.model.expert_ids_of(name), self.model.primary_of(name))):
+                    if primary:
+                        out.append((f"{name}[{gid}]", t[j].detach().cpu().clone()))
+        if self.rank == 0:
+            for mod_name, mod in self.model.named_modules():
+                for b_name, b in mod.named_buffers(recurse=False):
+                    if b_name not in mod._non_persistent_buffers_set:
+                        out.append((f"{mod_name}.{b_name}" if mod_name else b_name, b.detach().cpu().clone()))
+        return out
 
     def global_parameters(self) -> dict[str, torch.Tensor]:
         """The parameters keyed by global name; routed experts one entry per global id. Sharded parameters are

@@ -53,6 +53,7 @@ class RunEnd:
     t_loop: float | None           # when stepping began
     stop_signal: str | None
     val_loss: float | None
+    rl: Any | None = None          # RL post-training's service (rl/service.py): its rollout pool, held-out accuracy
 
 
 def end_work(d: RunEnd, state: str, reason: str | None, interrupted, t_start: float):
@@ -95,6 +96,8 @@ def end_work(d: RunEnd, state: str, reason: str | None, interrupted, t_start: fl
     told = state
     part("could not write status.json", lambda: d.write_status(told, why()))
     part("could not release the devices", d.devices.shutdown)
+    if d.rl is not None:
+        part("could not release the rollout workers", d.rl.shutdown)
     if d.checkpoints.pending:  # an interrupted run's saves: their writers are gone with the devices
         part("could not remove the unfinished checkpoints", lambda: d.events.abandon(
             "not committed: the run ended before its shards were written").raise_error())
@@ -126,7 +129,8 @@ def summarize(d: RunEnd, wall_s: float, interrupted=None, state: str = "finished
         checkpoint_commit_s=ck.commit_seconds, restore_s=d.recovery.restore_s,
         recoveries=d.healer.recoveries, incidents=d.healer.report(), faults_injected=d.injector.fired,
         goodput=d.goodput.to_dict(), run_id=ck.run_id,
-        monitoring_s=d.status.seconds + (d.metrics.seconds if d.metrics else 0.0), state=state, reason=reason)
+        monitoring_s=d.status.seconds + (d.metrics.seconds if d.metrics else 0.0), state=state, reason=reason,
+        accuracy_before=d.rl.accuracy_before if d.rl else None, accuracy_after=d.rl.accuracy_after if d.rl else None)
     if t.steps or not (d.run_dir / "summary.json").exists():
         write_results(d.run_dir, summary, d.goodput.to_dict(), cfg.monitor.report and report, interrupted)
     elif interrupted is not None:  # nothing trained: a finished run's results are not overwritten by nothing

@@ -94,6 +94,7 @@ class Driver:
         self.peak_flops: float | None = None  # of one device, for MFU
         self.flops_per_token = flops_per_token(cfg)
         self.val_loss: float | None = None    # the newest validation loss (periodic or final)
+        self.rl = None                        # RL post-training's service (data.task=rl): each step's batch
 
     # ----------------------------------------------------------------- start
     def prepare(self) -> ResumePlan:
@@ -117,6 +118,11 @@ class Driver:
         self.mixed_precision, self.peak_flops = started.mixed_precision, started.peak_flops
         self.devices.build(range(self.world), cfg.cluster.start_timeout_s, "build device shards")
         log_devices(cfg, self.devices)
+        if cfg.data.task == "rl":
+            from orchestrator.rl.service import RLService
+
+            self.rl = RLService(cfg, self.devices, self.watch)
+            self.rl.start()
 
     @property
     def actors(self) -> list[Any]:
@@ -137,7 +143,15 @@ class Driver:
         if step in self.skip_steps:
             guard = {**(guard or {}), "skip_batch": True}
         t0 = time.perf_counter()
-        return self.watch.collect(self.devices, [a.train_step.remote(step, guard) for a in self.actors], step, t0)
+        batch = self._rl_batch(step) if self.rl is not None else None
+        return self.watch.collect(self.devices, [a.train_step.remote(step, guard, batch) for a in self.actors], step, t0)
+
+    def _rl_batch(self, step: int) -> Any:
+        """An RL step's batch (rl/service.py); before the first RL step, the held-out accuracy it starts from."""
+        if step == self.cfg.rl.sft_steps + 1 and self.rl.accuracy_before is None:
+            self.rl.accuracy_before = self.rl.accuracy(step - 1)
+            self.progress.message(f"held-out accuracy before RL: {self.rl.accuracy_before:.3f}")
+        return self.rl.batch(step)
 
     # ------------------------------------------------------------------ run
     def run(self) -> RunSummary:
@@ -248,6 +262,8 @@ class Driver:
         if decision.skip is not None:
             self.skip_steps.add(decision.skip)
         back = self.recovery.carry_out(decision, self.last_step, self.recover)
+        if self.rl is not None:   # the devices' weights went back: the rollout engines sync again before using them
+            self.rl.invalidate()
         self.progress.message(f"{why}; continuing from step {back + 1}")
         self.next_step = back + 1
         return RunState.STEPPING
@@ -261,10 +277,16 @@ class Driver:
         self.goodput.finish(time.perf_counter() - self.t_loop)
         val_loss = self.finish.validation(self.stop_signal, self.metrics)
         self.val_loss = self.val_loss if val_loss is None else val_loss
+        if self.rl is not None and not self.stop_signal and self.history:
+            self.rl.accuracy_after = self.rl.accuracy(self.last_step)
+            self.progress.message(f"held-out accuracy after step {self.last_step}: {self.rl.accuracy_after:.3f}")
         return RunState.DONE
 
     def _record(self, step: int, reports: list[StepReport], wall: float) -> dict[str, Any]:
-        return step_record(step, reports, wall, self.balancer.placement, self.peak_flops, self.flops_per_token)
+        rec = step_record(step, reports, wall, self.balancer.placement, self.peak_flops, self.flops_per_token)
+        if self.rl is not None:   # the rollouts' numbers and the devices' RL numbers (device/rl.py)
+            rec.update(self.rl.record(step))
+        return rec
 
     def _keep(self, step: int, rec: dict[str, Any], wall: float, reports: list[StepReport]) -> None:
         """A step kept: into the history and totals (what no rewind can need forgotten), its re-placement and
@@ -316,7 +338,13 @@ class Driver:
 
     # ------------------------------------------------------------- faults
     def inject(self, fault: FaultSpec, step: int) -> None:
-        """Make a planned fault happen, as its kind's rule says (healing/faults.py make_happen)."""
+        """Make a planned fault happen, as its kind's rule says (healing/faults.py make_happen); one with target
+        rollout arms a rollout worker to die mid-generation (rl/service.py)."""
+        if fault.target == "rollout":
+            if not self.cfg.rl.rollout.workers:   # colocated: the device's actor dies; its snapshot reply first
+                self.checkpoints.snapshots.wait_newest(self.cfg.faults.recovery_timeout_s)
+            self.rl.kill_worker(fault.rank)
+            return
         make_happen(fault, step, self.devices, self.checkpoints, self.cfg.faults.recovery_timeout_s)
 
     def _periodic_eval(self, rec: dict[str, Any]) -> None:
@@ -368,7 +396,7 @@ class Driver:
         return RunEnd(self.cfg, Path(self.run_dir), self.history, self.checkpoints, self.events, self.devices,
                       self.healer, self.listeners, self.injector, self.recovery, self.goodput, self.status,
                       lambda state, reason: self.write_status(state, reason=reason), self.metrics, self.progress,
-                      self.alerts, self.t_loop, self.stop_signal, self.val_loss)
+                      self.alerts, self.t_loop, self.stop_signal, self.val_loss, self.rl)
 
     # ------------------------------------------------------------- helpers
     def _install_signal_handlers(self):

@@ -132,6 +132,7 @@ def step_record(step: int, reports: list[Any], wall: float, placement: Any, peak
         rec["mfu"] = (getattr(r0, "positions", 0) or r0.tokens) / wall * flops_per_token_ / (world * peak)
     if r0.skipped:
         rec["skipped"] = r0.skipped
+    rec.update(getattr(r0, "extra", None) or {})   # an RL step's own numbers (device/rl.py)
     return rec
 
 

@@ -43,6 +43,8 @@ class RunSummary:
     run_id: str | None = None
     state: str = "finished"        # finished | stopped | interrupted | failed
     reason: str | None = None
+    accuracy_before: float | None = None   # RL (data.task=rl): held-out accuracy (greedy) before the first RL step ...
+    accuracy_after: float | None = None    # ... and after the last
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,156 @@
+"""Rollout workers as Ray actors: colocated (the device actors' own engines) or a separate pool of `RolloutActor`s
+on resources of their own (rl.rollout.workers = N).
+
+Either way a worker is a handle with `rollout_load(refs, version)`, `rollout_generate(step, prompt_ids)`,
+`rollout_accuracy(problems)` and `rollout_parameters()`. A step's prompts are dealt to the workers in contiguous
+chunks; what each prompt's completions are does not depend on the worker (device/rollout.py), so a separate
+pool's worker that dies mid-generation has its prompts generated again on the others (and is replaced) with
+nothing changed in the run's results.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from orchestrator.config import Config, to_dict
+from orchestrator.data.rl import Rollout
+
+log = logging.getLogger(__name__)
+
+
+class RolloutActor:
+    """A rollout worker of its own (a separate pool): a RolloutEngine (device/rollout.py) behind Ray."""
+
+    def __init__(self, cfg: dict[str, Any], torch_threads: int):
+        import torch
+
+        from orchestrator.config import config_from_dict
+        from orchestrator.device.rollout import RolloutEngine
+
+        torch.set_num_threads(max(1, torch_threads))
+        self.engine = RolloutEngine(config_from_dict(cfg))
+
+    def ready(self) -> bool:
+        return True
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def rollout_load(self, refs: list[tuple[str, Any]], version: int) -> int:
+        return self.engine.load(((name, ray.get(ref)) for name, ref in refs), version)
+
+    def rollout_generate(self, step: int, prompt_ids: list[int]) -> list[Rollout]:
+        return self.engine.generate(step, prompt_ids)
+
+    def rollout_accuracy(self, problems: list[Any]) -> float:
+        return self.engine.accuracy(problems)
+
+    def rollout_parameters(self) -> dict[str, Any]:
+        return self.engine.parameters()
+
+    def rollout_arm_kill(self) -> None:
+        self.engine.kill_armed = True
+
+
+RemoteRollout = ray.remote(max_restarts=0)(RolloutActor)
+
+
+def chunks(ids: list[int], n: int) -> list[list[int]]:
+    """`ids` in n contiguous chunks, as even as can be (the first ones one longer)."""
+    per, extra = divmod(len(ids), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + per + (1 if i < extra else 0)
+        out.append(ids[start:end])
+        start = end
+    return out
+
+
+class RolloutPool:
+    """A separate pool of rollout actors: started, kept at its size (a dead one replaced and given the weights),
+    asked for a step's completions with a deadline."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.actors: list[Any] = []
+        self.replaced = 0
+        self.last_refs: tuple[list[tuple[str, Any]], int] | None = None   # the newest weights sent (a replacement's)
+
+    def _new(self) -> Any:
+        r = self.cfg.rl.rollout
+        threads = max(1, int(r.cpus_per_worker))
+        return RemoteRollout.options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker).remote(
+            to_dict(self.cfg), threads)
+
+    def start(self, timeout_s: float) -> None:
+        self.actors = [self._new() for _ in range(self.cfg.rl.rollout.workers)]
+        ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
+
+    def load(self, refs: list[tuple[str, Any]], version: int, timeout_s: float) -> None:
+        """Every worker takes the weights (a worker that dies meanwhile is replaced and takes them too)."""
+        self.last_refs = (refs, version)
+        pending = {a.rollout_load.remote(refs, version): i for i, a in enumerate(self.actors)}
+        for ref, i in pending.items():
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except (RayActorError, RayTaskError, GetTimeoutError) as e:
+                log.warning("rollout worker %d failed to take the weights (%s); replacing it", i, type(e).__name__)
+                self.replace(i, timeout_s)
+
+    def replace(self, i: int, timeout_s: float) -> None:
+        try:
+            ray.kill(self.actors[i], no_restart=True)
+        except Exception:  # already dead
+            pass
+        self.actors[i] = self._new()
+        self.replaced += 1
+        if self.last_refs is not None:
+            ray.get(self.actors[i].rollout_load.remote(*self.last_refs), timeout=timeout_s)
+
+    def arm_kill(self, i: int) -> None:
+        """Fault injection: rollout worker i dies in its next generation, after its first prompt."""
+        ray.get(self.actors[i].rollout_arm_kill.remote(), timeout=60)
+
+    def generate(self, step: int, prompt_ids: list[int], timeout_s: float) -> tuple[list[Rollout], list[str]]:
+        """Every prompt's completions, in prompt order; a worker that fails has its prompts generated again on a
+        survivor (and is replaced). Also what failed, one line each (incidents)."""
+        done: dict[int, Rollout] = {}
+        failures: list[str] = []
+        todo = list(prompt_ids)
+        for _attempt in range(3):
+            alive = list(range(len(self.actors)))
+            parts = [c for c in chunks(todo, len(alive))]
+            refs = {self.actors[i].rollout_generate.remote(step, part): (i, part) for i, part in zip(alive, parts) if part}
+            deadline = time.perf_counter() + timeout_s
+            failed: list[int] = []
+            for ref, (i, part) in refs.items():
+                try:
+                    for r in ray.get(ref, timeout=max(0.1, deadline - time.perf_counter())):
+                        done[r.prompt_id] = r
+                except (RayActorError, RayTaskError, GetTimeoutError) as e:
+                    failures.append(f"rollout worker {i}: {type(e).__name__} in step {step}; its {len(part)} "
+                                    f"prompt(s) generated again")
+                    failed.append(i)
+            for i in failed:
+                self.replace(i, timeout_s)
+            todo = [p for p in prompt_ids if p not in done]
+            if not todo:
+                return [done[p] for p in prompt_ids], failures
+        raise RuntimeError(f"step {step}: rollouts failed three times ({failures[-1]})")
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self.actors = []
+
+
+__all__ = ["RolloutActor", "RolloutPool", "RemoteRollout", "chunks"]

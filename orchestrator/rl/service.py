@@ -1,0 +1,155 @@
+"""RL post-training's driver-side service (data.task=rl): before each step, the step's batch.
+
+    warm-up step (step <= rl.sft_steps): the task's answers as a supervised batch
+    RL step: weight sync (the engines get the policy after step-1, unless they hold it already), rollouts of the
+             step's prompts on the workers (colocated: the device actors; else the RolloutPool), rewards,
+             group-relative advantages (model/policy_loss.py group_advantages), the RLBatch (data/rl.py)
+
+The batch goes to the object store and from there to every device's `train_step`. It is a function of the
+policy's weights and of (seed, step) only: after a rewind to step s the engines are synced with the restored
+weights again (`invalidate`), and step s+1's batch comes out as it did the first time; on resume the same.
+Every sample carries the version (step of the weights) that sampled it; staleness = step - 1 - version, checked.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ray
+import torch
+
+from orchestrator.config import Config
+from orchestrator.config.rl import prompts_per_step
+from orchestrator.data.rl import rl_batch, sft_batch, task_of
+from orchestrator.model.policy_loss import group_advantages
+from orchestrator.rl.rollout import RolloutPool, chunks
+
+log = logging.getLogger(__name__)
+
+
+class RLService:
+    def __init__(self, cfg: Config, devices: Any, watch: Any):
+        self.cfg, self.devices, self.watch = cfg, devices, watch
+        self.task = task_of(cfg)
+        self.pool = RolloutPool(cfg) if cfg.rl.rollout.workers else None
+        self.synced: int | None = None        # the version every engine holds; None: not known (start, recovery)
+        self.stats: dict[str, Any] = {}       # the last batch's numbers (into its step's record)
+        self.failures: list[str] = []         # rollout workers that failed (incidents), taken by the driver
+        self.sync_bytes = 0                   # bytes of the last weight sync
+        self.accuracy_before: float | None = None
+        self.accuracy_after: float | None = None
+        self.heldout = self.task.heldout(cfg.rl.eval_problems)
+
+    @property
+    def workers(self) -> list[Any]:
+        return self.pool.actors if self.pool is not None else self.devices.actors
+
+    def start(self) -> None:
+        if self.pool is not None:
+            self.pool.start(self.cfg.cluster.start_timeout_s)
+
+    def invalidate(self) -> None:
+        """The devices' weights changed other than by a step (a restore, a rewind): sync before the next rollout."""
+        self.synced = None
+
+    # ------------------------------------------------------------------ batch
+    def batch(self, step: int) -> Any:
+        """The step's batch in the object store (a ref every device's train_step resolves)."""
+        cfg = self.cfg
+        if step <= cfg.rl.sft_steps:
+            problems = self.task.batch(step, cfg.train.global_batch_size)
+            self.stats = {"phase": "sft"}
+            return ray.put(sft_batch(problems, step, cfg.data.seq_len))
+        t0 = time.perf_counter()
+        synced = self.sync(step - 1)
+        sync_s = time.perf_counter() - t0
+        ids = [p.id for p in self.task.batch(step, prompts_per_step(cfg))]
+        t1 = time.perf_counter()
+        rollouts = self.generate(step, ids)
+        gen_s = time.perf_counter() - t1
+        rewards = torch.tensor([r.rewards for r in rollouts], dtype=torch.float64)
+        adv = group_advantages(rewards, scale=cfg.rl.scale_rewards).reshape(-1)
+        batch = rl_batch(step, rollouts, adv, cfg.data.seq_len, cfg.model.top_k, cfg.rl.max_new_tokens)
+        staleness = (step - 1 - batch.versions).double()
+        if int(staleness.min()) < 0 or int(staleness.max()) > cfg.rl.max_staleness:
+            raise RuntimeError(f"step {step}: samples of policy versions {sorted(set(batch.versions.tolist()))}, "
+                               f"more than rl.max_staleness={cfg.rl.max_staleness} behind step {step - 1}")
+        errors = [e for r in rollouts for e in r.errors if e]
+        self.stats = {"phase": "rl", "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+                      "accuracy": sum(c for r in rollouts for c in r.correct) / rewards.numel(),
+                      "response_len": sum(int(m.sum()) for r in rollouts for m in r.mask) / rewards.numel(),
+                      "staleness": staleness.mean().item(), "reward_errors": len(errors),
+                      "gen_s": gen_s, "sync_s": sync_s if synced else 0.0,
+                      "sync_bytes": self.sync_bytes if synced else 0}
+        if errors:
+            self.stats["reward_error"] = errors[0]
+        return ray.put(batch)
+
+    def generate(self, step: int, ids: list[int]) -> list[Any]:
+        """The rollouts of `ids`, in that order. Colocated: every device actor generates a chunk, collected by the
+        Watch (a device that dies here fails the step, healed as any step); a separate pool heals itself."""
+        timeout = self.cfg.cluster.step_timeout_s
+        if self.pool is not None:
+            rollouts, failures = self.pool.generate(step, ids, timeout)
+            self.failures += failures
+            return rollouts
+        parts = chunks(ids, len(self.devices.actors))
+        refs = [a.rollout_generate.remote(step, part) for a, part in zip(self.devices.actors, parts)]
+        return [r for part in self.watch.collect(self.devices, refs, step, time.perf_counter()) for r in part]
+
+    # ------------------------------------------------------------ weight sync
+    def sync(self, version: int) -> bool:
+        """Every engine gets the policy's weights after step `version`: each device sends its own tensors (one
+        logical tensor by one device), one object each; each engine fetches and copies them one at a time. False
+        when they held them already."""
+        if self.synced == version:
+            return False
+        parts = self.watch.collect(self.devices, [a.sync_weights.remote() for a in self.devices.actors], version + 1,
+                                   time.perf_counter())
+        refs = [pair for named, _ in parts for pair in named]
+        self.sync_bytes = sum(size for _, size in parts)
+        if self.pool is not None:
+            self.pool.load(refs, version, self.cfg.cluster.step_timeout_s)
+        else:
+            self.watch.collect(self.devices, [a.rollout_load.remote(refs, version) for a in self.devices.actors],
+                               version + 1, time.perf_counter())
+        self.synced = version
+        return True
+
+    def parameters(self) -> list[dict[str, torch.Tensor]]:
+        """Every engine's parameters (tests: a sync leaves them equal to the trainer's)."""
+        return ray.get([w.rollout_parameters.remote() for w in self.workers], timeout=self.cfg.cluster.step_timeout_s)
+
+    # -------------------------------------------------------------- accuracy
+    def accuracy(self, version: int) -> float:
+        """Greedy held-out accuracy of the policy after step `version` (the engines synced first), the problems
+        spread over the workers."""
+        self.sync(version)
+        parts = [p for p in chunks(list(range(len(self.heldout))), len(self.workers))]
+        refs = [w.rollout_accuracy.remote([self.heldout[i] for i in part]) for w, part in zip(self.workers, parts)
+                if part]
+        got = ray.get(refs, timeout=self.cfg.cluster.step_timeout_s)
+        sizes = [len(p) for p in parts if p]
+        return sum(a * n for a, n in zip(got, sizes)) / max(1, sum(sizes))
+
+    def record(self, step: int) -> dict[str, Any]:
+        """The numbers of the batch `step` trained on, for its record (the accuracy before RL on the first RL step)."""
+        rec = {k: v for k, v in self.stats.items() if k != "phase"}
+        if step == self.cfg.rl.sft_steps + 1 and self.accuracy_before is not None:
+            rec["accuracy_before"] = self.accuracy_before
+        return rec
+
+    def kill_worker(self, rank: int) -> None:
+        """A planned fault with target: rollout (a separate pool's worker; colocated, the device's actor)."""
+        if self.pool is not None:
+            self.pool.arm_kill(rank)
+        else:
+            self.devices.actors[rank].rollout_arm_kill.remote()
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+__all__ = ["RLService"]
