@@ -29,14 +29,19 @@ def switch_aux_loss(scores_NE: torch.Tensor, global_counts_E: torch.Tensor, glob
     return E * (f_E * p_share_E).sum()
 
 
-def sequence_aux_loss(scores_BTE: torch.Tensor, experts_BTK: torch.Tensor, global_sequences: int) -> torch.Tensor:
+def sequence_aux_loss(scores_BTE: torch.Tensor, experts_BTK: torch.Tensor, global_sequences: int,
+                      valid_BT: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss, share of this device (its sequences).
 
         L = (1/B_g) sum_seq sum_i f_i P_i,  f_i = E/(K T) sum_t 1[i in topk(t)],
                                             P_i = (1/T) sum_t s'_{t,i},  s'_{t,i} = s_{t,i} / sum_j s_{t,j}
 
     (DeepSeek-V3 multiplies by a small alpha, 1e-4; the caller does.) Balanced routing gives 1.
+    valid_BT (bool): each sequence's sums run over its valid tokens and T is its count of them; a sequence with
+    none contributes 0.
     """
+    if valid_BT is not None:
+        return _valid_sequence_aux_loss(scores_BTE, experts_BTK, global_sequences, valid_BT)
     B, T, E = scores_BTE.shape
     K = experts_BTK.shape[-1]
     norm_BTE = scores_BTE / scores_BTE.sum(-1, keepdim=True)
@@ -44,6 +49,20 @@ def sequence_aux_loss(scores_BTE: torch.Tensor, experts_BTK: torch.Tensor, globa
     counts_BE.scatter_add_(1, experts_BTK.reshape(B, -1), torch.ones_like(experts_BTK.reshape(B, -1), dtype=scores_BTE.dtype))
     f_BE = counts_BE * E / (K * T)
     p_BE = norm_BTE.mean(1)
+    return (f_BE * p_BE).sum() / global_sequences
+
+
+def _valid_sequence_aux_loss(scores_BTE: torch.Tensor, experts_BTK: torch.Tensor, global_sequences: int,
+                             valid_BT: torch.Tensor) -> torch.Tensor:
+    B, T, E = scores_BTE.shape
+    K = experts_BTK.shape[-1]
+    w_BT = valid_BT.to(scores_BTE.dtype)
+    n_B1 = w_BT.sum(1, keepdim=True).clamp(min=1)            # a sequence with no valid token: all sums are 0
+    norm_BTE = scores_BTE / scores_BTE.sum(-1, keepdim=True)
+    counts_BE = torch.zeros(B, E, dtype=scores_BTE.dtype, device=scores_BTE.device)
+    counts_BE.scatter_add_(1, experts_BTK.reshape(B, -1), w_BT.unsqueeze(-1).expand(B, T, K).reshape(B, -1))
+    f_BE = counts_BE * E / (K * n_B1)
+    p_BE = (norm_BTE * w_BT.unsqueeze(-1)).sum(1) / n_B1
     return (f_BE * p_BE).sum() / global_sequences
 
 

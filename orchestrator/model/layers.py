@@ -1,6 +1,7 @@
-"""Dense building blocks: RMSNorm, rotary embeddings, causal self-attention, SwiGLU.
+"""Dense building blocks: RMSNorm, rotary embeddings, causal self-attention (with an optional KV cache), SwiGLU.
 
-Shape legend: B batch, T sequence, D model dim, H heads, Dh head dim, F hidden (ffn) dim.
+Shape legend: B batch, T sequence (the chunk of this forward), S keys (cached + chunk), D model dim, H heads,
+Dh head dim, F hidden (ffn) dim.
 """
 from __future__ import annotations
 
@@ -41,11 +42,41 @@ def apply_rope(x_BHTDh: torch.Tensor, cos_TDh2: torch.Tensor, sin_TDh2: torch.Te
     return out.flatten(-2).type_as(x_BHTDh)
 
 
-class Attention(nn.Module):
-    """Causal multi-head self-attention with RoPE (no bias, as in Llama/DeepSeek)."""
+class KVCache:
+    """Keys and values of the tokens read so far, per attention layer: k[layer], v[layer] of shape [B, H, S, Dh]
+    (after RoPE for keys). Inference only (generation, model/generate.py): a forward with a cache appends its
+    chunk of T tokens at positions `position` .. `position` + T - 1 of every layer; the next forward continues
+    from there (prefill the prompt, then one token at a time)."""
 
-    def __init__(self, dim: int, n_heads: int, max_seq_len: int, rope_theta: float):
+    def __init__(self, n_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    def seen(self, layer: int) -> int:
+        """Tokens layer `layer` has cached: the absolute position of the next token it reads."""
+        k = self.k[layer]
+        return 0 if k is None else k.shape[-2]
+
+    @property
+    def position(self) -> int:
+        """Tokens cached (by the first layer: after a whole forward every layer has the same)."""
+        return self.seen(0) if self.k else 0
+
+    def append(self, layer: int, k_BHTDh: torch.Tensor, v_BHTDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds a chunk's keys and values to layer `layer`; returns all of them so far ([B, H, S, Dh] each)."""
+        k, v = self.k[layer], self.v[layer]
+        self.k[layer] = k_BHTDh if k is None else torch.cat((k, k_BHTDh), dim=-2)
+        self.v[layer] = v_BHTDh if v is None else torch.cat((v, v_BHTDh), dim=-2)
+        return self.k[layer], self.v[layer]
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with RoPE (no bias, as in Llama/DeepSeek). `layer` is its index in the
+    model: the slot of a KVCache it uses."""
+
+    def __init__(self, dim: int, n_heads: int, max_seq_len: int, rope_theta: float, layer: int = 0):
         super().__init__()
+        self.layer = layer
         self.n_heads = n_heads
         self.head_dim = dim // n_heads
         self.wq = nn.Linear(dim, dim, bias=False)
@@ -56,16 +87,39 @@ class Attention(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, D = x_BTD.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
 
+        if cache is not None:
+            return self._cached(x_BTD, heads, cache)
         q_BHTDh = apply_rope(heads(self.wq(x_BTD)), self.rope_cos, self.rope_sin)
         k_BHTDh = apply_rope(heads(self.wk(x_BTD)), self.rope_cos, self.rope_sin)
         v_BHTDh = heads(self.wv(x_BTD))
         y_BHTDh = F.scaled_dot_product_attention(q_BHTDh, k_BHTDh, v_BHTDh, is_causal=True)
+        return self.wo(y_BHTDh.transpose(1, 2).reshape(B, T, D))
+
+    def _cached(self, x_BTD: torch.Tensor, heads, cache: KVCache) -> torch.Tensor:
+        """The chunk x_BTD at absolute positions offset .. offset + T - 1 (offset: tokens already cached): RoPE at
+        those positions; query i sees every cached key and the chunk's keys up to its own position."""
+        B, T, D = x_BTD.shape
+        offset = cache.seen(self.layer)
+        if offset + T > self.rope_cos.shape[0]:
+            raise ValueError(f"{offset + T} positions do not fit max_seq_len {self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[offset:], self.rope_sin[offset:]
+        q_BHTDh = apply_rope(heads(self.wq(x_BTD)), cos, sin)
+        k_BHSDh, v_BHSDh = cache.append(self.layer, apply_rope(heads(self.wk(x_BTD)), cos, sin), heads(self.wv(x_BTD)))
+        if offset == 0:
+            y_BHTDh = F.scaled_dot_product_attention(q_BHTDh, k_BHSDh, v_BHSDh, is_causal=True)
+        elif T == 1:   # the newest token sees everything
+            y_BHTDh = F.scaled_dot_product_attention(q_BHTDh, k_BHSDh, v_BHSDh)
+        else:          # key j visible to query i when j <= offset + i (is_causal would align the corner top-left)
+            S = offset + T
+            mask_TS = (torch.arange(S, device=x_BTD.device).unsqueeze(0)
+                       <= torch.arange(offset, S, device=x_BTD.device).unsqueeze(1))
+            y_BHTDh = F.scaled_dot_product_attention(q_BHTDh, k_BHSDh, v_BHSDh, attn_mask=mask_TS)
         return self.wo(y_BHTDh.transpose(1, 2).reshape(B, T, D))
 
 

@@ -38,6 +38,10 @@ class Router(nn.Module):
     buffer, zero unless a balancing strategy moves it; it never enters the gate values) and the
     routing mode of `balance` (plain, grouped or group-limited top-k). Gates are the selected
     scores, renormalised to sum to 1 when `norm_topk_prob`, times `route_scale`.
+
+    `replay_NK` (routing replay): selection is skipped and these logical ids are taken as chosen; the gates are
+    this router's live scores at them (so the router still learns), never masked (group limits and the bias only
+    steer selection).
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str, norm_topk_prob: bool,
@@ -49,13 +53,17 @@ class Router(nn.Module):
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(num_experts))
 
-    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x_ND: torch.Tensor, replay_NK: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns gates_NK (float), experts_NK (int64), scores_NE, logits_NE."""
         logits_NE = upcast(self.gate(x_ND))
         scores_NE = logits_NE.softmax(-1) if self.score_func == "softmax" else logits_NE.sigmoid()
         b = self.balance
-        experts_NK = select_experts(scores_NE.detach() + self.expert_bias, self.top_k, b.routing, b.num_groups,
-                                    b.topk_groups)
+        if replay_NK is not None:
+            experts_NK = replay_NK.to(device=scores_NE.device, dtype=torch.long)
+        else:
+            experts_NK = select_experts(scores_NE.detach() + self.expert_bias, self.top_k, b.routing, b.num_groups,
+                                        b.topk_groups)
         gates_NK = scores_NE.gather(-1, experts_NK)
         if self.norm_topk_prob and self.top_k > 1:
             gates_NK = gates_NK / (gates_NK.sum(-1, keepdim=True) + 1e-20)
@@ -225,6 +233,21 @@ class MoE(ExpertSlots, nn.Module):
 
     With balancing losses on, `aux_loss` holds this layer's share of them after each forward (see
     balancing.py); `global_tokens` is the global batch's token count (None: this batch is the global one).
+
+    For RL post-training (the caller sets these before a forward; None: off, and the forward is as without them):
+      last_experts_NK  after every forward: the router's chosen logical expert ids (int64, detached; before
+                       capacity drops and the slot/replica mapping), N = B*T of that forward.
+      replay_NK        Rollout Routing Replay (R3): logical ids [N, K] (int64) used instead of the router's choice;
+                       gates from the live router's scores at them (see Router). Balancing losses, the loads
+                       (`last_tokens_per_expert`) and capacity drops follow the replayed ids. Read by every run
+                       of the forward, so under full activation checkpointing also by the backward's
+                       recomputation: set it before the forward and clear it only after the backward.
+      valid_N          bool [N]: only these tokens count in `last_tokens_per_expert` and the balancing losses
+                       (RL trains completion tokens only); `global_tokens` is then the global count of valid tokens
+                       (None: this batch's). Dispatch, capacity and the output are unchanged: every token is
+                       still routed.
+    A recomputation (checkpointing) sets `last_experts_NK` again to the same ids (same input and weights, or the
+    same replay); the counted statistics are put back by model/checkpointing.py, so nothing counts twice.
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, expert_dim: int, num_shared_experts: int,
@@ -235,6 +258,9 @@ class MoE(ExpertSlots, nn.Module):
         self.balance = balance or BalanceConfig()
         self.global_tokens: int | None = None
         self.aux_loss: torch.Tensor | None = None
+        self.last_experts_NK: torch.Tensor = torch.zeros(0, top_k, dtype=torch.long)
+        self.replay_NK: torch.Tensor | None = None
+        self.valid_N: torch.Tensor | None = None
         self.router = Router(dim, num_experts, top_k, score_func, norm_topk_prob, route_scale, self.balance)
         self.experts = GroupedExperts(dim, expert_dim, expert_ids)
         self.shared = SwiGLU(dim, expert_dim * num_shared_experts) if num_shared_experts > 0 else None
@@ -245,8 +271,20 @@ class MoE(ExpertSlots, nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
-        gates_NK, experts_NK, scores_NE, logits_NE = self.router(x_ND)
-        routed_E = torch.bincount(experts_NK.reshape(-1), minlength=self.num_experts)
+        replay_NK, valid_N = self.replay_NK, self.valid_N
+        if replay_NK is not None and tuple(replay_NK.shape) != (x_ND.shape[0], self.top_k):
+            raise ValueError(f"routing replay of shape {tuple(replay_NK.shape)} for {x_ND.shape[0]} tokens and "
+                             f"top_k {self.top_k}")
+        if valid_N is not None and tuple(valid_N.shape) != (x_ND.shape[0],):
+            raise ValueError(f"valid_N of shape {tuple(valid_N.shape)} for {x_ND.shape[0]} tokens")
+        gates_NK, experts_NK, scores_NE, logits_NE = (self.router(x_ND) if replay_NK is None
+                                                      else self.router(x_ND, replay_NK))
+        self.last_experts_NK = experts_NK.detach()
+        if valid_N is None:
+            routed_E = torch.bincount(experts_NK.reshape(-1), minlength=self.num_experts)
+        else:
+            valid_N = valid_N.to(experts_NK.device)
+            routed_E = torch.bincount(experts_NK[valid_N].reshape(-1), minlength=self.num_experts)
         self.last_tokens_per_expert = routed_E
         send_NK = experts_NK
         if self.balance.capacity_factor:
@@ -257,7 +295,8 @@ class MoE(ExpertSlots, nn.Module):
         x_MD, tokens_per_local_slot, _, meta = self.dispatcher.dispatch(x_ND, slots_NK, self.num_slots)
         self.last_received = int(sum(tokens_per_local_slot))
         if self.training:
-            self.aux_loss = self._balance_losses(scores_NE, logits_NE, experts_NK, routed_E, B, T)
+            self.aux_loss = (self._balance_losses(scores_NE, logits_NE, experts_NK, routed_E, B, T) if valid_N is None
+                             else self._valid_balance_losses(scores_NE, logits_NE, experts_NK, routed_E, valid_N, B, T))
         y_MD = self.experts(x_MD, tokens_per_local_slot)
         out_ND = self.dispatcher.combine(y_MD, gates_NK, meta, x_ND.shape[0])
         if self.shared is not None:
@@ -278,4 +317,23 @@ class MoE(ExpertSlots, nn.Module):
                 scores_NE.view(B, T, -1), experts_NK.view(B, T, -1), global_tokens // T)
         if b.z_loss_coeff:
             loss = loss + b.z_loss_coeff * router_z_loss(logits_NE, global_tokens)
+        return loss
+
+    def _valid_balance_losses(self, scores_NE, logits_NE, experts_NK, counts_E, valid_N, B: int, T: int
+                              ) -> torch.Tensor | None:
+        """_balance_losses over the valid tokens only: sums over valid tokens, loads of valid tokens, each
+        sequence's f and P over its valid tokens; `global_tokens` counts valid tokens (None: this batch's)."""
+        b = self.balance
+        if not (b.aux_loss_coeff or b.seq_aux_loss_coeff or b.z_loss_coeff):
+            return None
+        global_tokens = max(1, self.global_tokens or int(valid_N.sum()))
+        loss = scores_NE.new_zeros(())
+        if b.aux_loss_coeff:
+            counts = self.dispatcher.global_counts(counts_E)
+            loss = loss + b.aux_loss_coeff * switch_aux_loss(scores_NE[valid_N], counts, global_tokens, self.top_k)
+        if b.seq_aux_loss_coeff:
+            loss = loss + b.seq_aux_loss_coeff * sequence_aux_loss(
+                scores_NE.view(B, T, -1), experts_NK.view(B, T, -1), max(1, global_tokens // T), valid_N.view(B, T))
+        if b.z_loss_coeff:
+            loss = loss + b.z_loss_coeff * router_z_loss(logits_NE[valid_N], global_tokens)
         return loss

@@ -21,7 +21,7 @@ from torch import nn
 
 from orchestrator.config import BalanceConfig, ModelConfig
 from orchestrator.model.checkpointing import checkpointed
-from orchestrator.model.layers import Attention, RMSNorm, SwiGLU
+from orchestrator.model.layers import Attention, KVCache, RMSNorm, SwiGLU
 from orchestrator.model.moe import MoE, GroupedExperts
 
 
@@ -29,7 +29,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, expert_ids: Sequence[int], balance: BalanceConfig | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, layer)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if layer < cfg.first_k_dense:
             self.ffn: nn.Module = SwiGLU(cfg.dim, cfg.dense_dim)
@@ -39,7 +39,10 @@ class Block(nn.Module):
 
         self.recompute = "none"  # activation checkpointing: none | selective | full (model/checkpointing.py)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is not None:  # generation: no activation checkpointing (nothing is kept for a backward)
+            x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cache)
+            return x_BTD + self.ffn(self.ffn_norm(x_BTD))
         if self.recompute == "full":
             return checkpointed(self._forward, x_BTD, keep=[self.ffn])
         return self._forward(x_BTD)
@@ -65,13 +68,47 @@ class MoETransformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, V]. With a cache (generation): tokens_BT continue the cached ones (positions from
+        cache.position on) and their keys and values join the cache."""
         x_BTD = self.tok_emb(tokens_BT)
         for layer in self.layers:
-            x_BTD = layer(x_BTD)
+            x_BTD = layer(x_BTD) if cache is None else layer(x_BTD, cache)
         x_BTD = self.norm(x_BTD)
         weight_VD = self.tok_emb.weight if self.head is None else self.head.weight
         return x_BTD @ weight_VD.t()
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.layers))
+
+    def set_routing_replay(self, ids: list[torch.Tensor] | None) -> None:
+        """Rollout Routing Replay (R3): the next forwards (and their backward recomputations) use these logical
+        expert ids, one [B, T, K] or [N, K] tensor per MoE layer in moe_layers() order, instead of the routers'
+        choice. Set before the forward, clear (None) after the backward. See MoE.replay_NK."""
+        moes = self.moe_layers()
+        if ids is None:
+            for m in moes:
+                m.replay_NK = None
+            return
+        if len(ids) != len(moes):
+            raise ValueError(f"routing replay gives {len(ids)} layers; the model has {len(moes)} MoE layers")
+        for i, (m, t) in enumerate(zip(moes, ids)):
+            t_NK = t.reshape(-1, t.shape[-1]).long()
+            if t_NK.shape[-1] != m.top_k:
+                raise ValueError(f"routing replay of MoE layer {i} has {t_NK.shape[-1]} experts per token, "
+                                 f"the layer routes to {m.top_k}")
+            if t_NK.numel() and (int(t_NK.min()) < 0 or int(t_NK.max()) >= m.experts_total):
+                raise ValueError(f"routing replay of MoE layer {i} names an expert outside 0..{m.experts_total - 1}")
+            m.replay_NK = t_NK
+
+    def set_valid(self, valid_BT: torch.Tensor | None) -> None:
+        """The tokens the balancing losses and the load statistics count (bool [B, T]; None: all). See MoE.valid_N."""
+        for m in self.moe_layers():
+            m.valid_N = None if valid_BT is None else valid_BT.reshape(-1).bool()
+
+    def routing(self) -> list[torch.Tensor]:
+        """Each MoE layer's chosen logical expert ids of the last forward ([B*T, K] int64, moe_layers() order)."""
+        return [m.last_experts_NK for m in self.moe_layers()]
 
     def blocks(self) -> list[tuple[nn.Module, nn.Module | None]]:
         """(block, its routed experts or None), in order: the units FSDP2 wraps (parallel/sharding.py)."""
