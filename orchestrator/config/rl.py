@@ -44,6 +44,8 @@ class RLConfig:
     kl_coeff: float = 0.0          # KL penalty to the frozen reference policy (the k3 estimator; 0: no reference model)
     updates_per_rollout: int = 1   # optimizer updates (mini-batches) per generation batch
     routing_replay: bool = False   # R3: the training forward uses the rollout's recorded expert ids
+    max_staleness: int = 0         # 0: on-policy; 1: a separate pool generates batch k+1 while the devices train on
+                                   # batch k (one step off-policy; each sample's staleness recorded and checked)
     reward: str = "exact_match"    # exact_match | math (math-verify) | format | package.module:function
     reward_timeout_s: float = 5.0  # a reward call past this gives the sample a recorded failure (reward 0)
     eval_problems: int = 64        # held-out problems scored (greedy) before the first RL step and at the end
@@ -90,6 +92,11 @@ def _validate_rl(cfg: Root) -> None:
     if t.global_batch_size % cfg.cluster.num_devices:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} completions per update does not split over "
                           f"cluster.num_devices={cfg.cluster.num_devices}: make it a multiple")
+    if r.max_staleness not in (0, 1):
+        raise ConfigError(f"rl.max_staleness={r.max_staleness} must be 0 (on-policy) or 1 (one step off-policy)")
+    if r.max_staleness and not r.rollout.workers:
+        raise ConfigError("rl.max_staleness=1 overlaps generation with training, which needs rollout workers of their "
+                          "own: set rl.rollout.workers (colocated rollouts time-share the devices)")
     if r.rollout.engine == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("rl.rollout.engine=vllm needs vLLM, which is not installed here: pip install vllm (on a "

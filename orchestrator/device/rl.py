@@ -170,7 +170,7 @@ def _passes(shard: Any, step: int, batch: RLBatch, u: int, U: int, rows: slice, 
     global_tokens = int(batch.mask[whole].sum())
     global_rows = whole.stop - whole.start
     for m in moe:   # balancing losses and loads over the trained tokens of the update's global batch
-        m.global_tokens = max(1, global_tokens)
+        m.global_tokens, m.global_sequences = max(1, global_tokens), global_rows
     passes = shard._new_passes(1, moe)   # the loss sum is this device's share of the loss itself
     micro = cfg.train.micro_batches
     olds = old.chunk(micro) if old is not None else [None] * micro

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 MODES = ("none", "selective", "full")
 
 # What an MoE layer's forward leaves behind besides its output; a recomputation must not change it.
-SIDE_ATTRS = ("last_tokens_per_expert", "last_dropped", "last_received", "aux_loss")
+SIDE_ATTRS = ("last_tokens_per_expert", "last_dropped", "last_received", "aux_loss", "last_experts_NK")
 
 
 class RecomputeObserver(Protocol):

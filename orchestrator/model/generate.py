@@ -43,6 +43,17 @@ def routing_mismatch(a_NK: torch.Tensor, b_NK: torch.Tensor) -> float:
     return float(differ.double().mean())
 
 
+def routing_mismatch_counts(a_NK: torch.Tensor, b_NK: torch.Tensor, valid_N: torch.Tensor | None = None
+                            ) -> tuple[int, int]:
+    """(tokens whose top-k expert sets differ, tokens compared), over the valid tokens when `valid_N` is given:
+    counts that add up over devices and layers (routing_mismatch is their ratio)."""
+    a, b = a_NK.reshape(-1, a_NK.shape[-1]), b_NK.reshape(-1, b_NK.shape[-1]).to(a_NK.device)
+    differ = (a.sort(-1).values != b.sort(-1).values).any(-1)
+    if valid_N is not None:
+        differ = differ[valid_N.reshape(-1).to(differ.device)]
+    return int(differ.sum()), int(differ.numel())
+
+
 def nucleus(probs_nV: torch.Tensor, top_p: float) -> torch.Tensor:
     """probs with every token outside the nucleus zeroed (not renormalised): the smallest set of highest-probability
     tokens whose mass reaches top_p, at least one; ties in probability kept in token order."""

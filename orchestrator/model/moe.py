@@ -257,6 +257,7 @@ class MoE(ExpertSlots, nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.balance = balance or BalanceConfig()
         self.global_tokens: int | None = None
+        self.global_sequences: int | None = None   # with valid_N: the global batch's sequences (None: tokens // T)
         self.aux_loss: torch.Tensor | None = None
         self.last_experts_NK: torch.Tensor = torch.zeros(0, top_k, dtype=torch.long)
         self.replay_NK: torch.Tensor | None = None
@@ -333,7 +334,8 @@ class MoE(ExpertSlots, nn.Module):
             loss = loss + b.aux_loss_coeff * switch_aux_loss(scores_NE[valid_N], counts, global_tokens, self.top_k)
         if b.seq_aux_loss_coeff:
             loss = loss + b.seq_aux_loss_coeff * sequence_aux_loss(
-                scores_NE.view(B, T, -1), experts_NK.view(B, T, -1), max(1, global_tokens // T), valid_N.view(B, T))
+                scores_NE.view(B, T, -1), experts_NK.view(B, T, -1),
+                self.global_sequences or max(1, global_tokens // T), valid_N.view(B, T))
         if b.z_loss_coeff:
             loss = loss + b.z_loss_coeff * router_z_loss(logits_NE[valid_N], global_tokens)
         return loss
