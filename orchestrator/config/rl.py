@@ -43,6 +43,7 @@ class RLConfig:
     scale_rewards: bool = True     # advantages divided by the group's reward std (false: Dr. GRPO)
     kl_coeff: float = 0.0          # KL penalty to the frozen reference policy (the k3 estimator; 0: no reference model)
     updates_per_rollout: int = 1   # optimizer updates (mini-batches) per generation batch
+    lr: Optional[float] = None     # the RL steps' learning rate, constant (null: train.lr's schedule goes on)
     routing_replay: bool = False   # R3: the training forward uses the rollout's recorded expert ids
     max_staleness: int = 0         # 0: on-policy; 1: a separate pool generates batch k+1 while the devices train on
                                    # batch k (one step off-policy; each sample's staleness recorded and checked)
@@ -68,6 +69,8 @@ def _validate_rl(cfg: Root) -> None:
             raise ConfigError(f"rl.{key}={getattr(r, key)} must be zero or more")
     if r.reward_timeout_s == 0:
         raise ConfigError("rl.reward_timeout_s=0: give reward calls a deadline in seconds (e.g. 5)")
+    if r.lr is not None and r.lr <= 0:
+        raise ConfigError(f"rl.lr={r.lr} must be positive (or null: train.lr's schedule)")
     if not 0 < r.temperature:
         raise ConfigError(f"rl.temperature={r.temperature} must be positive")
     if not 0 < r.top_p <= 1:

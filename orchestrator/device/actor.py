@@ -104,7 +104,8 @@ class DeviceActor:
             from orchestrator.device.rollout import RolloutEngine
 
             assert self._build_args is not None, "build() first"
-            self.engine = RolloutEngine(self._build_args[0])
+            with torch.random.fork_rng():   # the device's own RNG state (checkpointed) is not the engine's to draw on
+                self.engine = RolloutEngine(self._build_args[0])
         return self.engine
 
     def rollout_load(self, refs: list[tuple[str, Any]], version: int) -> int:

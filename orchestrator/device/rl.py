@@ -25,7 +25,7 @@ from orchestrator.model.policy_loss import policy_loss, token_logprobs
 from orchestrator.parallel.sharding import reshard
 
 # the step's RL numbers, summed over the world in one all-reduce (then divided into the report's `extra`)
-_SUMS = ("mismatch", "routed", "gap", "k3", "gap_tokens", "clip_low", "clip_high", "kl", "ratio", "loss_tokens")
+_SUMS = ("mismatch", "replay_mismatch", "routed", "gap", "k3", "gap_tokens", "clip_low", "clip_high", "kl", "ratio", "loss_tokens")
 
 
 def build_reference(shard: Any, expert_ids: list[int], slots: list[list[int]]) -> Any:
@@ -65,14 +65,15 @@ def rl_step(shard: Any, step: int, batch: RLBatch, guard: dict[str, float] | Non
     for u in range(U):
         rows = update_rows(batch.rows, U, u, shard.world, shard.rank)
         passes = _passes(shard, step, batch, u, U, rows, moe, old.get(u), ref.get(u), sums)
-        reports.append(shard._update_from(step, moe, passes, guard, t0 if u == 0 else time.perf_counter()))
+        lr = cfg.rl.lr if batch.kind == "rl" and cfg.rl.lr is not None else None
+        reports.append(shard._update_from(step, moe, passes, guard, t0 if u == 0 else time.perf_counter(), lr))
     report = reports[0]
     total = torch.tensor([sums[k] for k in _SUMS], dtype=torch.float64, device=shard.device)
     shard._all_reduce(total)
     s = dict(zip(_SUMS, total.tolist()))
     report.loss = sum(r.loss for r in reports) / U
     report.grad_norm = max(r.grad_norm for r in reports)
-    report.tokens = sum(r.tokens for r in reports)
+    report.tokens = int(batch.mask.sum())   # the trained tokens of the step's global batch
     report.skipped = next((r.skipped for r in reports if r.skipped), None)
     report.compute_time_s = time.perf_counter() - t0
     report.positions = batch.rows * batch.inputs.shape[1] * (2 if batch.kind == "rl" else 1)
@@ -81,6 +82,7 @@ def rl_step(shard: Any, step: int, batch: RLBatch, guard: dict[str, float] | Non
         report.extra = {"clip_frac": (s["clip_low"] + s["clip_high"]) / n, "clip_low_frac": s["clip_low"] / n,
                         "clip_high_frac": s["clip_high"] / n, "ratio_mean": s["ratio"] / n,
                         "routing_mismatch": s["mismatch"] / max(1.0, s["routed"]),
+                        "replay_mismatch": s["replay_mismatch"] / max(1.0, s["routed"]),
                         "logprob_gap": s["gap"] / max(1.0, s["gap_tokens"]),
                         "logprob_k3": s["k3"] / max(1.0, s["gap_tokens"]), "recompute_s": recompute_s}
         if cfg.rl.kl_coeff:
@@ -178,10 +180,13 @@ def _passes(shard: Any, step: int, batch: RLBatch, u: int, U: int, rows: slice, 
     advs = r["advantages"].chunk(micro) if r["advantages"] is not None else [None] * micro
     replay = cfg.rl.routing_replay and batch.kind == "rl"
     with passes.meter:
-        for i, ((x, y, *rep), o, rf, a) in enumerate(zip(_micro(shard, r, replay), olds, refs, advs)):
+        for i, ((x, y, *rep), o, rf, a) in enumerate(zip(_micro(shard, r, batch.kind == "rl"), olds, refs, advs)):
             mask = y != -100
-            _set_routing(shard, shard.model, mask, rep or None)
+            _set_routing(shard, shard.model, mask, rep if replay and rep else None)
             logp = _forward_logp(shard, shard.model, x, y)
+            for used_NK, recorded_BTK in zip(shard.model.routing(), rep):   # 0 with replay: checked, not assumed
+                diff, _ = routing_mismatch_counts(used_NK.cpu(), recorded_BTK.reshape(used_NK.shape), mask.reshape(-1))
+                sums["replay_mismatch"] += diff
             mask = mask.to(logp.device)
             if batch.kind == "sft":
                 part = -(logp * mask).sum() / max(1, global_tokens)

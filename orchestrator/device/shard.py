@@ -237,8 +237,8 @@ class DeviceShard:
             time.sleep(self.slow_delay_s)
         return t0
 
-    def _update_from(self, step: int, moe: list, passes: "_Passes", guard: dict[str, float] | None, t0: float
-                     ) -> StepReport:
+    def _update_from(self, step: int, moe: list, passes: "_Passes", guard: dict[str, float] | None, t0: float,
+                     lr: float | None = None) -> StepReport:
         """The gradients of `passes` synced, the step's statistics all-reduced, the update applied unless rejected;
         the step's report."""
         self._sync_grads(moe)
@@ -247,7 +247,7 @@ class DeviceShard:
         loss, norm = stats[0].item() / passes.loss_tokens, grad_norm.item()
         skipped = _reject(loss, norm, guard or {})
         local_nonfinite = skipped == "nonfinite" and not math.isfinite(passes.loss_sum.item())
-        lr = lr_of(self.cfg.train, step)
+        lr = lr_of(self.cfg.train, step) if lr is None else lr
         if skipped is None:
             self._update(moe, grad_norm, lr, stats[counts:])
         memory = {**state_bytes(self.model, self.optim), "activations_peak": passes.meter.peak_bytes,

@@ -139,7 +139,8 @@ class Driver:
 
     def step(self, step: int) -> list[StepReport]:
         """Run one step on every device; its reports, or StepFailure."""
-        guard = self.watch.guard() if self.cfg.faults.on_spike != "record" else None
+        rl_step = self.rl is not None and step > self.cfg.rl.sft_steps
+        guard = self.watch.guard(rl_step) if self.cfg.faults.on_spike != "record" else None
         if step in self.skip_steps:
             guard = {**(guard or {}), "skip_batch": True}
         t0 = time.perf_counter()
@@ -151,7 +152,10 @@ class Driver:
         if step == self.cfg.rl.sft_steps + 1 and self.rl.accuracy_before is None:
             self.rl.accuracy_before = self.rl.accuracy(step - 1)
             self.progress.message(f"held-out accuracy before RL: {self.rl.accuracy_before:.3f}")
-        return self.rl.batch(step)
+        batch = self.rl.batch(step)
+        for rank, detail in self.rl.take_failures():   # a pool's worker failed, replaced: the step goes on the same
+            self.healer.rollout_failed(step, rank, detail)
+        return batch
 
     # ------------------------------------------------------------------ run
     def run(self) -> RunSummary:

@@ -183,6 +183,11 @@ class Healer:
         log.warning("step %d: device(s) %s straggle; replacing them with standbys on other nodes", step, ranks)
         return Decision(movable, ranks, reform=True, wait_snapshot=True)
 
+    def rollout_failed(self, step: int, rank: int, detail: str) -> None:
+        """A separate pool's rollout worker failed in `step`: the pool replaced it and generated its prompts again
+        (rl/rollout.py); the step goes on, the same. Recorded, nothing to decide."""
+        self._record([Incident(step, IncidentKind.ROLLOUT, rank, None, time.time(), detail, action="replaced")])
+
     def recovered(self, decision: Decision, step: int, source: str, seconds: float) -> None:
         """The driver carried `decision` out: everyone is back at `step` (restored from `source`)."""
         for i in decision.incidents:

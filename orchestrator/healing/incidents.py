@@ -20,6 +20,7 @@ class IncidentKind(StrEnum):
     GRAD_SPIKE = "grad_spike"
     CHECKPOINT = "checkpoint"    # a checkpoint did not commit
     RESTORE = "restore"          # recovery found a state it cannot restore
+    ROLLOUT = "rollout"          # a rollout worker of a separate pool failed (its prompts generated again elsewhere)
 
 
 REPLACE = frozenset({IncidentKind.DEAD, IncidentKind.CRASH, IncidentKind.HANG, IncidentKind.SLOW})

@@ -71,7 +71,7 @@ class Watch:
     def rebuild(self, records) -> None:
         """After a rewind (or at a resume): the spike history is that of the records kept, as the first pass had it."""
         kept = [r for r in records if not r.get("skipped")]
-        self.losses = deque((r["loss"] for r in kept), maxlen=self.f.spike_window)
+        self.losses = deque((r["loss"] for r in kept if r.get("phase") != "rl"), maxlen=self.f.spike_window)
         self.norms = deque((r["grad_norm"] for r in kept), maxlen=self.f.spike_window)
 
     def observe(self, step_time_s: float) -> None:
@@ -164,26 +164,32 @@ class Watch:
             out.append(Incident(step, IncidentKind.NAN, rank, devices.node_of(rank) if rank >= 0 else None, now,
                                 f"non-finite loss {r0.loss} / grad norm {r0.grad_norm}; the update was not applied"))
         else:
-            guard = self.guard() or {}
+            rl = bool(getattr(r0, "extra", None))   # an RL step's policy loss is centred on 0: no loss spikes
+            guard = self.guard(rl) or {}
             for kind, value, limit in ((IncidentKind.LOSS_SPIKE, r0.loss, guard.get("max_loss")),
                                        (IncidentKind.GRAD_SPIKE, r0.grad_norm, guard.get("max_grad_norm"))):
                 if r0.skipped == kind or (limit and value > limit):
                     out.append(Incident(step, kind, -1, None, now, f"{value:.4g} above {limit:.4g} "
                                         f"(factor x median of the last {len(self.losses)} steps)"))
             if not out:
-                self.losses.append(r0.loss)
+                if not rl:
+                    self.losses.append(r0.loss)
                 self.norms.append(r0.grad_norm)
         if len(reports) > 1:
             out += self._stragglers(step, reports, devices, now)
         return out
 
-    def guard(self) -> dict[str, float] | None:
-        """Spike ceilings the devices enforce (the update of a step above them is not applied)."""
+    def guard(self, policy_loss: bool = False) -> dict[str, float] | None:
+        """Spike ceilings the devices enforce (the update of a step above them is not applied); for an RL step
+        (`policy_loss`: centred on 0, either sign) the gradient norm's only."""
         enough = max(10, self.f.spike_window // 2)  # early training is too volatile to judge
         loss, norm = recent_median(self.losses, enough), recent_median(self.norms, enough)
-        if loss is None or norm is None:
+        if norm is None or (loss is None and not policy_loss):
             return None
-        return {"max_loss": self.f.loss_spike_factor * loss, "max_grad_norm": self.f.grad_spike_factor * norm}
+        out = {"max_grad_norm": self.f.grad_spike_factor * norm}
+        if not policy_loss:
+            out["max_loss"] = self.f.loss_spike_factor * loss
+        return out
 
     def _stragglers(self, step: int, reports: list["StepReport"], devices: "DeviceGroup", now: float) -> list[Incident]:
         pairs = against_others(own_work([r.compute_time_s for r in reports], [r.collective_s for r in reports]))

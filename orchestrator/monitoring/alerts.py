@@ -83,6 +83,8 @@ def measure(rule: str, threshold: float, window: int, rec: dict[str, Any], histo
     if rule == "nonfinite":
         bad = rec.get("skipped") == "nonfinite" or not (math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]))
         return rec["loss"], bad, f"non-finite loss {rec['loss']} or gradient norm {rec['grad_norm']}"
+    if rule == "loss_spike" and rec.get("phase") == "rl":
+        return None, False, ""   # a policy-gradient loss is centred on 0 (either sign): a ratio to its median says nothing
     if rule in ("loss_spike", "grad_spike"):
         key = "loss" if rule == "loss_spike" else "grad_norm"
         median = _median_before(history, key, window)

@@ -117,11 +117,12 @@ class RolloutPool:
         """Fault injection: rollout worker i dies in its next generation, after its first prompt."""
         ray.get(self.actors[i].rollout_arm_kill.remote(), timeout=60)
 
-    def generate(self, step: int, prompt_ids: list[int], timeout_s: float) -> tuple[list[Rollout], list[str]]:
+    def generate(self, step: int, prompt_ids: list[int], timeout_s: float
+                 ) -> tuple[list[Rollout], list[tuple[int, str]]]:
         """Every prompt's completions, in prompt order; a worker that fails has its prompts generated again on a
         survivor (and is replaced). Also what failed, one line each (incidents)."""
         done: dict[int, Rollout] = {}
-        failures: list[str] = []
+        failures: list[tuple[int, str]] = []
         todo = list(prompt_ids)
         for _attempt in range(3):
             alive = list(range(len(self.actors)))
@@ -134,15 +135,15 @@ class RolloutPool:
                     for r in ray.get(ref, timeout=max(0.1, deadline - time.perf_counter())):
                         done[r.prompt_id] = r
                 except (RayActorError, RayTaskError, GetTimeoutError) as e:
-                    failures.append(f"rollout worker {i}: {type(e).__name__} in step {step}; its {len(part)} "
-                                    f"prompt(s) generated again")
+                    failures.append((i, f"{type(e).__name__} while generating; its {len(part)} prompt(s) "
+                                        f"generated again on the pool, the worker replaced"))
                     failed.append(i)
             for i in failed:
                 self.replace(i, timeout_s)
             todo = [p for p in prompt_ids if p not in done]
             if not todo:
                 return [done[p] for p in prompt_ids], failures
-        raise RuntimeError(f"step {step}: rollouts failed three times ({failures[-1]})")
+        raise RuntimeError(f"step {step}: rollouts failed three times (worker {failures[-1][0]}: {failures[-1][1]})")
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -35,7 +35,7 @@ class RLService:
         self.pool = RolloutPool(cfg) if cfg.rl.rollout.workers else None
         self.synced: int | None = None        # the version every engine holds; None: not known (start, recovery)
         self.stats: dict[str, Any] = {}       # the last batch's numbers (into its step's record)
-        self.failures: list[str] = []         # rollout workers that failed (incidents), taken by the driver
+        self.failures: list[tuple[int, str]] = []   # (worker, what) of a pool's failed workers: the driver's incidents
         self.sync_bytes = 0                   # bytes of the last weight sync
         self.accuracy_before: float | None = None
         self.accuracy_after: float | None = None
@@ -48,6 +48,10 @@ class RLService:
     def start(self) -> None:
         if self.pool is not None:
             self.pool.start(self.cfg.cluster.start_timeout_s)
+
+    def take_failures(self) -> list[tuple[int, str]]:
+        out, self.failures = self.failures, []
+        return out
 
     def invalidate(self) -> None:
         """The devices' weights changed other than by a step (a restore, a rewind): sync before the next rollout."""
@@ -66,6 +70,7 @@ class RLService:
         sync_s = time.perf_counter() - t0
         ids = [p.id for p in self.task.batch(step, prompts_per_step(cfg))]
         t1 = time.perf_counter()
+        failed = len(self.failures)
         rollouts = self.generate(step, ids)
         gen_s = time.perf_counter() - t1
         rewards = torch.tensor([r.rewards for r in rollouts], dtype=torch.float64)
@@ -80,6 +85,7 @@ class RLService:
                       "accuracy": sum(c for r in rollouts for c in r.correct) / rewards.numel(),
                       "response_len": sum(int(m.sum()) for r in rollouts for m in r.mask) / rewards.numel(),
                       "staleness": staleness.mean().item(), "reward_errors": len(errors),
+                      "rollout_failures": len(self.failures) - failed,
                       "gen_s": gen_s, "sync_s": sync_s if synced else 0.0,
                       "sync_bytes": self.sync_bytes if synced else 0}
         if errors:
@@ -135,7 +141,7 @@ class RLService:
 
     def record(self, step: int) -> dict[str, Any]:
         """The numbers of the batch `step` trained on, for its record (the accuracy before RL on the first RL step)."""
-        rec = {k: v for k, v in self.stats.items() if k != "phase"}
+        rec = dict(self.stats)   # phase: sft | rl (the alert rules judge no loss spike of an RL step)
         if step == self.cfg.rl.sft_steps + 1 and self.accuracy_before is not None:
             rec["accuracy_before"] = self.accuracy_before
         return rec
