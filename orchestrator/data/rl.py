@@ -40,6 +40,7 @@ class Rollout:
     texts: list[str]                  # the completions decoded
     version: int                      # the policy version (step of its weights) that sampled them
     correct: list[bool] = field(default_factory=list)   # exact answer (accuracy), whatever the reward
+    reward_s: float = 0.0             # time spent in the reward function
 
 
 @dataclass

@@ -76,7 +76,9 @@ def rl_step(shard: Any, step: int, batch: RLBatch, guard: dict[str, float] | Non
     report.tokens = int(batch.mask.sum())   # the trained tokens of the step's global batch
     report.skipped = next((r.skipped for r in reports if r.skipped), None)
     report.compute_time_s = time.perf_counter() - t0
-    report.positions = batch.rows * batch.inputs.shape[1] * (2 if batch.kind == "rl" else 1)
+    # MFU's work: every position's forward and backward, plus the forward-only passes (a third of that) before
+    forwards = (1 + bool(cfg.rl.routing_replay) + bool(cfg.rl.kl_coeff)) if batch.kind == "rl" else 0
+    report.positions = round(batch.rows * batch.inputs.shape[1] * (1 + forwards / 3))
     if batch.kind == "rl":
         n = max(1.0, s["loss_tokens"])
         report.extra = {"clip_frac": (s["clip_low"] + s["clip_high"]) / n, "clip_low_frac": s["clip_low"] / n,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import time
 from typing import Any, Iterable
 
 import torch
@@ -90,11 +91,13 @@ class RolloutEngine:
                        eos_id=EOS, seeds=[sample_seed(self.cfg.seed, step, pid, i) for i in range(r.group_size)],
                        record_routing=bool(self.model.moe_layers()))
             texts = [decode(row[m].tolist()) for row, m in zip(s.tokens, s.mask)]
+            t0 = time.perf_counter()
             scored = score_all(self.reward, [(problem.prompt, text, problem.answer, dict(problem.fields))
                                              for text in texts], r.reward_timeout_s)
+            reward_s = time.perf_counter() - t0
             out.append(Rollout(pid, prompt, s.tokens, s.logprobs, s.mask, s.routing,
                                [x.reward for x in scored], [x.error for x in scored], texts, self.version,
-                               [_answer(text) == problem.answer for text in texts]))
+                               [_answer(text) == problem.answer for text in texts], reward_s))
             if self.kill_armed:   # injected: killed mid-generation (after its first prompt)
                 os.kill(os.getpid(), signal.SIGKILL)
         return out

@@ -45,6 +45,21 @@ SCALARS: dict[str, tuple[str, str, str]] = {
     "device_imbalance": ("balance/device_imbalance", "device_imbalance", "max device load / mean"),
     "dead_fraction": ("balance/dead_fraction", "dead_fraction", "share of experts that got no token"),
     "dropped": ("balance/dropped", "dropped", "token copies dropped by capacity"),
+    # RL post-training (data.task=rl): the rollouts (rl/service.py) and the device's RL step (device/rl.py)
+    "reward_mean": ("rl/reward_mean", "reward_mean", "mean reward of the step's completions"),
+    "accuracy": ("rl/accuracy", "accuracy", "share of the step's completions with the exact answer"),
+    "response_len": ("rl/response_len", "response_len", "mean completion length (tokens)"),
+    "clip_frac": ("rl/clip_frac", "clip_frac", "share of trained tokens whose ratio was clipped"),
+    "staleness": ("rl/staleness", "staleness", "mean policy versions between sampling and training"),
+    "routing_mismatch": ("rl/routing_mismatch", "routing_mismatch",
+                         "share of token x MoE layer whose top-k set differs between rollout and trainer"),
+    "replay_mismatch": ("rl/replay_mismatch", "replay_mismatch",
+                        "the same for the expert ids the training forward used (0 with routing replay)"),
+    "logprob_gap": ("rl/logprob_gap", "logprob_gap", "mean |logp_train - logp_rollout| over trained tokens"),
+    "kl": ("rl/kl", "kl", "k3 KL to the reference policy"),
+    "gen_s": ("rl/gen_s", "gen_s", "time generating the step's rollouts"),
+    "sync_s": ("rl/sync_s", "sync_s", "time of the weight sync before the rollouts"),
+    "sync_bytes": ("rl/sync_bytes", "sync_bytes", "bytes sent to the rollout engines by the weight sync"),
 }
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import redact_text, redacted_yaml
+from orchestrator.monitoring.rl_plots import rl_figure
 from orchestrator.monitoring.rundir import read_jsonl, records as step_records, write_atomic
 
 FIGURES = ("loss", "throughput", "device-step-time", "balance", "expert-load", "timeline", "goodput", "jigsaw")
@@ -290,6 +291,9 @@ def _figures(records: list[dict], incidents: list[dict], alerts: list[dict], goo
         "device-step-time": _device_step_time_figure(records, steps),
     }
     out["balance"], out["expert-load"] = _balance_figures(records, steps)
+    rl = rl_figure(records, _png)   # RL post-training's numbers (data.task=rl), after the loss
+    if rl is not None:
+        out["rl"] = rl
     out["timeline"] = _timeline_figure(incidents, alerts, last)
     out["goodput"] = _goodput_figure(goodput)
     return out
@@ -453,7 +457,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
              "goodput": f"{goodput['goodput']:.1%}" if "goodput" in goodput else None,
              "stopped by": summary.get("stopped_by_signal")}
     sections = []
-    for fid in FIGURES:
+    for fid in FIGURES[:1] + ("rl",) + FIGURES[1:]:
         if fid not in figures:
             continue
         caption, png = figures[fid]

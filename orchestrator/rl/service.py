@@ -86,7 +86,7 @@ class RLService:
                       "response_len": sum(int(m.sum()) for r in rollouts for m in r.mask) / rewards.numel(),
                       "staleness": staleness.mean().item(), "reward_errors": len(errors),
                       "rollout_failures": len(self.failures) - failed,
-                      "gen_s": gen_s, "sync_s": sync_s if synced else 0.0,
+                      "gen_s": gen_s, "reward_s": sum(r.reward_s for r in rollouts), "sync_s": sync_s if synced else 0.0,
                       "sync_bytes": self.sync_bytes if synced else 0}
         if errors:
             self.stats["reward_error"] = errors[0]

@@ -1,0 +1,134 @@
+"""RL post-training (data.task=rl): the embedded job's held-out accuracy before and after GRPO over seeds, the time
+split of an RL step, the weight sync's bytes against the model's, the rollout/trainer mismatch with routing replay
+off and on, and the rollout sampler's tokens/s against transformers' `generate` in one process.
+
+    .venv/bin/python bench/rl.py [--seeds 3] [--skip-job] [--out bench/results/rl-<host>.json]
+
+Everything but the sampler comparison runs the real entry point (`python -m jobs.train --config
+jobs/configs/rl_tiny.yaml`, bench/jobrun.py). The sampler comparison: the same tiny MoE as a native model (our
+KV-cached sampler, G completions of one prompt as one batch) and as transformers' Mixtral with the same weights
+(the export mapping, `generate(do_sample=True)`), alternated over several rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.jobrun import run_job  # noqa: E402
+
+CONFIG = ["--config", "jobs/configs/rl_tiny.yaml"]
+
+
+def _mean(records: list[dict], key: str) -> float:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return statistics.mean(values) if values else float("nan")
+
+
+def job(seeds: int, tmp: Path) -> dict:
+    """The embedded job per seed: accuracy before/after, and the RL steps' time split."""
+    out = []
+    for seed in range(seeds):
+        summary, records, wall = run_job(tmp / f"job{seed}", [*CONFIG, f"seed={seed}"])
+        rl = [r for r in records if r.get("phase") == "rl"]
+        synced = [r for r in rl if r.get("sync_bytes")]
+        out.append({"seed": seed, "accuracy_before": summary["accuracy_before"],
+                    "accuracy_after": summary["accuracy_after"], "wall_s": round(wall, 1),
+                    "rl_steps": len(rl), "reward_first10": _mean(rl[:10], "reward_mean"),
+                    "reward_last10": _mean(rl[-10:], "reward_mean"),
+                    "split_s": {"step (wall)": _mean(rl, "step_time_s"), "weight sync": _mean(rl, "sync_s"),
+                                "generation (rewards included)": _mean(rl, "gen_s"),
+                                "rewards (summed over workers)": _mean(rl, "reward_s"),
+                                "log-prob recompute": _mean(rl, "recompute_s")},
+                    "sync_bytes": synced[0]["sync_bytes"] if synced else 0})
+        print(json.dumps(out[-1]), flush=True)
+    return {"runs": out, "accuracy_before_mean": statistics.mean(r["accuracy_before"] for r in out),
+            "accuracy_after_mean": statistics.mean(r["accuracy_after"] for r in out)}
+
+
+def model_bytes() -> int:
+    from orchestrator.config import load_config
+    from orchestrator.model.transformer import count_parameters
+
+    cfg = load_config(REPO / "jobs/configs/rl_tiny.yaml", [])
+    return count_parameters(cfg.model)["total"] * 4   # float32
+
+
+def mismatch(tmp: Path) -> dict:
+    """A bf16 rollout against float32 training, 30 RL steps after the warm-up, replay off and on."""
+    out = {}
+    for replay in ("false", "true"):
+        _, records, _ = run_job(tmp / f"replay-{replay}", [*CONFIG, "train.steps=430", "rl.sft_steps=400",
+                                                           "train.lr_horizon=500", "rl.rollout.dtype=bfloat16",
+                                                           f"rl.routing_replay={replay}"])
+        rl = [r for r in records if r.get("phase") == "rl"]
+        out[f"replay={replay}"] = {k: _mean(rl, k) for k in ("routing_mismatch", "replay_mismatch", "logprob_gap",
+                                                           "logprob_k3", "reward_mean")}
+        print(replay, json.dumps(out[f"replay={replay}"]), flush=True)
+    return out
+
+
+def sampler(rounds: int = 5, new_tokens: int = 32, group: int = 8) -> dict:
+    """tokens/s of our sampler against transformers' generate, the same weights, one process, one thread."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.checkpoint.hf_mapping import hf_config_for, native_to_hf_state
+    from orchestrator.config import load_config
+    from orchestrator.model import build_model
+    from orchestrator.model.generate import sample
+
+    torch.set_num_threads(1)
+    cfg = load_config(REPO / "jobs/configs/rl_tiny.yaml", ["model.max_seq_len=64"])
+    native = build_model(cfg.model, cfg.seed, None, cfg.balance).eval()
+    hf_cfg = hf_config_for(cfg.model, cfg.balance, dropless=True)
+    hf = AutoModelForCausalLM.from_config(hf_cfg).eval()
+    hf.load_state_dict(native_to_hf_state(native, cfg.model, cfg.balance, dropless=True), strict=False)
+    prompt = list(b"12+35=")
+    ids = torch.tensor([prompt] * group)
+    ours, theirs = [], []
+    for i in range(rounds + 1):
+        t0 = time.perf_counter()
+        sample(native, prompt, group, new_tokens, temperature=1.0, top_p=1.0, eos_id=None,
+               seeds=list(range(i * group, (i + 1) * group)))
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, do_sample=True, top_p=1.0, temperature=1.0, max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, pad_token_id=0)
+        t2 = time.perf_counter()
+        if i:   # the first round warms both up
+            ours.append(group * new_tokens / (t1 - t0))
+            theirs.append(group * new_tokens / (t2 - t1))
+    return {"native sampler tokens/s": statistics.median(ours), "transformers generate tokens/s":
+            statistics.median(theirs), "ratio": statistics.median(ours) / statistics.median(theirs),
+            "architecture": type(hf).__name__, "rows": group, "new_tokens": new_tokens, "rounds": rounds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--skip-job", action="store_true", help="leave out the embedded job's seeds")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / f"rl-{platform.node()}.json"))
+    args = p.parse_args()
+    result = {"host": platform.node(), "date": time.strftime("%Y-%m-%d"), "model_bytes_float32": model_bytes()}
+    result["sampler"] = sampler()
+    print(json.dumps(result["sampler"]), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        result["mismatch"] = mismatch(Path(tmp))
+        if not args.skip_job:
+            result["job"] = job(args.seeds, Path(tmp))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
