@@ -42,7 +42,7 @@ def test_rl_keys_need_the_rl_task_and_bad_values_are_named():
         rl_config(None, "rl.ratio_level=seq")
     with pytest.raises(ConfigError, match="not a multiple of rl.group_size=3"):
         rl_config(None, "rl.group_size=3")
-    with pytest.raises(ConfigError, match="max_staleness=1 overlaps generation with training"):
+    with pytest.raises(ConfigError, match="max_staleness=1 overlaps generation with training"):  # colocated
         rl_config(None, "rl.max_staleness=1")
     with pytest.raises(ConfigError, match=r"faults.plan\[0\]: a fault with target=rollout is a kill"):
         rl_config(None, "faults.plan=[{step: 2, kind: hang, target: rollout}]")
@@ -260,3 +260,23 @@ def test_a_raising_reward_function_is_recorded_and_the_run_goes_on(ray_session, 
     summary, recs = _run(tmp_path, "rl.reward=tests.rl_user_rewards:raises", "checkpoint.every_steps=0")
     assert summary.state == "finished" and summary.steps_done == 5
     assert all(r["reward_errors"] == 8 and "ValueError" in r["reward_error"] for r in recs[2:])
+
+
+def test_one_step_off_policy_records_staleness_resumes_and_heals_exactly(ray_session, tmp_path):
+    """rl.max_staleness=1 on a separate pool: step k trains on samples of the policy after step k-2 (generated while
+    step k-1 trained); a resume from the checkpoint of step 3 (which keeps step 4's batch) and a device killed at
+    step 5 (rewound to a snapshot; the batches kept by the driver) give the uninterrupted run's losses and bits."""
+    off = ["cluster.num_devices=2", "rl.rollout.workers=2", "rl.rollout.cpus_per_worker=0.25", "rl.max_staleness=1",
+           "train.steps=6", "train.lr_horizon=6"]
+    _, recs = _run(tmp_path / "a", *off)
+    assert [r.get("staleness") for r in recs] == [None, None, 0.0, 1.0, 1.0, 1.0]
+    _run(tmp_path / "b", *off, "train.steps=3")
+    _run(tmp_path / "b", *off, "train.resume=latest")
+    resumed = step_records(tmp_path / "b")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in recs]
+    assert [r.get("reward_mean") for r in resumed] == [r.get("reward_mean") for r in recs]
+    assert _final_hashes(tmp_path / "b") == _final_hashes(tmp_path / "a")
+    summary, healed = _run(tmp_path / "c", *off, "faults.plan=[{step: 5, kind: kill, rank: 1}]")
+    assert summary.recoveries == 1
+    assert [r["loss"] for r in healed] == [r["loss"] for r in recs]
+    assert _final_hashes(tmp_path / "c") == _final_hashes(tmp_path / "a")

@@ -124,8 +124,11 @@ def as_torch(a: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
 
 
-def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_rank: int = 0) -> Snapshot:
-    """Copy parameters, optimizer moments, buffers and RNG to host memory (training may go on after).
+def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_rank: int = 0,
+                  extra: dict[str, torch.Tensor] | None = None) -> Snapshot:
+    """Copy parameters, optimizer moments, buffers and RNG to host memory (training may go on after); `extra`
+    (rank 0): tensors of the run's own state saved beside them as `extra/<key>` in the dense file (RL's pending
+    batch, device/rl.py), given back by `restore`.
 
     Each logical tensor (`param/<name>`, `exp_avg/<name>`, ...; an expert's <name> is `<parameter>[<id>]`) is
     written once over all devices: a replicated one by rank 0 (dense) or by the first data-parallel replica
@@ -136,6 +139,8 @@ def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_r
     files: dict[str, dict[str, np.ndarray | torch.Tensor]] = {}
     if rank == 0:
         snap.buffers(model)
+        for key, t in (extra or {}).items():
+            snap.dense[f"extra/{key}"] = t.detach().cpu().clone()
         files[DENSE_FILE] = snap.dense
     expert_files = snap.expert_parameters(model, dp_rank)
     files[snap.own] = snap.mine
@@ -272,7 +277,7 @@ def legacy_locate(expert_files: dict[str, dict[str, str]]) -> Locate:
 
 
 def restore_from_files(model: torch.nn.Module, optim: Any, rank: int,
-                       manifest: dict, read: Callable[[str], bytes], where: str) -> None:
+                       manifest: dict, read: Callable[[str], bytes], where: str) -> dict[str, torch.Tensor]:
     """Load this device's part of a committed checkpoint (written by any number of devices, in any layout and ZeRO
     stage). Every file name the manifest holds is checked before anything is read (check_file_name)."""
     files = manifest["files"]
@@ -290,7 +295,8 @@ def restore_from_files(model: torch.nn.Module, optim: Any, rank: int,
 
     index = manifest.get("index")
     locate = (lambda key: index.get(key, [])) if index else legacy_locate(manifest["expert_files"])
-    restore(model, optim, rank, locate, manifest["optimizer_step"], tensors, where, manifest.get("optimizer_steps"))
+    return restore(model, optim, rank, locate, manifest["optimizer_step"], tensors, where,
+                   manifest.get("optimizer_steps"))
 
 
 def merge_optimizer_steps(into: dict[str, int], more: dict[str, int], where: str) -> None:
@@ -304,7 +310,8 @@ def merge_optimizer_steps(into: dict[str, int], more: dict[str, int], where: str
         into[name] = count
 
 
-def restore_from_snapshots(model: torch.nn.Module, optim: Any, rank: int, snapshots: list[Snapshot]) -> None:
+def restore_from_snapshots(model: torch.nn.Module, optim: Any, rank: int, snapshots: list[Snapshot]
+                           ) -> dict[str, torch.Tensor]:
     """Load this device's part from in-memory snapshots of one step (those holding the pieces it needs)."""
     files = {name: {k: torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v.clone() for k, v in t.items()}
              for snap in snapshots for name, t in snap.files.items()}
@@ -321,7 +328,8 @@ def restore_from_snapshots(model: torch.nn.Module, optim: Any, rank: int, snapsh
             raise StateMismatch(f"{where}: no {name} among the snapshots given")
         return files[name]
 
-    restore(model, optim, rank, lambda key: index.get(key, []), snapshots[0].optimizer_step, tensors, where, steps)
+    return restore(model, optim, rank, lambda key: index.get(key, []), snapshots[0].optimizer_step, tensors, where,
+                   steps)
 
 
 def assemble(key: str, pieces: list[list[Any]], tensors: Callable[[str], dict[str, torch.Tensor]], where: str,
@@ -370,7 +378,7 @@ def assemble(key: str, pieces: list[list[Any]], tensors: Callable[[str], dict[st
 
 def restore(model: torch.nn.Module, optim: Any, rank: int, locate: Locate, optimizer_step: int,
             tensors: Callable[[str], dict[str, torch.Tensor]], where: str,
-            optimizer_steps: dict[str, int] | None = None) -> None:
+            optimizer_steps: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Put parameters, AdamW state, buffers and RNG back: every tensor this device holds (its piece of a sharded
     one) is cut from the whole logical tensor, assembled from wherever `locate(key)` says its pieces are. A
     parameter's AdamW state gets the step count `optimizer_steps` gives its name (else `optimizer_step`); a count
@@ -392,6 +400,9 @@ def restore(model: torch.nn.Module, optim: Any, rank: int, locate: Locate, optim
         torch.set_rng_state(tensors(expert_file(rank))["rng/torch"])
     except CheckpointError:
         pass
+    if rank != 0:
+        return {}
+    return {k[len("extra/"):]: v for k, v in tensors(DENSE_FILE).items() if k.startswith("extra/")}
 
 
 @dataclass

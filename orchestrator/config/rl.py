@@ -100,9 +100,6 @@ def _validate_rl(cfg: Root) -> None:
     if r.max_staleness and not r.rollout.workers:
         raise ConfigError("rl.max_staleness=1 overlaps generation with training, which needs rollout workers of their "
                           "own: set rl.rollout.workers (colocated rollouts time-share the devices)")
-    if r.max_staleness:
-        raise ConfigError("rl.max_staleness=1 (one step off-policy) is not wired yet: use rl.max_staleness=0 (see "
-                          "docs/rl.md)")
     if r.rollout.engine == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("rl.rollout.engine=vllm needs vLLM, which is not installed here: pip install vllm (on a "

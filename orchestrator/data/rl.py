@@ -55,6 +55,7 @@ class RLBatch:
     routing: list[torch.Tensor] | None     # per MoE layer [R, T, K] the rollout's expert ids at the inputs (rl)
     versions: torch.Tensor | None          # [R] int64: the policy version that sampled each row (rl)
     max_new_tokens: int = 0                # Dr. GRPO's constant
+    stats: dict[str, float] = field(default_factory=dict)   # its rollouts' numbers (the step's record), when kept
 
     @property
     def mask(self) -> torch.Tensor:
@@ -94,6 +95,29 @@ class RLData:
 
     def check_vocab(self, vocab_size: int, path: Any) -> None:
         """Bytes: validation checked model.vocab_size >= 256."""
+
+
+def flatten(batch: RLBatch) -> dict[str, torch.Tensor]:
+    """An RL batch as named tensors (what a checkpoint's safetensors file can hold)."""
+    out = {"step": torch.tensor([batch.step, batch.max_new_tokens]), "inputs": batch.inputs, "targets": batch.targets}
+    for key in ("advantages", "rollout_logp", "versions"):
+        if getattr(batch, key) is not None:
+            out[key] = getattr(batch, key)
+    for i, r in enumerate(batch.routing or []):
+        out[f"routing.{i}"] = r
+    for key, value in batch.stats.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"stats.{key}"] = torch.tensor([float(value)], dtype=torch.float64)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def unflatten(t: dict[str, torch.Tensor]) -> RLBatch:
+    step, max_new = (int(x) for x in t["step"])
+    layers = sorted(int(k.split(".")[1]) for k in t if k.startswith("routing."))
+    kind = "rl" if "advantages" in t else "sft"
+    stats = {k[len("stats."):]: float(v[0]) for k, v in t.items() if k.startswith("stats.")}
+    return RLBatch(step, kind, t["inputs"], t["targets"], t.get("advantages"), t.get("rollout_logp"),
+                   [t[f"routing.{i}"] for i in layers] or None, t.get("versions"), max_new, stats)
 
 
 def update_rows(rows: int, updates: int, u: int, world: int, rank: int) -> slice:
@@ -167,5 +191,6 @@ def check_fits(problems: Sequence[Any], seq_len: int, max_new_tokens: int) -> No
                          f"bytes) plus rl.max_new_tokens={max_new_tokens}: raise data.seq_len to {need}")
 
 
-__all__ = ["EOS", "RLBatch", "RLData", "Rollout", "check_fits", "decode", "encode", "rl_batch", "rows_of", "sft_batch",
+__all__ = ["EOS", "RLBatch", "RLData", "Rollout", "check_fits", "decode", "encode", "flatten", "rl_batch", "rows_of",
+           "sft_batch", "unflatten",
            "task_of", "update_rows"]

@@ -121,6 +121,21 @@ class DeviceActor:
     def rollout_parameters(self) -> dict[str, torch.Tensor]:
         return self._engine().parameters()
 
+    def set_rl_pending(self, batch: Any) -> None:
+        """RL one step off-policy: the next step's batch (resolved from the object store; None: none), kept in this
+        device's snapshots and checkpoints (rank 0's)."""
+        from orchestrator.data.rl import flatten
+
+        assert self.shard is not None, "build() first"
+        self.shard.rl_pending = flatten(batch) if batch is not None else {}
+
+    def rl_pending(self) -> Any:
+        """The batch set_rl_pending kept, as restored with a snapshot or checkpoint (None: none)."""
+        from orchestrator.data.rl import unflatten
+
+        assert self.shard is not None, "build() first"
+        return unflatten(self.shard.rl_pending) if self.shard.rl_pending else None
+
     def rollout_arm_kill(self) -> None:
         """Fault injection (target: rollout): this actor dies in its next generation, after its first prompt."""
         self._engine().kill_armed = True

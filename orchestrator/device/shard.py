@@ -157,6 +157,9 @@ class DeviceShard:
 
             apply_activation_checkpointing(self.model, cfg.memory.activation_checkpointing)
         shard_model(self.model, self.mesh, self.zero_stage, cfg.memory.offload_optimizer)
+        # RL, one step off-policy: the next step's batch (sampled before this step's update), kept in rank 0's
+        # snapshots and checkpoints so that a rewind or a resume trains on what the first pass did (data/rl.py)
+        self.rl_pending: dict[str, torch.Tensor] = {}
         self.reference = None   # RL's frozen reference policy (rl.kl_coeff), held and sharded like the policy
         if cfg.data.task == "rl" and cfg.rl.kl_coeff:
             from orchestrator.device.rl import build_reference
@@ -421,15 +424,15 @@ class DeviceShard:
 
     def snapshot(self, step: int) -> Snapshot:
         reshard(self.model)
-        return take_snapshot(self.model, self.optim, self.rank, step, self.mesh.dp_rank)
+        return take_snapshot(self.model, self.optim, self.rank, step, self.mesh.dp_rank, self.rl_pending)
 
     def restore(self, manifest: dict[str, Any], read, where: str) -> None:
         reshard(self.model)
-        restore_from_files(self.model, self.optim, self.rank, manifest, read, where)
+        self.rl_pending = restore_from_files(self.model, self.optim, self.rank, manifest, read, where)
 
     def restore_snapshots(self, snapshots: list[Snapshot]) -> None:
         reshard(self.model)
-        restore_from_snapshots(self.model, self.optim, self.rank, snapshots)
+        self.rl_pending = restore_from_snapshots(self.model, self.optim, self.rank, snapshots)
 
     def set_placement(self, placement: list[list[list[int]]]) -> None:
         """Hold, in every MoE layer, the experts `placement[layer][ep rank]` (dispatch follows at once; the

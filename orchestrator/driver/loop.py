@@ -298,6 +298,8 @@ class Driver:
         committed checkpoint's step is in the log), the progress line and status.json."""
         self.goodput.kept(wall, replayed=self.history.keep(step, rec))
         self.recovery.forget(step, self.alerts)
+        if self.rl is not None:   # one step off-policy: the next step's batch kept with this step's state
+            self.rl.keep_pending(step)
         if self.balancer.due(step, list(self.history)):  # before the step's checkpoint: it holds the new placement
             rec["replacement"] = self.replace_experts(step)
         if self.after_step(step):

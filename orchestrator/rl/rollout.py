@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -72,6 +73,14 @@ def chunks(ids: list[int], n: int) -> list[list[int]]:
     return out
 
 
+@dataclass
+class _Generation:
+    """A generation in flight on the pool: its step, prompts, and each worker's task with its chunk."""
+    step: int
+    prompt_ids: list[int]
+    refs: dict[Any, tuple[int, list[int]]]
+
+
 class RolloutPool:
     """A separate pool of rollout actors: started, kept at its size (a dead one replaced and given the weights),
     asked for a step's completions with a deadline."""
@@ -117,17 +126,19 @@ class RolloutPool:
         """Fault injection: rollout worker i dies in its next generation, after its first prompt."""
         ray.get(self.actors[i].rollout_arm_kill.remote(), timeout=60)
 
-    def generate(self, step: int, prompt_ids: list[int], timeout_s: float
-                 ) -> tuple[list[Rollout], list[tuple[int, str]]]:
-        """Every prompt's completions, in prompt order; a worker that fails has its prompts generated again on a
-        survivor (and is replaced). Also what failed, one line each (incidents)."""
+    def launch(self, step: int, prompt_ids: list[int]) -> "_Generation":
+        """Start generating the prompts' completions on the workers (contiguous chunks); collect() waits."""
+        parts = chunks(list(prompt_ids), len(self.actors))
+        refs = {self.actors[i].rollout_generate.remote(step, part): (i, part) for i, part in enumerate(parts) if part}
+        return _Generation(step, list(prompt_ids), refs)
+
+    def collect(self, g: "_Generation", timeout_s: float) -> tuple[list[Rollout], list[tuple[int, str]]]:
+        """Every prompt's completions, in prompt order; a worker that fails has its prompts generated again on the
+        pool (it is replaced first). Also what failed: (worker, what), one each (incidents)."""
         done: dict[int, Rollout] = {}
         failures: list[tuple[int, str]] = []
-        todo = list(prompt_ids)
+        refs = g.refs
         for _attempt in range(3):
-            alive = list(range(len(self.actors)))
-            parts = [c for c in chunks(todo, len(alive))]
-            refs = {self.actors[i].rollout_generate.remote(step, part): (i, part) for i, part in zip(alive, parts) if part}
             deadline = time.perf_counter() + timeout_s
             failed: list[int] = []
             for ref, (i, part) in refs.items():
@@ -140,10 +151,16 @@ class RolloutPool:
                     failed.append(i)
             for i in failed:
                 self.replace(i, timeout_s)
-            todo = [p for p in prompt_ids if p not in done]
+            todo = [p for p in g.prompt_ids if p not in done]
             if not todo:
-                return [done[p] for p in prompt_ids], failures
-        raise RuntimeError(f"step {step}: rollouts failed three times (worker {failures[-1][0]}: {failures[-1][1]})")
+                return [done[p] for p in g.prompt_ids], failures
+            refs = self.launch(g.step, todo).refs
+        raise RuntimeError(f"step {g.step}: rollouts failed three times (worker {failures[-1][0]}: "
+                           f"{failures[-1][1]})")
+
+    def generate(self, step: int, prompt_ids: list[int], timeout_s: float
+                 ) -> tuple[list[Rollout], list[tuple[int, str]]]:
+        return self.collect(self.launch(step, prompt_ids), timeout_s)
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -28,6 +29,16 @@ from orchestrator.rl.rollout import RolloutPool, chunks
 log = logging.getLogger(__name__)
 
 
+KEEP = 16   # batches kept by the driver (steps back); older ones come back with the devices' restored state
+
+
+@dataclass
+class _Done:
+    """A colocated generation: done when launched (the devices generate between steps)."""
+    step: int
+    rollouts: list[Any]
+
+
 class RLService:
     def __init__(self, cfg: Config, devices: Any, watch: Any):
         self.cfg, self.devices, self.watch = cfg, devices, watch
@@ -40,6 +51,10 @@ class RLService:
         self.accuracy_before: float | None = None
         self.accuracy_after: float | None = None
         self.heldout = self.task.heldout(cfg.rl.eval_problems)
+        self.kept: dict[int, tuple[Any, dict[str, Any]]] = {}   # step -> (its batch's ref, its numbers): recent ones
+        self.inflight: tuple[Any, float, tuple[float, int]] | None = None   # (generation, its start, its sync)
+        self.forced: dict[int, int] = {}             # step -> the version it must be sampled with instead
+        self.rollout_failures: dict[int, int] = {}   # step -> a pool's workers that failed generating it
 
     @property
     def workers(self) -> list[Any]:
@@ -58,21 +73,84 @@ class RLService:
         self.synced = None
 
     # ------------------------------------------------------------------ batch
+    def version_for(self, step: int) -> int:
+        """The policy version (step of its weights) step `step`'s batch is sampled with: the step before
+        (on-policy), or with rl.max_staleness=1 the one before that (never before the warm-up's end)."""
+        first_rl = self.cfg.rl.sft_steps + 1
+        if not self.cfg.rl.max_staleness or step <= first_rl:
+            return step - 1
+        return max(step - 2, first_rl - 1)
+
     def batch(self, step: int) -> Any:
-        """The step's batch in the object store (a ref every device's train_step resolves)."""
+        """The step's batch in the object store (a ref every device's train_step resolves). One step off-policy, it
+        was generated while the step before trained (or is kept from the first pass: a rewind, a resume), and the
+        next step's generation starts now, overlapping this step's training."""
         cfg = self.cfg
         if step <= cfg.rl.sft_steps:
             problems = self.task.batch(step, cfg.train.global_batch_size)
             self.stats = {"phase": "sft"}
             return ray.put(sft_batch(problems, step, cfg.data.seq_len))
+        ref, self.stats = self._ready(step)
+        if cfg.rl.max_staleness and step + 1 <= cfg.train.steps and step + 1 not in self.kept:
+            self._launch(step + 1)
+        return ref
+
+    def _ready(self, step: int) -> tuple[Any, dict[str, Any]]:
+        """Step `step`'s batch and its numbers: kept, in flight, restored with the devices' state, or made now."""
+        if step in self.kept:
+            return self.kept[step]
+        if self.inflight is not None and self.inflight[0].step == step:
+            return self._finish()
+        self._finish()   # a generation for another step (before a rewind): kept, the engines free again
+        version = self.version_for(step)
+        if version != step - 1:   # sampled with weights the devices no longer hold: the state restored keeps it
+            restored = ray.get(self.devices.actors[0].rl_pending.remote(), timeout=self.cfg.cluster.step_timeout_s)
+            if restored is not None and restored.step == step:
+                self.kept[step] = (ray.put(restored), {"phase": "rl", **restored.stats})
+                return self.kept[step]
+            log.warning("step %d: its batch (sampled with the policy after step %d) is not kept; sampling it with the "
+                        "policy after step %d instead (on-policy: not what an uninterrupted run trained on)", step,
+                        version, step - 1)
+            self.forced[step] = step - 1
+        self._launch(step)
+        return self._finish()
+
+    def _launch(self, step: int) -> None:
+        """Start generating step `step`'s rollouts with the policy after step version_for(step), which the devices
+        hold now (the engines synced first, before anything is in flight)."""
+        ids = [p.id for p in self.task.batch(step, prompts_per_step(self.cfg))]
         t0 = time.perf_counter()
-        synced = self.sync(step - 1)
-        sync_s = time.perf_counter() - t0
-        ids = [p.id for p in self.task.batch(step, prompts_per_step(cfg))]
+        synced = self.sync(self.forced.pop(step, self.version_for(step)))
+        sync = (time.perf_counter() - t0, self.sync_bytes if synced else 0)
         t1 = time.perf_counter()
-        failed = len(self.failures)
-        rollouts = self.generate(step, ids)
+        if self.pool is not None:
+            self.inflight = (self.pool.launch(step, ids), t1, sync)
+        else:   # colocated: the device actors generate, now (the Watch collects: a lost device fails the step)
+            parts = chunks(ids, len(self.devices.actors))
+            refs = [a.rollout_generate.remote(step, part) for a, part in zip(self.devices.actors, parts)]
+            rollouts = [r for part in self.watch.collect(self.devices, refs, step, t1) for r in part]
+            self.inflight = (_Done(step, rollouts), t1, sync)
+
+    def _finish(self) -> tuple[Any, dict[str, Any]]:
+        """The generation in flight collected, scored into its batch, kept; (ref, numbers). None when none."""
+        if self.inflight is None:
+            return None   # type: ignore[return-value]
+        (g, t1, (sync_s, sync_bytes)), self.inflight = self.inflight, None
+        if isinstance(g, _Done):
+            rollouts = g.rollouts
+        else:
+            rollouts, failures = self.pool.collect(g, self.cfg.cluster.step_timeout_s)
+            self.failures += failures
+            self.rollout_failures[g.step] = len(failures)
         gen_s = time.perf_counter() - t1
+        self.kept[g.step] = self._assemble(g.step, rollouts, gen_s, sync_s, sync_bytes)
+        for old in [s for s in self.kept if s < g.step - KEEP]:   # bounded: older ones come back with the state
+            del self.kept[old]
+        return self.kept[g.step]
+
+    def _assemble(self, step: int, rollouts: list[Any], gen_s: float, sync_s: float, sync_bytes: int
+                  ) -> tuple[Any, dict[str, Any]]:
+        cfg = self.cfg
         rewards = torch.tensor([r.rewards for r in rollouts], dtype=torch.float64)
         adv = group_advantages(rewards, scale=cfg.rl.scale_rewards).reshape(-1)
         batch = rl_batch(step, rollouts, adv, cfg.data.seq_len, cfg.model.top_k, cfg.rl.max_new_tokens)
@@ -81,28 +159,29 @@ class RLService:
             raise RuntimeError(f"step {step}: samples of policy versions {sorted(set(batch.versions.tolist()))}, "
                                f"more than rl.max_staleness={cfg.rl.max_staleness} behind step {step - 1}")
         errors = [e for r in rollouts for e in r.errors if e]
-        self.stats = {"phase": "rl", "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-                      "accuracy": sum(c for r in rollouts for c in r.correct) / rewards.numel(),
-                      "response_len": sum(int(m.sum()) for r in rollouts for m in r.mask) / rewards.numel(),
-                      "staleness": staleness.mean().item(), "reward_errors": len(errors),
-                      "rollout_failures": len(self.failures) - failed,
-                      "gen_s": gen_s, "reward_s": sum(r.reward_s for r in rollouts), "sync_s": sync_s if synced else 0.0,
-                      "sync_bytes": self.sync_bytes if synced else 0}
+        stats = {"phase": "rl", "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+                 "accuracy": sum(c for r in rollouts for c in r.correct) / rewards.numel(),
+                 "response_len": sum(int(m.sum()) for r in rollouts for m in r.mask) / rewards.numel(),
+                 "staleness": staleness.mean().item(), "reward_errors": len(errors),
+                 "rollout_failures": self.rollout_failures.pop(step, 0),
+                 "gen_s": gen_s, "reward_s": sum(r.reward_s for r in rollouts), "sync_s": sync_s,
+                 "sync_bytes": sync_bytes}
         if errors:
-            self.stats["reward_error"] = errors[0]
-        return ray.put(batch)
+            stats["reward_error"] = errors[0]
+        batch.stats = {k: v for k, v in stats.items() if k not in ("phase", "reward_error") and not k.endswith("_s")
+                       and k not in ("sync_bytes", "rollout_failures")}   # what a restored batch's record says again
+        return ray.put(batch), stats
 
-    def generate(self, step: int, ids: list[int]) -> list[Any]:
-        """The rollouts of `ids`, in that order. Colocated: every device actor generates a chunk, collected by the
-        Watch (a device that dies here fails the step, healed as any step); a separate pool heals itself."""
-        timeout = self.cfg.cluster.step_timeout_s
-        if self.pool is not None:
-            rollouts, failures = self.pool.generate(step, ids, timeout)
-            self.failures += failures
-            return rollouts
-        parts = chunks(ids, len(self.devices.actors))
-        refs = [a.rollout_generate.remote(step, part) for a, part in zip(self.devices.actors, parts)]
-        return [r for part in self.watch.collect(self.devices, refs, step, time.perf_counter()) for r in part]
+    def keep_pending(self, step: int) -> None:
+        """One step off-policy, after step `step` and before its snapshot or checkpoint: the next step's batch (its
+        generation waited for) to device 0, whose snapshots and checkpoints keep it (device/shard.py)."""
+        if not self.cfg.rl.max_staleness or step < self.cfg.rl.sft_steps + 1:
+            return
+        nxt = step + 1
+        if nxt not in self.kept and self.inflight is not None and self.inflight[0].step == nxt:
+            self._finish()
+        ref = self.kept.get(nxt, (None,))[0]
+        self.devices.actors[0].set_rl_pending.remote(ref)
 
     # ------------------------------------------------------------ weight sync
     def sync(self, version: int) -> bool:
@@ -131,6 +210,7 @@ class RLService:
     def accuracy(self, version: int) -> float:
         """Greedy held-out accuracy of the policy after step `version` (the engines synced first), the problems
         spread over the workers."""
+        self._finish()   # nothing in flight while the engines take other weights
         self.sync(version)
         parts = [p for p in chunks(list(range(len(self.heldout))), len(self.workers))]
         refs = [w.rollout_accuracy.remote([self.heldout[i] for i in part]) for w, part in zip(self.workers, parts)
