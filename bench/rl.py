@@ -1,6 +1,7 @@
 """RL post-training (data.task=rl): the embedded job's held-out accuracy before and after GRPO over seeds, the time
 split of an RL step, the weight sync's bytes against the model's, the rollout/trainer mismatch with routing replay
-off and on, and the rollout sampler's tokens/s against transformers' `generate` in one process.
+off and on, one step off-policy against on-policy (RL steps/s on the same resources), and the rollout sampler's
+tokens/s against transformers' `generate` in one process.
 
     .venv/bin/python bench/rl.py [--seeds 3] [--skip-job] [--out bench/results/rl-<host>.json]
 
@@ -76,6 +77,23 @@ def mismatch(tmp: Path) -> dict:
     return out
 
 
+def overlap(tmp: Path, rl_steps: int = 40) -> dict:
+    """RL steps/s on the same resources (2 devices, a pool of 2 rollout workers): on-policy against one step
+    off-policy (generation of step k+1 overlapping the training of step k), from the records' wall clock."""
+    out = {}
+    for staleness in (0, 1):
+        _, records, _ = run_job(tmp / f"overlap-{staleness}", [*CONFIG, f"train.steps={400 + rl_steps}",
+                                                              "train.lr_horizon=500", "rl.rollout.workers=2",
+                                                              "rl.rollout.cpus_per_worker=0.5",
+                                                              f"rl.max_staleness={staleness}"])
+        rl = [r for r in records if r.get("phase") == "rl"][1:]   # from the end of the first RL step
+        out[f"max_staleness={staleness}"] = {"rl_steps_per_s": (len(rl) - 1) / (rl[-1]["time"] - rl[0]["time"]),
+                                             "step_time_s": _mean(rl, "step_time_s"), "gen_s": _mean(rl, "gen_s")}
+        print(staleness, json.dumps(out[f"max_staleness={staleness}"]), flush=True)
+    out["gain"] = out["max_staleness=1"]["rl_steps_per_s"] / out["max_staleness=0"]["rl_steps_per_s"]
+    return out
+
+
 def sampler(rounds: int = 5, new_tokens: int = 32, group: int = 8) -> dict:
     """tokens/s of our sampler against transformers' generate, the same weights, one process, one thread."""
     import torch
@@ -123,6 +141,7 @@ def main() -> None:
     print(json.dumps(result["sampler"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         result["mismatch"] = mismatch(Path(tmp))
+        result["overlap"] = overlap(Path(tmp))
         if not args.skip_job:
             result["job"] = job(args.seeds, Path(tmp))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -49,8 +49,11 @@ def match_faults(injected: list[dict], incidents: list[dict]) -> list[dict]:
     out = []
     for fault in injected:
         found = None
+        # a separate pool's rollout worker killed: the pool replaces it (incident kind rollout); a colocated one is a
+        # device actor, caught as any device
+        caught_as = set(fault_rule(fault["kind"]).caught_as) | ({"rollout"} if fault.get("target") == "rollout" else set())
         for n, i in enumerate(incidents):
-            if n not in used and i["kind"] in fault_rule(fault["kind"]).caught_as and i["step"] >= fault["step"]:
+            if n not in used and i["kind"] in caught_as and i["step"] >= fault["step"]:
                 found = n
                 break
         if found is not None:
@@ -173,7 +176,8 @@ def render(report: dict) -> str:
     for f in report.get("faults", []):
         caught = (f"caught as {f['caught_as']} at step {f['caught_at']}, {f['action']}" if f["caught_as"]
                   else "NOT CAUGHT")
-        lines.append(f"  step {f['step']:>5}  {f['kind']:<10} device {f['rank']}  {caught}")
+        who = "rollout worker" if f.get("target") == "rollout" else "device"
+        lines.append(f"  step {f['step']:>5}  {f['kind']:<10} {who} {f['rank']}  {caught}")
     if "faults_injected" in report:
         lines.append(f"faults injected {report['faults_injected']}, healed {report['faults_healed']}, "
                      f"job interruptions {report['interruptions']}, steps {report['steps']}")

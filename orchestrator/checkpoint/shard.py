@@ -5,7 +5,8 @@ What a device owns in a checkpoint (safetensors; nothing that needs unpickling):
                              buffers (router expert_bias). Every device holds the same values.
   experts-<rank>.safetensors each rank: its routed experts, one tensor per (parameter, global
                              expert id), with their AdamW moments; and its torch RNG state.
-Keys: `param/<name>`, `exp_avg/<name>`, `exp_avg_sq/<name>`, `buffer/<name>`, `rng/torch`, where an
+Keys: `param/<name>`, `exp_avg/<name>`, `exp_avg_sq/<name>`, `buffer/<name>`, `rng/torch`, `extra/<key>` (rank 0's
+dense file: the run's own state beside the model's, e.g. RL's next batch one step off-policy), where an
 expert's <name> is `<parameter name>[<global expert id>]`. Because experts are stored by global
 id, a checkpoint written by N devices loads into M devices: each takes the ids it now holds.
 What AdamW holds is saved as it is: beside the moments, `optimizer_steps` (in the manifest) gives each <name>

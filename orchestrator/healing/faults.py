@@ -124,7 +124,8 @@ class Injector:
                 fault.step = step  # a timed fault repeats at the step it first struck
             self._count[i] = self._count.get(i, 0) + 1
             log.warning("injecting fault: %s on device %d at step %d", fault.kind, fault.rank, step)
-            self.fired.append({"step": step, "kind": fault.kind, "rank": fault.rank, "time": time.time()})
+            self.fired.append({"step": step, "kind": fault.kind, "rank": fault.rank, "time": time.time(),
+                               **({"target": fault.target} if fault.target != "device" else {})})
             due.append(fault)
         return due
 
