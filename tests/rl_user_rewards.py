@@ -30,3 +30,14 @@ def not_finite(prompt, completion, answer, **fields):
 
 def not_a_number(prompt, completion, answer, **fields):
     return "1.0"
+
+
+_SEEN: set = set()
+
+
+def flaky(prompt, completion, answer, **fields):
+    """Raises the first time it sees a completion (a transient failure), scores it the next time."""
+    if (prompt, completion) not in _SEEN:
+        _SEEN.add((prompt, completion))
+        raise ConnectionError("transient")
+    return 1.0

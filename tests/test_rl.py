@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from orchestrator.config import ConfigError, load_config
 from orchestrator.config.rl import prompts_per_step
 from orchestrator.data.rl import rl_batch, task_of
+from orchestrator.device.rl import sync_tensors
 from orchestrator.model.policy_loss import group_advantages
 from orchestrator.parallel import groups
 from tests.conftest import step_records
@@ -82,7 +83,7 @@ def test_sync_gives_the_engine_the_trainers_parameters_and_the_sampler_its_log_p
     assert report.extra["replay_mismatch"] == 0.0
     assert report.grad_norm > 0   # (on-policy, the ratio is 1: the loss is -mean(A) weighted by length, ~0)
     assert report.tokens == int(batch.mask.sum())
-    received = engine.load(shard.sync_tensors(), 1)
+    received = engine.load(sync_tensors(shard), 1)
     mine, theirs = shard.global_parameters(), engine.parameters()
     assert set(mine) <= set(theirs) and received > 0
     for name, t in mine.items():
@@ -110,6 +111,15 @@ def test_a_reward_function_that_raises_is_recorded():
     assert all(e and "ValueError" in e for e in rollout.errors)
 
 
+def test_a_failed_reward_call_is_tried_again():
+    _, _, engine = _one_process("rl.reward=tests.rl_user_rewards:flaky", "rl.reward_retries=1")
+    (rollout,) = engine.generate(1, [7])
+    assert rollout.rewards == [1.0] * 4 and rollout.errors == [None] * 4
+    _, _, engine = _one_process("rl.reward=tests.rl_user_rewards:flaky", "rl.reward_retries=0")
+    (rollout,) = engine.generate(1, [8])
+    assert all(e and "ConnectionError" in e for e in rollout.errors)
+
+
 def test_routing_replay_follows_a_bf16_rollout_exactly():
     """Rollout in bf16, training in float32, routers with near-ties: the trainer's own top-k sets differ from the
     rollout's; with replay, the ids the training forward used equal the recorded ones in every layer."""
@@ -126,7 +136,7 @@ def test_routing_replay_follows_a_bf16_rollout_exactly():
                 w = m.router.gate.weight
                 w.copy_(w[0].expand_as(w) + 1e-3 * torch.randn(w.shape, generator=g))
         engine = RolloutEngine(cfg)
-        engine.load(shard.sync_tensors(), 0)
+        engine.load(sync_tensors(shard), 0)
         router_before = shard.model.moe_layers()[0].router.gate.weight.detach().clone()
         report = shard.train_step(1, None, _batch(cfg, engine, 1))
         out[replay] = report.extra
@@ -155,7 +165,7 @@ def _equal_worker(rank: int, world: int, ep: int, port: int, batches: str, out: 
     with open(batches, "rb") as f:
         steps = pickle.load(f)
     reports = [shard.train_step(i + 1, None, b) for i, b in enumerate(steps)]
-    synced = dict(shard.sync_tensors())
+    synced = dict(sync_tensors(shard))
     with open(f"{out}.{rank}", "wb") as f:
         pickle.dump(([r.loss for r in reports], [r.extra for r in reports], shard.global_parameters(), synced), f)
     groups.leave()
@@ -171,7 +181,7 @@ def test_n_devices_compute_the_rl_step_of_one(tmp_path, world, ep):
     for step in (1, 2):   # the second batch sampled with the first update's weights, as a run would
         steps.append(_batch(cfg, engine, step))
         shard.train_step(step, None, steps[-1]) if step == 1 else None
-        engine.load(shard.sync_tensors(), step)
+        engine.load(sync_tensors(shard), step)
     cfg, shard, _ = _one_process(*EQUAL)
     ref = [shard.train_step(i + 1, None, b) for i, b in enumerate(steps)]
     ref_params = shard.global_parameters()

@@ -48,7 +48,9 @@ class RLConfig:
     max_staleness: int = 0         # 0: on-policy; 1: a separate pool generates batch k+1 while the devices train on
                                    # batch k (one step off-policy; each sample's staleness recorded and checked)
     reward: str = "exact_match"    # exact_match | math (math-verify) | format | package.module:function
-    reward_timeout_s: float = 5.0  # a reward call past this gives the sample a recorded failure (reward 0)
+    reward_timeout_s: float = 5.0  # a reward call's deadline (seconds)
+    reward_retries: int = 1        # a reward call that raised or ran past its deadline is tried again this many times,
+                                   # then the sample gets reward 0 and a recorded failure; the run goes on
     eval_problems: int = 64        # held-out problems scored (greedy) before the first RL step and at the end
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
@@ -64,7 +66,7 @@ def _validate_rl(cfg: Root) -> None:
     for key in ("group_size", "max_new_tokens", "updates_per_rollout", "eval_problems"):
         if getattr(r, key) <= 0:
             raise ConfigError(f"rl.{key}={getattr(r, key)} must be positive")
-    for key in ("sft_steps", "kl_coeff", "clip_low", "clip_high", "reward_timeout_s"):
+    for key in ("sft_steps", "kl_coeff", "clip_low", "clip_high", "reward_timeout_s", "reward_retries"):
         if getattr(r, key) < 0:
             raise ConfigError(f"rl.{key}={getattr(r, key)} must be zero or more")
     if r.reward_timeout_s == 0:

@@ -90,11 +90,13 @@ class DeviceActor:
 
     # ----------------------------------------------------------------- RL
     def sync_weights(self) -> tuple[list[tuple[str, Any]], int]:
-        """The tensors this device sends the rollout engines (DeviceShard.sync_tensors), each put in the object
+        """The tensors this device sends the rollout engines (device/rl.py sync_tensors), each put in the object
         store on its own: (name, ref) pairs and their bytes. Collective: every device calls it."""
         assert self.shard is not None, "build() first"
         out, size = [], 0
-        for name, t in self.shard.sync_tensors():
+        from orchestrator.device.rl import sync_tensors
+
+        for name, t in sync_tensors(self.shard):
             out.append((name, ray.put(t)))
             size += t.numel() * t.element_size()
         return out, size

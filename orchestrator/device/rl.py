@@ -22,7 +22,7 @@ import torch
 from orchestrator.data.rl import RLBatch, rows_of, update_rows
 from orchestrator.model.generate import routing_mismatch_counts
 from orchestrator.model.policy_loss import policy_loss, token_logprobs
-from orchestrator.parallel.sharding import reshard
+from orchestrator.parallel.sharding import is_sharded, local, reshard
 
 # the step's RL numbers, summed over the world in one all-reduce (then divided into the report's `extra`)
 _SUMS = ("mismatch", "replay_mismatch", "routed", "gap", "k3", "gap_tokens", "clip_low", "clip_high", "kl", "ratio", "loss_tokens")
@@ -44,6 +44,31 @@ def build_reference(shard: Any, expert_ids: list[int], slots: list[list[int]]) -
         p.requires_grad_(False)
     shard_model(ref, shard.mesh, shard.zero_stage, False)
     return ref
+
+
+def sync_tensors(shard: Any) -> list[tuple[str, torch.Tensor]]:
+    """The tensors this device sends a rollout engine after an update, each logical tensor by one device: dense
+    parameters and persistent buffers (the routers' biases) by rank 0, each expert (by global id) by its primary
+    copy on the first data-parallel replica. Sharded ones are gathered one tensor at a time (a collective: every
+    device calls it), never the whole model at once."""
+    reshard(shard.model)
+    out: list[tuple[str, torch.Tensor]] = []
+    for name, p in shard.model.dense_parameters():
+        t = p.full_tensor() if is_sharded(p) else local(p)
+        if shard.rank == 0:
+            out.append((name, t.detach().cpu().clone()))
+    for name, p in shard.model.expert_parameters():
+        t = p.full_tensor() if is_sharded(p) else local(p)
+        if shard.mesh.dp_rank == 0:
+            for j, (gid, primary) in enumerate(zip(shard.model.expert_ids_of(name), shard.model.primary_of(name))):
+                if primary:
+                    out.append((f"{name}[{gid}]", t[j].detach().cpu().clone()))
+    if shard.rank == 0:
+        for mod_name, mod in shard.model.named_modules():
+            for b_name, b in mod.named_buffers(recurse=False):
+                if b_name not in mod._non_persistent_buffers_set:
+                    out.append((f"{mod_name}.{b_name}" if mod_name else b_name, b.detach().cpu().clone()))
+    return out
 
 
 def rl_step(shard: Any, step: int, batch: RLBatch, guard: dict[str, float] | None) -> Any:
@@ -99,11 +124,12 @@ def _set_routing(shard: Any, model: Any, valid: torch.Tensor | None, replay: lis
     model.set_routing_replay(None if replay is None else [r.to(shard.device) for r in replay])
 
 
-def _forward_logp(shard: Any, model: Any, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log-probs of the targets (at rl.temperature, as the sampler's)."""
+def _forward_logp(shard: Any, model: Any, inputs: torch.Tensor, targets: torch.Tensor, temperature: float
+                  ) -> torch.Tensor:
+    """log-probs of the targets at `temperature` (an RL step's: rl.temperature, as the sampler's; the warm-up's: 1)."""
     with torch.autocast(shard.device.type, dtype=shard.autocast or torch.bfloat16, enabled=shard.autocast is not None):
         logits = model(inputs.to(shard.device))
-    return token_logprobs(logits, targets.to(shard.device), shard.cfg.rl.temperature)
+    return token_logprobs(logits, targets.to(shard.device), temperature)
 
 
 @torch.no_grad()
@@ -113,7 +139,7 @@ def _logprobs(shard: Any, model: Any, batch: RLBatch, rows: slice, replay: bool)
     try:
         for x, y, *rep in _micro(shard, r, replay):
             _set_routing(shard, model, y != -100, rep or None)
-            out.append(_forward_logp(shard, model, x, y))
+            out.append(_forward_logp(shard, model, x, y, shard.cfg.rl.temperature))
     finally:
         _set_routing(shard, model, None, None)
     reshard(model)
@@ -142,7 +168,7 @@ def _logprobs_measured(shard: Any, r: dict[str, Any], sums: dict[str, float]) ->
         for x, y, *rep in _micro(shard, r, True):
             valid = y != -100
             _set_routing(shard, shard.model, valid, None)
-            out.append(_forward_logp(shard, shard.model, x, y))
+            out.append(_forward_logp(shard, shard.model, x, y, shard.cfg.rl.temperature))
             for own_NK, recorded_BTK in zip(shard.model.routing(), rep):
                 diff, total = routing_mismatch_counts(own_NK.cpu(), recorded_BTK.reshape(own_NK.shape),
                                                       valid.reshape(-1))
@@ -185,7 +211,7 @@ def _passes(shard: Any, step: int, batch: RLBatch, u: int, U: int, rows: slice, 
         for i, ((x, y, *rep), o, rf, a) in enumerate(zip(_micro(shard, r, batch.kind == "rl"), olds, refs, advs)):
             mask = y != -100
             _set_routing(shard, shard.model, mask, rep if replay and rep else None)
-            logp = _forward_logp(shard, shard.model, x, y)
+            logp = _forward_logp(shard, shard.model, x, y, cfg.rl.temperature if batch.kind == "rl" else 1.0)
             for used_NK, recorded_BTK in zip(shard.model.routing(), rep):   # 0 with replay: checked, not assumed
                 diff, _ = routing_mismatch_counts(used_NK.cpu(), recorded_BTK.reshape(used_NK.shape), mask.reshape(-1))
                 sums["replay_mismatch"] += diff

@@ -92,8 +92,12 @@ class RolloutEngine:
                        record_routing=bool(self.model.moe_layers()))
             texts = [decode(row[m].tolist()) for row, m in zip(s.tokens, s.mask)]
             t0 = time.perf_counter()
-            scored = score_all(self.reward, [(problem.prompt, text, problem.answer, dict(problem.fields))
-                                             for text in texts], r.reward_timeout_s)
+            items = [(problem.prompt, text, problem.answer, dict(problem.fields)) for text in texts]
+            scored = score_all(self.reward, items, r.reward_timeout_s)
+            for _ in range(r.reward_retries):   # a call that raised or ran out of time, tried again
+                bad = [i for i, x in enumerate(scored) if x.error]
+                for i, x in zip(bad, score_all(self.reward, [items[i] for i in bad], r.reward_timeout_s)):
+                    scored[i] = x
             reward_s = time.perf_counter() - t0
             out.append(Rollout(pid, prompt, s.tokens, s.logprobs, s.mask, s.routing,
                                [x.reward for x in scored], [x.error for x in scored], texts, self.version,

@@ -441,30 +441,6 @@ class DeviceShard:
         for m, slots in zip(self.model.moe_layers(), placement):
             m.set_placement(slots, self.mesh.ep_rank)
 
-    def sync_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """The tensors this device sends a rollout engine after an update, each logical tensor by one device: dense
-        parameters and persistent buffers (the routers' biases) by rank 0, each expert (by global id) by its primary
-        copy on the first data-parallel replica. Sharded ones are gathered one tensor at a time (a collective: every
-        device calls it), never the whole model at once."""
-        reshard(self.model)
-        out: list[tuple[str, torch.Tensor]] = []
-        for name, p in self.model.dense_parameters():
-            t = p.full_tensor() if is_sharded(p) else local(p)
-            if self.rank == 0:
-                out.append((name, t.detach().cpu().clone()))
-        for name, p in self.model.expert_parameters():
-            t = p.full_tensor() if is_sharded(p) else local(p)
-            if self.mesh.dp_rank == 0:
-                for j, (gid, primary) in enumerate(zip(self.model.expert_ids_of(name), self.model.primary_of(name))):
-                    if primary:
-                        out.append((f"{name}[{gid}]", t[j].detach().cpu().clone()))
-        if self.rank == 0:
-            for mod_name, mod in self.model.named_modules():
-                for b_name, b in mod.named_buffers(recurse=False):
-                    if b_name not in mod._non_persistent_buffers_set:
-                        out.append((f"{mod_name}.{b_name}" if mod_name else b_name, b.detach().cpu().clone()))
-        return out
-
     def global_parameters(self) -> dict[str, torch.Tensor]:
         """The parameters keyed by global name; routed experts one entry per global id. Sharded parameters are
         gathered whole (collective: every device calls it)."""

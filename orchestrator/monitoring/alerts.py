@@ -104,8 +104,8 @@ def measure(rule: str, threshold: float, window: int, rec: dict[str, Any], histo
         ratio = max(ratios)
         slow = ratios.index(ratio)
         return ratio, ratio > threshold, f"device {slow}'s own work took {ratio:.2f}x the median of the others'"
-    if rule == "throughput_drop":
-        median = _median_before(history, "tokens_per_s", window)
+    if rule == "throughput_drop":   # against steps of the same kind (an RL run's warm-up steps are cheaper)
+        median = _median_before([r for r in history if r.get("phase") == rec.get("phase")], "tokens_per_s", window)
         if median is None or not median:
             return rec["tokens_per_s"], False, ""
         ratio = rec["tokens_per_s"] / median
