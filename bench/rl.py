@@ -64,11 +64,11 @@ def model_bytes() -> int:
 
 
 def mismatch(tmp: Path) -> dict:
-    """A bf16 rollout against float32 training, 30 RL steps after the warm-up, replay off and on."""
+    """A bf16 rollout against float32 training, the first 30 RL steps after the warm-up, replay off and on."""
     out = {}
     for replay in ("false", "true"):
-        _, records, _ = run_job(tmp / f"replay-{replay}", [*CONFIG, "train.steps=430", "rl.sft_steps=400",
-                                                           "train.lr_horizon=500", "rl.rollout.dtype=bfloat16",
+        _, records, _ = run_job(tmp / f"replay-{replay}", [*CONFIG, "train.steps=130", "rl.sft_steps=100",
+                                                           "train.lr_horizon=300", "rl.rollout.dtype=bfloat16",
                                                            f"rl.routing_replay={replay}"])
         rl = [r for r in records if r.get("phase") == "rl"]
         out[f"replay={replay}"] = {k: _mean(rl, k) for k in ("routing_mismatch", "replay_mismatch", "logprob_gap",
@@ -82,8 +82,8 @@ def overlap(tmp: Path, rl_steps: int = 40) -> dict:
     off-policy (generation of step k+1 overlapping the training of step k), from the records' wall clock."""
     out = {}
     for staleness in (0, 1):
-        _, records, _ = run_job(tmp / f"overlap-{staleness}", [*CONFIG, f"train.steps={400 + rl_steps}",
-                                                              "train.lr_horizon=500", "rl.rollout.workers=2",
+        _, records, _ = run_job(tmp / f"overlap-{staleness}", [*CONFIG, f"train.steps={100 + rl_steps}",
+                                                              "train.lr_horizon=300", "rl.rollout.workers=2",
                                                               "rl.rollout.cpus_per_worker=0.5",
                                                               f"rl.max_staleness={staleness}"])
         rl = [r for r in records if r.get("phase") == "rl"][1:]   # from the end of the first RL step
