@@ -52,6 +52,10 @@ def train(args: argparse.Namespace) -> int:
           f"{summary.steps_per_s:.2f} steps/s, {summary.wall_time_s:.1f}s wall; metrics in {run_dir}/metrics.jsonl")
     from orchestrator.monitoring.goodput import Goodput
 
+    if summary.accuracy_before is not None or summary.accuracy_after is not None:   # an RL run (data.task=rl)
+        show = lambda a: "n/a" if a is None else f"{a:.3f}"   # noqa: E731
+        print(f"held-out accuracy: {show(summary.accuracy_before)} before RL, {show(summary.accuracy_after)} after "
+              f"(greedy; summary.json accuracy_before / accuracy_after)")
     print(Goodput.from_dict(summary.goodput).table())
     if summary.incidents:
         print(f"incidents: {len(summary.incidents)}, recoveries: {summary.recoveries} (each in {run_dir}/incidents.jsonl)")

@@ -47,7 +47,9 @@ class RolloutEngine:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.model = build_model(cfg.model, cfg.seed, None, cfg.balance).to(rollout_dtype(cfg)).eval()
+        # the GPU the actor was given, if any (a colocated engine shares its device's; a pool worker's is its own)
+        self.device = torch.device("cuda", 0) if cfg.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.model = build_model(cfg.model, cfg.seed, None, cfg.balance).to(self.device, rollout_dtype(cfg)).eval()
         self.task = task_of(cfg)
         self.reward = resolve_reward(cfg.rl.reward)
         self.version = 0          # the step whose weights the engine holds (0: the initial weights)
@@ -74,9 +76,9 @@ class RolloutEngine:
         for name, t in self._state.items():
             if ".experts." in name:
                 for gid in range(t.shape[0]):
-                    out[f"{name}[{gid}]"] = t[gid].detach().clone()
+                    out[f"{name}[{gid}]"] = t[gid].detach().cpu().clone()
             else:
-                out[name] = t.detach().clone()
+                out[name] = t.detach().cpu().clone()
         return out
 
     # --------------------------------------------------------------- generation
@@ -90,7 +92,7 @@ class RolloutEngine:
             s = sample(self.model, prompt, r.group_size, r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                        eos_id=EOS, seeds=[sample_seed(self.cfg.seed, step, pid, i) for i in range(r.group_size)],
                        record_routing=bool(self.model.moe_layers()))
-            texts = [decode(row[m].tolist()) for row, m in zip(s.tokens, s.mask)]
+            texts = [decode(row[m].tolist()) for row, m in zip(s.tokens.cpu(), s.mask.cpu())]
             t0 = time.perf_counter()
             items = [(problem.prompt, text, problem.answer, dict(problem.fields)) for text in texts]
             scored = score_all(self.reward, items, r.reward_timeout_s)
@@ -99,7 +101,8 @@ class RolloutEngine:
                 for i, x in zip(bad, score_all(self.reward, [items[i] for i in bad], r.reward_timeout_s)):
                     scored[i] = x
             reward_s = time.perf_counter() - t0
-            out.append(Rollout(pid, prompt, s.tokens, s.logprobs, s.mask, s.routing,
+            out.append(Rollout(pid, prompt, s.tokens.cpu(), s.logprobs.cpu(), s.mask.cpu(),
+                               None if s.routing is None else [ids.cpu() for ids in s.routing],
                                [x.reward for x in scored], [x.error for x in scored], texts, self.version,
                                [_answer(text) == problem.answer for text in texts], reward_s))
             if self.kill_armed:   # injected: killed mid-generation (after its first prompt)
@@ -112,7 +115,7 @@ class RolloutEngine:
         for p in problems:
             s = sample(self.model, encode(p.prompt), 1, self.cfg.rl.max_new_tokens, temperature=1.0, top_p=1.0,
                        eos_id=EOS, seeds=[0], greedy=True)
-            right += _answer(decode(s.tokens[0][s.mask[0]].tolist())) == p.answer
+            right += _answer(decode(s.tokens[0][s.mask[0]].cpu().tolist())) == p.answer
         return right / max(1, len(problems))
 
 
