@@ -23,10 +23,35 @@ from orchestrator.parallel import groups
 from orchestrator.parallel.groups import CLOCK
 from orchestrator.parallel.mesh import current_mesh
 
-__all__ = ["DeviceActor", "DeviceShard", "StepReport", "InjectedCrash", "autocast_dtype", "rss_bytes"]
+__all__ = ["DeviceActor", "RolloutWorker", "DeviceShard", "StepReport", "InjectedCrash", "autocast_dtype", "rss_bytes"]
 
 
-class DeviceActor:
+class RolloutWorker:
+    """What a rollout worker answers, over its rollout engine (`_engine()`, device/rollout.py): a DeviceActor's own
+    (colocated rollouts) or a RolloutActor's (a separate pool, orchestrator/rl/rollout.py)."""
+
+    def _engine(self) -> Any:
+        raise NotImplementedError
+
+    def rollout_load(self, refs: list[tuple[str, Any]], version: int) -> int:
+        """The trainer's tensors (object refs) into the engine, fetched and copied one at a time; the bytes."""
+        return self._engine().load(((name, ray.get(ref)) for name, ref in refs), version)
+
+    def rollout_generate(self, step: int, prompt_ids: list[int]) -> Any:
+        return self._engine().generate(step, prompt_ids)
+
+    def rollout_accuracy(self, problems: list[Any]) -> float:
+        return self._engine().accuracy(problems)
+
+    def rollout_parameters(self) -> dict[str, torch.Tensor]:
+        return self._engine().parameters()
+
+    def rollout_arm_kill(self) -> None:
+        """Fault injection (target: rollout): this worker dies in its next generation, after its first prompt."""
+        self._engine().kill_armed = True
+
+
+class DeviceActor(RolloutWorker):
     """What the driver talks to: made a Ray actor with `ray.remote(DeviceActor)`, one per bundle."""
 
     def __init__(self, torch_threads: int):
@@ -110,19 +135,6 @@ class DeviceActor:
                 self.engine = RolloutEngine(self._build_args[0])
         return self.engine
 
-    def rollout_load(self, refs: list[tuple[str, Any]], version: int) -> int:
-        """Colocated rollouts: the trainer's tensors into this actor's rollout engine, fetched one at a time."""
-        return self._engine().load(((name, ray.get(ref)) for name, ref in refs), version)
-
-    def rollout_generate(self, step: int, prompt_ids: list[int]) -> Any:
-        return self._engine().generate(step, prompt_ids)
-
-    def rollout_accuracy(self, problems: list[Any]) -> float:
-        return self._engine().accuracy(problems)
-
-    def rollout_parameters(self) -> dict[str, torch.Tensor]:
-        return self._engine().parameters()
-
     def set_rl_pending(self, batch: Any) -> None:
         """RL one step off-policy: the next step's batch (resolved from the object store; None: none), kept in this
         device's snapshots and checkpoints (rank 0's)."""
@@ -137,10 +149,6 @@ class DeviceActor:
 
         assert self.shard is not None, "build() first"
         return unflatten(self.shard.rl_pending) if self.shard.rl_pending else None
-
-    def rollout_arm_kill(self) -> None:
-        """Fault injection (target: rollout): this actor dies in its next generation, after its first prompt."""
-        self._engine().kill_armed = True
 
     # ------------------------------------------------------------ checkpoints
     @ray.method(concurrency_group="io")

@@ -22,10 +22,11 @@ import torch
 from orchestrator.data.rl import RLBatch, rows_of, update_rows
 from orchestrator.model.generate import routing_mismatch_counts
 from orchestrator.model.policy_loss import policy_loss, token_logprobs
-from orchestrator.parallel.sharding import is_sharded, local, reshard
+from orchestrator.parallel.sharding import reshard, whole
 
 # the step's RL numbers, summed over the world in one all-reduce (then divided into the report's `extra`)
-_SUMS = ("mismatch", "replay_mismatch", "routed", "gap", "k3", "gap_tokens", "clip_low", "clip_high", "kl", "ratio", "loss_tokens")
+_SUMS = ("mismatch", "replay_mismatch", "routed", "gap", "k3", "gap_tokens", "clip_low", "clip_high", "kl", "ratio",
+         "loss_tokens")
 
 
 def build_reference(shard: Any, expert_ids: list[int], slots: list[list[int]]) -> Any:
@@ -54,15 +55,15 @@ def sync_tensors(shard: Any) -> list[tuple[str, torch.Tensor]]:
     reshard(shard.model)
     out: list[tuple[str, torch.Tensor]] = []
     for name, p in shard.model.dense_parameters():
-        t = p.full_tensor() if is_sharded(p) else local(p)
+        t = whole(p)
         if shard.rank == 0:
-            out.append((name, t.detach().cpu().clone()))
+            out.append((name, t.cpu().clone()))
     for name, p in shard.model.expert_parameters():
-        t = p.full_tensor() if is_sharded(p) else local(p)
+        t = whole(p)
         if shard.mesh.dp_rank == 0:
             for j, (gid, primary) in enumerate(zip(shard.model.expert_ids_of(name), shard.model.primary_of(name))):
                 if primary:
-                    out.append((f"{name}[{gid}]", t[j].detach().cpu().clone()))
+                    out.append((f"{name}[{gid}]", t[j].cpu().clone()))
     if shard.rank == 0:
         for mod_name, mod in shard.model.named_modules():
             for b_name, b in mod.named_buffers(recurse=False):
@@ -81,10 +82,10 @@ def rl_step(shard: Any, step: int, batch: RLBatch, guard: dict[str, float] | Non
     t_old = time.perf_counter()
     if batch.kind == "rl":
         for u in range(U):
-            rows = update_rows(batch.rows, U, u, shard.world, shard.rank)
-            old[u] = _old_logprobs(shard, batch, rows, sums)
+            r = rows_of(batch, update_rows(batch.rows, U, u, shard.world, shard.rank))
+            old[u] = _old_logprobs(shard, r, sums)
             if cfg.rl.kl_coeff:
-                ref[u] = _logprobs(shard, shard.reference, batch, rows, replay=cfg.rl.routing_replay)
+                ref[u] = _logprobs(shard, shard.reference, r, replay=cfg.rl.routing_replay)
     recompute_s = time.perf_counter() - t_old
     reports = []
     for u in range(U):
@@ -132,52 +133,48 @@ def _forward_logp(shard: Any, model: Any, inputs: torch.Tensor, targets: torch.T
     return token_logprobs(logits, targets.to(shard.device), temperature)
 
 
+def _count_mismatch(model: Any, recorded: list[torch.Tensor], valid_BT: torch.Tensor, sums: dict[str, float],
+                    key: str) -> None:
+    """Add to sums[key] the (trained token x MoE layer) whose top-k set in the model's last forward differs from the
+    rollout's `recorded` ids, and to sums["routed"] how many were compared (when `key` is "mismatch")."""
+    for used_NK, recorded_BTK in zip(model.routing(), recorded):
+        diff, total = routing_mismatch_counts(used_NK.cpu(), recorded_BTK.reshape(used_NK.shape), valid_BT.reshape(-1))
+        sums[key] += diff
+        if key == "mismatch":
+            sums["routed"] += total
+
+
 @torch.no_grad()
-def _logprobs(shard: Any, model: Any, batch: RLBatch, rows: slice, replay: bool) -> torch.Tensor:
-    r = rows_of(batch, rows)
+def _logprobs(shard: Any, model: Any, r: dict[str, Any], replay: bool, sums: dict[str, float] | None = None
+              ) -> torch.Tensor:
+    """log-probs of rows `r` (data/rl.py rows_of) without gradient, replaying the rollout's routing or not; with
+    `sums` (and no replay), the routing mismatch of the model's own choices against the rollout's is counted."""
     out = []
     try:
-        for x, y, *rep in _micro(shard, r, replay):
-            _set_routing(shard, model, y != -100, rep or None)
+        for x, y, *rep in _micro(shard, r, replay or sums is not None):
+            valid = y != -100
+            _set_routing(shard, model, valid, rep if replay and rep else None)
             out.append(_forward_logp(shard, model, x, y, shard.cfg.rl.temperature))
+            if sums is not None:
+                _count_mismatch(model, rep, valid, sums, "mismatch")
     finally:
         _set_routing(shard, model, None, None)
     reshard(model)
     return torch.cat(out)
 
 
-@torch.no_grad()
-def _old_logprobs(shard: Any, batch: RLBatch, rows: slice, sums: dict[str, float]) -> torch.Tensor:
-    """The trainer's log-probs with the rollout's weights; the mismatch and the gap measured on the way."""
-    r = rows_of(batch, rows)
+def _old_logprobs(shard: Any, r: dict[str, Any], sums: dict[str, float]) -> torch.Tensor:
+    """The trainer's log-probs of rows `r` with the rollout's weights; the mismatch and the gap measured on the way
+    (the mismatch always with the trainer's own routing; the gap with the log-probs the loss uses)."""
     mask = r["targets"] != -100
-    replay = shard.cfg.rl.routing_replay
-    own = _logprobs_measured(shard, r, sums)   # without replay: the trainer's own routing
-    logp = _logprobs(shard, shard.model, batch, rows, replay=True) if replay else own
+    own = _logprobs(shard, shard.model, r, replay=False, sums=sums)
+    logp = _logprobs(shard, shard.model, r, replay=True) if shard.cfg.rl.routing_replay else own
     rollout = r["rollout_logp"].to(logp.device, logp.dtype)
     diff = (logp - rollout)[mask.to(logp.device)]
     sums["gap"] += diff.abs().sum().item()
     sums["k3"] += (torch.exp(-diff) + diff - 1).sum().item()   # KL(rollout || train), k3 with rollout as reference
     sums["gap_tokens"] += float(mask.sum())
     return logp
-
-
-def _logprobs_measured(shard: Any, r: dict[str, Any], sums: dict[str, float]) -> torch.Tensor:
-    out = []
-    try:
-        for x, y, *rep in _micro(shard, r, True):
-            valid = y != -100
-            _set_routing(shard, shard.model, valid, None)
-            out.append(_forward_logp(shard, shard.model, x, y, shard.cfg.rl.temperature))
-            for own_NK, recorded_BTK in zip(shard.model.routing(), rep):
-                diff, total = routing_mismatch_counts(own_NK.cpu(), recorded_BTK.reshape(own_NK.shape),
-                                                      valid.reshape(-1))
-                sums["mismatch"] += diff
-                sums["routed"] += total
-    finally:
-        _set_routing(shard, shard.model, None, None)
-    reshard(shard.model)
-    return torch.cat(out)
 
 
 def _micro(shard: Any, r: dict[str, Any], with_routing: bool) -> list[tuple]:
@@ -212,9 +209,7 @@ def _passes(shard: Any, step: int, batch: RLBatch, u: int, U: int, rows: slice, 
             mask = y != -100
             _set_routing(shard, shard.model, mask, rep if replay and rep else None)
             logp = _forward_logp(shard, shard.model, x, y, cfg.rl.temperature if batch.kind == "rl" else 1.0)
-            for used_NK, recorded_BTK in zip(shard.model.routing(), rep):   # 0 with replay: checked, not assumed
-                diff, _ = routing_mismatch_counts(used_NK.cpu(), recorded_BTK.reshape(used_NK.shape), mask.reshape(-1))
-                sums["replay_mismatch"] += diff
+            _count_mismatch(shard.model, rep, mask, sums, "replay_mismatch")   # 0 with replay: checked, not assumed
             mask = mask.to(logp.device)
             if batch.kind == "sft":
                 part = -(logp * mask).sum() / max(1, global_tokens)

@@ -32,7 +32,7 @@ from orchestrator.model.layers import upcast
 from orchestrator.parallel import allreduce_dense_grads, apply_expert_parallel, clip_, sum_of_squares
 from orchestrator.parallel.groups import CLOCK
 from orchestrator.parallel.mesh import current_mesh
-from orchestrator.parallel.sharding import Optimizers, is_sharded, local, reshard, shard_model
+from orchestrator.parallel.sharding import Optimizers, is_sharded, local, reshard, shard_model, whole
 from orchestrator.experts.placement import ExpertPlacement
 from orchestrator.device.schedule import lr_of
 
@@ -445,13 +445,9 @@ class DeviceShard:
         """The parameters keyed by global name; routed experts one entry per global id. Sharded parameters are
         gathered whole (collective: every device calls it)."""
         reshard(self.model)
-
-        def whole(p: torch.Tensor) -> torch.Tensor:
-            return (p.full_tensor() if is_sharded(p) else local(p)).detach().cpu().clone()
-
-        out = {name: whole(p) for name, p in self.model.dense_parameters()}
+        out = {name: whole(p).cpu().clone() for name, p in self.model.dense_parameters()}
         for name, p in self.model.expert_parameters():
-            full = whole(p)
+            full = whole(p).cpu()
             for j, gid in enumerate(self.model.expert_ids_of(name)):
                 out[f"{name}[{gid}]"] = full[j].clone()
         return out

@@ -39,6 +39,11 @@ def is_sharded(p: torch.Tensor) -> bool:
     return hasattr(p, "device_mesh") and p.device_mesh.size() > 1
 
 
+def whole(p: torch.Tensor) -> torch.Tensor:
+    """The whole logical tensor of `p` (a sharded one gathered: a collective, every holder calls it), detached."""
+    return (p.full_tensor() if is_sharded(p) else local(p)).detach()
+
+
 def shard_model(model: nn.Module, mesh: Mesh, stage: int, offload: bool = False) -> None:
     """Apply FSDP2 for stages 2 and 3 (stages 0 and 1 leave the model as it is). Collective: every rank."""
     if stage < 2 or mesh.world == 1:

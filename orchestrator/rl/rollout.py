@@ -19,11 +19,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from orchestrator.config import Config, to_dict
 from orchestrator.data.rl import Rollout
+from orchestrator.device.actor import RolloutWorker
 
 log = logging.getLogger(__name__)
 
 
-class RolloutActor:
+class RolloutActor(RolloutWorker):
     """A rollout worker of its own (a separate pool): a RolloutEngine (device/rollout.py) behind Ray."""
 
     def __init__(self, cfg: dict[str, Any], torch_threads: int):
@@ -35,28 +36,11 @@ class RolloutActor:
         torch.set_num_threads(max(1, torch_threads))
         self.engine = RolloutEngine(config_from_dict(cfg))
 
+    def _engine(self) -> Any:
+        return self.engine
+
     def ready(self) -> bool:
         return True
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
-
-    def rollout_load(self, refs: list[tuple[str, Any]], version: int) -> int:
-        return self.engine.load(((name, ray.get(ref)) for name, ref in refs), version)
-
-    def rollout_generate(self, step: int, prompt_ids: list[int]) -> list[Rollout]:
-        return self.engine.generate(step, prompt_ids)
-
-    def rollout_accuracy(self, problems: list[Any]) -> float:
-        return self.engine.accuracy(problems)
-
-    def rollout_parameters(self) -> dict[str, Any]:
-        return self.engine.parameters()
-
-    def rollout_arm_kill(self) -> None:
-        self.engine.kill_armed = True
 
 
 RemoteRollout = ray.remote(max_restarts=0)(RolloutActor)
