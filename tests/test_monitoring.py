@@ -22,8 +22,9 @@ def records(run_dir: Path) -> list[dict]:
     return step_records(run_dir)
 
 
-def prometheus_samples(run: str, timeout_s: float = 60.0, want: str = "ray_orchestrator_incidents_total") -> dict:
-    """`name{labels}` -> value of this run's series on the node's metrics endpoint (exported every few seconds)."""
+def prometheus_samples(run: str, done, timeout_s: float = 60.0) -> dict:
+    """`name{labels}` -> value of this run's series on the node's metrics endpoint, read again until `done(samples)`:
+    Ray's metrics agent exports every few seconds, so a first read may still hold an earlier step's gauges."""
     import ray
 
     port = ray._private.worker._global_node.metrics_export_port
@@ -37,7 +38,7 @@ def prometheus_samples(run: str, timeout_s: float = 60.0, want: str = "ray_orche
                 keep = ",".join(p for p in labels.split(",")
                                 if p.split("=")[0] in ("layer", "expert", "rank", "kind", "outcome"))
                 samples[f"{name}{{{keep}}}"] = float(line.rsplit(" ", 1)[1])
-        if any(k.startswith(want) for k in samples) or time.monotonic() > deadline:
+        if done(samples) or time.monotonic() > deadline:
             return samples
         time.sleep(2)
 
@@ -75,7 +76,8 @@ def test_every_sink_gets_the_same_values(ray_session, tmp_path):
     assert [(e.step, e.value) for e in tb.Scalars("checkpoints/committed")] == [(8, 1.0)]
     assert {e.step for e in tb.Histograms("balance/expert_load_layer_0")} >= {2, 4, 8}
     # Prometheus, through Ray's metrics agent: the last step's values, the incident counted
-    prom = prometheus_samples(run.name)
+    prom = prometheus_samples(run.name, lambda p: p.get("ray_orchestrator_checkpoint_committed_step{}") == 8
+                              and p.get("ray_orchestrator_step{}") == 8 and 'ray_orchestrator_incidents_total{kind="dead"}' in p)
     last = recs[-1]
     assert prom["ray_orchestrator_loss{}"] == pytest.approx(last["loss"], rel=1e-6)
     assert prom["ray_orchestrator_step{}"] == 8
