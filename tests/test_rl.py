@@ -54,6 +54,24 @@ def test_rl_keys_need_the_rl_task_and_bad_values_are_named():
     assert prompts_per_step(rl_config(None, "rl.updates_per_rollout=2")) == 4
 
 
+def test_chaos_kills_strike_rollout_workers_in_the_share_asked_and_other_plans_stay_as_they_were():
+    from orchestrator.healing import plan_faults
+
+    chaos = ["train.steps=40", "rl.sft_steps=10", "faults.chaos.mean_steps_between=2", "faults.chaos.kinds=[kill]",
+             "faults.chaos.first_step=1", "cluster.num_devices=2"]
+    plain = plan_faults(rl_config(None, *chaos))
+    assert plain and all(f.target == "device" for f in plain)
+    assert plan_faults(rl_config(None, *chaos, "faults.chaos.rollout_share=0")) == plain
+    every = plan_faults(rl_config(None, *chaos, "faults.chaos.rollout_share=1", "rl.rollout.workers=3"))
+    assert [f.step for f in every] == [f.step for f in plain]
+    assert all((f.target == "rollout") == (f.step > 10) for f in every)
+    assert {f.rank for f in every if f.target == "rollout"} <= {0, 1, 2}
+    with pytest.raises(ConfigError, match="faults.chaos.rollout_share=0.5 has no effect"):
+        load_config(None, ["faults.chaos.mean_steps_between=2", "faults.chaos.rollout_share=0.5"])
+    with pytest.raises(ConfigError, match="a share of the random kills"):
+        rl_config(None, *chaos, "faults.chaos.rollout_share=2")
+
+
 # ----------------------------------------------------------------- one process
 def _one_process(*overrides: str):
     from orchestrator.device.rollout import RolloutEngine

@@ -47,6 +47,9 @@ class ChaosConfig:
     first_step: int = 5               # no chaos before this step
     slow_steps: int = 5               # slow faults: steps of delay ...
     slow_delay_s: float = 0.5         # ... of this many seconds each
+    rollout_share: float = 0.0        # data.task=rl: the share of random kills (in RL steps) that strike a rollout
+                                      # worker mid-generation instead of a device (a pool's worker, or a colocated
+                                      # device's engine)
 
 
 @dataclass
@@ -110,6 +113,8 @@ def _validate_faults(cfg: Root) -> None:
             _choice(f"faults.chaos.kinds[{i}]", kind, FAULT_KINDS)
         if ch.slow_steps < 1 or ch.slow_delay_s <= 0:
             raise ConfigError("faults.chaos.slow_steps must be >= 1 and faults.chaos.slow_delay_s > 0")
+        if not 0.0 <= ch.rollout_share <= 1.0:
+            raise ConfigError(f"faults.chaos.rollout_share={ch.rollout_share} is a share of the random kills: 0..1")
     _positive(cfg, ["faults.snapshot_every", "faults.standby", "faults.max_recoveries", "faults.retry_backoff_s",
                     "faults.recovery_window_s",
                     "faults.checkpoint_retries", "faults.straggler_min_s"], allow_zero=True)

@@ -172,7 +172,7 @@ def _refuse_idle_fault_keys(cfg: Config, keys: _Keys) -> None:
                       f"on a {spec.kind} fault (only hang faults read it): remove it")
     # healing.py plan_faults: the chaos keys make random faults; the seed also draws the device of rank -1 faults
     if not ch.mean_steps_between:
-        keys.section(cfg, "faults.chaos", ("kinds", "first_step", "slow_steps", "slow_delay_s"),
+        keys.section(cfg, "faults.chaos", ("kinds", "first_step", "slow_steps", "slow_delay_s", "rollout_share"),
                      "while random chaos is off (faults.chaos.mean_steps_between=0): set "
                      "faults.chaos.mean_steps_between (jobs.chaos: --every N), or remove it")
         if all(s.rank != -1 for s in f.plan):
@@ -180,9 +180,14 @@ def _refuse_idle_fault_keys(cfg: Config, keys: _Keys) -> None:
                          "while random chaos is off (faults.chaos.mean_steps_between=0) and no planned fault has "
                          "rank -1 (a random device): set faults.chaos.mean_steps_between (jobs.chaos: --every N), "
                          "or remove it")
-    elif FaultKind.SLOW not in ch.kinds:
-        keys.section(cfg, "faults.chaos", ("slow_steps", "slow_delay_s"),
-                     "while faults.chaos.kinds has no slow: add slow to faults.chaos.kinds, or remove it")
+    else:
+        if FaultKind.SLOW not in ch.kinds:
+            keys.section(cfg, "faults.chaos", ("slow_steps", "slow_delay_s"),
+                         "while faults.chaos.kinds has no slow: add slow to faults.chaos.kinds, or remove it")
+        if cfg.data.task != "rl" or FaultKind.KILL not in ch.kinds:
+            keys.section(cfg, "faults.chaos", ("rollout_share",),
+                         "without rollout workers to kill (it needs data.task=rl and kill in faults.chaos.kinds): "
+                         "remove it")
     # healing.py Watch._stragglers: compares a device with the others
     if cfg.cluster.num_devices == 1:
         keys.section(cfg, "faults", ("straggler_factor", "straggler_min_s", "straggler_patience", "on_straggler"),

@@ -107,9 +107,14 @@ def _validate_rl(cfg: Root) -> None:
             raise ConfigError("rl.rollout.engine=vllm needs vLLM, which is not installed here: pip install vllm (on a "
                               "GPU machine), or use rl.rollout.engine=native")
         raise ConfigError("rl.rollout.engine=vllm is not wired yet: use rl.rollout.engine=native (see README, RL)")
-    if cfg.model.hf_path or cfg.model.hf_config:
-        raise ConfigError("data.task=rl runs on the native model for now (the rollout engine for transformers' models "
-                          "is not wired yet): remove model.hf_path / model.hf_config")
+    if (cfg.model.hf_path or cfg.model.hf_config) and r.routing_replay:
+        from orchestrator.config.model import describe_hf_model
+
+        info = describe_hf_model(cfg.model)
+        unknown = [name for name in info.get("routers", []) if name not in info.get("replayable", [])]
+        if unknown:
+            raise ConfigError(f"rl.routing_replay=true: this project does not know how {', '.join(unknown)} weighs "
+                              f"its experts (the gates a replay recomputes); set rl.routing_replay=false")
     if cfg.data.tokenizer not in (None, "bytes") or cfg.data.train_tokenizer:
         raise ConfigError("data.task=rl reads bytes (the task's prompts and answers are short strings): remove "
                           "data.tokenizer / data.train_tokenizer")

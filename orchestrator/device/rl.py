@@ -32,12 +32,12 @@ _SUMS = ("mismatch", "replay_mismatch", "routed", "gap", "k3", "gap_tokens", "cl
 def build_reference(shard: Any, expert_ids: list[int], slots: list[list[int]]) -> Any:
     """The frozen reference policy: the model the run starts from (its initial weights), built, made expert
     parallel and sharded (ZeRO stage) as the policy is, in the initial expert placement; no gradient, no optimizer."""
-    from orchestrator.model import build_model
+    from orchestrator.model.build import build_any_model
     from orchestrator.parallel import apply_expert_parallel
     from orchestrator.parallel.sharding import shard_model
 
     cfg = shard.cfg
-    ref = build_model(cfg.model, cfg.seed, expert_ids, cfg.balance).to(shard.device, getattr(torch, cfg.train.dtype))
+    ref = build_any_model(cfg.model, cfg.seed, expert_ids, cfg.balance, shard.device, cfg.train.dtype)
     apply_expert_parallel(ref, len(slots), shard.mesh.ep_group, data_parallel=shard.world > len(slots))
     for m in ref.moe_layers():
         m.set_placement(slots, shard.mesh.ep_rank)

@@ -20,7 +20,7 @@ import torch
 from orchestrator.config import Config
 from orchestrator.data.rewards import resolve_reward, score_all
 from orchestrator.data.rl import EOS, Rollout, decode, encode, task_of
-from orchestrator.model import build_model
+from orchestrator.model.build import build_any_model
 from orchestrator.model.generate import sample
 
 
@@ -49,7 +49,8 @@ class RolloutEngine:
         self.cfg = cfg
         # the GPU the actor was given, if any (a colocated engine shares its device's; a pool worker's is its own)
         self.device = torch.device("cuda", 0) if cfg.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-        self.model = build_model(cfg.model, cfg.seed, None, cfg.balance).to(self.device, rollout_dtype(cfg)).eval()
+        self.model = build_any_model(cfg.model, cfg.seed, None, cfg.balance, self.device,
+                                     cfg.rl.rollout.dtype or cfg.train.dtype).eval()
         self.task = task_of(cfg)
         self.reward = resolve_reward(cfg.rl.reward)
         self.version = 0          # the step whose weights the engine holds (0: the initial weights)

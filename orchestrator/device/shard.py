@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from orchestrator.checkpoint.shard import Snapshot, restore_from_files, restore_from_snapshots, take_snapshot
 from orchestrator.config import Config, effective_zero_stage, expert_slots, is_frozen, mesh_shape
 from orchestrator.data.source import make_stream
-from orchestrator.model import build_model
+from orchestrator.model.build import build_any_model
 from orchestrator.model.balancing import update_expert_bias
 from orchestrator.memory.measure import ActivationMeter, state_bytes
 from orchestrator.model.layers import upcast
@@ -134,16 +134,8 @@ class DeviceShard:
         # The initial placement over the ep ranks: experts [e*El, (e+1)*El), then replicas in the redundant slots.
         initial = ExpertPlacement.initial(cfg.model.num_experts, ep, expert_slots(cfg) if ep > 1 else None)
         self.load_stats: dict = {}   # a Hugging Face checkpoint: what this device read of it (model/hf_load.py)
-        if cfg.model.hf_path or cfg.model.hf_config:
-            from orchestrator.model.hf import build_hf_model
-
-            model = build_hf_model(cfg.model, cfg.seed, initial.slots[self.mesh.ep_rank], cfg.balance,
-                                   self.load_stats)
-        else:
-            model = build_model(cfg.model, cfg.seed, initial.slots[self.mesh.ep_rank], cfg.balance)
-        self.model = model.to(self.device, getattr(torch, cfg.train.dtype))
-        if getattr(self.model, "hf", None) is not None and cfg.train.dtype == "float64":
-            self.model.hf_config._experts_implementation = "eager"   # torch's grouped_mm has no float64 kernel
+        self.model = build_any_model(cfg.model, cfg.seed, initial.slots[self.mesh.ep_rank], cfg.balance, self.device,
+                                     cfg.train.dtype, self.load_stats)
         if cfg.balance.router_aux_loss_coeff:   # a transformers model's own router auxiliary loss
             self.model.use_router_aux_loss(cfg.balance.router_aux_loss_coeff)
         apply_expert_parallel(self.model, ep, self.mesh.ep_group, data_parallel=world > ep)

@@ -86,6 +86,7 @@ def plan_faults(cfg: Config) -> list[FaultSpec]:
     plan = [FaultSpec(**{**asdict(s), "rank": rng.randrange(world) if s.rank < 0 else s.rank}) for s in f.plan]
     ch = f.chaos
     if ch.mean_steps_between:
+        rollout_rng = random.Random(f"rollout/{ch.seed}")
         taken = {s.step for s in plan}
         step = ch.first_step - 1
         while True:
@@ -95,8 +96,15 @@ def plan_faults(cfg: Config) -> list[FaultSpec]:
             if step in taken:
                 continue
             kind = rng.choice(list(ch.kinds))
-            plan.append(FaultSpec(kind=kind, step=step, rank=rng.randrange(world), steps=ch.slow_steps,
-                                  delay_s=ch.slow_delay_s))
+            rank = rng.randrange(world)
+            # an RL run's kill may strike a rollout worker mid-generation instead, drawn from a generator of its own:
+            # the steps and kinds stay the ones the seed gives without it
+            if (ch.rollout_share and kind == FaultKind.KILL and step > cfg.rl.sft_steps
+                    and rollout_rng.random() < ch.rollout_share):
+                plan.append(FaultSpec(kind=kind, step=step, target="rollout",
+                                      rank=rollout_rng.randrange(cfg.rl.rollout.workers or world)))
+                continue
+            plan.append(FaultSpec(kind=kind, step=step, rank=rank, steps=ch.slow_steps, delay_s=ch.slow_delay_s))
     return sorted(plan, key=lambda s: (s.step or 0, s.after_s))
 
 

@@ -1,7 +1,9 @@
-"""Generation for RL rollouts: a deterministic, KV-cached sampler of the native MoE model (pure torch, no Ray).
+"""Generation for RL rollouts: a deterministic, KV-cached sampler (pure torch, no Ray) of the native MoE model and of
+transformers' MoE models (model/hf.py HFMoEModel).
 
 `sample` draws n completions of one prompt as one batch of n rows (no padding): one prefill of the prompt, then
-one token at a time through the model's KVCache (model/layers.py). Row i draws only from its own
+one token at a time through the model's cache (`model.new_cache()`: the native KVCache of model/layers.py, or
+transformers' own cache of the model). Row i draws only from its own
 torch.Generator seeded with seeds[i], once per token, so its completion is a function of (model, prompt, seeds[i])
 alone: never of which worker ran it or of the other rows. (Its logits could in principle differ in the last bit
 with the batch's composition; the caller always samples the same G rows of one prompt as one batch, so workers
@@ -18,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.model.layers import KVCache
 
 
 @dataclass
@@ -116,7 +117,7 @@ def sample(model, prompt_ids: list[int], n: int, max_new: int, *, temperature: f
 
 def _sample(model, moes, device, prompt_ids, n, max_new, temperature, top_p, eos_id, seeds, record_routing, greedy):
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    cache = KVCache(len(model.layers))
+    cache = model.new_cache()
     P = len(prompt_ids)
     tokens_nL = torch.full((n, max_new), -1 if eos_id is None else eos_id, dtype=torch.long, device=device)
     mask_nL = torch.zeros(n, max_new, dtype=torch.bool, device=device)
@@ -126,7 +127,7 @@ def _sample(model, moes, device, prompt_ids, n, max_new, temperature, top_p, eos
 
     inputs_nT = torch.tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0).expand(n, P).contiguous()
     for j in range(max_new):
-        logits_nV = model(inputs_nT, cache)[:, -1]
+        logits_nV = model(inputs_nT, cache=cache)[:, -1]
         if record_routing:
             for rec, m in zip(routing, moes):
                 rec.append(m.last_experts_NK.view(n, inputs_nT.shape[1], -1))

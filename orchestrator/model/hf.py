@@ -116,6 +116,64 @@ class _RouterView:
         return getattr(self.gate, "e_score_correction_bias", None)
 
 
+def _weights_softmax_renormalised(gate: nn.Module, logits_NE: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
+    """Mixtral: softmax over every expert (float32), the k chosen renormalised to sum 1."""
+    w_NK = torch.nn.functional.softmax(logits_NE.float(), dim=-1).gather(1, ids_NK)
+    return w_NK / w_NK.sum(dim=-1, keepdim=True)
+
+
+def _weights_softmax(gate: nn.Module, logits_NE: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
+    """Qwen2/Qwen3-MoE, OLMoE: softmax (float32), renormalised when `norm_topk_prob`, in the logits' dtype."""
+    w_NK = torch.nn.functional.softmax(logits_NE, dtype=torch.float, dim=-1).gather(1, ids_NK)
+    if gate.norm_topk_prob:
+        w_NK = w_NK / w_NK.sum(dim=-1, keepdim=True)
+    return w_NK.to(logits_NE.dtype)
+
+
+def _weights_sigmoid(gate: nn.Module, logits_NE: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3, GLM-4-MoE: sigmoid scores (the correction bias only selects), renormalised when
+    `norm_topk_prob` (+1e-20), times `routed_scaling_factor`."""
+    w_NK = logits_NE.sigmoid().gather(1, ids_NK)
+    if gate.norm_topk_prob:
+        w_NK = w_NK / (w_NK.sum(dim=-1, keepdim=True) + 1e-20)
+    return w_NK * gate.routed_scaling_factor
+
+
+def _weights_score_fn(gate: nn.Module, logits_NE: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V4 (learned and hash-routed layers): the router's `score_fn` (sqrt-softplus), renormalised (+1e-20),
+    times `routed_scaling_factor`."""
+    w_NK = gate.score_fn(logits_NE).gather(1, ids_NK)
+    return w_NK / (w_NK.sum(dim=-1, keepdim=True) + 1e-20) * gate.routed_scaling_factor
+
+
+# Routing replay's gates, per router class: each family's own formula from the router's full scores, applied to
+# the replayed ids. Each is its class's forward with the selection taken out (test_routing_replay holds them to
+# transformers': replaying a router's own choice gives its weights bit for bit).
+REPLAY_WEIGHTS = {
+    "MixtralTopKRouter": _weights_softmax_renormalised,
+    "Qwen2MoeTopKRouter": _weights_softmax, "Qwen3MoeTopKRouter": _weights_softmax, "OlmoeTopKRouter": _weights_softmax,
+    "DeepseekV3TopkRouter": _weights_sigmoid, "Glm4MoeTopkRouter": _weights_sigmoid,
+    "DeepseekV4TopKRouter": _weights_score_fn, "DeepseekV4HashRouter": _weights_score_fn,
+}
+
+
+def _replay_hook(experts: "ExpertParallelExperts", gate: nn.Module, args: Any, output: Any) -> Any:
+    """A forward hook on the router: with `experts.replay_NK` set, its output becomes (logits, gates of the replayed
+    ids from the live logits, the replayed ids), so the router still gets gradients through its logits."""
+    replay_NK = experts.replay_NK
+    if replay_NK is None:
+        return None
+    logits_NE, _, ids_NK = output
+    if tuple(replay_NK.shape) != tuple(ids_NK.shape):
+        raise ValueError(f"routing replay of shape {tuple(replay_NK.shape)} for a router choosing "
+                         f"{tuple(ids_NK.shape)}")
+    weights = REPLAY_WEIGHTS.get(type(gate).__name__)
+    if weights is None:
+        raise ValueError(f"routing replay does not know how {type(gate).__name__} weighs its experts")
+    replay_NK = replay_NK.to(device=ids_NK.device, dtype=torch.long)
+    return logits_NE, weights(gate, logits_NE, replay_NK), replay_NK
+
+
 class ExpertParallelExperts(ExpertSlots):
     """Mixed into a transformers experts module (its class is swapped for a subclass of both): the module holds
     this device's El slots, `num_experts` = El (what the class's own forward indexes), `experts_total` = E.
@@ -152,6 +210,9 @@ class ExpertParallelExperts(ExpertSlots):
         experts.dispatcher = LocalTokenDispatcher()
         experts.global_tokens, experts.aux_loss = None, None
         experts.valid_N = None   # set per forward by HFMoEModel: the tokens that are not padding
+        experts.replay_NK = None   # routing replay: logical ids [N, K] the router's output is replaced with
+        experts.last_experts_NK = torch.zeros(0, 0, dtype=torch.long)   # the ids of the last forward
+        gate.register_forward_hook(functools.partial(_replay_hook, experts))
         experts._init_slots(E)
         return experts  # type: ignore[return-value]
 
@@ -161,6 +222,7 @@ class ExpertParallelExperts(ExpertSlots):
                 ) -> torch.Tensor:
         N = hidden_states.shape[0]
         experts_NK = top_k_index.long()
+        self.last_experts_NK = experts_NK.detach()
         counted = experts_NK if self.valid_N is None else experts_NK[self.valid_N.to(experts_NK.device)]
         self.last_tokens_per_expert = torch.bincount(counted.reshape(-1), minlength=self.experts_total)
         slots_NK = self.slots_of(experts_NK)
@@ -177,6 +239,13 @@ class ExpertParallelExperts(ExpertSlots):
             # behind the other devices'), and FSDP2's reduce-scatter would not match its peers'.
             y_MD = y_MD + sum(p.sum() for p in self.parameters() if p.requires_grad) * 0
         return self.dispatcher.combine(y_MD, top_k_weights, meta, N)
+
+
+class HFCache:
+    """A generation cache of an HFMoEModel: transformers' cache object, replaced by the one each forward returns."""
+
+    def __init__(self, cache: Any):
+        self.cache = cache
 
 
 class HFMoEModel(nn.Module):
@@ -196,20 +265,68 @@ class HFMoEModel(nn.Module):
         self._router_logits: list[torch.Tensor] = []
         self._recording = False
         self._valid_N: torch.Tensor | None = None
+        self._valid_BT: torch.Tensor | None = None   # set_valid's
 
     def forward(self, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None,
-                valid_BT: torch.Tensor | None = None) -> torch.Tensor:
+                valid_BT: torch.Tensor | None = None, cache: "HFCache | None" = None) -> torch.Tensor:
         """Logits [B, T, V]. position_ids: packed rows' per-document positions (None: 0..T-1). valid: which
-        positions hold a sample's token (False: padding). Padding still runs through the model (its loss is
-        masked) but counts in no expert load and no router loss, as transformers' attention_mask keeps it out
-        of load_balancing_loss_func."""
+        positions hold a sample's token (False: padding; None: what set_valid left, else all). Padding still runs
+        through the model (its loss is masked) but counts in no expert load and no router loss, as transformers'
+        attention_mask keeps it out of load_balancing_loss_func. With a cache (generation, new_cache()): tokens_BT
+        continue the cached ones, through transformers' own cache of the model (its positions follow on)."""
         self._router_logits.clear()
         self._recording = True   # the router loss's logits: this forward's, not a recomputation's in backward
-        valid_N = None if valid_BT is None else valid_BT.reshape(-1)
+        if valid_BT is None:
+            valid_BT = self._valid_BT
+        valid_N = None if valid_BT is None else valid_BT.reshape(-1).bool()
         for m in self._moe:
             m.valid_N = valid_N
         self._valid_N = valid_N
+        if cache is not None:
+            out = self.hf(input_ids=tokens_BT, cache=cache.cache, use_cache=True)
+            cache.cache = out.cache
+            return out.logits
         return self.hf(input_ids=tokens_BT, position_ids=position_ids_BT, use_cache=False).logits
+
+    def new_cache(self) -> "HFCache":
+        """An empty generation cache: transformers' DynamicCache for this model's config (its layer kinds: sliding
+        window, DeepSeek-V4's compressed attention)."""
+        from transformers import DynamicCache
+
+        return HFCache(DynamicCache(config=self.hf_config))
+
+    def set_valid(self, valid_BT: torch.Tensor | None) -> None:
+        """The tokens the next forwards count in expert loads and router losses (bool [B, T]; None: all) when the
+        forward is not given its own `valid_BT`."""
+        self._valid_BT = valid_BT
+
+    def set_routing_replay(self, ids: list[torch.Tensor] | None) -> None:
+        """Rollout Routing Replay (R3): the next forwards (and their backward recomputations) use these logical expert
+        ids, one [B, T, K] or [N, K] tensor per MoE layer in moe_layers() order, instead of the routers' choice; the
+        gates are recomputed from the live router's logits by the router family's own formula (REPLAY_WEIGHTS).
+        Raises ValueError for a wrong layer count, width, an id outside 0..E-1, or a router class without a formula."""
+        if ids is None:
+            for m in self._moe:
+                m.replay_NK = None
+            return
+        if len(ids) != len(self._moe):
+            raise ValueError(f"routing replay gives {len(ids)} layers; the model has {len(self._moe)} MoE layers")
+        K = self.hf_config.num_experts_per_tok
+        for i, (m, t) in enumerate(zip(self._moe, ids)):
+            t_NK = t.reshape(-1, t.shape[-1]).long()
+            if t_NK.shape[-1] != K:
+                raise ValueError(f"routing replay of MoE layer {i} has {t_NK.shape[-1]} experts per token, "
+                                 f"the layer routes to {K}")
+            if t_NK.numel() and (int(t_NK.min()) < 0 or int(t_NK.max()) >= m.experts_total):
+                raise ValueError(f"routing replay of MoE layer {i} names an expert outside 0..{m.experts_total - 1}")
+            gate = type(m.__dict__["_gate"]).__name__
+            if gate not in REPLAY_WEIGHTS:
+                raise ValueError(f"routing replay does not know how {gate} weighs its experts")
+            m.replay_NK = t_NK
+
+    def routing(self) -> list[torch.Tensor]:
+        """Each MoE layer's chosen logical expert ids of the last forward ([B*T, K] int64, moe_layers() order)."""
+        return [m.last_experts_NK for m in self._moe]
 
     def use_router_aux_loss(self, coeff: float) -> None:
         """Train with the model's own router auxiliary loss (its transformers class's `load_balancing_loss_func`,
@@ -389,7 +506,8 @@ def hf_summary(m: ModelConfig) -> dict[str, Any]:
             "first_k_dense": hf_config.num_hidden_layers - len(blocks),
             "correction_bias": any(hasattr(b.gate, "e_score_correction_bias") for _, b in blocks),
             "router_aux_loss": router_logits_recorder(hf) is not None,
-            "packing_leaks": packing_leaks(hf_config)}
+            "packing_leaks": packing_leaks(hf_config),
+            "routers": sorted({type(b.gate).__name__ for _, b in blocks}), "replayable": sorted(REPLAY_WEIGHTS)}
 
 
 def packing_leaks(hf_config: Any) -> str | None:

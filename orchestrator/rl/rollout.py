@@ -142,6 +142,25 @@ class RolloutPool:
         raise RuntimeError(f"step {g.step}: rollouts failed three times (worker {failures[-1][0]}: "
                            f"{failures[-1][1]})")
 
+    def accuracy(self, problems: list[Any], timeout_s: float) -> float:
+        """Share of `problems` answered exactly (greedy), spread over the workers; a worker that fails is replaced
+        and its share scored again (three tries)."""
+        todo = dict(enumerate(chunks(list(problems), len(self.actors))))
+        right = 0.0
+        for _attempt in range(3):
+            refs = {i: self.actors[i].rollout_accuracy.remote(part) for i, part in todo.items() if part}
+            for i, ref in refs.items():
+                try:
+                    right += ray.get(ref, timeout=timeout_s) * len(todo[i])
+                    todo[i] = []
+                except (RayActorError, RayTaskError, GetTimeoutError) as e:
+                    log.warning("rollout worker %d failed scoring held-out problems (%s); replacing it", i,
+                                type(e).__name__)
+                    self.replace(i, timeout_s)
+            if not any(todo.values()):
+                return right / max(1, len(problems))
+        raise RuntimeError("held-out accuracy: rollout workers failed three times")
+
     def generate(self, step: int, prompt_ids: list[int], timeout_s: float
                  ) -> tuple[list[Rollout], list[tuple[int, str]]]:
         return self.collect(self.launch(step, prompt_ids), timeout_s)

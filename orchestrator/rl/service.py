@@ -104,7 +104,9 @@ class RLService:
         self._finish()   # a generation for another step (before a rewind): kept, the engines free again
         version = self.version_for(step)
         if version != step - 1:   # sampled with weights the devices no longer hold: the state restored keeps it
-            restored = ray.get(self.devices.actors[0].rl_pending.remote(), timeout=self.cfg.cluster.step_timeout_s)
+            # device 0's restored state keeps it (the Watch collects: a device lost now fails the step, healed)
+            (restored,) = self.watch.collect(self.devices, [self.devices.actors[0].rl_pending.remote()], step,
+                                             time.perf_counter())
             if restored is not None and restored.step == step:
                 self.kept[step] = (ray.put(restored), {"phase": "rl", **restored.stats})
                 return self.kept[step]
@@ -209,15 +211,17 @@ class RLService:
     # -------------------------------------------------------------- accuracy
     def accuracy(self, version: int) -> float:
         """Greedy held-out accuracy of the policy after step `version` (the engines synced first), the problems
-        spread over the workers."""
+        spread over the workers. Colocated, the Watch collects (a device lost fails the step: StepFailure); a pool's
+        worker lost is replaced and its problems scored again (RolloutPool.accuracy)."""
         self._finish()   # nothing in flight while the engines take other weights
         self.sync(version)
-        parts = [p for p in chunks(list(range(len(self.heldout))), len(self.workers))]
-        refs = [w.rollout_accuracy.remote([self.heldout[i] for i in part]) for w, part in zip(self.workers, parts)
-                if part]
-        got = ray.get(refs, timeout=self.cfg.cluster.step_timeout_s)
-        sizes = [len(p) for p in parts if p]
-        return sum(a * n for a, n in zip(got, sizes)) / max(1, sum(sizes))
+        timeout_s = self.cfg.cluster.step_timeout_s
+        if self.pool is not None:
+            return self.pool.accuracy(self.heldout, timeout_s)
+        parts = chunks(list(self.heldout), len(self.devices.actors))
+        got = self.watch.collect(self.devices, [a.rollout_accuracy.remote(part) for a, part in
+                                                zip(self.devices.actors, parts)], version + 1, time.perf_counter())
+        return sum(a * len(part) for a, part in zip(got, parts)) / max(1, len(self.heldout))
 
     def record(self, step: int) -> dict[str, Any]:
         """The numbers of the batch `step` trained on, for its record (the accuracy before RL on the first RL step)."""
