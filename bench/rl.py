@@ -3,12 +3,15 @@ split of an RL step, the weight sync's bytes against the model's, the rollout/tr
 off and on, one step off-policy against on-policy (RL steps/s on the same resources), and the rollout sampler's
 tokens/s against transformers' `generate` in one process.
 
-    .venv/bin/python bench/rl.py [--seeds 3] [--skip-job] [--out bench/results/rl-<host>.json]
+    .venv/bin/python bench/rl.py [--config jobs/configs/rl_tiny.yaml] [--seeds 3] [--skip-job]
+                                 [--parts sampler,mismatch,overlap,job] [--out bench/results/rl-<host>.json]
 
 Everything but the sampler comparison runs the real entry point (`python -m jobs.train --config
 jobs/configs/rl_tiny.yaml`, bench/jobrun.py). The sampler comparison: the same tiny MoE as a native model (our
 KV-cached sampler, G completions of one prompt as one batch) and as transformers' Mixtral with the same weights
-(the export mapping, `generate(do_sample=True)`), alternated over several rounds.
+(the export mapping, `generate(do_sample=True)`), alternated over several rounds. For a transformers model
+(`--config` naming `model.hf_path` / `hf_config`): our sampler on that model (transformers' own cache) against
+transformers' `generate` on the same class with the same weights.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.jobrun import run_job  # noqa: E402
 
-CONFIG = ["--config", "jobs/configs/rl_tiny.yaml"]
+CONFIG = ["--config", "jobs/configs/rl_tiny.yaml"]   # --config replaces it
 
 
 def _mean(records: list[dict], key: str) -> float:
@@ -59,7 +62,11 @@ def model_bytes() -> int:
     from orchestrator.config import load_config
     from orchestrator.model.transformer import count_parameters
 
-    cfg = load_config(REPO / "jobs/configs/rl_tiny.yaml", [])
+    cfg = load_config(REPO / CONFIG[1], [])
+    if cfg.model.hf_path or cfg.model.hf_config:
+        from orchestrator.model.hf import hf_counts
+
+        return hf_counts(cfg.model)["total"] * 4
     return count_parameters(cfg.model)["total"] * 4   # float32
 
 
@@ -105,7 +112,10 @@ def sampler(rounds: int = 5, new_tokens: int = 32, group: int = 8) -> dict:
     from orchestrator.model.generate import sample
 
     torch.set_num_threads(1)
-    cfg = load_config(REPO / "jobs/configs/rl_tiny.yaml", ["model.max_seq_len=64"])
+    cfg = load_config(REPO / CONFIG[1], [])
+    if cfg.model.hf_path or cfg.model.hf_config:
+        return hf_sampler(cfg, rounds, new_tokens, group)
+    cfg = load_config(REPO / CONFIG[1], ["model.max_seq_len=64"])
     native = build_model(cfg.model, cfg.seed, None, cfg.balance).eval()
     hf_cfg = hf_config_for(cfg.model, cfg.balance, dropless=True)
     hf = AutoModelForCausalLM.from_config(hf_cfg).eval()
@@ -130,19 +140,61 @@ def sampler(rounds: int = 5, new_tokens: int = 32, group: int = 8) -> dict:
             "architecture": type(hf).__name__, "rows": group, "new_tokens": new_tokens, "rounds": rounds}
 
 
+def hf_sampler(cfg, rounds: int, new_tokens: int, group: int) -> dict:
+    """Our sampler on the transformers model (HFMoEModel, transformers' own cache) against transformers' generate on
+    the same class with the same weights (fresh_hf_state of the seed), one process, one thread."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.model.generate import sample
+    from orchestrator.model.hf import build_hf_model, fresh_hf_state, load_hf_config
+
+    ours_model = build_hf_model(cfg.model, cfg.seed).eval()
+    hf_config = load_hf_config(cfg.model)
+    hf = AutoModelForCausalLM.from_config(hf_config).eval()
+    hf.load_state_dict(fresh_hf_state(hf_config, cfg.seed))
+    prompt = list(b"12+35=")
+    ids = torch.tensor([prompt] * group)
+    ours, theirs = [], []
+    for i in range(rounds + 1):
+        t0 = time.perf_counter()
+        sample(ours_model, prompt, group, new_tokens, temperature=1.0, top_p=1.0, eos_id=None,
+               seeds=list(range(i * group, (i + 1) * group)), record_routing=True)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, do_sample=True, top_p=1.0, temperature=1.0, max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, pad_token_id=0)
+        t2 = time.perf_counter()
+        if i:
+            ours.append(group * new_tokens / (t1 - t0))
+            theirs.append(group * new_tokens / (t2 - t1))
+    return {"our sampler tokens/s (routing recorded)": statistics.median(ours),
+            "transformers generate tokens/s": statistics.median(theirs),
+            "ratio": statistics.median(ours) / statistics.median(theirs), "architecture": type(hf).__name__,
+            "rows": group, "new_tokens": new_tokens, "rounds": rounds}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=CONFIG[1], help="the RL job's config (default: the embedded job)")
+    p.add_argument("--parts", default="sampler,mismatch,overlap,job", help="which measurements, comma-separated")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--skip-job", action="store_true", help="leave out the embedded job's seeds")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / f"rl-{platform.node()}.json"))
     args = p.parse_args()
-    result = {"host": platform.node(), "date": time.strftime("%Y-%m-%d"), "model_bytes_float32": model_bytes()}
-    result["sampler"] = sampler()
-    print(json.dumps(result["sampler"]), flush=True)
+    CONFIG[1] = args.config
+    parts = set(args.parts.split(","))
+    result = {"host": platform.node(), "date": time.strftime("%Y-%m-%d"), "config": args.config,
+              "model_bytes_float32": model_bytes()}
+    if "sampler" in parts:
+        result["sampler"] = sampler()
+        print(json.dumps(result["sampler"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        result["mismatch"] = mismatch(Path(tmp))
-        result["overlap"] = overlap(Path(tmp))
-        if not args.skip_job:
+        if "mismatch" in parts:
+            result["mismatch"] = mismatch(Path(tmp))
+        if "overlap" in parts:
+            result["overlap"] = overlap(Path(tmp))
+        if "job" in parts and not args.skip_job:
             result["job"] = job(args.seeds, Path(tmp))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -250,3 +250,23 @@ def test_deepseek_v4_rl_job_heals_a_rollout_kill_and_resumes_exactly(ray_session
     run("c", "train.resume=latest")
     assert [r["loss"] for r in step_records(tmp_path / "c")] == [r["loss"] for r in recs]
     assert _final_hashes(tmp_path / "c") == _final_hashes(tmp_path / "a")
+
+
+def test_rl_starts_from_an_exported_warm_up_which_is_also_its_kl_reference(ray_session, tmp_path):
+    """A supervised warm-up in a run of its own (the native model), exported to transformers, is where an RL run
+    starts (model.hf_path) and the reference its KL is taken to: the first update's KL is 0, the next ones not, and
+    the held-out accuracy the RL run starts from is the warm-up's own."""
+    from orchestrator.checkpoint.hf_export import export_checkpoint
+    from orchestrator.driver import Driver
+    from tests.test_rl import rl_config
+
+    warm = rl_config(tmp_path / "warm", "cluster.num_devices=2", "train.steps=4", "rl.sft_steps=3",
+                     "checkpoint.every_steps=3", "faults.snapshot_every=1")
+    warm_summary = Driver(warm, tmp_path / "warm").run()
+    export_checkpoint(str(next((tmp_path / "warm").rglob("step_00000003"))), str(tmp_path / "hf"))
+    cfg = hf_rl_config(tmp_path / "hf", tmp_path / "rl", "cluster.num_devices=2", "train.steps=2", "rl.sft_steps=0",
+                       "rl.kl_coeff=0.1", "faults.snapshot_every=1")
+    summary = Driver(cfg, tmp_path / "rl").run()
+    recs = step_records(tmp_path / "rl")
+    assert summary.accuracy_before == warm_summary.accuracy_before
+    assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-9) and recs[1]["kl"] > 0

@@ -125,5 +125,6 @@ def _validate_rl(cfg: Root) -> None:
                           f"{t.global_batch_size // cfg.cluster.num_devices} completions per update")
     if r.kl_coeff and r.sft_steps:
         raise ConfigError("rl.kl_coeff > 0 with rl.sft_steps > 0: the reference policy is the model the run starts "
-                          "from, so a warm-up inside the run would leave it behind; set rl.sft_steps=0 (warm up in a "
-                          "run of its own) or rl.kl_coeff=0")
+                          "from, so a warm-up inside the run would leave it behind; set rl.kl_coeff=0, or warm up in a "
+                          "run of its own, export it (python -m orchestrator export RUN --hf DIR) and start this run "
+                          "from it with model.hf_path=DIR rl.sft_steps=0")
