@@ -70,13 +70,21 @@ def model_bytes() -> int:
     return count_parameters(cfg.model)["total"] * 4   # float32
 
 
+def _sft_steps() -> tuple[int, str]:
+    """The job's warm-up steps, and the override that keeps its learning-rate schedule in a shorter run."""
+    from orchestrator.config import load_config
+
+    cfg = load_config(REPO / CONFIG[1], [])
+    return cfg.rl.sft_steps, f"train.lr_horizon={cfg.train.steps}"
+
+
 def mismatch(tmp: Path) -> dict:
     """A bf16 rollout against float32 training, the first 30 RL steps after the warm-up, replay off and on."""
     out = {}
+    sft, horizon = _sft_steps()
     for replay in ("false", "true"):
-        _, records, _ = run_job(tmp / f"replay-{replay}", [*CONFIG, "train.steps=130", "rl.sft_steps=100",
-                                                           "train.lr_horizon=300", "rl.rollout.dtype=bfloat16",
-                                                           f"rl.routing_replay={replay}"])
+        _, records, _ = run_job(tmp / f"replay-{replay}", [*CONFIG, f"train.steps={sft + 30}", horizon,
+                                                           "rl.rollout.dtype=bfloat16", f"rl.routing_replay={replay}"])
         rl = [r for r in records if r.get("phase") == "rl"]
         out[f"replay={replay}"] = {k: _mean(rl, k) for k in ("routing_mismatch", "replay_mismatch", "logprob_gap",
                                                            "logprob_k3", "reward_mean")}
@@ -88,9 +96,10 @@ def overlap(tmp: Path, rl_steps: int = 40) -> dict:
     """RL steps/s on the same resources (2 devices, a pool of 2 rollout workers): on-policy against one step
     off-policy (generation of step k+1 overlapping the training of step k), from the records' wall clock."""
     out = {}
+    sft, horizon = _sft_steps()
     for staleness in (0, 1):
-        _, records, _ = run_job(tmp / f"overlap-{staleness}", [*CONFIG, f"train.steps={100 + rl_steps}",
-                                                              "train.lr_horizon=300", "rl.rollout.workers=2",
+        _, records, _ = run_job(tmp / f"overlap-{staleness}", [*CONFIG, f"train.steps={sft + rl_steps}", horizon,
+                                                              "rl.rollout.workers=2",
                                                               "rl.rollout.cpus_per_worker=0.5",
                                                               f"rl.max_staleness={staleness}"])
         rl = [r for r in records if r.get("phase") == "rl"][1:]   # from the end of the first RL step
