@@ -282,9 +282,10 @@ class HFMoEModel(nn.Module):
         for m in self._moe:
             m.valid_N = valid_N
         self._valid_N = valid_N
-        if cache is not None:
-            out = self.hf(input_ids=tokens_BT, cache=cache.cache, use_cache=True)
-            cache.cache = out.cache
+        if cache is not None:   # transformers 5.25 names it `cache` (5.23: `past_key_values`)
+            key = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
+            out = self.hf(input_ids=tokens_BT, use_cache=True, **{key: cache.cache})
+            cache.cache = out[key]
             return out.logits
         return self.hf(input_ids=tokens_BT, position_ids=position_ids_BT, use_cache=False).logits
 
