@@ -59,7 +59,11 @@ def test_cached_sampler_and_replay_of_the_own_routing_equal_a_full_forward(check
     bit, and each router's replay formula gives transformers' own gates for its own choice."""
     model = _model(checkpoints / kind).eval()
     prompt = [5, 17, 33, 200, 7, 9]
+    stale = torch.ones(1, 2, dtype=torch.bool)   # a mask a caller left set: sampling neither uses nor loses it
+    model.set_valid(stale)
     s = sample(model, prompt, 3, 10, temperature=1.0, top_p=0.9, eos_id=None, seeds=[1, 2, 3], record_routing=True)
+    assert model._valid_BT is stale
+    model.set_valid(None)
     tokens = torch.cat([torch.tensor(prompt).expand(3, -1), s.tokens], 1)[:, :-1]
     with torch.no_grad():
         logits = model(tokens)

@@ -22,6 +22,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from ray.exceptions import RayError
+
 from orchestrator.checkpoint.coordinator import Checkpoints
 from orchestrator.checkpoint.events import CheckpointEvents, Settled
 from orchestrator.checkpoint.timeline import ResumePlan
@@ -285,8 +287,9 @@ class Driver:
             try:   # the run's checkpoint is committed: a device or worker lost now costs the figure, not the run
                 self.rl.accuracy_after = self.rl.accuracy(self.last_step)
                 self.progress.message(f"held-out accuracy after step {self.last_step}: {self.rl.accuracy_after:.3f}")
-            except (StepFailure, RuntimeError) as e:
-                log.warning("held-out accuracy after step %d not measured: %s", self.last_step, e)
+            except (StepFailure, RuntimeError, RayError) as e:
+                log.warning("held-out accuracy after step %d not measured: %s: %s", self.last_step,
+                            type(e).__name__, e)
         return RunState.DONE
 
     def _record(self, step: int, reports: list[StepReport], wall: float) -> dict[str, Any]:

@@ -99,7 +99,9 @@ def plan_faults(cfg: Config) -> list[FaultSpec]:
             rank = rng.randrange(world)
             # an RL run's kill may strike a rollout worker mid-generation instead, drawn from a generator of its own:
             # the steps and kinds stay the ones the seed gives without it
-            if (ch.rollout_share and kind == FaultKind.KILL and step > cfg.rl.sft_steps
+            # (one step off-policy, step s's generation runs during step s-1: the last step has none after it)
+            last = steps - 1 if cfg.rl.max_staleness else steps
+            if (ch.rollout_share and kind == FaultKind.KILL and cfg.rl.sft_steps < step <= last
                     and rollout_rng.random() < ch.rollout_share):
                 plan.append(FaultSpec(kind=kind, step=step, target="rollout",
                                       rank=rollout_rng.randrange(cfg.rl.rollout.workers or world)))

@@ -81,12 +81,15 @@ class Watch:
             self.step_times.append(step_time_s)
 
     # ---- collecting one step
-    def collect(self, devices: "DeviceGroup", refs: list[Any], step: int, started: float) -> list["StepReport"]:
+    def collect(self, devices: "DeviceGroup", refs: list[Any], step: int, started: float,
+                deadline_s: float | None = None) -> list["StepReport"]:
+        """Each device's result (rank order), or StepFailure naming who failed. `deadline_s`: the seconds allowed
+        instead of the learned step deadline (work that is no training step, e.g. held-out accuracy)."""
         pending = {ref: rank for rank, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         errors: dict[int, Exception] = {}
         hung: dict[int, str] = {}
-        deadline = started + self.deadline()
+        deadline = started + (self.deadline() if deadline_s is None else deadline_s)
         probed = False
         while pending:
             if errors:

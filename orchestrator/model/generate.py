@@ -102,9 +102,12 @@ def sample(model, prompt_ids: list[int], n: int, max_new: int, *, temperature: f
     device = next(model.parameters()).device
     moes = model.moe_layers()
     saved = [(m.replay_NK, m.valid_N) for m in moes]
+    saved_valid = getattr(model, "_valid_BT", None)   # a transformers model's set_valid (model/hf.py)
     was_training = model.training
     for m in moes:
         m.replay_NK = m.valid_N = None
+    if hasattr(model, "_valid_BT"):
+        model._valid_BT = None
     model.eval()
     try:
         return _sample(model, moes, device, prompt_ids, n, max_new, temperature, top_p, eos_id, seeds,
@@ -113,6 +116,8 @@ def sample(model, prompt_ids: list[int], n: int, max_new: int, *, temperature: f
         model.train(was_training)
         for m, (replay, valid) in zip(moes, saved):
             m.replay_NK, m.valid_N = replay, valid
+        if hasattr(model, "_valid_BT"):
+            model._valid_BT = saved_valid
 
 
 def _sample(model, moes, device, prompt_ids, n, max_new, temperature, top_p, eos_id, seeds, record_routing, greedy):

@@ -219,8 +219,10 @@ class RLService:
         if self.pool is not None:
             return self.pool.accuracy(self.heldout, timeout_s)
         parts = chunks(list(self.heldout), len(self.devices.actors))
+        # the step deadline is learned from training steps (short ones in a warm-up): scoring gets step_timeout_s
         got = self.watch.collect(self.devices, [a.rollout_accuracy.remote(part) for a, part in
-                                                zip(self.devices.actors, parts)], version + 1, time.perf_counter())
+                                                zip(self.devices.actors, parts)], version + 1, time.perf_counter(),
+                                 deadline_s=timeout_s)
         return sum(a * len(part) for a, part in zip(got, parts)) / max(1, len(self.heldout))
 
     def record(self, step: int) -> dict[str, Any]:
