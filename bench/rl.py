@@ -129,13 +129,20 @@ def sampler(rounds: int = 5, new_tokens: int = 32, group: int = 8) -> dict:
     hf_cfg = hf_config_for(cfg.model, cfg.balance, dropless=True)
     hf = AutoModelForCausalLM.from_config(hf_cfg).eval()
     hf.load_state_dict(native_to_hf_state(native, cfg.model, cfg.balance, dropless=True), strict=False)
-    prompt = list(b"12+35=")
-    ids = torch.tensor([prompt] * group)
+    return {**_race(lambda seeds: sample(native, list(b"12+35="), group, new_tokens, temperature=1.0, top_p=1.0,
+                                         eos_id=None, seeds=seeds), hf, rounds, new_tokens, group),
+            "architecture": type(hf).__name__}
+
+
+def _race(ours_fn, hf, rounds: int, new_tokens: int, group: int) -> dict:
+    """tokens/s of `ours_fn(seeds)` (a sampler call) against `hf.generate`, alternated, the first round a warm-up."""
+    import torch
+
+    ids = torch.tensor([list(b"12+35=")] * group)
     ours, theirs = [], []
     for i in range(rounds + 1):
         t0 = time.perf_counter()
-        sample(native, prompt, group, new_tokens, temperature=1.0, top_p=1.0, eos_id=None,
-               seeds=list(range(i * group, (i + 1) * group)))
+        ours_fn(list(range(i * group, (i + 1) * group)))
         t1 = time.perf_counter()
         with torch.no_grad():
             hf.generate(ids, do_sample=True, top_p=1.0, temperature=1.0, max_new_tokens=new_tokens,
@@ -144,15 +151,14 @@ def sampler(rounds: int = 5, new_tokens: int = 32, group: int = 8) -> dict:
         if i:   # the first round warms both up
             ours.append(group * new_tokens / (t1 - t0))
             theirs.append(group * new_tokens / (t2 - t1))
-    return {"native sampler tokens/s": statistics.median(ours), "transformers generate tokens/s":
+    return {"our sampler tokens/s": statistics.median(ours), "transformers generate tokens/s":
             statistics.median(theirs), "ratio": statistics.median(ours) / statistics.median(theirs),
-            "architecture": type(hf).__name__, "rows": group, "new_tokens": new_tokens, "rounds": rounds}
+            "rows": group, "new_tokens": new_tokens, "rounds": rounds}
 
 
 def hf_sampler(cfg, rounds: int, new_tokens: int, group: int) -> dict:
     """Our sampler on the transformers model (HFMoEModel, transformers' own cache) against transformers' generate on
     the same class with the same weights (fresh_hf_state of the seed), one process, one thread."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from orchestrator.model.generate import sample
@@ -162,25 +168,10 @@ def hf_sampler(cfg, rounds: int, new_tokens: int, group: int) -> dict:
     hf_config = load_hf_config(cfg.model)
     hf = AutoModelForCausalLM.from_config(hf_config).eval()
     hf.load_state_dict(fresh_hf_state(hf_config, cfg.seed))
-    prompt = list(b"12+35=")
-    ids = torch.tensor([prompt] * group)
-    ours, theirs = [], []
-    for i in range(rounds + 1):
-        t0 = time.perf_counter()
-        sample(ours_model, prompt, group, new_tokens, temperature=1.0, top_p=1.0, eos_id=None,
-               seeds=list(range(i * group, (i + 1) * group)), record_routing=True)
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            hf.generate(ids, do_sample=True, top_p=1.0, temperature=1.0, max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens, pad_token_id=0)
-        t2 = time.perf_counter()
-        if i:
-            ours.append(group * new_tokens / (t1 - t0))
-            theirs.append(group * new_tokens / (t2 - t1))
-    return {"our sampler tokens/s (routing recorded)": statistics.median(ours),
-            "transformers generate tokens/s": statistics.median(theirs),
-            "ratio": statistics.median(ours) / statistics.median(theirs), "architecture": type(hf).__name__,
-            "rows": group, "new_tokens": new_tokens, "rounds": rounds}
+    return {**_race(lambda seeds: sample(ours_model, list(b"12+35="), group, new_tokens, temperature=1.0,
+                                         top_p=1.0, eos_id=None, seeds=seeds, record_routing=True),
+                    hf, rounds, new_tokens, group),
+            "architecture": type(hf).__name__, "routing recorded": True}
 
 
 def main() -> None:

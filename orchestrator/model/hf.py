@@ -266,6 +266,8 @@ class HFMoEModel(nn.Module):
         self._recording = False
         self._valid_N: torch.Tensor | None = None
         self._valid_BT: torch.Tensor | None = None   # set_valid's
+        # transformers 5.25 names the generation cache `cache` (5.23: `past_key_values`), in and out
+        self._cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
 
     def forward(self, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None,
                 valid_BT: torch.Tensor | None = None, cache: "HFCache | None" = None) -> torch.Tensor:
@@ -282,8 +284,8 @@ class HFMoEModel(nn.Module):
         for m in self._moe:
             m.valid_N = valid_N
         self._valid_N = valid_N
-        if cache is not None:   # transformers 5.25 names it `cache` (5.23: `past_key_values`)
-            key = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
+        if cache is not None:
+            key = self._cache_arg
             out = self.hf(input_ids=tokens_BT, use_cache=True, **{key: cache.cache})
             cache.cache = out[key]
             return out.logits
