@@ -107,3 +107,21 @@ def test_capacity_drops_the_same_copies_on_any_device_count(ray_session, tmp_pat
         assert [r.expert_load for r in records] == [r.expert_load for r in ref_reports]
         for name, ref in ref_params.items():
             torch.testing.assert_close(params[name], ref, rtol=1e-6, atol=1e-9, msg=lambda m: f"N={world} {name}: {m}")
+
+
+def test_stable_training_options_keep_devices_equal_to_reference(ray_session, tmp_path, corpus):
+    """Issue 22's options of the native model at once: the depth-scaled sandwich-norm and TinyInit (Pangu Ultra),
+    sqrt-softplus router scores and the SwiGLU clamp (DeepSeek-V4; a limit low enough to clamp). N = 2, and N = 4
+    as EP 2 x DP 2 at ZeRO stage 3 (FSDP2 shards the new output norms too): the reference's losses, routing and
+    parameters."""
+    overrides = ["train.dtype=float64", "model.norm=sandwich", "model.init=tiny", "model.score_func=sqrtsoftplus",
+                 "model.swiglu_limit=0.3", "balance.seq_aux_loss_coeff=0.001"]
+    ref_reports, ref_params = reference(corpus, overrides)
+    assert any("out_norm" in name for name in ref_params)
+    for world, extra in ((2, []), (4, ["parallel.expert_parallel=2", "memory.zero_stage=3"])):
+        records, params = distributed_run(tmp_path, world, overrides + extra)
+        assert [r.loss for r in records] == pytest.approx([r.loss for r in ref_reports], rel=1e-9)
+        assert [r.aux_loss for r in records] == pytest.approx([r.aux_loss for r in ref_reports], rel=1e-9)
+        assert [r.expert_load for r in records] == [r.expert_load for r in ref_reports]
+        for name, ref in ref_params.items():
+            torch.testing.assert_close(params[name], ref, rtol=1e-6, atol=1e-9, msg=lambda m: f"N={world} {name}: {m}")

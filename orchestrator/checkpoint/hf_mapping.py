@@ -64,7 +64,8 @@ ROTATE_HALF = {MIXTRAL, QWEN2_MOE, GLM4_MOE}   # HF RoPE on (x[i], x[i + Dh/2]):
 # (its effect on the forward is unknown here) instead of being silently dropped.
 _MAPPED_MODEL_KEYS = {"vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "num_experts", "top_k", "expert_dim",
                       "num_shared_experts", "score_func", "norm_topk_prob", "route_scale", "first_k_dense",
-                      "dense_dim", "tie_embeddings", "rope_theta", "norm_eps", "init_std"}
+                      "dense_dim", "tie_embeddings", "rope_theta", "norm_eps", "init_std",
+                      "init", "tiny_init_embed_std"}   # (how weights start: not the function the export maps)
 HF_MODEL_KEYS = ("hf_path", "hf_config")   # a Hugging Face model trained here (not native): export_hf_checkpoint
 
 

@@ -56,6 +56,17 @@ def _refuse_idle_model_data_keys(cfg: Config, keys: _Keys) -> None:
     if m.top_k == 1:
         keys.section(cfg, "model", ("norm_topk_prob",), "with model.top_k=1 (a single gate is never "
                                                         "renormalised): remove it")
+    # model/transformer.py Block (the output norms) and init_weights (which std each init reads)
+    if m.norm == "pre":
+        keys.section(cfg, "model", ("sandwich_attn_scale", "sandwich_ffn_scale"),
+                     "with model.norm='pre' (only the sandwich norm's output norms read it): remove it, or set "
+                     "model.norm=sandwich")
+    if m.init == "gpt2":
+        keys.section(cfg, "model", ("tiny_init_embed_std",), "with model.init='gpt2' (only TinyInit reads it): "
+                                                             "remove it, or set model.init=tiny")
+    else:
+        keys.section(cfg, "model", ("init_std",), "with model.init='tiny' (TinyInit's std comes from model.dim and "
+                                                  "model.n_layers): remove it, or set model.init=gpt2")
     # data/corpus.py: the embedded corpus is text; token files are read whole, and a val.bin beside train.bin
     # is the validation split
     if d.path is None:  # (format=bin without a path is refused above)

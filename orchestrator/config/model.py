@@ -41,7 +41,7 @@ class ModelConfig:
     top_k: int = 2
     expert_dim: int = 128          # hidden size of one routed SwiGLU expert
     num_shared_experts: int = 1    # 0 disables the shared expert; n>0 gives hidden n*expert_dim
-    score_func: str = "softmax"    # softmax | sigmoid
+    score_func: str = "softmax"    # softmax | sigmoid | sqrtsoftplus (DeepSeek-V4: sqrt(softplus(logit)))
     norm_topk_prob: bool = True    # renormalise the k gate values to sum to 1
     route_scale: float = 1.0
     first_k_dense: int = 1         # the first k layers use a dense SwiGLU instead of MoE
@@ -50,6 +50,17 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Stable-training options (model/transformer.py; formulas and sources in its docstrings):
+    norm: str = "pre"              # pre (pre-norm) | sandwich (Pangu Ultra's depth-scaled sandwich-norm, DSSN: each
+                                   # sub-layer's output is normalised too before the residual add)
+    sandwich_attn_scale: float = 0.283  # DSSN: the attention output norm's scale starts at this / sqrt(n_layers)
+    sandwich_ffn_scale: float = 0.432   # DSSN: the FFN output norm's scale starts at this / sqrt(n_layers) (Pangu
+                                        # Ultra's values, read from a summary of the paper, not the paper: a config value)
+    init: str = "gpt2"             # gpt2 (Normal(0, init_std), output projections / sqrt(2 n_layers)) | tiny (Pangu
+                                   # Ultra's TinyInit: every matrix Normal(0, sqrt(1 / (2 dim n_layers))))
+    tiny_init_embed_std: float = 0.5  # TinyInit: the embedding's std (Pangu Ultra: 0.5; also the head when tied)
+    swiglu_limit: float = 0.0      # 0: off; else the experts' (routed and shared) SwiGLU clamps its gate
+                                   # pre-activation to <= limit and its linear part to [-limit, limit] (DeepSeek-V4: 10)
     # A Hugging Face MoE model instead of the native one (model/hf.py): a local directory with config.json and
     # *.safetensors, or a config.json file (fresh weights from the seed). The model's own config then gives
     # vocab_size, dim, n_layers, max_seq_len, num_experts, top_k and first_k_dense (its dense layers' count)
@@ -60,7 +71,8 @@ class ModelConfig:
 
 # Native architecture keys a Hugging Face model's own config replaces (model/hf.py reads none of them).
 _NATIVE_ONLY = ("n_heads", "expert_dim", "num_shared_experts", "score_func", "norm_topk_prob", "route_scale",
-                "dense_dim", "tie_embeddings", "rope_theta", "norm_eps", "init_std")
+                "dense_dim", "tie_embeddings", "rope_theta", "norm_eps", "init_std", "norm", "sandwich_attn_scale",
+                "sandwich_ffn_scale", "init", "tiny_init_embed_std", "swiglu_limit")
 
 
 # first_k_dense: how many of its layers are dense (n_layers minus its MoE layers: what the balancer counts)

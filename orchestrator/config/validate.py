@@ -56,16 +56,19 @@ def _validate_values(cfg: Config) -> None:
     _positive(cfg, ["model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.max_seq_len",
                     "model.num_experts", "model.top_k", "model.expert_dim", "model.dense_dim",
                     "model.rope_theta", "model.norm_eps", "model.init_std", "model.route_scale",
+                    "model.sandwich_attn_scale", "model.sandwich_ffn_scale", "model.tiny_init_embed_std",
                     "data.seq_len", "train.steps", "train.global_batch_size", "train.lr",
                     "cluster.num_devices", "cluster.cpus_per_device", "cluster.start_timeout_s",
                     "cluster.step_timeout_s", "cluster.collective_timeout_s"])
-    _positive(cfg, ["model.num_shared_experts", "model.first_k_dense", "train.warmup_steps",
+    _positive(cfg, ["model.num_shared_experts", "model.first_k_dense", "model.swiglu_limit", "train.warmup_steps",
                     "train.weight_decay", "train.grad_clip", "train.eval_batches", "data.max_bytes",
                     "cluster.torch_threads", "checkpoint.every_steps", "checkpoint.keep_last",
                     "checkpoint.keep_every"], allow_zero=True)
     if cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed} must be zero or more")
-    _choice("model.score_func", m.score_func, ("softmax", "sigmoid"))
+    _choice("model.score_func", m.score_func, ("softmax", "sigmoid", "sqrtsoftplus"))
+    _choice("model.norm", m.norm, ("pre", "sandwich"))
+    _choice("model.init", m.init, ("gpt2", "tiny"))
     _choice("data.format", cfg.data.format, ("auto", "text", "bin"))
     _choice("train.dtype", t.dtype, ("float32", "float64"))
     _choice("train.mixed_precision", t.mixed_precision, ("auto", "bf16", "none"))

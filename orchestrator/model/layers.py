@@ -123,14 +123,26 @@ class Attention(nn.Module):
         return self.wo(y_BHTDh.transpose(1, 2).reshape(B, T, D))
 
 
-class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x): the dense feed-forward and the shared expert."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
+    """silu(gate) * up; with `limit` > 0, DeepSeek-V4's clamp first (technical report §4.2.3: "we clamped the linear
+    component of SwiGLU to the range of [-10, 10], while capping the upper bound of the gate component at 10"):
+    gate <= limit (pre-activation, upper bound only), up in [-limit, limit]. As transformers' DeepseekV4Experts
+    `_apply_gate` (and its DeepseekV4MLP, which DeepSeek-V4 uses for the shared expert)."""
+    if limit:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.silu(gate) * up
 
-    def __init__(self, dim: int, hidden: int):
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x): the dense feed-forward and the shared expert. `limit` > 0: DeepSeek-V4's clamp of
+    the gate and linear pre-activations (`swiglu`; set for the MoE's shared expert only)."""
+
+    def __init__(self, dim: int, hidden: int, limit: float = 0.0):
         super().__init__()
+        self.limit = limit
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))

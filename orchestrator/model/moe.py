@@ -28,13 +28,31 @@ from orchestrator.config import BalanceConfig
 from orchestrator.model.balancing import (drop_over_capacity, router_z_loss, select_experts, sequence_aux_loss,
                                           switch_aux_loss)
 from orchestrator.model.checkpointing import checkpointed
-from orchestrator.model.layers import SwiGLU, upcast
+from orchestrator.model.layers import SwiGLU, swiglu, upcast
+
+
+def router_scores(logits_NE: torch.Tensor, score_func: str) -> torch.Tensor:
+    """Each expert's affinity score s_{t,i} from the router logits, [N, E] -> [N, E]:
+
+      softmax       exp(z_i) / sum_j exp(z_j)        (Switch, Mixtral, DeepSeek-V2)
+      sigmoid       1 / (1 + exp(-z_i))              (DeepSeek-V3 §2.1.2)
+      sqrtsoftplus  sqrt(log(1 + exp(z_i)))          (DeepSeek-V4 technical report §2.1: "we change the activation
+                                                      function that computes the affinity scores from Sigmoid(·) into
+                                                      Sqrt(Softplus(·))"; transformers' SqrtSoftplusActivation)
+    torch's softplus (beta 1, linear above 20), as transformers computes it."""
+    if score_func == "softmax":
+        return logits_NE.softmax(-1)
+    if score_func == "sigmoid":
+        return logits_NE.sigmoid()
+    if score_func == "sqrtsoftplus":
+        return F.softplus(logits_NE).sqrt()
+    raise ValueError(f"unknown score_func {score_func!r}")
 
 
 class Router(nn.Module):
     """Scores every expert for every token and picks the top k.
 
-    scores_NE = softmax(x W^T) or sigmoid(x W^T). Selection uses scores + expert_bias (the bias is a
+    scores_NE = softmax(x W^T), sigmoid(x W^T) or sqrt(softplus(x W^T)) (`router_scores`). Selection uses scores + expert_bias (the bias is a
     buffer, zero unless a balancing strategy moves it; it never enters the gate values) and the
     routing mode of `balance` (plain, grouped or group-limited top-k). Gates are the selected
     scores, renormalised to sum to 1 when `norm_topk_prob`, times `route_scale`.
@@ -57,7 +75,7 @@ class Router(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns gates_NK (float), experts_NK (int64), scores_NE, logits_NE."""
         logits_NE = upcast(self.gate(x_ND))
-        scores_NE = logits_NE.softmax(-1) if self.score_func == "softmax" else logits_NE.sigmoid()
+        scores_NE = router_scores(logits_NE, self.score_func)
         b = self.balance
         if replay_NK is not None:
             experts_NK = replay_NK.to(device=scores_NE.device, dtype=torch.long)
@@ -75,9 +93,10 @@ class GroupedExperts(nn.Module):
     or on several devices: replicas); `primary[j]`: slot j holds the copy that checkpoints save and the gradient
     norm counts (the first replica in device order)."""
 
-    def __init__(self, dim: int, hidden: int, expert_ids: Sequence[int]):
+    def __init__(self, dim: int, hidden: int, expert_ids: Sequence[int], swiglu_limit: float = 0.0):
         super().__init__()
         self.expert_ids = list(expert_ids)
+        self.swiglu_limit = swiglu_limit   # DeepSeek-V4's clamp (see `swiglu`); 0: off
         self.primary = [True] * len(self.expert_ids)
         El = len(self.expert_ids)
         self.w1_EFD = nn.Parameter(torch.empty(El, hidden, dim))
@@ -94,7 +113,7 @@ class GroupedExperts(nn.Module):
     def _forward(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         outs = []
         for j, x in enumerate(torch.split(x_MD, tokens_per_expert)):
-            h = F.silu(x @ self.w1_EFD[j].t()) * (x @ self.w3_EFD[j].t())
+            h = swiglu(x @ self.w1_EFD[j].t(), x @ self.w3_EFD[j].t(), self.swiglu_limit)
             outs.append(h @ self.w2_EDF[j].t())
         return torch.cat(outs) if outs else x_MD.new_zeros(0, x_MD.shape[-1])
 
@@ -252,7 +271,7 @@ class MoE(ExpertSlots, nn.Module):
 
     def __init__(self, dim: int, num_experts: int, top_k: int, expert_dim: int, num_shared_experts: int,
                  score_func: str, norm_topk_prob: bool, route_scale: float, expert_ids: Sequence[int],
-                 balance: BalanceConfig | None = None):
+                 balance: BalanceConfig | None = None, swiglu_limit: float = 0.0):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.balance = balance or BalanceConfig()
@@ -263,8 +282,9 @@ class MoE(ExpertSlots, nn.Module):
         self.replay_NK: torch.Tensor | None = None
         self.valid_N: torch.Tensor | None = None
         self.router = Router(dim, num_experts, top_k, score_func, norm_topk_prob, route_scale, self.balance)
-        self.experts = GroupedExperts(dim, expert_dim, expert_ids)
-        self.shared = SwiGLU(dim, expert_dim * num_shared_experts) if num_shared_experts > 0 else None
+        self.experts = GroupedExperts(dim, expert_dim, expert_ids, swiglu_limit)
+        self.shared = (SwiGLU(dim, expert_dim * num_shared_experts, swiglu_limit) if num_shared_experts > 0
+                       else None)
         self.dispatcher: TokenDispatcher = LocalTokenDispatcher()
         self._init_slots(num_experts)
         self.recompute = False  # selective activation checkpointing: the shared expert recomputed in backward

@@ -1,7 +1,8 @@
 """A small decoder-only MoE transformer in the DeepSeek style.
 
 tokens -> embedding -> [RMSNorm -> attention (RoPE) -> + -> RMSNorm -> FFN -> +] x L -> RMSNorm -> head
-where FFN is a dense SwiGLU for the first `first_k_dense` layers and an MoE block after that.
+where FFN is a dense SwiGLU for the first `first_k_dense` layers and an MoE block after that. With
+`model.norm=sandwich` each sub-layer's output is normalised too before its residual add (see Block).
 
 `expert_ids` chooses which routed experts this instance holds (all of them by default); expert
 parallelism builds each device's model with its own subset. `init_weights` draws every tensor from
@@ -26,8 +27,25 @@ from orchestrator.model.moe import MoE, GroupedExperts
 
 
 class Block(nn.Module):
+    """One decoder layer. Pre-norm (`model.norm=pre`):
+
+        h = x + Attn(Norm(x));  out = h + FFN(Norm(h))
+
+    Depth-scaled sandwich-norm (`model.norm=sandwich`, DSSN: Pangu Ultra, arXiv 2504.07866 §2.2) also normalises
+    each sub-layer's output before the residual add:
+
+        h = x + Norm_γa(Attn(Norm(x)));  out = h + Norm_γf(FFN(Norm(h)))
+
+    with the output norms' scales γa, γf initialised to c_attn / sqrt(L) and c_ffn / sqrt(L) (`init_weights`; L the
+    number of layers, c = model.sandwich_attn_scale / sandwich_ffn_scale, Pangu Ultra's 0.283 / 0.432 by default)
+    and the input norms' to 1. Placement as openPangu-Ultra-MoE's decoder layer (post_attention_layernorm,
+    post_mlp_layernorm)."""
+
     def __init__(self, cfg: ModelConfig, layer: int, expert_ids: Sequence[int], balance: BalanceConfig | None = None):
         super().__init__()
+        sandwich = cfg.norm == "sandwich"
+        self.attn_out_norm = RMSNorm(cfg.dim, cfg.norm_eps) if sandwich else None
+        self.ffn_out_norm = RMSNorm(cfg.dim, cfg.norm_eps) if sandwich else None
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, layer)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -35,14 +53,15 @@ class Block(nn.Module):
             self.ffn: nn.Module = SwiGLU(cfg.dim, cfg.dense_dim)
         else:
             self.ffn = MoE(cfg.dim, cfg.num_experts, cfg.top_k, cfg.expert_dim, cfg.num_shared_experts,
-                           cfg.score_func, cfg.norm_topk_prob, cfg.route_scale, expert_ids, balance)
+                           cfg.score_func, cfg.norm_topk_prob, cfg.route_scale, expert_ids, balance,
+                           cfg.swiglu_limit)
 
         self.recompute = "none"  # activation checkpointing: none | selective | full (model/checkpointing.py)
 
     def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if cache is not None:  # generation: no activation checkpointing (nothing is kept for a backward)
-            x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cache)
-            return x_BTD + self.ffn(self.ffn_norm(x_BTD))
+            x_BTD = x_BTD + self._out(self.attn_out_norm, self.attn(self.attn_norm(x_BTD), cache))
+            return x_BTD + self._out(self.ffn_out_norm, self.ffn(self.ffn_norm(x_BTD)))
         if self.recompute == "full":
             return checkpointed(self._forward, x_BTD, keep=[self.ffn])
         return self._forward(x_BTD)
@@ -52,10 +71,16 @@ class Block(nn.Module):
         x_BTD = x_BTD + (checkpointed(self._attention, x_BTD) if selective else self._attention(x_BTD))
         h_BTD = self.ffn_norm(x_BTD)
         dense = isinstance(self.ffn, SwiGLU)
-        return x_BTD + (checkpointed(self.ffn, h_BTD) if selective and dense else self.ffn(h_BTD))
+        return x_BTD + self._out(self.ffn_out_norm,
+                                 checkpointed(self.ffn, h_BTD) if selective and dense else self.ffn(h_BTD))
 
     def _attention(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.attn(self.attn_norm(x_BTD))
+        return self._out(self.attn_out_norm, self.attn(self.attn_norm(x_BTD)))
+
+    @staticmethod
+    def _out(norm: RMSNorm | None, y_BTD: torch.Tensor) -> torch.Tensor:
+        """A sub-layer's output as the residual gets it: normalised under the sandwich norm, as it is otherwise."""
+        return y_BTD if norm is None else norm(y_BTD)
 
 
 class MoETransformer(nn.Module):
@@ -152,21 +177,43 @@ def _generator(seed: int, *key: object) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
+def init_stds(cfg: ModelConfig) -> dict[str, float]:
+    """The std of each kind of matrix under `model.init` (`matrix`, `output`: attention wo, FFN and expert w2,
+    `embedding`):
+
+      gpt2  Normal(0, init_std); output projections init_std / sqrt(2 L) (GPT-2, Radford et al. 2019 §2.3);
+            the embedding init_std.
+      tiny  TinyInit (Pangu Ultra, arXiv 2504.07866 §2.3): every matrix Normal(0, sqrt(1 / (2 d L))), scaled by
+            both width d (model.dim) and depth L (model.n_layers); the embedding std tiny_init_embed_std (0.5 in
+            the paper; the constants were read from a summary of the paper, so they are config values). With
+            tied embeddings (model.tie_embeddings) the head is that embedding.
+    """
+    if cfg.init == "tiny":
+        std = math.sqrt(1.0 / (2 * cfg.dim * cfg.n_layers))
+        return {"matrix": std, "output": std, "embedding": cfg.tiny_init_embed_std}
+    return {"matrix": cfg.init_std, "output": cfg.init_std / math.sqrt(2 * cfg.n_layers), "embedding": cfg.init_std}
+
+
 @torch.no_grad()
 def init_weights(model: MoETransformer, seed: int) -> None:
     """Deterministic init keyed by (seed, parameter name[, expert id]).
 
-    Normal(0, init_std) for matrices; output projections (attention wo, FFN/expert w2) scaled by
-    1/sqrt(2 * n_layers) as in GPT-2; norms start at 1.
+    Matrices Normal(0, std) with the stds of `init_stds` (model.init); norms start at 1, except the sandwich
+    norm's output norms (Block), which start at c / sqrt(n_layers).
     """
     cfg = model.cfg
-    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    stds = init_stds(cfg)
+    out_scale = {"attn_out_norm.weight": cfg.sandwich_attn_scale / math.sqrt(cfg.n_layers),
+                 "ffn_out_norm.weight": cfg.sandwich_ffn_scale / math.sqrt(cfg.n_layers)}
     experts_of = {id(p): m for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
-            p.fill_(1.0)
+            p.fill_(next((v for k, v in out_scale.items() if name.endswith(k)), 1.0))
             continue
-        std = out_std if name.endswith(("wo.weight", "w2.weight", "w2_EDF")) else cfg.init_std
+        if name == "tok_emb.weight":
+            std = stds["embedding"]
+        else:
+            std = stds["output"] if name.endswith(("wo.weight", "w2.weight", "w2_EDF")) else stds["matrix"]
         owner = experts_of.get(id(p))
         if owner is None:
             p.copy_(torch.randn(p.shape, generator=_generator(seed, name)) * std)
