@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from jobs.cli import job_parser, run_main, setup_logging
+from jobs.study import Arm, arm_configs, plot_curves, run_arms
 from orchestrator.config import ConfigError, load_config
-from orchestrator.monitoring.rundir import read_jsonl, records as step_records
 
 # what every strategy starts from: the router left alone
 NO_BALANCING = ["balance.aux_loss_coeff=0", "balance.seq_aux_loss_coeff=0", "balance.z_loss_coeff=0",
@@ -101,27 +99,14 @@ def plot(out: Path, runs: dict[str, list[dict]]) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     written = []
     for key, ylabel, title, scale, file in (
             ("maxvio", "MaxVio (mean over MoE layers)", "Expert load imbalance by strategy", "log", "maxvio.png"),
             ("device_imbalance", "device max/mean load (mean over MoE layers)", "Device load imbalance by strategy",
              "linear", "device_imbalance.png")):
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # a colour per strategy, up to 20
-        for name, records in runs.items():
-            steps = [r["step"] for r in records]
-            window = max(1, len(records) // 50)  # trailing mean: each point averages the steps up to it
-            csum = np.cumsum([0.0] + [r[key] for r in records])
-            smooth = [(csum[i + 1] - csum[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(records))]
-            ax.plot(steps, smooth, label=name, linewidth=1.2)
-        ax.set(xlabel="step", ylabel=ylabel, title=title, yscale=scale)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out / file, dpi=110)
-        plt.close(fig)
+        plot_curves(out / file, {n: [(r["step"], r[key]) for r in records] for n, records in runs.items()},
+                    ylabel, title, scale)
         written.append(file)
     from orchestrator.monitoring.report import expert_load_heatmaps
 
@@ -157,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def study(args: argparse.Namespace) -> int:
-    """One run per strategy, sub-runs of one job started as every job starts (jobs/startup.py)."""
-    from jobs.startup import started_job
-
+    """One run per strategy, sub-runs of one job (jobs/study.py)."""
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [n for n in names if n not in STRATEGIES]
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
@@ -173,25 +156,17 @@ def study(args: argparse.Namespace) -> int:
             print(f"one device: leaving out {', '.join(skipped)}", file=sys.stderr)
             names = [n for n in names if n not in skipped]
     strategies = {n: [o.format(world=world) for o in STRATEGIES[n]] for n in names} | parse_extra(args.extra)
+    arms = [Arm(n, o, what=f"strategy {n}: {' '.join(o) or 'no balancing'}") for n, o in strategies.items()]
     # every strategy starts from no balancing (the default job balances its router), then the command
     # line's overrides, then the strategy's own settings
-    configs = {n: load_config(args.config, NO_BALANCING + overrides + strategies[n]) for n in strategies}
-    # the strategies share the model and the data: one preflight; the study holds its directory, each strategy's
-    # run holds its own too
-    with started_job(cfg, sub_runs=True, announce=None) as job:
-        out = job.run_dir
-        warmup = args.warmup if args.warmup is not None else cfg.train.steps // 5
-        runs, rows = {}, []
-        for name, c in configs.items():
-            c.run.dir = str(out / name)
-            print(f"strategy {name}: {' '.join(strategies[name]) or 'no balancing'}", file=sys.stderr)
-            summary = asdict(job.run(c))
-            if summary["stopped_by_signal"]:
-                print(f"strategy {name}: stopped by {summary['stopped_by_signal']}; no comparison", file=sys.stderr)
-                return 128 + int(getattr(signal, summary["stopped_by_signal"]))
-            records = step_records(read_jsonl(out / name / "metrics.jsonl"))
-            runs[name] = records
-            rows.append(summarize(name, records, summary, warmup))
+    configs = arm_configs(args.config, NO_BALANCING, overrides, arms)
+    done = run_arms(cfg, configs, arms)
+    if isinstance(done, int):
+        return done
+    out, results = done
+    warmup = args.warmup if args.warmup is not None else cfg.train.steps // 5
+    runs = {r.arm.name: r.records for r in results}
+    rows = [summarize(r.arm.name, r.records, r.summary, warmup) for r in results]
     (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
     text = table(rows)
     (out / "comparison.md").write_text(text + "\n")

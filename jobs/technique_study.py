@@ -1,0 +1,199 @@
+"""Technique study: the same job under each stable-training technique of issue 22, compared.
+
+    python -m jobs.technique_study [--config FILE] [--steps N] [--seeds S] [--groups stability,scopes,mtp,anticipate]
+                                   [--high-lr X] [key=value ...]
+
+Built like the routing study (jobs/study.py runs every arm as a sub-run of one job on one Ray cluster; the same
+seed, data and steps per arm, the command line's overrides on every arm). Groups of arms:
+
+  stability   pre-norm vs DSSN + TinyInit (model.norm=sandwich model.init=tiny), each at the job's learning rate
+              and at --high-lr (default 4x): gradient-norm spike rate, loss spikes, final and validation loss;
+              --seeds S runs each arm with seeds 0..S-1 (the table shows the mean and the min..max spread)
+  scopes      the Switch auxiliary loss (balance.aux_loss_coeff=0.01) per sequence, per EP group, over the global
+              batch (balance.aux_loss_scope): MaxVio, device max/mean load, final loss. EP groups differ from the
+              global batch only with data parallelism beside EP: these arms run with
+              parallel.expert_parallel=num_devices/2 when num_devices >= 2 (2 EP groups)
+  mtp         multi-token prediction off vs model.mtp_depth=1: the main loss at equal steps, tokens/s
+  anticipate  a crafted loss spike (the batch of step --spike-step scaled so the loss jumps) under a loss_spike alert
+              rule whose action is rollback vs anticipate (anticipatory routing after the rewind): the loss around
+              the spike, steps spent, whether anticipatory routing switched on and off
+
+A spike, in this study's tables: a step whose value exceeds --spike-factor (default 2 for gradient norms, 1.1 for
+the loss) times the median of the previous 20 steps (orchestrator/healing/detectors.py recent_median).
+
+Writes into the run directory: comparison.json, comparison.md (a table per group), loss.png, grad_norm.png,
+maxvio.png (every arm), and each arm's own run directory beside them.
+Exit codes: 0 done, 1 a run failed, 2 bad config, 128+signal when stopped by SIGTERM/SIGINT (no comparison).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+from jobs.cli import job_parser, run_main, setup_logging
+from jobs.study import Arm, ArmResult, arm_configs, plot_curves, run_arms
+from orchestrator.config import ConfigError, load_config
+from orchestrator.healing.detectors import recent_median
+
+GROUPS = ("stability", "scopes", "mtp", "anticipate")
+WINDOW = 20   # steps whose median a value is compared with
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = job_parser("python -m jobs.technique_study", __doc__)
+    ap.add_argument("--steps", type=int, default=None, help="steps per arm (default: train.steps)")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per stability arm (0..S-1; default 1)")
+    ap.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, of: {', '.join(GROUPS)}")
+    ap.add_argument("--high-lr", type=float, default=None, help="the stability group's high learning rate "
+                                                                "(default: 4x train.lr)")
+    ap.add_argument("--spike-step", type=int, default=None, help="the anticipate group's crafted spike (default: "
+                                                                 "half of the steps)")
+    ap.add_argument("--grad-spike-factor", type=float, default=2.0)
+    ap.add_argument("--loss-spike-factor", type=float, default=1.1)
+    return ap.parse_args(argv)
+
+
+def spikes(values: list[float], factor: float) -> int:
+    """Steps whose value exceeds `factor` x the median of the previous WINDOW ones (from step WINDOW + 1 on)."""
+    return sum(1 for i in range(WINDOW, len(values))
+               if (m := recent_median(values[i - WINDOW:i], WINDOW)) is not None and values[i] > factor * m)
+
+
+def arms_of(groups: list[str], cfg, seeds: int, high_lr: float, spike_step: int) -> list[Arm]:
+    arms: list[Arm] = []
+    if "stability" in groups:
+        for lr_name, lr in (("lr", cfg.train.lr), ("high_lr", high_lr)):
+            for tech, extra in (("pre_norm", []), ("dssn_tinyinit", ["model.norm=sandwich", "model.init=tiny"])):
+                for seed in range(seeds):
+                    arms.append(Arm(f"{tech}-{lr_name}-s{seed}", [*extra, f"train.lr={lr}", f"seed={seed}"],
+                                    group="stability"))
+    if "scopes" in groups:
+        world = cfg.cluster.num_devices
+        mesh = [f"parallel.expert_parallel={world // 2}"] if world >= 2 and world % 2 == 0 else []
+        for scope in ("sequence", "ep_group", "global"):
+            arms.append(Arm(f"scope_{scope}", ["balance.aux_loss_coeff=0.01", f"balance.aux_loss_scope={scope}",
+                                               "balance.seq_aux_loss_coeff=0", "balance.bias_update_speed=0", *mesh],
+                            group="scopes"))
+    if "mtp" in groups:
+        arms.append(Arm("mtp_off", [], group="mtp"))
+        arms.append(Arm("mtp_1", ["model.mtp_depth=1"], group="mtp"))
+    if "anticipate" in groups:
+        spike = [f"faults.plan=[{{kind: spike, step: {spike_step}}}]", "faults.snapshot_every=5"]
+        for action in ("rollback", "anticipate"):
+            arms.append(Arm(f"spike_{action}", [*spike, f"monitor.alerts=[{{rule: loss_spike, threshold: 2.0, "
+                                                        f"action: {action}}}]"], group="anticipate"))
+    return arms
+
+
+def row_of(r: ArmResult, args: argparse.Namespace) -> dict:
+    rec = r.records
+    losses = [x["loss"] for x in rec]
+    norms = [x["grad_norm"] for x in rec]
+    after = rec[len(rec) // 5:] or rec
+    return {"arm": r.arm.name, "group": r.arm.group, "steps": len(rec), "final_loss": losses[-1],
+            "final_loss_mean_last_5pct": statistics.mean(losses[-max(1, len(losses) // 20):]),
+            "val_loss": r.summary.get("val_loss"),
+            "grad_spikes": spikes(norms, args.grad_spike_factor),
+            "grad_spike_rate": spikes(norms, args.grad_spike_factor) / max(1, len(norms) - WINDOW),
+            "loss_spikes": spikes(losses, args.loss_spike_factor),
+            "maxvio_after_warmup": statistics.mean(x.get("maxvio", 0.0) for x in after),
+            "device_imbalance_after_warmup": statistics.mean(x.get("device_imbalance", 1.0) for x in after),
+            "mtp_loss_last": next((x["mtp_loss"] for x in reversed(rec) if x.get("mtp_loss") is not None), None),
+            "anticipatory_steps": sum(1 for x in rec if x.get("anticipatory")),
+            "rewinds": len(r.summary.get("rewinds") or []) if isinstance(r.summary.get("rewinds"), list)
+            else r.summary.get("rewinds", 0),
+            "tokens_per_s": r.summary.get("tokens_per_s"),
+            "step_time_s": statistics.median(x["step_time_s"] for x in rec[1:] or rec)}
+
+
+def _spread(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ({min(values):.4f}..{max(values):.4f})"
+
+
+def tables(rows: list[dict], seeds: int) -> str:
+    out = []
+    stab = [r for r in rows if r["group"] == "stability"]
+    if stab:
+        out += [f"### Stability: pre-norm vs DSSN + TinyInit ({seeds} seed(s): mean (min..max))", "",
+                "| arm | final loss (last 5%) | val loss | grad-norm spike rate | loss spikes | step time |",
+                "|---|---|---|---|---|---|"]
+        for name in dict.fromkeys(r["arm"].rsplit("-s", 1)[0] for r in stab):
+            rs = [r for r in stab if r["arm"].rsplit("-s", 1)[0] == name]
+            out.append(f"| {name} | {_spread([r['final_loss_mean_last_5pct'] for r in rs])} | "
+                       f"{_spread([r['val_loss'] for r in rs])} | {_spread([r['grad_spike_rate'] for r in rs])} | "
+                       f"{_spread([float(r['loss_spikes']) for r in rs])} | "
+                       f"{statistics.median(r['step_time_s'] for r in rs) * 1000:.0f} ms |")
+        out.append("")
+    for group, title, cols in (
+            ("scopes", "Balancing-loss scopes", ("final_loss_mean_last_5pct", "val_loss", "maxvio_after_warmup",
+                                                 "device_imbalance_after_warmup", "step_time_s")),
+            ("mtp", "Multi-token prediction", ("final_loss_mean_last_5pct", "val_loss", "mtp_loss_last",
+                                               "tokens_per_s", "step_time_s")),
+            ("anticipate", "A crafted loss spike: rollback vs anticipatory routing",
+             ("final_loss_mean_last_5pct", "val_loss", "loss_spikes", "anticipatory_steps", "rewinds",
+              "step_time_s"))):
+        rs = [r for r in rows if r["group"] == group]
+        if not rs:
+            continue
+        out += [f"### {title}", "", "| arm | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+                "|---" * (len(cols) + 1) + "|"]
+        for r in rs:
+            cells = []
+            for c in cols:
+                v = r[c]
+                cells.append("n/a" if v is None else f"{v * 1000:.0f} ms" if c == "step_time_s"
+                             else f"{v:.0f}" if c == "tokens_per_s" else f"{v:.4f}" if isinstance(v, float) else str(v))
+            out.append(f"| {r['arm']} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    return run_main(lambda: study(args), args.debug, keep=argv is None)
+
+
+def study(args: argparse.Namespace) -> int:
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise ConfigError(f"--groups: unknown {', '.join(unknown)}; known: {', '.join(GROUPS)}")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds={args.seeds} must be 1 or more")
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
+    cfg = load_config(args.config, overrides)
+    high_lr = args.high_lr if args.high_lr is not None else 4 * cfg.train.lr
+    spike_step = args.spike_step or max(WINDOW + 2, cfg.train.steps // 2)
+    if "anticipate" in groups and spike_step > cfg.train.steps:
+        raise ConfigError(f"--spike-step={spike_step} is after the last step ({cfg.train.steps})")
+    arms = arms_of(groups, cfg, args.seeds, high_lr, spike_step)
+    configs = arm_configs(args.config, [], overrides, arms)
+    done = run_arms(cfg, configs, arms)
+    if isinstance(done, int):
+        return done
+    out, results = done
+    rows = [row_of(r, args) for r in results]
+    (out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+    text = tables(rows, args.seeds)
+    (out / "comparison.md").write_text(text + "\n")
+    images = []
+    for key, ylabel, scale in (("loss", "training loss", "linear"), ("grad_norm", "gradient norm", "log"),
+                               ("maxvio", "MaxVio (mean over MoE layers)", "log")):
+        plot_curves(out / f"{key}.png", {r.arm.name: [(x["step"], x[key]) for x in r.records if key in x]
+                                         for r in results}, ylabel, f"{ylabel} by arm", scale)
+        images.append(f"{key}.png")
+    print(text)
+    print(f"written {out}/comparison.json, comparison.md, {', '.join(images)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
