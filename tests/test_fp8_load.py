@@ -62,7 +62,8 @@ def _by_hand(q: torch.Tensor, s: torch.Tensor, block=BLOCK) -> torch.Tensor:
     b0, b1 = block
     for i in range(s.shape[0]):
         for j in range(s.shape[1]):
-            out[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = q[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1].float() * s[i, j]
+            rows, cols = slice(i * b0, (i + 1) * b0), slice(j * b1, (j + 1) * b1)
+            out[rows, cols] = q[rows, cols].float() * s[i, j]
     return out
 
 
@@ -264,13 +265,21 @@ def test_refusals_are_one_line_naming_the_tensor_and_file(ckpt, tmp_path):
         with pytest.raises(ConfigError, match=r"o_proj.* \[2, 3\].*\[2, 2\]"):
             check()
 
+    def packed(t):   # FP4-packed (int8) experts beside their scales, as DeepSeek-V4-Flash's
+        t["model.layers.2.mlp.experts.0.down_proj.weight"] = torch.zeros(32, 12, dtype=torch.int8)
+    fp4 = _copy(ckpt, tmp_path / "packed", packed)
+    for check in (lambda: check_weight_files(fp4), lambda: read_hf_state(fp4, ckpt.meta, _experts([0]))):
+        with pytest.raises(ConfigError, match=r"experts\.0\.down_proj\.weight' is (I8|int8) with a block scale"):
+            check()
+
     from orchestrator.config import ModelConfig
     from orchestrator.model.hf import load_hf_config
 
     for name, q, needle in (("e5m2", {**QCONFIG, "fmt": "e5m2"}, "quantization_config.fmt is 'e5m2'"),
                             ("awq", {"quant_method": "awq", "bits": 4}, "quantization_config.quant_method is 'awq'"),
                             ("fp4", {**QCONFIG, "expert_dtype": "fp4"}, "quantization_config.expert_dtype is 'fp4'"),
-                            ("block", {**QCONFIG, "weight_block_size": [128]}, "quantization_config.weight_block_size is [128]")):
+                            ("block", {**QCONFIG, "weight_block_size": [128]},
+                             "quantization_config.weight_block_size is [128]")):
         d = _copy(ckpt, tmp_path / name, config=lambda c: {**c, "quantization_config": q})
         for check in (lambda: check_weight_files(d), lambda: read_hf_state(d, ckpt.meta, _experts([0])),
                       lambda: load_hf_config(ModelConfig(hf_path=str(d)))):

@@ -38,7 +38,7 @@ import torch
 
 from orchestrator.config import ConfigError
 
-__all__ = ["Fp8Format", "quantization_format", "check_quantization_config", "scale_key_of", "dequantize",
+__all__ = ["Fp8Format", "quantization_format", "check_quantization_config", "scale_key_of", "scale_grid", "dequantize",
            "SCALE_SUFFIXES"]
 
 # Where a checkpoint keeps the scale of weight `<x>.weight` (first found wins): the released DeepSeek-V3 name,
@@ -123,9 +123,12 @@ def dequantize(w: torch.Tensor, s: torch.Tensor, fmt: Fp8Format, dtype: torch.dt
     `dtype`. Scales of scale_fmt "ue8m0" stored as uint8 are exponent bytes: 2 ** (byte - 127). Raises ConfigError
     naming `where` for another weight dtype or a scale of the wrong shape."""
     if w.dtype != torch.float8_e4m3fn:
-        raise ConfigError(f"{where} is {str(w.dtype).removeprefix('torch.')} with a block scale: only float8_e4m3fn weights are dequantized "
-                          f"(quantization_config fmt 'e4m3')")
+        raise ConfigError(f"{where} is {str(w.dtype).removeprefix('torch.')} with a block scale: only "
+                          f"float8_e4m3fn weights are dequantized (quantization_config fmt 'e4m3')")
     b0, b1 = fmt.block
+    if w.dim() < 2:
+        raise ConfigError(f"{where} has shape {list(w.shape)} and a block scale: a block-scaled weight has 2 dims "
+                          f"(or more: fused experts)")
     want = scale_grid(w.shape, fmt.block)
     if list(s.shape) != want:
         raise ConfigError(f"{where}: its scale has shape {list(s.shape)}; a weight of shape {list(w.shape)} in "

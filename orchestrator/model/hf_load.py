@@ -263,19 +263,23 @@ def _check_fp8_headers(path: str | Path, folder: Path, headers: dict[str, tuple[
     fmt = quantization_format(folder)   # a quantization_config other than FP8 blocks: ConfigError
     scales = {s for k in headers if (s := scale_key_of(k, headers)) is not None} if fmt is not None else set()
     for key, (fname, dtype, shape) in headers.items():
-        if not dtype.startswith("F8_") or key in scales:
+        scale = scale_key_of(key, headers) if fmt is not None and key not in scales else None
+        if key in scales or not (dtype.startswith("F8_") or scale is not None):
             continue
         where = f"model.hf_path={str(path)!r}: {folder / fname}: {key!r}"
         if fmt is None:
             raise ConfigError(f"{where} is {dtype}, but {folder / 'config.json'} has no quantization_config (FP8 "
                               f"checkpoints declare quant_method 'fp8' there); give the checkpoint as released")
         if dtype != "F8_E4M3":
-            raise ConfigError(f"{where} is {dtype}: only float8_e4m3fn (F8_E4M3) weights with block scales load")
-        scale = scale_key_of(key, headers)
+            raise ConfigError(f"{where} is {dtype}" + (f" with a block scale ({scale!r})" if scale else "")
+                              + ": only float8_e4m3fn (F8_E4M3) weights with block scales load")
         if scale is None:
             raise ConfigError(f"{where} is float8_e4m3fn, but its scale ({key}_scale_inv, or .scale / "
                               f".qscale_weight of its module) is not in the checkpoint; give the checkpoint as "
                               f"released (every FP8 weight with its block scale)")
+        if len(shape) < 2:
+            raise ConfigError(f"{where} has shape {shape} and a block scale ({scale!r}): a block-scaled weight has "
+                              f"2 dims (or more: fused experts)")
         want = scale_grid(shape, fmt.block)
         if headers[scale][2] != want:
             raise ConfigError(f"{where} has shape {shape}, its scale {scale!r} ({folder / headers[scale][0]}) "
