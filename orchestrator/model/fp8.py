@@ -103,10 +103,11 @@ def scale_key_of(key: str, keys: Iterable[str] | set[str] | dict) -> str | None:
     (``<x>.weight_scale_inv``, fused experts' ``<x>.gate_up_proj_scale_inv``), else for ``<x>.weight``
     ``<x>.scale`` or ``<x>.qscale_weight``."""
     keys = keys if isinstance(keys, (set, dict, frozenset)) else set(keys)
-    names = [f"{key}_scale_inv"]
     if key.endswith(".weight"):
         stem = key[: -len(".weight")]
-        names += [f"{stem}.scale", f"{stem}.qscale_weight"]
+        names = [f"{stem}.{suffix}" for suffix in SCALE_SUFFIXES]
+    else:
+        names = [f"{key}_scale_inv"]
     return next((n for n in names if n in keys), None)
 
 
