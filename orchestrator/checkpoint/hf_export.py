@@ -7,7 +7,8 @@ docstring: the classes, RoPE, the settings refused, numerics); this module write
 model.safetensors, README.md, tokenizer files, from a native state or a checkpoint.
 
 A checkpoint of a Hugging Face model trained here (model.hf_path / model.hf_config) already holds the transformers
-parameter names: `export_hf_checkpoint` builds the class from its config.json, loads and saves it.
+parameter names: `export_hf_checkpoint` builds the class from its config.json, loads and saves it, in the training
+dtype: a run from an FP8 checkpoint exports dequantized weights, without the source's quantization_config.
 
 transformers is imported lazily: this module imports without it; the functions that need it say how to install it.
 """
@@ -163,7 +164,11 @@ def export_hf_checkpoint(state: Mapping[str, torch.Tensor], hf_config_dict_or_di
     """Export a checkpoint of a Hugging Face model trained here (model.hf_path / model.hf_config): its parameter
     names already are the transformers model's, so this builds the class from the config (a config.json dict with
     its model_type, or a folder holding config.json), loads the state strictly and saves it. Experts saved per id
-    must be stacked first (checkpoint.tools.full_state_dict)."""
+    must be stacked first (checkpoint.tools.full_state_dict).
+
+    The weights are written in the checkpoint's (training) dtype, never FP8: a run from an FP8 block-quantized
+    checkpoint (DeepSeek-V3/V4 as released) dequantized it on read (model/fp8.py), so the export drops the source
+    config's quantization_config and transformers loads the folder as an unquantized model."""
     tf = _transformers()
     src = hf_config_dict_or_dir
     if not isinstance(src, Mapping):
@@ -180,6 +185,7 @@ def export_hf_checkpoint(state: Mapping[str, torch.Tensor], hf_config_dict_or_di
         except json.JSONDecodeError as e:
             raise RunError(f"{path} is not valid JSON: {e}") from None
     d = dict(src)
+    d.pop("quantization_config", None)   # an FP8 source was dequantized on read: the export is the training dtype
     model_type = d.pop("model_type", None)
     if model_type is None:
         raise RunError("the Hugging Face config has no model_type: give config.json's contents, file or folder")

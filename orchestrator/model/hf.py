@@ -57,7 +57,13 @@ def load_hf_config(m: ModelConfig) -> Any:
     try:
         data = json.loads(file.read_text())
         model_type = data.pop("model_type")
+        if data.get("quantization_config") is not None:   # FP8 weights, dequantized on read: the model is not
+            from orchestrator.model.fp8 import check_quantization_config   # quantized (model/fp8.py)
+
+            check_quantization_config(data.pop("quantization_config"), f"{key}={value!r}: {file}")
         return AutoConfig.for_model(model_type, **data)
+    except ConfigError:
+        raise
     except KeyError:
         raise ConfigError(f"{key}={value!r}: {file} has no model_type, so transformers cannot tell the model "
                           f"class; is it a transformers config.json?") from None

@@ -24,8 +24,14 @@ The result for ``P`` has shape ``[len(ids), *P.shape[1:]]`` and row ``j`` is exp
 a replica, gives two equal rows). Which on-disk tensor is expert ``e`` follows transformers exactly: the tensors a
 ``MergeModulelist`` stacks are taken in natural key order (``dot_natural_key``), so expert ``e`` is the ``e``-th.
 
-Not supported (a ``ConfigError`` says so): pre-quantized checkpoints (FP8 weights with scales), a user ``key_mapping``,
-``.bin`` checkpoints, and an expert converter that merges along a dimension other than 0.
+FP8 block-quantized checkpoints (the released DeepSeek-V3 / V4 weights: ``float8_e4m3fn`` weights, one scale per
+128 x 128 block, config.json ``quantization_config``) are dequantized on read, per stored tensor, before any
+converter fuses experts: each weight this device reads is multiplied by its block scales in float32 (for expert
+rows: only those experts' scale rows are read) and cast to the model's dtype (model/fp8.py). Scale tensors are
+consumed by their weights, never planned as model tensors.
+
+Not supported (a ``ConfigError`` says so): other quantized checkpoints, a user ``key_mapping``, ``.bin`` checkpoints,
+and an expert converter that merges along a dimension other than 0.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from typing import Any
 import torch
 
 from orchestrator.config import ConfigError
+from orchestrator.model.fp8 import Fp8Format, dequantize, quantization_format, scale_grid, scale_key_of
 
 __all__ = ["ReadStats", "read_hf_state", "is_expert_param", "list_checkpoint_keys", "weight_files",
            "check_weight_files"]
@@ -89,6 +96,8 @@ class _Files:
         self._safe_open, self._stack, self.stats, self.path = safe_open, stack, stats, path
         self._handles: dict[str, Any] = {}
         self.file_of: dict[str, str] = {}
+        self.fp8: Fp8Format | None = None     # set by quantized(): the checkpoint's FP8 format
+        self.scale_of: dict[str, str] = {}    # weight key -> its block-scale key (FP8 checkpoints)
         weight_map, files = weight_files(path)
         if weight_map is not None:
             self.file_of = dict(weight_map)
@@ -134,6 +143,34 @@ class _Files:
         except Exception as e:
             raise ConfigError(f"{self.where(key)}: cannot read {key!r}: {e}") from e
         return self._count(key, t)
+
+    def quantized(self, fmt: Fp8Format | None) -> set[str]:
+        """Note the checkpoint's FP8 format (None: unquantized) and pair every weight with its block scale;
+        returns the scale keys (no model tensor is made of them)."""
+        self.fp8 = fmt
+        if fmt is not None:
+            self.scale_of = {k: s for k in self.file_of if (s := scale_key_of(k, self.file_of)) is not None}
+        return set(self.scale_of.values())
+
+    def weight(self, key: str, dtype: torch.dtype, ids: list[int] | None = None) -> torch.Tensor:
+        """Tensor `key` (rows `ids` of it when given); an FP8 weight dequantized with its block scales (those
+        rows' scales only) and cast to `dtype`. ConfigError naming the file and key for a float8 tensor without
+        a scale, or in a checkpoint whose config.json has no quantization_config."""
+        t = self.tensor(key) if ids is None else self.rows(key, ids)
+        scale = self.scale_of.get(key)
+        if scale is None:
+            if t.dtype in _FLOAT8:
+                why = (f"its scale ({key}_scale_inv, or .scale / .qscale_weight of its module) is not in the "
+                       f"checkpoint" if self.fp8 is not None else
+                       f"{self.path / 'config.json'} has no quantization_config (FP8 checkpoints declare "
+                       f"quant_method 'fp8' there)")
+                dtype_name = str(t.dtype).removeprefix("torch.")
+                raise ConfigError(f"{self.where(key)}: {key!r} is {dtype_name}, but {why}; give the checkpoint "
+                                  f"as released (every FP8 weight with its block scale)")
+            return t
+        assert self.fp8 is not None
+        s = self.tensor(scale) if ids is None else self.rows(scale, ids)
+        return dequantize(t, s, self.fp8, dtype, f"{self.where(key)}: {key!r}")
 
     def rows(self, key: str, ids: list[int]) -> torch.Tensor:
         """Rows `ids` (in that order, repeats allowed) of `key`, reading each contiguous run of distinct rows once."""
@@ -185,10 +222,13 @@ def weight_files(path: Path) -> tuple[dict[str, str] | None, list[str]]:
 def check_weight_files(path: str | Path) -> None:
     """Every safetensors file of checkpoint folder `path` is whole: its header (an 8-byte little-endian length,
     then JSON) parses, and the end of its last tensor's data is the file's end, as safetensors requires on open.
-    Reads the headers only (no torch, no tensor), so the driver can run it before anything starts. Raises
-    ConfigError naming the file, what is wrong and the fix."""
+    An FP8 checkpoint (model/fp8.py) also: its config.json's quantization_config is the FP8 block format, and every
+    float8 tensor is float8_e4m3fn with a block scale of the right shape. Reads the headers (and config.json) only
+    (no tensor), so the driver can run it before anything starts. Raises ConfigError naming the file, what is
+    wrong and the fix."""
     folder = Path(path).expanduser()
     _, files = weight_files(folder)
+    headers: dict[str, tuple[str, str, list[int]]] = {}   # key -> (file, safetensors dtype, shape)
     for fname in files:
         f = folder / fname
 
@@ -207,12 +247,44 @@ def check_weight_files(path: str | Path) -> None:
             try:
                 header = json.loads(fh.read(n))
                 ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+                headers.update({k: (fname, str(t["dtype"]), [int(d) for d in t["shape"]])
+                                for k, t in header.items() if k != "__metadata__"})
             except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
                 raise damaged(f"its header is not a safetensors header ({e})") from None
         end = 8 + n + max(ends, default=0)
         if end != size:
             raise damaged(f"its header says its tensors end at byte {end:,}, but the file has {size:,} bytes "
                           + ("(truncated)" if size < end else "(bytes after the last tensor)"))
+    _check_fp8_headers(path, folder, headers)
+
+
+def _check_fp8_headers(path: str | Path, folder: Path, headers: dict[str, tuple[str, str, list[int]]]) -> None:
+    """check_weight_files' FP8 part, on the headers: `headers` key -> (file, safetensors dtype, shape)."""
+    fmt = quantization_format(folder)   # a quantization_config other than FP8 blocks: ConfigError
+    scales = {s for k in headers if (s := scale_key_of(k, headers)) is not None} if fmt is not None else set()
+    for key, (fname, dtype, shape) in headers.items():
+        scale = scale_key_of(key, headers) if fmt is not None and key not in scales else None
+        if key in scales or not (dtype.startswith("F8_") or scale is not None):
+            continue
+        where = f"model.hf_path={str(path)!r}: {folder / fname}: {key!r}"
+        if fmt is None:
+            raise ConfigError(f"{where} is {dtype}, but {folder / 'config.json'} has no quantization_config (FP8 "
+                              f"checkpoints declare quant_method 'fp8' there); give the checkpoint as released")
+        if dtype != "F8_E4M3":
+            raise ConfigError(f"{where} is {dtype}" + (f" with a block scale ({scale!r})" if scale else "")
+                              + ": only float8_e4m3fn (F8_E4M3) weights with block scales load")
+        if scale is None:
+            raise ConfigError(f"{where} is float8_e4m3fn, but its scale ({key}_scale_inv, or .scale / "
+                              f".qscale_weight of its module) is not in the checkpoint; give the checkpoint as "
+                              f"released (every FP8 weight with its block scale)")
+        if len(shape) < 2:
+            raise ConfigError(f"{where} has shape {shape} and a block scale ({scale!r}): a block-scaled weight has "
+                              f"2 dims (or more: fused experts)")
+        want = scale_grid(shape, fmt.block)
+        if headers[scale][2] != want:
+            raise ConfigError(f"{where} has shape {shape}, its scale {scale!r} ({folder / headers[scale][0]}) "
+                              f"{headers[scale][2]}; in {fmt.block[0]} x {fmt.block[1]} blocks "
+                              f"(quantization_config.weight_block_size) it must be {want}")
 
 
 def list_checkpoint_keys(path: str | Path) -> dict[str, str]:
@@ -221,8 +293,9 @@ def list_checkpoint_keys(path: str | Path) -> dict[str, str]:
         return dict(_Files(Path(path), stack, ReadStats()).file_of)
 
 
-def _plan(files: _Files, model, meta_sd: dict[str, torch.Tensor]) -> list[_Group]:
-    """Group the on-disk keys by the model tensor they make, as `convert_and_load_state_dict_in_model` does."""
+def _plan(files: _Files, model, meta_sd: dict[str, torch.Tensor], skip: set[str] = frozenset()) -> list[_Group]:
+    """Group the on-disk keys by the model tensor they make, as `convert_and_load_state_dict_in_model` does;
+    the keys in `skip` (FP8 block scales, read with their weights) take no part."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
@@ -234,6 +307,8 @@ def _plan(files: _Files, model, meta_sd: dict[str, torch.Tensor]) -> list[_Group
     groups: dict[str, _Group] = {}
     # Natural order matters: some renamings are stateful, and MergeModulelist stacks in arrival order
     for key in sorted(files.file_of, key=dot_natural_key):
+        if key in skip:
+            continue
         target, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
         if target not in meta_sd and key in meta_sd:  # already in the model's naming; keep it
             target, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta_sd)
@@ -275,8 +350,9 @@ def _read_group(group: _Group, ids: list[int] | None, files: _Files, meta_sd) ->
     """The source tensors of `group`, per source pattern, restricted to experts `ids` when given."""
     from transformers.core_model_loading import MergeModulelist
 
+    dtype = meta_sd[group.target].dtype   # what an FP8 weight is dequantized to
     if ids is None:
-        return {p: [files.tensor(k) for k in keys] for p, keys in group.sources.items()}
+        return {p: [files.weight(k, dtype) for k in keys] for p, keys in group.sources.items()}
     n_experts = meta_sd[group.target].shape[0]
     ops = getattr(group.transform, "operations", [])
     if any(getattr(op, "supports_many_to_many", False) for op in ops):
@@ -294,7 +370,7 @@ def _read_group(group: _Group, ids: list[int] | None, files: _Files, meta_sd) ->
                 raise ConfigError(f"{files.path}: {len(keys)} on-disk tensors match {pattern!r} for "
                                   f"{group.target} (first {keys[0]!r} in {files.where(keys[0])}); "
                                   f"the model has {n_experts} experts")
-            cache = {e: files.tensor(keys[e]) for e in sorted(set(ids))}
+            cache = {e: files.weight(keys[e], dtype) for e in sorted(set(ids))}
             out[pattern] = [cache[e] for e in ids]
         return out
     for pattern, keys in group.sources.items():  # already fused on disk: [E, ...], read our rows
@@ -304,7 +380,7 @@ def _read_group(group: _Group, ids: list[int] | None, files: _Files, meta_sd) ->
             if not shape or shape[0] != n_experts:
                 raise ConfigError(f"{files.where(key)}: {key!r} has shape {shape}; as the fused source of expert "
                                   f"parameter {group.target} its first dim must be the {n_experts} experts")
-            rows.append(files.rows(key, ids))
+            rows.append(files.weight(key, dtype, ids))
         out[pattern] = rows
     return out
 
@@ -342,8 +418,8 @@ def _as_model_tensor(name: str, value: torch.Tensor, group: _Group, ids: list[in
     if list(value.shape) != shape:
         raise ConfigError(f"{where} gives {name} shape {list(value.shape)}; the model expects {shape}"
                           + (f" (experts {ids})" if ids is not None else ""))
-    if value.dtype in _FLOAT8 and want.dtype not in _FLOAT8:
-        raise ConfigError(f"{where} is {value.dtype}: pre-quantized checkpoints are not supported")
+    if value.dtype in _FLOAT8 and want.dtype not in _FLOAT8:   # (read_group dequantizes FP8 weights: a safety net)
+        raise ConfigError(f"{where} is {value.dtype}: only FP8 weights with block scales are dequantized")
     return value.to(want.dtype) if value.dtype != want.dtype else value
 
 
@@ -364,8 +440,13 @@ def read_hf_state(path: str | Path, model, experts_of: Callable[[str], list[int]
     ``ids[j]``; a tied parameter absent from the checkpoint is the same tensor as its source. ``stats`` counts what was
     read: only the needed keys (and of fused expert tensors only the needed rows) are ever read.
 
+    An FP8 checkpoint (config.json ``quantization_config``, model/fp8.py) is dequantized on read: each float8
+    weight read (for experts, ``ids``' rows) times its block scales (the same rows), in float32, cast to the model's
+    dtype; its scales count in ``stats``.
+
     Raises ``ConfigError`` (a ``ValueError``) naming the file and key for: no safetensors in `path`, a model tensor
-    missing from the checkpoint, a missing expert, a shape mismatch, an unreadable or quantized tensor.
+    missing from the checkpoint, a missing expert, a shape mismatch, an unreadable tensor, a quantization other
+    than FP8 blocks, a float8 weight without its scale.
     """
     path = Path(path)
     if not path.is_dir():
@@ -375,7 +456,8 @@ def read_hf_state(path: str | Path, model, experts_of: Callable[[str], list[int]
     state: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
         files = _Files(path, stack, stats)
-        for group in _plan(files, model, meta_sd):
+        scales = files.quantized(quantization_format(path))
+        for group in _plan(files, model, meta_sd, scales):
             targets = _targets(group)
             ids = _expert_ids(group, targets, experts_of, meta_sd, path)
             if ids == []:  # no expert of this layer on this device: nothing to read

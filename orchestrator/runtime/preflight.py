@@ -3,7 +3,9 @@
 `validate` (config.py) checks the config's values; `check_inputs` opens the files they name, cheaply:
 
   model.hf_path   every safetensors file the folder (or its index) names: its header parses and its tensors end
-                  where the file ends (headers only; model/hf_load.py check_weight_files)
+                  where the file ends; an FP8 checkpoint's quantization_config is FP8 blocks and every float8
+                  weight has its block scale, of the right shape (headers only; model/hf_load.py
+                  check_weight_files)
   train.freeze    every pattern names a parameter of the model (planner.frozen_names, on the meta device)
   byte-level data the corpus as load_corpus builds it (a folder's text files, token files' sizes, both splits long
                   enough: token files are memory-mapped, not read) and every token id below model.vocab_size, each
