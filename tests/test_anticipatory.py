@@ -132,3 +132,73 @@ def test_config_refusals():
         tiny_config(None, "balance.anticipatory_routing=true", "balance.anticipatory_delay=0")
     with pytest.raises(ConfigError, match="anticipatory_calm_steps"):
         tiny_config(None, "balance.anticipatory_calm_steps=5")   # no rule with action=anticipate reads it
+
+
+# ----------------------------------------------------------------------------- Ray runs (3 of them, short)
+def _ckpt(run_dir, step: int):
+    from orchestrator.checkpoint.storage import Storage
+
+    return Storage(str(run_dir / "checkpoints" / f"step_{step:08d}"))
+
+
+def test_devices_match_the_reference_and_a_rewind_while_anticipating_changes_nothing(ray_session, tmp_path, corpus):
+    """float64, 2 devices (expert parallel), two micro-batches, delay 2: the losses and parameters of the reference
+    (one process, whole batches); a crash at step 5 rewinds to the snapshot of step 4, whose cached ids of steps 5
+    and 6 replay them exactly: the run ends bit-identical to the fault-free one."""
+    from orchestrator.checkpoint.tools import read_parameters
+    from orchestrator.driver import Driver
+    from orchestrator.reference import reference_run
+
+    common = ["train.steps=6", "train.dtype=float64", "balance.anticipatory_routing=true",
+              "balance.anticipatory_delay=2", "train.eval_batches=0"]
+    ref_reports, ref_params = reference_run(tiny_config(None, *common), corpus=corpus)
+    assert [r.extra["anticipated"] for r in ref_reports] == [False, False, True, True, True, True]
+    runs = {}
+    for name, extra in (("straight", []), ("crash", ["faults.plan=[{step: 5, kind: crash, rank: 1}]"])):
+        run_dir = tmp_path / name
+        summary = Driver(tiny_config(run_dir, *common, "cluster.num_devices=2", "train.micro_batches=2", *extra),
+                         run_dir).run()
+        runs[name] = (step_records(run_dir), read_parameters(_ckpt(run_dir, 6))[0], summary)
+    recs, params, _ = runs["straight"]
+    assert [r["loss"] for r in recs] == pytest.approx([r.loss for r in ref_reports], rel=1e-9)
+    assert [(r["anticipatory"], r["anticipated"]) for r in recs] == [(True, r.extra["anticipated"])
+                                                                     for r in ref_reports]
+    for name, ref in ref_params.items():
+        torch.testing.assert_close(params[name], ref, rtol=1e-6, atol=1e-9, msg=lambda m: f"{name}: {m}")
+    crashed, crashed_params, summary = runs["crash"]
+    assert [(i["kind"], i["rewound_to"]) for i in summary.incidents] == [("crash", 4)]
+    assert [r["loss"] for r in crashed] == [r["loss"] for r in recs]
+    assert crashed_params.keys() == params.keys()
+    for name, value in params.items():
+        assert torch.equal(crashed_params[name], value), name
+
+
+def test_the_anticipate_action_rolls_back_turns_it_on_and_off_and_resumes(ray_session, tmp_path):
+    """A crafted spike (threshold 0 over a window of 1: the loss of step 2 "spikes" against step 1's) fires
+    action=anticipate once: the run rewinds to step 1 and routes anticipatorily for steps 2..5 (2 + calm 3; step 2,
+    the first of the stretch, with its own routing); from step 6 on it routes normally. The checkpoint of step 4
+    keeps the window and the ids of step 5: a run resumed from it continues bit-identically (its rule's threshold
+    raised: a resumed run's alert rules start afresh, and the crafted condition, true at every step, would fire
+    again at its first step with history)."""
+    from orchestrator.driver import Driver
+
+    common = ["train.steps=8", "train.eval_batches=0", "balance.anticipatory_calm_steps=3"]
+    rule = "monitor.alerts=[{rule: loss_spike, threshold: %s, window: 1, action: anticipate}]"
+    run_dir = tmp_path / "spike"
+    summary = Driver(tiny_config(run_dir, *common, rule % 0.0, "checkpoint.every_steps=4"), run_dir).run()
+    recs = step_records(run_dir)
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    assert [r["anticipatory"] for r in recs] == [False, True, True, True, True, False, False, False]
+    assert [r["anticipated"] for r in recs] == [False, False, True, True, True, False, False, False]
+    assert [(i["step"], i["kind"], i["rewound_to"], i["action"]) for i in summary.incidents] == [
+        (2, "alert:loss_spike", 1, "rolled back, anticipatory routing on")]
+    alerts = [json.loads(line) for line in (run_dir / "alerts.jsonl").read_text().splitlines()]
+    assert [(a["step"], a["rule"], a["action"]) for a in alerts] == [(2, "loss_spike", "anticipate")]
+
+    resumed_dir = tmp_path / "resumed"
+    resumed = Driver(tiny_config(resumed_dir, *common, rule % 100.0, f"train.resume={run_dir / 'checkpoints' / 'step_00000004'}"),
+                     resumed_dir).run()
+    assert resumed.resumed_from_step == 4
+    again = step_records(resumed_dir)
+    assert [(r["step"], r["loss"], r["anticipatory"], r["anticipated"]) for r in again] == [
+        (r["step"], r["loss"], r["anticipatory"], r["anticipated"]) for r in recs[4:]]
