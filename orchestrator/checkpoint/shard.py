@@ -6,7 +6,8 @@ What a device owns in a checkpoint (safetensors; nothing that needs unpickling):
   experts-<rank>.safetensors each rank: its routed experts, one tensor per (parameter, global
                              expert id), with their AdamW moments; and its torch RNG state.
 Keys: `param/<name>`, `exp_avg/<name>`, `exp_avg_sq/<name>`, `buffer/<name>`, `rng/torch`, `extra/<key>` (rank 0's
-dense file: the run's own state beside the model's, e.g. RL's next batch one step off-policy), where an
+dense file: the run's own state beside the model's, e.g. RL's next batch one step off-policy; a device's own file:
+its own such state, e.g. anticipatory routing's cached ids of its slice), where an
 expert's <name> is `<parameter name>[<global expert id>]`. Because experts are stored by global
 id, a checkpoint written by N devices loads into M devices: each takes the ids it now holds.
 What AdamW holds is saved as it is: beside the moments, `optimizer_steps` (in the manifest) gives each <name>
@@ -126,10 +127,12 @@ def as_torch(a: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_rank: int = 0,
-                  extra: dict[str, torch.Tensor] | None = None) -> Snapshot:
+                  extra: dict[str, torch.Tensor] | None = None, own_extra: dict[str, torch.Tensor] | None = None
+                  ) -> Snapshot:
     """Copy parameters, optimizer moments, buffers and RNG to host memory (training may go on after); `extra`
     (rank 0): tensors of the run's own state saved beside them as `extra/<key>` in the dense file (RL's pending
-    batch, device/rl.py), given back by `restore`.
+    batch, device/rl.py), given back by `restore`; `own_extra`: this device's own such state (anticipatory routing's
+    cached ids of its slice, device/anticipate.py), as `extra/<key>` in its own file, given back to the same rank.
 
     Each logical tensor (`param/<name>`, `exp_avg/<name>`, ...; an expert's <name> is `<parameter>[<id>]`) is
     written once over all devices: a replicated one by rank 0 (dense) or by the first data-parallel replica
@@ -144,6 +147,8 @@ def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_r
             snap.dense[f"extra/{key}"] = t.detach().cpu().clone()
         files[DENSE_FILE] = snap.dense
     expert_files = snap.expert_parameters(model, dp_rank)
+    for key, t in (own_extra or {}).items():
+        snap.mine[f"extra/{key}"] = t.detach().cpu().clone()
     files[snap.own] = snap.mine
     snap.staging.finish()
     return Snapshot(step=step, rank=rank, files=files, optimizer_step=optim.optimizer_step,
@@ -397,13 +402,16 @@ def restore(model: torch.nn.Module, optim: Any, rank: int, locate: Locate, optim
     for name, p in model.expert_parameters():
         back.parameter(p, [f"{name}[{gid}]" for gid in model.expert_ids_of(name)], experts=True)
     optim.steps_taken = optimizer_step
+    own: dict[str, torch.Tensor] = {}
     try:  # the same rank existed when it was saved
-        torch.set_rng_state(tensors(expert_file(rank))["rng/torch"])
+        mine = tensors(expert_file(rank))
+        torch.set_rng_state(mine["rng/torch"])
+        own = {k[len("extra/"):]: v for k, v in mine.items() if k.startswith("extra/")}
     except CheckpointError:
         pass
     if rank != 0:
-        return {}
-    return {k[len("extra/"):]: v for k, v in tensors(DENSE_FILE).items() if k.startswith("extra/")}
+        return own
+    return {**{k[len("extra/"):]: v for k, v in tensors(DENSE_FILE).items() if k.startswith("extra/")}, **own}
 
 
 @dataclass

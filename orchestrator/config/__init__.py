@@ -22,7 +22,7 @@ pyproject.toml keeps it so). Its modules:
     load.py      load_config, config_from_dict: YAML files and overrides
     docgen.py    docs/configuration-reference.md from the dataclasses' field comments
 """
-from orchestrator.config.balance import BalanceConfig
+from orchestrator.config.balance import BalanceConfig, anticipates
 from orchestrator.config.base import DEFAULT_CONFIG, REPO_ROOT, ConfigError, to_dict, to_yaml
 from orchestrator.config.data import TOKENIZER_FILES, DataConfig, reads_token_files, tokenizer_source
 from orchestrator.config.faults import FAULT_KINDS, ChaosConfig, FaultConfig, FaultKind, FaultSpec
@@ -39,7 +39,7 @@ from orchestrator.config.validate import validate
 __all__ = ["AlertRule", "BalanceConfig", "ChaosConfig", "CheckpointConfig", "ClusterConfig", "Config", "ConfigError",
            "DEFAULT_CONFIG", "DataConfig", "FAULT_KINDS", "FaultConfig", "FaultKind", "FaultSpec", "MemoryConfig", "ModelConfig",
            "MonitorConfig", "ParallelConfig", "REDACTED", "REPO_ROOT", "RESUME_EXACT_KEYS", "RunConfig",
-           "TOKENIZER_FILES", "TrainConfig", "_default_alerts", "config_from_dict", "describe_hf_models_with",
+           "TOKENIZER_FILES", "TrainConfig", "_default_alerts", "anticipates", "config_from_dict", "describe_hf_models_with",
            "effective_zero_stage", "expert_slots", "is_frozen", "load_config", "mesh_shape", "reads_token_files",
            "redact_text", "redact_url", "redacted", "redacted_yaml", "to_dict", "to_yaml", "tokenizer_source",
            "validate"]

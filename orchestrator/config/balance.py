@@ -30,6 +30,15 @@ class BalanceConfig:
     redundant_experts: int = 0        # extra expert slots over all devices (a multiple of num_devices; as DeepSeek's
                                       # EPLB): re-placement fills them with replicas of hot experts, whose tokens are
                                       # split between the replicas and whose gradients are summed
+    anticipatory_routing: bool = False  # DeepSeek-V4 anticipatory routing (report sec. 4.2.3) on every step: step t's
+                                        # routing indices come from the parameters of step t-delay (a no-grad forward
+                                        # of step t's batch at step t-delay), its gates from the current router; native
+                                        # model, pretrain or SFT. The alert action `anticipate` turns it on after a spike
+    anticipatory_delay: int = 1       # Delta t in steps: not published in the report, 1 is our choice; the first
+                                      # `delay` steps of a stretch of anticipatory routing route normally
+    anticipatory_calm_steps: int = 100  # an alert with action=anticipate keeps anticipatory routing on until this many
+                                        # steps after its spike (a new spike's alert extends it); the report's length of
+                                        # the mode is not published either
 
 
 def _validate_balance(cfg: Root) -> None:
@@ -41,6 +50,7 @@ def _validate_balance(cfg: Root) -> None:
     _positive(cfg, ["balance.replace_every", "balance.replace_min_gain", "balance.replace_on_imbalance"],
               allow_zero=True)
     _positive(cfg, ["balance.redundant_experts"], allow_zero=True)
+    _validate_anticipation(cfg)
     world = cfg.cluster.num_devices
     if b.redundant_experts and world == 1:
         raise ConfigError(f"balance.redundant_experts={b.redundant_experts} needs cluster.num_devices > 1: replicas "
@@ -68,3 +78,23 @@ def _validate_balance(cfg: Root) -> None:
         raise ConfigError(f"balance.routing=group_limited: balance.topk_groups={b.topk_groups} must be at most "
                           f"num_groups={b.num_groups} and hold at least model.top_k={m.top_k} experts "
                           f"({per_group} per group)")
+
+
+def anticipates(cfg: Root) -> bool:
+    """Can this run route anticipatorily: always (balance.anticipatory_routing) or after an alert (action=anticipate)?"""
+    return cfg.balance.anticipatory_routing or any(a.action == "anticipate" for a in cfg.monitor.alerts)
+
+
+def _validate_anticipation(cfg: Root) -> None:
+    """Anticipatory routing replays the native MoE layers' routing (model/moe.py replay_NK) on a step's own batch."""
+    _positive(cfg, ["balance.anticipatory_delay", "balance.anticipatory_calm_steps"])
+    if not anticipates(cfg):
+        return
+    what = ("balance.anticipatory_routing=true" if cfg.balance.anticipatory_routing
+            else "an alert rule with action=anticipate")
+    if cfg.model.hf_path or cfg.model.hf_config:
+        raise ConfigError(f"{what} replays the native model's routing; a transformers model (model.hf_path / "
+                          f"model.hf_config) has no anticipatory routing")
+    if cfg.data.task == "rl":
+        raise ConfigError(f"{what} needs data.task=pretrain or sft: an RL step's batch is sampled at that step, not "
+                          f"known {cfg.balance.anticipatory_delay} step(s) ahead")

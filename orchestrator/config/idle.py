@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from orchestrator.config.balance import anticipates
 from orchestrator.config.base import _Keys
 from orchestrator.config.data import reads_token_files
 from orchestrator.config.faults import FaultKind
@@ -102,6 +103,15 @@ def _refuse_idle_layout_keys(cfg: Config, keys: _Keys) -> None:
         keys.section(cfg, "balance", ("replace_window", "replace_min_gain"),
                      "while live re-placement is off (balance.replace_every=0 and balance.replace_on_imbalance=0): "
                      "set one of them, or remove it")
+    # device/anticipate.py: read only when anticipatory routing can happen; the calm steps only after an alert
+    if not anticipates(cfg):
+        keys.section(cfg, "balance", ("anticipatory_delay",),
+                     "while anticipatory routing is off (balance.anticipatory_routing=false and no alert rule with "
+                     "action=anticipate): turn it on, or remove it")
+    if not any(a.action == "anticipate" for a in cfg.monitor.alerts):
+        keys.section(cfg, "balance", ("anticipatory_calm_steps",),
+                     "without an alert rule with action=anticipate (it says how long that action's anticipatory "
+                     "routing lasts): add one, or remove it")
     # device/group.py: the GPU share of a bundle is asked for only with use_gpu
     if not c.use_gpu:
         keys.section(cfg, "cluster", ("gpus_per_device",), "with cluster.use_gpu=false: set cluster.use_gpu=true, "

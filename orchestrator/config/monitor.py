@@ -16,7 +16,8 @@ class AlertRule:
     threshold: Optional[float] = None  # None: the rule's default (see alerts.py)
     steps: int = 1             # consecutive steps the condition must hold before the alert fires
     window: int = 20           # steps of history: the moving median (spikes, throughput), recoveries counted (restarts)
-    action: str = "notify"     # record | notify | rollback | skip | stop
+    action: str = "notify"     # record | notify | rollback | skip | stop | anticipate (loss_spike, grad_spike: rollback,
+                               # then anticipatory routing on: balance.anticipatory_calm_steps)
 
 
 def _default_alerts() -> list[AlertRule]:
@@ -51,14 +52,18 @@ def _validate_monitor(cfg: Root) -> None:
         _choice(f"monitor.alerts[{i}].rule", a.rule, ("nonfinite", "loss_spike", "grad_spike", "maxvio", "straggler",
                                                       "throughput_drop", "restarts", "checkpoint_age",
                                                       "checkpoint_failed", "restore_failed"))
-        _choice(f"monitor.alerts[{i}].action", a.action, ("record", "notify", "rollback", "skip", "stop"))
+        _choice(f"monitor.alerts[{i}].action", a.action, ("record", "notify", "rollback", "skip", "stop",
+                                                            "anticipate"))
         if a.steps < 1 or a.window < 1 or (a.threshold is not None and a.threshold < 0):
             raise ConfigError(f"monitor.alerts[{i}] ({a.rule}): steps and window must be at least 1 and threshold "
                               f"zero or more (got steps={a.steps}, window={a.window}, threshold={a.threshold})")
         if a.rule == "checkpoint_failed" and a.action in ("rollback", "skip"):
             raise ConfigError(f"monitor.alerts[{i}] (checkpoint_failed) action={a.action}: a failed checkpoint is no "
                               f"step to rewind (the healer retakes it); use record, notify or stop")
-        if a.action in ("rollback", "skip") and cfg.faults.snapshot_every == 0:
+        if a.action == "anticipate" and a.rule not in ("loss_spike", "grad_spike"):
+            raise ConfigError(f"monitor.alerts[{i}] ({a.rule}) action=anticipate answers a spike: use it with "
+                              f"loss_spike or grad_spike")
+        if a.action in ("rollback", "skip", "anticipate") and cfg.faults.snapshot_every == 0:
             raise ConfigError(f"monitor.alerts[{i}] ({a.rule}) action={a.action} rewinds to a snapshot, but "
                               f"faults.snapshot_every=0 turns snapshots off")
     url = cfg.monitor.webhook_url

@@ -150,6 +150,11 @@ class DeviceActor(RolloutWorker):
         assert self.shard is not None, "build() first"
         return unflatten(self.shard.rl_pending) if self.shard.rl_pending else None
 
+    def anticipation_windows(self) -> list[tuple[int, int]]:
+        """The windows of anticipatory routing this device holds (as restored with a checkpoint; device/anticipate.py)."""
+        assert self.shard is not None, "build() first"
+        return list(self.shard.anticipator.windows) if self.shard.anticipator is not None else []
+
     # ------------------------------------------------------------ checkpoints
     @ray.method(concurrency_group="io")
     def write_shard(self, snap: Snapshot, uri: str) -> dict[str, Any]:

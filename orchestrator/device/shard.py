@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestrator.checkpoint.shard import Snapshot, restore_from_files, restore_from_snapshots, take_snapshot
-from orchestrator.config import Config, effective_zero_stage, expert_slots, is_frozen, mesh_shape
+from orchestrator.config import Config, anticipates, effective_zero_stage, expert_slots, is_frozen, mesh_shape
 from orchestrator.data.source import make_stream
 from orchestrator.model.build import build_any_model
 from orchestrator.model.balancing import update_expert_bias
@@ -34,6 +34,7 @@ from orchestrator.parallel.groups import CLOCK
 from orchestrator.parallel.mesh import current_mesh
 from orchestrator.parallel.sharding import Optimizers, is_sharded, local, reshard, shard_model, whole
 from orchestrator.experts.placement import ExpertPlacement
+from orchestrator.device.anticipate import PREFIX as ANTICIPATE, Anticipator, replaying
 from orchestrator.device.schedule import lr_of
 
 
@@ -170,6 +171,10 @@ class DeviceShard:
         # Injected faults (see DeviceActor.inject): each strikes the next step, or the next `slow_steps`.
         self.crash_next_step = self.hang_next_step = self.nan_next_step = False
         self.slow_steps, self.slow_delay_s = 0, 0.0
+        self.anticipator = None   # anticipatory routing (device/anticipate.py): its cached ids are state, as rl_pending
+        if anticipates(cfg):
+            self.anticipator = Anticipator(cfg.balance.anticipatory_delay, cfg.balance.anticipatory_routing, world,
+                                           t.steps)
 
     @property
     def holds_groups(self) -> bool:
@@ -220,7 +225,13 @@ class DeviceShard:
             return rl_step(self, step, batch, guard)
         t0 = self._begin(step)
         moe = self.model.moe_layers()
-        return self._update_from(step, moe, self._forward_backward(step, moe), guard, t0)
+        if self.anticipator is None:
+            return self._update_from(step, moe, self._forward_backward(step, moe), guard, t0)
+        self.anticipator.begin(step, guard)
+        self.anticipator.route_ahead(self, step)   # with this step's parameters, for step + delay
+        report = self._update_from(step, moe, self._forward_backward(step, moe), guard, t0)
+        report.extra.update(self.anticipator.reported(step))
+        return report
 
     def _begin(self, step: int) -> float:
         """A step begins: its clock, train mode, an injected straggler's delay; when it began."""
@@ -269,11 +280,13 @@ class DeviceShard:
                 m.global_tokens = real
         micro = self.cfg.train.micro_batches
         passes = self._new_passes(loss_tokens, moe)
-        with passes.meter:
+        replays = self.anticipator.replays(step, micro) if self.anticipator is not None else None
+        with passes.meter, replaying(self.model, replays, self.device) as replay:
             pos = positions_BT.chunk(micro) if positions_BT is not None else [None] * micro
             val = valid_BT.chunk(micro) if valid_BT is not None else [None] * micro
             for i, (x_BT, y_BT, p_BT, v_BT) in enumerate(zip(inputs_BT.chunk(micro), targets_BT.chunk(micro), pos,
                                                              val)):
+                replay(i)   # anticipatory routing: the ids cached for this micro-batch (None: the router's choice)
                 part = self._loss_sum(x_BT, y_BT, p_BT, v_BT)
                 if i == 0:
                     part = self._inject_faults(step, part)
@@ -416,15 +429,22 @@ class DeviceShard:
 
     def snapshot(self, step: int) -> Snapshot:
         reshard(self.model)
-        return take_snapshot(self.model, self.optim, self.rank, step, self.mesh.dp_rank, self.rl_pending)
+        own = self.anticipator.state() if self.anticipator is not None else None
+        return take_snapshot(self.model, self.optim, self.rank, step, self.mesh.dp_rank, self.rl_pending, own)
 
     def restore(self, manifest: dict[str, Any], read, where: str) -> None:
         reshard(self.model)
-        self.rl_pending = restore_from_files(self.model, self.optim, self.rank, manifest, read, where)
+        self._extras(restore_from_files(self.model, self.optim, self.rank, manifest, read, where))
 
     def restore_snapshots(self, snapshots: list[Snapshot]) -> None:
         reshard(self.model)
-        self.rl_pending = restore_from_snapshots(self.model, self.optim, self.rank, snapshots)
+        self._extras(restore_from_snapshots(self.model, self.optim, self.rank, snapshots))
+
+    def _extras(self, extras: dict[str, torch.Tensor]) -> None:
+        """The run's own state a snapshot or checkpoint gave back: anticipatory routing's, then RL's pending batch."""
+        if self.anticipator is not None:
+            extras = self.anticipator.take(extras)
+        self.rl_pending = {k: v for k, v in extras.items() if not k.startswith(ANTICIPATE)}
 
     def set_placement(self, placement: list[list[list[int]]]) -> None:
         """Hold, in every MoE layer, the experts `placement[layer][ep rank]` (dispatch follows at once; the

@@ -45,6 +45,7 @@ from orchestrator.monitoring.summary import RunSummary, history_len
 from orchestrator.runtime import signals
 from orchestrator.runtime.runlock import hold_run
 from orchestrator.driver.end import RunEnd, end_work, failure_of, nothing_to_do, raise_failure
+from orchestrator.driver.anticipate import Anticipation
 from orchestrator.driver.finish import Finish
 from orchestrator.driver.start import check_before_start, log_devices, open_monitoring, rewind_run_dir, start_devices
 
@@ -93,6 +94,7 @@ class Driver:
         self.status = StatusFile(Path(run_dir), cfg.train.steps)
         self.alerts: AlertEngine | None = None
         self.skip_steps: set[int] = set()     # steps whose batch an alert's action=skip has the devices skip
+        self.anticipation = Anticipation(cfg)  # the steps an alert's action=anticipate routes anticipatorily
         self.peak_flops: float | None = None  # of one device, for MFU
         self.flops_per_token = flops_per_token(cfg)
         self.val_loss: float | None = None    # the newest validation loss (periodic or final)
@@ -145,6 +147,7 @@ class Driver:
         guard = self.watch.guard(rl_step) if self.cfg.faults.on_spike != "record" else None
         if step in self.skip_steps:
             guard = {**(guard or {}), "skip_batch": True}
+        guard = self.anticipation.guard(guard)
         t0 = time.perf_counter()
         batch = self._rl_batch(step) if self.rl is not None else None
         return self.watch.collect(self.devices, [a.train_step.remote(step, guard, batch) for a in self.actors], step, t0)
@@ -204,6 +207,8 @@ class Driver:
         abandoned timeline's checkpoints retired and the run directory's logs rewound; then the listeners."""
         self.start()
         self.next_step = first = self.restore() + 1
+        if first > 1:   # resumed: the steps an alert had route anticipatorily (saved with the devices' state)
+            self.anticipation.resume(self.actors, self.cfg.cluster.start_timeout_s)
         rewind_run_dir(self.cfg, Path(self.run_dir), self.plan, self.checkpoints.storage)
         self.history.begin(first)
         self.metrics, self.alerts, self.progress = open_monitoring(self.cfg, Path(self.run_dir), first, self.listeners)
@@ -268,6 +273,9 @@ class Driver:
         if decision.skip is not None:
             self.skip_steps.add(decision.skip)
         back = self.recovery.carry_out(decision, self.last_step, self.recover)
+        if decision.anticipate is not None:
+            first, last = self.anticipation.switch_on(back, decision.anticipate)
+            why += f"; anticipatory routing on for steps {first}..{last}"
         if self.rl is not None:   # the devices' weights went back: the rollout engines sync again before using them
             self.rl.invalidate()
         self.progress.message(f"{why}; continuing from step {back + 1}")

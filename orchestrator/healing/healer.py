@@ -29,13 +29,14 @@ class Decision:
     """A recovery for the driver to carry out: replace the devices of `replace` (re-forming the process group when
     `reform`), put every device back to the newest state there is, replay after it. With `skip`, the replay skips
     that step's batch; with `wait_snapshot`, the snapshot of the step just kept is complete first (nothing is
-    recomputed). The incidents' `action` is set to `action` once it is done."""
+    recomputed); with `anticipate` (a spike's step), anticipatory routing is on from the replay on. The incidents' `action` is set to `action` once it is done."""
     incidents: list[Incident]
     replace: list[int] = field(default_factory=list)
     reform: bool = False
     action: str = "replaced"
     skip: int | None = None
     wait_snapshot: bool = False
+    anticipate: int | None = None
 
 
 class Healer:
@@ -140,7 +141,8 @@ class Healer:
 
     def alert(self, step: int, rule: str, action: str, detail: str) -> Decision | None:
         """An alert rule's action on a completed step: stop the run, or rewind to the newest snapshot (rollback;
-        skip also has the step's batch skipped on the replay). Once per step: a replay that fires again is kept."""
+        skip also has the step's batch skipped on the replay; anticipate has the replay and the steps after it route
+        anticipatorily). Once per step: a replay that fires again is kept."""
         incident = Incident(step, f"alert:{rule}", -1, None, time.time(), detail)
         self._record([incident])
         if action == "stop":
@@ -151,10 +153,11 @@ class Healer:
             return None
         self.alerted.add(step)
         self._spend(step, f"step {step}: alert {rule}")
-        log.warning("step %d: alert %s (%s); rolling back%s", step, rule, detail,
-                    ", then skipping its batch" if action == "skip" else "")
-        return Decision([incident], action="skipped" if action == "skip" else "rolled back",
-                        skip=step if action == "skip" else None)
+        then = {"skip": ", then skipping its batch", "anticipate": ", then routing anticipatorily"}.get(action, "")
+        log.warning("step %d: alert %s (%s); rolling back%s", step, rule, detail, then)
+        done = {"skip": "skipped", "anticipate": "rolled back, anticipatory routing on"}.get(action, "rolled back")
+        return Decision([incident], action=done, skip=step if action == "skip" else None,
+                        anticipate=step if action == "anticipate" else None)
 
     def stragglers(self, step: int, incidents: list[Incident], spare_elsewhere: set[int]) -> Decision | None:
         """After a kept step (and its snapshot): replace straggling devices per `faults.on_straggler`, only with a

@@ -20,8 +20,10 @@ rule twice. Conditions:
                        an incident of kind restore; the run stops there instead of replaying from an older state
 
 Actions: record (alerts.jsonl only), notify (also a warning on stderr and in the log, and a POST of
-the alert as JSON to `monitor.webhook_url` with retries and a timeout), and rollback | skip | stop,
-handed to the Healer (rewind to the newest snapshot; rewind and skip this step's batch; stop the run).
+the alert as JSON to `monitor.webhook_url` with retries and a timeout), and rollback | skip | stop | anticipate,
+handed to the Healer (rewind to the newest snapshot; rewind and skip this step's batch; stop the run; rewind and
+route anticipatorily from the replayed steps on until balance.anticipatory_calm_steps after the spike: DeepSeek-V4's
+answer to a loss spike, driver/anticipate.py).
 Every alert goes to `alerts.jsonl` as it fires, with the step, rule, value, threshold and action (and
 `webhook: pending` when one is posted; a second line with the same step and rule and the webhook's
 outcome, delivered or failed, follows when it is known).
@@ -51,7 +53,7 @@ DEFAULT_THRESHOLD = {"nonfinite": 0.0, "loss_spike": 3.0, "grad_spike": 10.0, "m
                      "restore_failed": 0.0}
 INCIDENT_RULES = ("checkpoint_failed", "restore_failed")   # fired by incidents only: a step's record never shows them
 RULES = tuple(DEFAULT_THRESHOLD)
-ACTIONS = ("record", "notify", "rollback", "skip", "stop")
+ACTIONS = ("record", "notify", "rollback", "skip", "stop", "anticipate")
 
 
 @dataclass
@@ -303,13 +305,13 @@ class AlertEngine(RunListener):
 
 
 def acting(fired: list[Alert], skipped: bool) -> tuple[str, str, str] | None:
-    """What the alerts fired on a step ask of the run, by their actions: (the rules, "stop", "skip" or "rollback",
-    the details) for the Healer to decide on, the strongest action first; None when only to record or notify. A
-    step whose update was skipped anyway has nothing to rewind: only a stop acts on it."""
-    acts = [a for a in fired if a.action in (("stop",) if skipped else ("rollback", "skip", "stop"))]
+    """What the alerts fired on a step ask of the run, by their actions: (the rules, "stop", "skip", "anticipate" or
+    "rollback", the details) for the Healer to decide on, the strongest action first; None when only to record or
+    notify. A step whose update was skipped anyway has nothing to rewind: only a stop acts on it."""
+    acts = [a for a in fired if a.action in (("stop",) if skipped else ("rollback", "skip", "stop", "anticipate"))]
     if not acts:
         return None
-    action = next(x for x in ("stop", "skip", "rollback") if any(a.action == x for a in acts))
+    action = next(x for x in ("stop", "skip", "anticipate", "rollback") if any(a.action == x for a in acts))
     return "+".join(a.rule for a in acts), action, "; ".join(a.detail for a in acts)
 
 
