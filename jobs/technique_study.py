@@ -8,7 +8,9 @@ seed, data and steps per arm, the command line's overrides on every arm). Groups
 
   stability   pre-norm vs DSSN + TinyInit (model.norm=sandwich model.init=tiny), each at the job's learning rate
               and at --high-lr (default 4x): gradient-norm spike rate, loss spikes, final and validation loss;
-              --seeds S runs each arm with seeds 0..S-1 (the table shows the mean and the min..max spread)
+              --seeds S runs each arm with seeds 0..S-1 (the table shows the mean and the min..max spread). Both
+              arms untie the head from the embedding (model.tie_embeddings=false, as Pangu Ultra): TinyInit's
+              embedding std 0.5 as a tied head would start the logits at std 0.5 sqrt(dim)
   scopes      the Switch auxiliary loss (balance.aux_loss_coeff=0.01) per sequence, per EP group, over the global
               batch (balance.aux_loss_scope): MaxVio, device max/mean load, final loss. EP groups differ from the
               global batch only with data parallelism beside EP: these arms run with
@@ -67,7 +69,8 @@ def arms_of(groups: list[str], cfg, seeds: int, high_lr: float, spike_step: int)
         for lr_name, lr in (("lr", cfg.train.lr), ("high_lr", high_lr)):
             for tech, extra in (("pre_norm", []), ("dssn_tinyinit", ["model.norm=sandwich", "model.init=tiny"])):
                 for seed in range(seeds):
-                    arms.append(Arm(f"{tech}-{lr_name}-s{seed}", [*extra, f"train.lr={lr}", f"seed={seed}"],
+                    arms.append(Arm(f"{tech}-{lr_name}-s{seed}", ["model.tie_embeddings=false", *extra,
+                                                                  f"train.lr={lr}", f"seed={seed}"],
                                     group="stability"))
     if "scopes" in groups:
         world = cfg.cluster.num_devices
