@@ -267,11 +267,11 @@ def test_experts_outside_the_shared_layout_are_refused_naming_the_class(tmp_path
         tiny_config(None, f"model.hf_config={tmp_path / 'config.json'}")
 
 
-def test_native_keys_and_native_balancing_are_refused_with_a_transformers_model(checkpoints):
+def test_native_keys_and_native_routing_are_refused_with_a_transformers_model(checkpoints):
     with pytest.raises(ConfigError, match="model.expert_dim"):
         _hf_cfg(checkpoints / "mixtral", "model.expert_dim=64")
-    with pytest.raises(ConfigError, match="balance.aux_loss_coeff"):
-        _hf_cfg(checkpoints / "mixtral", "balance.aux_loss_coeff=0.01")
+    with pytest.raises(ConfigError, match="balance.capacity_factor"):
+        _hf_cfg(checkpoints / "mixtral", "balance.capacity_factor=1.0")
     with pytest.raises(ConfigError, match="balance.bias_update_speed"):   # Mixtral's router has no correction bias
         _hf_cfg(checkpoints / "mixtral", "balance.bias_update_speed=0.01")
     cfg = _hf_cfg(checkpoints / "deepseek_v4")

@@ -167,6 +167,7 @@ class DeviceShard:
         self.global_tokens = t.global_batch_size * cfg.data.seq_len
         for m in self.model.moe_layers():  # balancing losses are shares of a loss over the global batch
             m.global_tokens = self.global_tokens
+            m.ep_groups = self.mesh.dp       # aux_loss_scope=ep_group: the batch's groups; this device is in one
         # Injected faults (see DeviceActor.inject): each strikes the next step, or the next `slow_steps`.
         self.crash_next_step = self.hang_next_step = self.nan_next_step = False
         self.slow_steps, self.slow_delay_s = 0, 0.0
