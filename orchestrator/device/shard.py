@@ -266,8 +266,8 @@ class DeviceShard:
         loss_tokens = self.data.loss_tokens(step)
         if valid_BT is not None:   # a transformers model's router loss: its rows are the batch's tokens, not padding
             real = self.data.real_tokens(step)
-            for m in moe:
-                m.global_tokens = real
+            for m in moe:   # (and the sequence-wise losses' rows: the global batch's, padding or not)
+                m.global_tokens, m.global_sequences = real, self.cfg.train.global_batch_size
         micro = self.cfg.train.micro_batches
         passes = self._new_passes(loss_tokens, moe)
         with passes.meter:
