@@ -330,7 +330,8 @@ def balance_losses(b: BalanceConfig, dispatcher: TokenDispatcher, scores_NE: tor
     all are off. scores_NE / logits_NE: the router's scores and logits of the N = B*T tokens (sequence-major),
     experts_NK its choice. valid_N (bool): only these tokens count (sums, loads, each sequence's f and P), and
     `global_tokens` counts valid tokens (None: this batch's). global_sequences: with valid_N, the global batch's
-    sequences (None: this batch's B when global_tokens is None too, else global_tokens // T).
+    sequences (None: this batch's sequences with a valid token when global_tokens is None too, else
+    global_tokens // T).
 
     balance.aux_loss_scope: global: counts summed over every device (dispatcher.global_counts); ep_group: counts
     summed over this device's expert-parallel group (dispatcher.group_counts), the loss averaged over the
@@ -347,7 +348,8 @@ def balance_losses(b: BalanceConfig, dispatcher: TokenDispatcher, scores_NE: tor
     else:
         valid_N = valid_N.to(experts_NK.device)
         n_global = max(1, global_tokens or int(valid_N.sum()))
-        sequences = global_sequences or (B if global_tokens is None else max(1, n_global // T))
+        sequences = global_sequences or (max(1, int(valid_N.view(B, T).any(1).sum())) if global_tokens is None
+                                         else max(1, n_global // T))
     valid_BT = None if valid_N is None else valid_N.view(B, T)
     loss = scores_NE.new_zeros(())
     if b.aux_loss_coeff and b.aux_loss_scope == "sequence":
