@@ -42,13 +42,16 @@ def _by_hand(name, logits_NE, scores_NE, ids_NK, valid_N):
     return (torch.logsumexp(logits_NE[keep], -1) ** 2).mean()
 
 
-def _oracle_routing(kind, hf, logits_NE):
+def _oracle_routing(kind, gate, logits_NE):
     """The family's scores and top-k from its router logits, as its router computes them."""
     if kind == "qwen2_moe":
         scores = logits_NE.double().softmax(-1)
         return scores, scores.topk(K, -1).indices
-    scores = logits_NE.double().sigmoid()       # DeepSeek-V3: 2 groups of 2 experts, the best group kept
-    return scores, None
+    # DeepSeek-V3: sigmoid; group-limited top-k on scores + correction bias, 2 groups of 2 experts, 1 group kept
+    # (the group's score: the sum of its two best, here both), so a token takes both experts of the best group
+    scores = logits_NE.double().sigmoid()
+    best = (scores + gate.e_score_correction_bias.double()).view(-1, 2, 2).sum(-1).argmax(-1)
+    return scores, torch.stack([2 * best, 2 * best + 1], -1)
 
 
 @pytest.mark.parametrize("kind", ["qwen2_moe", "deepseek_v3"])
@@ -76,11 +79,7 @@ def test_balancing_losses_of_a_transformers_model_by_hand(tmp_path, kind, padded
         got = model.aux_loss()
         expected = 0.0
         for (gate, logits), ids in zip(layers, routed):
-            scores, ids_oracle = _oracle_routing(kind, hf, logits)
-            if ids_oracle is None:   # group-limited top-k on sigmoid + correction bias: the best pair's group
-                choice = scores + gate.e_score_correction_bias.double()
-                best = choice.view(-1, 2, 2).sum(-1).argmax(-1)
-                ids_oracle = torch.stack([2 * best, 2 * best + 1], -1)
+            scores, ids_oracle = _oracle_routing(kind, gate, logits)
             assert torch.equal(ids.sort(-1).values, ids_oracle.sort(-1).values)
             expected = expected + _by_hand(name, logits.double(), scores, ids_oracle, valid_N)
         assert got.item() == pytest.approx(expected.item(), rel=2e-6), name
