@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from orchestrator.experts.balancer import load_stats
-from orchestrator.model.balancing import (drop_over_capacity, router_z_loss, select_experts, sequence_aux_loss,
-                                          switch_aux_loss, update_expert_bias)
-from orchestrator.model.moe import Router
+from orchestrator.config import BalanceConfig
+from orchestrator.model.balancing import (drop_over_capacity, ep_group_aux_loss, router_z_loss, select_experts,
+                                          sequence_aux_loss, switch_aux_loss, update_expert_bias)
+from orchestrator.model.moe import LocalTokenDispatcher, Router, balance_losses
 
 
 def test_switch_aux_loss_by_hand():
@@ -32,6 +33,81 @@ def test_sequence_aux_loss_by_hand():
     # sigmoid scores are normalised per token first: [0.5, 0.25] -> [2/3, 1/3]
     sig = torch.tensor([[[0.5, 0.25]]], dtype=torch.float64)
     assert sequence_aux_loss(sig, torch.tensor([[[0]]]), 1).item() == pytest.approx(2 * 2 / 3)
+
+
+def test_ep_group_aux_loss_by_hand():
+    # group g of G=2 holds these 2 tokens (K=1, E=2), both to expert 0: N_g = 2, f = [1, 0], P = [0.625, 0.375]
+    # (this device's tokens are the whole group): L_g = E * 0.625 = 1.25, the device's share L_g / G = 0.625
+    scores = torch.tensor([[0.75, 0.25], [0.5, 0.5]], dtype=torch.float64)
+    assert ep_group_aux_loss(scores, torch.tensor([2, 0]), top_k=1, num_groups=2).item() == pytest.approx(0.625)
+    # a device holding the first token of a group of 4 tokens whose counts are [3, 1]: f = [3/4, 1/4],
+    # its share of P = [0.75, 0.25] / 4: E * (3/4 * 0.1875 + 1/4 * 0.0625) / G = 2 * 0.15625 / 2
+    assert ep_group_aux_loss(scores[:1], torch.tensor([3, 1]), 1, 2).item() == pytest.approx(0.15625)
+    # one group: the global Switch loss exactly
+    torch.manual_seed(0)
+    s = torch.rand(6, 4, dtype=torch.float64).softmax(-1)
+    counts = torch.bincount(s.topk(2, -1).indices.flatten(), minlength=4)
+    assert torch.equal(ep_group_aux_loss(s, counts, 2, 1), switch_aux_loss(s, counts, 6, 2))
+
+
+class _GroupOf:
+    """A dispatcher of one device of a simulated expert-parallel group: group_counts returns the group's counts."""
+
+    def __init__(self, group_counts_E):
+        self.counts = group_counts_E
+
+    def group_counts(self, counts_E):
+        return self.counts
+
+
+def test_ep_group_scope_one_process_equals_the_devices_shares():
+    """The reference holds both groups' rows (local_ep_groups=2); 4 devices (2 groups of 2) each hold a quarter.
+    Same loss, same gradient; with one group it is the global scope's loss; and two groups differ from global."""
+    torch.manual_seed(1)
+    B, T, E, K = 4, 3, 4, 2
+    logits = torch.randn(B * T, E, dtype=torch.float64, requires_grad=True)
+    scores = logits.softmax(-1)
+    experts = scores.topk(K, -1).indices
+    b = BalanceConfig(aux_loss_coeff=1.0, aux_loss_scope="ep_group")
+    one = balance_losses(b, LocalTokenDispatcher(), scores, logits, experts, B, T, ep_groups=2, local_ep_groups=2)
+    (g_one,) = torch.autograd.grad(one, logits, retain_graph=True)
+    devices = 0
+    for g in range(2):                                  # group g: rows [2g, 2g+2), tokens [6g, 6g+6)
+        rows = slice(6 * g, 6 * g + 6)
+        group_counts = torch.bincount(experts[rows].flatten(), minlength=E)
+        for d in range(2):                              # device d of the group: one row
+            t = slice(6 * g + 3 * d, 6 * g + 3 * d + 3)
+            devices = devices + balance_losses(b, _GroupOf(group_counts), scores[t], logits[t], experts[t], 1, T,
+                                               ep_groups=2)
+    (g_devices,) = torch.autograd.grad(devices, logits, retain_graph=True)
+    assert devices.item() == pytest.approx(one.item(), rel=1e-12)
+    assert torch.allclose(g_devices, g_one, rtol=1e-12, atol=1e-15)
+    by_hand = sum(E * (torch.bincount(experts[r].flatten(), minlength=E).double() / (6 * K)
+                               * scores[r].detach().mean(0)).sum() / 2 for r in (slice(0, 6), slice(6, 12)))
+    assert one.item() == pytest.approx(by_hand.item(), rel=1e-12)
+    glob = balance_losses(BalanceConfig(aux_loss_coeff=1.0), LocalTokenDispatcher(), scores, logits, experts, B, T)
+    single = balance_losses(b, LocalTokenDispatcher(), scores, logits, experts, B, T)
+    assert torch.equal(single, glob)
+    assert abs(one.item() - glob.item()) > 1e-6
+
+
+def test_sequence_scope_is_the_switch_loss_per_sequence():
+    """aux_loss_scope=sequence: each sequence's E sum f_i P_i on the raw scores, averaged over the sequences; the
+    sequence-wise loss (seq_aux_loss_coeff) with softmax scores, not with sigmoid ones (DeepSeek-V3 normalises
+    those per token)."""
+    torch.manual_seed(2)
+    B, T, E, K = 2, 4, 4, 2
+    logits = torch.randn(B * T, E, dtype=torch.float64)
+    scope = BalanceConfig(aux_loss_coeff=1.0, aux_loss_scope="sequence")
+    seq = BalanceConfig(seq_aux_loss_coeff=1.0)
+    for scores, same in ((logits.softmax(-1), True), (logits.sigmoid(), False)):
+        experts = scores.topk(K, -1).indices
+        got = balance_losses(scope, LocalTokenDispatcher(), scores, logits, experts, B, T)
+        by_hand = sum(E * (torch.bincount(experts[r].flatten(), minlength=E).double() / (T * K) * scores[r].mean(0)).sum()
+                      for r in (slice(0, T), slice(T, 2 * T))) / B
+        assert got.item() == pytest.approx(by_hand.item(), rel=1e-12)
+        deepseek = balance_losses(seq, LocalTokenDispatcher(), scores, logits, experts, B, T)
+        assert (got.item() == pytest.approx(deepseek.item(), rel=1e-12)) == same
 
 
 def test_router_z_loss_by_hand():

@@ -182,6 +182,11 @@ CHAOS_ON = "faults.chaos.mean_steps_between=20"
      "faults.standby=1 has no effect with faults.snapshot_every=0 (healing off: the first failure stops the run)"),
     (["faults.snapshot_every=0", "faults.max_recoveries=50"], "faults.max_recoveries=50 has no effect with "
                                                               "faults.snapshot_every=0"),
+    (["balance.aux_loss_scope=ep_group"], "balance.aux_loss_scope='ep_group' has no effect with balance.aux_loss_coeff=0"),
+    (["balance.aux_loss_coeff=0.01", "balance.aux_loss_scope=batch"],
+     "balance.aux_loss_scope='batch' is not one of global, ep_group, sequence"),
+    (["balance.aux_loss_coeff=0.01", "balance.aux_loss_scope=ep_group", "train.micro_batches=2"],
+     "balance.aux_loss_coeff=0.01 with train.micro_batches=2: the Switch loss over balance.aux_loss_scope=ep_group"),
     # cluster, checkpoints, monitoring
     (["cluster.gpus_per_device=0.5"], "cluster.gpus_per_device=0.5 has no effect with cluster.use_gpu=false"),
     (["checkpoint.keep_last=0", "checkpoint.keep_every=10"],
@@ -205,6 +210,12 @@ def test_keys_without_effect_are_refused(overrides, needle):
     with pytest.raises(ConfigError) as e:
         load_config(DEFAULT_CONFIG, overrides)
     assert needle in str(e.value)
+
+
+def test_the_per_sequence_switch_loss_takes_micro_batches():
+    cfg = load_config(DEFAULT_CONFIG, ["balance.aux_loss_coeff=0.01", "balance.aux_loss_scope=sequence",
+                                       "train.micro_batches=2"])
+    assert (cfg.balance.aux_loss_scope, cfg.train.micro_batches) == ("sequence", 2)
 
 
 def test_token_files_make_text_only_keys_idle(tmp_path):
@@ -254,8 +265,7 @@ def test_shipped_configs_load(path):
     for options in STRATEGIES.values():
         overrides = [o.format(world=world) for o in options]
         native_only = [o for o in overrides if o.split("=")[0] in
-                       ("balance.aux_loss_coeff", "balance.seq_aux_loss_coeff", "balance.z_loss_coeff", "balance.routing",
-                        "balance.capacity_factor")]
+                       ("balance.routing", "balance.capacity_factor")]   # (the balancing losses apply to it)
         if cfg.model.hf_config and native_only:   # a transformers model routes by itself: refused, naming the key
             with pytest.raises(ConfigError, match=native_only[0].split("=")[0].replace(".", r"\.")):
                 load_config(path, overrides)

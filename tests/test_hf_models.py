@@ -34,7 +34,8 @@ COMMON = ["train.dtype=float32", f"train.steps={STEPS}", "train.global_batch_siz
 VARIANTS = {"replicas": ["balance.redundant_experts=2"],   # 4 experts in 3 slots per device: two replicated
             "zero3": ["memory.zero_stage=3", "parallel.expert_parallel=2"],   # EP 2 x DP 2, FSDP2 full shard
             "zero1-micro": ["memory.zero_stage=1", "train.micro_batches=2"],
-            "aux": ["balance.router_aux_loss_coeff=0.02"],    # the model's own router loss, over the global batch
+            # the model's own router loss, over the global batch, and the project's sequence-wise loss
+            "aux": ["balance.router_aux_loss_coeff=0.02", "balance.seq_aux_loss_coeff=0.01"],
             "full-ckpt-aux": ["memory.activation_checkpointing=full", "memory.zero_stage=2",
                               "balance.router_aux_loss_coeff=0.02"]}
 
@@ -98,7 +99,7 @@ def _transformers_run(kind: str, path, world: int):
     # the oracle reads only these (not the layout, ZeRO stage, replicas, checkpointing): a variant or another device
     # count that leaves them alone has the same transformers run, so it is computed once
     key = (str(path), repr(cfg.train), repr(cfg.data), cfg.seed, cfg.balance.router_aux_loss_coeff,
-           cfg.balance.bias_update_speed)
+           cfg.balance.bias_update_speed, cfg.balance.seq_aux_loss_coeff)
     if key not in _ORACLE:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -110,6 +111,20 @@ def _transformers_run(kind: str, path, world: int):
 
 
 _ORACLE: dict[tuple, tuple] = {}
+
+
+def _seq_aux_by_hand(router_logits, B: int, T: int, K: int):
+    """DeepSeek-V3's sequence-wise loss summed over the MoE layers, from transformers' router logits of a softmax
+    router: per sequence E/(K T) * sum_i c_i * mean_t p_ti (p: the softmax, summing to 1 per token), averaged over
+    the B sequences."""
+    total = 0.0
+    for logits in router_logits:
+        p_BTE = logits.float().softmax(-1).view(B, T, -1)
+        E = p_BTE.shape[-1]
+        ids_BTK = p_BTE.topk(K, -1).indices
+        c_BE = torch.stack([(ids_BTK == i).sum((1, 2)) for i in range(E)], -1).float()
+        total = total + (E / (K * T) * c_BE * p_BTE.mean(1)).sum() / B
+    return total
 
 
 def _transformers_steps(kind: str, path, world: int):
@@ -136,12 +151,15 @@ def _transformers_steps(kind: str, path, world: int):
     for step in range(1, STEPS + 1):
         x, y = data.train_batch(step)
         loads.clear()
-        out = model(input_ids=x, output_router_logits=bool(cfg.balance.router_aux_loss_coeff))
+        b = cfg.balance
+        out = model(input_ids=x, output_router_logits=bool(b.router_aux_loss_coeff or b.seq_aux_loss_coeff))
         loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="sum") / tokens
-        if cfg.balance.router_aux_loss_coeff:   # transformers' own load_balancing_loss_func on the whole batch
-            (loss + cfg.balance.router_aux_loss_coeff * out.aux_loss).backward()
-        else:
-            loss.backward()
+        total = loss
+        if b.router_aux_loss_coeff:   # transformers' own load_balancing_loss_func on the whole batch
+            total = total + b.router_aux_loss_coeff * out.aux_loss
+        if b.seq_aux_loss_coeff:      # the project's sequence-wise loss, by hand on the router logits
+            total = total + b.seq_aux_loss_coeff * _seq_aux_by_hand(out.router_logits, *x.shape, cfg.model.top_k)
+        total.backward()
         if step == 1:
             for name, p in model.named_parameters():
                 if p.grad is not None and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
@@ -267,11 +285,11 @@ def test_experts_outside_the_shared_layout_are_refused_naming_the_class(tmp_path
         tiny_config(None, f"model.hf_config={tmp_path / 'config.json'}")
 
 
-def test_native_keys_and_native_balancing_are_refused_with_a_transformers_model(checkpoints):
+def test_native_keys_and_native_routing_are_refused_with_a_transformers_model(checkpoints):
     with pytest.raises(ConfigError, match="model.expert_dim"):
         _hf_cfg(checkpoints / "mixtral", "model.expert_dim=64")
-    with pytest.raises(ConfigError, match="balance.aux_loss_coeff"):
-        _hf_cfg(checkpoints / "mixtral", "balance.aux_loss_coeff=0.01")
+    with pytest.raises(ConfigError, match="balance.capacity_factor"):
+        _hf_cfg(checkpoints / "mixtral", "balance.capacity_factor=1.0")
     with pytest.raises(ConfigError, match="balance.bias_update_speed"):   # Mixtral's router has no correction bias
         _hf_cfg(checkpoints / "mixtral", "balance.bias_update_speed=0.01")
     cfg = _hf_cfg(checkpoints / "deepseek_v4")

@@ -1,5 +1,6 @@
 """Transformers models through the whole driver (Ray actors): a kill healed bit-identically in a DeepSeek-V4 run,
-and the post-training path (a tokenizer trained here, SFT on packed conversations, export, generation)."""
+and the post-training path (a tokenizer trained here, SFT on packed conversations, export, generation) with the
+project's balancing losses on."""
 from __future__ import annotations
 
 import json
@@ -99,7 +100,8 @@ def test_deepseek_v4_under_zero3_heals_and_resumes_bit_identical(ray_session, tm
 def test_sft_run_with_a_trained_tokenizer_exports_a_model_transformers_generates_with(ray_session, tmp_path):
     """data.train_tokenizer + data.task=sft on the standard-library instructions, two devices, as the embedded job
     (DeepSeek-V4, one sample per row); the loss counts assistant tokens only; the export holds the tokenizer and
-    generates with transformers."""
+    generates with transformers. The default config's balancing (DeepSeek-V3's bias and sequence-wise loss) on, the
+    loss from the model's router logits over its learned layers (padding left out): reported, nonzero."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from orchestrator.__main__ import main
@@ -111,10 +113,11 @@ def test_sft_run_with_a_trained_tokenizer_exports_a_model_transformers_generates
     cfg = tiny_config(run, f"model.hf_config={tmp_path / 'cfg' / 'config.json'}", "data.task=sft",
                       "data.train_tokenizer=300", "data.max_samples=48", "data.seq_len=96",
                       f"train.steps={STEPS}", "cluster.num_devices=2", "train.eval_batches=1", "train.eval_every=3",
-                      "train.global_batch_size=4")
+                      "train.global_batch_size=4", "balance.seq_aux_loss_coeff=0.0001", "balance.bias_update_speed=0.01")
     summary = Driver(cfg, run).run()
     assert summary.steps_done == STEPS and (run / "tokenizer" / "tokenizer.json").is_file()
     records = step_records(run)
+    assert all(r["aux_loss"] > 0 for r in records)
     assert all(0 < r["tokens"] < 4 * 96 for r in records)      # trained (assistant) tokens only, not every slot
     assert main(["export", str(run), "--hf", str(tmp_path / "out")]) == 0
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")

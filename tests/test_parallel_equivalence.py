@@ -123,5 +123,22 @@ def test_stable_training_options_keep_devices_equal_to_reference(ray_session, tm
         assert [r.loss for r in records] == pytest.approx([r.loss for r in ref_reports], rel=1e-9)
         assert [r.aux_loss for r in records] == pytest.approx([r.aux_loss for r in ref_reports], rel=1e-9)
         assert [r.expert_load for r in records] == [r.expert_load for r in ref_reports]
+
+
+def test_ep_group_balancing_loss_matches_reference_on_a_mesh(ray_session, tmp_path, corpus):
+    """balance.aux_loss_scope=ep_group on N=2 (expert-parallel 1 x data-parallel 2: each device its own group) and
+    N=4 (2 x 2: counts summed over the all_to_all group): the reference, which splits its rows into the same two
+    groups, gives the same losses, balancing losses and parameters; and the loss is not the global scope's."""
+    steps = 3
+    scoped = ["train.dtype=float64", "balance.aux_loss_coeff=0.01", "balance.aux_loss_scope=ep_group"]
+    for world in (2, 4):
+        mesh = [f"parallel.expert_parallel={world // 2}"]
+        ref_reports, ref_params = reference(corpus, scoped + mesh + [f"cluster.num_devices={world}"], steps)
+        glob, _ = reference_run(tiny_config(None, *scoped[:2], *mesh, f"cluster.num_devices={world}",
+                                            "train.steps=1"), corpus=corpus)
+        assert abs(glob[0].aux_loss - ref_reports[0].aux_loss) > 1e-6 * ref_reports[0].aux_loss
+        records, params = distributed_run(tmp_path, world, scoped + mesh, steps)
+        assert [r.loss for r in records] == pytest.approx([r.loss for r in ref_reports], rel=1e-9)
+        assert [r.aux_loss for r in records] == pytest.approx([r.aux_loss for r in ref_reports], rel=1e-9)
         for name, ref in ref_params.items():
             torch.testing.assert_close(params[name], ref, rtol=1e-6, atol=1e-9, msg=lambda m: f"N={world} {name}: {m}")

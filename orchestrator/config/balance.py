@@ -10,7 +10,11 @@ from orchestrator.config.mesh import expert_slots, mesh_shape
 @dataclass
 class BalanceConfig:
     """Expert load balancing strategies; combinable (formulas in orchestrator/model/balancing.py)."""
-    aux_loss_coeff: float = 0.0       # Switch/GShard auxiliary loss E*sum f_i P_i over the global batch (typical 0.01)
+    aux_loss_coeff: float = 0.0       # Switch/GShard auxiliary loss E*sum f_i P_i (typical 0.01), over aux_loss_scope
+    aux_loss_scope: str = "global"    # the tokens f_i and P_i of aux_loss_coeff's loss are taken over: global (the
+                                      # global batch) | ep_group (each expert-parallel group's tokens, the groups'
+                                      # losses averaged: Pangu Ultra MoE's EP-group loss) | sequence (each sequence's,
+                                      # averaged; with softmax scores the same as seq_aux_loss_coeff's loss)
     seq_aux_loss_coeff: float = 0.0   # DeepSeek-V3 sequence-wise balance loss (DeepSeek-V3: 0.0001)
     z_loss_coeff: float = 0.0         # router z-loss (ST-MoE: 0.001)
     bias_update_speed: float = 0.0    # aux-loss-free router bias: +-speed toward the mean load after each step (DeepSeek-V3: 0.001)
@@ -64,6 +68,7 @@ def _validate_balance(cfg: Root) -> None:
         raise ConfigError(f"balance.redundant_experts={b.redundant_experts} gives every device {expert_slots(cfg)} "
                           f"expert slots, more than model.num_experts={m.num_experts}: at most "
                           f"{m.num_experts * world - m.num_experts}")
+    _choice("balance.aux_loss_scope", b.aux_loss_scope, ("global", "ep_group", "sequence"))
     _choice("balance.routing", b.routing, ("topk", "grouped", "group_limited"))
     if b.routing == "topk":
         return

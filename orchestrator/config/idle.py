@@ -93,6 +93,10 @@ def _refuse_idle_layout_keys(cfg: Config, keys: _Keys) -> None:
         keys.section(cfg, "balance", ("topk_groups",),
                      "with balance.routing='grouped' (every token takes top_k/num_groups experts from every "
                      "group; only group_limited reads it): remove it, or set balance.routing=group_limited")
+    # model/moe.py balance_losses: the scope is of the Switch loss only
+    if not b.aux_loss_coeff:
+        keys.section(cfg, "balance", ("aux_loss_scope",), "with balance.aux_loss_coeff=0 (it is that loss's scope): "
+                                                          "set balance.aux_loss_coeff, or remove it")
     # balancer.py Balancer.due/plan: one device never re-plans; without replace_every or replace_on_imbalance no
     # plan is ever made (redundant_experts alone keeps the initial placement and its replicas)
     if c.num_devices == 1:

@@ -89,12 +89,13 @@ def _validate_mesh(cfg: Root) -> None:
         raise ConfigError(f"train.micro_batches={t.micro_batches} does not divide each device's slice of the batch "
                           f"(train.global_batch_size={t.global_batch_size} / cluster.num_devices={c.num_devices} = "
                           f"{local} sequences): choose a divisor of {local}")
-    if t.micro_batches > 1 and cfg.balance.aux_loss_coeff:
+    if t.micro_batches > 1 and cfg.balance.aux_loss_coeff and cfg.balance.aux_loss_scope != "sequence":
         raise ConfigError(f"balance.aux_loss_coeff={cfg.balance.aux_loss_coeff} with train.micro_batches="
-                          f"{t.micro_batches}: the Switch loss multiplies each expert's token count over the whole "
-                          f"step by its router probabilities, so its gradient in the first micro-batch needs counts of "
-                          f"the last; use balance.seq_aux_loss_coeff (per sequence: exact under micro-batching) or "
-                          f"balance.bias_update_speed, or train.micro_batches=1")
+                          f"{t.micro_batches}: the Switch loss over balance.aux_loss_scope={cfg.balance.aux_loss_scope} "
+                          f"multiplies each expert's token count over the whole step by its router probabilities, so "
+                          f"its gradient in the first micro-batch needs counts of the last; use "
+                          f"balance.aux_loss_scope=sequence or balance.seq_aux_loss_coeff (per sequence: exact under "
+                          f"micro-batching), balance.bias_update_speed, or train.micro_batches=1")
     if mem.zero_stage >= 2 and c.use_gpu and (c.backend == "gloo" or c.gpus_per_device < 1):
         raise ConfigError(f"memory.zero_stage={mem.zero_stage} on GPUs that talk over gloo (cluster.backend="
                           f"{c.backend}, cluster.gpus_per_device={c.gpus_per_device:g}): FSDP2 shards on the device "

@@ -98,16 +98,18 @@ def _resolve_hf_model(cfg: Root, keys: _Keys, describe: Describer | None = None)
     for name in _FROM_HF:
         setattr(m, name, info[name])
     # What the transformers path does not do (yet): the model's router is its own; recomputation is the native
-    # block's; the project's balancing losses read the native router's scores.
+    # block's. The project's balancing losses are computed from each router's logits (model/hf.py ROUTER_SCORES).
     for name, why in (("routing", "the model's own router picks experts (group-limited top-k, hash routing: as "
                                   "its config says)"),
-                      ("capacity_factor", "a transformers model routes dropless"),
-                      ("aux_loss_coeff", "the project's balancing losses read the native router's scores"),
-                      ("seq_aux_loss_coeff", "the project's balancing losses read the native router's scores"),
-                      ("z_loss_coeff", "the project's balancing losses read the native router's scores")):
+                      ("capacity_factor", "a transformers model routes dropless")):
         keys.check(b, name, f"balance.{name}", _default_of(BalanceConfig, name),
                    f"balance.{name}={getattr(b, name)!r} does not apply with {key}: {why}; remove it",
                    f"with {key}: {why}")
+    unscored = [r for r in info.get("routers", []) if r not in info.get("scored", [])]
+    if unscored and (b.aux_loss_coeff or b.seq_aux_loss_coeff or b.z_loss_coeff):
+        raise ConfigError(f"balance.aux_loss_coeff / seq_aux_loss_coeff / z_loss_coeff with {key}: this project does "
+                          f"not know how {', '.join(unscored)} scores its experts (model/hf.py ROUTER_SCORES); set "
+                          f"them to 0 (balance.router_aux_loss_coeff is the model's own loss)")
     if not info["router_aux_loss"]:
         keys.check(b, "router_aux_loss_coeff", "balance.router_aux_loss_coeff", 0.0,
                    f"balance.router_aux_loss_coeff={b.router_aux_loss_coeff}: {info['class']} computes no router "

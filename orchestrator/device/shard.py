@@ -168,6 +168,7 @@ class DeviceShard:
         self.global_tokens = t.global_batch_size * cfg.data.seq_len
         for m in self.model.moe_layers():  # balancing losses are shares of a loss over the global batch
             m.global_tokens = self.global_tokens
+            m.ep_groups = self.mesh.dp       # aux_loss_scope=ep_group: the batch's groups; this device is in one
         # Injected faults (see DeviceActor.inject): each strikes the next step, or the next `slow_steps`.
         self.crash_next_step = self.hang_next_step = self.nan_next_step = False
         self.slow_steps, self.slow_delay_s = 0, 0.0
@@ -276,8 +277,8 @@ class DeviceShard:
         loss_tokens = self.data.loss_tokens(step)
         if valid_BT is not None:   # a transformers model's router loss: its rows are the batch's tokens, not padding
             real = self.data.real_tokens(step)
-            for m in moe:
-                m.global_tokens = real
+            for m in moe:   # (and the sequence-wise losses' rows: the global batch's, padding or not)
+                m.global_tokens, m.global_sequences = real, self.cfg.train.global_batch_size
         micro = self.cfg.train.micro_batches
         passes = self._new_passes(loss_tokens, moe)
         replays = self.anticipator.replays(step, micro) if self.anticipator is not None else None

@@ -7,6 +7,13 @@ Every loss is written as this device's share of a loss over the *global* batch (
 shares sum to the global loss, and the gradient of each share is exactly the global loss's gradient
 with respect to this device's tokens. So N devices compute what one device computes (the
 single-process oracle), whatever the strategy. `global_tokens` is the global batch's token count.
+
+The Switch loss (`balance.aux_loss_coeff`) has three scopes (`balance.aux_loss_scope`), the statistics f_i and P_i
+taken over:
+  global     the global batch (every device): `switch_aux_loss` with counts summed over all devices.
+  ep_group   each expert-parallel group's tokens (the devices of one all_to_all), the groups' losses averaged:
+             `ep_group_aux_loss` (Pangu Ultra MoE's EP-group balancing loss, reconstructed).
+  sequence   each sequence's tokens, the sequences' losses averaged: `sequence_aux_loss(..., normalise=False)`.
 """
 from __future__ import annotations
 
@@ -29,8 +36,31 @@ def switch_aux_loss(scores_NE: torch.Tensor, global_counts_E: torch.Tensor, glob
     return E * (f_E * p_share_E).sum()
 
 
+def ep_group_aux_loss(scores_NE: torch.Tensor, group_counts_E: torch.Tensor, top_k: int, num_groups: int
+                      ) -> torch.Tensor:
+    """The Switch loss per expert-parallel group, averaged over the groups; share of this device (its tokens).
+
+        L = (1/G) sum_g E * sum_i f_i^g P_i^g,  f_i^g = c_i^g / (N_g K)   (copies to expert i from group g's tokens)
+                                                P_i^g = (1/N_g) sum_{t in g} s_{t,i}
+
+    G groups (the data-parallel degree: the mesh's "ep" groups, each the devices exchanging tokens in one
+    all_to_all), N_g the (counted) tokens of group g = sum_i c_i^g / K. group_counts_E: c^g of this device's group,
+    summed over the group's devices (no gradient); this device contributes its tokens' sum to P^g. With one group
+    this is `switch_aux_loss` exactly.
+
+    Source: Pangu Ultra MoE (arXiv 2505.04519), "EP-group load balancing loss": the statistics over the tokens of an
+    EP group instead of the global batch, so that each group balances its own devices' experts while sequences
+    within it may specialise. The paper gives no formula; this is the reconstruction (the Switch form per group,
+    the mean over groups), a loss between the per-sequence and the global one.
+    """
+    E = scores_NE.shape[-1]
+    counts_E = group_counts_E.to(scores_NE.dtype)
+    n_g = (counts_E.sum() / top_k).clamp(min=1.0)      # a group with no counted token: its loss is 0
+    return E * (counts_E / (n_g * top_k) * (scores_NE.sum(0) / n_g)).sum() / num_groups
+
+
 def sequence_aux_loss(scores_BTE: torch.Tensor, experts_BTK: torch.Tensor, global_sequences: int,
-                      valid_BT: torch.Tensor | None = None) -> torch.Tensor:
+                      valid_BT: torch.Tensor | None = None, normalise: bool = True) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss, share of this device (its sequences).
 
         L = (1/B_g) sum_seq sum_i f_i P_i,  f_i = E/(K T) sum_t 1[i in topk(t)],
@@ -39,12 +69,16 @@ def sequence_aux_loss(scores_BTE: torch.Tensor, experts_BTK: torch.Tensor, globa
     (DeepSeek-V3 multiplies by a small alpha, 1e-4; the caller does.) Balanced routing gives 1.
     valid_BT (bool): each sequence's sums run over its valid tokens and T is its count of them; a sequence with
     none contributes 0.
+
+    normalise=False: s' = s, the Switch loss E sum_i f_i P_i of each sequence averaged over the sequences
+    (`balance.aux_loss_scope=sequence`). For softmax scores (each token's sum to 1) the two are the same; for
+    sigmoid or sqrt-softplus scores DeepSeek-V3's normalisation makes P a distribution and they differ.
     """
     if valid_BT is not None:
-        return _valid_sequence_aux_loss(scores_BTE, experts_BTK, global_sequences, valid_BT)
+        return _valid_sequence_aux_loss(scores_BTE, experts_BTK, global_sequences, valid_BT, normalise)
     B, T, E = scores_BTE.shape
     K = experts_BTK.shape[-1]
-    norm_BTE = scores_BTE / scores_BTE.sum(-1, keepdim=True)
+    norm_BTE = scores_BTE / scores_BTE.sum(-1, keepdim=True) if normalise else scores_BTE
     counts_BE = torch.zeros(B, E, dtype=scores_BTE.dtype, device=scores_BTE.device)
     counts_BE.scatter_add_(1, experts_BTK.reshape(B, -1), torch.ones_like(experts_BTK.reshape(B, -1), dtype=scores_BTE.dtype))
     f_BE = counts_BE * E / (K * T)
@@ -53,12 +87,12 @@ def sequence_aux_loss(scores_BTE: torch.Tensor, experts_BTK: torch.Tensor, globa
 
 
 def _valid_sequence_aux_loss(scores_BTE: torch.Tensor, experts_BTK: torch.Tensor, global_sequences: int,
-                             valid_BT: torch.Tensor) -> torch.Tensor:
+                             valid_BT: torch.Tensor, normalise: bool = True) -> torch.Tensor:
     B, T, E = scores_BTE.shape
     K = experts_BTK.shape[-1]
     w_BT = valid_BT.to(scores_BTE.dtype)
     n_B1 = w_BT.sum(1, keepdim=True).clamp(min=1)            # a sequence with no valid token: all sums are 0
-    norm_BTE = scores_BTE / scores_BTE.sum(-1, keepdim=True)
+    norm_BTE = scores_BTE / scores_BTE.sum(-1, keepdim=True) if normalise else scores_BTE
     counts_BE = torch.zeros(B, E, dtype=scores_BTE.dtype, device=scores_BTE.device)
     counts_BE.scatter_add_(1, experts_BTK.reshape(B, -1), w_BT.unsqueeze(-1).expand(B, T, K).reshape(B, -1))
     f_BE = counts_BE * E / (K * n_B1)
@@ -140,5 +174,5 @@ def drop_over_capacity(experts_NK: torch.Tensor, seq_len: int, num_experts: int,
     return torch.where(rank_M.view(N, K) < capacity, experts_NK, torch.full_like(experts_NK, num_experts))
 
 
-__all__ = ["switch_aux_loss", "sequence_aux_loss", "router_z_loss", "update_expert_bias", "select_experts",
+__all__ = ["switch_aux_loss", "ep_group_aux_loss", "sequence_aux_loss", "router_z_loss", "update_expert_bias", "select_experts",
            "drop_over_capacity"]

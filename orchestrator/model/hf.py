@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from orchestrator.config import BalanceConfig, ConfigError, ModelConfig
-from orchestrator.model.moe import ExpertSlots, LocalTokenDispatcher, TokenDispatcher
+from orchestrator.model.layers import upcast
+from orchestrator.model.moe import ExpertSlots, LocalTokenDispatcher, TokenDispatcher, balance_losses
 
 EXPERT_LAYOUT = ("gate_up_proj", "down_proj")
 
@@ -163,6 +164,29 @@ REPLAY_WEIGHTS = {
 }
 
 
+# The balancing losses' router scores s_{t,i} from the router's logits, per router class: each family's own score
+# function over every expert (what its router selects and weighs from), in at least float32. DeepSeek-V4's hash-routed
+# layers (DeepseekV4HashRouter) are left out: their choice is a fixed token-id table, not learned, so no loss can
+# balance it; the balancing losses skip those layers.
+ROUTER_SCORES = {
+    "MixtralTopKRouter": lambda gate, logits_NE: upcast(logits_NE).softmax(-1),
+    "Qwen2MoeTopKRouter": lambda gate, logits_NE: upcast(logits_NE).softmax(-1),
+    "Qwen3MoeTopKRouter": lambda gate, logits_NE: upcast(logits_NE).softmax(-1),
+    "OlmoeTopKRouter": lambda gate, logits_NE: upcast(logits_NE).softmax(-1),
+    "DeepseekV3TopkRouter": lambda gate, logits_NE: upcast(logits_NE).sigmoid(),
+    "Glm4MoeTopkRouter": lambda gate, logits_NE: upcast(logits_NE).sigmoid(),
+    "DeepseekV4TopKRouter": lambda gate, logits_NE: gate.score_fn(upcast(logits_NE)),   # sqrt(softplus)
+}
+UNBALANCED_ROUTERS = ("DeepseekV4HashRouter",)   # no learned choice: no balancing loss
+
+
+def _logits_hook(experts: "ExpertParallelExperts", gate: nn.Module, args: Any, output: Any) -> None:
+    """A forward hook on the router (after the replay hook): keeps its logits [N, E] for the layer's balancing losses,
+    in a training forward with gradients and the losses on."""
+    on = experts.balance is not None and experts.training and torch.is_grad_enabled()
+    experts.router_logits_NE = output[0] if on else None
+
+
 def _replay_hook(experts: "ExpertParallelExperts", gate: nn.Module, args: Any, output: Any) -> Any:
     """A forward hook on the router: with `experts.replay_NK` set, its output becomes (logits, gates of the replayed
     ids from the live logits, the replayed ids), so the router still gets gradients through its logits."""
@@ -215,10 +239,16 @@ class ExpertParallelExperts(ExpertSlots):
         experts.__dict__["_gate"] = gate  # not a child: the block holds it
         experts.dispatcher = LocalTokenDispatcher()
         experts.global_tokens, experts.aux_loss = None, None
+        experts.global_sequences = None   # with valid_N: the global batch's sequences (None: tokens // T)
+        experts.ep_groups = experts.local_ep_groups = 1   # balance.aux_loss_scope=ep_group (see moe.balance_losses)
+        experts.balance = None        # the balancing losses (HFMoEModel.use_balance_losses); None: off
+        experts.seq_len = None        # T of the forward (set by HFMoEModel): the rows are sequences of T tokens
+        experts.router_logits_NE = None   # the router's logits of this forward (_logits_hook)
         experts.valid_N = None   # set per forward by HFMoEModel: the tokens that are not padding
         experts.replay_NK = None   # routing replay: logical ids [N, K] the router's output is replaced with
         experts.last_experts_NK = torch.zeros(0, 0, dtype=torch.long)   # the ids of the last forward
         gate.register_forward_hook(functools.partial(_replay_hook, experts))
+        gate.register_forward_hook(functools.partial(_logits_hook, experts))
         experts._init_slots(E)
         return experts  # type: ignore[return-value]
 
@@ -231,6 +261,7 @@ class ExpertParallelExperts(ExpertSlots):
         self.last_experts_NK = experts_NK.detach()
         counted = experts_NK if self.valid_N is None else experts_NK[self.valid_N.to(experts_NK.device)]
         self.last_tokens_per_expert = torch.bincount(counted.reshape(-1), minlength=self.experts_total)
+        self.aux_loss = self._balance_losses(experts_NK) if self.training else None
         slots_NK = self.slots_of(experts_NK)
         x_MD, per_slot, _, meta = self.dispatcher.dispatch(hidden_states, slots_NK, self.num_slots)
         self.last_received = int(sum(per_slot))
@@ -245,6 +276,22 @@ class ExpertParallelExperts(ExpertSlots):
             # behind the other devices'), and FSDP2's reduce-scatter would not match its peers'.
             y_MD = y_MD + sum(p.sum() for p in self.parameters() if p.requires_grad) * 0
         return self.dispatcher.combine(y_MD, top_k_weights, meta, N)
+
+    def _balance_losses(self, experts_NK: torch.Tensor) -> torch.Tensor | None:
+        """This layer's share of the project's balancing losses (moe.balance_losses: the same functions and scopes
+        as the native MoE) from its router's logits, scored by the family's own function (ROUTER_SCORES), and the
+        ids the experts got (the router's, or a routing replay's). None: off, no logits recorded (evaluation, no
+        gradient) or a hash-routed layer."""
+        logits_NE, self.router_logits_NE = self.router_logits_NE, None
+        gate = self.__dict__["_gate"]
+        score = ROUTER_SCORES.get(type(gate).__name__)
+        if logits_NE is None or score is None:
+            return None
+        N = experts_NK.shape[0]
+        T = self.seq_len or N
+        return balance_losses(self.balance, self.dispatcher, score(gate, logits_NE), upcast(logits_NE), experts_NK,
+                              N // T, T, self.valid_N, self.global_tokens, self.global_sequences, self.ep_groups,
+                              self.local_ep_groups)
 
 
 class HFCache:
@@ -288,7 +335,7 @@ class HFMoEModel(nn.Module):
             valid_BT = self._valid_BT
         valid_N = None if valid_BT is None else valid_BT.reshape(-1).bool()
         for m in self._moe:
-            m.valid_N = valid_N
+            m.valid_N, m.seq_len = valid_N, tokens_BT.shape[1]
         self._valid_N = valid_N
         if cache is not None:
             key = self._cache_arg
@@ -352,6 +399,19 @@ class HFMoEModel(nn.Module):
                                              if self._recording and self.training and torch.is_grad_enabled()
                                              else None)
 
+    def use_balance_losses(self, balance: BalanceConfig) -> None:
+        """Train with the project's balancing losses (balance.aux_loss_coeff with its scope, seq_aux_loss_coeff,
+        z_loss_coeff) computed from every learned router's logits (hash-routed layers have none). Raises ConfigError
+        for a router class whose score function this project does not know."""
+        if not (balance.aux_loss_coeff or balance.seq_aux_loss_coeff or balance.z_loss_coeff):
+            return
+        for m in self._moe:
+            gate = type(m.__dict__["_gate"]).__name__
+            if gate not in ROUTER_SCORES and gate not in UNBALANCED_ROUTERS:
+                raise ConfigError(f"balance.aux_loss_coeff / seq_aux_loss_coeff / z_loss_coeff: this project does not "
+                                  f"know how {gate} scores its experts; set them to 0")
+            m.balance = balance
+
     def moe_layers(self) -> list[ExpertParallelExperts]:
         return list(self._moe)
 
@@ -371,6 +431,16 @@ class HFMoEModel(nn.Module):
         return [[list(ids) for ids in m.placement] for m in self._moe]
 
     def aux_loss(self) -> torch.Tensor | None:
+        """This device's share of the balancing losses of the last forward (None when all are off): the project's
+        (use_balance_losses: each MoE layer's, summed over the layers as the native model does) plus the model's own
+        router auxiliary loss (use_router_aux_loss)."""
+        parts = [m.aux_loss for m in self._moe if m.aux_loss is not None]
+        own = self._router_aux_loss()
+        if own is not None:
+            parts.append(own)
+        return torch.stack([p.to(parts[0].dtype) for p in parts]).sum() if parts else None
+
+    def _router_aux_loss(self) -> torch.Tensor | None:
         """This device's share of the model's router auxiliary loss over the global batch (None when off).
 
         transformers' load_balancing_loss_func pools every recorded layer's N router rows: with p = softmax(logits)
@@ -496,6 +566,8 @@ def build_hf_model(m: ModelConfig, seed: int, expert_ids: Sequence[int] | None =
     if getattr(hf_config, "tie_word_embeddings", False):
         hf.tie_weights()
     _materialize_the_rest(hf)
+    if balance is not None:
+        model.use_balance_losses(balance)
     return model
 
 
@@ -516,7 +588,8 @@ def hf_summary(m: ModelConfig) -> dict[str, Any]:
             "correction_bias": any(hasattr(b.gate, "e_score_correction_bias") for _, b in blocks),
             "router_aux_loss": router_logits_recorder(hf) is not None,
             "packing_leaks": packing_leaks(hf_config),
-            "routers": sorted({type(b.gate).__name__ for _, b in blocks}), "replayable": sorted(REPLAY_WEIGHTS)}
+            "routers": sorted({type(b.gate).__name__ for _, b in blocks}), "replayable": sorted(REPLAY_WEIGHTS),
+            "scored": sorted(ROUTER_SCORES) + list(UNBALANCED_ROUTERS)}
 
 
 def packing_leaks(hf_config: Any) -> str | None:

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.config import BalanceConfig
-from orchestrator.model.balancing import (drop_over_capacity, router_z_loss, select_experts, sequence_aux_loss,
-                                          switch_aux_loss)
+from orchestrator.model.balancing import (drop_over_capacity, ep_group_aux_loss, router_z_loss, select_experts,
+                                          sequence_aux_loss, switch_aux_loss)
 from orchestrator.model.checkpointing import checkpointed
 from orchestrator.model.layers import SwiGLU, swiglu, upcast
 
@@ -135,6 +135,8 @@ class TokenDispatcher(Protocol):
 
     def global_counts(self, counts_E: torch.Tensor) -> torch.Tensor: ...
 
+    def group_counts(self, counts_E: torch.Tensor) -> torch.Tensor: ...
+
 
 def permute_by_expert(x_ND: torch.Tensor, experts_NK: torch.Tensor, num_experts: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -170,6 +172,10 @@ class LocalTokenDispatcher:
         return unpermute_and_combine(y_MD, gates_NK, meta, num_tokens)
 
     def global_counts(self, counts_E):
+        return counts_E
+
+    def group_counts(self, counts_E):
+        """Counts summed over this device's expert-parallel group: here the group is this process."""
         return counts_E
 
 
@@ -277,6 +283,7 @@ class MoE(ExpertSlots, nn.Module):
         self.balance = balance or BalanceConfig()
         self.global_tokens: int | None = None
         self.global_sequences: int | None = None   # with valid_N: the global batch's sequences (None: tokens // T)
+        self.ep_groups = self.local_ep_groups = 1   # aux_loss_scope=ep_group: groups of the global batch, held here
         self.aux_loss: torch.Tensor | None = None
         self.last_experts_NK: torch.Tensor = torch.zeros(0, top_k, dtype=torch.long)
         self.replay_NK: torch.Tensor | None = None
@@ -325,37 +332,67 @@ class MoE(ExpertSlots, nn.Module):
         return out_ND.view(B, T, D)
 
     def _balance_losses(self, scores_NE, logits_NE, experts_NK, counts_E, B: int, T: int) -> torch.Tensor | None:
-        b = self.balance
-        if not (b.aux_loss_coeff or b.seq_aux_loss_coeff or b.z_loss_coeff):
-            return None
-        global_tokens = self.global_tokens or B * T
-        loss = scores_NE.new_zeros(())
-        if b.aux_loss_coeff:
-            counts = self.dispatcher.global_counts(counts_E)
-            loss = loss + b.aux_loss_coeff * switch_aux_loss(scores_NE, counts, global_tokens, self.top_k)
-        if b.seq_aux_loss_coeff:
-            loss = loss + b.seq_aux_loss_coeff * sequence_aux_loss(
-                scores_NE.view(B, T, -1), experts_NK.view(B, T, -1), global_tokens // T)
-        if b.z_loss_coeff:
-            loss = loss + b.z_loss_coeff * router_z_loss(logits_NE, global_tokens)
-        return loss
+        return balance_losses(self.balance, self.dispatcher, scores_NE, logits_NE, experts_NK, B, T,
+                              global_tokens=self.global_tokens, ep_groups=self.ep_groups,
+                              local_ep_groups=self.local_ep_groups)
 
     def _valid_balance_losses(self, scores_NE, logits_NE, experts_NK, counts_E, valid_N, B: int, T: int
                               ) -> torch.Tensor | None:
-        """_balance_losses over the valid tokens only: sums over valid tokens, loads of valid tokens, each
-        sequence's f and P over its valid tokens; `global_tokens` counts valid tokens (None: this batch's)."""
-        b = self.balance
-        if not (b.aux_loss_coeff or b.seq_aux_loss_coeff or b.z_loss_coeff):
-            return None
-        global_tokens = max(1, self.global_tokens or int(valid_N.sum()))
-        loss = scores_NE.new_zeros(())
-        if b.aux_loss_coeff:
-            counts = self.dispatcher.global_counts(counts_E)
-            loss = loss + b.aux_loss_coeff * switch_aux_loss(scores_NE[valid_N], counts, global_tokens, self.top_k)
-        if b.seq_aux_loss_coeff:
-            loss = loss + b.seq_aux_loss_coeff * sequence_aux_loss(
-                scores_NE.view(B, T, -1), experts_NK.view(B, T, -1),
-                self.global_sequences or max(1, global_tokens // T), valid_N.view(B, T))
-        if b.z_loss_coeff:
-            loss = loss + b.z_loss_coeff * router_z_loss(logits_NE[valid_N], global_tokens)
-        return loss
+        return balance_losses(self.balance, self.dispatcher, scores_NE, logits_NE, experts_NK, B, T, valid_N,
+                              self.global_tokens, self.global_sequences, self.ep_groups, self.local_ep_groups)
+
+
+def balance_losses(b: BalanceConfig, dispatcher: TokenDispatcher, scores_NE: torch.Tensor, logits_NE: torch.Tensor,
+                   experts_NK: torch.Tensor, B: int, T: int, valid_N: torch.Tensor | None = None,
+                   global_tokens: int | None = None, global_sequences: int | None = None, ep_groups: int = 1,
+                   local_ep_groups: int = 1) -> torch.Tensor | None:
+    """This device's share of one MoE layer's balancing losses (balancing.py), times their coefficients; None when
+    all are off. scores_NE / logits_NE: the router's scores and logits of the N = B*T tokens (sequence-major),
+    experts_NK its choice. valid_N (bool): only these tokens count (sums, loads, each sequence's f and P), and
+    `global_tokens` counts valid tokens (None: this batch's). global_sequences: with valid_N, the global batch's
+    sequences (None: this batch's sequences with a valid token when global_tokens is None too, else
+    global_tokens // T).
+
+    balance.aux_loss_scope: global: counts summed over every device (dispatcher.global_counts); ep_group: counts
+    summed over this device's expert-parallel group (dispatcher.group_counts), the loss averaged over the
+    `ep_groups` groups of the global batch; a process holding `local_ep_groups` of them (the single-process
+    reference stands for all dp groups) splits its rows into that many equal blocks in order, as the devices' rows
+    are laid out (rank r = dp_index * ep + ep_index takes the r-th slice of the batch, so group g the g-th block);
+    sequence: per sequence (sequence_aux_loss without the per-token normalisation)."""
+    if not (b.aux_loss_coeff or b.seq_aux_loss_coeff or b.z_loss_coeff):
+        return None
+    K, E = experts_NK.shape[-1], scores_NE.shape[-1]
+    if valid_N is None:
+        n_global = global_tokens or B * T
+        sequences = n_global // T
+    else:
+        valid_N = valid_N.to(experts_NK.device)
+        n_global = max(1, global_tokens or int(valid_N.sum()))
+        sequences = global_sequences or (max(1, int(valid_N.view(B, T).any(1).sum())) if global_tokens is None
+                                         else max(1, n_global // T))
+    valid_BT = None if valid_N is None else valid_N.view(B, T)
+    loss = scores_NE.new_zeros(())
+    if b.aux_loss_coeff and b.aux_loss_scope == "sequence":
+        loss = loss + b.aux_loss_coeff * sequence_aux_loss(scores_NE.view(B, T, -1), experts_NK.view(B, T, -1),
+                                                           sequences, valid_BT, normalise=False)
+    elif b.aux_loss_coeff and b.aux_loss_scope == "ep_group":
+        blocks = zip(scores_NE.chunk(local_ep_groups), experts_NK.chunk(local_ep_groups),
+                     valid_N.chunk(local_ep_groups) if valid_N is not None else [None] * local_ep_groups)
+        for scores_ME, experts_MK, valid_M in blocks:
+            if valid_M is not None:
+                scores_ME, experts_MK = scores_ME[valid_M], experts_MK[valid_M]
+            counts_E = torch.bincount(experts_MK.reshape(-1), minlength=E)
+            if local_ep_groups == 1:
+                counts_E = dispatcher.group_counts(counts_E)
+            loss = loss + b.aux_loss_coeff * ep_group_aux_loss(scores_ME, counts_E, K, ep_groups)
+    elif b.aux_loss_coeff:
+        counted_NK, scores_VE = (experts_NK, scores_NE) if valid_N is None else (experts_NK[valid_N], scores_NE[valid_N])
+        counts = dispatcher.global_counts(torch.bincount(counted_NK.reshape(-1), minlength=E))
+        loss = loss + b.aux_loss_coeff * switch_aux_loss(scores_VE, counts, n_global, K)
+    if b.seq_aux_loss_coeff:
+        loss = loss + b.seq_aux_loss_coeff * sequence_aux_loss(
+            scores_NE.view(B, T, -1), experts_NK.view(B, T, -1), sequences, valid_BT)
+    if b.z_loss_coeff:
+        logits_VE = logits_NE if valid_N is None else logits_NE[valid_N]
+        loss = loss + b.z_loss_coeff * router_z_loss(logits_VE, n_global)
+    return loss

@@ -81,6 +81,14 @@ class AllToAllTokenDispatcher:
     def global_counts(self, counts_E):
         return summed_counts(counts_E)
 
+    def group_counts(self, counts_E):
+        """Counts summed over this device's expert-parallel group (the devices of its all_to_all), for
+        balance.aux_loss_scope=ep_group."""
+        total_E = counts_E.clone()
+        with CLOCK.collective("all_reduce counts (ep)"):
+            dist.all_reduce(total_E, group=self.group)
+        return total_E
+
     def combine(self, y_RD, gates_NK, meta, num_tokens):
         regroup_R, in_splits, out_splits = meta.extra
         y_back_RD = y_RD[torch.argsort(regroup_R)]
@@ -90,7 +98,8 @@ class AllToAllTokenDispatcher:
 
 class DataParallelLocalDispatcher(LocalTokenDispatcher):
     """Every expert on every device (expert-parallel degree 1, several data-parallel devices): dispatch stays local,
-    but the global batch spans the devices, so the balancing losses' global counts are summed over all of them."""
+    but the global batch spans the devices, so the balancing losses' global counts are summed over all of them.
+    Each device is an expert-parallel group of its own: group_counts are its own (LocalTokenDispatcher's)."""
 
     def global_counts(self, counts_E):
         return summed_counts(counts_E)
