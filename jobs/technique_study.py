@@ -16,9 +16,10 @@ seed, data and steps per arm, the command line's overrides on every arm). Groups
               global batch only with data parallelism beside EP: these arms run with
               parallel.expert_parallel=num_devices/2 when num_devices >= 2 (2 EP groups)
   mtp         multi-token prediction off vs model.mtp_depth=1: the main loss at equal steps, tokens/s
-  anticipate  a crafted loss spike (the batch of step --spike-step scaled so the loss jumps) under a loss_spike alert
-              rule whose action is rollback vs anticipate (anticipatory routing after the rewind): the loss around
-              the spike, steps spent, whether anticipatory routing switched on and off
+  anticipate  a crafted loss spike (fault kind spike: device 0's batch of step --spike-step replaced by random
+              tokens, once) under a loss_spike alert rule (1.3x the median) whose action is record (the bad update
+              stays), rollback, or anticipate (rollback, then anticipatory routing until 50 calm steps): final and
+              validation loss, steps with anticipatory routing, rewinds, step time
 
 A spike, in this study's tables: a step whose value exceeds --spike-factor (default 2 for gradient norms, 1.1 for
 the loss) times the median of the previous 20 steps (orchestrator/healing/detectors.py recent_median).
@@ -73,8 +74,11 @@ def arms_of(groups: list[str], cfg, seeds: int, high_lr: float, spike_step: int)
                                                                   f"train.lr={lr}", f"seed={seed}"],
                                     group="stability"))
     if "scopes" in groups:
-        world = cfg.cluster.num_devices
-        mesh = [f"parallel.expert_parallel={world // 2}"] if world >= 2 and world % 2 == 0 else []
+        # two EP groups of at least 2 devices (EP x DP = 2 x 2 on a small job: fractional CPUs on a laptop)
+        world = max(4, cfg.cluster.num_devices + cfg.cluster.num_devices % 2)
+        mesh = [f"cluster.num_devices={world}", f"parallel.expert_parallel={world // 2}"]
+        if world > cfg.cluster.num_devices:
+            mesh.append(f"cluster.cpus_per_device={cfg.cluster.cpus_per_device * cfg.cluster.num_devices / world:g}")
         for scope in ("sequence", "ep_group", "global"):
             arms.append(Arm(f"scope_{scope}", ["balance.aux_loss_coeff=0.01", f"balance.aux_loss_scope={scope}",
                                                "balance.seq_aux_loss_coeff=0", "balance.bias_update_speed=0", *mesh],
@@ -83,10 +87,13 @@ def arms_of(groups: list[str], cfg, seeds: int, high_lr: float, spike_step: int)
         arms.append(Arm("mtp_off", [], group="mtp"))
         arms.append(Arm("mtp_1", ["model.mtp_depth=1"], group="mtp"))
     if "anticipate" in groups:
-        spike = [f"faults.plan=[{{kind: spike, step: {spike_step}}}]", "faults.snapshot_every=5"]
-        for action in ("rollback", "anticipate"):
-            arms.append(Arm(f"spike_{action}", [*spike, f"monitor.alerts=[{{rule: loss_spike, threshold: 2.0, "
-                                                        f"action: {action}}}]"], group="anticipate"))
+        # device 0's batch of the spike step corrupted (fault kind spike: random tokens), once: a loss_spike rule at
+        # 1.3x the median answers it by recording it only, by rolling back, or by rolling back into anticipatory
+        # routing for 50 calm steps
+        spike = [f"faults.plan=[{{kind: spike, step: {spike_step}, rank: 0}}]", "faults.snapshot_every=5"]
+        for action, extra in (("record", []), ("rollback", []), ("anticipate", ["balance.anticipatory_calm_steps=50"])):
+            arms.append(Arm(f"spike_{action}", [*spike, *extra, f"monitor.alerts=[{{rule: loss_spike, threshold: 1.3, "
+                                                                 f"action: {action}}}]"], group="anticipate"))
     return arms
 
 
@@ -105,8 +112,7 @@ def row_of(r: ArmResult, args: argparse.Namespace) -> dict:
             "device_imbalance_after_warmup": statistics.mean(x.get("device_imbalance", 1.0) for x in after),
             "mtp_loss_last": next((x["mtp_loss"] for x in reversed(rec) if x.get("mtp_loss") is not None), None),
             "anticipatory_steps": sum(1 for x in rec if x.get("anticipatory")),
-            "rewinds": len(r.summary.get("rewinds") or []) if isinstance(r.summary.get("rewinds"), list)
-            else r.summary.get("rewinds", 0),
+            "incidents": len(r.summary.get("incidents") or []),
             "tokens_per_s": r.summary.get("tokens_per_s"),
             "step_time_s": statistics.median(x["step_time_s"] for x in rec[1:] or rec)}
 
@@ -140,7 +146,7 @@ def tables(rows: list[dict], seeds: int) -> str:
             ("mtp", "Multi-token prediction", ("final_loss_mean_last_5pct", "val_loss", "mtp_loss_last",
                                                "tokens_per_s", "step_time_s")),
             ("anticipate", "A crafted loss spike: rollback vs anticipatory routing",
-             ("final_loss_mean_last_5pct", "val_loss", "loss_spikes", "anticipatory_steps", "rewinds",
+             ("final_loss_mean_last_5pct", "val_loss", "loss_spikes", "anticipatory_steps", "incidents",
               "step_time_s"))):
         rs = [r for r in rows if r["group"] == group]
         if not rs:

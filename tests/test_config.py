@@ -85,7 +85,7 @@ def test_default_config_round_trips_and_overrides_apply():
     (["faults.plan=[{kind: kill}]"], "faults.plan[0] needs a step (1..500) or after_s > 0"),
     (["faults.plan=[{step: 3, kind: slow, delay_s: 0}]"], "faults.plan[0]: a slow fault needs steps >= 1 and delay_s > 0"),
     (["faults.chaos.mean_steps_between=20", "faults.chaos.kinds=[kill,melt]"],
-     "faults.chaos.kinds[1]='melt' is not one of kill, crash, hang, slow, nan, node, checkpoint"),
+     "faults.chaos.kinds[1]='melt' is not one of kill, crash, hang, slow, nan, node, checkpoint, spike"),
     (["faults.chaos.mean_steps_between=-1"], "faults.chaos.mean_steps_between=-1.0 must be zero (off) or more"),
     (["faults.hang_floor_s=30", "faults.hang_cap_s=20"], "faults.hang_floor_s=30.0 exceeds faults.hang_cap_s=20.0"),
     (["faults.on_nonfinite=ignore"], "faults.on_nonfinite='ignore' is not one of rollback, skip"),

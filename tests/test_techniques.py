@@ -141,3 +141,16 @@ def test_every_option_together_trains():
 def test_bad_option_values_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         tiny_config(None, *overrides)
+
+
+def test_the_spike_fault_corrupts_a_batch_reproducibly_and_keeps_untrained_targets():
+    from orchestrator.device.shard import corrupted_batch
+
+    inputs = torch.arange(12).view(2, 6) % 7
+    targets = torch.tensor([[1, 2, -100, 4, 5, 6], [-100, -100, 3, 4, 5, 6]])
+    a = corrupted_batch(inputs, targets, 256, seed=0, step=5, rank=1)
+    b = corrupted_batch(inputs, targets, 256, seed=0, step=5, rank=1)
+    c = corrupted_batch(inputs, targets, 256, seed=0, step=5, rank=0)
+    assert a[0].equal(b[0]) and a[1].equal(b[1]) and not a[0].equal(c[0])
+    assert a[1].eq(-100).equal(targets.eq(-100)) and not a[0].equal(inputs)
+    assert int(a[0].max()) < 256 and int(a[1][a[1] != -100].min()) >= 0

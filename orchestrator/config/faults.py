@@ -20,6 +20,7 @@ class FaultKind(StrEnum):
     NAN = "nan"
     NODE = "node"
     CHECKPOINT = "checkpoint"
+    SPIKE = "spike"
 
 
 FAULT_KINDS = tuple(FaultKind)
@@ -27,7 +28,7 @@ FAULT_KINDS = tuple(FaultKind)
 
 @dataclass
 class FaultSpec:
-    kind: str                      # kill | crash | hang | slow | nan | node | checkpoint (see faults in the README)
+    kind: str                      # kill | crash | hang | slow | nan | node | checkpoint | spike (see faults in the README)
     step: int = 0                  # the fault strikes during this step (0: use after_s)
     after_s: float = 0.0           # ... or in the first step that starts this long after training started
     rank: int = 0                  # the device it strikes (node: every device on that device's node); -1: random
@@ -103,6 +104,9 @@ def _validate_faults(cfg: Root) -> None:
             raise ConfigError(f"{key}.repeat={spec.repeat} must be 1 or more")
         if spec.kind == FaultKind.SLOW and (spec.steps < 1 or spec.delay_s <= 0):
             raise ConfigError(f"{key}: a slow fault needs steps >= 1 and delay_s > 0 (got {spec.steps}, {spec.delay_s})")
+        if spec.kind == FaultKind.SPIKE and cfg.data.task == "rl":
+            raise ConfigError(f"{key}: a spike fault corrupts a training batch of data; an RL step's batch is its "
+                              f"rollouts (data.task=rl): use another kind")
     ch = f.chaos
     if ch.mean_steps_between < 0:
         raise ConfigError(f"faults.chaos.mean_steps_between={ch.mean_steps_between} must be zero (off) or more")
@@ -111,6 +115,9 @@ def _validate_faults(cfg: Root) -> None:
             raise ConfigError("faults.chaos.kinds is empty; list fault kinds such as [kill, crash, hang]")
         for i, kind in enumerate(ch.kinds):
             _choice(f"faults.chaos.kinds[{i}]", kind, FAULT_KINDS)
+            if kind == FaultKind.SPIKE and cfg.data.task == "rl":
+                raise ConfigError(f"faults.chaos.kinds[{i}]=spike corrupts a training batch of data; an RL step's "
+                                  f"batch is its rollouts (data.task=rl): remove it")
         if ch.slow_steps < 1 or ch.slow_delay_s <= 0:
             raise ConfigError("faults.chaos.slow_steps must be >= 1 and faults.chaos.slow_delay_s > 0")
         if not 0.0 <= ch.rollout_share <= 1.0:

@@ -34,6 +34,10 @@ def _arm_nan(shard: Any, steps: int, delay_s: float, in_collective: bool) -> Non
     shard.nan_next_step = True
 
 
+def _arm_spike(shard: Any, steps: int, delay_s: float, in_collective: bool) -> None:
+    shard.spike_next_step = True
+
+
 def _arm_slow(shard: Any, steps: int, delay_s: float, in_collective: bool) -> None:
     shard.slow_steps, shard.slow_delay_s = steps, delay_s
 
@@ -46,6 +50,7 @@ INJECTIONS: dict[FaultKind, Injection] = {
     FaultKind.NAN: Injection(arm=_arm_nan),
     FaultKind.SLOW: Injection(arm=_arm_slow),
     FaultKind.CHECKPOINT: Injection(fails_save=True),
+    FaultKind.SPIKE: Injection(arm=_arm_spike),
 }
 assert set(INJECTIONS) == set(FaultKind), "every fault kind says how it is injected"
 

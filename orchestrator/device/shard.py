@@ -102,6 +102,17 @@ def _reject(loss: float, grad_norm: float, guard: dict[str, float]) -> str | Non
     return None
 
 
+def corrupted_batch(inputs_BT: torch.Tensor, targets_BT: torch.Tensor, vocab_size: int, seed: int, step: int,
+                    rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The injected `spike` fault's batch: every input and trained target replaced by a uniformly random token
+    (targets that are not trained, -100, stay so), drawn from a generator keyed by (seed, step, rank): the same
+    corruption whenever the fault strikes that step on that device."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+    inputs = torch.randint(0, vocab_size, inputs_BT.shape, generator=g, dtype=inputs_BT.dtype)
+    noise = torch.randint(0, vocab_size, targets_BT.shape, generator=g, dtype=targets_BT.dtype)
+    return inputs, torch.where(targets_BT == -100, targets_BT, noise)
+
+
 def autocast_dtype(setting: str, dtype: str, device_type: str, bf16_supported: bool) -> torch.dtype | None:
     """The dtype the forward autocasts to (train.mixed_precision), or None: `auto` means bf16 on a GPU that
     supports it and nothing on CPU; `bf16` also on CPU, not on a GPU without bf16; float64 runs never."""
@@ -170,7 +181,7 @@ class DeviceShard:
             m.global_tokens = self.global_tokens
             m.ep_groups = self.mesh.dp       # aux_loss_scope=ep_group: the batch's groups; this device is in one
         # Injected faults (see DeviceActor.inject): each strikes the next step, or the next `slow_steps`.
-        self.crash_next_step = self.hang_next_step = self.nan_next_step = False
+        self.crash_next_step = self.hang_next_step = self.nan_next_step = self.spike_next_step = False
         self.slow_steps, self.slow_delay_s = 0, 0.0
         self.anticipator = None   # anticipatory routing (device/anticipate.py): its cached ids are state, as rl_pending
         if anticipates(cfg):
@@ -273,6 +284,10 @@ class DeviceShard:
     def _forward_backward(self, step: int, moe: list) -> _Passes:
         """The step's forward and backward passes, one per micro-batch, gradients accumulating; what they add up."""
         inputs_BT, targets_BT, positions_BT, valid_BT = self._batch(step)
+        if self.spike_next_step:   # injected (fault kind spike): a corrupted batch
+            self.spike_next_step = False
+            inputs_BT, targets_BT = corrupted_batch(inputs_BT, targets_BT, self.cfg.model.vocab_size,
+                                                    self.cfg.seed, step, self.rank)
         # The loss is the mean over the global batch's trained tokens (SFT: assistant tokens only; else all).
         loss_tokens = self.data.loss_tokens(step)
         if valid_BT is not None:   # a transformers model's router loss: its rows are the batch's tokens, not padding

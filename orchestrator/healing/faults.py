@@ -57,6 +57,10 @@ FAULTS: dict[FaultKind, FaultRule] = {r.kind: r for r in (
     FaultRule(FaultKind.SLOW, "the next `steps` steps each take `delay_s` longer", frozenset({_I.SLOW})),
     FaultRule(FaultKind.CHECKPOINT, "the checkpoint after its step is taken, and the device's shard write of it "
                                     "fails midway", frozenset({_I.CHECKPOINT})),
+    FaultRule(FaultKind.SPIKE, "the device's batch in the next step is replaced by uniformly random tokens (a "
+                               "corrupted batch): the step's loss and gradient norm spike, caught as a spike when "
+                               "above faults.loss_spike_factor / grad_spike_factor x their median (and by a "
+                               "loss_spike alert rule)", frozenset({_I.LOSS_SPIKE, _I.GRAD_SPIKE})),
 )}
 assert set(FAULTS) == set(FaultKind), "every fault kind has its rule"
 
