@@ -16,8 +16,8 @@ seed, data and steps per arm, the command line's overrides on every arm). Groups
               global batch only with data parallelism beside EP: these arms run with
               parallel.expert_parallel=num_devices/2 when num_devices >= 2 (2 EP groups)
   mtp         multi-token prediction off vs model.mtp_depth=1: the main loss at equal steps, tokens/s
-  anticipate  a crafted loss spike (fault kind spike: device 0's batch of step --spike-step replaced by random
-              tokens, once) under a loss_spike alert rule (1.3x the median) whose action is record (the bad update
+  anticipate  a crafted loss spike (fault kind spike: every device's batch of step --spike-step replaced by random
+              tokens, once) under a loss_spike alert rule (--spike-threshold x the median, 1.3) whose action is record (the bad update
               stays), rollback, or anticipate (rollback, then anticipatory routing until 50 calm steps): final and
               validation loss, steps with anticipatory routing, rewinds, step time
 
@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                 "(default: 4x train.lr)")
     ap.add_argument("--spike-step", type=int, default=None, help="the anticipate group's crafted spike (default: "
                                                                  "half of the steps)")
+    ap.add_argument("--spike-threshold", type=float, default=1.3, help="the anticipate group's loss_spike alert "
+                                                                        "threshold (x the median; default 1.3)")
     ap.add_argument("--grad-spike-factor", type=float, default=2.0)
     ap.add_argument("--loss-spike-factor", type=float, default=1.1)
     return ap.parse_args(argv)
@@ -64,7 +66,8 @@ def spikes(values: list[float], factor: float) -> int:
                if (m := recent_median(values[i - WINDOW:i], WINDOW)) is not None and values[i] > factor * m)
 
 
-def arms_of(groups: list[str], cfg, seeds: int, high_lr: float, spike_step: int) -> list[Arm]:
+def arms_of(groups: list[str], cfg, seeds: int, high_lr: float, spike_step: int, spike_threshold: float
+            ) -> list[Arm]:
     arms: list[Arm] = []
     if "stability" in groups:
         for lr_name, lr in (("lr", cfg.train.lr), ("high_lr", high_lr)):
@@ -87,13 +90,15 @@ def arms_of(groups: list[str], cfg, seeds: int, high_lr: float, spike_step: int)
         arms.append(Arm("mtp_off", [], group="mtp"))
         arms.append(Arm("mtp_1", ["model.mtp_depth=1"], group="mtp"))
     if "anticipate" in groups:
-        # device 0's batch of the spike step corrupted (fault kind spike: random tokens), once: a loss_spike rule at
-        # 1.3x the median answers it by recording it only, by rolling back, or by rolling back into anticipatory
-        # routing for 50 calm steps
-        spike = [f"faults.plan=[{{kind: spike, step: {spike_step}, rank: 0}}]", "faults.snapshot_every=5"]
+        # every device's batch of the spike step corrupted (fault kind spike: random tokens), once: a loss_spike rule
+        # answers it by recording it only, by rolling back, or by rolling back into anticipatory routing for 50 calm
+        # steps
+        faults = ", ".join(f"{{kind: spike, step: {spike_step}, rank: {r}}}" for r in range(cfg.cluster.num_devices))
+        spike = [f"faults.plan=[{faults}]", "faults.snapshot_every=5"]
         for action, extra in (("record", []), ("rollback", []), ("anticipate", ["balance.anticipatory_calm_steps=50"])):
-            arms.append(Arm(f"spike_{action}", [*spike, *extra, f"monitor.alerts=[{{rule: loss_spike, threshold: 1.3, "
-                                                                 f"action: {action}}}]"], group="anticipate"))
+            arms.append(Arm(f"spike_{action}", [*spike, *extra, f"monitor.alerts=[{{rule: loss_spike, threshold: "
+                                                                 f"{spike_threshold}, action: {action}}}]"],
+                            group="anticipate"))
     return arms
 
 
@@ -183,7 +188,7 @@ def study(args: argparse.Namespace) -> int:
     spike_step = args.spike_step or max(WINDOW + 2, cfg.train.steps // 2)
     if "anticipate" in groups and spike_step > cfg.train.steps:
         raise ConfigError(f"--spike-step={spike_step} is after the last step ({cfg.train.steps})")
-    arms = arms_of(groups, cfg, args.seeds, high_lr, spike_step)
+    arms = arms_of(groups, cfg, args.seeds, high_lr, spike_step, args.spike_threshold)
     configs = arm_configs(args.config, [], overrides, arms)
     done = run_arms(cfg, configs, arms)
     if isinstance(done, int):
