@@ -171,3 +171,52 @@ def test_native_mla_model_inits_trains_and_recomputes():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3, losses
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["model.attention=gqa"], r"model\.attention='gqa' is not one of mha, mla"),
+    (["model.kv_lora_rank=32"], r"model\.kv_lora_rank=32 has no effect with model\.attention='mha'"),
+    (["model.attention=mla", "model.qk_rope_head_dim=5"], r"model\.qk_rope_head_dim=5 must be even"),
+    (["model.attention=mla", "model.v_head_dim=0"], r"model\.v_head_dim=0 must be positive"),
+    (["model.attention=mla", "model.q_lora_rank=-1"], r"model\.q_lora_rank=-1 must be zero or more"),
+])
+def test_mla_keys_are_checked(overrides, needle):
+    from orchestrator.config import DEFAULT_CONFIG, load_config
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(DEFAULT_CONFIG, overrides)
+
+
+def test_mla_config_accepted_and_refused_with_a_transformers_model():
+    from orchestrator.config import DEFAULT_CONFIG, load_config
+    from orchestrator.config.validate import validate
+
+    # MLA heads need not split model.dim (dim 96 over 5 heads is fine: the head dims are their own keys)
+    cfg = load_config(DEFAULT_CONFIG, ["model.attention=mla", "model.dim=96", "model.n_heads=5", "model.q_lora_rank=48",
+                                       "model.qk_nope_head_dim=0"])
+    assert (cfg.model.attention, cfg.model.q_lora_rank, cfg.model.qk_nope_head_dim) == ("mla", 48, 0)
+    m = cfg.model
+    info = {"class": "FakeMoeForCausalLM", "router_aux_loss": False, "correction_bias": False, "packing_leaks": "",
+            **{k: getattr(m, k) for k in ("vocab_size", "dim", "n_layers", "max_seq_len", "num_experts", "top_k",
+                                          "first_k_dense")}}
+    cfg = load_config(DEFAULT_CONFIG, [])
+    cfg.model.hf_config, cfg.model.attention, cfg.model.kv_lora_rank = "x/config.json", "mla", 8
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, frozenset({"model.hf_config", "model.attention", "model.kv_lora_rank"}), describe=lambda _: info)
+    assert "model.attention='mla' has no effect with model.hf_config" in str(err.value)
+    assert "model.kv_lora_rank=8 has no effect with model.hf_config" in str(err.value)
+
+
+def test_flops_per_token_and_hf_export_refusal():
+    from orchestrator.checkpoint.hf_mapping import hf_architecture
+    from orchestrator.config import DEFAULT_CONFIG, load_config
+    from orchestrator.model.transformer import count_parameters
+    from orchestrator.monitoring.metrics import flops_per_token
+
+    cfg = load_config(DEFAULT_CONFIG, ["model.attention=mla", "model.q_lora_rank=32"])
+    m = cfg.model
+    active = count_parameters(m)["activated"]   # tied embeddings: the head counts, the lookup does not
+    attention = 6 * m.n_layers * cfg.data.seq_len * m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+    assert flops_per_token(cfg) == 6 * active + attention
+    with pytest.raises(ConfigError, match=r"model\.attention='mla': the Hugging Face export maps plain multi-head"):
+        hf_architecture(m)
