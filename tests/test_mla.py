@@ -220,3 +220,28 @@ def test_flops_per_token_and_hf_export_refusal():
     assert flops_per_token(cfg) == 6 * active + attention
     with pytest.raises(ConfigError, match=r"model\.attention='mla': the Hugging Face export maps plain multi-head"):
         hf_architecture(m)
+
+
+@pytest.mark.parametrize("mla", [["model.q_lora_rank=16"], ["model.v_head_dim=64"]], ids=["v<qk,q_lora", "v>qk"])
+def test_activation_plan_matches_what_torch_saves(mla):
+    """memory/plan.py's MLA terms (mla_attention_bytes) against the saved-tensor meter over a training step, as
+    tests/test_planner.py does for the default attention: no recomputation, full, under bf16 autocast too."""
+    from orchestrator.config import DEFAULT_CONFIG, load_config
+    from orchestrator.memory.plan import plan_memory
+    from orchestrator.model import build_model
+    from orchestrator.model.checkpointing import apply_activation_checkpointing
+    from tests.test_planner import _measure_step
+
+    def cfg_of(*more):
+        return load_config(DEFAULT_CONFIG, ["model.attention=mla", *mla, "cluster.num_devices=1",
+                                            "train.global_batch_size=2", "data.seq_len=32", "model.n_layers=2", *more])
+
+    cfg = cfg_of()
+    model = build_model(cfg.model, cfg.seed, None, cfg.balance).to(torch.float32)   # as DeviceShard: buffers too
+    for m in model.moe_layers():
+        m.global_tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    for mode, precision in (("none", "none"), ("full", "none"), ("none", "bf16")):
+        cfg = cfg_of(f"memory.activation_checkpointing={mode}", f"train.mixed_precision={precision}")
+        apply_activation_checkpointing(model, mode)
+        measured = _measure_step(model, cfg, autocast=precision == "bf16")
+        assert plan_memory(cfg).devices[0].activations_peak == pytest.approx(measured, rel=1e-3), (mode, precision)

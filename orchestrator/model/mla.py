@@ -90,14 +90,32 @@ class MLAttention(nn.Module):
         if cache is None or offset == 0:
             if cache is not None:
                 cache.append(self.layer, k_BHTK, v_BHTV)
-            y_BHTV = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTV, is_causal=True, scale=self.scale)
+            y_BHTV = _attention(q_BHTK, k_BHTK, v_BHTV, self.scale, None)
         else:   # key j visible to query i when j <= offset + i (is_causal would align the corner top-left)
             k_BHSK, v_BHSV = cache.append(self.layer, k_BHTK, v_BHTV)
             S = offset + T
             mask_TS = (torch.arange(S, device=x_BTD.device).unsqueeze(0)
                        <= torch.arange(offset, S, device=x_BTD.device).unsqueeze(1))
-            y_BHTV = F.scaled_dot_product_attention(q_BHTK, k_BHSK, v_BHSV, attn_mask=mask_TS, scale=self.scale)
+            y_BHTV = _attention(q_BHTK, k_BHSK, v_BHSV, self.scale, mask_TS)
         return self.wo(y_BHTV.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
+
+
+def _attention(q_BHTK: torch.Tensor, k_BHSK: torch.Tensor, v_BHSV: torch.Tensor, scale: float,
+               mask_TS: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T * scale [+ mask]) v -> [B, H, T, V]; causal when mask_TS is None.
+
+    The fused SDPA kernels (flash on CPU and GPU) want one head dim for q, k and v; with V != K torch falls back
+    to its math path, which keeps the [B, H, T, S] probabilities for backward. So the narrower side is padded with
+    zeros to max(K, V), as vLLM does for MLA prefill: zero value columns give zero output columns (sliced off),
+    zero q/k columns add nothing to q.k (the scale is passed explicitly, not taken from the padded width)."""
+    K, V = q_BHTK.shape[-1], v_BHSV.shape[-1]
+    if V < K:
+        v_BHSV = F.pad(v_BHSV, (0, K - V))
+    elif K < V:
+        q_BHTK, k_BHSK = F.pad(q_BHTK, (0, V - K)), F.pad(k_BHSK, (0, V - K))
+    y = F.scaled_dot_product_attention(q_BHTK, k_BHSK, v_BHSV, attn_mask=mask_TS, is_causal=mask_TS is None,
+                                       scale=scale)
+    return y[..., :V]
 
 
 def mla_from_config(cfg, layer: int) -> MLAttention:
