@@ -245,3 +245,24 @@ def test_activation_plan_matches_what_torch_saves(mla):
         apply_activation_checkpointing(model, mode)
         measured = _measure_step(model, cfg, autocast=precision == "bf16")
         assert plan_memory(cfg).devices[0].activations_peak == pytest.approx(measured, rel=1e-3), (mode, precision)
+
+
+MLA_KEYS = ["model.attention=mla", "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
+            "model.qk_rope_head_dim=4", "model.v_head_dim=8", "train.dtype=float64"]
+
+
+def test_float64_devices_match_reference_with_mla(ray_session, tmp_path):
+    """N = 2 (expert parallel) and N = 4 with ZeRO-3 (FSDP2 shards the MLA weights) and selective recomputation
+    (the attention region): the reference's losses, routing and parameters (tests/test_parallel_equivalence.py)."""
+    from tests.test_parallel_equivalence import distributed_run, reference
+
+    steps = 3
+    ref_reports, ref_params = reference(None, MLA_KEYS, steps)
+    assert any(".attn.wkv_b." in name for name in ref_params)
+    for world, extra in ((2, []), (4, ["memory.zero_stage=3", "memory.activation_checkpointing=selective"])):
+        records, params = distributed_run(tmp_path, world, MLA_KEYS + extra, steps)
+        assert [r.loss for r in records] == pytest.approx([r.loss for r in ref_reports], rel=1e-9)
+        assert [r.expert_load for r in records] == [r.expert_load for r in ref_reports]
+        assert params.keys() == ref_params.keys()
+        for name, ref in ref_params.items():
+            torch.testing.assert_close(params[name], ref, rtol=1e-6, atol=1e-9, msg=lambda m: f"N={world} {name}: {m}")
