@@ -26,7 +26,8 @@ and o are untouched. The logits are then the native logits.
 
 The native settings with no transformers equivalent are refused with a ConfigError naming the key (`hf_config_for`):
 softmax scores with model.route_scale != 1 or with group-limited routing, MoGE routing (balance.routing=grouped),
-softmax with unnormalised gates and shared experts or a router bias, balance.capacity_factor (no transformers MoE
+softmax with unnormalised gates and shared experts or a router bias, model.attention=mla (not mapped to
+DeepseekV3's names yet), balance.capacity_factor (no transformers MoE
 drops token copies; `dropless=True` / --dropless exports the dropless forward on purpose). DeepSeek-V3 (and V2) in
 transformers uses multi-head latent attention (a low-rank kv projection with an RMSNorm on the latent, and one RoPE
 key shared by all heads): no setting turns it into plain multi-head attention, so DeepseekV3Config is never the
@@ -133,6 +134,10 @@ def _exportable_routing(m: ModelConfig, b: BalanceConfig, dropless: bool) -> str
     if is_hf_model(m):
         raise ConfigError("model.hf_path/model.hf_config: this is a Hugging Face model, not the native one; its "
                           "parameters already have the transformers names (export_hf_checkpoint)")
+    if m.attention != "mha":
+        raise ConfigError(f"model.attention={m.attention!r}: the Hugging Face export maps plain multi-head attention "
+                          f"only; multi-head latent attention (DeepseekV3's) is not mapped yet (its weights keep the "
+                          f"native names: model/mla.py lists transformers' for each)")
     defaults = ModelConfig()
     for f in dataclasses.fields(ModelConfig):
         if f.name not in _MAPPED_MODEL_KEYS and f.name not in HF_MODEL_KEYS \

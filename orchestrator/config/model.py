@@ -61,6 +61,14 @@ class ModelConfig:
     tiny_init_embed_std: float = 0.5  # TinyInit: the embedding's std (Pangu Ultra: 0.5; also the head when tied)
     swiglu_limit: float = 0.0      # 0: off; else the experts' (routed and shared) SwiGLU clamps its gate
                                    # pre-activation to <= limit and its linear part to [-limit, limit] (DeepSeek-V4: 10)
+    # Attention: mha (multi-head, q/k/v/o of dim x dim) | mla (multi-head latent attention, DeepSeek-V2/V3:
+    # model/mla.py; the keys below shape it, n_heads heads; plain RoPE with rope_theta, no YaRN)
+    attention: str = "mha"
+    q_lora_rank: int = 0           # mla: rank of the query compression; 0 = one query projection (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 64         # mla: rank of the compressed key/value latent (RMSNorm, eps 1e-6, on it)
+    qk_nope_head_dim: int = 32     # mla: per-head query/key dims without RoPE
+    qk_rope_head_dim: int = 16     # mla: per-head query/key dims with RoPE (the key part shared by all heads); even
+    v_head_dim: int = 32           # mla: per-head value dim (wo reads n_heads * v_head_dim)
     # A Hugging Face MoE model instead of the native one (model/hf.py): a local directory with config.json and
     # *.safetensors, or a config.json file (fresh weights from the seed). The model's own config then gives
     # vocab_size, dim, n_layers, max_seq_len, num_experts, top_k and first_k_dense (its dense layers' count)
@@ -72,7 +80,29 @@ class ModelConfig:
 # Native architecture keys a Hugging Face model's own config replaces (model/hf.py reads none of them).
 _NATIVE_ONLY = ("n_heads", "expert_dim", "num_shared_experts", "score_func", "norm_topk_prob", "route_scale",
                 "dense_dim", "tie_embeddings", "rope_theta", "norm_eps", "init_std", "norm", "sandwich_attn_scale",
-                "sandwich_ffn_scale", "init", "tiny_init_embed_std", "swiglu_limit")
+                "sandwich_ffn_scale", "init", "tiny_init_embed_std", "swiglu_limit", "attention",
+                "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+_MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def _validate_attention(cfg: Root, keys: _Keys) -> None:
+    """model.attention and its MLA keys (model/mla.py): the MLA keys are refused with attention=mha (no code
+    reads them), and must give non-empty heads with an even RoPE part under attention=mla."""
+    m = cfg.model
+    if m.attention not in ("mha", "mla"):
+        raise ConfigError(f"model.attention={m.attention!r} is not one of mha, mla")
+    if m.attention == "mha":
+        keys.section(cfg, "model", _MLA_KEYS, "with model.attention='mha' (only multi-head latent attention reads "
+                                             "it): remove it, or set model.attention=mla")
+        return
+    for name in _MLA_KEYS:   # q_lora_rank 0: no query compression; qk_nope_head_dim 0: RoPE-only heads
+        value, zero_ok = getattr(m, name), name in ("q_lora_rank", "qk_nope_head_dim")
+        if value < 0 or (value == 0 and not zero_ok):
+            raise ConfigError(f"model.{name}={value} must be {'zero or more' if zero_ok else 'positive'} with "
+                              f"model.attention=mla")
+    if m.qk_rope_head_dim % 2:
+        raise ConfigError(f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even (RoPE rotates pairs)")
 
 
 # first_k_dense: how many of its layers are dense (n_layers minus its MoE layers: what the balancer counts)

@@ -10,7 +10,7 @@ from orchestrator.config.data import _validate_tokens
 from orchestrator.config.faults import _validate_faults
 from orchestrator.config.idle import _Keys, _refuse_idle_keys
 from orchestrator.config.mesh import _validate_mesh
-from orchestrator.config.model import Describer, _resolve_hf_model
+from orchestrator.config.model import Describer, _resolve_hf_model, _validate_attention
 from orchestrator.config.monitor import _validate_monitor
 from orchestrator.config.rl import _validate_rl
 from orchestrator.config.schema import Config
@@ -29,6 +29,7 @@ def validate(cfg: Config, user_keys: frozenset[str] | None = None, describe: Des
         _resolve_hf_model(cfg, keys, describe)
     _validate_values(cfg)
     _validate_mesh(cfg)
+    _validate_attention(cfg, keys)
     _validate_shapes(cfg)
     _validate_tokens(cfg, keys)
     if cfg.balance.router_aux_loss_coeff and not (m.hf_path or m.hf_config):
@@ -92,7 +93,7 @@ def _validate_shapes(cfg: Config) -> None:
     if t.global_batch_size % c.num_devices:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by cluster.num_devices="
                           f"{c.num_devices}; each device takes an equal slice of the global batch")
-    if not (m.hf_path or m.hf_config) and (m.dim % m.n_heads or (m.dim // m.n_heads) % 2):
+    if not (m.hf_path or m.hf_config) and m.attention == "mha" and (m.dim % m.n_heads or (m.dim // m.n_heads) % 2):
         raise ConfigError(f"model.dim={m.dim} must split into model.n_heads={m.n_heads} heads of even size (for RoPE)")
     if m.first_k_dense > m.n_layers:
         raise ConfigError(f"model.first_k_dense={m.first_k_dense} exceeds model.n_layers={m.n_layers}")

@@ -193,7 +193,8 @@ def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tu
       (no autocast: autocast saves its copies instead); combine: expert outputs R*D*f, gate indices R*8,
       gates R*f, weighted outputs R*D*a (index_add's source)
       head: final norm, its output linear; loss: log_softmax N*V*f, targets N*8, total weight f
-    RoPE's tables are buffers (state, not counted). Checkpointing (model/checkpointing.py): a region holds its
+    Multi-head latent attention (model.attention=mla): mla_attention_bytes. RoPE's tables are buffers (state,
+    not counted). Checkpointing (model/checkpointing.py): a region holds its
     input (what torch.utils.checkpoint saves) and recomputes the rest in backward."""
     m, bal = cfg.model, cfg.balance
     ac = _autocast(cfg)
@@ -214,6 +215,8 @@ def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tu
     sel, norm_inner = mode == "selective", N * f + N * D * f
     attn_inner = norm_inner + linears(N, 3 * D * D, 3, False) + 4 * N * D * a + B * H * T * max(f, 4) + \
         linears(N, D * D, 0, True) + N * D * a
+    if m.attention == "mla":
+        attn_inner = norm_inner + mla_attention_bytes(m, B, T, a, f, ac)
     items: list[tuple[str, int, int]] = [("embedding", N * 8, 0)]
     for layer in range(m.n_layers):
         block = [("attention", N * D * f, attn_inner) if sel else ("attention", N * D * f + attn_inner, 0),
@@ -239,6 +242,36 @@ def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tu
         items += [(f"layer {layer} {name}", h, r) for name, h, r in block]
     return items + [("final norm", N * D * f + norm_inner + linears(N, V * D, 1, False), 0),
                     ("loss", N * V * f + N * 8 + f, 0)]
+
+
+def mla_attention_bytes(m: Any, B: int, T: int, a: int, f: int, ac: bool) -> int:
+    """Bytes multi-head latent attention (model/mla.py, model.attention=mla) saves for backward, attn_norm's
+    output on: N = B*T tokens, a/f as in activation_items (under no autocast a = f = the model dtype's bytes);
+    under autocast each linear saves a bf16 copy of its input and of its weight.
+      linears on attn_norm's output (wq or wq_a, and wkv_a): that output N*D*f, or under autocast two bf16
+      copies 2*N*D*a and the weights
+      an inner RMSNorm of width W (q_norm, kv_norm): its float input N*W*f (kv_norm without autocast: a view of
+      wkv_a's whole output, N*(C+R)*f), rsqrt N*f, the normalised rows in the input's dtype N*W*a; the linear
+      after it (wq_b, wkv_b): its input N*W*a (+ weight)
+      RoPE saves only its tables (buffers); SDPA (one head dim M = max(K, V): the narrower side is zero-padded)
+      saves q, k and the output N*H*M*a each, v (V < K: its padded copy N*H*K*a; else a view of wkv_b's whole
+      output, N*H*(qk_nope_head_dim + V)*a), logsumexp B*H*T*max(f, 4); wo: its input N*H*V*a
+    with K = qk_nope_head_dim + qk_rope_head_dim, V = v_head_dim, C = kv_lora_rank, R = qk_rope_head_dim,
+    Q = q_lora_rank. Matches torch's saved tensors exactly on CPU (tests/test_mla.py)."""
+    N, D, H, Q, C, R = B * T, m.dim, m.n_heads, m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim
+    K, V = m.qk_nope_head_dim + R, m.v_head_dim
+    M = max(K, V)
+
+    def weights(n: int) -> int:
+        return n * a if ac else 0
+
+    total = (2 * N * D * a if ac else N * D * f) + weights(((Q or H * K) + C + R) * D)
+    if Q:
+        total += N * Q * f + N * f + N * Q * a + N * Q * a + weights(H * K * Q)
+    total += (N * C * f if ac else N * (C + R) * f) + N * f + N * C * a + N * C * a + weights(H * (K - R + V) * C)
+    v_held = K if V < K else K - R + V   # padded, or a view of wkv_b's whole output [N, H*(nope+V)]
+    total += 3 * N * H * M * a + N * H * v_held * a + B * H * T * max(f, 4) + N * H * V * a + weights(D * H * V)
+    return total
 
 
 def activation_bytes(cfg: Config, sequences: int, mode: str, ep: int = 1) -> int:

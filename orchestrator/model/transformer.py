@@ -23,6 +23,7 @@ from torch import nn
 from orchestrator.config import BalanceConfig, ModelConfig
 from orchestrator.model.checkpointing import checkpointed
 from orchestrator.model.layers import Attention, KVCache, RMSNorm, SwiGLU
+from orchestrator.model.mla import mla_from_config
 from orchestrator.model.moe import MoE, GroupedExperts
 
 
@@ -47,7 +48,8 @@ class Block(nn.Module):
         self.attn_out_norm = RMSNorm(cfg.dim, cfg.norm_eps) if sandwich else None
         self.ffn_out_norm = RMSNorm(cfg.dim, cfg.norm_eps) if sandwich else None
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, layer)
+        self.attn = mla_from_config(cfg, layer) if cfg.attention == "mla" else \
+            Attention(cfg.dim, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, layer)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if layer < cfg.first_k_dense:
             self.ffn: nn.Module = SwiGLU(cfg.dim, cfg.dense_dim)

@@ -12,7 +12,10 @@ keys each sink shows and under which name, so every sink carries the same values
 
 MFU (model FLOPs utilisation) = tokens/s x FLOPs per token / (devices x peak FLOP/s of one device), with
 FLOPs per token = 6 x (parameters a token passes through, embedding lookup excluded) + 12 x layers x
-dim x seq_len (attention scores and values, forward and backward), as in PaLM's appendix B.
+dim x seq_len (attention scores and values, forward and backward), as in PaLM's appendix B. Under multi-head
+latent attention (model.attention=mla) the scores are n_heads x (qk_nope_head_dim + qk_rope_head_dim) wide and
+the values n_heads x v_head_dim: 6 x layers x seq_len x n_heads x (qk_head_dim + v_head_dim) (the same count:
+2 FLOPs per multiply-add, forward QK^T and AV, backward twice that); its low-rank projections are parameters.
 """
 from __future__ import annotations
 
@@ -76,6 +79,9 @@ def flops_per_token(cfg: Config) -> float:
         return 6.0 * active + 12.0 * m.n_layers * m.dim * cfg.data.seq_len
     counts = count_parameters(m)
     active = counts["activated"] - (0 if m.tie_embeddings else m.vocab_size * m.dim)  # the lookup costs nothing
+    if m.attention == "mla":
+        width = m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+        return 6.0 * active + 6.0 * m.n_layers * width * cfg.data.seq_len
     return 6.0 * active + 12.0 * m.n_layers * m.dim * cfg.data.seq_len
 
 
