@@ -154,3 +154,28 @@ def test_the_spike_fault_corrupts_a_batch_reproducibly_and_keeps_untrained_targe
     assert a[0].equal(b[0]) and a[1].equal(b[1]) and not a[0].equal(c[0])
     assert a[1].eq(-100).equal(targets.eq(-100)) and not a[0].equal(inputs)
     assert int(a[0].max()) < 256 and int(a[1][a[1] != -100].min()) >= 0
+
+
+@pytest.mark.parametrize("options", [["model.norm=sandwich"], ["model.score_func=sqrtsoftplus"],
+                                     ["model.swiglu_limit=0.5"]], ids=["sandwich", "sqrtsoftplus", "swiglu_limit"])
+def test_activation_plan_matches_what_torch_saves(options):
+    """memory/plan.py's terms for these options against the saved-tensor meter over a training step (as
+    tests/test_planner.py does for the default model): no recomputation, selective, full; under bf16 autocast too."""
+    from orchestrator.config import DEFAULT_CONFIG, load_config
+    from orchestrator.memory.plan import plan_memory
+    from orchestrator.model.checkpointing import apply_activation_checkpointing
+    from tests.test_planner import _measure_step
+
+    def cfg_of(*more):
+        return load_config(DEFAULT_CONFIG, [*options, "cluster.num_devices=1", "train.global_batch_size=2",
+                                            "data.seq_len=32", "model.n_layers=2", *more])
+
+    cfg = cfg_of()
+    model = build_model(cfg.model, cfg.seed, None, cfg.balance).to(torch.float32)
+    for m in model.moe_layers():
+        m.global_tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    for mode, precision in (("none", "none"), ("selective", "none"), ("full", "none"), ("none", "bf16")):
+        cfg = cfg_of(f"memory.activation_checkpointing={mode}", f"train.mixed_precision={precision}")
+        apply_activation_checkpointing(model, mode)
+        measured = _measure_step(model, cfg, autocast=precision == "bf16")
+        assert plan_memory(cfg).devices[0].activations_peak == pytest.approx(measured, rel=1e-3), (mode, precision)

@@ -186,8 +186,11 @@ def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tu
       a linear: its input (the norm's output N*D*b, once for all linears reading it; under autocast a bf16 copy
       per linear, rows*D*a, and a bf16 copy of its weight, out*in*a)
       attention: q/k/v linears; SDPA: q, k, v, output 4*N*D*a + logsumexp B*H*T*max(f, 4); wo's input N*D*a
-      SwiGLU (dense, shared, each routed expert): w1, w3 linears; w1 out, silu out, w3 out, product 4*rows*hidden*a
-      router: gate linear, scores N*E*f, expert ids N*K*8, top-k renormalisation N*K*f + N*f; balancing
+      SwiGLU (dense, shared, each routed expert): w1, w3 linears; w1 out, silu out, w3 out, product 4*rows*hidden*a;
+      with model.swiglu_limit (experts and shared expert) the two clamped pre-activations too, 2*rows*hidden*a
+      sandwich norm (model.norm=sandwich): each sub-layer's output norm, an RMSNorm of its output (a matmul's,
+      so its normalised rows N*D*a; attention's inside the selective region)
+      router: gate linear, scores N*E*f (sqrt-softplus: softplus's input too, N*E*f), expert ids N*K*8, top-k renormalisation N*K*f + N*f; balancing
       losses: sequence-wise N*f + B*E*f, Switch E*f, z-loss N*E*f + N*f
       dispatch: copy indices R*8 (and regroup indices 2*R*8 under expert parallelism); the experts' input R*D*b
       (no autocast: autocast saves its copies instead); combine: expert outputs R*D*f, gate indices R*8,
@@ -209,14 +212,17 @@ def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tu
         """n linears on one input of `rows` rows holding `weights` weight values in all."""
         return n * rows * D * a + weights * a if ac else (0 if shared_input else rows * D * b)
 
-    def swiglu(rows: int, hidden: int, experts: int = 1, shared_input: bool = True) -> int:
-        return linears(rows, 3 * experts * hidden * D, 2, shared_input) + 4 * rows * hidden * a
+    def swiglu(rows: int, hidden: int, experts: int = 1, shared_input: bool = True, limit: float = 0.0) -> int:
+        return linears(rows, 3 * experts * hidden * D, 2, shared_input) + (4 + 2 * bool(limit)) * rows * hidden * a
 
     sel, norm_inner = mode == "selective", N * f + N * D * f
+    # RMSNorm of a sub-layer's output (in the matmul dtype): its float copy N*D*f, rsqrt N*f, normalised N*D*a
+    out_norm = N * D * f + N * f + N * D * a if m.norm == "sandwich" else 0
     attn_inner = norm_inner + linears(N, 3 * D * D, 3, False) + 4 * N * D * a + B * H * T * max(f, 4) + \
         linears(N, D * D, 0, True) + N * D * a
     if m.attention == "mla":
         attn_inner = norm_inner + mla_attention_bytes(m, B, T, a, f, ac)
+    attn_inner += out_norm
     items: list[tuple[str, int, int]] = [("embedding", N * 8, 0)]
     for layer in range(m.n_layers):
         block = [("attention", N * D * f, attn_inner) if sel else ("attention", N * D * f + attn_inner, 0),
@@ -225,17 +231,19 @@ def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tu
             block.append(("dense mlp", N * D * f, swiglu(N, m.dense_dim)) if sel else
                          ("dense mlp", swiglu(N, m.dense_dim, shared_input=False), 0))
         else:
-            router = linears(N, E * D, 1, False) + N * E * f + N * K * 8
+            router = linears(N, E * D, 1, False) + N * E * f * (2 if m.score_func == "sqrtsoftplus" else 1) + N * K * 8
             router += (N * K * f + N * f) if m.norm_topk_prob and K > 1 else 0
             router += (N * f + B * E * f if bal.seq_aux_loss_coeff else 0) + (E * f if bal.aux_loss_coeff else 0)
             router += N * E * f + N * f if bal.z_loss_coeff else 0
-            experts = swiglu(R, m.expert_dim, El)
-            shared = swiglu(N, m.expert_dim * m.num_shared_experts) if m.num_shared_experts else 0
+            experts = swiglu(R, m.expert_dim, El, limit=m.swiglu_limit)
+            shared = swiglu(N, m.expert_dim * m.num_shared_experts, limit=m.swiglu_limit) if m.num_shared_experts else 0
             combine = R * D * f + R * 8 + R * f + R * D * a
             block += [("router", router, 0), ("dispatch", R * 8 * (3 if ep > 1 else 1), 0),
                       ("experts", R * D * f, experts) if sel else ("experts", R * D * b * (not ac) + experts, 0),
                       ("combine", combine, 0),
                       ("shared expert", N * D * f * ac, shared) if sel else ("shared expert", shared, 0)]
+        if out_norm:
+            block.append(("ffn out norm", out_norm, 0))
         if mode == "full":
             total = sum(h + r for _, h, r in block)
             block = [("block", N * D * f, total - N * D * f)]
