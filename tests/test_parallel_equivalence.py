@@ -111,9 +111,9 @@ def test_capacity_drops_the_same_copies_on_any_device_count(ray_session, tmp_pat
 
 def test_stable_training_options_keep_devices_equal_to_reference(ray_session, tmp_path, corpus):
     """Issue 22's options of the native model at once: the depth-scaled sandwich-norm and TinyInit (Pangu Ultra),
-    sqrt-softplus router scores and the SwiGLU clamp (DeepSeek-V4; a limit low enough to clamp). N = 2, and N = 4
-    as EP 2 x DP 2 at ZeRO stage 3 (FSDP2 shards the new output norms too): the reference's losses, routing and
-    parameters."""
+    sqrt-softplus router scores and the SwiGLU clamp (DeepSeek-V4; a limit low enough to clamp). N = 2, N = 4
+    as EP 2 x DP 2 at ZeRO stage 3 (FSDP2 shards the new output norms too), and N = 2 with replicas placed by
+    re-placement and a crash healed by a rewind: the reference's losses, routing and parameters."""
     overrides = ["train.dtype=float64", "model.norm=sandwich", "model.init=tiny", "model.score_func=sqrtsoftplus",
                  "model.swiglu_limit=0.3", "balance.seq_aux_loss_coeff=0.001"]
     ref_reports, ref_params = reference(corpus, overrides)
@@ -123,6 +123,24 @@ def test_stable_training_options_keep_devices_equal_to_reference(ray_session, tm
         assert [r.loss for r in records] == pytest.approx([r.loss for r in ref_reports], rel=1e-9)
         assert [r.aux_loss for r in records] == pytest.approx([r.aux_loss for r in ref_reports], rel=1e-9)
         assert [r.expert_load for r in records] == [r.expert_load for r in ref_reports]
+        for name, ref in ref_params.items():
+            torch.testing.assert_close(params[name], ref, rtol=1e-6, atol=1e-9, msg=lambda m: f"N={world} {name}: {m}")
+    # and with re-placement into replicas, a crash healed by a rewind, the final checkpoint read back
+    from orchestrator.checkpoint.storage import Storage
+    from orchestrator.checkpoint.tools import list_checkpoints, read_parameters
+    from tests.conftest import step_records
+
+    cfg = tiny_config(tmp_path / "healed", *overrides, f"train.steps={STEPS}", "cluster.num_devices=2",
+                      "balance.redundant_experts=2", "balance.replace_every=2", "balance.replace_window=2",
+                      "balance.replace_min_gain=0", "train.eval_batches=0", "faults.plan=[{kind: crash, step: 3}]")
+    summary = Driver(cfg, tmp_path / "healed").run()
+    assert summary.recoveries == 1
+    recs = step_records(tmp_path / "healed")
+    assert any(r.get("replacement") for r in recs)
+    assert [r["loss"] for r in recs] == pytest.approx([r.loss for r in ref_reports], rel=1e-9)
+    params, _ = read_parameters(list_checkpoints(Storage(str(tmp_path / "healed" / "checkpoints")))[-1][1])
+    for name, ref in ref_params.items():
+        torch.testing.assert_close(params[name], ref, rtol=1e-6, atol=1e-9, msg=lambda m: f"healed {name}: {m}")
 
 
 def test_ep_group_balancing_loss_matches_reference_on_a_mesh(ray_session, tmp_path, corpus):
