@@ -50,6 +50,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Multi-token prediction (DeepSeek-V3 §2.2, model/mtp.py): D extra modules after the main model, module k
+    # predicting the token k+1 ahead from module k-1's hidden state and the embedding of token i+k (one MoE block
+    # each, or a dense one when the model has no MoE layer; embedding and head shared). Pretraining only.
+    mtp_depth: int = 0             # D: the number of MTP modules; 0 turns MTP off
+    mtp_weight: float = 0.3        # lambda: the training loss adds lambda/D times the sum of the depths' mean CE
+                                   # (DeepSeek-V3 §4.2: 0.3 for the first 10T tokens, then 0.1)
     # A Hugging Face MoE model instead of the native one (model/hf.py): a local directory with config.json and
     # *.safetensors, or a config.json file (fresh weights from the seed). The model's own config then gives
     # vocab_size, dim, n_layers, max_seq_len, num_experts, top_k and first_k_dense (its dense layers' count)
@@ -61,6 +67,12 @@ class ModelConfig:
 # Native architecture keys a Hugging Face model's own config replaces (model/hf.py reads none of them).
 _NATIVE_ONLY = ("n_heads", "expert_dim", "num_shared_experts", "score_func", "norm_topk_prob", "route_scale",
                 "dense_dim", "tie_embeddings", "rope_theta", "norm_eps", "init_std")
+
+
+def mtp_moe_layers(m: ModelConfig) -> int:
+    """How many MoE layers the MTP modules add (model/mtp.py): one each, unless the main model has no MoE layer
+    (then their blocks are dense)."""
+    return m.mtp_depth if m.n_layers > m.first_k_dense else 0
 
 
 # first_k_dense: how many of its layers are dense (n_layers minus its MoE layers: what the balancer counts)
