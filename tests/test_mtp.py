@@ -146,16 +146,19 @@ def test_mtp_config_checks_and_export():
 
 
 def test_n_devices_match_reference_with_mtp(ray_session, tmp_path, corpus):
-    """mtp_depth=1 (its MoE block expert-parallel, its loss a share of the global mean) in float64: N=2 and 4
-    devices give the reference's losses, MTP losses, routing and parameters."""
+    """mtp_depth=1 (its MoE block expert-parallel, its loss a share of the global mean) in float64: N=2, and N=4
+    as 2 expert-parallel x 2 data-parallel with ZeRO-3 (FSDP2 units: the MTP block too), selective recomputation
+    and 2 micro-batches, give the reference's losses, MTP losses, routing and parameters."""
     from orchestrator.driver import Driver
     from orchestrator.reference import reference_run
 
     overrides = ["model.mtp_depth=1", "train.dtype=float64", "train.steps=3"]
     ref_reports, ref_params = reference_run(tiny_config(None, *overrides), corpus=corpus)
     assert ref_reports[-1].mtp_losses[0] < ref_reports[0].mtp_losses[0]
-    for world in (2, 4):
-        cfg = tiny_config(tmp_path / f"n{world}", *overrides, f"cluster.num_devices={world}")
+    layouts = {2: [], 4: ["parallel.expert_parallel=2", "memory.zero_stage=3", "train.micro_batches=2",
+                          "memory.activation_checkpointing=selective"]}
+    for world, layout in layouts.items():
+        cfg = tiny_config(tmp_path / f"n{world}", *overrides, f"cluster.num_devices={world}", *layout)
         driver = Driver(cfg, tmp_path)
         try:
             driver.start()
