@@ -172,3 +172,23 @@ def test_n_devices_match_reference_with_mtp(ray_session, tmp_path, corpus):
         assert params.keys() == ref_params.keys()
         for name, ref in ref_params.items():
             torch.testing.assert_close(params[name], ref, rtol=1e-6, atol=1e-9, msg=lambda m: f"N={world} {name}: {m}")
+
+
+def test_resume_may_lower_the_mtp_weight_but_not_change_the_depth():
+    """check_compatible: mtp_weight shapes no parameter (DeepSeek-V3 lowers it mid-run); mtp_depth does; a
+    checkpoint written before the MTP keys existed counts as having their defaults."""
+    from types import SimpleNamespace
+
+    from orchestrator.checkpoint import CheckpointError, check_compatible
+    from orchestrator.checkpoint.manager import model_fingerprint
+
+    saved = SimpleNamespace(fingerprint=model_fingerprint(tiny_config(None, "model.mtp_depth=1")))
+    check_compatible(saved, tiny_config(None, "model.mtp_depth=1", "model.mtp_weight=0.1"), "ckpt")
+    with pytest.raises(CheckpointError, match="model.mtp_depth: checkpoint 1, this run 2"):
+        check_compatible(saved, tiny_config(None, "model.mtp_depth=2"), "ckpt")
+    old = model_fingerprint(tiny_config())
+    for key in ("mtp_depth", "mtp_weight"):
+        del old["model"][key]
+    check_compatible(SimpleNamespace(fingerprint=old), tiny_config(), "ckpt")
+    with pytest.raises(CheckpointError, match="model.mtp_depth"):
+        check_compatible(SimpleNamespace(fingerprint=old), tiny_config(None, "model.mtp_depth=1"), "ckpt")
