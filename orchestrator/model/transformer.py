@@ -70,7 +70,7 @@ class MoETransformer(nn.Module):
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # multi-token prediction (model/mtp.py): model.mtp_depth modules, run only by forward(..., mtp=True)
         self.mtp = nn.ModuleList(MTPModule(cfg, k, self.expert_ids, balance, Block)
-                                 for k in range(1, getattr(cfg, "mtp_depth", 0) + 1))
+                                 for k in range(1, cfg.mtp_depth + 1))
 
     def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None,
                 mtp: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
