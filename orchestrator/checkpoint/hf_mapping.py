@@ -39,6 +39,10 @@ dtype; the native model keeps float64 in float64. In float32 the two agree to ro
 float64 model agrees to float32 rounding only (~3e-7), and loads with experts_implementation="eager" (transformers'
 default grouped_mm experts call torch's grouped_mm, which has no float64).
 
+Multi-token prediction (model.mtp_depth, model/mtp.py): none of these classes has MTP modules, and they are a
+training aid of the main model (DeepSeek-V3 §2.2: "can be discarded" at inference); the export leaves the `mtp.*`
+tensors out, with a logged note. The exported model is the main model exactly.
+
 A Hugging Face model trained here (model.hf_path / model.hf_config) is not the native model (`is_hf_model`): its
 parameters already have the transformers names (hf_export.py's `export_hf_checkpoint`).
 
@@ -47,6 +51,7 @@ transformers is imported lazily: this module imports without it; the functions t
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Mapping
 
 import torch
@@ -67,7 +72,9 @@ _MAPPED_MODEL_KEYS = {"vocab_size", "dim", "n_layers", "n_heads", "max_seq_len",
                       "num_shared_experts", "score_func", "norm_topk_prob", "route_scale", "first_k_dense",
                       "dense_dim", "tie_embeddings", "rope_theta", "norm_eps", "init_std",
                       "init", "tiny_init_embed_std"}   # (how weights start: not the function the export maps)
+_MAPPED_MODEL_KEYS |= {"mtp_depth", "mtp_weight"}   # the MTP modules are left out (module docstring)
 HF_MODEL_KEYS = ("hf_path", "hf_config")   # a Hugging Face model trained here (not native): export_hf_checkpoint
+log = logging.getLogger(__name__)
 
 
 def _transformers():
@@ -264,7 +271,7 @@ def native_to_hf_state(model_or_state: Any, model_cfg: ModelConfig, balance_cfg:
     used: an unknown or missing name is an error."""
     m = model_cfg
     arch = hf_architecture(m, balance_cfg, dropless)
-    state = _native_state(model_or_state, m)
+    state = _without_mtp(_native_state(model_or_state, m))
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     missing: list[str] = []
@@ -281,6 +288,16 @@ def native_to_hf_state(model_or_state: Any, model_cfg: ModelConfig, balance_cfg:
     if m.tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
+
+
+def _without_mtp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state less its multi-token prediction modules (`mtp.*`: no transformers class here has them), noted."""
+    dropped = [k for k in state if k.startswith("mtp.")]
+    if dropped:
+        depths = len({k.split(".")[1] for k in dropped})
+        log.info("export: the %d multi-token prediction module(s) (%d tensors, mtp.*) are left out: the exported "
+                 "class has none, and the main model does not use them", depths, len(dropped))
+    return {k: v for k, v in state.items() if not k.startswith("mtp.")}
 
 
 def _renamed_tensors(state: dict[str, torch.Tensor], m: ModelConfig, arch: str, out: dict[str, torch.Tensor],

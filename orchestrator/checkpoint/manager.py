@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from orchestrator.checkpoint.shard import CheckpointError, check_file_name
-from orchestrator.config import Config, to_dict
+from orchestrator.config import Config, ModelConfig, to_dict
 from orchestrator.checkpoint.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -84,15 +84,25 @@ class CheckpointManifest:
         return sum(int(f["size"]) for f in self.files.values())
 
 
+# Model keys that shape no parameter: a resume may change them (DeepSeek-V3 lowers the MTP loss weight mid-run).
+_RESUMABLE_MODEL_KEYS = ("mtp_weight",)
+
+
 def check_compatible(manifest: CheckpointManifest, cfg: Config, where: str) -> None:
+    """Refuse a checkpoint saved with other model settings or dtype. A model key the checkpoint does not name
+    (added to ModelConfig after it was written) counts as its default, what the code did before the key existed."""
     mine = model_fingerprint(cfg)
     if manifest.fingerprint == mine:
         return
     theirs = manifest.fingerprint
-    diffs = [f"model.{k}: checkpoint {theirs['model'].get(k)!r}, this run {v!r}"
-             for k, v in mine["model"].items() if theirs.get("model", {}).get(k) != v]
+    defaults = ModelConfig()
+    diffs = [f"model.{k}: checkpoint {theirs.get('model', {}).get(k)!r}, this run {v!r}"
+             for k, v in mine["model"].items() if k not in _RESUMABLE_MODEL_KEYS
+             and theirs.get("model", {}).get(k, getattr(defaults, k, None)) != v]
     if theirs.get("dtype") != mine["dtype"]:
         diffs.append(f"train.dtype: checkpoint {theirs.get('dtype')!r}, this run {mine['dtype']!r}")
+    if not diffs:
+        return
     raise CheckpointError(f"checkpoint {where} was saved with a different model config ({'; '.join(diffs)}); "
                           f"resume with the same model settings")
 

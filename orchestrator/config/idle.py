@@ -54,6 +54,9 @@ def _refuse_idle_model_data_keys(cfg: Config, keys: _Keys) -> None:
     if m.first_k_dense == 0:
         keys.section(cfg, "model", ("dense_dim",), "with model.first_k_dense=0 (no dense layers): remove it, or "
                                                    "set model.first_k_dense")
+    if m.mtp_depth == 0:   # model/mtp.py: no MTP module, no MTP loss
+        keys.section(cfg, "model", ("mtp_weight",), "with model.mtp_depth=0 (no multi-token prediction): remove it, "
+                                                    "or set model.mtp_depth")
     if m.top_k == 1:
         keys.section(cfg, "model", ("norm_topk_prob",), "with model.top_k=1 (a single gate is never "
                                                         "renormalised): remove it")

@@ -69,6 +69,12 @@ class ModelConfig:
     qk_nope_head_dim: int = 32     # mla: per-head query/key dims without RoPE
     qk_rope_head_dim: int = 16     # mla: per-head query/key dims with RoPE (the key part shared by all heads); even
     v_head_dim: int = 32           # mla: per-head value dim (wo reads n_heads * v_head_dim)
+    # Multi-token prediction (DeepSeek-V3 §2.2, model/mtp.py): D extra modules after the main model, module k
+    # predicting the token k+1 ahead from module k-1's hidden state and the embedding of token i+k (one MoE block
+    # each, or a dense one when the model has no MoE layer; embedding and head shared). Pretraining only.
+    mtp_depth: int = 0             # D: the number of MTP modules; 0 turns MTP off
+    mtp_weight: float = 0.3        # lambda: the training loss adds lambda/D times the sum of the depths' mean CE
+                                   # (DeepSeek-V3 §4.2: 0.3 for the first 10T tokens, then 0.1)
     # A Hugging Face MoE model instead of the native one (model/hf.py): a local directory with config.json and
     # *.safetensors, or a config.json file (fresh weights from the seed). The model's own config then gives
     # vocab_size, dim, n_layers, max_seq_len, num_experts, top_k and first_k_dense (its dense layers' count)
@@ -103,6 +109,12 @@ def _validate_attention(cfg: Root, keys: _Keys) -> None:
                               f"model.attention=mla")
     if m.qk_rope_head_dim % 2:
         raise ConfigError(f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+
+
+def mtp_moe_layers(m: ModelConfig) -> int:
+    """How many MoE layers the MTP modules add (model/mtp.py): one each, unless the main model has no MoE layer
+    (then their blocks are dense)."""
+    return m.mtp_depth if m.n_layers > m.first_k_dense else 0
 
 
 # first_k_dense: how many of its layers are dense (n_layers minus its MoE layers: what the balancer counts)

@@ -87,6 +87,24 @@ def _validate_values(cfg: Config) -> None:
                           f"a token cannot choose more experts than exist: lower model.top_k")
 
 
+def _validate_mtp(cfg: Config) -> None:
+    """model.mtp_depth / mtp_weight (model/mtp.py): the native model's pretraining only."""
+    m = cfg.model
+    if m.mtp_depth < 0 or m.mtp_weight < 0:
+        raise ConfigError(f"model.mtp_depth={m.mtp_depth} and model.mtp_weight={m.mtp_weight} must be zero or more")
+    if not m.mtp_depth:
+        return
+    if m.hf_path or m.hf_config:
+        raise ConfigError(f"model.mtp_depth={m.mtp_depth} is the native model's multi-token prediction; a transformers "
+                          f"model (model.hf_path / model.hf_config) has none here: remove model.mtp_depth")
+    if cfg.data.task != "pretrain":
+        raise ConfigError(f"model.mtp_depth={m.mtp_depth} with data.task={cfg.data.task!r}: multi-token prediction "
+                          f"trains on pretraining rows only (data.task=pretrain); remove model.mtp_depth")
+    if m.mtp_depth >= cfg.data.seq_len:
+        raise ConfigError(f"model.mtp_depth={m.mtp_depth} must be below data.seq_len={cfg.data.seq_len} (depth k "
+                          f"predicts seq_len - k tokens of each row)")
+
+
 def _validate_shapes(cfg: Config) -> None:
     """What the model, the batch and the data must agree on."""
     m, d, t, c = cfg.model, cfg.data, cfg.train, cfg.cluster
@@ -97,6 +115,7 @@ def _validate_shapes(cfg: Config) -> None:
         raise ConfigError(f"model.dim={m.dim} must split into model.n_heads={m.n_heads} heads of even size (for RoPE)")
     if m.first_k_dense > m.n_layers:
         raise ConfigError(f"model.first_k_dense={m.first_k_dense} exceeds model.n_layers={m.n_layers}")
+    _validate_mtp(cfg)
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len")
     if not 0.0 < d.val_fraction < 1.0:

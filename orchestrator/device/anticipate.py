@@ -80,8 +80,11 @@ class Anticipator:
         parts: list[list[torch.Tensor]] = []
         try:
             for x_BT, y_BT in zip(inputs_BT.chunk(micro), targets_BT.chunk(micro)):
-                shard._loss_sum(x_BT, y_BT)
-                parts.append([ids_NK.view(*x_BT.shape, -1) for ids_NK in model.routing()])
+                if shard.cfg.model.mtp_depth:   # the MTP modules' MoE layers route too (their rows are T - k long)
+                    shard._mtp_loss_sums(x_BT, y_BT)
+                else:
+                    shard._loss_sum(x_BT, y_BT)
+                parts.append([ids_NK.view(x_BT.shape[0], -1, ids_NK.shape[-1]) for ids_NK in model.routing()])
         finally:
             model.train()
             reshard(model)   # ZeRO 2 keeps the unsharded parameters after a forward without backward

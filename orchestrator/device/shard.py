@@ -29,6 +29,7 @@ from orchestrator.model.build import build_any_model
 from orchestrator.model.balancing import update_expert_bias
 from orchestrator.memory.measure import ActivationMeter, state_bytes
 from orchestrator.model.layers import upcast
+from orchestrator.model.mtp import mtp_loss_sums, mtp_targets
 from orchestrator.parallel import allreduce_dense_grads, apply_expert_parallel, clip_, sum_of_squares
 from orchestrator.parallel.groups import CLOCK
 from orchestrator.parallel.mesh import current_mesh
@@ -64,6 +65,8 @@ class StepReport:
     memory: dict[str, int] = field(default_factory=dict)  # bytes this device holds: params, grads, optimizer (local
                                    # shards, after the update), activations_peak (of this step), rss (orchestrator/memory/measure.py)
     extra: dict[str, float] = field(default_factory=dict)   # an RL step's own numbers (device/rl.py), the world's
+    mtp_losses: list[float] = field(default_factory=list)  # per MTP depth k=1..D: mean CE over the global batch's
+                                   # depth-k targets (model/mtp.py); trained on (times mtp_weight/D), not part of `loss`
     pid: int = field(default_factory=os.getpid)
 
 
@@ -77,10 +80,14 @@ class _Passes:
     received_by_layer: list[float]   # [MoE layer] token copies this device's experts received
     meter: ActivationMeter           # the passes' activation peak
     dropped: int = 0                 # token copies dropped by capacity
+    mtp_sum: torch.Tensor | None = None   # float64 [mtp_depth]: each MTP depth's summed CE of this device's slice
 
-    def add(self, part: torch.Tensor, aux: torch.Tensor | None, moe: list, device: torch.device) -> None:
-        """Add one micro-batch's loss sum, balancing losses and expert loads."""
+    def add(self, part: torch.Tensor, aux: torch.Tensor | None, moe: list, device: torch.device,
+            mtp_parts: list[torch.Tensor] | None = None) -> None:
+        """Add one micro-batch's loss sum, balancing losses, expert loads (and MTP depths' loss sums)."""
         self.loss_sum = self.loss_sum + part.detach().double()
+        if mtp_parts:
+            self.mtp_sum = self.mtp_sum + torch.stack([p.detach().double() for p in mtp_parts])
         if aux is not None:
             self.aux_sum = self.aux_sum + aux.detach().double()
         for j, m in enumerate(moe):
@@ -180,6 +187,11 @@ class DeviceShard:
         for m in self.model.moe_layers():  # balancing losses are shares of a loss over the global batch
             m.global_tokens = self.global_tokens
             m.ep_groups = self.mesh.dp       # aux_loss_scope=ep_group: the batch's groups; this device is in one
+        # multi-token prediction (model/mtp.py): depth k has seq_len - k positions (and targets) a row
+        self.mtp_tokens = mtp_targets(t.global_batch_size, cfg.data.seq_len, cfg.model.mtp_depth)
+        for module, n in zip(getattr(self.model, "mtp", ()), self.mtp_tokens):
+            if hasattr(module.block.ffn, "global_tokens"):   # an MoE block
+                module.block.ffn.global_tokens = n
         # Injected faults (see DeviceActor.inject): each strikes the next step, or the next `slow_steps`.
         self.crash_next_step = self.hang_next_step = self.nan_next_step = self.spike_next_step = False
         self.slow_steps, self.slow_delay_s = 0, 0.0
@@ -211,6 +223,25 @@ class DeviceShard:
             logits_BTV = self.model(inputs_BT.to(self.device), **extra)
         return F.cross_entropy(upcast(logits_BTV.flatten(0, 1)), targets_BT.to(self.device).flatten(), reduction="sum",
                                ignore_index=-100)
+
+    def _mtp_loss_sums(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                        list[torch.Tensor]]:
+        """(summed main cross-entropy, each MTP depth's summed cross-entropy) of a pretraining slice, one forward
+        (model/mtp.py: depth k's targets are targets_BT[:, k:])."""
+        targets_BT = targets_BT.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            logits_BTV, mtp_BTV = self.model(inputs_BT.to(self.device), mtp=True)
+
+        def ce(logits_NV: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(upcast(logits_NV), targets_N, reduction="sum", ignore_index=-100)
+        return ce(logits_BTV.flatten(0, 1), targets_BT.flatten()), mtp_loss_sums(mtp_BTV, targets_BT, ce)
+
+    def _mtp_loss(self, parts: list[torch.Tensor]) -> torch.Tensor | float:
+        """This slice's share of the MTP loss, mtp_weight/D * sum_k L_k, L_k = depth k's CE summed over the
+        global batch / its target count (DeepSeek-V3 eq. 25; model/mtp.py)."""
+        if not parts:
+            return 0.0
+        return self.cfg.model.mtp_weight / len(parts) * sum(p / n for p, n in zip(parts, self.mtp_tokens))
 
     def _batch(self, step: int, val: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                                                              torch.Tensor | None]:
@@ -262,6 +293,9 @@ class DeviceShard:
         self._sync_grads(moe)
         stats, grad_norm = self._global_stats(moe, passes)
         counts = 4 + len(moe) * self.world  # where the per-expert counts start
+        mtp_at = stats.numel() - self.cfg.model.mtp_depth   # where they end: the MTP depths' loss sums follow
+        mtp_losses = [(s / n).item() for s, n in zip(stats[mtp_at:], self.mtp_tokens)]
+        stats = stats[:mtp_at]
         loss, norm = stats[0].item() / passes.loss_tokens, grad_norm.item()
         skipped = _reject(loss, norm, guard or {})
         local_nonfinite = skipped == "nonfinite" and not math.isfinite(passes.loss_sum.item())
@@ -279,7 +313,8 @@ class DeviceShard:
                           grad_norm=norm, lr=lr, tokens=passes.loss_tokens, positions=self.global_tokens,
                           compute_time_s=time.perf_counter() - t0, expert_load=load, device_load=device_load,
                           aux_loss=stats[2].item(), dropped=int(stats[3].item()),
-                          collective_s=CLOCK.collective_s, skipped=skipped, local_nonfinite=local_nonfinite)
+                          collective_s=CLOCK.collective_s, skipped=skipped, local_nonfinite=local_nonfinite,
+                          mtp_losses=mtp_losses)
 
     def _forward_backward(self, step: int, moe: list) -> _Passes:
         """The step's forward and backward passes, one per micro-batch, gradients accumulating; what they add up."""
@@ -303,13 +338,16 @@ class DeviceShard:
             for i, (x_BT, y_BT, p_BT, v_BT) in enumerate(zip(inputs_BT.chunk(micro), targets_BT.chunk(micro), pos,
                                                              val)):
                 replay(i)   # anticipatory routing: the ids cached for this micro-batch (None: the router's choice)
-                part = self._loss_sum(x_BT, y_BT, p_BT, v_BT)
+                if self.cfg.model.mtp_depth:   # multi-token prediction: its loss trained on, reported apart
+                    part, mtp_parts = self._mtp_loss_sums(x_BT, y_BT)
+                else:
+                    part, mtp_parts = self._loss_sum(x_BT, y_BT, p_BT, v_BT), []
                 if i == 0:
                     part = self._inject_faults(step, part)
                 aux = self.model.aux_loss()  # balancing losses: trained on, reported apart from the LM loss
-                lm_loss = part / loss_tokens
+                lm_loss = part / loss_tokens + self._mtp_loss(mtp_parts)
                 (lm_loss if aux is None else lm_loss + aux).backward()
-                passes.add(part, aux, moe, self.device)
+                passes.add(part, aux, moe, self.device, mtp_parts)
         return passes
 
     def _new_passes(self, loss_tokens: int, moe: list) -> _Passes:
@@ -318,19 +356,21 @@ class DeviceShard:
         return _Passes(loss_tokens=loss_tokens, loss_sum=zero, aux_sum=zero,
                        routed=[torch.zeros(self.cfg.model.num_experts, dtype=torch.float64, device=self.device)
                                for _ in moe],
-                       received_by_layer=[0.0] * len(moe), meter=ActivationMeter(self.model, self.device))
+                       received_by_layer=[0.0] * len(moe), meter=ActivationMeter(self.model, self.device),
+                       mtp_sum=torch.zeros(self.cfg.model.mtp_depth, dtype=torch.float64, device=self.device))
 
     def _global_stats(self, moe: list, passes: _Passes) -> tuple[torch.Tensor, torch.Tensor]:
         """(the step's numbers summed over the world, the global gradient norm). The stats vector: [0] loss sum,
         [1] sharded gradients' squared norm, [2] balancing losses, [3] dropped copies, then [4:counts] token
-        copies each MoE layer's experts on each device received, then [counts:] tokens routed to each expert."""
+        copies each MoE layer's experts on each device received, then [counts:] tokens routed to each expert, then
+        the last mtp_depth: each MTP depth's loss sum."""
         received = torch.zeros(len(moe), self.world, dtype=torch.float64, device=self.device)
         received[:, self.rank] = torch.tensor(passes.received_by_layer, dtype=torch.float64)
         replicated_sq, sharded_sq = self._grad_sum_of_squares(moe)
         # float64: exact token counts, and the loss sum as precise as the model's dtype allows.
         stats = torch.cat([passes.loss_sum.view(1), sharded_sq.view(1).to(self.device), passes.aux_sum.view(1),
                            torch.tensor([float(passes.dropped)], dtype=torch.float64, device=self.device),
-                           received.flatten(), *passes.routed])
+                           received.flatten(), *passes.routed, passes.mtp_sum])
         self._all_reduce(stats)
         return stats, torch.sqrt(replicated_sq.to(self.device) + stats[1])
 

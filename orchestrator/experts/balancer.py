@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 from orchestrator.config import Config, expert_slots
+from orchestrator.config.model import mtp_moe_layers
 from orchestrator.experts.placement import ExpertPlacement, plan_placement
 
 
@@ -73,7 +74,8 @@ class Balancer:
     def __init__(self, cfg: Config):
         self.b, self.world, self.E = cfg.balance, cfg.cluster.num_devices, cfg.model.num_experts
         self.slots = expert_slots(cfg) if self.world > 1 else self.E   # expert slots per device
-        self.layers = max(0, cfg.model.n_layers - cfg.model.first_k_dense)
+        # MoE layers: the main model's, then the MTP modules' (model/mtp.py), as the model's moe_layers()
+        self.layers = max(0, cfg.model.n_layers - cfg.model.first_k_dense) + mtp_moe_layers(cfg.model)
         self.placement: Placement | None = None   # the devices' placement (None: contiguous, never re-placed)
         self.reset()
         self.earlier: list[dict[str, Any]] = []   # a resumed run's records from before it (metrics.jsonl)

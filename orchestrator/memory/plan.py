@@ -196,6 +196,8 @@ def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tu
       (no autocast: autocast saves its copies instead); combine: expert outputs R*D*f, gate indices R*8,
       gates R*f, weighted outputs R*D*a (index_add's source)
       head: final norm, its output linear; loss: log_softmax N*V*f, targets N*8, total weight f
+      MTP depth k (model.mtp_depth, model/mtp.py): enorm and hnorm, their concatenation 2*N*D*f, eh_proj; a
+      block as above; its final norm, the shared head and a loss (counted at T positions, an upper bound of T-k)
     Multi-head latent attention (model.attention=mla): mla_attention_bytes. RoPE's tables are buffers (state,
     not counted). Checkpointing (model/checkpointing.py): a region holds its
     input (what torch.utils.checkpoint saves) and recomputes the rest in backward."""
@@ -224,10 +226,11 @@ def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tu
         attn_inner = norm_inner + mla_attention_bytes(m, B, T, a, f, ac)
     attn_inner += out_norm
     items: list[tuple[str, int, int]] = [("embedding", N * 8, 0)]
-    for layer in range(m.n_layers):
+    mtp_dense = m.first_k_dense >= m.n_layers   # the MTP blocks (model/mtp.py) are MoE unless the model has none
+    for layer in range(m.n_layers + m.mtp_depth):   # (an MTP block counted at T positions: at most T-k)
         block = [("attention", N * D * f, attn_inner) if sel else ("attention", N * D * f + attn_inner, 0),
                  ("ffn_norm", N * D * f + norm_inner, 0)]
-        if layer < m.first_k_dense:
+        if layer < m.first_k_dense or (layer >= m.n_layers and mtp_dense):
             block.append(("dense mlp", N * D * f, swiglu(N, m.dense_dim)) if sel else
                          ("dense mlp", swiglu(N, m.dense_dim, shared_input=False), 0))
         else:
@@ -247,6 +250,14 @@ def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tu
         if mode == "full":
             total = sum(h + r for _, h, r in block)
             block = [("block", N * D * f, total - N * D * f)]
+        if layer >= m.n_layers:   # MTP depth k: enorm, hnorm, their concatenation and eh_proj before the block,
+            k = layer - m.n_layers + 1   # its own final norm, the shared head and a cross-entropy after it
+            items += [(f"mtp {k} input", 2 * (N * D * f + norm_inner) + 2 * N * D * f + linears(N, 2 * D * D, 1,
+                                                                                                False), 0)]
+            items += [(f"mtp {k} {name}", h, r) for name, h, r in block]
+            items += [(f"mtp {k} head", N * D * f + norm_inner + linears(N, V * D, 1, False), 0),
+                      (f"mtp {k} loss", N * V * f + N * 8 + f, 0)]
+            continue
         items += [(f"layer {layer} {name}", h, r) for name, h, r in block]
     return items + [("final norm", N * D * f + norm_inner + linears(N, V * D, 1, False), 0),
                     ("loss", N * V * f + N * 8 + f, 0)]

@@ -93,7 +93,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     if getattr(model, "hf", None) is not None:
         _checkpoint_decoder_layers(model, mode)
         return
-    for block in model.layers:
+    for block, _ in model.blocks():   # (the MTP modules' blocks too)
         block.recompute = mode
         # an MoE layer (model/moe.py, which imports this module: asked by its switch, not by its class)
         if hasattr(block.ffn, "recompute"):

@@ -25,6 +25,7 @@ from orchestrator.model.checkpointing import checkpointed
 from orchestrator.model.layers import Attention, KVCache, RMSNorm, SwiGLU
 from orchestrator.model.mla import mla_from_config
 from orchestrator.model.moe import MoE, GroupedExperts
+from orchestrator.model.mtp import MTPModule, mtp_logits
 
 
 class Block(nn.Module):
@@ -94,14 +95,24 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i, self.expert_ids, balance) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # multi-token prediction (model/mtp.py): model.mtp_depth modules, run only by forward(..., mtp=True)
+        self.mtp = nn.ModuleList(MTPModule(cfg, k, self.expert_ids, balance, Block)
+                                 for k in range(1, cfg.mtp_depth + 1))
 
-    def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None,
+                mtp: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits [B, T, V]. With a cache (generation): tokens_BT continue the cached ones (positions from
-        cache.position on) and their keys and values join the cache."""
-        x_BTD = self.tok_emb(tokens_BT)
+        cache.position on) and their keys and values join the cache. mtp=True (training): (logits, each MTP
+        depth's logits [B, T-k, V], model/mtp.py)."""
+        emb_BTD = self.tok_emb(tokens_BT)
+        x_BTD = emb_BTD
         for layer in self.layers:
             x_BTD = layer(x_BTD) if cache is None else layer(x_BTD, cache)
         x_BTD = self.norm(x_BTD)
+        logits_BTV = self._head(x_BTD)
+        return (logits_BTV, mtp_logits(self.mtp, emb_BTD, x_BTD, self._head)) if mtp else logits_BTV
+
+    def _head(self, x_BTD: torch.Tensor) -> torch.Tensor:
         weight_VD = self.tok_emb.weight if self.head is None else self.head.weight
         return x_BTD @ weight_VD.t()
 
@@ -139,10 +150,15 @@ class MoETransformer(nn.Module):
 
     def blocks(self) -> list[tuple[nn.Module, nn.Module | None]]:
         """(block, its routed experts or None), in order: the units FSDP2 wraps (parallel/sharding.py)."""
-        return [(layer, layer.ffn.experts if isinstance(layer.ffn, MoE) else None) for layer in self.layers]
+        return [(layer, layer.ffn.experts if isinstance(layer.ffn, MoE) else None) for layer in self.all_layers()]
+
+    def all_layers(self) -> list[Block]:
+        """The main blocks, then the MTP modules' blocks (model/mtp.py)."""
+        return [*self.layers, *(m.block for m in self.mtp)]
 
     def moe_layers(self) -> list[MoE]:
-        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+        """Every MoE layer, the MTP blocks' last: placement, loads, balancing losses and routing cover them all."""
+        return [layer.ffn for layer in self.all_layers() if isinstance(layer.ffn, MoE)]
 
     def expert_ids_of(self, param_name: str) -> list[int]:
         """Global expert ids held by the module of an expert parameter (`layers.3.ffn.experts.w1_EFD`), in slot order."""

@@ -41,6 +41,8 @@ SCALARS: dict[str, tuple[str, str, str]] = {
     "grad_norm": ("train/grad_norm", "grad_norm", "global gradient norm before clipping"),
     "lr": ("train/lr", "lr", "learning rate"),
     "aux_loss": ("train/aux_loss", "aux_loss", "balancing losses trained on (not part of loss)"),
+    "mtp_loss": ("train/mtp_loss", "mtp_loss", "multi-token prediction CE, mean over depths (model.mtp_depth; "
+                                               "trained on times model.mtp_weight, not part of loss)"),
     "tokens_per_s": ("throughput/tokens_per_s", "tokens_per_s", "tokens per second"),
     "step_time_s": ("throughput/step_time_s", "step_time_s", "wall time of the step"),
     "mfu": ("throughput/mfu", "mfu", "model FLOPs utilisation (0..1)"),
@@ -153,6 +155,11 @@ def step_record(step: int, reports: list[Any], wall: float, placement: Any, peak
         rec["mfu"] = (getattr(r0, "positions", 0) or r0.tokens) / wall * flops_per_token_ / (world * peak)
     if r0.skipped:
         rec["skipped"] = r0.skipped
+    mtp = getattr(r0, "mtp_losses", None)
+    if mtp:   # model.mtp_depth: the depths' mean CE, and each depth's when there are several (model/mtp.py)
+        rec["mtp_loss"] = sum(mtp) / len(mtp)
+        if len(mtp) > 1:
+            rec.update({f"mtp_loss_{k}": v for k, v in enumerate(mtp, 1)})
     rec.update(getattr(r0, "extra", None) or {})   # an RL step's own numbers (device/rl.py)
     return rec
 
