@@ -202,3 +202,17 @@ def test_the_anticipate_action_rolls_back_turns_it_on_and_off_and_resumes(ray_se
     again = step_records(resumed_dir)
     assert [(r["step"], r["loss"], r["anticipatory"], r["anticipated"]) for r in again] == [
         (r["step"], r["loss"], r["anticipatory"], r["anticipated"]) for r in recs[4:]]
+
+
+def test_anticipatory_routing_replays_the_mtp_modules_routing_too(corpus):
+    """With multi-token prediction the MTP module's MoE layer is one of the model's MoE layers: the look-ahead
+    forward runs it (its rows are T - 1 long), and the step replays its ids like the others'."""
+    shard = _shard(corpus, "model.mtp_depth=1", "train.micro_batches=2")
+    shard.train_step(1)
+    cached = shard.anticipator.ids[2]
+    assert len(cached) == len(shard.model.moe_layers())
+    T = shard.cfg.data.seq_len
+    assert [tuple(ids.shape[1:2]) for ids in cached] == [(T,)] * (len(cached) - 1) + [(T - 1,)]
+    report = shard.train_step(2)
+    assert report.extra == {"anticipatory": True, "anticipated": True} and report.mtp_losses
+    assert all(m.replay_NK is None for m in shard.model.moe_layers())   # cleared after the step
