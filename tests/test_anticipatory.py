@@ -175,8 +175,9 @@ def test_devices_match_the_reference_and_a_rewind_while_anticipating_changes_not
 
 def test_the_anticipate_action_rolls_back_turns_it_on_and_off_and_resumes(ray_session, tmp_path):
     """A crafted spike (threshold 0 over a window of 1: the loss of step 2 "spikes" against step 1's) fires
-    action=anticipate once: the run rewinds to step 1 and routes anticipatorily for steps 2..5 (2 + calm 3; step 2,
-    the first of the stretch, with its own routing); from step 6 on it routes normally. The checkpoint of step 4
+    action=anticipate once: the run rewinds to step 0 (at most step 2 - 1 - delay, so that the spike's step itself
+    routes with older parameters) and routes anticipatorily for steps 1..5 (2 + calm 3; step 1, the first of the
+    stretch, with its own routing, and caching step 2's); from step 6 on it routes normally. The checkpoint of step 4
     keeps the window and the ids of step 5: a run resumed from it continues bit-identically (its rule's threshold
     raised: a resumed run's alert rules start afresh, and the crafted condition, true at every step, would fire
     again at its first step with history)."""
@@ -188,10 +189,10 @@ def test_the_anticipate_action_rolls_back_turns_it_on_and_off_and_resumes(ray_se
     summary = Driver(tiny_config(run_dir, *common, rule % 0.0, "checkpoint.every_steps=4"), run_dir).run()
     recs = step_records(run_dir)
     assert [r["step"] for r in recs] == list(range(1, 9))
-    assert [r["anticipatory"] for r in recs] == [False, True, True, True, True, False, False, False]
-    assert [r["anticipated"] for r in recs] == [False, False, True, True, True, False, False, False]
+    assert [r["anticipatory"] for r in recs] == [True, True, True, True, True, False, False, False]
+    assert [r["anticipated"] for r in recs] == [False, True, True, True, True, False, False, False]
     assert [(i["step"], i["kind"], i["rewound_to"], i["action"]) for i in summary.incidents] == [
-        (2, "alert:loss_spike", 1, "rolled back, anticipatory routing on")]
+        (2, "alert:loss_spike", 0, "rolled back, anticipatory routing on")]
     alerts = [json.loads(line) for line in (run_dir / "alerts.jsonl").read_text().splitlines()]
     assert [(a["step"], a["rule"], a["action"]) for a in alerts] == [(2, "loss_spike", "anticipate")]
 

@@ -27,8 +27,8 @@ def test_technique_study_runs_each_group_and_writes_its_tables(ray_session, tmp_
     from tests.conftest import tiny_config
 
     cfg_file = tmp_path / "tiny.yaml"
-    cfg_file.write_text(to_yaml(tiny_config(tmp_path / "study", "cluster.num_devices=2", "train.steps=10")))
-    rc = technique_study.main(["--config", str(cfg_file), "--groups", "scopes,mtp,anticipate", "--spike-step", "6"])
+    cfg_file.write_text(to_yaml(tiny_config(tmp_path / "study", "cluster.num_devices=2", "train.steps=14")))
+    rc = technique_study.main(["--config", str(cfg_file), "--groups", "scopes,mtp,anticipate", "--spike-step", "12"])
     assert rc == 0
     out = tmp_path / "study"
     rows = {r["arm"]: r for r in json.loads((out / "comparison.json").read_text())}

@@ -179,3 +179,13 @@ def test_activation_plan_matches_what_torch_saves(options):
         apply_activation_checkpointing(model, mode)
         measured = _measure_step(model, cfg, autocast=precision == "bf16")
         assert plan_memory(cfg).devices[0].activations_peak == pytest.approx(measured, rel=1e-3), (mode, precision)
+
+
+def test_the_hf_export_refuses_sqrtsoftplus_scores_and_an_unread_swiglu_limit_is_refused():
+    from orchestrator.checkpoint.hf_mapping import hf_architecture
+
+    with pytest.raises(ConfigError, match=r"model\.score_func='sqrtsoftplus': none of the transformers classes"):
+        hf_architecture(_cfg("model.score_func=sqrtsoftplus"))
+    assert hf_architecture(_cfg("model.norm=pre", "model.init=tiny", "model.tiny_init_embed_std=0.1")) == "ernie4_5_moe"
+    with pytest.raises(ConfigError, match=r"model\.swiglu_limit=10\.0 has no effect with model\.first_k_dense"):
+        tiny_config(None, "model.first_k_dense=3", "model.swiglu_limit=10")

@@ -97,6 +97,10 @@ def hf_architecture(model_cfg: ModelConfig, balance_cfg: BalanceConfig | None = 
     the setting that has no equivalent and the settings that export."""
     m, b = model_cfg, balance_cfg or BalanceConfig()
     routing = _exportable_routing(m, b, dropless)
+    if m.score_func not in ("softmax", "sigmoid"):
+        raise ConfigError(f"model.score_func={m.score_func!r}: none of the transformers classes with this attention "
+                          f"(Mixtral, ERNIE-4.5-MoE, Qwen2-MoE, GLM-4-MoE) scores experts this way (DeepSeek-V4 does, "
+                          f"with its own attention); models trained with softmax or sigmoid scores export")
     gates_normalised = m.norm_topk_prob and m.top_k > 1   # the native router renormalises only for top_k > 1
     if m.score_func == "sigmoid":
         if m.num_experts < 2:

@@ -72,15 +72,18 @@ class SnapshotStore:
             log.warning("in-memory snapshot of step %d is incomplete (%s)", snap.step, type(e).__name__)
             return False
 
-    def restore(self, actors: list[Any], timeout_s: float, replacing: bool = False, ep: int | None = None
-                ) -> InMemorySnapshot | None:
+    def restore(self, actors: list[Any], timeout_s: float, replacing: bool = False, ep: int | None = None,
+                at_most: int | None = None) -> InMemorySnapshot | None:
         """Put every device back to the newest complete snapshot that can still be read, with the expert placement
         it was taken with; that snapshot, or None when there is none (all lost, e.g. with their node). A device
         dying meanwhile is a RunError; a snapshot that does not fit the model (a tensor or rows of it missing) is a
         StateMismatch naming it, never a reason to go further back. `replacing`: experts may sit anywhere, so every
-        device gets every snapshot. `ep`: the expert-parallel degree (None: every device)."""
+        device gets every snapshot. `ep`: the expert-parallel degree (None: every device). `at_most`: only snapshots of
+        that step or before (the newer ones are dropped with it)."""
         ep = ep or len(actors)
         for snap in reversed(self.items):
+            if at_most is not None and snap.step > at_most:
+                continue
             if not self.complete(snap, timeout_s):
                 continue
             refs = snap.refs

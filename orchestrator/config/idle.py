@@ -60,6 +60,10 @@ def _refuse_idle_model_data_keys(cfg: Config, keys: _Keys) -> None:
     if m.top_k == 1:
         keys.section(cfg, "model", ("norm_topk_prob",), "with model.top_k=1 (a single gate is never "
                                                         "renormalised): remove it")
+    # model/moe.py: only the MoE layers' experts clamp their SwiGLU
+    if m.first_k_dense >= m.n_layers:   # (the MTP blocks are dense too then)
+        keys.section(cfg, "model", ("swiglu_limit",), "with model.first_k_dense=model.n_layers (no MoE layer: only "
+                                                      "experts clamp their SwiGLU): remove it")
     # model/transformer.py Block (the output norms) and init_weights (which std each init reads)
     if m.norm == "pre":
         keys.section(cfg, "model", ("sandwich_attn_scale", "sandwich_ffn_scale"),

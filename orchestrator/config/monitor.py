@@ -63,6 +63,10 @@ def _validate_monitor(cfg: Root) -> None:
         if a.action == "anticipate" and a.rule not in ("loss_spike", "grad_spike"):
             raise ConfigError(f"monitor.alerts[{i}] ({a.rule}) action=anticipate answers a spike: use it with "
                               f"loss_spike or grad_spike")
+        if a.action == "anticipate" and cfg.faults.on_spike != "record":
+            raise ConfigError(f"monitor.alerts[{i}] ({a.rule}) action=anticipate with faults.on_spike="
+                              f"{cfg.faults.on_spike!r}: the healer answers the spike itself first and the alert never "
+                              f"acts; set faults.on_spike=record")
         if a.action in ("rollback", "skip", "anticipate") and cfg.faults.snapshot_every == 0:
             raise ConfigError(f"monitor.alerts[{i}] ({a.rule}) action={a.action} rewinds to a snapshot, but "
                               f"faults.snapshot_every=0 turns snapshots off")

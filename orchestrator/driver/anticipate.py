@@ -2,8 +2,10 @@
 detection mechanism that triggers a short rollback and activates Anticipatory Routing exclusively when a loss spike
 occurs; after operating in this mode for a certain period, the system reverts to standard training").
 
-An alert rule with action=anticipate (loss_spike or grad_spike) rewinds to the newest snapshot as rollback does, and
-opens a window of steps [the first replayed step, the spike's step + balance.anticipatory_calm_steps] in which the
+An alert rule with action=anticipate (loss_spike or grad_spike) on step s rewinds as rollback does, but to the newest
+state at or before step s - 1 - delay (Decision.at_most; of the two in-memory snapshots kept, the older one when the
+newer is too recent, else a checkpoint): the replay's first `delay` steps route normally and cache the routing of the
+steps ahead, so step s itself routes with the parameters of step s - delay. It opens a window of steps [the first replayed step, the spike's step + balance.anticipatory_calm_steps] in which the
 devices route anticipatorily (device/anticipate.py); a spike alerted inside a window (or just after it) extends it,
 so the mode ends after that many steps without a new one. The report publishes neither the detection rule nor the
 length of the mode: the rule is the alert's, the length the calm steps.

@@ -37,6 +37,7 @@ class Decision:
     skip: int | None = None
     wait_snapshot: bool = False
     anticipate: int | None = None
+    at_most: int | None = None    # back to the newest state at or before this step (None: the newest there is)
 
 
 class Healer:
@@ -50,6 +51,7 @@ class Healer:
 
     def __init__(self, cfg: Config, clock=time.monotonic):
         self.f = cfg.faults
+        self.anticipatory_delay = cfg.balance.anticipatory_delay
         self.clock = clock
         self.incidents: list[Incident] = []
         self.recoveries = 0
@@ -156,8 +158,11 @@ class Healer:
         then = {"skip": ", then skipping its batch", "anticipate": ", then routing anticipatorily"}.get(action, "")
         log.warning("step %d: alert %s (%s); rolling back%s", step, rule, detail, then)
         done = {"skip": "skipped", "anticipate": "rolled back, anticipatory routing on"}.get(action, "rolled back")
+        # anticipate: back far enough that the replay computes the spike step's routing with the parameters of
+        # anticipatory_delay steps before it (the snapshot of step - 1 has only the parameters of that step)
         return Decision([incident], action=done, skip=step if action == "skip" else None,
-                        anticipate=step if action == "anticipate" else None)
+                        anticipate=step if action == "anticipate" else None,
+                        at_most=step - 1 - self.anticipatory_delay if action == "anticipate" else None)
 
     def stragglers(self, step: int, incidents: list[Incident], spare_elsewhere: set[int]) -> Decision | None:
         """After a kept step (and its snapshot): replace straggling devices per `faults.on_straggler`, only with a

@@ -48,6 +48,7 @@ class Recovery:
         self.history, self.listeners, self.build = history, listeners, build
         self.resumed_from_step: int | None = None
         self.restore_s: float | None = None
+        self.at_most: int | None = None   # while a Decision with at_most is carried out (restore_state)
 
     @property
     def actors(self) -> list[Any]:
@@ -63,6 +64,7 @@ class Recovery:
                 self.snapshot(last_step, always=True)
             self.checkpoints.snapshots.wait_newest(f.recovery_timeout_s)
         replace, reform, t0 = list(d.replace), d.reform, time.perf_counter()
+        self.at_most = d.at_most   # restore_state goes back to a state at or before it
 
         def attempt() -> tuple[int, str]:
             nonlocal replace, reform
@@ -85,9 +87,12 @@ class Recovery:
         try:
             step, source = retrying(attempt)
         except StateMismatch as e:
+            self.at_most = None
             raise self.healer.unrestorable(last_step, e) from e
         except (RunError, RayActorError) as e:
+            self.at_most = None
             raise self.healer.recovery_failed(f.recovery_attempts, e) from e
+        self.at_most = None
         self.healer.recovered(d, step, source, time.perf_counter() - t0)
         self.rewind(step)
         return step
@@ -120,9 +125,11 @@ class Recovery:
         """The newest state every device can go back to: the newest complete in-memory snapshot that can still be
         read (one lost with its node: the one before), else the newest committed checkpoint that verifies, else the
         initial state. One that does not fit the model (StateMismatch) ends the recovery there: an older state of
-        the same run would not fit either, and the run's progress is not thrown away in silence."""
+        the same run would not fit either, and the run's progress is not thrown away in silence. While a decision
+        with `at_most` is carried out, only states of that step or before count."""
+        at_most = self.at_most   # a decision's limit (Decision.at_most): that step's state or an older one
         snap = self.checkpoints.snapshots.restore(self.actors, timeout_s, replacing=self.balancer.enabled,
-                                                  ep=mesh_shape(self.cfg)[0])
+                                                  ep=mesh_shape(self.cfg)[0], at_most=at_most)
         if snap is not None:
             self.balancer.placement = snap.placement  # the placement of that step: a replay re-plans as before
             moved = (self.history.find(snap.step) or {}).get("replacement")
@@ -131,6 +138,8 @@ class Recovery:
                 self.move_experts(snap.step, moved["placement"])
             return snap.step, "snapshot"
         for step, storage, manifest in self.checkpoints.committed_newest_first():
+            if at_most is not None and step > at_most:
+                continue
             self.load(storage, manifest, timeout_s)
             self.snapshot(step)
             return step, "checkpoint"
