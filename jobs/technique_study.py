@@ -8,7 +8,8 @@ seed, data and steps per arm, the command line's overrides on every arm). Groups
 
   stability   pre-norm vs DSSN + TinyInit (model.norm=sandwich model.init=tiny), each at the job's learning rate
               and at --high-lr (default 4x): gradient-norm spike rate, loss spikes, final and validation loss;
-              --seeds S runs each arm with seeds 0..S-1 (the table shows the mean and the min..max spread). Both
+              --seeds S runs each arm (and the mtp group's) with seeds 0..S-1 (the tables show the mean and the
+              min..max spread). Both
               arms untie the head from the embedding (model.tie_embeddings=false, as Pangu Ultra): TinyInit's
               embedding std 0.5 as a tied head would start the logits at std 0.5 sqrt(dim)
   scopes      the Switch auxiliary loss (balance.aux_loss_coeff=0.01) per sequence, per EP group, over the global
@@ -87,8 +88,9 @@ def arms_of(groups: list[str], cfg, seeds: int, high_lr: float, spike_step: int,
                                                "balance.seq_aux_loss_coeff=0", "balance.bias_update_speed=0", *mesh],
                             group="scopes"))
     if "mtp" in groups:
-        arms.append(Arm("mtp_off", [], group="mtp"))
-        arms.append(Arm("mtp_1", ["model.mtp_depth=1"], group="mtp"))
+        for name, extra in (("mtp_off", []), ("mtp_1", ["model.mtp_depth=1"])):
+            for seed in range(seeds):
+                arms.append(Arm(f"{name}-s{seed}" if seeds > 1 else name, [*extra, f"seed={seed}"], group="mtp"))
     if "anticipate" in groups:
         # every device's batch of the spike step corrupted (fault kind spike: random tokens), once: a loss_spike rule
         # answers it by recording it only, by rolling back, or by rolling back into anticipatory routing for 50 calm
@@ -131,40 +133,56 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ({min(values):.4f}..{max(values):.4f})"
 
 
+TABLES = (  # group, title, columns (row key, label)
+    ("stability", "Stability: pre-norm vs DSSN + TinyInit",
+     (("final_loss_mean_last_5pct", "final loss (last 5%)"), ("val_loss", "val loss"),
+      ("grad_spike_rate", "grad-norm spike rate"), ("loss_spikes", "loss spikes"), ("step_time_s", "step time"))),
+    ("scopes", "Balancing-loss scopes (EP x DP = 2 x 2)",
+     (("final_loss_mean_last_5pct", "final loss (last 5%)"), ("val_loss", "val loss"),
+      ("maxvio_after_warmup", "MaxVio after warm-up"), ("device_imbalance_after_warmup", "device max/mean"),
+      ("step_time_s", "step time"))),
+    ("mtp", "Multi-token prediction",
+     (("final_loss_mean_last_5pct", "main loss (last 5%)"), ("val_loss", "val loss"),
+      ("mtp_loss_last", "MTP loss (last step)"), ("tokens_per_s", "tokens/s"), ("step_time_s", "step time"))),
+    ("anticipate", "A crafted loss spike: record, rollback, anticipatory routing",
+     (("final_loss_mean_last_5pct", "final loss (last 5%)"), ("val_loss", "val loss"),
+      ("loss_spikes", "loss spikes"), ("anticipatory_steps", "anticipatory steps"), ("incidents", "incidents"),
+      ("step_time_s", "step time"))))
+
+
+def _base(arm: str) -> str:
+    """An arm's name without its seed suffix (`-s<seed>`)."""
+    head, sep, tail = arm.rpartition("-s")
+    return head if sep and tail.isdigit() else arm
+
+
+def _cell(key: str, values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if key == "step_time_s":
+        return f"{statistics.median(values) * 1000:.0f} ms"
+    if key == "tokens_per_s":
+        return f"{statistics.mean(values):.0f}"
+    if all(isinstance(v, int) for v in values) and len(values) == 1:
+        return str(values[0])
+    return _spread([float(v) for v in values])
+
+
 def tables(rows: list[dict], seeds: int) -> str:
+    """A table per group; the arms run with several seeds show the mean (min..max) over them."""
     out = []
-    stab = [r for r in rows if r["group"] == "stability"]
-    if stab:
-        out += [f"### Stability: pre-norm vs DSSN + TinyInit ({seeds} seed(s): mean (min..max))", "",
-                "| arm | final loss (last 5%) | val loss | grad-norm spike rate | loss spikes | step time |",
-                "|---|---|---|---|---|---|"]
-        for name in dict.fromkeys(r["arm"].rsplit("-s", 1)[0] for r in stab):
-            rs = [r for r in stab if r["arm"].rsplit("-s", 1)[0] == name]
-            out.append(f"| {name} | {_spread([r['final_loss_mean_last_5pct'] for r in rs])} | "
-                       f"{_spread([r['val_loss'] for r in rs])} | {_spread([r['grad_spike_rate'] for r in rs])} | "
-                       f"{_spread([float(r['loss_spikes']) for r in rs])} | "
-                       f"{statistics.median(r['step_time_s'] for r in rs) * 1000:.0f} ms |")
-        out.append("")
-    for group, title, cols in (
-            ("scopes", "Balancing-loss scopes", ("final_loss_mean_last_5pct", "val_loss", "maxvio_after_warmup",
-                                                 "device_imbalance_after_warmup", "step_time_s")),
-            ("mtp", "Multi-token prediction", ("final_loss_mean_last_5pct", "val_loss", "mtp_loss_last",
-                                               "tokens_per_s", "step_time_s")),
-            ("anticipate", "A crafted loss spike: rollback vs anticipatory routing",
-             ("final_loss_mean_last_5pct", "val_loss", "loss_spikes", "anticipatory_steps", "incidents",
-              "step_time_s"))):
+    for group, title, cols in TABLES:
         rs = [r for r in rows if r["group"] == group]
         if not rs:
             continue
-        out += [f"### {title}", "", "| arm | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+        per_arm = {name: [r for r in rs if _base(r["arm"]) == name] for name in dict.fromkeys(_base(r["arm"]) for r in rs)}
+        n = max(len(v) for v in per_arm.values())
+        note = f" ({n} seeds: mean (min..max))" if n > 1 else ""
+        out += [f"### {title}{note}", "", "| arm | " + " | ".join(label for _, label in cols) + " |",
                 "|---" * (len(cols) + 1) + "|"]
-        for r in rs:
-            cells = []
-            for c in cols:
-                v = r[c]
-                cells.append("n/a" if v is None else f"{v * 1000:.0f} ms" if c == "step_time_s"
-                             else f"{v:.0f}" if c == "tokens_per_s" else f"{v:.4f}" if isinstance(v, float) else str(v))
-            out.append(f"| {r['arm']} | " + " | ".join(cells) + " |")
+        for name, group_rows in per_arm.items():
+            out.append(f"| {name} | " + " | ".join(_cell(k, [r[k] for r in group_rows]) for k, _ in cols) + " |")
         out.append("")
     return "\n".join(out)
 

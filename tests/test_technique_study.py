@@ -18,7 +18,8 @@ def test_tables_show_the_mean_and_spread_of_seeds():
     rows = [{"arm": f"pre_norm-lr-s{s}", "group": "stability", "final_loss_mean_last_5pct": v, "val_loss": v,
              "grad_spike_rate": 0.1 * s, "loss_spikes": s, "step_time_s": 0.1} for s, v in enumerate([2.0, 3.0])]
     text = tables(rows, 2)
-    assert "| pre_norm-lr | 2.5000 (2.0000..3.0000) | 2.5000 (2.0000..3.0000) | 0.0500 (0.0000..0.1000) |" in text
+    assert "| pre_norm-lr | 2.5000 (2.0000..3.0000) | 2.5000 (2.0000..3.0000) | 0.0500 (0.0000..0.1000) | 0.5000 (0.0000..1.0000) | 100 ms |" in text
+    assert "(2 seeds: mean (min..max))" in text
 
 
 def test_technique_study_runs_each_group_and_writes_its_tables(ray_session, tmp_path):
