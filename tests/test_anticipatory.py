@@ -15,6 +15,7 @@ from orchestrator.data import load_corpus
 from orchestrator.device.anticipate import anticipating
 from orchestrator.device.shard import DeviceShard
 from tests.conftest import step_records, tiny_config
+from tests.test_optimizer_state import _checkpoint   # the manifest and files a checkpoint of snapshots holds
 
 
 @pytest.fixture(scope="module")
@@ -76,22 +77,6 @@ def test_first_delay_steps_route_normally_and_the_mode_follows_its_windows(corpu
     assert [r.extra["anticipated"] for r in reports] == [False, False, True, True]
     assert anticipating(5, [(3, 5)], False) and not anticipating(6, [(3, 5)], False)
     assert not anticipating(2, [(3, 5)], False) and anticipating(99, [], True)
-
-
-def _checkpoint(snapshots: list) -> tuple[dict, dict[str, bytes]]:
-    """The manifest and files a checkpoint of these snapshots holds (as tests/test_optimizer_state.py builds it)."""
-    from orchestrator.checkpoint.shard import serialize
-
-    files, blobs, index, steps, expert_files = {}, {}, {}, {}, {}
-    for snap in snapshots:
-        for name, tensors in snap.files.items():
-            blobs[name], files[name] = serialize(tensors)
-        for key, pieces in snap.index.items():
-            index.setdefault(key, []).extend(pieces)
-        steps.update(snap.optimizer_steps)
-    manifest = {"files": files, "index": index, "optimizer_step": snapshots[0].optimizer_step,
-                "optimizer_steps": steps, "expert_files": expert_files}
-    return manifest, blobs
 
 
 def test_cached_ids_travel_with_snapshots_and_checkpoints(corpus):
