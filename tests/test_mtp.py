@@ -115,7 +115,7 @@ def test_snapshot_and_checkpoint_files_carry_the_mtp_modules(corpus):
         assert torch.equal(pa[name], pb[name]), name
 
 
-def test_mtp_config_checks_and_export():
+def test_mtp_config_checks_and_export(tmp_path):
     with pytest.raises(ConfigError, match="data.task=pretrain"):
         tiny_config(None, "model.mtp_depth=1", "data.task=sft")
     with pytest.raises(ConfigError, match="model.mtp_weight"):
@@ -144,11 +144,23 @@ def test_mtp_config_checks_and_export():
     for k in hf:
         assert torch.equal(hf[k], ref[k]), k
 
+    # export_native writes the model without them, and the MTP modules beside it (mtp.safetensors, native names)
+    from safetensors.torch import load_file
+
+    from orchestrator.checkpoint.hf_export import MTP_FILE, export_native
+
+    done = export_native(model, cfg.model, cfg.balance, tmp_path / "hf")
+    saved = load_file(str(tmp_path / "hf" / MTP_FILE))
+    mtp = {k: v for k, v in model.state_dict().items() if k.startswith("mtp.")}
+    assert saved.keys() == mtp.keys() and all(torch.equal(saved[k], mtp[k]) for k in mtp)
+    assert any(MTP_FILE in n for n in done["notes"]) and MTP_FILE in (tmp_path / "hf" / "README.md").read_text()
+
 
 def test_n_devices_match_reference_with_mtp(ray_session, tmp_path, corpus):
     """mtp_depth=1 (its MoE block expert-parallel, its loss a share of the global mean) in float64: N=2, and N=4
     as 2 expert-parallel x 2 data-parallel with ZeRO-3 (FSDP2 units: the MTP block too), selective recomputation
-    and 2 micro-batches, give the reference's losses, MTP losses, routing and parameters."""
+    and 2 micro-batches, give the reference's losses, MTP losses, routing and parameters; so does a run at N=2 that
+    heals a crash."""
     from orchestrator.driver import Driver
     from orchestrator.reference import reference_run
 
@@ -172,6 +184,22 @@ def test_n_devices_match_reference_with_mtp(ray_session, tmp_path, corpus):
         assert params.keys() == ref_params.keys()
         for name, ref in ref_params.items():
             torch.testing.assert_close(params[name], ref, rtol=1e-6, atol=1e-9, msg=lambda m: f"N={world} {name}: {m}")
+    # healing: a crash at step 2 (the devices replaced, the snapshot of step 1 restored, MTP modules included)
+    # ends in the reference's state, read back from the final checkpoint
+    from orchestrator.checkpoint.storage import Storage
+    from orchestrator.checkpoint.tools import list_checkpoints, read_parameters
+    from tests.conftest import step_records
+
+    healed = tmp_path / "healed"
+    summary = Driver(tiny_config(healed, *overrides, "cluster.num_devices=2", "train.eval_batches=0",
+                                 "faults.plan=[{kind: crash, step: 2}]"), healed).run()
+    assert summary.recoveries == 1
+    recs = step_records(healed)
+    assert [r["mtp_loss"] for r in recs] == pytest.approx([r.mtp_losses[0] for r in ref_reports], rel=1e-9)
+    params, _ = read_parameters(list_checkpoints(Storage(str(healed / "checkpoints")))[-1][1])
+    assert any(k.startswith("mtp.") for k in params)
+    for name, ref in ref_params.items():
+        torch.testing.assert_close(params[name], ref, rtol=1e-6, atol=1e-9, msg=lambda m: f"healed {name}: {m}")
 
 
 def test_resume_may_lower_the_mtp_weight_but_not_change_the_depth():

@@ -110,12 +110,17 @@ def _write_readme(out_dir: Path, lines: list[str]) -> None:
     (out_dir / "README.md").write_text("# Exported model\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
 
 
+MTP_FILE = "mtp.safetensors"   # a native model's multi-token prediction modules, beside the exported model
+
+
 def export_native(state: Any, model_cfg: ModelConfig, balance_cfg: BalanceConfig | None, out_dir: str | Path,
                   tokenizer_dir: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
                   dropless: bool = False, source: str | None = None) -> dict[str, Any]:
     """Write the native model (a full state dict or the model) as a transformers model folder: config.json,
     model.safetensors (transformers' own on-disk names), generation_config.json, README.md, tokenizer files when
-    given. `AutoModelForCausalLM.from_pretrained(out_dir)` then computes the native logits. Returns what was done."""
+    given. `AutoModelForCausalLM.from_pretrained(out_dir)` then computes the native logits. A model with MTP modules
+    (model.mtp_depth) has them written beside it, in mtp.safetensors under the native names (MTP_FILE). Returns what
+    was done."""
     tf = _transformers()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -139,6 +144,16 @@ def export_native(state: Any, model_cfg: ModelConfig, balance_cfg: BalanceConfig
     n_params = _load_and_save(model, hf_state, out)
     tokenizer = _copy_tokenizer(tokenizer_files, out, model_cfg.vocab_size)
     notes = []
+    mtp = {k: v for k, v in _native_state(state, model_cfg).items() if k.startswith("mtp.")}
+    if mtp:   # no transformers class here has MTP modules: they travel beside the model, under the native names
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().to(model.dtype).contiguous().clone() for k, v in mtp.items()},   # as the model
+                  str(out / MTP_FILE), metadata={"format": "pt"})
+        notes.append(f"multi-token prediction: the {model_cfg.mtp_depth} MTP module(s) are not part of "
+                     f"{CLASS_NAMES[arch]} (the model computes the main logits only); their {len(mtp)} tensors are in "
+                     f"{MTP_FILE} under the native names (mtp.<k-1>.*: orchestrator/model/mtp.py; embedding and head "
+                     f"are the model's)")
     if arch in ROTATE_HALF:
         notes.append(f"RoPE: the native interleaved pairs are {CLASS_NAMES[arch]}'s rotate-half pairs after permuting "
                      f"the rows of every head of q_proj and k_proj (head dim order 0, 2, 4, ..., 1, 3, 5, ...)")

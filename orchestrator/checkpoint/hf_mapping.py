@@ -299,8 +299,9 @@ def _without_mtp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     dropped = [k for k in state if k.startswith("mtp.")]
     if dropped:
         depths = len({k.split(".")[1] for k in dropped})
-        log.info("export: the %d multi-token prediction module(s) (%d tensors, mtp.*) are left out: the exported "
-                 "class has none, and the main model does not use them", depths, len(dropped))
+        log.info("export: the %d multi-token prediction module(s) (%d tensors, mtp.*) are left out of the transformers "
+                 "model (its class has none, and the main model does not use them); export_native writes them beside "
+                 "it in mtp.safetensors", depths, len(dropped))
     return {k: v for k, v in state.items() if not k.startswith("mtp.")}
 
 
