@@ -8,8 +8,8 @@ seed, data and steps per arm, the command line's overrides on every arm). Groups
 
   stability   pre-norm vs DSSN + TinyInit (model.norm=sandwich model.init=tiny), each at the job's learning rate
               and at --high-lr (default 4x): gradient-norm spike rate, loss spikes, final and validation loss;
-              --seeds S runs each arm (and the mtp group's) with seeds 0..S-1 (the tables show the mean and the
-              min..max spread). Both
+              --seeds S runs each arm (and the scopes and mtp groups') with seeds 0..S-1 (the tables show the mean
+              and the min..max spread). Both
               arms untie the head from the embedding (model.tie_embeddings=false, as Pangu Ultra): TinyInit's
               embedding std 0.5 as a tied head would start the logits at std 0.5 sqrt(dim)
   scopes      the Switch auxiliary loss (balance.aux_loss_coeff=0.01) per sequence, per EP group, over the global
@@ -84,9 +84,11 @@ def arms_of(groups: list[str], cfg, seeds: int, high_lr: float, spike_step: int,
         if world > cfg.cluster.num_devices:
             mesh.append(f"cluster.cpus_per_device={cfg.cluster.cpus_per_device * cfg.cluster.num_devices / world:g}")
         for scope in ("sequence", "ep_group", "global"):
-            arms.append(Arm(f"scope_{scope}", ["balance.aux_loss_coeff=0.01", f"balance.aux_loss_scope={scope}",
-                                               "balance.seq_aux_loss_coeff=0", "balance.bias_update_speed=0", *mesh],
-                            group="scopes"))
+            for seed in range(seeds):
+                arms.append(Arm(f"scope_{scope}-s{seed}" if seeds > 1 else f"scope_{scope}",
+                                ["balance.aux_loss_coeff=0.01", f"balance.aux_loss_scope={scope}",
+                                 "balance.seq_aux_loss_coeff=0", "balance.bias_update_speed=0", *mesh, f"seed={seed}"],
+                                group="scopes"))
     if "mtp" in groups:
         for name, extra in (("mtp_off", []), ("mtp_1", ["model.mtp_depth=1"])):
             for seed in range(seeds):
