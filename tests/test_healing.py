@@ -264,7 +264,9 @@ def test_spikes_and_stragglers_are_detected_from_reports(tmp_path):
     for step in range(1, 26):  # spikes are judged from half a window (25 steps) of history on
         assert watch.inspect(step, [report(step, 0), report(step, 1)], NoDriver()) == []
     assert watch.guard() == {"max_loss": pytest.approx(6.0), "max_grad_norm": pytest.approx(10.0)}
-    (spike,) = watch.inspect(26, [report(26, 0, loss=7.0), report(26, 1, loss=7.0)], NoDriver())
+    flagged = report(26, 0, loss=7.0)
+    flagged.extra = {"anticipatory": True, "anticipated": True}   # anticipatory routing's flags: still judged
+    (spike,) = watch.inspect(26, [flagged, report(26, 1, loss=7.0)], NoDriver())
     assert (spike.kind, spike.rank) == ("loss_spike", -1)
     (spike,) = watch.inspect(27, [report(27, 0, norm=11.0), report(27, 1, norm=11.0)], NoDriver())
     assert spike.kind == "grad_spike"

@@ -167,7 +167,9 @@ class Watch:
             out.append(Incident(step, IncidentKind.NAN, rank, devices.node_of(rank) if rank >= 0 else None, now,
                                 f"non-finite loss {r0.loss} / grad norm {r0.grad_norm}; the update was not applied"))
         else:
-            rl = bool(getattr(r0, "extra", None))   # an RL step's policy loss is centred on 0: no loss spikes
+            # an RL step's policy loss is centred on 0: no loss spikes (its report's extra holds the policy's numbers;
+            # other steps' extra, e.g. anticipatory routing's flags, leave them judged)
+            rl = "clip_frac" in (getattr(r0, "extra", None) or {})
             guard = self.guard(rl) or {}
             for kind, value, limit in ((IncidentKind.LOSS_SPIKE, r0.loss, guard.get("max_loss")),
                                        (IncidentKind.GRAD_SPIKE, r0.grad_norm, guard.get("max_grad_norm"))):
