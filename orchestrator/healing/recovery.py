@@ -87,12 +87,11 @@ class Recovery:
         try:
             step, source = retrying(attempt)
         except StateMismatch as e:
-            self.at_most = None
             raise self.healer.unrestorable(last_step, e) from e
         except (RunError, RayActorError) as e:
-            self.at_most = None
             raise self.healer.recovery_failed(f.recovery_attempts, e) from e
-        self.at_most = None
+        finally:
+            self.at_most = None   # only this decision's restore is limited
         self.healer.recovered(d, step, source, time.perf_counter() - t0)
         self.rewind(step)
         return step
