@@ -15,6 +15,22 @@ class ParallelConfig:
     expert_parallel: int = 0          # expert-parallel degree: devices one MoE layer's experts are split over; 0: the
                                       # largest divisor of num_devices that divides num_experts. The rest of the
                                       # devices is data parallelism (each group of expert_parallel devices a replica)
+    # Speed (docs/speed.md): every option computes what it does without it (float64 equality in the tests).
+    shared_expert_overlap: bool = True   # the shared expert computed while the dispatch all_to_all is in flight
+                                      # (Megatron-Core's moe_shared_expert_overlap)
+    dispatch_chunks: int = 2          # an MoE layer's local tokens split into this many chunks: chunk c's all_to_all
+                                      # is in flight while chunk c-1's experts compute; 1: one exchange per layer
+    grouped_gemm: bool = True         # the experts of a device as one grouped matmul (torch's grouped_mm) where the
+                                      # device and dtype support it (float32, bfloat16, float16), the loop over
+                                      # experts elsewhere (float64); false: always the loop
+    overlap_grad_reduce: bool = True  # dense gradients all-reduced in buckets while the backward still runs (torch
+                                      # DDP's scheme); false: one all-reduce after the whole backward
+    grad_bucket_mb: float = 25.0      # size of one gradient bucket (MiB; torch DDP's bucket_cap_mb)
+    router_dtype: str = "float32"     # float32: the router's logits, scores and top-k in float32 under bf16 autocast
+                                      # (Megatron-Core's moe_router_dtype=fp32) | auto: in the autocast dtype
+    pipelined_driver: bool = True     # the driver submits step n+1 before it handles step n's record, sinks, alerts
+                                      # and status (a lag of one step; a fault found late still rewinds to a state
+                                      # before the faulty step); false: lock-step
 
 
 @dataclass
@@ -73,7 +89,8 @@ def effective_zero_stage(cfg: Root, world: int | None = None) -> int:
 def _validate_mesh(cfg: Root) -> None:
     m, c, t, mem = cfg.model, cfg.cluster, cfg.train, cfg.memory
     _positive(cfg, ["parallel.expert_parallel", "cluster.device_memory_gb"], allow_zero=True)
-    _positive(cfg, ["train.micro_batches"])
+    _positive(cfg, ["train.micro_batches", "parallel.dispatch_chunks", "parallel.grad_bucket_mb"])
+    _choice("parallel.router_dtype", cfg.parallel.router_dtype, ("float32", "auto"))
     ep = cfg.parallel.expert_parallel
     if ep and (c.num_devices % ep or m.num_experts % ep):
         raise ConfigError(f"parallel.expert_parallel={ep} must divide both cluster.num_devices={c.num_devices} (the "
