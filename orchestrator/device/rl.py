@@ -37,7 +37,8 @@ def build_reference(shard: Any, expert_ids: list[int], slots: list[list[int]]) -
     from orchestrator.parallel.sharding import shard_model
 
     cfg = shard.cfg
-    ref = build_any_model(cfg.model, cfg.seed, expert_ids, cfg.balance, shard.device, cfg.train.dtype)
+    ref = build_any_model(cfg.model, cfg.seed, expert_ids, cfg.balance, shard.device, cfg.train.dtype,
+                          parallel=cfg.parallel)
     apply_expert_parallel(ref, len(slots), shard.mesh.ep_group, data_parallel=shard.world > len(slots))
     for m in ref.moe_layers():
         m.set_placement(slots, shard.mesh.ep_rank)

@@ -50,7 +50,7 @@ class RolloutEngine:
         # the GPU the actor was given, if any (a colocated engine shares its device's; a pool worker's is its own)
         self.device = torch.device("cuda", 0) if cfg.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.model = build_any_model(cfg.model, cfg.seed, None, cfg.balance, self.device,
-                                     cfg.rl.rollout.dtype or cfg.train.dtype).eval()
+                                     cfg.rl.rollout.dtype or cfg.train.dtype, parallel=cfg.parallel).eval()
         self.task = task_of(cfg)
         self.reward = resolve_reward(cfg.rl.reward)
         self.version = 0          # the step whose weights the engine holds (0: the initial weights)

@@ -154,7 +154,7 @@ class DeviceShard:
         initial = ExpertPlacement.initial(cfg.model.num_experts, ep, expert_slots(cfg) if ep > 1 else None)
         self.load_stats: dict = {}   # a Hugging Face checkpoint: what this device read of it (model/hf_load.py)
         self.model = build_any_model(cfg.model, cfg.seed, initial.slots[self.mesh.ep_rank], cfg.balance, self.device,
-                                     cfg.train.dtype, self.load_stats)
+                                     cfg.train.dtype, self.load_stats, parallel=cfg.parallel)
         if cfg.balance.router_aux_loss_coeff:   # a transformers model's own router auxiliary loss
             self.model.use_router_aux_loss(cfg.balance.router_aux_loss_coeff)
         apply_expert_parallel(self.model, ep, self.mesh.ep_group, data_parallel=world > ep)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from orchestrator.config import BalanceConfig, ConfigError, ModelConfig
-from orchestrator.model.layers import upcast
+from orchestrator.model.layers import grouped_mm_supported, upcast
 from orchestrator.model.moe import ExpertSlots, LocalTokenDispatcher, TokenDispatcher, balance_losses
 
 EXPERT_LAYOUT = ("gate_up_proj", "down_proj")
@@ -292,6 +292,48 @@ class ExpertParallelExperts(ExpertSlots):
         return balance_losses(self.balance, self.dispatcher, score(gate, logits_NE), upcast(logits_NE), experts_NK,
                               N // T, T, self.valid_N, self.global_tokens, self.global_sequences, self.ep_groups,
                               self.local_ep_groups)
+
+
+def use_grouped_mm(model: "HFMoEModel", grouped_gemm: bool) -> str:
+    """parallel.grouped_gemm for a transformers model: its experts' own implementation (transformers 5's
+    `config._experts_implementation`, integrations/moe.py) is "grouped_mm" (grouped_mm_experts_forward: one sort of
+    the copies, torch's grouped_mm per projection) when on and torch's grouped_mm supports the experts' device and
+    dtype (`layers.grouped_mm_supported`: not float64), else "eager" (transformers' loop over the experts that got
+    rows). ExpertParallelExperts calls that forward on its local slots either way. Returns the implementation set.
+    transformers casts the rows to the weights' dtype before grouped_mm (it is not autocast-aware), so under bf16
+    autocast with float32 weights its grouped path computes in float32, the eager one in bf16."""
+    p = next(model._moe[0].parameters())
+    impl = "grouped_mm" if grouped_gemm and grouped_mm_supported(p.device.type, p.dtype) else "eager"
+    model.hf_config._experts_implementation = impl
+    return impl
+
+
+def _float32_gate_forward(gate: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A transformers router's forward with autocast off and its floating inputs in its weight's dtype, when autocast
+    is on and that weight is float32 or float64 (else its forward as it is): the logits' matmul, scores and top-k in
+    float32 (parallel.router_dtype=float32)."""
+    forward = type(gate).forward
+    w = getattr(gate, "weight", None)
+    if w is None or w.dtype not in (torch.float32, torch.float64) or not torch.is_autocast_enabled(w.device.type):
+        return forward(gate, *args, **kwargs)
+
+    def cast(a: Any) -> Any:
+        return a.to(w.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+    with torch.autocast(w.device.type, enabled=False):
+        return forward(gate, *map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+
+
+def use_router_dtype(model: "HFMoEModel", router_dtype: str) -> None:
+    """parallel.router_dtype for a transformers model: "float32" routes every MoE block's router (the `gate` its
+    experts were adopted with) through `_float32_gate_forward` (an instance attribute `forward`, so the class, its
+    name and its hooks stay); "auto" puts the class's forward back."""
+    for m in model._moe:
+        gate = m.__dict__["_gate"]
+        if router_dtype == "float32":
+            gate.forward = functools.partial(_float32_gate_forward, gate)
+        else:
+            gate.__dict__.pop("forward", None)
 
 
 class HFCache:

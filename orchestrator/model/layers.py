@@ -5,6 +5,9 @@ Dh head dim, F hidden (ffn) dim.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -146,3 +149,61 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity whose backward makes the incoming gradient contiguous: torch's grouped_mm backward refuses an
+    expanded one (stride 0, as `.sum()` gives: "Invalid strides/sizes")."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """y_MO: rows offs_E[j-1] .. offs_E[j] - 1 of x_MI times w_EOI[j]^T (nn.Linear's layout, weight [out, in]), all
+    groups in one call of torch.nn.functional.grouped_mm. offs_E: int32 cumulative row counts on x's device, its
+    last entry M (rows past it would be left uninitialised). x and w in one dtype; grouped_mm is not autocast-aware,
+    the caller casts (see GroupedExperts)."""
+    return _ContiguousGrad.apply(F.grouped_mm(x_MI, w_EOI.transpose(-2, -1), offs=offs_E))
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped_mm runs on this device type in this dtype, forward and backward, and agrees with a
+    loop of matmuls (a zero-row group included). Probed once per (device type, dtype) on a 16 x 16 problem and
+    cached: on this machine's torch 2.13 CPU build float32, bfloat16 and float16 pass, float64 has no kernel
+    ("Expected mat_a to be Float32, BFloat16 or Float16"); CUDA needs sm80+. The probe runs in a thread of its own,
+    so the caller's grad mode, autocast and saved-tensor hooks (a checkpointed region's) do not reach it."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(_probe_grouped_mm, device_type, dtype).result()
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 16, generator=g).to(device_type, dtype).requires_grad_()
+        w = torch.randn(3, 16, 16, generator=g).to(device_type, dtype).requires_grad_()
+        offs = torch.tensor([2, 2, 5], dtype=torch.int32, device=device_type)
+        with torch.autocast(device_type, enabled=False):
+            y = grouped_linear(x, w, offs)
+            y.sum().backward()
+            ref = torch.cat([x[:2] @ w[0].t(), x[2:] @ w[2].t()])
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        return (bool(torch.allclose(y.float(), ref.float(), rtol=tol, atol=tol))
+                and w.grad is not None and not bool(w.grad[1].any()))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
+def grouped_mm_aligned(device_type: str, dtype: torch.dtype, *dims: int) -> bool:
+    """Whether rows of these widths meet grouped_mm's alignment: CUDA's kernels want every row stride a multiple of
+    16 bytes; CPU has no such rule."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return device_type == "cpu" or all(d * size % 16 == 0 for d in dims)

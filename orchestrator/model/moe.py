@@ -28,7 +28,8 @@ from orchestrator.config import BalanceConfig
 from orchestrator.model.balancing import (drop_over_capacity, ep_group_aux_loss, router_z_loss, select_experts,
                                           sequence_aux_loss, switch_aux_loss)
 from orchestrator.model.checkpointing import checkpointed
-from orchestrator.model.layers import SwiGLU, swiglu, upcast
+from orchestrator.model.layers import (SwiGLU, grouped_linear, grouped_mm_aligned, grouped_mm_supported, swiglu,
+                                      upcast)
 
 
 def router_scores(logits_NE: torch.Tensor, score_func: str) -> torch.Tensor:
@@ -60,6 +61,10 @@ class Router(nn.Module):
     `replay_NK` (routing replay): selection is skipped and these logical ids are taken as chosen; the gates are
     this router's live scores at them (so the router still learns), never masked (group limits and the bias only
     steer selection).
+
+    `dtype` (parallel.router_dtype): "float32": the logits' matmul runs with autocast off on float32 (float64 stays)
+    input and weight, so logits, scores and top-k are float32 under bf16/fp16 autocast (Megatron-Core's
+    moe_router_dtype=fp32); "auto": the gate as any Linear (in the autocast dtype, upcast after).
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, score_func: str, norm_topk_prob: bool,
@@ -70,11 +75,19 @@ class Router(nn.Module):
         self.norm_topk_prob, self.route_scale = norm_topk_prob, route_scale
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(num_experts))
+        self.dtype = "float32"   # parallel.router_dtype: float32 | auto
+
+    def logits(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """logits_NE = x W^T, in float32 at least (router_dtype float32: the matmul too, autocast off)."""
+        if self.dtype == "auto":
+            return upcast(self.gate(x_ND))
+        with torch.autocast(x_ND.device.type, enabled=False):
+            return F.linear(upcast(x_ND), upcast(self.gate.weight))
 
     def forward(self, x_ND: torch.Tensor, replay_NK: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns gates_NK (float), experts_NK (int64), scores_NE, logits_NE."""
-        logits_NE = upcast(self.gate(x_ND))
+        logits_NE = self.logits(x_ND)
         scores_NE = router_scores(logits_NE, self.score_func)
         b = self.balance
         if replay_NK is not None:
@@ -91,7 +104,12 @@ class Router(nn.Module):
 class GroupedExperts(nn.Module):
     """El SwiGLU experts stored as stacked weights; `expert_ids` are their global ids in the layer (one id twice
     or on several devices: replicas); `primary[j]`: slot j holds the copy that checkpoints save and the gradient
-    norm counts (the first replica in device order)."""
+    norm counts (the first replica in device order).
+
+    `grouped` (parallel.grouped_gemm): the El experts' matmuls as three grouped matmuls (torch's grouped_mm, one
+    call for every expert's rows: `layers.grouped_linear`) where the device and the compute dtype support it
+    (`layers.grouped_mm_supported`, probed once per device type and dtype); the loop over experts elsewhere (float64,
+    or False). Both compute y_j = w2_j (silu(w1_j x) * w3_j x) for the rows of expert j."""
 
     def __init__(self, dim: int, hidden: int, expert_ids: Sequence[int], swiglu_limit: float = 0.0):
         super().__init__()
@@ -103,14 +121,48 @@ class GroupedExperts(nn.Module):
         self.w3_EFD = nn.Parameter(torch.empty(El, hidden, dim))
         self.w2_EDF = nn.Parameter(torch.empty(El, dim, hidden))
         self.recompute = False  # selective activation checkpointing: the SwiGLU math recomputed in backward
+        self.grouped = True     # parallel.grouped_gemm: grouped_mm where supported, else the loop
 
-    def forward(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """x_MD holds token copies grouped by local expert, `tokens_per_expert[j]` rows for expert j."""
+    def forward(self, x_MD: torch.Tensor, tokens_per_expert: list[int] | torch.Tensor) -> torch.Tensor:
+        """x_MD holds token copies grouped by local expert, `tokens_per_expert[j]` rows for expert j: a list, or a
+        counts tensor [El] (integer, any device), which the grouped path reads on the device (no host sync; the
+        loop reads it on the host)."""
         if self.recompute:
             return checkpointed(self._forward, x_MD, tokens_per_expert)
         return self._forward(x_MD, tokens_per_expert)
 
-    def _forward(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+    def compute_dtype(self, x_MD: torch.Tensor) -> torch.dtype:
+        """The dtype the expert matmuls run in: autocast's when it is on for x's device, else the weights'."""
+        t = x_MD.device.type
+        return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else self.w1_EFD.dtype
+
+    def uses_grouped_mm(self, x_MD: torch.Tensor) -> bool:
+        """Whether this forward takes the grouped path (`grouped`, and grouped_mm supports the device type, the
+        compute dtype and the widths)."""
+        dtype, t = self.compute_dtype(x_MD), x_MD.device.type
+        return (self.grouped and grouped_mm_supported(t, dtype)
+                and grouped_mm_aligned(t, dtype, self.w1_EFD.shape[1], self.w1_EFD.shape[2]))
+
+    def _forward(self, x_MD: torch.Tensor, tokens_per_expert: list[int] | torch.Tensor) -> torch.Tensor:
+        if self.uses_grouped_mm(x_MD):
+            return self._grouped(x_MD, tokens_per_expert)
+        if isinstance(tokens_per_expert, torch.Tensor):
+            tokens_per_expert = tokens_per_expert.tolist()   # the loop splits on the host: one sync
+        return self._loop(x_MD, tokens_per_expert)
+
+    def _grouped(self, x_MD: torch.Tensor, tokens_per_expert: list[int] | torch.Tensor) -> torch.Tensor:
+        """Three grouped matmuls; offs = cumsum(counts) (int32) built where x lives. grouped_mm does not follow
+        autocast, so x and the weights are cast to the compute dtype here (what autocast does for `@`)."""
+        counts_E = (tokens_per_expert.to(x_MD.device) if isinstance(tokens_per_expert, torch.Tensor)
+                    else torch.tensor(tokens_per_expert, device=x_MD.device))
+        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        dtype = self.compute_dtype(x_MD)
+        x = x_MD.to(dtype)
+        w1, w3, w2 = self.w1_EFD.to(dtype), self.w3_EFD.to(dtype), self.w2_EDF.to(dtype)
+        h_MF = swiglu(grouped_linear(x, w1, offs_E), grouped_linear(x, w3, offs_E), self.swiglu_limit)
+        return grouped_linear(h_MF, w2, offs_E)
+
+    def _loop(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         outs = []
         for j, x in enumerate(torch.split(x_MD, tokens_per_expert)):
             h = swiglu(x @ self.w1_EFD[j].t(), x @ self.w3_EFD[j].t(), self.swiglu_limit)
