@@ -186,11 +186,12 @@ def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tu
       a linear: its input (the norm's output N*D*b, once for all linears reading it; under autocast a bf16 copy
       per linear, rows*D*a, and a bf16 copy of its weight, out*in*a)
       attention: q/k/v linears; SDPA: q, k, v, output 4*N*D*a + logsumexp B*H*T*max(f, 4); wo's input N*D*a
-      SwiGLU (dense, shared, each routed expert): w1, w3 linears; w1 out, silu out, w3 out, product 4*rows*hidden*a;
+      SwiGLU (dense, shared, each routed expert): w1, w3 linears (routed experts with parallel.grouped_gemm, not
+      float64: one grouped_mm copy of the input under autocast, R*D*a, and the int32 offsets El*4); w1 out, silu out, w3 out, product 4*rows*hidden*a;
       with model.swiglu_limit (experts and shared expert) the two clamped pre-activations too, 2*rows*hidden*a
       sandwich norm (model.norm=sandwich): each sub-layer's output norm, an RMSNorm of its output (a matmul's,
       so its normalised rows N*D*a; attention's inside the selective region)
-      router: gate linear, scores N*E*f (sqrt-softplus: softplus's input too, N*E*f), expert ids N*K*8, top-k renormalisation N*K*f + N*f; balancing
+      router: gate linear (parallel.router_dtype=float32 under autocast: its float32 input N*D*f), scores N*E*f (sqrt-softplus: softplus's input too, N*E*f), expert ids N*K*8, top-k renormalisation N*K*f + N*f; balancing
       losses: sequence-wise N*f + B*E*f, Switch E*f, z-loss N*E*f + N*f
       dispatch: copy indices R*8 (and regroup indices 2*R*8 under expert parallelism); the experts' input R*D*b
       (no autocast: autocast saves its copies instead); combine: expert outputs R*D*f, gate indices R*8,
@@ -234,11 +235,15 @@ def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tu
             block.append(("dense mlp", N * D * f, swiglu(N, m.dense_dim)) if sel else
                          ("dense mlp", swiglu(N, m.dense_dim, shared_input=False), 0))
         else:
-            router = linears(N, E * D, 1, False) + N * E * f * (2 if m.score_func == "sqrtsoftplus" else 1) + N * K * 8
+            # parallel.router_dtype=float32: the gate's matmul on the float32 input (autocast off), no bf16 copies
+            gate = N * D * f if cfg.parallel.router_dtype == "float32" and ac else linears(N, E * D, 1, False)
+            router = gate + N * E * f * (2 if m.score_func == "sqrtsoftplus" else 1) + N * K * 8
             router += (N * K * f + N * f) if m.norm_topk_prob and K > 1 else 0
             router += (N * f + B * E * f if bal.seq_aux_loss_coeff else 0) + (E * f if bal.aux_loss_coeff else 0)
             router += N * E * f + N * f if bal.z_loss_coeff else 0
             experts = swiglu(R, m.expert_dim, El, limit=m.swiglu_limit)
+            if cfg.parallel.grouped_gemm and b != 8:   # grouped_mm (no float64 kernel: the loop): offsets El*4;
+                experts += El * 4 - R * D * a * ac     # under autocast one bf16 copy of the input for w1 and w3
             shared = swiglu(N, m.expert_dim * m.num_shared_experts, limit=m.swiglu_limit) if m.num_shared_experts else 0
             combine = R * D * f + R * 8 + R * f + R * D * a
             block += [("router", router, 0), ("dispatch", R * 8 * (3 if ep > 1 else 1), 0),
