@@ -186,12 +186,14 @@ def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tu
       a linear: its input (the norm's output N*D*b, once for all linears reading it; under autocast a bf16 copy
       per linear, rows*D*a, and a bf16 copy of its weight, out*in*a)
       attention: q/k/v linears; SDPA: q, k, v, output 4*N*D*a + logsumexp B*H*T*max(f, 4); wo's input N*D*a
-      SwiGLU (dense, shared, each routed expert): w1, w3 linears (routed experts with parallel.grouped_gemm, not
-      float64: one grouped_mm copy of the input under autocast, R*D*a, and the int32 offsets El*4); w1 out, silu out, w3 out, product 4*rows*hidden*a;
+      SwiGLU (dense, shared, each routed expert): w1, w3 linears; w1 out, silu out, w3 out, product 4*rows*hidden*a;
+      routed experts with parallel.grouped_gemm (not float64): one grouped_mm copy of the input for w1 and w3 under
+      autocast, R*D*a, and the int32 offsets El*4
       with model.swiglu_limit (experts and shared expert) the two clamped pre-activations too, 2*rows*hidden*a
       sandwich norm (model.norm=sandwich): each sub-layer's output norm, an RMSNorm of its output (a matmul's,
       so its normalised rows N*D*a; attention's inside the selective region)
-      router: gate linear (parallel.router_dtype=float32 under autocast: its float32 input N*D*f), scores N*E*f (sqrt-softplus: softplus's input too, N*E*f), expert ids N*K*8, top-k renormalisation N*K*f + N*f; balancing
+      router: gate linear (parallel.router_dtype=float32 under autocast: its float32 input N*D*f, no bf16 copies),
+      scores N*E*f (sqrt-softplus: softplus's input too, N*E*f), expert ids N*K*8, top-k renormalisation N*K*f + N*f; balancing
       losses: sequence-wise N*f + B*E*f, Switch E*f, z-loss N*E*f + N*f
       dispatch: copy indices R*8 (and regroup indices 2*R*8 under expert parallelism); the experts' input R*D*b
       (no autocast: autocast saves its copies instead); combine: expert outputs R*D*f, gate indices R*8,
