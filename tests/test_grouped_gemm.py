@@ -244,3 +244,15 @@ def test_float64_transformers_model_uses_eager(tmp_path):
 
     model = _hf("mixtral", tmp_path).to(torch.float64)
     assert use_grouped_mm(model, True) == "eager" and model.hf_config._experts_implementation == "eager"
+
+
+def test_build_any_model_applies_the_parallel_keys(tmp_path):
+    from orchestrator.config import ParallelConfig
+    from orchestrator.model.build import build_any_model
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    for grouped, router in ((True, "float32"), (False, "auto")):
+        model = build_any_model(cfg.model, 0, None, cfg.balance, torch.device("cpu"), "float32",
+                                parallel=ParallelConfig(grouped_gemm=grouped, router_dtype=router))
+        assert all(m.experts.grouped is grouped and m.router.dtype == router for m in model.moe_layers())
