@@ -227,3 +227,30 @@ def test_mlflow_gets_the_same_values(ray_session, tmp_path, monkeypatch):
     assert history == pytest.approx({r["step"]: r["loss"] for r in records(run)}, rel=1e-6)
     assert sorted(m.step for m in client.get_metric_history(found.info.run_id, "val_loss")) == [2, 4]
     assert [m.step for m in client.get_metric_history(found.info.run_id, "checkpoint_committed")] == [4]
+
+
+def test_overhead_bench_times_the_loop_and_pairs_each_round(monkeypatch):
+    """bench/overhead.py (no run): the loop time per step from step 6's end to the last step's, each arm's ratio
+    against the plain arm of the same round (plain_before for `before` when it ran), tokens/s and MFU from it."""
+    import importlib.util
+
+    bench_dir = Path(__file__).parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    spec = importlib.util.spec_from_file_location("overhead_bench", bench_dir / "overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ends = {s: 100.0 + 0.5 * s for s in range(1, 7)} | {s: 103.0 + 0.2 * (s - 6) for s in range(7, 12)}
+    assert bench.loop_s_per_step(ends) == pytest.approx(0.2)   # steps 1..6 (the warm-up) left out
+    runs = {"plain": [{"s_per_step": 0.10}, {"s_per_step": 0.20}],
+            "default": [{"s_per_step": 0.11, "idle_share": 0.01}, {"s_per_step": 0.21, "idle_share": 0.03}],
+            "before": [{"s_per_step": 0.12}, {"s_per_step": 0.26}]}
+    baseline = {a: bench.ARMS[a][2] for a in runs}
+    table = bench.summarize(runs, baseline, positions=1000, flops=1e6, n=2, peak=1e9)
+    assert table["default"]["ratios"] == pytest.approx([1.1, 1.05]) and table["default"]["vs"] == "plain"
+    assert table["before"]["vs"] == "plain" and table["before"]["ratio"] == pytest.approx(1.25)  # no plain_before ran
+    assert table["plain"]["s_per_step"] == pytest.approx(0.15) and "ratio" not in table["plain"]
+    assert table["default"]["tokens_per_s"] == pytest.approx(1000 / 0.16)
+    assert table["default"]["mfu"] == pytest.approx(1000 / 0.16 * 1e6 / 2e9) and table["default"]["idle_share"] == 0.02
+    runs["plain_before"] = [{"s_per_step": 0.1}, {"s_per_step": 0.2}]
+    table = bench.summarize(runs, {a: bench.ARMS[a][2] for a in runs}, 1000, 1e6, 2, None)
+    assert table["before"]["vs"] == "plain_before" and table["default"]["mfu"] is None
