@@ -50,7 +50,8 @@ def job_throughput(devices: int, overrides: list[str], steps: int) -> dict:
     args = [f"cluster.num_devices={devices}", f"train.steps={steps}", *overrides]
     with tempfile.TemporaryDirectory() as tmp:
         s, _, wall = run_job(Path(tmp), args)
-    return {"devices": devices, "steps_per_s": s["steps_per_s"], "tokens_per_s": s["tokens_per_s"],
+    # the devices' rate, as summary.json's tokens_per_s is (its steps_per_s is the loop's wall-clock rate)
+    return {"devices": devices, "steps_per_s": s["device_steps_per_s"], "tokens_per_s": s["tokens_per_s"],
             "final_loss": s["final_loss"], "val_loss": s["val_loss"], "command_wall_s": wall,
             "command": "python -m jobs.train " + " ".join(args)}
 

@@ -105,10 +105,74 @@ def test_sinks_can_be_turned_off_and_bad_settings_are_named(ray_session, tmp_pat
 
 
 def test_mfu_uses_the_configured_peak(ray_session, tmp_path):
-    cfg = tiny_config(tmp_path, "monitor.peak_tflops=0.001", "train.steps=2")
+    cfg = tiny_config(tmp_path, "monitor.peak_tflops=0.001", "train.steps=3")
     Driver(cfg, tmp_path).run()
-    r = records(tmp_path)[-1]
+    recs = records(tmp_path)
+    r = recs[-1]
     assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops_per_token(cfg) / 1e9, rel=1e-9)
+    # issue 23: the device timed its steps (the first after its build waited for nothing), and summary.json's
+    # steps_per_s is the loop's wall-clock rate between the first and the last record, below the devices' own rate
+    assert recs[0]["idle_s"] == 0.0 and all(0 < x["idle_share"] < 1 and x["idle_s"] > 0 for x in recs[1:])
+    assert all(0 < x["other_calls_s"] <= x["idle_s"] for x in recs[1:])   # a snapshot after every step
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps_per_s"] == pytest.approx(2 / (recs[-1]["time"] - recs[0]["time"]), rel=1e-9)
+    assert summary["device_steps_per_s"] == pytest.approx(2 / sum(x["step_time_s"] for x in recs[1:]), rel=1e-9)
+    assert summary["steps_per_s"] < summary["device_steps_per_s"]
+    assert summary["idle_share"] == pytest.approx((recs[1]["idle_share"] + recs[2]["idle_share"]) / 2, rel=1e-9)
+
+
+def test_step_times_count_the_wait_between_train_steps(monkeypatch):
+    """device/steptimes.py: idle_s is the gap since the previous train_step ended (0 for a new shard's first),
+    other_calls_s the part of it inside other calls; the record's means and idle share over the devices."""
+    from types import SimpleNamespace
+
+    from orchestrator.device import steptimes
+    from orchestrator.device.steptimes import StepTimes
+    from orchestrator.monitoring.metrics import idle_stats
+
+    now = [100.0]
+    monkeypatch.setattr(steptimes.time, "time", lambda: now[0])
+    clock = StepTimes()
+    began = clock.begin()
+    now[0] += 0.5   # the step
+    first = clock.end(SimpleNamespace(), began)
+    assert (first.started_at, first.ended_at, first.idle_s, first.other_calls_s) == (100.0, 100.5, 0.0, 0.0)
+    clock.other_s = 0.01   # as other_call() counts a snapshot's 10 ms
+    now[0] += 0.05         # the driver's turn and the snapshot: 50 ms
+    began = clock.begin()
+    now[0] += 0.45
+    second = clock.end(SimpleNamespace(), began)
+    assert second.idle_s == pytest.approx(0.05) and second.other_calls_s == pytest.approx(0.01)
+    assert clock.other_s == 0.0
+    with clock.other_call():
+        pass
+    assert clock.other_s > 0
+    clock.reset()   # a new shard: its first step waited for nothing
+    now[0] += 10.0
+    assert clock.end(SimpleNamespace(), clock.begin()).idle_s == 0.0
+
+    def report(idle, busy, other=0.0):
+        return SimpleNamespace(started_at=10.0, ended_at=10.0 + busy, idle_s=idle, other_calls_s=other)
+    stats = idle_stats([report(0.01, 0.09, 0.004), report(0.03, 0.07)])
+    assert stats == pytest.approx({"idle_s": 0.02, "idle_share": 0.2, "other_calls_s": 0.002})
+    assert idle_stats([SimpleNamespace(ended_at=0.0)]) == {}   # a DeviceShard stepped directly: nothing timed
+
+
+def test_summary_steps_per_s_is_the_loop_rate():
+    """summary.Totals: steps_per_s counts the wall time between records (the driver's work between steps), the old
+    device-only rate is device_steps_per_s; one step (or records without a time) falls back to the device rate."""
+    from orchestrator.monitoring.summary import Totals
+
+    t = Totals()
+    for step, at in enumerate([10.0, 10.3, 10.6, 10.9], 1):   # 0.3 s apart, of which the devices took 0.2 s
+        t = t.add({"step": step, "step_time_s": 0.5 if step == 1 else 0.2, "tokens": 100, "time": at,
+                   "idle_share": 0.0 if step == 1 else 0.25, "idle_s": 0.0 if step == 1 else 0.05})
+    assert t.steps_per_s == pytest.approx(3 / 0.9) and t.device_steps_per_s == pytest.approx(5.0)
+    assert t.tokens_per_s == pytest.approx(500.0)   # (still the devices' rate)
+    assert t.mean_after_first("idle_share") == pytest.approx(0.25) and t.mean_after_first("idle_s") == pytest.approx(0.05)
+    one = Totals().add({"step": 1, "step_time_s": 0.5, "tokens": 100, "time": 3.0})
+    assert one.steps_per_s == one.device_steps_per_s == pytest.approx(2.0) and one.mean_after_first("idle_s") == 0.0
+    assert Totals().steps_per_s == 0.0
 
 
 def test_flops_per_token_by_hand():
@@ -163,3 +227,30 @@ def test_mlflow_gets_the_same_values(ray_session, tmp_path, monkeypatch):
     assert history == pytest.approx({r["step"]: r["loss"] for r in records(run)}, rel=1e-6)
     assert sorted(m.step for m in client.get_metric_history(found.info.run_id, "val_loss")) == [2, 4]
     assert [m.step for m in client.get_metric_history(found.info.run_id, "checkpoint_committed")] == [4]
+
+
+def test_overhead_bench_times_the_loop_and_pairs_each_round(monkeypatch):
+    """bench/overhead.py (no run): the loop time per step from step 6's end to the last step's, each arm's ratio
+    against the plain arm of the same round (plain_before for `before` when it ran), tokens/s and MFU from it."""
+    import importlib.util
+
+    bench_dir = Path(__file__).parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    spec = importlib.util.spec_from_file_location("overhead_bench", bench_dir / "overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ends = {s: 100.0 + 0.5 * s for s in range(1, 7)} | {s: 103.0 + 0.2 * (s - 6) for s in range(7, 12)}
+    assert bench.loop_s_per_step(ends) == pytest.approx(0.2)   # steps 1..6 (the warm-up) left out
+    runs = {"plain": [{"s_per_step": 0.10}, {"s_per_step": 0.20}],
+            "default": [{"s_per_step": 0.11, "idle_share": 0.01}, {"s_per_step": 0.21, "idle_share": 0.03}],
+            "before": [{"s_per_step": 0.12}, {"s_per_step": 0.26}]}
+    baseline = {a: bench.ARMS[a][2] for a in runs}
+    table = bench.summarize(runs, baseline, positions=1000, flops=1e6, n=2, peak=1e9)
+    assert table["default"]["ratios"] == pytest.approx([1.1, 1.05]) and table["default"]["vs"] == "plain"
+    assert table["before"]["vs"] == "plain" and table["before"]["ratio"] == pytest.approx(1.25)  # no plain_before ran
+    assert table["plain"]["s_per_step"] == pytest.approx(0.15) and "ratio" not in table["plain"]
+    assert table["default"]["tokens_per_s"] == pytest.approx(1000 / 0.16)
+    assert table["default"]["mfu"] == pytest.approx(1000 / 0.16 * 1e6 / 2e9) and table["default"]["idle_share"] == 0.02
+    runs["plain_before"] = [{"s_per_step": 0.1}, {"s_per_step": 0.2}]
+    table = bench.summarize(runs, {a: bench.ARMS[a][2] for a in runs}, 1000, 1e6, 2, None)
+    assert table["before"]["vs"] == "plain_before" and table["default"]["mfu"] is None

@@ -17,6 +17,7 @@ import torch
 from orchestrator.checkpoint.shard import Snapshot, serialize
 from orchestrator.config import config_from_dict
 from orchestrator.device.faults import injection
+from orchestrator.device.steptimes import StepTimes
 from orchestrator.device.shard import (DeviceShard, InjectedCrash, StepReport, _bf16_native, autocast_dtype,
                                        rss_bytes)
 from orchestrator.parallel import groups
@@ -62,6 +63,7 @@ class DeviceActor(RolloutWorker):
         self.shard: DeviceShard | None = None
         self._build_args: tuple | None = None
         self._save_fault: str | None = None
+        self.times = StepTimes()   # when each train_step began and ended, the idle time between (device/steptimes.py)
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -107,11 +109,13 @@ class DeviceActor(RolloutWorker):
     def build(self, cfg: dict[str, Any], rank: int, world: int, train: np.ndarray, val: np.ndarray) -> None:
         self._build_args = (config_from_dict(cfg), train, val)
         self.shard = DeviceShard(self._build_args[0], rank, world, train, val)
+        self.times.reset()
 
     def train_step(self, step: int, guard: dict[str, float] | None = None, batch: Any = None) -> StepReport:
         """One step; `batch`: an RL step's batch (data/rl.py RLBatch, resolved from the object store)."""
         assert self.shard is not None, "build() first"
-        return self.shard.train_step(step, guard, batch)
+        began = self.times.begin()
+        return self.times.end(self.shard.train_step(step, guard, batch), began)
 
     # ----------------------------------------------------------------- RL
     def sync_weights(self) -> tuple[list[tuple[str, Any]], int]:
@@ -121,9 +125,10 @@ class DeviceActor(RolloutWorker):
         out, size = [], 0
         from orchestrator.device.rl import sync_tensors
 
-        for name, t in sync_tensors(self.shard):
-            out.append((name, ray.put(t)))
-            size += t.numel() * t.element_size()
+        with self.times.other_call():
+            for name, t in sync_tensors(self.shard):
+                out.append((name, ray.put(t)))
+                size += t.numel() * t.element_size()
         return out, size
 
     def _engine(self) -> Any:
@@ -211,7 +216,8 @@ class DeviceActor(RolloutWorker):
         in-memory copy that outlives this actor, what recovery restores and `write_shard` persists."""
         assert self.shard is not None, "build() first"
         t0 = time.perf_counter()
-        snap = self.shard.snapshot(step)
+        with self.times.other_call():
+            snap = self.shard.snapshot(step)
         return {"step": step, "seconds": time.perf_counter() - t0}, snap
 
     def restore_snapshots(self, *snapshots: Snapshot, placement: list[list[list[int]]] | None = None) -> None:
@@ -237,7 +243,8 @@ class DeviceActor(RolloutWorker):
 
     def evaluate(self, num_batches: int) -> float:
         assert self.shard is not None, "build() first"
-        return self.shard.evaluate(num_batches)
+        with self.times.other_call():
+            return self.shard.evaluate(num_batches)
 
     def global_parameters(self) -> dict[str, torch.Tensor]:
         assert self.shard is not None, "build() first"

@@ -67,6 +67,10 @@ class StepReport:
     extra: dict[str, float] = field(default_factory=dict)   # an RL step's own numbers (device/rl.py), the world's
     mtp_losses: list[float] = field(default_factory=list)  # per MTP depth k=1..D: mean CE over the global batch's
                                    # depth-k targets (model/mtp.py); trained on (times mtp_weight/D), not part of `loss`
+    started_at: float = 0.0        # wall clock (time.time()) when the device's train_step call began (device/steptimes.py)
+    ended_at: float = 0.0          # ... and when it ended (0: not timed, e.g. a DeviceShard stepped directly)
+    idle_s: float = 0.0            # since the device's previous train_step ended: the driver's work, other calls
+    other_calls_s: float = 0.0     # of idle_s, time in the device's other calls (snapshot, validation, ...)
     pid: int = field(default_factory=os.getpid)
 
 

@@ -116,13 +116,14 @@ def summarize(d: RunEnd, wall_s: float, interrupted=None, state: str = "finished
                report: bool = True) -> RunSummary:
     cfg, ck, t = d.cfg, d.checkpoints, d.history.totals
     last = d.history[-1] if d.history else None
-    step_time = t.mean_step_time_s
     d.goodput.steps_done = t.steps
     summary = RunSummary(
         run_dir=str(d.run_dir), steps_done=t.steps, final_loss=last["loss"] if last else None,
         val_loss=d.val_loss if last else None,
         tokens_per_s=t.tokens_per_s if t.steps else 0.0,
-        steps_per_s=1.0 / step_time if t.steps else 0.0, wall_time_s=wall_s,
+        steps_per_s=t.steps_per_s if t.steps else 0.0, wall_time_s=wall_s, device_steps_per_s=t.device_steps_per_s,
+        idle_share=t.mean_after_first("idle_share"), idle_s=t.mean_after_first("idle_s"),
+        other_calls_s=t.mean_after_first("other_calls_s"),
         stopped_by_signal=d.stop_signal, resumed_from_step=d.recovery.resumed_from_step,
         checkpoints_committed=list(ck.committed_steps), checkpoints_failed=list(ck.failed_steps),
         checkpoint_bytes=ck.bytes_saved, checkpoint_write_s=ck.write_seconds,

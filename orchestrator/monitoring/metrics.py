@@ -46,6 +46,8 @@ SCALARS: dict[str, tuple[str, str, str]] = {
     "tokens_per_s": ("throughput/tokens_per_s", "tokens_per_s", "tokens per second"),
     "step_time_s": ("throughput/step_time_s", "step_time_s", "wall time of the step"),
     "mfu": ("throughput/mfu", "mfu", "model FLOPs utilisation (0..1)"),
+    "idle_share": ("throughput/idle_share", "idle_share", "share of the step the devices waited between steps "
+                   "(idle_s / (idle_s + train_step), mean over devices)"),
     "maxvio": ("balance/maxvio", "maxvio", "max expert load / mean - 1, mean over MoE layers"),
     "device_imbalance": ("balance/device_imbalance", "device_imbalance", "max device load / mean"),
     "dead_fraction": ("balance/dead_fraction", "dead_fraction", "share of experts that got no token"),
@@ -136,6 +138,22 @@ def peak_flops(cfg: Config, gpu_name: str | None, mixed_precision: str) -> float
     return cpu_peak_flops(c.torch_threads or max(1, int(c.cpus_per_device)))
 
 
+def idle_stats(reports: list[Any]) -> dict[str, float]:
+    """The devices' idle time before this step (device/steptimes.py), means over the devices that timed their
+    train_step: `idle_s` (seconds since each one's previous train_step ended: the driver's work between steps,
+    Ray's hand-over, the device's other calls), `idle_share` = idle_s / (idle_s + busy), busy the train_step's own
+    duration (ended_at - started_at), and `other_calls_s` (of idle_s, the devices' other calls: snapshot,
+    validation, ...). Empty when no device timed its step (a DeviceShard stepped directly)."""
+    timed = [r for r in reports if getattr(r, "ended_at", 0.0)]
+    if not timed:
+        return {}
+    n = len(timed)
+    idle = sum(r.idle_s for r in timed) / n
+    busy = sum(r.ended_at - r.started_at for r in timed) / n
+    return {"idle_s": idle, "idle_share": idle / (idle + busy) if idle + busy > 0 else 0.0,
+            "other_calls_s": sum(r.other_calls_s for r in timed) / n}
+
+
 def step_record(step: int, reports: list[Any], wall: float, placement: Any, peak: float | None,
                 flops_per_token_: float) -> dict[str, Any]:
     """A completed step's record (one line of metrics.jsonl; see README "The run directory") from every device's
@@ -150,7 +168,8 @@ def step_record(step: int, reports: list[Any], wall: float, placement: Any, peak
            "device_rss_mb": [round(r.rss_bytes / 2**20, 1) for r in reports],
            "device_memory": [r.memory for r in reports],
            "aux_loss": r0.aux_loss, "dropped": r0.dropped, "expert_load": r0.expert_load,
-           **load_stats(r0.expert_load, world, placement, r0.device_load), "time": time.time()}
+           **load_stats(r0.expert_load, world, placement, r0.device_load), **idle_stats(reports),
+           "time": time.time()}
     if peak:   # the work is every position the step computed (SFT: padding and prompts too), not the trained ones
         rec["mfu"] = (getattr(r0, "positions", 0) or r0.tokens) / wall * flops_per_token_ / (world * peak)
     if r0.skipped:

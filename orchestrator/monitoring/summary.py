@@ -25,8 +25,15 @@ class RunSummary:
     final_loss: float | None
     val_loss: float | None
     tokens_per_s: float          # trained tokens per second over the run's steps after the first (warm-up) one
-    steps_per_s: float
+    steps_per_s: float           # the step loop's wall-clock rate: steps after the first / wall time between the
+                                 # first step's record and the last one's (the driver's work between steps included)
     wall_time_s: float
+    device_steps_per_s: float = 0.0   # 1 / mean step_time_s (the devices' round trip only, without the driver's work
+                                      # between steps): what steps_per_s was before issue 23
+    idle_share: float = 0.0      # mean over steps after the first of the step records' idle_share: the devices' wait
+                                 # between train_steps / (that wait + the train_step) (device/steptimes.py)
+    idle_s: float = 0.0          # mean seconds a device waited before each step (steps after the first)
+    other_calls_s: float = 0.0   # of idle_s, mean seconds in the devices' other calls (snapshot, validation, ...)
     stopped_by_signal: str | None = None
     resumed_from_step: int | None = None
     checkpoints_committed: list[int] = field(default_factory=list)
@@ -55,11 +62,19 @@ class Totals:
     first_step_time_s: float = 0.0
     tokens: int = 0                # trained tokens (SFT: assistant tokens only) ...
     first_tokens: int = 0          # ... and the first step's, left out with its time
+    first_time: float = 0.0        # wall clock of the first step's record ("time") ...
+    last_time: float = 0.0         # ... and of the newest one's
+    idle_share: float = 0.0        # summed records' idle_share, idle_s, other_calls_s (steps after the first)
+    idle_s: float = 0.0
+    other_calls_s: float = 0.0
 
     def add(self, rec: dict[str, Any]) -> "Totals":
-        t, n = rec["step_time_s"], int(rec.get("tokens", 0))
-        return Totals(self.steps + 1, self.step_time_s + t, self.first_step_time_s if self.steps else t,
-                      self.tokens + n, self.first_tokens if self.steps else n)
+        t, n, now = rec["step_time_s"], int(rec.get("tokens", 0)), float(rec.get("time", 0.0))
+        if not self.steps:
+            return Totals(1, t, t, n, n, now, now)
+        return Totals(self.steps + 1, self.step_time_s + t, self.first_step_time_s, self.tokens + n,
+                      self.first_tokens, self.first_time, now, self.idle_share + rec.get("idle_share", 0.0),
+                      self.idle_s + rec.get("idle_s", 0.0), self.other_calls_s + rec.get("other_calls_s", 0.0))
 
     @property
     def tokens_per_s(self) -> float:
@@ -74,6 +89,24 @@ class Totals:
         if self.steps > 1:
             return (self.step_time_s - self.first_step_time_s) / (self.steps - 1)
         return self.step_time_s
+
+    @property
+    def steps_per_s(self) -> float:
+        """The step loop's wall-clock rate: steps after the first over the wall time from the first step's record to
+        the last one's, so the driver's work between steps counts (recording, sinks, snapshots, alert rules); a
+        rewind's lost time counts too. One step, or records without a time: 1 / mean_step_time_s."""
+        if self.steps > 1 and self.last_time > self.first_time:
+            return (self.steps - 1) / (self.last_time - self.first_time)
+        return self.device_steps_per_s
+
+    @property
+    def device_steps_per_s(self) -> float:
+        """1 / the devices' mean round trip per step (step_time_s): the rate without the driver's work between steps."""
+        return 1.0 / self.mean_step_time_s if self.steps and self.mean_step_time_s > 0 else 0.0
+
+    def mean_after_first(self, key: str) -> float:
+        """The mean of a summed idle figure (idle_share, idle_s, other_calls_s) over the steps after the first."""
+        return getattr(self, key) / (self.steps - 1) if self.steps > 1 else 0.0
 
 
 def history_len(cfg: Config) -> int:
