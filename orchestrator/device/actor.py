@@ -211,7 +211,9 @@ class DeviceActor(RolloutWorker):
         in-memory copy that outlives this actor, what recovery restores and `write_shard` persists."""
         assert self.shard is not None, "build() first"
         t0 = time.perf_counter()
-        snap = self.shard.snapshot(step)
+        # No host copy of CPU tensors: Ray serializes the return value into the object store (its one copy) before
+        # this actor runs its next call of the same group (train_step), which is what could change them.
+        snap = self.shard.snapshot(step, copy=False)
         return {"step": step, "seconds": time.perf_counter() - t0}, snap
 
     def restore_snapshots(self, *snapshots: Snapshot, placement: list[list[list[int]]] | None = None) -> None:
