@@ -99,15 +99,18 @@ def _host_form(t: torch.Tensor) -> np.ndarray | torch.Tensor:
 class _HostStaging:
     """Copies of a device's tensors in host memory. From a GPU: into pinned (page-locked) buffers, every copy queued
     asynchronously on the current stream and waited for once at `finish` (torch's caching host allocator reuses the
-    pinned pages from one snapshot to the next); from CPU: plain copies at once."""
+    pinned pages from one snapshot to the next); from CPU: plain copies at once, or with `copy=False` views of the
+    live tensors (for a snapshot serialized at once, as a Ray actor's return value is before the actor's next call:
+    the object store's copy is then the only one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy: bool = True) -> None:
         self.pending: list[tuple[dict, str, torch.Tensor]] = []
+        self.copy = copy
 
     def put(self, out: dict, key: str, t: torch.Tensor) -> None:
         t = t.detach()
         if not t.is_cuda:
-            out[key] = _host_copy(t)
+            out[key] = _host_copy(t) if self.copy else _host_form(t.contiguous())
             return
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t, non_blocking=True)
@@ -127,8 +130,8 @@ def as_torch(a: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_rank: int = 0,
-                  extra: dict[str, torch.Tensor] | None = None, own_extra: dict[str, torch.Tensor] | None = None
-                  ) -> Snapshot:
+                  extra: dict[str, torch.Tensor] | None = None, own_extra: dict[str, torch.Tensor] | None = None,
+                  copy: bool = True) -> Snapshot:
     """Copy parameters, optimizer moments, buffers and RNG to host memory (training may go on after); `extra`
     (rank 0): tensors of the run's own state saved beside them as `extra/<key>` in the dense file (RL's pending
     batch, device/rl.py), given back by `restore`; `own_extra`: this device's own such state (anticipatory routing's
@@ -137,8 +140,9 @@ def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_r
     Each logical tensor (`param/<name>`, `exp_avg/<name>`, ...; an expert's <name> is `<parameter>[<id>]`) is
     written once over all devices: a replicated one by rank 0 (dense) or by the first data-parallel replica
     (experts), a sharded one (FSDP2) by every holder as its piece `<key>@<dim>:<start>:<stop>`, a ZeRO-1
-    moment by the device whose partition owns it. `index` says which file holds which piece of which key."""
-    snap = _SnapshotWriter(optim, rank)
+    moment by the device whose partition owns it. `index` says which file holds which piece of which key.
+    `copy=False`: CPU tensors are not copied but viewed (valid until training goes on: see _HostStaging)."""
+    snap = _SnapshotWriter(optim, rank, copy)
     snap.dense_parameters(model)
     files: dict[str, dict[str, np.ndarray | torch.Tensor]] = {}
     if rank == 0:
@@ -160,10 +164,10 @@ class _SnapshotWriter:
     """What take_snapshot gathers: the dense file's tensors (rank 0), this device's own file's (its experts, its
     pieces of sharded tensors, its RNG), the index of pieces and the AdamW step counts that differ."""
 
-    def __init__(self, optim: Any, rank: int) -> None:
+    def __init__(self, optim: Any, rank: int, copy: bool = True) -> None:
         self.optim, self.rank = optim, rank
         self.index: dict[str, list[list[Any]]] = {}
-        self.staging = _HostStaging()
+        self.staging = _HostStaging(copy)
         self.dense: dict[str, np.ndarray | torch.Tensor] = {}
         self.mine: dict[str, np.ndarray | torch.Tensor] = {"rng/torch": torch.get_rng_state().numpy()}
         self.own = expert_file(rank)

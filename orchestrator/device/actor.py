@@ -216,8 +216,11 @@ class DeviceActor(RolloutWorker):
         in-memory copy that outlives this actor, what recovery restores and `write_shard` persists."""
         assert self.shard is not None, "build() first"
         t0 = time.perf_counter()
+        # No host copy of CPU tensors: Ray serializes the return value into the object store (its one copy) before
+        # this actor runs its next call of the same group (train_step), which is what could change them (that
+        # serialization falls after the other-call clock: it counts as idle time, not as this call's).
         with self.times.other_call():
-            snap = self.shard.snapshot(step)
+            snap = self.shard.snapshot(step, copy=False)
         return {"step": step, "seconds": time.perf_counter() - t0}, snap
 
     def restore_snapshots(self, *snapshots: Snapshot, placement: list[list[list[int]]] | None = None) -> None:

@@ -487,10 +487,12 @@ class DeviceShard:
         reshard(self.model)   # stage 2 keeps the unsharded parameters after a forward without backward
         return self._all_reduce(total.view(1)).item() / max(1, tokens)
 
-    def snapshot(self, step: int) -> Snapshot:
+    def snapshot(self, step: int, copy: bool = True) -> Snapshot:
+        """This device's state after `step` in host memory (`copy=False`: CPU tensors viewed, not copied; only for a
+        snapshot serialized before training goes on: checkpoint/shard.py take_snapshot)."""
         reshard(self.model)
         own = self.anticipator.state() if self.anticipator is not None else None
-        return take_snapshot(self.model, self.optim, self.rank, step, self.mesh.dp_rank, self.rl_pending, own)
+        return take_snapshot(self.model, self.optim, self.rank, step, self.mesh.dp_rank, self.rl_pending, own, copy)
 
     def restore(self, manifest: dict[str, Any], read, where: str) -> None:
         reshard(self.model)

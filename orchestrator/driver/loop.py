@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,14 @@ class RunState(str, Enum):
         return self in (RunState.DONE, RunState.FAILED)
 
 
+@dataclass
+class InFlight:
+    """A step submitted to every device and not collected yet."""
+    step: int
+    refs: list[Any]     # every device's train_step, rank order
+    t0: float           # when it was submitted (perf_counter): the Watch's deadline counts from it
+
+
 class Driver:
     def __init__(self, cfg: Config, run_dir, plan: ResumePlan | None = None):
         self.cfg, self.run_dir = cfg, run_dir
@@ -99,6 +107,8 @@ class Driver:
         self.flops_per_token = flops_per_token(cfg)
         self.val_loss: float | None = None    # the newest validation loss (periodic or final)
         self.rl = None                        # RL post-training's service (data.task=rl): each step's batch
+        self.inflight: InFlight | None = None  # the pipelined driver's next step, submitted before this one's record
+        self.t_collected: float | None = None  # when the last step's reports came in (the loop's clock per step)
 
     # ----------------------------------------------------------------- start
     def prepare(self) -> ResumePlan:
@@ -142,7 +152,18 @@ class Driver:
         return self.history.last_kept
 
     def step(self, step: int) -> list[StepReport]:
-        """Run one step on every device; its reports, or StepFailure."""
+        """Run one step on every device (submitted now, or already by the pipelined driver); its reports, or
+        StepFailure."""
+        flight = self.inflight if self.inflight is not None and self.inflight.step == step else self._submit(step)
+        self.inflight = None
+        try:
+            return self.watch.collect(self.devices, flight.refs, step, flight.t0)
+        finally:
+            self.t_collected = time.perf_counter()
+
+    def _submit(self, step: int) -> InFlight:
+        """Every device's train_step of `step`, submitted (Ray runs an actor's calls in the order they are made, so
+        it follows whatever was submitted to the devices before it: the snapshot of the step before)."""
         rl_step = self.rl is not None and step > self.cfg.rl.sft_steps
         guard = self.watch.guard(rl_step) if self.cfg.faults.on_spike != "record" else None
         if step in self.skip_steps:
@@ -150,7 +171,58 @@ class Driver:
         guard = self.anticipation.guard(guard)
         t0 = time.perf_counter()
         batch = self._rl_batch(step) if self.rl is not None else None
-        return self.watch.collect(self.devices, [a.train_step.remote(step, guard, batch) for a in self.actors], step, t0)
+        return InFlight(step, [a.train_step.remote(step, guard, batch) for a in self.actors], t0)
+
+    def _launch(self, step: int) -> None:
+        """The faults due at `step` made to happen, then the step submitted (in flight until `step()` collects it)."""
+        for fault in self.injector.due(step):
+            self.inject(fault, step)
+        self.inflight = self._submit(step)
+
+    def _ahead(self, step: int) -> bool:
+        """The pipelined driver (parallel.pipelined_driver): `step` came back well (no incident to act on), so its
+        device work is submitted (its snapshot) and then the next step (with its faults), before the driver builds
+        this step's record, checks the alert rules, writes the sinks, status.json and the progress line: the devices
+        compute while the driver does its bookkeeping. Only on a plain step: a step that takes a checkpoint, runs
+        validation, may re-place experts, an RL step, the last step or one after a stop signal stay lock-step (their
+        device work needs the record first, or must not follow a step an alert may still roll back). An alert that
+        rolls `step` back then finds the next step in flight: it is waited for and thrown away, and the rewind goes
+        to a state before `step` (`_late`). True when the next step is in flight."""
+        nxt = step + 1
+        if not (self.cfg.parallel.pipelined_driver and self.rl is None and nxt <= self.cfg.train.steps
+                and not self.stop_signal and self.alerts.stop is None and not self.balancer.enabled
+                and not (self.cfg.train.eval_every and step % self.cfg.train.eval_every == 0)
+                and not self.checkpoints.wanted(step, self.healer.checkpoint_retry_at)):
+            return False
+        self.after_step(step)   # its snapshot on the faults.snapshot_every cadence (no checkpoint is wanted)
+        self._launch(nxt)
+        return True
+
+    def _drain(self) -> Decision | None:
+        """The step in flight (the pipelined driver's next one) waited for and thrown away: a decision about the
+        step before it was taken meanwhile. Its time goes to goodput's rolled-back time; when it failed, the
+        Healer's decision about that failure (its devices to replace)."""
+        if self.inflight is None:
+            return None
+        flight, self.inflight = self.inflight, None
+        try:
+            self.watch.collect(self.devices, flight.refs, flight.step, flight.t0)
+        except StepFailure as failure:
+            self.goodput.failed_steps += time.perf_counter() - flight.t0
+            return self.healer.failed_step(failure)
+        self.goodput.rolled_back += time.perf_counter() - flight.t0
+        return None
+
+    def _late(self, decision: Decision, step: int) -> Decision:
+        """A decision about `step` taken after the next step was submitted (pipelined driver): that step is drained
+        and its devices replaced too when it failed; the rewind goes to a state before `step` (the snapshot of
+        `step` was taken before the next step was submitted, and must not be restored: `at_most`)."""
+        failed = self._drain()
+        at_most = step - 1 if decision.at_most is None else min(decision.at_most, step - 1)
+        if failed is None:
+            return replace(decision, at_most=at_most)
+        return replace(decision, at_most=at_most, replace=sorted(set(decision.replace) | set(failed.replace)),
+                       reform=decision.reform or failed.reform, incidents=decision.incidents + failed.incidents)
 
     def _rl_batch(self, step: int) -> Any:
         """An RL step's batch (rl/service.py); before the first RL step, the held-out accuracy it starts from."""
@@ -223,16 +295,19 @@ class Driver:
         (_keep), or a decision to carry out (RECOVERING). FINISHING after the last step or a stop signal."""
         self.listeners.incidents(self.healer.take_new())
         if self.alerts.stop is not None:
+            self._drain()
             a = self.alerts.stop
             raise RunError(f"step {a.step}: alert {a.rule} ({a.detail}); stopping (its action is stop)")
         step = self.next_step
-        if step > self.cfg.train.steps or self.stop_signal:
-            if self.stop_signal:
+        if self.inflight is None and (step > self.cfg.train.steps or self.stop_signal):
+            if self.stop_signal:   # (a step in flight when the signal came is collected and kept first)
                 self.progress.message(f"{self.stop_signal}: stopping after step {self.last_step}")
             return RunState.FINISHING
-        for fault in self.injector.due(step):
-            self.inject(fault, step)
-        t0 = time.perf_counter()
+        if self.inflight is None:
+            self._launch(step)
+        # The step's time: since it was submitted, or since the step before came back if it was submitted earlier
+        # (pipelined): the loop's own clock per step, whatever overlaps.
+        t0 = max(self.inflight.t0, self.t_collected or 0.0)
         try:
             reports = self.step(step)
         except StepFailure as failure:
@@ -244,17 +319,22 @@ class Driver:
         decision = self.healer.completed_step(step, reports, incidents) if incidents else None
         if decision is not None:
             return self._decided(decision, f"step {step} rolled back: {incidents[0].detail}", rolled_back=wall)
+        ahead = self._ahead(step)   # pipelined: the next step computes while this one is judged and recorded
         rec = self._record(step, reports, wall)
         acts = self.alerts.check(rec, list(self.history),   # the alert rules: the Healer decides on their actions
                                  Context(self.healer.recovery_steps, self.checkpoints.last_checkpoint(step)))
         decision = self.healer.alert(step, *acts) if acts else None
         if decision is not None:
-            return self._decided(decision, f"step {step} rolled back by an alert", rolled_back=wall)
-        self._keep(step, rec, wall, reports)
+            return self._decided(self._late(decision, step), f"step {step} rolled back by an alert", rolled_back=wall)
+        self._keep(step, rec, wall, reports, ahead)
         slow = [i for i in incidents if i.kind == IncidentKind.SLOW]
         decision = self.healer.stragglers(step, slow, self.devices.spares_elsewhere([i.rank for i in slow])) \
             if slow else None
         if decision is not None:
+            drained = self._drain()   # the snapshot of `step` is the newest: the replay starts after it
+            if drained is not None:
+                decision = replace(decision, replace=sorted(set(decision.replace) | set(drained.replace)),
+                                   reform=True, incidents=decision.incidents + drained.incidents)
             return self._decided(decision, f"replaced straggler(s) after step {step}")
         self.next_step = step + 1
         return RunState.STEPPING
@@ -306,17 +386,19 @@ class Driver:
             rec.update(self.rl.record(step))
         return rec
 
-    def _keep(self, step: int, rec: dict[str, Any], wall: float, reports: list[StepReport]) -> None:
+    def _keep(self, step: int, rec: dict[str, Any], wall: float, reports: list[StepReport], ahead: bool = False
+              ) -> None:
         """A step kept: into the history and totals (what no rewind can need forgotten), its re-placement and
         checkpoint or snapshot, its validation; its record to the listeners (then its checkpoint can commit: a
-        committed checkpoint's step is in the log), the progress line and status.json."""
+        committed checkpoint's step is in the log), the progress line and status.json. `ahead`: its snapshot was
+        taken already, before the next step was submitted (`_ahead`: no checkpoint, validation or re-placement)."""
         self.goodput.kept(wall, replayed=self.history.keep(step, rec))
         self.recovery.forget(step, self.alerts)
         if self.rl is not None:   # one step off-policy: the next step's batch kept with this step's state
             self.rl.keep_pending(step)
         if self.balancer.due(step, list(self.history)):  # before the step's checkpoint: it holds the new placement
             rec["replacement"] = self.replace_experts(step)
-        if self.after_step(step):
+        if not ahead and self.after_step(step):
             rec["checkpoint_started"] = True   # started, not committed: that is an event of its own, later
         if self.cfg.train.eval_every and step % self.cfg.train.eval_every == 0:
             self._periodic_eval(rec)

@@ -1,0 +1,69 @@
+"""The pipelined driver (parallel.pipelined_driver, on by default): step n+1 is submitted before the driver builds
+step n's record and checks its alerts, so a fault an alert finds is found one step late; the rewind still goes to
+a state before the faulty step and the run ends as its fault-free twin does, and as the lock-step driver does."""
+from __future__ import annotations
+
+import torch
+
+from tests.conftest import step_records, tiny_config
+
+
+class LateSpy:
+    """Records, for every decision about step n taken after step n+1 was submitted, (n, the step in flight)."""
+
+    def _late(self, decision, step):
+        self.late.append((step, self.inflight.step if self.inflight is not None else None))
+        return super()._late(decision, step)
+
+
+def _driver(cfg, run_dir):
+    from orchestrator.driver import Driver
+
+    spy = type("Spy", (LateSpy, Driver), {})(cfg, run_dir)
+    spy.late = []
+    return spy
+
+
+def test_an_alert_found_one_step_late_rewinds_before_the_faulty_step(ray_session, tmp_path):
+    """maxvio over a tiny threshold fires at step 3 while step 4 is in flight: step 4 is drained and thrown away, the
+    snapshot of step 3 (taken before step 4 was submitted) is not restored, the rewind goes to step 2, and the
+    replay ends bit for bit where the fault-free twin and the lock-step run end."""
+    base = ["cluster.num_devices=2", "train.steps=6", "train.eval_batches=0", "checkpoint.every_steps=0"]
+    rule = "monitor.alerts=[{rule: maxvio, threshold: 0.0001, steps: 3, action: rollback}]"
+    twin = _driver(tiny_config(tmp_path / "twin", *base, "monitor.alerts=[]"), tmp_path / "twin")
+    twin_summary = twin.run()
+    late = _driver(tiny_config(tmp_path / "late", *base, rule), tmp_path / "late")
+    summary = late.run()
+    assert late.late == [(3, 4)]   # the decision about step 3 found step 4 in flight
+    assert [(i["step"], i["kind"], i["rewound_to"]) for i in summary.incidents] == [(3, "alert:maxvio", 2)]
+    lock = _driver(tiny_config(tmp_path / "lock", *base, rule, "parallel.pipelined_driver=false"), tmp_path / "lock")
+    lock_summary = lock.run()
+    assert lock.late == [(3, None)]   # lock-step: nothing was in flight
+    assert [(i["step"], i["rewound_to"]) for i in lock_summary.incidents] == [(3, 2)]
+    recs = {name: step_records(tmp_path / name) for name in ("twin", "late", "lock")}
+    for name in ("late", "lock"):
+        assert [r["step"] for r in recs[name]] == [1, 2, 3, 4, 5, 6]
+        assert [(r["loss"], r["grad_norm"]) for r in recs[name]] == [(r["loss"], r["grad_norm"]) for r in recs["twin"]]
+    assert summary.final_loss == lock_summary.final_loss == twin_summary.final_loss
+
+
+def test_pipelined_and_lock_step_runs_train_alike_and_checkpoint_alike(ray_session, tmp_path):
+    """Every step's loss, the checkpoints and the final state are the same with the driver pipelined or not (a run
+    with a checkpoint and validation every 2 steps: those steps stay lock-step, the others are pipelined)."""
+    from orchestrator.checkpoint.tools import read_state
+    from orchestrator.checkpoint.storage import Storage
+
+    base = ["cluster.num_devices=2", "train.steps=5", "checkpoint.every_steps=2", "train.eval_every=2",
+            "train.eval_batches=1"]
+    from orchestrator.driver import Driver
+
+    for name, flag in (("on", "true"), ("off", "false")):
+        Driver(tiny_config(tmp_path / name, *base, f"parallel.pipelined_driver={flag}"), tmp_path / name).run()
+    on, off = step_records(tmp_path / "on"), step_records(tmp_path / "off")
+    assert [(r["step"], r["loss"], r.get("val_loss")) for r in on] == [(r["step"], r["loss"], r.get("val_loss"))
+                                                                       for r in off]
+    a = read_state(Storage(str(tmp_path / "on" / "checkpoints" / "step_00000005")))
+    b = read_state(Storage(str(tmp_path / "off" / "checkpoints" / "step_00000005")))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
