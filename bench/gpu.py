@@ -78,23 +78,31 @@ PLAN_FRACTION = 0.92     # a sweep config is tried when its memory plan is under
 
 # The jobs the throughput part measures: (name, config file, overrides for one GPU, steps at most)
 JOBS: tuple[tuple[str, str, tuple[str, ...], int], ...] = (
-    ("default", "default.yaml", (), 200),
-    ("gpu", "gpu.yaml", (), 60),
-    ("sft_dsv4", "sft_tiny.yaml", (), 60),
+    ("default", "jobs/configs/default.yaml", (), 200),
+    ("gpu", "jobs/configs/gpu.yaml", (), 60),
+    ("sft_dsv4", "jobs/configs/sft_tiny.yaml", (), 60),
 )
 # The sweep's native configs for one 80 GB GPU: (name, config file, overrides). Each is sized by the memory plan
 # (`python -m orchestrator plan`, 16 bytes of float32 state + AdamW per parameter, activations by micro-batch) to
 # 41-66 GiB, under PLAN_FRACTION of an H100's 79 GiB; 16 sequences of 2048 tokens a step, bf16 autocast. The sweep
-# tries them by total parameters, largest first. gpu_large is jobs/configs/gpu_large.yaml (2.6B, 0.94B activated).
-_SEQ = ("data.seq_len=2048", "model.max_seq_len=2048", "train.global_batch_size=16")
+# tries them by total parameters, largest first. gpu_large is bench/gpu_large.yaml (2.6B, 0.94B activated; a
+# one-device job, so not among jobs/configs/, whose configs the tests load with multi-device options).
+GPU_YAML, LARGE_YAML = "jobs/configs/gpu.yaml", "bench/gpu_large.yaml"
+
+
+def _native(dim: int, layers: int, experts: int, micro_batches: int) -> tuple[str, ...]:
+    """Overrides of jobs/configs/gpu.yaml for a sweep config: heads of 128, expert_dim = dim, dense_dim = 4 dim."""
+    return (f"model.dim={dim}", f"model.n_layers={layers}", f"model.n_heads={dim // 128}",
+            f"model.num_experts={experts}", f"model.expert_dim={dim}", f"model.dense_dim={4 * dim}",
+            f"train.micro_batches={micro_batches}", "data.seq_len=2048", "model.max_seq_len=2048",
+            "train.global_batch_size=16")
+
+
 SWEEP: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("d1536-l12-e16", "gpu.yaml", ("model.dim=1536", "model.n_layers=12", "model.n_heads=12", "model.num_experts=16",
-                                   "model.expert_dim=1536", "model.dense_dim=6144", "train.micro_batches=4", *_SEQ)),
-    ("d2048-l16-e8", "gpu.yaml", ("model.dim=2048", "model.n_layers=16", "model.n_heads=16", "model.num_experts=8",
-                                  "model.expert_dim=2048", "model.dense_dim=8192", "train.micro_batches=4", *_SEQ)),
-    ("gpu_large", "gpu_large.yaml", ()),
-    ("d2048-l8-e32", "gpu.yaml", ("model.dim=2048", "model.n_layers=8", "model.n_heads=16", "model.num_experts=32",
-                                  "model.expert_dim=2048", "model.dense_dim=8192", "train.micro_batches=4", *_SEQ)),
+    ("d1536-l12-e16", GPU_YAML, _native(1536, 12, 16, 4)),                      # 1.47B, 0.53B activated, 40.7 GiB
+    ("d2048-l16-e8", GPU_YAML, _native(2048, 16, 8, 4)),                        # 2.02B, 1.26B activated, 62.7 GiB
+    ("gpu_large", LARGE_YAML, ("train.global_batch_size=16", "train.micro_batches=4")),   # 2.61B, 0.94B, 65.2 GiB
+    ("d2048-l8-e32", GPU_YAML, _native(2048, 8, 32, 4)),                        # 3.09B, 0.63B activated, 66.0 GiB
 )
 SWEEP_STEPS = 10
 # --cpu-dry-run: every model tiny, every run a few steps (the flow, not the numbers)
@@ -238,12 +246,12 @@ def train_run(cfg: Any, steps: int, deadline: Deadline, data_cache: dict | None 
     return out
 
 
-def load(name: str, overrides: tuple[str, ...] | list[str], setting: dict[str, Any] | None = None) -> Any:
-    """A job's config (jobs/configs/<name>) on one device, then `setting` set on the dataclasses directly
+def load(path: str, overrides: tuple[str, ...] | list[str], setting: dict[str, Any] | None = None) -> Any:
+    """A job's config (`path` from the repo root) with `overrides`, then `setting` set on the dataclasses directly
     ({"parallel.dispatch_chunks": 2}): not user keys, so no idle-key rule refuses them on one device."""
     from orchestrator.config.load import load_config
 
-    cfg = load_config(CONFIGS / name, list(overrides))
+    cfg = load_config(REPO / path, list(overrides))
     for key, value in (setting or {}).items():
         section, attr = key.split(".")
         if not hasattr(getattr(cfg, section), attr):
@@ -302,7 +310,7 @@ class Bench:
         steps = self.steps(SMOKE_STEPS)
         runs: dict[str, dict] = {}
         for i, (name, precision) in enumerate((("bf16", "bf16"), ("float32", "none"))):
-            cfg = load("default.yaml", self.base("default"), {"train.mixed_precision": precision,
+            cfg = load("jobs/configs/default.yaml", self.base("default"), {"train.mixed_precision": precision,
                                                                "train.steps": steps})
             # float32 runs the steps bf16 got done in its time, so the two curves cover the same steps
             n = runs["bf16"]["steps_done"] if runs else steps
@@ -313,12 +321,13 @@ class Bench:
                                                                SMOKE_STEP_RTOL, SMOKE_TAIL_RTOL))
         ov = {}
         for name, chunks, overlap in (("chunks2_overlap", 2, True), ("chunks1_plain", 1, False)):
-            cfg = load("default.yaml", self.base("default"), {
+            cfg = load("jobs/configs/default.yaml", self.base("default"), {
                 "train.mixed_precision": "none", "train.steps": OVERLAP_STEPS,
                 "parallel.dispatch_chunks": chunks, "parallel.shared_expert_overlap": overlap})
             ov[name] = train_run(cfg, OVERLAP_STEPS, Deadline(deadline.end + 30, deadline.clock), self.data_cache)
         self.record("smoke", "overlap_equality", {
-            **compare_curves(ov["chunks2_overlap"]["losses"], ov["chunks1_plain"]["losses"], OVERLAP_RTOL, OVERLAP_RTOL),
+            **compare_curves(ov["chunks2_overlap"]["losses"], ov["chunks1_plain"]["losses"], OVERLAP_RTOL,
+                             OVERLAP_RTOL),
             "where": "one process, world 1: the MoE layer's local path (no all_to_all; nccl refuses 2 ranks on 1 GPU)",
             "bit_equal": ov["chunks2_overlap"]["losses"] == ov["chunks1_plain"]["losses"],
             "losses": {k: v["losses"] for k, v in ov.items()},
@@ -330,10 +339,10 @@ class Bench:
             try:
                 cfg = load(config, self.base(name) + extra, {"train.steps": self.steps(steps)})
             except Exception as e:   # noqa: BLE001 - (transformers too old for DeepSeek-V4, say): the next job runs
-                self.record("throughput", name, {"config": f"jobs/configs/{config}", "steps_done": 0,
+                self.record("throughput", name, {"config": config, "steps_done": 0,
                                                  "stopped": "error", "error": f"{type(e).__name__}: {e}"[:300]})
                 continue
-            self.record("throughput", name, {"config": f"jobs/configs/{config}", **summary_of(cfg),
+            self.record("throughput", name, {"config": config, **summary_of(cfg),
                                              **train_run(cfg, self.steps(steps), deadline.share(len(jobs) - i),
                                                          self.data_cache)})
 
@@ -353,7 +362,7 @@ class Bench:
                 self.record("sweep", name, {"skipped": f"{type(e).__name__}: {e}"})
                 continue
             fits = total is None or planned <= PLAN_FRACTION * total
-            row = {"config": f"jobs/configs/{config}", "overrides": list(overrides), **summary_of(cfg),
+            row = {"config": config, "overrides": list(overrides), **summary_of(cfg),
                    "plan_gib": round(planned / GiB, 2), "plan_fits": fits}
             if fits:
                 candidates.append((name, cfg, row))
@@ -381,7 +390,8 @@ def summary_of(cfg: Any) -> dict[str, Any]:
            "global_batch_size": cfg.train.global_batch_size, "mixed_precision": cfg.train.mixed_precision}
     if not (m.hf_path or m.hf_config):
         counts = count_parameters(m)
-        out.update({"params_m": round(counts["total"] / 1e6, 1), "active_params_m": round(counts["activated"] / 1e6, 1)})
+        out.update({"params_m": round(counts["total"] / 1e6, 1),
+                    "active_params_m": round(counts["activated"] / 1e6, 1)})
     else:
         out["hf_config"] = m.hf_config or m.hf_path
     return out
@@ -441,7 +451,7 @@ def table(results: dict[str, Any]) -> str:
             note = r.get("skipped") or (r["stopped"] if r.get("stopped") != "steps" else "") + (
                 f" {r['error'][:40]}" if r.get("error") else "")
             lines.append(f"{part:<11}{name:<22}{r.get('steps_done', 0):>6}{f('step_time_s', '.4f'):>9}"
-                         f"{f('tokens_per_s', ',.0f'):>11}{(format(r['mfu'], '.1%') if r.get('mfu') is not None else '-'):>7}"
+                         f"{f('tokens_per_s', ',.0f'):>11}{f('mfu', '.1%'):>7}"
                          f"{f('peak_mem_gib', '.2f'):>9}{f('collective_share', '.2f'):>6}  {note.strip()}")
     smoke = results.get("smoke", {})
     for key in ("bf16_vs_float32", "overlap_equality"):
