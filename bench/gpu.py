@@ -157,6 +157,15 @@ class Budget:
         return Deadline(min(self.t0 + self.total, max(self.t0 + through, now + own)), self.clock)
 
 
+GRACE_S = 20   # past the budget, SIGALRM stops the part in progress (a step's or a model build's overrun)
+
+
+class Watchdog(BaseException):
+    """Raised by SIGALRM when the whole budget (plus a grace) is spent: the part in progress stops. A BaseException,
+    so that no run's or part's `except Exception` takes it for that run's error and goes on."""
+    partial: dict | None = None   # the interrupted run's results so far (train_run)
+
+
 # ------------------------------------------------------------------------------------------------------- one run
 def steps_stats(losses: list[float], walls: list[float], colls: list[float], positions: int,
                 flops_per_token: float, peak_flops: float | None) -> dict[str, Any]:
@@ -201,7 +210,7 @@ def train_run(cfg: Any, steps: int, deadline: Deadline, data_cache: dict | None 
     losses: list[float] = []
     walls: list[float] = []
     colls: list[float] = []
-    positions, shard = 0, None
+    positions, shard, watchdog = 0, None, None
     if deadline.left() < MIN_RUN_S:
         return {"stopped": "time", "steps_done": 0, "losses": [], "note": f"under {MIN_RUN_S:g} s left: not begun"}
     try:
@@ -225,6 +234,8 @@ def train_run(cfg: Any, steps: int, deadline: Deadline, data_cache: dict | None 
             losses.append(report.loss)
             colls.append(report.collective_s)
             positions = report.positions or report.tokens
+    except Watchdog as w:   # the whole budget is spent: this run's steps so far go with the exception
+        out["stopped"], watchdog = "watchdog", w
     except torch.cuda.OutOfMemoryError as e:
         out["stopped"], out["error"] = "oom", str(e).splitlines()[0][:300]
     except Exception as e:   # noqa: BLE001 - a part records what broke and the bench goes on
@@ -243,6 +254,9 @@ def train_run(cfg: Any, steps: int, deadline: Deadline, data_cache: dict | None 
     out.update({"losses": [round(x, 6) for x in losses], "positions_per_step": positions,
                 "flops_per_token": fpt, "peak_tflops": round(peak / 1e12, 1) if peak else None,
                 "wall_s": round(time.perf_counter() - t0, 2)})
+    if watchdog is not None:
+        watchdog.partial = out
+        raise watchdog
     return out
 
 
@@ -300,7 +314,7 @@ class Bench:
             p = torch.cuda.get_device_properties(0)
             info.update({"gpu": p.name, "gpu_mem_gib": round(p.total_memory / GiB, 1), "sms": p.multi_processor_count,
                          "capability": f"{p.major}.{p.minor}", "bf16": torch.cuda.is_bf16_supported(False),
-                         "cuda": torch.version.cuda, "nccl": ".".join(map(str, torch.cuda.nccl.version()))})
+                         "cuda": torch.version.cuda, "nccl": str(torch.cuda.nccl.version())})
             peak = gpu_peak_flops(p.name, "bfloat16")
             info["bf16_peak_tflops"] = peak / 1e12 if peak else None
         info["process_group"] = one_rank_all_reduce("nccl" if self.gpu and torch.cuda.is_available() else "gloo")
@@ -477,13 +491,6 @@ def writer(paths: list[Path]) -> Callable[[dict], None]:
     return write
 
 
-GRACE_S = 20   # past the budget, SIGALRM stops the part in progress (a step's or a model build's overrun)
-
-
-class Watchdog(Exception):
-    """Raised by SIGALRM when the whole budget (plus a grace) is spent: the part in progress stops."""
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-s", type=float, default=None,
@@ -552,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
                 getattr(bench, part)(deadline)
             except Watchdog as e:
                 bench.record(part, "stopped", str(e))
+                if getattr(e, "partial", None):
+                    bench.record(part, "interrupted_run", e.partial)
                 break
             except Exception as e:   # noqa: BLE001 - the next part still runs
                 bench.record(part, "failed", f"{type(e).__name__}: {e}"[:500] + "\n" + traceback.format_exc()[-1500:])

@@ -200,3 +200,22 @@ def test_gpu_bench_cpu_dry_run(tmp_path, monkeypatch):
     job = r["throughput"]["default"]
     assert job["steps_done"] == 5 and job["tokens_per_s"] > 0 and job["stopped"] == "steps"
     assert "sweep" not in r and (tmp_path / result.name.replace(".json", ".txt")).read_text().startswith("part")
+
+
+def test_gpu_bench_watchdog_keeps_what_a_stuck_run_did(tmp_path, monkeypatch):
+    """A step that outlasts the whole budget (a hung collective, say): SIGALRM stops it, the part and the
+    interrupted run are recorded, the later parts are not begun, the results and the table are written."""
+    import time as _time
+
+    from orchestrator.device.shard import DeviceShard
+
+    monkeypatch.setattr(gpu_bench, "GRACE_S", 0)
+    monkeypatch.setattr(DeviceShard, "train_step", lambda self, step: _time.sleep(60))
+    t0 = _time.monotonic()
+    assert gpu_bench.main(["--cpu-dry-run", "--only", "smoke,throughput", "--budget-s", "4",
+                           "--out", str(tmp_path)]) == 0
+    assert _time.monotonic() - t0 < 30
+    r = __import__("json").loads(next(tmp_path.glob("gpu-*.json")).read_text())
+    assert "budget of 4 s" in r["smoke"]["stopped"]
+    assert r["smoke"]["interrupted_run"]["stopped"] == "watchdog" and r["smoke"]["interrupted_run"]["steps_done"] == 0
+    assert "throughput" not in r
