@@ -5,7 +5,7 @@
 
 The default runner trains in this process, without Ray: a `DeviceShard` with world 1 (orchestrator/device/shard.py,
 the code a device actor runs around its step), so it needs torch, omegaconf and (for the post-training job)
-transformers >= 5.23, not Ray. It runs five parts, each stopped when its share of the budget is spent (time an
+transformers >= 5.23, not Ray. It runs four parts, each stopped when its share of the budget is spent (time an
 earlier part left unspent goes to the next ones), and writes what it has after every run:
 
     env         the GPU (name, memory, bf16), its dense bf16 peak (monitoring/metrics.py GPU_PEAK_TFLOPS), a
@@ -19,9 +19,9 @@ earlier part left unspent goes to the next ones), and writes what it has after e
     throughput  tokens/s, MFU (bf16 peak), peak allocated GPU memory and the collective share of the step
                 (collective_s / step time; 0 on one device) for the default job, jobs/configs/gpu.yaml and the
                 DeepSeek-V4 SFT post-training job (jobs/configs/sft_tiny.yaml), each on one GPU
-    sweep       larger native configs (SWEEP, on jobs/configs/gpu.yaml), largest first among those whose memory
-                plan (orchestrator/memory/plan.py) fits the GPU: the largest that trains without running out
-                of memory, and each one's MFU (goal >= 35%)
+    sweep       larger native configs (SWEEP: on jobs/configs/gpu.yaml, and bench/gpu_large.yaml), largest first
+                among those whose memory plan (orchestrator/memory/plan.py) fits the GPU: the largest that trains
+                without running out of memory, and each one's MFU (goal >= 35%)
 
 MFU = tokens/s x FLOPs per token / peak FLOP/s, the formula and FLOP count of orchestrator/monitoring/metrics.py
 (`flops_per_token`, `gpu_peak_flops`); tokens/s counts every position a step computed; step times are the mean
@@ -29,7 +29,7 @@ after the first WARMUP_STEPS steps (or 10%). Results: $OUT/gpu-<host>.json (when
 bench/results/gpu-<host>.json, plus a text table at the end (also $OUT/gpu-<host>.txt).
 
 On a session's lent GPU (`run` tool; the machine has torch but not omegaconf nor transformers 5.25, and no
-network), once, here, in the repo root: `bash bench/gpu_wheels.sh` (the wheels into .whl/, ~18 MB), then
+network), once, here, in the repo root: `bash bench/gpu_wheels.sh` (the wheels into .whl/, ~19 MB; or copy a .whl/ made before), then
 
     run(command="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target
                  /tmp/site .whl/*.whl || exit 3; export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1; set -o pipefail;
@@ -49,6 +49,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -229,7 +230,9 @@ def train_run(cfg: Any, steps: int, deadline: Deadline, data_cache: dict | None 
                 out["stopped"] = "time"
                 break
             ts = time.perf_counter()
-            report = shard.train_step(step)   # ends in .item() of the step's statistics: the GPU's work is done
+            report = shard.train_step(step)
+            if shard.device.type == "cuda":   # the optimizer's kernels are queued after the step's last .item()
+                torch.cuda.synchronize()
             walls.append(time.perf_counter() - ts)
             losses.append(report.loss)
             colls.append(report.collective_s)
@@ -530,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.runner == "job":
         return run_jobs(args)
-    host = socket.gethostname()
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())   # names the run tool brings back from $OUT
     name = f"gpu-{host}" + ("-cpu-dry-run" if args.cpu_dry_run else "")
     out_dir = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     paths = [out_dir / f"{name}.json"] if out_dir else []
