@@ -13,9 +13,9 @@ earlier part left unspent goes to the next ones), and writes what it has after e
     smoke       (a) the default job for 50 steps with bf16 autocast vs float32: each step's loss within
                 SMOKE_STEP_RTOL, the mean of the last 10 within SMOKE_TAIL_RTOL; (b) MoE overlap equality, one
                 process: float32, parallel.dispatch_chunks=2 + shared_expert_overlap=true vs 1 + false, the
-                same losses over OVERLAP_STEPS steps within OVERLAP_RTOL. With one GPU the expert-parallel
-                all_to_all needs world > 1 and nccl refuses two ranks on one GPU, so this checks the MoE layer's
-                local (world-1) path on the GPU; the all_to_all path's equality is the CPU suite's (gloo, float64)
+                same losses over OVERLAP_STEPS steps within OVERLAP_RTOL, twice: in this process (world 1, the
+                MoE layer's local path), and expert-parallel over EP_WORLD=2 spawned processes sharing the GPU
+                over gloo (the all_to_all dispatch; nccl refuses two ranks on one GPU)
     throughput  tokens/s, MFU (bf16 peak), peak allocated GPU memory and the collective share of the step
                 (collective_s / step time; 0 on one device) for the default job, jobs/configs/gpu.yaml and the
                 DeepSeek-V4 SFT post-training job (jobs/configs/sft_tiny.yaml), each on one GPU
@@ -73,6 +73,8 @@ SMOKE_STEP_RTOL = 0.05   # bf16 vs float32, each step's loss (bf16 rounding of a
 SMOKE_TAIL_RTOL = 0.02   # the mean loss of the last 10 steps
 OVERLAP_STEPS = 4
 OVERLAP_RTOL = 1e-5      # float32: chunked matmuls may pick other kernels, so bit-equality is not promised
+EP_WORLD = 2             # the expert-parallel overlap check: 2 processes on the one GPU over gloo
+EP_TIMEOUT_S = 120.0     # at most this long (spawn, imports, the rendezvous, 2 x OVERLAP_STEPS steps)
 MIN_RUN_S = 5.0          # a run is not begun (nor its model built) with less time than this left
 WARMUP_STEPS = 3         # step times after these (first-step allocation, kernel selection) or 10%, whichever is more
 PLAN_FRACTION = 0.92     # a sweep config is tried when its memory plan is under this share of the GPU's memory
@@ -263,6 +265,77 @@ def train_run(cfg: Any, steps: int, deadline: Deadline, data_cache: dict | None 
     return out
 
 
+def _ep_worker(rank: int, world: int, port: int, runs: dict, steps: int, out: str) -> None:
+    """One rank of ep_run: joins a gloo group on loopback, trains each of `runs` (name -> load()'s arguments) for
+    `steps` steps as DeviceShard(rank, world); rank 0 writes {"losses": {name: [...]}} or {"error": ...} to `out`."""
+    import torch
+
+    from orchestrator.data.source import load_data
+    from orchestrator.device.shard import DeviceShard
+    from orchestrator.parallel import groups
+
+    torch.set_num_threads(2)
+    result: dict[str, Any] = {"losses": {}}
+    try:
+        groups.join("gloo", "127.0.0.1", port, rank, world, timeout_s=60)
+        data = None
+        for name, (path, overrides, setting) in runs.items():
+            cfg = load(path, overrides, setting)
+            data = data or load_data(cfg)
+            shard = DeviceShard(cfg, rank, world, data.train, data.val)
+            result["losses"][name] = [shard.train_step(step).loss for step in range(1, steps + 1)]
+            del shard
+    except Exception as e:   # noqa: BLE001 - the parent reports it
+        result["error"] = f"rank {rank}: {type(e).__name__}: {e}"[:500]
+        result["traceback"] = traceback.format_exc()[-1500:]
+    finally:
+        if rank == 0 or "error" in result:
+            Path(f"{out}.{rank}").write_text(json.dumps(result))
+        with contextlib.suppress(Exception):
+            groups.leave()
+
+
+def ep_run(runs: dict, steps: int, timeout_s: float) -> dict[str, Any]:
+    """`runs` on EP_WORLD spawned processes (torch.multiprocessing, gloo on loopback; on the GPU, all of them on
+    cuda:0), killed after `timeout_s`: rank 0's losses per run, or the first error, and the seconds it took."""
+    import torch.multiprocessing as mp
+
+    from orchestrator.parallel import groups
+
+    t0 = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "ep")
+        port = groups.free_port("127.0.0.1")
+        procs = [ctx.Process(target=_ep_worker, args=(r, EP_WORLD, port, runs, steps, out), daemon=True)
+                 for r in range(EP_WORLD)]
+        try:
+            for p in procs:
+                p.start()
+            while any(p.is_alive() for p in procs) and time.perf_counter() - t0 < timeout_s:
+                time.sleep(0.2)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                p.join(5)
+        result: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 1)}
+        if time.perf_counter() - t0 >= timeout_s:
+            result["error"] = f"timeout after {timeout_s:.0f} s"
+        for r in range(EP_WORLD):
+            f = Path(f"{out}.{r}")
+            if f.exists():
+                got = json.loads(f.read_text())
+                if "error" in got:
+                    result.setdefault("error", got["error"])
+                    result.setdefault("traceback", got.get("traceback"))
+                elif r == 0:
+                    result["losses"] = got["losses"]
+        if "losses" not in result and "error" not in result:
+            result["error"] = f"no result (exit codes {[p.exitcode for p in procs]})"
+    return result
+
+
 def load(path: str, overrides: tuple[str, ...] | list[str], setting: dict[str, Any] | None = None) -> Any:
     """A job's config (`path` from the repo root) with `overrides`, then `setting` set on the dataclasses directly
     ({"parallel.dispatch_chunks": 2}): not user keys, so no idle-key rule refuses them on one device."""
@@ -349,6 +422,18 @@ class Bench:
             "bit_equal": ov["chunks2_overlap"]["losses"] == ov["chunks1_plain"]["losses"],
             "losses": {k: v["losses"] for k, v in ov.items()},
             "errors": {k: v["error"] for k, v in ov.items() if "error" in v}})
+        runs_ep = {name: ("jobs/configs/default.yaml", self.base("default") + (f"cluster.num_devices={EP_WORLD}",),
+                          {"train.mixed_precision": "none", "train.steps": OVERLAP_STEPS,
+                           "parallel.dispatch_chunks": chunks, "parallel.shared_expert_overlap": overlap})
+                   for name, chunks, overlap in (("chunks2_overlap", 2, True), ("chunks1_plain", 1, False))}
+        ep = ep_run(runs_ep, OVERLAP_STEPS, min(EP_TIMEOUT_S, deadline.left() + 30))
+        losses = ep.get("losses", {})
+        self.record("smoke", "overlap_equality_ep", {
+            **compare_curves(losses.get("chunks2_overlap", []), losses.get("chunks1_plain", []), OVERLAP_RTOL,
+                             OVERLAP_RTOL),
+            "where": f"{EP_WORLD} processes on {'one GPU' if self.gpu else 'CPU'} over gloo, expert-parallel "
+                     f"{EP_WORLD}: the all_to_all dispatch (nccl refuses 2 ranks on 1 GPU)",
+            "bit_equal": bool(losses) and losses.get("chunks2_overlap") == losses.get("chunks1_plain"), **ep})
 
     def throughput(self, deadline: Deadline) -> None:
         jobs = [j for j in JOBS if j[0] in self.jobs]
@@ -471,7 +556,7 @@ def table(results: dict[str, Any]) -> str:
                          f"{f('tokens_per_s', ',.0f'):>11}{f('mfu', '.1%'):>7}"
                          f"{f('peak_mem_gib', '.2f'):>9}{f('collective_share', '.2f'):>6}  {note.strip()}")
     smoke = results.get("smoke", {})
-    for key in ("bf16_vs_float32", "overlap_equality"):
+    for key in ("bf16_vs_float32", "overlap_equality", "overlap_equality_ep"):
         if key in smoke:
             c = smoke[key]
             lines.append(f"{key}: {'PASS' if c.get('ok') else 'FAIL'} (max step rel {c.get('max_step_rel')}, "

@@ -184,8 +184,8 @@ def test_gpu_bench_sweep_configs_load_and_fit_the_plan():
 
 
 def test_gpu_bench_cpu_dry_run(tmp_path, monkeypatch):
-    """The flow end to end on CPU (tiny model, few steps): the smoke part and one throughput job, results written
-    after each run, the table printed."""
+    """The flow end to end on CPU (tiny model, few steps): the smoke part (with its 2-process expert-parallel check)
+    and one throughput job, results written after each run, the table printed."""
     monkeypatch.setattr(gpu_bench, "SMOKE_STEPS", 4)
     monkeypatch.setattr(gpu_bench, "OVERLAP_STEPS", 2)
     monkeypatch.setattr(gpu_bench, "WARMUP_STEPS", 1)
@@ -197,6 +197,8 @@ def test_gpu_bench_cpu_dry_run(tmp_path, monkeypatch):
     assert r["smoke"]["default_bf16"]["steps_done"] == 4 == r["smoke"]["default_float32"]["steps_done"]
     assert r["smoke"]["bf16_vs_float32"]["ok"], r["smoke"]["bf16_vs_float32"]
     assert r["smoke"]["overlap_equality"]["ok"] and r["smoke"]["overlap_equality"]["steps"] == 2
+    ep = r["smoke"]["overlap_equality_ep"]   # 2 spawned processes over gloo, expert-parallel 2
+    assert ep["ok"] and ep["steps"] == 2 and "error" not in ep, ep
     job = r["throughput"]["default"]
     assert job["steps_done"] == 5 and job["tokens_per_s"] > 0 and job["stopped"] == "steps"
     assert "sweep" not in r and (tmp_path / result.name.replace(".json", ".txt")).read_text().startswith("part")
