@@ -29,7 +29,8 @@ after the first WARMUP_STEPS steps (or 10%). Results: $OUT/gpu-<host>.json (when
 bench/results/gpu-<host>.json, plus a text table at the end (also $OUT/gpu-<host>.txt).
 
 On a session's lent GPU (`run` tool; the machine has torch but not omegaconf nor transformers 5.25, and no
-network), once, here, in the repo root: `bash bench/gpu_wheels.sh` (the wheels into .whl/, ~19 MB; or copy a .whl/ made before), then
+network), once, here, in the repo root: `bash bench/gpu_wheels.sh` (the wheels into .whl/, ~19 MB; or copy a
+.whl/ made before), then
 
     run(command="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target
                  /tmp/site .whl/*.whl || exit 3; export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1; set -o pipefail;
@@ -198,10 +199,49 @@ def _device_reset() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def train_run(cfg: Any, steps: int, deadline: Deadline, data_cache: dict | None = None) -> dict[str, Any]:
+@contextlib.contextmanager
+def no_host_init():
+    """Within: the native model's deterministic init (orchestrator/model/transformer.py `init_weights`, drawn by a
+    CPU generator per parameter, ~50M parameters/s: a minute for the sweep's 3B) is skipped; `device_init` then
+    draws the same distributions on the device. For throughput runs only: other numbers than the seed's."""
+    from orchestrator.model import transformer
+
+    original = transformer.init_weights
+    transformer.init_weights = lambda model, seed: None
+    try:
+        yield
+    finally:
+        transformer.init_weights = original
+
+
+def device_init(model: Any) -> None:
+    """`init_weights`'s distributions drawn where the parameters are (the GPU): norms their constants, each matrix
+    Normal(0, std) with `init_stds`' std for its kind (embedding, output projections, the rest)."""
+    import torch
+
+    from orchestrator.model.transformer import init_stds
+
+    cfg = model.cfg
+    stds = init_stds(cfg)
+    out_scale = {"attn_out_norm.weight": cfg.sandwich_attn_scale / math.sqrt(cfg.n_layers),
+                 "ffn_out_norm.weight": cfg.sandwich_ffn_scale / math.sqrt(cfg.n_layers)}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(next((v for k, v in out_scale.items() if name.endswith(k)), 1.0))
+            elif name == "tok_emb.weight":
+                p.normal_(0.0, stds["embedding"])
+            else:
+                output = name.endswith(("wo.weight", "w2.weight", "w2_EDF"))
+                p.normal_(0.0, stds["output"] if output else stds["matrix"])
+
+
+def train_run(cfg: Any, steps: int, deadline: Deadline, data_cache: dict | None = None,
+              fast_init: bool = False) -> dict[str, Any]:
     """Train `cfg` for up to `steps` steps on one device in this process (a DeviceShard with world 1) and stop early
     before a step that would end past `deadline`. Its losses, throughput (steps_stats), peak allocated GPU memory;
-    `stopped`: steps | time | oom | error (with the error's last line)."""
+    `stopped`: steps | time | oom | error (with the error's last line). `fast_init` (a native model): its weights
+    drawn on the device (no_host_init, device_init) instead of by the seed's CPU generators."""
     import torch
 
     from orchestrator.data.source import load_data
@@ -225,7 +265,10 @@ def train_run(cfg: Any, steps: int, deadline: Deadline, data_cache: dict | None 
             if data_cache is not None:
                 data_cache[key] = data
         _device_reset()
-        shard = DeviceShard(cfg, rank=0, world=1, train_tokens=data.train, val_tokens=data.val)
+        with no_host_init() if fast_init else contextlib.nullcontext():
+            shard = DeviceShard(cfg, rank=0, world=1, train_tokens=data.train, val_tokens=data.val)
+        if fast_init:
+            device_init(shard.model)
         out["build_s"] = round(time.perf_counter() - t0, 2)
         for step in range(1, steps + 1):
             if deadline.left() < (walls[-1] if walls else 0.0) or deadline.expired():
@@ -476,8 +519,13 @@ class Bench:
             if deadline.expired():
                 self.record("sweep", name, {**row, "skipped": "time"})
                 continue
-            result = train_run(cfg, self.steps(SWEEP_STEPS), deadline.share(len(candidates) - i), self.data_cache)
-            self.record("sweep", name, {**row, **result})
+            result = train_run(cfg, self.steps(SWEEP_STEPS), deadline.share(len(candidates) - i), self.data_cache,
+                               fast_init=True)
+            if result["stopped"] == "error":   # the fast init's fault? the seed's own init then
+                row["fast_init_error"] = result.get("error")
+                result = train_run(cfg, self.steps(SWEEP_STEPS), deadline.share(len(candidates) - i),
+                                   self.data_cache)
+            self.record("sweep", name, {**row, "fast_init": "fast_init_error" not in row, **result})
             if largest is None and result["steps_done"] > WARMUP_STEPS and result["stopped"] != "oom":
                 largest = name
                 self.record("sweep", "largest_fitting", name)

@@ -221,3 +221,23 @@ def test_gpu_bench_watchdog_keeps_what_a_stuck_run_did(tmp_path, monkeypatch):
     assert "budget of 4 s" in r["smoke"]["stopped"]
     assert r["smoke"]["interrupted_run"]["stopped"] == "watchdog" and r["smoke"]["interrupted_run"]["steps_done"] == 0
     assert "throughput" not in r
+
+
+def test_gpu_bench_fast_init_draws_the_same_distributions():
+    """The sweep's fast init (the weights drawn on the device, not by the seed's CPU generators): every parameter
+    with the std (norms: the constant) the project's init gives it, and a step trains."""
+    from orchestrator.model.transformer import build_model
+
+    cfg = tiny_config(None, "model.norm=sandwich")   # its output norms start at their own constants
+    reference = dict(build_model(cfg.model, 0).named_parameters())
+    with gpu_bench.no_host_init():
+        model = build_model(cfg.model, 0)
+    gpu_bench.device_init(model)
+    assert build_model.__globals__["init_weights"].__name__ == "init_weights"   # restored
+    for name, p in model.named_parameters():
+        ref = reference[name]
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, ref), name
+        elif ref.numel() >= 4096:
+            assert p.std().item() == pytest.approx(ref.std().item(), rel=0.1), name
+            assert not torch.equal(p, ref)
