@@ -405,7 +405,7 @@ class Bench:
     data_cache: dict = field(default_factory=dict)
 
     def base(self, job: str) -> tuple[str, ...]:
-        """Overrides every run of `job` gets: one device, GPU or not, no monitoring sinks; tiny under a dry run."""
+        """Overrides every run of `job` gets: one device, on the GPU or not; a tiny model under a dry run."""
         common = (f"cluster.use_gpu={str(self.gpu).lower()}", "cluster.num_devices=1")
         return common + (DRY_JOB.get(job, DRY_MODEL) if self.dry else ())
 
@@ -442,7 +442,7 @@ class Bench:
     def smoke(self, deadline: Deadline) -> None:
         steps = self.steps(SMOKE_STEPS)
         runs: dict[str, dict] = {}
-        for i, (name, precision) in enumerate((("bf16", "bf16"), ("float32", "none"))):
+        for name, precision in (("bf16", "bf16"), ("float32", "none")):
             cfg = load("jobs/configs/default.yaml", self.base("default"), {"train.mixed_precision": precision,
                                                                "train.steps": steps})
             # float32 runs the steps bf16 got done in its time, so the two curves cover the same steps
