@@ -237,10 +237,12 @@ def device_init(model: Any) -> None:
 
 
 def train_run(cfg: Any, steps: int, deadline: Deadline, data_cache: dict | None = None,
-              fast_init: bool = False) -> dict[str, Any]:
+              fast_init: bool = False, min_run_s: float = MIN_RUN_S) -> dict[str, Any]:
     """Train `cfg` for up to `steps` steps on one device in this process (a DeviceShard with world 1) and stop early
     before a step that would end past `deadline`. Its losses, throughput (steps_stats), peak allocated GPU memory;
-    `stopped`: steps | time | oom | error (with the error's last line). `fast_init` (a native model): its weights
+    `stopped`: steps | time | oom | error (with the error's last line); not begun with under `min_run_s` left
+    (0: begun, and its first step taken, whatever the time).
+    `fast_init` (a native model): its weights
     drawn on the device (no_host_init, device_init) instead of by the seed's CPU generators."""
     import torch
 
@@ -254,8 +256,8 @@ def train_run(cfg: Any, steps: int, deadline: Deadline, data_cache: dict | None 
     walls: list[float] = []
     colls: list[float] = []
     positions, shard, watchdog = 0, None, None
-    if deadline.left() < MIN_RUN_S:
-        return {"stopped": "time", "steps_done": 0, "losses": [], "note": f"under {MIN_RUN_S:g} s left: not begun"}
+    if deadline.left() < min_run_s:
+        return {"stopped": "time", "steps_done": 0, "losses": [], "note": f"under {min_run_s:g} s left: not begun"}
     try:
         key = repr((cfg.data, cfg.model.vocab_size, cfg.seed))
         if data_cache is not None and key in data_cache:
@@ -271,7 +273,7 @@ def train_run(cfg: Any, steps: int, deadline: Deadline, data_cache: dict | None 
             device_init(shard.model)
         out["build_s"] = round(time.perf_counter() - t0, 2)
         for step in range(1, steps + 1):
-            if deadline.left() < (walls[-1] if walls else 0.0) or deadline.expired():
+            if (walls or min_run_s > 0) and (deadline.left() < (walls[-1] if walls else 0.0) or deadline.expired()):
                 out["stopped"] = "time"
                 break
             ts = time.perf_counter()
@@ -412,6 +414,10 @@ class Bench:
     def steps(self, n: int) -> int:
         return min(n, 5) if self.dry else n
 
+    def run(self, cfg: Any, steps: int, deadline: Deadline, fast_init: bool = False) -> dict[str, Any]:
+        """train_run with this bench's data cache; under a dry run every run begins (the flow, not the numbers)."""
+        return train_run(cfg, steps, deadline, self.data_cache, fast_init, 0.0 if self.dry else MIN_RUN_S)
+
     def record(self, part: str, key: str, value: Any) -> None:
         self.results.setdefault(part, {})[key] = value
         self.results["elapsed_s"] = round(self.budget.elapsed(), 1)
@@ -447,8 +453,7 @@ class Bench:
                                                                "train.steps": steps})
             # float32 runs the steps bf16 got done in its time, so the two curves cover the same steps
             n = runs["bf16"]["steps_done"] if runs else steps
-            runs[name] = train_run(cfg, n, Deadline(deadline.end + 30, deadline.clock) if runs else deadline.share(3),
-                                   self.data_cache)
+            runs[name] = self.run(cfg, n, Deadline(deadline.end + 30, deadline.clock) if runs else deadline.share(3))
             self.record("smoke", f"default_{name}", runs[name])
         self.record("smoke", "bf16_vs_float32", compare_curves(runs["bf16"]["losses"], runs["float32"]["losses"],
                                                                SMOKE_STEP_RTOL, SMOKE_TAIL_RTOL))
@@ -457,7 +462,7 @@ class Bench:
             cfg = load("jobs/configs/default.yaml", self.base("default"), {
                 "train.mixed_precision": "none", "train.steps": OVERLAP_STEPS,
                 "parallel.dispatch_chunks": chunks, "parallel.shared_expert_overlap": overlap})
-            ov[name] = train_run(cfg, OVERLAP_STEPS, Deadline(deadline.end + 30, deadline.clock), self.data_cache)
+            ov[name] = self.run(cfg, OVERLAP_STEPS, Deadline(deadline.end + 30, deadline.clock))
         self.record("smoke", "overlap_equality", {
             **compare_curves(ov["chunks2_overlap"]["losses"], ov["chunks1_plain"]["losses"], OVERLAP_RTOL,
                              OVERLAP_RTOL),
@@ -488,8 +493,7 @@ class Bench:
                                                  "stopped": "error", "error": f"{type(e).__name__}: {e}"[:300]})
                 continue
             self.record("throughput", name, {"config": config, **summary_of(cfg),
-                                             **train_run(cfg, self.steps(steps), deadline.share(len(jobs) - i),
-                                                         self.data_cache)})
+                                             **self.run(cfg, self.steps(steps), deadline.share(len(jobs) - i))})
 
     def sweep(self, deadline: Deadline) -> None:
         import torch
@@ -516,15 +520,13 @@ class Bench:
         largest = None
         candidates.sort(key=lambda c: -c[2].get("params_m", 0))
         for i, (name, cfg, row) in enumerate(candidates):   # largest first
-            if deadline.expired():
+            if deadline.expired() and not self.dry:
                 self.record("sweep", name, {**row, "skipped": "time"})
                 continue
-            result = train_run(cfg, self.steps(SWEEP_STEPS), deadline.share(len(candidates) - i), self.data_cache,
-                               fast_init=True)
+            result = self.run(cfg, self.steps(SWEEP_STEPS), deadline.share(len(candidates) - i), fast_init=True)
             if result["stopped"] == "error":   # the fast init's fault? the seed's own init then
                 row["fast_init_error"] = result.get("error")
-                result = train_run(cfg, self.steps(SWEEP_STEPS), deadline.share(len(candidates) - i),
-                                   self.data_cache)
+                result = self.run(cfg, self.steps(SWEEP_STEPS), deadline.share(len(candidates) - i))
             self.record("sweep", name, {**row, "fast_init": "fast_init_error" not in row, **result})
             if largest is None and result["steps_done"] > WARMUP_STEPS and result["stopped"] != "oom":
                 largest = name
@@ -630,7 +632,7 @@ def writer(paths: list[Path]) -> Callable[[dict], None]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="seconds for all parts (default 540; 90 with --cpu-dry-run)")
+                    help="seconds for all parts (default 540; 150 with --cpu-dry-run)")
     ap.add_argument("--out", type=Path, default=None, help="also write the results here (default: $OUT when set)")
     ap.add_argument("--only", default=None, help=f"comma-separated parts of {[p for p, _ in PARTS]} (env always runs)")
     ap.add_argument("--cpu-dry-run", action="store_true", help="the whole flow on CPU: tiny models, a few steps")
@@ -650,7 +652,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--only: unknown part(s) {bad}; known: {names}")
     args.parts = [p for p in names if p in wanted]   # in the order of PARTS
     if args.budget_s is None:
-        args.budget_s = 90.0 if args.cpu_dry_run else 540.0
+        args.budget_s = 150.0 if args.cpu_dry_run else 540.0
     if args.budget_s <= 0:
         ap.error("--budget-s must be > 0")
     if args.extra and args.runner != "job":

@@ -134,7 +134,7 @@ def test_gpu_bench_arguments():
     assert args.budget_s == 540.0 and args.parts == ["env", "smoke", "throughput", "sweep"]
     assert args.jobs == ["default", "gpu", "sft_dsv4"] and args.runner == "shard"
     args = gpu_bench.parse_args(["--cpu-dry-run", "--only", "sweep,smoke", "--jobs", "gpu"])
-    assert args.budget_s == 90.0 and args.parts == ["env", "smoke", "sweep"] and args.jobs == ["gpu"]
+    assert args.budget_s == 150.0 and args.parts == ["env", "smoke", "sweep"] and args.jobs == ["gpu"]
     assert gpu_bench.parse_args(["--runner", "job", "train.steps=5"]).jobs == ["default", "gpu"]
     for bad in (["--only", "warp"], ["--budget-s", "0"], ["--jobs", "nope"], ["train.steps=5"],
                 ["--runner", "job", "--jobs", "sft_dsv4"]):
