@@ -91,10 +91,11 @@ def flops_per_token(cfg: Config) -> float:
 
 # Dense peak TFLOP/s per GPU (bf16/fp16 tensor cores, float32 without TF32), by a substring of the device name; the
 # first key found in the name wins, so longer names come before their prefixes (L40S before L4, A10G before A10:
-# AWS's A10G has fewer tensor FLOPs than the A10).
-GPU_PEAK_TFLOPS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6),
-                   "L4": (121.0, 30.3), "A10G": (70.0, 31.5), "A10": (125.0, 31.2), "V100": (125.0, 15.7),
-                   "T4": (65.0, 8.1)}
+# AWS's A10G has fewer tensor FLOPs than the A10; the H100's PCIe and NVL cards before the SXM's "NVIDIA H100 80GB
+# HBM3"; NVIDIA's H100 datasheet, dense: SXM 989/67, NVL 835/60, PCIe 756/51; H200 (and GH200) as the H100 SXM).
+GPU_PEAK_TFLOPS = {"H200": (989.0, 67.0), "H100 PCIe": (756.0, 51.0), "H100 NVL": (835.0, 60.0), "H100": (989.0, 67.0),
+                   "A100": (312.0, 19.5), "L40S": (362.0, 91.6), "L4": (121.0, 30.3), "A10G": (70.0, 31.5),
+                   "A10": (125.0, 31.2), "V100": (125.0, 15.7), "T4": (65.0, 8.1)}
 
 
 def gpu_peak_flops(name: str, dtype: str) -> float | None:
