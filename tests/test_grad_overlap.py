@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from orchestrator.parallel import allreduce_dense_grads, groups
-from orchestrator.parallel.grad_sync import OverlappedGradReducer, grad_buckets, grad_group
+from orchestrator.parallel.grad_sync import OverlappedGradReducer, grad_buckets
 
 W = 6
 
@@ -75,7 +75,7 @@ def _toy_grads(rank: int, world: int, micro_batches: int, bucket_bytes: int | No
     torch.set_default_dtype(torch.float64)
     model = Toy()
     params = list(model.parameters())
-    reducer = OverlappedGradReducer(params, bucket_bytes, grad_group()) if bucket_bytes else None
+    reducer = OverlappedGradReducer(params, bucket_bytes) if bucket_bytes else None
     out = []
     for step in range(steps):
         for p in params:
@@ -95,7 +95,7 @@ def _toy_grads(rank: int, world: int, micro_batches: int, bucket_bytes: int | No
     return out, (reducer.launched_in_backward if reducer else 0), (len(reducer.buckets) if reducer else 0)
 
 
-def _toy_worker(rank: int, world: int, port: int) -> None:
+def _toy_worker(rank: int, world: int, port: int, reformed: list[int]) -> None:
     groups.join("gloo", "127.0.0.1", port, rank, world, timeout_s=60)
     try:
         for micro in (1, 3):
@@ -121,13 +121,30 @@ def _toy_worker(rank: int, world: int, port: int) -> None:
         none = {n for n, g in zip(names, got[0]) if g is None}
         assert none == {"unused.weight", "unused.bias", "frozen.weight", "frozen.bias"}
         assert torch.count_nonzero(got[0][names.index("rank1_skips.weight")]) > 0
+        # a reducer built before the default group is re-formed (recovery) makes its group again and goes on
+        reducer, model, ref = None, Toy(), Toy()
+        reducer = OverlappedGradReducer(list(model.parameters()), 200)
+        for p in reformed:
+            groups.join("gloo", "127.0.0.1", p, rank, world, timeout_s=60)
+            x = torch.full((5, 4), float(rank + 1))
+            for m in (model, ref):
+                for q in m.parameters():
+                    q.grad = None
+            reducer.arm(True)
+            (model(x, rank, 0)).sum().backward()
+            (ref(x, rank, 0)).sum().backward()
+            reducer.finish()
+            allreduce_dense_grads(list(ref.parameters()))
+            for a, b in zip(model.parameters(), ref.parameters()):
+                assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad))
     finally:
         groups.leave()
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_overlapped_buckets_sum_what_allreduce_dense_grads_sums(world):
-    mp.spawn(_toy_worker, args=(world, groups.free_port()), nprocs=world, join=True)
+    mp.spawn(_toy_worker, args=(world, groups.free_port(), [groups.free_port(), groups.free_port()]), nprocs=world,
+             join=True)
 
 
 def test_buckets_follow_reverse_registration_order_within_the_cap():

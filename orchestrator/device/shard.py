@@ -31,7 +31,7 @@ from orchestrator.memory.measure import ActivationMeter, state_bytes
 from orchestrator.model.layers import upcast
 from orchestrator.model.mtp import mtp_loss_sums, mtp_targets
 from orchestrator.parallel import allreduce_dense_grads, apply_expert_parallel, clip_, sum_of_squares
-from orchestrator.parallel.grad_sync import OverlappedGradReducer, grad_group
+from orchestrator.parallel.grad_sync import OverlappedGradReducer
 from orchestrator.parallel.groups import CLOCK
 from orchestrator.parallel.mesh import current_mesh
 from orchestrator.parallel.sharding import Optimizers, is_sharded, local, reshard, shard_model, whole
@@ -206,7 +206,7 @@ class DeviceShard:
     def holds_groups(self) -> bool:
         """Does this shard hold process groups of the default group it was built on (ZeRO optimizers, FSDP2, the
         mesh's sub-groups)? Then it must be built again when the group is re-formed."""
-        return self.world > 1 and (self.zero_stage > 0 or self.mesh.dp > 1 or bool(self._grad_reducers))
+        return self.world > 1 and (self.zero_stage > 0 or self.mesh.dp > 1)
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -428,18 +428,18 @@ class DeviceShard:
         """parallel.overlap_grad_reduce: reducers that sum gradients in buckets of parallel.grad_bucket_mb while the
         backward runs, wherever _sync_grads all-reduces: "dense" over the world (ZeRO stages 0 and 1; FSDP2
         overlaps its own reduce-scatter at 2 and 3), "experts" over "dp" (unless sharded). None in one process or
-        with the option off. Collective: every rank builds them alike (each on a process group of its own)."""
+        with the option off. Each makes its process group on first use (no collective here)."""
         par = self.cfg.parallel
         if self.world == 1 or not par.overlap_grad_reduce:
             return {}
         cap = int(par.grad_bucket_mb * 2**20)
         out = {}
         if self.zero_stage < 2:
-            out["dense"] = OverlappedGradReducer(self.dense_params, cap, grad_group())
+            out["dense"] = OverlappedGradReducer(self.dense_params, cap)
         if self.mesh.dp > 1 and not any(is_sharded(p) for p in self.expert_params):
             ep, dp = self.mesh.ep, self.mesh.dp   # the "dp" groups: devices (d, e) for d < dp at each ep index e
             out["experts"] = OverlappedGradReducer(self.expert_params, cap,
-                                                   grad_group([[e + ep * d for d in range(dp)] for e in range(ep)]),
+                                                   [[e + ep * d for d in range(dp)] for e in range(ep)],
                                                    "all_reduce expert grads (dp, overlapped)")
         return out
 

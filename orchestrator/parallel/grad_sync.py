@@ -1,6 +1,8 @@
 """Gradient synchronisation for replicated (dense) parameters, and the global gradient norm."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -87,9 +89,9 @@ def grad_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[li
 
 
 def grad_group(ranks: list[list[int]] | None = None):
-    """A process group of its own for gradient buckets (collective: every rank of the default group calls it alike).
-    `ranks`: the partition into groups (the mesh's "dp" groups); None: one group of every rank. Returns the group
-    this rank is in.
+    """A process group of its own for gradient buckets, on the current default group (collective: every rank of
+    the default group calls it alike). `ranks`: the partition into groups (the mesh's "dp" groups); None: one group
+    of every rank. Returns the group this rank is in.
 
     Why a group of its own: buckets are launched from the backward as their gradients arrive, while the backward
     runs collectives of its own on the default group (the MoE layers' all_to_all, again in a recomputation under
@@ -121,17 +123,22 @@ class OverlappedGradReducer:
     counted for the ranks without one). The sums are those of allreduce_dense_grads: the same numbers added
     over the same ranks (only the buffer they travel in differs).
 
-    `group` must be one of the reducer's own (grad_group): see there why. Collectives per step: the buckets,
-    plus one for the flags.
+    The buckets travel on a process group of their own (grad_group; see there why), over `ranks` (grad_group's
+    partition; None: every rank), made on first use (`arm` or `finish`, which every rank calls at the same point
+    of a step) and made again when the default group has been re-formed since (recovery): building a reducer is
+    no collective, and one built before a re-formation goes on working after it. Collectives per step: the
+    buckets, plus one for the flags.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], bucket_bytes: int, group=None,
+    def __init__(self, params: list[torch.nn.Parameter], bucket_bytes: int, ranks: list[list[int]] | None = None,
                  name: str = "all_reduce grads (world, overlapped)"):
         seen: set[int] = set()
         trainable = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
         self.buckets = grad_buckets(trainable, bucket_bytes)
         self.params = [p for b in self.buckets for p in b]   # bucket order
-        self.group, self.name = group, name
+        self.ranks, self.name = ranks, name
+        self.group, self._on = None, None   # the buckets' group, and (a weak reference) the default group it was
+                                            # made on: holding a destroyed default group can abort the process's exit
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
         self._handles = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params]
         self.launched_in_backward = 0   # of the last finished step: buckets that went out during its backward
@@ -147,7 +154,16 @@ class OverlappedGradReducer:
     def arm(self, last: bool) -> None:
         """Before a backward pass: `last` (the step's last pass) launches buckets from its hooks; otherwise its
         gradients only accumulate. Anything left from a step that did not finish (it raised) is dropped."""
+        if self.params:
+            self._ensure_group()
         self._reset(armed=last)
+
+    def _ensure_group(self) -> None:
+        """The buckets' group, on the current default group (made again after a re-formation). Inside a collective
+        for the step clock: a gloo group's making waits for its peers, as a collective does."""
+        if self._on is None or self._on() is not dist.group.WORLD:
+            with CLOCK.collective("new_group grads"):
+                self.group, self._on = grad_group(self.ranks), weakref.ref(dist.group.WORLD)
 
     def _ready(self, p: torch.nn.Parameter) -> None:
         """Post-accumulate-grad hook: p.grad holds p's whole gradient of this backward."""
@@ -172,6 +188,7 @@ class OverlappedGradReducer:
         """After the backward: launch the buckets left, sum the flags, wait for all, write the sums back."""
         if not self.params:
             return
+        self._ensure_group()
         self._armed = False
         self.launched_in_backward = len(self._flight)
         while self._next < len(self.buckets):
