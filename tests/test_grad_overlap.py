@@ -4,8 +4,11 @@ parallel/grad_sync.py OverlappedGradReducer) sums what allreduce_dense_grads sum
 Pure torch.multiprocessing + gloo on loopback, no Ray (as tests/test_dispatch.py). The toy model's weights,
 inputs and probes are small integers, so every gradient and every sum over ranks is an integer held exactly in
 float64: equality holds whatever order the all-reduce adds in, and any real difference (a bucket summed twice, a
-stale gradient, a missing micro-batch) shows. The DeviceShard cases run the project's model (float64, two
-devices: a sum of two numbers is the same in any order) under activation checkpointing and micro-batches.
+stale gradient, a missing micro-batch) shows. The DeviceShard cases run the project's model in float64 under
+activation checkpointing, micro-batches, ZeRO-1 and replicated experts: bit for bit on two devices (a sum of two
+numbers is the same in any order); on four to 1e-13 of the tensor's largest entry, since gloo's ring all-reduce
+adds an entry's four terms in an order set by its position in the flat buffer, which bucketing changes (in a few
+last bits; as different bucket sizes do under torch DDP).
 """
 from __future__ import annotations
 
@@ -190,23 +193,26 @@ def _shard_worker(rank: int, world: int, port: int, overrides: list[str]) -> Non
         got, launched, holds = _shard_grads(tiny_config(None, *base, "parallel.grad_bucket_mb=0.002"), rank, world,
                                             corpus)
         assert holds and launched["dense"] > 0
-        assert ("experts" in launched) == ("parallel.expert_parallel=1" in overrides)
+        assert ("experts" in launched) == ("parallel.expert_parallel=2" in overrides)
         assert launched.get("experts", 1) > 0
         for step_got, step_expected in zip(got, expected):
             assert step_got.keys() == step_expected.keys()
             for name, a in step_got.items():
                 b = step_expected[name]
                 assert (a is None) == (b is None), name
-                assert a is None or torch.equal(a, b), (name, (a - b).abs().max())
+                if a is not None and world == 2:
+                    assert torch.equal(a, b), (name, (a - b).abs().max())
+                elif a is not None:   # the ring all-reduce adds 4 numbers in an order set by the buffer position
+                    assert (a - b).abs().max() <= 1e-13 * b.abs().max(), (name, (a - b).abs().max())
         assert got[0]["tok_emb.weight"] is None
     finally:
         groups.leave()
 
 
-@pytest.mark.parametrize("overrides", [
-    ["memory.activation_checkpointing=full", "train.micro_batches=2", "memory.zero_stage=1"],
-    # experts replicated over "dp" (expert_parallel 1 of 2 devices): their reducer too
-    ["memory.activation_checkpointing=selective", "parallel.expert_parallel=1"],
+@pytest.mark.parametrize("world,overrides", [
+    (2, ["memory.activation_checkpointing=full", "train.micro_batches=2", "memory.zero_stage=1"]),
+    # EP 2 x DP 2: experts replicated over two "dp" groups, their reducer too
+    (4, ["memory.activation_checkpointing=selective", "parallel.expert_parallel=2"]),
 ])
-def test_device_shard_overlapped_grads_equal_the_fallback(overrides):
-    mp.spawn(_shard_worker, args=(2, groups.free_port(), overrides), nprocs=2, join=True)
+def test_device_shard_overlapped_grads_equal_the_fallback(world, overrides):
+    mp.spawn(_shard_worker, args=(world, groups.free_port(), overrides), nprocs=world, join=True)
