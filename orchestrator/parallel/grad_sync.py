@@ -117,8 +117,8 @@ class OverlappedGradReducer:
     all_reduce, strictly in bucket order: a ready bucket waits for the ones before it, so every rank issues the
     same collectives in the same order even where a parameter gets no gradient on some ranks (that bucket, and
     the ones after it, then go out in `finish`). `finish()`, after the backward: what is left goes out (zeros for
-    a parameter without a gradient), one more small all_reduce carries one flag per parameter (did it get a
-    gradient on this rank), every bucket is waited for, and the sums are written back with
+    a parameter without a gradient; the last bucket also carries one flag per parameter, did it get a gradient
+    on this rank), every bucket is waited for, and the sums are written back with
     allreduce_dense_grads's rule: a parameter no rank gave a gradient keeps None; the others get the sum (zeros
     counted for the ranks without one). The sums are those of allreduce_dense_grads: the same numbers added
     over the same ranks (only the buffer they travel in differs).
@@ -126,8 +126,8 @@ class OverlappedGradReducer:
     The buckets travel on a process group of their own (grad_group; see there why), over `ranks` (grad_group's
     partition; None: every rank), made on first use (`arm` or `finish`, which every rank calls at the same point
     of a step) and made again when the default group has been re-formed since (recovery): building a reducer is
-    no collective, and one built before a re-formation goes on working after it. Collectives per step: the
-    buckets, plus one for the flags.
+    no collective, and one built before a re-formation goes on working after it. Collectives per step: one per
+    bucket.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], bucket_bytes: int, ranks: list[list[int]] | None = None,
@@ -178,14 +178,20 @@ class OverlappedGradReducer:
             self._launch()
 
     def _launch(self) -> None:
-        """The next bucket's flat all_reduce, asynchronous (zeros for a parameter without a gradient here)."""
+        """The next bucket's flat all_reduce, asynchronous (zeros for a parameter without a gradient here). The last
+        bucket carries the flags too, one per parameter: did it get a gradient here. They are known when it goes
+        out: from a hook, every parameter has had its hook in this pass (the buckets before it went out first); from
+        `finish`, the backward is over. (A count in the bucket's dtype: in bfloat16 it may round, never to 0.)"""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.buckets[self._next]]
+        if self._next == len(self.buckets) - 1:
+            grads.append(torch.tensor([float(p.grad is not None) for p in self.params], dtype=grads[0].dtype,
+                                      device=grads[0].device))
         flat = _flatten_dense_tensors(grads)
         self._flight.append((flat, dist.all_reduce(flat, group=self.group, async_op=True)))
         self._next += 1
 
     def finish(self) -> None:
-        """After the backward: launch the buckets left, sum the flags, wait for all, write the sums back."""
+        """After the backward: launch the buckets left, wait for all, write the sums back."""
         if not self.params:
             return
         self._ensure_group()
@@ -193,17 +199,13 @@ class OverlappedGradReducer:
         self.launched_in_backward = len(self._flight)
         while self._next < len(self.buckets):
             self._launch()
-        had = torch.tensor([float(p.grad is not None) for p in self.params], dtype=torch.float32,
-                           device=self.params[0].device)
-        flags = dist.all_reduce(had, group=self.group, async_op=True)
         with CLOCK.collective(self.name):
             for _, work in self._flight:
                 work.wait()
-            flags.wait()
-        anywhere = had.tolist()
+        anywhere = self._flight[-1][0][-len(self.params):].tolist()   # the flags, summed over the ranks
         at = 0
         for bucket, (flat, _) in zip(self.buckets, self._flight):
-            summed = _unflatten_dense_tensors(flat, bucket)
+            summed = _unflatten_dense_tensors(flat[:sum(p.numel() for p in bucket)], bucket)
             _apply_sums(bucket, summed, anywhere[at:at + len(bucket)])
             at += len(bucket)
         self._reset(armed=False)
