@@ -283,6 +283,8 @@ class DeviceShard:
         t0 = time.perf_counter()
         CLOCK.start(step)
         self.model.train()
+        self._before_backward(False)   # the gradient buckets' group made now (first step, or after re-forming),
+                                       # before any fault a step may inject: every device gets here together
         if self.slow_steps:  # injected straggler: extra work outside any collective
             self.slow_steps -= 1
             time.sleep(self.slow_delay_s)
