@@ -226,6 +226,7 @@ def _passes(shard: Any, step: int, batch: RLBatch, u: int, U: int, rows: slice, 
             if i == 0 and u == 0:
                 part = shard._inject_faults(step, part)
             aux = shard.model.aux_loss()
+            shard._before_backward(i == micro - 1)
             (part if aux is None else part + aux).backward()
             _set_routing(shard, shard.model, None, None)
             passes.add(part, aux, moe, shard.device)

@@ -31,6 +31,7 @@ from orchestrator.memory.measure import ActivationMeter, state_bytes
 from orchestrator.model.layers import upcast
 from orchestrator.model.mtp import mtp_loss_sums, mtp_targets
 from orchestrator.parallel import allreduce_dense_grads, apply_expert_parallel, clip_, sum_of_squares
+from orchestrator.parallel.grad_sync import OverlappedGradReducer
 from orchestrator.parallel.groups import CLOCK
 from orchestrator.parallel.mesh import current_mesh
 from orchestrator.parallel.sharding import Optimizers, is_sharded, local, reshard, shard_model, whole
@@ -182,6 +183,7 @@ class DeviceShard:
             self.reference = build_reference(self, initial.slots[self.mesh.ep_rank], initial.slots)
         self.dense_params = [p for _, p in self.model.dense_parameters()]
         self.expert_params = [p for _, p in self.model.expert_parameters()]
+        self._grad_reducers = self._overlapped_grad_reducers()
         t = cfg.train
         self.optim = Optimizers(self.dense_params, self.expert_params, self.mesh, self.zero_stage, lr=t.lr,
                                 betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
@@ -285,6 +287,8 @@ class DeviceShard:
         t0 = time.perf_counter()
         CLOCK.start(step)
         self.model.train()
+        self._before_backward(False)   # the gradient buckets' group made now (first step, or after re-forming),
+                                       # before any fault a step may inject: every device gets here together
         if self.slow_steps:  # injected straggler: extra work outside any collective
             self.slow_steps -= 1
             time.sleep(self.slow_delay_s)
@@ -350,6 +354,7 @@ class DeviceShard:
                     part = self._inject_faults(step, part)
                 aux = self.model.aux_loss()  # balancing losses: trained on, reported apart from the LM loss
                 lm_loss = part / loss_tokens + self._mtp_loss(mtp_parts)
+                self._before_backward(i == micro - 1)
                 (lm_loss if aux is None else lm_loss + aux).backward()
                 passes.add(part, aux, moe, self.device, mtp_parts)
         return passes
@@ -411,12 +416,44 @@ class DeviceShard:
         stages 0 and 1; FSDP2 reduce-scatters at 2 and 3), and the replicas of an expert (expert-parallel only)."""
         if self.world == 1:
             return
+        overlapped = self._grad_reducers   # parallel.overlap_grad_reduce: buckets already in flight, the rest now
         if self.zero_stage < 2:
-            allreduce_dense_grads(self.dense_params)
+            if "dense" in overlapped:
+                overlapped["dense"].finish()
+            else:
+                allreduce_dense_grads(self.dense_params)
         if self.mesh.dp > 1 and not any(is_sharded(p) for p in self.expert_params):
-            allreduce_dense_grads(self.expert_params, self.mesh.dp_group, "all_reduce expert grads (dp)")
+            if "experts" in overlapped:
+                overlapped["experts"].finish()
+            else:
+                allreduce_dense_grads(self.expert_params, self.mesh.dp_group, "all_reduce expert grads (dp)")
         if any(max(m.copies) > 1 for m in moe):
             self._sum_replica_grads(moe)
+
+    def _overlapped_grad_reducers(self) -> dict[str, OverlappedGradReducer]:
+        """parallel.overlap_grad_reduce: reducers that sum gradients in buckets of parallel.grad_bucket_mb while the
+        backward runs, wherever _sync_grads all-reduces: "dense" over the world (ZeRO stages 0 and 1; FSDP2
+        overlaps its own reduce-scatter at 2 and 3), "experts" over "dp" (unless sharded). None in one process or
+        with the option off. Each makes its process group on first use (no collective here)."""
+        par = self.cfg.parallel
+        if self.world == 1 or not par.overlap_grad_reduce:
+            return {}
+        cap = int(par.grad_bucket_mb * 2**20)
+        out = {}
+        if self.zero_stage < 2:
+            out["dense"] = OverlappedGradReducer(self.dense_params, cap)
+        if self.mesh.dp > 1 and not any(is_sharded(p) for p in self.expert_params):
+            ep, dp = self.mesh.ep, self.mesh.dp   # the "dp" groups: devices (d, e) for d < dp at each ep index e
+            out["experts"] = OverlappedGradReducer(self.expert_params, cap,
+                                                   [[e + ep * d for d in range(dp)] for e in range(ep)],
+                                                   "all_reduce expert grads (dp, overlapped)")
+        return out
+
+    def _before_backward(self, last: bool) -> None:
+        """Before each backward pass of a step's update: `last` (its last micro-batch) lets the gradient hooks
+        launch the buckets' all-reduces; earlier passes only accumulate (DDP's no_sync)."""
+        for reducer in self._grad_reducers.values():
+            reducer.arm(last)
 
     def _grad_sum_of_squares(self, moe: list) -> tuple[torch.Tensor, torch.Tensor]:
         """(squared norm of the gradients every device holds whole and alike, this device's share of the rest): the
