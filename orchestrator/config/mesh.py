@@ -23,8 +23,9 @@ class ParallelConfig:
     grouped_gemm: bool = True         # the experts of a device as one grouped matmul (torch's grouped_mm) where the
                                       # device and dtype support it (float32, bfloat16, float16), the loop over
                                       # experts elsewhere (float64); false: always the loop
-    overlap_grad_reduce: bool = True  # dense gradients all-reduced in buckets while the backward still runs (torch
-                                      # DDP's scheme); false: one all-reduce after the whole backward
+    overlap_grad_reduce: bool = True  # replicated gradients (dense ones at ZeRO 0-1, experts over the "dp"
+                                      # dimension) all-reduced in buckets while the backward still runs (torch DDP's
+                                      # scheme); false: one all-reduce after the whole backward
     grad_bucket_mb: float = 25.0      # size of one gradient bucket (MiB; torch DDP's bucket_cap_mb)
     router_dtype: str = "float32"     # float32: the router's logits, scores and top-k in float32 under bf16 autocast
                                       # (Megatron-Core's moe_router_dtype=fp32) | auto: in the autocast dtype
