@@ -220,22 +220,34 @@ class SharedOverlap:
         self.module, self.kept, self.computing = module, None, False
         module.forward = self._forward
 
-    def compute(self, hidden_ND: torch.Tensor) -> torch.Tensor:
+    def compute(self, hidden: torch.Tensor) -> torch.Tensor:
         self.computing = True
         try:
-            return self.module(hidden_ND)   # through __call__: the module's hooks run as usual
+            return self.module(hidden)   # through __call__: the module's hooks run as usual
         finally:
             self.computing = False
 
-    def keep(self, hidden_ND: torch.Tensor, out_ND: torch.Tensor | None) -> None:
-        self.kept = None if out_ND is None else (hidden_ND.data_ptr(), hidden_ND.shape, out_ND)
+    def keep(self, hidden: torch.Tensor, out: torch.Tensor | None) -> None:
+        self.kept = None if out is None else (hidden.data_ptr(), hidden.shape, out)
 
     def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         kept, self.kept = self.kept, None
         if (kept is not None and not self.computing and not args and not kwargs and x.data_ptr() == kept[0]
                 and x.shape[-1] == kept[1][-1] and x.numel() == kept[1].numel()):
-            return kept[2].view(*x.shape[:-1], kept[2].shape[-1])
+            out = kept[2]
+            return out if out.shape[:-1] == x.shape[:-1] else out.view(*x.shape[:-1], out.shape[-1])
         return type(self.module).forward(self.module, x, *args, **kwargs)
+
+
+def _unflattened(hidden_ND: torch.Tensor) -> torch.Tensor:
+    """The tensor the block flattened into `hidden_ND` (its [B, T, D] hidden states: what the block hands its shared
+    expert), where hidden_ND is a plain view of it; else hidden_ND. The shared expert's gradient then reaches the
+    hidden states as in the block's own call (same autograd path, same float32 summation order)."""
+    base = hidden_ND._base
+    if (base is not None and base.numel() == hidden_ND.numel() and base.shape[-1] == hidden_ND.shape[-1]
+            and base.data_ptr() == hidden_ND.data_ptr() and base.is_contiguous()):
+        return base
+    return hidden_ND
 
 
 def overlap_shared_expert(block: nn.Module) -> bool:
@@ -308,7 +320,7 @@ class ExpertParallelExperts(ExpertSlots):
         self.aux_loss = self._balance_losses(experts_NK) if self.training else None
         slots_NK = self.slots_of(experts_NK)
         shared = self.__dict__.get("_shared")   # the block's shared expert, overlapped with the dispatch
-        shared_fn = None if shared is None else functools.partial(shared.compute, hidden_states)
+        shared_fn = None if shared is None else functools.partial(shared.compute, _unflattened(hidden_states))
         r = self.dispatcher.routed(hidden_states, slots_NK, top_k_weights, self.num_slots, self._local_experts,
                                    shared_fn)
         self.last_received = r.received
