@@ -232,3 +232,53 @@ def test_transformers_shared_expert_runs_inside_the_experts_forward(tmp_path):
                 torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
         if kind == "deepseek_v3":
             assert len(calls) == len(overlapped)   # once per layer: the block's own call computed nothing
+
+
+def _hf_model(path: str, expert_ids=None):
+    from orchestrator.config import ModelConfig
+    from orchestrator.model.hf import build_hf_model
+
+    model = build_hf_model(ModelConfig(hf_path=path), 0, expert_ids)
+    model.hf.config._experts_implementation_internal = "eager"   # the grouped matmul takes no float64
+    return model.double()
+
+
+def _hf_grads(model, tokens_BT):
+    model.zero_grad(set_to_none=True)
+    logits = model(tokens_BT)
+    logits.square().sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _hf_worker(rank: int, world: int, port: int, path: str) -> None:
+    from orchestrator.parallel.dispatch import apply_expert_parallel
+
+    torch.set_num_threads(1)
+    groups.join("gloo", "127.0.0.1", port, rank, world, timeout_s=120)
+    tokens = torch.randint(0, 256, (world * 2, 12), generator=torch.Generator().manual_seed(5))
+    mine = tokens[rank * 2:(rank + 1) * 2]
+    ref_logits, _ = _hf_grads(_hf_model(path), tokens)   # one process, every expert, every rank's tokens
+    el = 4 // world
+    slots = [list(range(d * el, (d + 1) * el)) for d in range(world)]
+    model = _hf_model(path, slots[rank])
+    runs = {}
+    for chunks, overlap in ((1, False), (3, True)):
+        apply_expert_parallel(model, world, chunks=chunks, shared_overlap=overlap)
+        for m in model.moe_layers():
+            m.set_placement(slots, rank)
+        runs[chunks] = _hf_grads(model, mine)
+    torch.testing.assert_close(runs[1][0], ref_logits[rank * 2:(rank + 1) * 2], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(runs[3][0], runs[1][0], rtol=1e-10, atol=1e-10)
+    assert runs[3][1].keys() == runs[1][1].keys()
+    for name, g in runs[3][1].items():
+        torch.testing.assert_close(g, runs[1][1][name], rtol=1e-10, atol=1e-12, msg=name)
+    groups.leave()
+
+
+def test_transformers_chunked_overlapped_dispatch_is_the_serial_math(tmp_path):
+    """DeepSeek-V3 (shared expert overlapped) on 2 gloo processes in float64: 3 chunks with the shared expert during
+    the dispatch give the serial path's logits and gradients; both give the single-process model's logits."""
+    from tests.hf_tiny import make_tiny_hf
+
+    make_tiny_hf("deepseek_v3", tmp_path / "v3")
+    mp.spawn(_hf_worker, args=(2, groups.free_port("127.0.0.1"), str(tmp_path / "v3")), nprocs=2, join=True)
