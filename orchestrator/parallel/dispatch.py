@@ -152,7 +152,7 @@ class AllToAllTokenDispatcher:
         if num_slots % self.world:
             raise ValueError(f"{num_slots} expert slots cannot be split evenly over {self.world} devices")
         W, El, S, C = self.world, num_slots // self.world, num_slots, self.chunks
-        (N, K), D = slots_NK.shape, x_ND.shape[-1]
+        N, K = slots_NK.shape
         sizes = chunk_sizes(N, C)
         dev = slots_NK.device
         # Sort every copy by (chunk, slot), dropped copies (slot S) last in their chunk: one argsort for all chunks.
@@ -189,13 +189,17 @@ class AllToAllTokenDispatcher:
                                               output_size=R)
             regroup_R = torch.argsort(local_R, stable=True)
             back_R = torch.empty_like(regroup_R).scatter_(0, regroup_R, torch.arange(R, device=dev))
-            y_RD = experts_fn(x_RD[regroup_R], [sum(recv[c][w][l] for w in range(W)) for l in range(El)])
+            # (index_select: a permutation, 3x faster than x[idx] on a CPU; no duplicate rows, so its backward's
+            # index_add has nothing to sum and stays deterministic on a GPU)
+            per_slot = [sum(recv[c][w][l] for w in range(W)) for l in range(El)]
+            y_RD = experts_fn(x_RD.index_select(0, regroup_R), per_slot)
             pending = launched[c][1]
-            combines.append(launch_all_to_all(y_RD.to(wire)[back_R], pending.in_splits, pending.out_splits,
-                                              self.group))
+            combines.append(launch_all_to_all(y_RD.to(wire).index_select(0, back_R), pending.in_splits,
+                                              pending.out_splits, self.group))
         y_MD = torch.cat([wait_all_to_all(*pair) for pair in combines]) if C > 1 else wait_all_to_all(*combines[0])
         order_kept_M = torch.cat(kept_idx) if C > 1 else kept_idx[0]
-        out_ND = combine_copies(y_MD, gates_NK.reshape(-1)[order_kept_M], order_kept_M // K, N, x_ND.dtype)
+        out_ND = combine_copies(y_MD, gates_NK.reshape(-1).index_select(0, order_kept_M), order_kept_M // K, N,
+                                x_ND.dtype)
         if shared_fn is not None and not self.shared_overlap:
             shared_ND = shared_fn()
         received = sum(sum(sum(r) for r in recv[c]) for c in range(C))
