@@ -167,11 +167,33 @@ def _check_bf16(rank: int, world: int) -> None:
         assert calls["n"] == 1, (chunks, calls)
 
 
+def _check_one_slot_per_device(rank: int, world: int) -> None:
+    """One slot per device (no regrouping of what arrives): routed over the devices is routed in one process."""
+    from orchestrator.model.moe import GroupedExperts, LocalTokenDispatcher
+
+    torch.manual_seed(1)
+    full = GroupedExperts(D, F, list(range(world))).double()
+    with torch.no_grad():
+        for p in full.parameters():
+            p.normal_(0, 0.4)
+    g = torch.Generator().manual_seed(3)
+    x_all = torch.randn(world * 10, D, generator=g, dtype=torch.float64)
+    slots_all = torch.randint(0, world + 1, (world * 10, K), generator=g)   # slot `world`: dropped
+    gates_all = torch.rand(world * 10, K, generator=g, dtype=torch.float64)
+    ref = LocalTokenDispatcher().routed(x_all, slots_all, gates_all, world, full).out_ND
+    mine = GroupedExperts(D, F, [rank]).double()
+    mine.load_state_dict({k: v[rank:rank + 1] for k, v in full.state_dict().items()})
+    rows = slice(rank * 10, (rank + 1) * 10)
+    out = AllToAllTokenDispatcher(world, chunks=3).routed(x_all[rows], slots_all[rows], gates_all[rows], world, mine)
+    torch.testing.assert_close(out.out_ND, ref[rows], rtol=1e-12, atol=1e-12)
+
+
 def _worker(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     groups.join("gloo", "127.0.0.1", port, rank, world, timeout_s=120)
     for replicas, capacity_factor in ((False, 0.0), (True, 1.0)):   # dropless, one slot per expert; replicas + drops
         _check(rank, world, replicas, capacity_factor)
+    _check_one_slot_per_device(rank, world)
     if world == 2:
         _check_bf16(rank, world)
     groups.leave()

@@ -184,6 +184,12 @@ class AllToAllTokenDispatcher:
         for c in range(C):
             x_RD = wait_all_to_all(*launched[c])
             R = x_RD.shape[0]
+            per_slot = [sum(recv[c][w][l] for w in range(W)) for l in range(El)]
+            pending = launched[c][1]
+            if W == 1 or El == 1:   # arrived grouped by slot already
+                combines.append(launch_all_to_all(experts_fn(x_RD, per_slot).to(wire), pending.in_splits,
+                                                  pending.out_splits, self.group))
+                continue
             # Arrived grouped by source then slot; the experts want them grouped by slot.
             local_R = torch.repeat_interleave(torch.arange(El, device=dev).repeat(W), recv_WCL[:, c].reshape(-1),
                                               output_size=R)
@@ -191,9 +197,7 @@ class AllToAllTokenDispatcher:
             back_R = torch.empty_like(regroup_R).scatter_(0, regroup_R, torch.arange(R, device=dev))
             # (index_select: a permutation, 3x faster than x[idx] on a CPU; no duplicate rows, so its backward's
             # index_add has nothing to sum and stays deterministic on a GPU)
-            per_slot = [sum(recv[c][w][l] for w in range(W)) for l in range(El)]
             y_RD = experts_fn(x_RD.index_select(0, regroup_R), per_slot)
-            pending = launched[c][1]
             combines.append(launch_all_to_all(y_RD.to(wire).index_select(0, back_R), pending.in_splits,
                                               pending.out_splits, self.group))
         y_MD = torch.cat([wait_all_to_all(*pair) for pair in combines]) if C > 1 else wait_all_to_all(*combines[0])
