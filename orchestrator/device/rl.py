@@ -39,7 +39,8 @@ def build_reference(shard: Any, expert_ids: list[int], slots: list[list[int]]) -
     cfg = shard.cfg
     ref = build_any_model(cfg.model, cfg.seed, expert_ids, cfg.balance, shard.device, cfg.train.dtype,
                           parallel=cfg.parallel)
-    apply_expert_parallel(ref, len(slots), shard.mesh.ep_group, data_parallel=shard.world > len(slots))
+    apply_expert_parallel(ref, len(slots), shard.mesh.ep_group, data_parallel=shard.world > len(slots),
+                          chunks=cfg.parallel.dispatch_chunks, shared_overlap=cfg.parallel.shared_expert_overlap)
     for m in ref.moe_layers():
         m.set_placement(slots, shard.mesh.ep_rank)
     for p in ref.parameters():

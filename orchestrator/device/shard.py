@@ -162,7 +162,8 @@ class DeviceShard:
                                      cfg.train.dtype, self.load_stats, parallel=cfg.parallel)
         if cfg.balance.router_aux_loss_coeff:   # a transformers model's own router auxiliary loss
             self.model.use_router_aux_loss(cfg.balance.router_aux_loss_coeff)
-        apply_expert_parallel(self.model, ep, self.mesh.ep_group, data_parallel=world > ep)
+        apply_expert_parallel(self.model, ep, self.mesh.ep_group, data_parallel=world > ep,
+                              chunks=cfg.parallel.dispatch_chunks, shared_overlap=cfg.parallel.shared_expert_overlap)
         for m in self.model.moe_layers():
             m.set_placement(initial.slots, self.mesh.ep_rank)
         for name, p in self.model.named_parameters():   # train.freeze: no gradient, so no AdamW state either

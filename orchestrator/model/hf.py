@@ -38,7 +38,7 @@ from torch import nn
 
 from orchestrator.config import BalanceConfig, ConfigError, ModelConfig
 from orchestrator.model.layers import grouped_mm_supported, upcast
-from orchestrator.model.moe import ExpertSlots, LocalTokenDispatcher, TokenDispatcher, balance_losses
+from orchestrator.model.moe import ExpertSlots, LocalTokenDispatcher, TokenDispatcher, balance_losses, count_ids
 
 EXPERT_LAYOUT = ("gate_up_proj", "down_proj")
 
@@ -204,6 +204,63 @@ def _replay_hook(experts: "ExpertParallelExperts", gate: nn.Module, args: Any, o
     return logits_NE, weights(gate, logits_NE, replay_NK), replay_NK
 
 
+# MoE blocks that call their shared expert right after their routed experts, on the same hidden states (the
+# experts get a [N, D] view of them): the experts' forward runs the shared expert while its dispatch is in flight
+# (SharedOverlap). Qwen2-MoE calls its shared expert first (and Mixtral has none): no overlap there.
+SHARED_AFTER_EXPERTS = {"DeepseekV3MoE": "shared_experts", "DeepseekV4SparseMoeBlock": "shared_experts"}
+
+
+class SharedOverlap:
+    """A block's shared expert computed inside its experts' forward (`compute`, while the dispatch's all_to_all is in
+    flight), its result kept (`keep`) and handed to the block's own call of the shared expert right after, which
+    then computes nothing. The module's `forward` becomes an instance attribute checking for a kept result of the
+    very hidden states it is called with (same storage, as many tokens); anything else is computed as before."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.kept, self.computing = module, None, False
+        module.forward = self._forward
+
+    def compute(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.computing = True
+        try:
+            return self.module(hidden)   # through __call__: the module's hooks run as usual
+        finally:
+            self.computing = False
+
+    def keep(self, hidden: torch.Tensor, out: torch.Tensor | None) -> None:
+        self.kept = None if out is None else (hidden.data_ptr(), hidden.shape, out)
+
+    def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        kept, self.kept = self.kept, None
+        if (kept is not None and not self.computing and not args and not kwargs and x.data_ptr() == kept[0]
+                and x.shape[-1] == kept[1][-1] and x.numel() == kept[1].numel()):
+            out = kept[2]
+            return out if out.shape[:-1] == x.shape[:-1] else out.view(*x.shape[:-1], out.shape[-1])
+        return type(self.module).forward(self.module, x, *args, **kwargs)
+
+
+def _unflattened(hidden_ND: torch.Tensor) -> torch.Tensor:
+    """The tensor the block flattened into `hidden_ND` (its [B, T, D] hidden states: what the block hands its shared
+    expert), where hidden_ND is a plain view of it; else hidden_ND. The shared expert's gradient then reaches the
+    hidden states as in the block's own call (same autograd path, same float32 summation order)."""
+    base = hidden_ND._base
+    if (base is not None and base.numel() == hidden_ND.numel() and base.shape[-1] == hidden_ND.shape[-1]
+            and base.data_ptr() == hidden_ND.data_ptr() and base.is_contiguous()):
+        return base
+    return hidden_ND
+
+
+def overlap_shared_expert(block: nn.Module) -> bool:
+    """Let `block`'s experts (an ExpertParallelExperts) run its shared expert while dispatching, where the block's
+    class is one of SHARED_AFTER_EXPERTS; whether it did."""
+    name = SHARED_AFTER_EXPERTS.get(type(block).__name__)
+    shared = getattr(block, name, None) if name else None
+    if shared is None or not isinstance(block.experts, ExpertParallelExperts):
+        return False
+    block.experts.__dict__["_shared"] = SharedOverlap(shared)
+    return True
+
+
 class ExpertParallelExperts(ExpertSlots):
     """Mixed into a transformers experts module (its class is swapped for a subclass of both): the module holds
     this device's El slots, `num_experts` = El (what the class's own forward indexes), `experts_total` = E.
@@ -256,26 +313,36 @@ class ExpertParallelExperts(ExpertSlots):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
-        N = hidden_states.shape[0]
         experts_NK = top_k_index.long()
         self.last_experts_NK = experts_NK.detach()
-        counted = experts_NK if self.valid_N is None else experts_NK[self.valid_N.to(experts_NK.device)]
-        self.last_tokens_per_expert = torch.bincount(counted.reshape(-1), minlength=self.experts_total)
+        valid = None if self.valid_N is None else self.valid_N.to(experts_NK.device).unsqueeze(1).expand_as(experts_NK)
+        self.last_tokens_per_expert = count_ids(experts_NK, self.experts_total, valid)
         self.aux_loss = self._balance_losses(experts_NK) if self.training else None
         slots_NK = self.slots_of(experts_NK)
-        x_MD, per_slot, _, meta = self.dispatcher.dispatch(hidden_states, slots_NK, self.num_slots)
-        self.last_received = int(sum(per_slot))
+        shared = self.__dict__.get("_shared")   # the block's shared expert, overlapped with the dispatch
+        shared_fn = None if shared is None else functools.partial(shared.compute, _unflattened(hidden_states))
+        r = self.dispatcher.routed(hidden_states, slots_NK, top_k_weights, self.num_slots, self._local_experts,
+                                   shared_fn)
+        self.last_received = r.received
+        if shared is not None:
+            shared.keep(hidden_states, r.shared_ND)
+        return r.out_ND
+
+    def _local_experts(self, x_MD: torch.Tensor, per_slot: list[int]) -> torch.Tensor:
+        """transformers' expert math on copies grouped by local slot (`per_slot[j]` rows for slot j), gate 1."""
+        M = x_MD.shape[0]
         local_M1 = torch.repeat_interleave(torch.arange(len(per_slot), device=x_MD.device),
-                                           torch.tensor(per_slot, device=x_MD.device)).unsqueeze(1)
+                                           torch.tensor(per_slot, device=x_MD.device), output_size=M).unsqueeze(1)
         ones_M1 = torch.ones(local_M1.shape, dtype=x_MD.dtype, device=x_MD.device)
         y_MD = super().forward(x_MD, local_M1, ones_M1)   # transformers' expert math on the local slots
-        if not self.last_received:
+        if not M:
             # transformers' loop runs only the experts that got rows: none here, so nothing would reach the weights
             # and their gradient would be None, where one device holding every expert always has one (zeros for
             # the experts without tokens). AdamW would then skip them here only (no weight decay, a step count
-            # behind the other devices'), and FSDP2's reduce-scatter would not match its peers'.
-            y_MD = y_MD + sum(p.sum() for p in self.parameters() if p.requires_grad) * 0
-        return self.dispatcher.combine(y_MD, top_k_weights, meta, N)
+            # behind the other devices'), and FSDP2's reduce-scatter would not match its peers'. The copies that
+            # arrived (none) join too, so the all_to_all's backward runs here as on every other device.
+            y_MD = y_MD + (sum(p.sum() for p in self.parameters() if p.requires_grad) + x_MD.sum()) * 0
+        return y_MD
 
     def _balance_losses(self, experts_NK: torch.Tensor) -> torch.Tensor | None:
         """This layer's share of the project's balancing losses (moe.balance_losses: the same functions and scopes
@@ -575,6 +642,7 @@ def _meta_expert_parallel(m: ModelConfig, expert_ids: Sequence[int] | None
     ids = list(range(blocks[0][1].experts.num_experts)) if expert_ids is None else list(expert_ids)
     for _, block in blocks:
         ExpertParallelExperts.adopt(block.experts, block.gate, ids)
+        overlap_shared_expert(block)
     return hf_config, hf, HFMoEModel(hf, hf_config)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +179,10 @@ class DispatchMeta:
 
 
 class TokenDispatcher(Protocol):
+    def routed(self, x_ND: torch.Tensor, slots_NK: torch.Tensor, gates_NK: torch.Tensor, num_slots: int,
+               experts_fn: Callable[[torch.Tensor, list[int]], torch.Tensor],
+               shared_fn: Callable[[], torch.Tensor] | None = None) -> "Routed": ...
+
     def dispatch(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, num_experts: int
                  ) -> tuple[torch.Tensor, list[int], torch.Tensor, DispatchMeta]: ...
 
@@ -213,8 +217,61 @@ def unpermute_and_combine(y_MD: torch.Tensor, gates_NK: torch.Tensor, meta: Disp
     return out_ND.index_add(0, meta.token_idx_M, (upcast(y_MD) * weights_M).type_as(y_MD))
 
 
+def count_ids(ids: torch.Tensor, n: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """How many of `ids` (int64, values 0..n-1, any shape) are each id: int64 [n]. With `weight` (same shape; bool or
+    int), each id counts that much. torch.bincount without its host sync (on a GPU bincount reads the ids' maximum
+    back to size its output)."""
+    flat = ids.reshape(-1)
+    w = torch.ones_like(flat) if weight is None else weight.reshape(-1).to(flat.dtype)
+    return torch.zeros(n, dtype=torch.long, device=flat.device).scatter_add_(0, flat, w)
+
+
+def wire_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype token copies cross the wire in: under bf16/fp16 autocast the autocast dtype (the expert matmuls cast
+    to it anyway, so their result is the same, at half the bytes of float32); otherwise x's own dtype."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        low = torch.get_autocast_dtype(x.device.type)
+        if low in (torch.bfloat16, torch.float16) and x.dtype in (torch.float32, torch.float64):
+            return low
+    return x.dtype
+
+
+def combine_copies(y_MD: torch.Tensor, weights_M: torch.Tensor, token_idx_M: torch.Tensor, num_tokens: int,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """out_ND[t] = sum over t's copies of weight * expert output, summed in float32 (float64 stays) whatever dtype
+    the expert outputs came back in, then cast to `out_dtype` (the layer input's). Copies are added in the order
+    given (for one token: its copies' slot order, as `unpermute_and_combine`)."""
+    acc_MD = upcast(y_MD) * upcast(weights_M).unsqueeze(-1)
+    out_ND = acc_MD.new_zeros(num_tokens, y_MD.shape[-1])
+    return out_ND.index_add(0, token_idx_M, acc_MD).to(out_dtype)
+
+
+@dataclass
+class Routed:
+    """What `dispatcher.routed` returns: the routed experts' combined output and the shared expert's."""
+    out_ND: torch.Tensor                 # sum over each token's copies of gate * expert output (the input's dtype)
+    shared_ND: torch.Tensor | None       # shared_fn() (None: no shared_fn)
+    received: int                        # token copies this device's experts processed
+    sent: int                            # token copies this device sent (capacity-dropped ones left out)
+
+
 class LocalTokenDispatcher:
     """All experts live in this process: dispatch is a sort by expert, combine its inverse."""
+
+    def routed(self, x_ND: torch.Tensor, slots_NK: torch.Tensor, gates_NK: torch.Tensor, num_slots: int,
+               experts_fn, shared_fn=None) -> Routed:
+        """The whole routed path of an MoE layer, serially: copies sorted by slot, `experts_fn(x_MD,
+        tokens_per_slot: list[int]) -> y_MD` on them, combined with the gates; `shared_fn()` (the shared expert on
+        every token) run too. Copies whose slot is `num_slots` are dropped (capacity). One host sync (the counts)."""
+        flat_M = slots_NK.reshape(-1)
+        counts = count_ids(flat_M, num_slots + 1).tolist()
+        kept = sum(counts[:num_slots])
+        order_M = torch.argsort(flat_M, stable=True)[:kept]
+        token_idx_M = order_M // slots_NK.shape[-1]
+        shared_ND = shared_fn() if shared_fn is not None else None
+        y_MD = experts_fn(x_ND[token_idx_M], counts[:num_slots])
+        out_ND = combine_copies(y_MD, gates_NK.reshape(-1)[order_M], token_idx_M, x_ND.shape[0], x_ND.dtype)
+        return Routed(out_ND, shared_ND, kept, kept)
 
     def dispatch(self, x_ND, experts_NK, num_experts):
         x_MD, counts_E, token_idx_M, order_M = permute_by_expert(x_ND, experts_NK, num_experts)
@@ -360,27 +417,30 @@ class MoE(ExpertSlots, nn.Module):
         gates_NK, experts_NK, scores_NE, logits_NE = (self.router(x_ND) if replay_NK is None
                                                       else self.router(x_ND, replay_NK))
         self.last_experts_NK = experts_NK.detach()
-        if valid_N is None:
-            routed_E = torch.bincount(experts_NK.reshape(-1), minlength=self.num_experts)
-        else:
+        if valid_N is not None:
             valid_N = valid_N.to(experts_NK.device)
-            routed_E = torch.bincount(experts_NK[valid_N].reshape(-1), minlength=self.num_experts)
+        # counted without a host sync (count_ids, not bincount); copies of tokens outside valid_N weigh 0
+        routed_E = count_ids(experts_NK, self.num_experts,
+                             None if valid_N is None else valid_N.unsqueeze(1).expand_as(experts_NK))
         self.last_tokens_per_expert = routed_E
         send_NK = experts_NK
         if self.balance.capacity_factor:
             capacity = math.ceil(self.balance.capacity_factor * T * self.top_k / self.num_experts)
             send_NK = drop_over_capacity(experts_NK, T, self.num_experts, capacity)
-            self.last_dropped = int((send_NK == self.num_experts).sum())
         slots_NK = self.slots_of(send_NK)  # expert ids -> physical slots (sorted by slot = grouped by device)
-        x_MD, tokens_per_local_slot, _, meta = self.dispatcher.dispatch(x_ND, slots_NK, self.num_slots)
-        self.last_received = int(sum(tokens_per_local_slot))
         if self.training:
             self.aux_loss = (self._balance_losses(scores_NE, logits_NE, experts_NK, routed_E, B, T) if valid_N is None
                              else self._valid_balance_losses(scores_NE, logits_NE, experts_NK, routed_E, valid_N, B, T))
-        y_MD = self.experts(x_MD, tokens_per_local_slot)
-        out_ND = self.dispatcher.combine(y_MD, gates_NK, meta, x_ND.shape[0])
+        shared_fn = None
         if self.shared is not None:
-            out_ND = out_ND + (checkpointed(self.shared, x_ND) if self.recompute else self.shared(x_ND))
+            shared_fn = (lambda: checkpointed(self.shared, x_ND)) if self.recompute else (lambda: self.shared(x_ND))
+        # the dispatcher runs the routed path (all_to_all, experts, combine) and the shared expert, overlapped
+        # where it can (orchestrator/parallel/dispatch.py)
+        r = self.dispatcher.routed(x_ND, slots_NK, gates_NK, self.num_slots, self.experts, shared_fn)
+        self.last_received = r.received
+        if self.balance.capacity_factor:
+            self.last_dropped = experts_NK.numel() - r.sent
+        out_ND = r.out_ND if r.shared_ND is None else r.out_ND + r.shared_ND
         return out_ND.view(B, T, D)
 
     def _balance_losses(self, scores_NE, logits_NE, experts_NK, counts_E, B: int, T: int) -> torch.Tensor | None:
