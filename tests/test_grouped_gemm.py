@@ -226,6 +226,12 @@ class _NoRows:
     def combine(self, y_MD, gates_NK, meta, num_tokens):
         return y_MD.new_zeros(num_tokens, y_MD.shape[-1]) + y_MD.sum()
 
+    def routed(self, x_ND, slots_NK, gates_NK, num_slots, experts_fn, shared_fn=None):
+        from orchestrator.model.moe import Routed
+
+        y_MD = experts_fn(x_ND[:0], [0, 0])
+        return Routed(x_ND.new_zeros(x_ND.shape) + y_MD.sum(), shared_fn() if shared_fn else None, 0, 0)
+
 
 def test_transformers_grouped_mm_experts_with_no_rows_get_zero_gradients(tmp_path):
     model = _hf("mixtral", tmp_path, expert_ids=[0, 1])

@@ -196,8 +196,9 @@ def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tu
       scores N*E*f (sqrt-softplus: softplus's input too, N*E*f), expert ids N*K*8, top-k renormalisation N*K*f + N*f; balancing
       losses: sequence-wise N*f + B*E*f, Switch E*f, z-loss N*E*f + N*f
       dispatch: copy indices R*8 (and regroup indices 2*R*8 under expert parallelism); the experts' input R*D*b
-      (no autocast: autocast saves its copies instead); combine: expert outputs R*D*f, gate indices R*8,
-      gates R*f, weighted outputs R*D*a (index_add's source)
+      (no autocast: autocast saves its copies instead); combine (summed in float32, the layer's output float32 under
+      autocast too): expert outputs R*D*f, gate indices R*8,
+      gates R*f, weighted outputs R*D*f (index_add's source, float32)
       head: final norm, its output linear; loss: log_softmax N*V*f, targets N*8, total weight f
       MTP depth k (model.mtp_depth, model/mtp.py): enorm and hnorm, their concatenation 2*N*D*f, eh_proj; a
       block as above; its final norm, the shared head and a loss (counted at T positions, an upper bound of T-k)
@@ -244,16 +245,21 @@ def activation_items(cfg: Config, sequences: int, mode: str, ep: int) -> list[tu
             router += (N * f + B * E * f if bal.seq_aux_loss_coeff else 0) + (E * f if bal.aux_loss_coeff else 0)
             router += N * E * f + N * f if bal.z_loss_coeff else 0
             experts = swiglu(R, m.expert_dim, El, limit=m.swiglu_limit)
-            if cfg.parallel.grouped_gemm and b != 8:   # grouped_mm (no float64 kernel: the loop): offsets El*4;
+            grouped = (cfg.parallel.grouped_gemm and b != 8   # grouped_mm: no float64 kernel, rows of 16-byte strides
+                       and D * a % 16 == 0 and m.expert_dim * a % 16 == 0)   # (model/layers.py grouped_mm_aligned)
+            if grouped:   # grouped_mm (else the loop): offsets El*4;
                 experts += El * 4 - R * D * a * ac     # under autocast one bf16 copy of the input for w1 and w3
             shared = swiglu(N, m.expert_dim * m.num_shared_experts, limit=m.swiglu_limit) if m.num_shared_experts else 0
-            combine = R * D * f + R * 8 + R * f + R * D * a
+            # gate * output in float32 (R*D*f, saved for the gates' gradient), summed in float32 (index_add keeps
+            # its float32 source, R*D*f: moe.combine_copies); the layer's output is the input's dtype
+            combine = R * D * f + R * 8 + R * f + R * D * f
             block += [("router", router, 0), ("dispatch", R * 8 * (3 if ep > 1 else 1), 0),
                       ("experts", R * D * f, experts) if sel else ("experts", R * D * b * (not ac) + experts, 0),
                       ("combine", combine, 0),
                       ("shared expert", N * D * f * ac, shared) if sel else ("shared expert", shared, 0)]
-        if out_norm:
-            block.append(("ffn out norm", out_norm, 0))
+        if out_norm:   # an MoE layer's output is float32 (its combine's), so its normalised rows are too
+            moe_layer = not (layer < m.first_k_dense or (layer >= m.n_layers and mtp_dense))
+            block.append(("ffn out norm", out_norm + N * D * (f - a) * moe_layer, 0))
         if mode == "full":
             total = sum(h + r for _, h, r in block)
             block = [("block", N * D * f, total - N * D * f)]

@@ -203,7 +203,7 @@ def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def grouped_mm_aligned(device_type: str, dtype: torch.dtype, *dims: int) -> bool:
-    """Whether rows of these widths meet grouped_mm's alignment: CUDA's kernels want every row stride a multiple of
-    16 bytes; CPU has no such rule."""
+    """Whether rows of these widths meet grouped_mm's alignment: every row stride a multiple of 16 bytes (CUDA's
+    kernels, and torch 2.13's CPU one too: "strides should be multiple of 16 bytes", e.g. bf16 rows of 12)."""
     size = torch.empty((), dtype=dtype).element_size()
-    return device_type == "cpu" or all(d * size % 16 == 0 for d in dims)
+    return all(d * size % 16 == 0 for d in dims)
