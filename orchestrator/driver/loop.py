@@ -303,12 +303,13 @@ class Driver:
             if self.stop_signal:   # (a step in flight when the signal came is collected and kept first)
                 self.progress.message(f"{self.stop_signal}: stopping after step {self.last_step}")
             return RunState.FINISHING
-        if self.inflight is None:
-            self._launch(step)
-        # The step's time: since it was submitted, or since the step before came back if it was submitted earlier
-        # (pipelined): the loop's own clock per step, whatever overlaps.
-        t0 = max(self.inflight.t0, self.t_collected or 0.0)
+        t0 = time.perf_counter()
         try:
+            if self.inflight is None:   # (an RL step's rollouts run here, and a colocated one can fail the step)
+                self._launch(step)
+            # The step's time: since it was submitted, or since the step before came back if it was submitted
+            # earlier (pipelined): the loop's own clock per step, whatever overlaps.
+            t0 = max(self.inflight.t0, self.t_collected or 0.0)
             reports = self.step(step)
         except StepFailure as failure:
             self.goodput.failed_steps += time.perf_counter() - t0
