@@ -217,11 +217,16 @@ class Driver:
         """A decision about `step` taken after the next step was submitted (pipelined driver): that step is drained
         and its devices replaced too when it failed; the rewind goes to a state before `step` (the snapshot of
         `step` was taken before the next step was submitted, and must not be restored: `at_most`)."""
-        failed = self._drain()
         at_most = step - 1 if decision.at_most is None else min(decision.at_most, step - 1)
+        return replace(self._drained_into(decision), at_most=at_most)
+
+    def _drained_into(self, decision: Decision) -> Decision:
+        """`decision`, after the step in flight was drained (`_drain`); when that step failed, its devices to replace
+        and its incidents added."""
+        failed = self._drain()
         if failed is None:
-            return replace(decision, at_most=at_most)
-        return replace(decision, at_most=at_most, replace=sorted(set(decision.replace) | set(failed.replace)),
+            return decision
+        return replace(decision, replace=sorted(set(decision.replace) | set(failed.replace)),
                        reform=decision.reform or failed.reform, incidents=decision.incidents + failed.incidents)
 
     def _rl_batch(self, step: int) -> Any:
@@ -332,11 +337,8 @@ class Driver:
         decision = self.healer.stragglers(step, slow, self.devices.spares_elsewhere([i.rank for i in slow])) \
             if slow else None
         if decision is not None:
-            drained = self._drain()   # the snapshot of `step` is the newest: the replay starts after it
-            if drained is not None:
-                decision = replace(decision, replace=sorted(set(decision.replace) | set(drained.replace)),
-                                   reform=True, incidents=decision.incidents + drained.incidents)
-            return self._decided(decision, f"replaced straggler(s) after step {step}")
+            # the snapshot of `step` is the newest: the replay starts after it (a straggler's decision re-forms)
+            return self._decided(self._drained_into(decision), f"replaced straggler(s) after step {step}")
         self.next_step = step + 1
         return RunState.STEPPING
 
