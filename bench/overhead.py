@@ -15,6 +15,9 @@ Arms (each at every N of --devices; key=value overrides go to every arm):
   bare           ... with all three off (what the Ray job costs with nothing but metrics.jsonl and status.json)
   before         ... with the speed options off (BEFORE: parallel.pipelined_driver, overlap_grad_reduce,
                  dispatch_chunks=1, shared_expert_overlap, grouped_gemm), every other default on
+  serial_driver  ... with parallel.pipelined_driver=false only (the lock-step driver)
+  thread_snapshot ... with parallel.snapshot_serialize=thread (the GPU default: the snapshot copied in the step
+                 loop, serialized from the device's snapshot thread while the next step runs)
 
 The figure is the step loop's wall clock per step between step 6 and the last (the first steps warm up): for a
 Ray arm from the wall-clock `time` of the step records in metrics.jsonl (made when the step's reports are in, so
@@ -22,7 +25,8 @@ their differences include the driver's work between steps), for a plain arm rank
 train_step. The arms run in rounds: each round runs every arm once per N, in an order rotated by one each
 round, and each Ray arm's ratio is taken against the plain arm of the same round and N (plain_before's for
 `before` too, when it ran), so a machine whose speed drifts still gives honest ratios; medians over the rounds
-are reported. Tokens/s and MFU come from the same loop time: positions per step / loop time per step, times
+are reported. The "median" column is the same ratio from the median of the per-step intervals instead of their
+mean (robust to a burst of a shared machine's neighbours within one run). Tokens/s and MFU come from the same loop time: positions per step / loop time per step, times
 metrics.py flops_per_token, over N x one device's peak (metrics.py peak_flops: on CPU a float32 matmul measured
 once here, the same for every arm). A Ray arm also reports its devices' mean idle share between step 6 and the
 last (the step records' idle_share: device/steptimes.py) and summary.json's steps_per_s and device_steps_per_s.
@@ -53,6 +57,8 @@ SINKS_OFF = ["monitor.tensorboard=false", "monitor.prometheus=false"]
 ALERTS_OFF = ["monitor.alerts=[]"]
 BEFORE = ["parallel.pipelined_driver=false", "parallel.overlap_grad_reduce=false", "parallel.dispatch_chunks=1",
           "parallel.shared_expert_overlap=false", "parallel.grouped_gemm=false"]
+SERIAL = ["parallel.pipelined_driver=false"]
+THREAD_SNAPSHOT = ["parallel.snapshot_serialize=thread"]
 # arm -> (plain or ray, its overrides, the plain arm it is compared with when that one ran)
 ARMS: dict[str, tuple[str, list[str], str]] = {
     "plain": ("plain", [], "plain"),
@@ -63,6 +69,8 @@ ARMS: dict[str, tuple[str, list[str], str]] = {
     "no_alerts": ("ray", ALERTS_OFF, "plain"),
     "bare": ("ray", SNAPSHOTS_OFF + SINKS_OFF + ALERTS_OFF, "plain"),
     "before": ("ray", BEFORE, "plain_before"),
+    "serial_driver": ("ray", SERIAL, "plain"),
+    "thread_snapshot": ("ray", THREAD_SNAPSHOT, "plain"),
 }
 
 
@@ -72,6 +80,13 @@ def loop_s_per_step(times: dict[int, float]) -> float:
     if last <= FROM:
         raise SystemExit(f"--steps must be above {FROM}: the loop is timed from step {FROM} to the last")
     return (times[last] - times[FROM]) / (last - FROM)
+
+
+def median_step_s(times: dict[int, float]) -> float:
+    """The median of the loop's per-step intervals from step FROM on: robust to a burst of the machine's
+    neighbours inside one run (the mean of loop_s_per_step is not)."""
+    steps = sorted(s for s in times if s > FROM)
+    return statistics.median(times[s] - times[s - 1] for s in steps if s - 1 in times)
 
 
 def load_config(n: int, steps: int, overrides: list[str]):
@@ -163,7 +178,8 @@ def run_plain(n: int, steps: int, overrides: list[str]) -> dict:
         wall = time.perf_counter() - t0
         got = json.loads(Path(out).read_text())
     ends = {int(k): v for k, v in got["ends"].items()}
-    return {"s_per_step": loop_s_per_step(ends), "final_loss": got["loss"], "command_wall_s": wall}
+    return {"s_per_step": loop_s_per_step(ends), "median_step_s": median_step_s(ends), "final_loss": got["loss"],
+            "command_wall_s": wall}
 
 
 # -------------------------------------------------------------------------------------------- the Ray job
@@ -174,7 +190,8 @@ def run_ray(n: int, steps: int, overrides: list[str]) -> dict:
         summary, records, wall = run_job(Path(tmp), args)
     ends = {r["step"]: r["time"] for r in records}
     timed = [r for r in records if r["step"] > FROM]
-    return {"s_per_step": loop_s_per_step(ends), "final_loss": summary["final_loss"], "command_wall_s": wall,
+    return {"s_per_step": loop_s_per_step(ends), "median_step_s": median_step_s(ends),
+            "final_loss": summary["final_loss"], "command_wall_s": wall,
             "idle_share": statistics.mean(r.get("idle_share", 0.0) for r in timed),
             "idle_ms": 1000 * statistics.mean(r.get("idle_s", 0.0) for r in timed),
             "other_calls_ms": 1000 * statistics.mean(r.get("other_calls_s", 0.0) for r in timed),
@@ -209,6 +226,8 @@ def summarize(runs: dict[str, list[dict]], baseline: dict[str, str], positions: 
         if base in runs and arm != base:
             ratios = [r["s_per_step"] / b["s_per_step"] for r, b in zip(rows, runs[base])]
             row.update({"vs": base, "ratios": ratios, "ratio": statistics.median(ratios)})
+            medians = [r["median_step_s"] / b["median_step_s"] for r, b in zip(rows, runs[base])]
+            row.update({"median_ratios": medians, "median_ratio": statistics.median(medians)})
         for key in ("idle_share", "idle_ms", "other_calls_ms", "device_step_ms"):
             if key in rows[0]:
                 row[key] = statistics.median(r[key] for r in rows)
@@ -244,13 +263,14 @@ def main() -> None:
                 print(f"round {r + 1} N={n} {arm}: {1000 * run['s_per_step']:.1f} ms/step", flush=True)
     baseline = {a: ARMS[a][2] for a in arms}
     table = {n: summarize(runs[n], baseline, positions, flops, n, peak) for n in devices}
-    print(f"\n{'N':>2} {'arm':<13} {'ms/step':>8} {'vs plain':>9} {'tokens/s':>10} {'MFU':>7} {'idle':>6}")
+    print(f"\n{'N':>2} {'arm':<15} {'ms/step':>8} {'vs plain':>9} {'median':>7} {'tokens/s':>10} {'MFU':>7} {'idle':>6}")
     for n in devices:
         for arm, row in table[n].items():
             ratio = f"{row['ratio']:.3f}" if "ratio" in row else ""
+            median = f"{row['median_ratio']:.3f}" if "median_ratio" in row else ""
             mfu = f"{row['mfu']:.2%}" if row["mfu"] is not None else "n/a"
             idle = f"{row['idle_share']:.1%}" if "idle_share" in row else ""
-            print(f"{n:>2} {arm:<13} {1000 * row['s_per_step']:8.1f} {ratio:>9} {row['tokens_per_s']:10,.0f} "
+            print(f"{n:>2} {arm:<15} {1000 * row['s_per_step']:8.1f} {ratio:>9} {median:>7} {row['tokens_per_s']:10,.0f} "
                   f"{mfu:>7} {idle:>6}")
     host = platform.node() or "host"
     result = {"host": host, "cpus": os.cpu_count(), "peak_flops_per_device": peak, "peak_of": peak_of_what,

@@ -67,3 +67,51 @@ def test_pipelined_and_lock_step_runs_train_alike_and_checkpoint_alike(ray_sessi
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
+def test_snapshots_serialized_from_the_device_thread_heal_and_checkpoint_alike(ray_session, tmp_path):
+    """parallel.snapshot_serialize=thread (the GPU default): each snapshot is copied in the step loop and serialized
+    from the device's snapshot thread while the next step runs. A device killed at step 3 is healed from such a
+    snapshot, a checkpoint is written from one, and the run ends as its inline, fault-free twin does, record for
+    record and tensor for tensor."""
+    from orchestrator.checkpoint.storage import Storage
+    from orchestrator.checkpoint.tools import read_state
+    from orchestrator.driver import Driver
+
+    base = ["cluster.num_devices=2", "train.steps=5", "checkpoint.every_steps=4", "train.eval_batches=0"]
+    Driver(tiny_config(tmp_path / "inline", *base, "parallel.snapshot_serialize=inline"), tmp_path / "inline").run()
+    summary = Driver(tiny_config(tmp_path / "thread", *base, "parallel.snapshot_serialize=thread",
+                                 "faults.plan=[{step: 3, kind: kill, rank: 1}]"), tmp_path / "thread").run()
+    assert [(i["step"], i["kind"], i["rewound_to"]) for i in summary.incidents] == [(3, "dead", 2)]
+    inline, thread = step_records(tmp_path / "inline"), step_records(tmp_path / "thread")
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in thread] == [(r["step"], r["loss"], r["grad_norm"])
+                                                                        for r in inline]
+    a = read_state(Storage(str(tmp_path / "inline" / "checkpoints" / "step_00000004")))
+    b = read_state(Storage(str(tmp_path / "thread" / "checkpoints" / "step_00000004")))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
+def test_the_snapshot_hand_over_keeps_order_and_raises_what_staging_raised():
+    """SnapshotHandOver (device/actor.py): copies of one step come out in the order they went in (a step snapshotted
+    again after a rewind), a failure to stage is raised by the taker, and a copy that never comes times out."""
+    import threading
+
+    import pytest
+
+    from orchestrator.device.actor import SnapshotHandOver
+
+    h = SnapshotHandOver()
+    h.put(3, "first", 0.1)
+    h.put(3, "second", 0.2)
+    assert h.take(3, 1.0) == ("first", 0.1)
+    assert h.take(3, 1.0) == ("second", 0.2)
+    threading.Timer(0.05, lambda: h.put(4, "late", 0.3)).start()
+    assert h.take(4, 5.0) == ("late", 0.3)   # the taker waits for the step loop's copy
+    h.put(5, OSError("no memory"), 0.0)
+    with pytest.raises(OSError, match="no memory"):
+        h.take(5, 1.0)
+    with pytest.raises(TimeoutError, match="no snapshot of step 6 was staged within 0s"):
+        h.take(6, 0.01)
+    assert h.ready == {}

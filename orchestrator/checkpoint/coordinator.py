@@ -32,7 +32,7 @@ from orchestrator.checkpoint.manager import (MANIFEST, CheckpointManifest, apply
 from orchestrator.checkpoint.shard import merge_optimizer_steps
 from orchestrator.checkpoint.snapshots import InMemorySnapshot, SnapshotStore
 from orchestrator.checkpoint.timeline import ResumePlan, training_settings
-from orchestrator.config import Config, mesh_shape
+from orchestrator.config import Config, mesh_shape, snapshot_in_thread
 from orchestrator.errors import last_line
 from orchestrator.monitoring.goodput import Goodput
 from orchestrator.checkpoint.storage import Storage, StorageError
@@ -109,7 +109,19 @@ class Checkpoints:
     # ------------------------------------------------------------ taking
     def snapshot(self, step: int, actors: list[Any], placement: Any) -> None:
         """In-memory snapshot of every device after `step` (object refs owned by the driver)."""
-        self.snapshots.keep(step, [a.snapshot.options(num_returns=2).remote(step) for a in actors], placement=placement)
+        self.snapshots.keep(step, self._snapshot_refs(step, actors), placement=placement)
+
+    def _snapshot_refs(self, step: int, actors: list[Any]) -> list[Any]:
+        """Every device's (done, snapshot) refs of `step`: serialized from the snapshot thread (config/mesh.py
+        snapshot_in_thread), the copy is made in the step loop's order (stage_snapshot) and serialized by
+        staged_snapshot while the next step runs; else one `snapshot` call, serialized before the next step."""
+        if not snapshot_in_thread(self.cfg):
+            return [a.snapshot.options(num_returns=2).remote(step) for a in actors]
+        pairs = []
+        for a in actors:
+            a.stage_snapshot.remote(step)   # its failure is raised by staged_snapshot; its death fails that too
+            pairs.append(a.staged_snapshot.options(num_returns=2).remote(step, self.cfg.cluster.step_timeout_s))
+        return pairs
 
     def save(self, step: int, actors: list[Any], placement: Any) -> None:
         """Snapshot every device after `step`, then have each write its shard; committed by `poll`/`finish`."""
@@ -120,8 +132,7 @@ class Checkpoints:
         except StorageError as e:  # the writes will say whether the storage works
             log.warning("could not clear %s before the checkpoint of step %d: %s", name, step, e)
         self.force.discard(step)
-        snap = self.snapshots.keep(step, [a.snapshot.options(num_returns=2).remote(step) for a in actors],
-                                   "checkpoint", placement)
+        snap = self.snapshots.keep(step, self._snapshot_refs(step, actors), "checkpoint", placement)
         p = PendingCheckpoint(step, self.uri_for(step), time.perf_counter(), snap)
         for rank, actor in enumerate(actors):
             p.writes[rank] = _Write(rank, actor.write_shard.remote(snap.refs[rank], p.uri), actor)

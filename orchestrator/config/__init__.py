@@ -12,7 +12,8 @@ pyproject.toml keeps it so). Its modules:
     data.py      DataConfig; which tokenizer a run reads, whether data.path holds token files
     train.py     TrainConfig, RunConfig, CheckpointConfig; RESUME_EXACT_KEYS, is_frozen
     balance.py   BalanceConfig
-    mesh.py      ParallelConfig, MemoryConfig, ClusterConfig; mesh_shape, expert_slots, effective_zero_stage
+    mesh.py      ParallelConfig, MemoryConfig, ClusterConfig; mesh_shape, expert_slots, effective_zero_stage,
+                 snapshot_in_thread
     faults.py    FaultKind, FaultSpec, ChaosConfig, FaultConfig
     monitor.py   AlertRule, MonitorConfig
     schema.py    Config, the root
@@ -28,7 +29,7 @@ from orchestrator.config.data import TOKENIZER_FILES, DataConfig, reads_token_fi
 from orchestrator.config.faults import FAULT_KINDS, ChaosConfig, FaultConfig, FaultKind, FaultSpec
 from orchestrator.config.load import config_from_dict, load_config
 from orchestrator.config.mesh import ClusterConfig, MemoryConfig, ParallelConfig, effective_zero_stage, expert_slots, \
-    mesh_shape
+    mesh_shape, snapshot_in_thread
 from orchestrator.config.model import ModelConfig, describe_hf_models_with
 from orchestrator.config.monitor import AlertRule, MonitorConfig, _default_alerts
 from orchestrator.config.redact import REDACTED, redact_text, redact_url, redacted, redacted_yaml
@@ -41,5 +42,5 @@ __all__ = ["AlertRule", "BalanceConfig", "ChaosConfig", "CheckpointConfig", "Clu
            "MonitorConfig", "ParallelConfig", "REDACTED", "REPO_ROOT", "RESUME_EXACT_KEYS", "RunConfig",
            "TOKENIZER_FILES", "TrainConfig", "_default_alerts", "anticipates", "config_from_dict", "describe_hf_models_with",
            "effective_zero_stage", "expert_slots", "is_frozen", "load_config", "mesh_shape", "reads_token_files",
-           "redact_text", "redact_url", "redacted", "redacted_yaml", "to_dict", "to_yaml", "tokenizer_source",
+           "redact_text", "redact_url", "redacted", "redacted_yaml", "snapshot_in_thread", "to_dict", "to_yaml", "tokenizer_source",
            "validate"]

@@ -32,6 +32,11 @@ class ParallelConfig:
     pipelined_driver: bool = True     # the driver submits step n+1 before it handles step n's record, sinks, alerts
                                       # and status (a lag of one step; a fault found late still rewinds to a state
                                       # before the faulty step); false: lock-step
+    snapshot_serialize: str = "auto"  # where an in-memory snapshot goes into the object store: thread (copied in
+                                      # the step loop, into pinned memory on a GPU, then serialized from a thread of
+                                      # its own while the next step runs) | inline (serialized before the next step
+                                      # starts, no extra copy on CPU) | auto: thread with GPUs, inline on CPU (where
+                                      # the copy costs what the thread saves: docs/speed.md)
 
 
 @dataclass
@@ -79,6 +84,12 @@ def expert_slots(cfg: Root) -> int:
     return (cfg.model.num_experts + cfg.balance.redundant_experts) // ep
 
 
+def snapshot_in_thread(cfg: Root) -> bool:
+    """Is an in-memory snapshot serialized from the devices' snapshot thread (parallel.snapshot_serialize)?"""
+    how = cfg.parallel.snapshot_serialize
+    return how == "thread" or (how == "auto" and cfg.cluster.use_gpu)
+
+
 def effective_zero_stage(cfg: Root, world: int | None = None) -> int:
     """The ZeRO stage the devices run: memory.zero_stage over several devices, 0 on one (there is nothing to shard
     state over; a user's zero_stage there is refused as idle, a default resolves to 0). `world`: the devices of
@@ -92,6 +103,7 @@ def _validate_mesh(cfg: Root) -> None:
     _positive(cfg, ["parallel.expert_parallel", "cluster.device_memory_gb"], allow_zero=True)
     _positive(cfg, ["train.micro_batches", "parallel.dispatch_chunks", "parallel.grad_bucket_mb"])
     _choice("parallel.router_dtype", cfg.parallel.router_dtype, ("float32", "auto"))
+    _choice("parallel.snapshot_serialize", cfg.parallel.snapshot_serialize, ("auto", "thread", "inline"))
     ep = cfg.parallel.expert_parallel
     if ep and (c.num_devices % ep or m.num_experts % ep):
         raise ConfigError(f"parallel.expert_parallel={ep} must divide both cluster.num_devices={c.num_devices} (the "

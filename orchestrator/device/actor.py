@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,32 @@ from orchestrator.parallel.groups import CLOCK
 from orchestrator.parallel.mesh import current_mesh
 
 __all__ = ["DeviceActor", "RolloutWorker", "DeviceShard", "StepReport", "InjectedCrash", "autocast_dtype", "rss_bytes"]
+
+
+class SnapshotHandOver:
+    """Host copies of a device's state handed from the step loop's thread (`put`) to the snapshot thread (`take`),
+    in the order they were made: a step snapshotted twice (after a rewind) gives its copies in turn."""
+
+    def __init__(self) -> None:
+        self.ready: dict[int, deque] = {}
+        self.cond = threading.Condition()
+
+    def put(self, step: int, snap: "Snapshot | BaseException", seconds: float) -> None:
+        with self.cond:
+            self.ready.setdefault(step, deque()).append((snap, seconds))
+            self.cond.notify_all()
+
+    def take(self, step: int, timeout_s: float) -> tuple[Snapshot, float]:
+        """The oldest copy of `step` (waiting up to `timeout_s` for it); a failure to make it is raised here."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.ready.get(step), timeout=timeout_s):
+                raise TimeoutError(f"no snapshot of step {step} was staged within {timeout_s:.0f}s")
+            snap, seconds = self.ready[step].popleft()
+            if not self.ready[step]:
+                del self.ready[step]
+        if isinstance(snap, BaseException):
+            raise snap
+        return snap, seconds
 
 
 class RolloutWorker:
@@ -64,6 +92,7 @@ class DeviceActor(RolloutWorker):
         self._build_args: tuple | None = None
         self._save_fault: str | None = None
         self.times = StepTimes()   # when each train_step began and ended, the idle time between (device/steptimes.py)
+        self.staging = SnapshotHandOver()   # stage_snapshot -> staged_snapshot (the asynchronous snapshot)
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -213,7 +242,8 @@ class DeviceActor(RolloutWorker):
     def snapshot(self, step: int) -> tuple[dict[str, Any], Snapshot]:
         """Copy this device's state to host memory: called with num_returns=2, a tiny "done" record (how long the step
         loop stalled) and the snapshot, which lands in the object store owned by the caller (the driver): an
-        in-memory copy that outlives this actor, what recovery restores and `write_shard` persists."""
+        in-memory copy that outlives this actor, what recovery restores and `write_shard` persists. The serial
+        form (parallel.snapshot_serialize=inline): the object store's copy is made before the next train_step runs."""
         assert self.shard is not None, "build() first"
         t0 = time.perf_counter()
         # No host copy of CPU tensors: Ray serializes the return value into the object store (its one copy) before
@@ -222,6 +252,28 @@ class DeviceActor(RolloutWorker):
         with self.times.other_call():
             snap = self.shard.snapshot(step, copy=False)
         return {"step": step, "seconds": time.perf_counter() - t0}, snap
+
+    def stage_snapshot(self, step: int) -> None:
+        """The asynchronous snapshot's first half, in the step loop's order (before the next train_step): this
+        device's state copied to host memory (a memcpy on CPU; on a GPU queued into pinned buffers and waited
+        for), handed to `staged_snapshot`. A failure is handed over too, and raised there."""
+        assert self.shard is not None, "build() first"
+        t0 = time.perf_counter()
+        try:
+            with self.times.other_call():
+                snap: Snapshot | BaseException = self.shard.snapshot(step, copy=True)
+        except Exception as e:
+            snap = e
+        self.staging.put(step, snap, time.perf_counter() - t0)
+
+    @ray.method(concurrency_group="snapshot")
+    def staged_snapshot(self, step: int, timeout_s: float) -> tuple[dict[str, Any], Snapshot]:
+        """The asynchronous snapshot's second half (parallel.snapshot_serialize=thread), in a thread of its own: the copy
+        `stage_snapshot(step)` made, returned as `snapshot` returns it (num_returns=2). Its serialization into the
+        object store (the driver owns it) runs here, while the next train_step runs; the "done" record's seconds
+        are the staging's, the stall of the step loop. TimeoutError when no copy of `step` comes in `timeout_s`."""
+        snap, seconds = self.staging.take(step, timeout_s)
+        return {"step": step, "seconds": seconds}, snap
 
     def restore_snapshots(self, *snapshots: Snapshot, placement: list[list[list[int]]] | None = None) -> None:
         """Restore from in-memory snapshots of one step (rank 0's and those holding this device's experts);

@@ -26,7 +26,7 @@ from orchestrator.parallel.groups import choose_backend
 log = logging.getLogger(__name__)
 # A thread of its own for progress(), so that it answers while a step is stuck; one for checkpoint writes
 # (write_shard), so that they run while training goes on; everything else runs in order.
-RemoteDevice = ray.remote(concurrency_groups={"watch": 1, "io": 1})(DeviceActor)
+RemoteDevice = ray.remote(concurrency_groups={"watch": 1, "io": 1, "snapshot": 1})(DeviceActor)
 
 
 def get(refs: list[Any], timeout_s: float, what: str) -> list[Any]:
