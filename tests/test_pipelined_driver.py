@@ -24,6 +24,18 @@ def _driver(cfg, run_dir):
     return spy
 
 
+def assert_same_checkpoint(run_a, run_b, step: int) -> None:
+    """The checkpoints of `step` of two runs hold the same keys and every tensor bit for bit."""
+    from orchestrator.checkpoint.storage import Storage
+    from orchestrator.checkpoint.tools import read_state
+
+    a = read_state(Storage(str(run_a / "checkpoints" / f"step_{step:08d}")))
+    b = read_state(Storage(str(run_b / "checkpoints" / f"step_{step:08d}")))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
 def test_an_alert_found_one_step_late_rewinds_before_the_faulty_step(ray_session, tmp_path):
     """maxvio over a tiny threshold fires at step 3 while step 4 is in flight: step 4 is drained and thrown away, the
     snapshot of step 3 (taken before step 4 was submitted) is not restored, the rewind goes to step 2, and the
@@ -50,9 +62,6 @@ def test_an_alert_found_one_step_late_rewinds_before_the_faulty_step(ray_session
 def test_pipelined_and_lock_step_runs_train_alike_and_checkpoint_alike(ray_session, tmp_path):
     """Every step's loss, the checkpoints and the final state are the same with the driver pipelined or not (a run
     with a checkpoint and validation every 2 steps: those steps stay lock-step, the others are pipelined)."""
-    from orchestrator.checkpoint.tools import read_state
-    from orchestrator.checkpoint.storage import Storage
-
     base = ["cluster.num_devices=2", "train.steps=5", "checkpoint.every_steps=2", "train.eval_every=2",
             "train.eval_batches=1"]
     from orchestrator.driver import Driver
@@ -62,11 +71,7 @@ def test_pipelined_and_lock_step_runs_train_alike_and_checkpoint_alike(ray_sessi
     on, off = step_records(tmp_path / "on"), step_records(tmp_path / "off")
     assert [(r["step"], r["loss"], r.get("val_loss")) for r in on] == [(r["step"], r["loss"], r.get("val_loss"))
                                                                        for r in off]
-    a = read_state(Storage(str(tmp_path / "on" / "checkpoints" / "step_00000005")))
-    b = read_state(Storage(str(tmp_path / "off" / "checkpoints" / "step_00000005")))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+    assert_same_checkpoint(tmp_path / "on", tmp_path / "off", 5)
 
 
 def test_snapshots_serialized_from_the_device_thread_heal_and_checkpoint_alike(ray_session, tmp_path):
@@ -74,8 +79,6 @@ def test_snapshots_serialized_from_the_device_thread_heal_and_checkpoint_alike(r
     from the device's snapshot thread while the next step runs. A device killed at step 3 is healed from such a
     snapshot, a checkpoint is written from one, and the run ends as its inline, fault-free twin does, record for
     record and tensor for tensor."""
-    from orchestrator.checkpoint.storage import Storage
-    from orchestrator.checkpoint.tools import read_state
     from orchestrator.driver import Driver
 
     base = ["cluster.num_devices=2", "train.steps=5", "checkpoint.every_steps=4", "train.eval_batches=0"]
@@ -86,11 +89,7 @@ def test_snapshots_serialized_from_the_device_thread_heal_and_checkpoint_alike(r
     inline, thread = step_records(tmp_path / "inline"), step_records(tmp_path / "thread")
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in thread] == [(r["step"], r["loss"], r["grad_norm"])
                                                                         for r in inline]
-    a = read_state(Storage(str(tmp_path / "inline" / "checkpoints" / "step_00000004")))
-    b = read_state(Storage(str(tmp_path / "thread" / "checkpoints" / "step_00000004")))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+    assert_same_checkpoint(tmp_path / "inline", tmp_path / "thread", 4)
 
 
 def test_the_snapshot_hand_over_keeps_order_and_raises_what_staging_raised():
