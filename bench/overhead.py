@@ -226,8 +226,9 @@ def summarize(runs: dict[str, list[dict]], baseline: dict[str, str], positions: 
         if base in runs and arm != base:
             ratios = [r["s_per_step"] / b["s_per_step"] for r, b in zip(rows, runs[base])]
             row.update({"vs": base, "ratios": ratios, "ratio": statistics.median(ratios)})
-            medians = [r["median_step_s"] / b["median_step_s"] for r, b in zip(rows, runs[base])]
-            row.update({"median_ratios": medians, "median_ratio": statistics.median(medians)})
+            if all("median_step_s" in r for r in rows + runs[base]):
+                medians = [r["median_step_s"] / b["median_step_s"] for r, b in zip(rows, runs[base])]
+                row.update({"median_ratios": medians, "median_ratio": statistics.median(medians)})
         for key in ("idle_share", "idle_ms", "other_calls_ms", "device_step_ms"):
             if key in rows[0]:
                 row[key] = statistics.median(r[key] for r in rows)

@@ -189,7 +189,7 @@ def _equal_worker(rank: int, world: int, path: str, port: int, batches: str, out
 
 
 TOLERANCE = {"qwen2_moe": (dict(abs=1e-9, rel=0), dict(rtol=1e-6, atol=1e-9)),
-             "deepseek_v4": (dict(rel=1e-6), None)}
+             "deepseek_v4": (dict(rel=1e-6, abs=1e-7), None)}
 
 
 @pytest.mark.parametrize("kind", list(TOLERANCE))
@@ -198,7 +198,9 @@ def test_two_devices_compute_the_rl_step_of_one(checkpoints, tmp_path, kind):
     replay: the losses, the parameters and the tensors sent to an engine are the single device's. Qwen2-MoE computes
     in float64 throughout: losses to 1e-9, parameters to 1e-6 (relative). DeepSeek-V4's transformers code casts its
     norms, rotary, hyper-connections and indexer to float32, so two devices' sums in another order agree to float32's
-    precision: losses to 1e-6 relative. Its parameters are not compared: AdamW turns a gradient that is ~0 up to
+    precision: losses to 1e-6 relative, or 1e-7 absolute (float32's epsilon) for a loss near 0 after an update, a small
+difference of O(1) terms (an AVX2 EPYC gave 0.0100730 vs 0.0100730 + 5.1e-8, 5e-6 relative; with every
+parallel.* speed option off too). Its parameters are not compared: AdamW turns a gradient that is ~0 up to
     float32 noise (the first layer's hyper-connection, whose input streams are copies of one embedding) into a step
     of +-lr either way (measured: 0.006 on layer 0's attn_hc.fn). What the devices send an engine is what they hold."""
     from orchestrator.device.rollout import RolloutEngine

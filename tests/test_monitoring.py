@@ -117,7 +117,9 @@ def test_mfu_uses_the_configured_peak(ray_session, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps_per_s"] == pytest.approx(2 / (recs[-1]["time"] - recs[0]["time"]), rel=1e-9)
     assert summary["device_steps_per_s"] == pytest.approx(2 / sum(x["step_time_s"] for x in recs[1:]), rel=1e-9)
-    assert summary["steps_per_s"] < summary["device_steps_per_s"]
+    # with the pipelined driver a record's step_time_s is the loop's clock too, so the two rates agree up to when each
+    # record was made (not "below": CI once found the loop rate 0.02% above)
+    assert summary["steps_per_s"] == pytest.approx(summary["device_steps_per_s"], rel=0.25)
     assert summary["idle_share"] == pytest.approx((recs[1]["idle_share"] + recs[2]["idle_share"]) / 2, rel=1e-9)
 
 
@@ -254,3 +256,9 @@ def test_overhead_bench_times_the_loop_and_pairs_each_round(monkeypatch):
     runs["plain_before"] = [{"s_per_step": 0.1}, {"s_per_step": 0.2}]
     table = bench.summarize(runs, {a: bench.ARMS[a][2] for a in runs}, 1000, 1e6, 2, None)
     assert table["before"]["vs"] == "plain_before" and table["default"]["mfu"] is None
+    # the median of the per-step intervals: one slow interval (a neighbour's burst) does not move it, and each arm
+    # gets the ratio of the medians beside the ratio of the means
+    assert bench.median_step_s(ends | {12: 110.0}) == pytest.approx(0.2)
+    rows = {"plain": [{"s_per_step": 0.1, "median_step_s": 0.1}], "default": [{"s_per_step": 0.12, "median_step_s": 0.105}]}
+    assert bench.summarize(rows, {"plain": "plain", "default": "plain"}, 1000, 1e6, 2, None)["default"]["median_ratio"] \
+        == pytest.approx(1.05)
