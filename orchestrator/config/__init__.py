@@ -42,5 +42,5 @@ __all__ = ["AlertRule", "BalanceConfig", "ChaosConfig", "CheckpointConfig", "Clu
            "MonitorConfig", "ParallelConfig", "REDACTED", "REPO_ROOT", "RESUME_EXACT_KEYS", "RunConfig",
            "TOKENIZER_FILES", "TrainConfig", "_default_alerts", "anticipates", "config_from_dict", "describe_hf_models_with",
            "effective_zero_stage", "expert_slots", "is_frozen", "load_config", "mesh_shape", "reads_token_files",
-           "redact_text", "redact_url", "redacted", "redacted_yaml", "snapshot_in_thread", "to_dict", "to_yaml", "tokenizer_source",
-           "validate"]
+           "redact_text", "redact_url", "redacted", "redacted_yaml", "snapshot_in_thread", "to_dict", "to_yaml",
+           "tokenizer_source", "validate"]

@@ -244,32 +244,33 @@ class DeviceActor(RolloutWorker):
         loop stalled) and the snapshot, which lands in the object store owned by the caller (the driver): an
         in-memory copy that outlives this actor, what recovery restores and `write_shard` persists. The serial
         form (parallel.snapshot_serialize=inline): the object store's copy is made before the next train_step runs."""
-        assert self.shard is not None, "build() first"
-        t0 = time.perf_counter()
         # No host copy of CPU tensors: Ray serializes the return value into the object store (its one copy) before
         # this actor runs its next call of the same group (train_step), which is what could change them (that
         # serialization falls after the other-call clock: it counts as idle time, not as this call's).
+        snap, seconds = self._snapshot(step, copy=False)
+        return {"step": step, "seconds": seconds}, snap
+
+    def _snapshot(self, step: int, copy: bool) -> tuple[Snapshot, float]:
+        """This device's state after `step` (DeviceShard.snapshot), timed as an other call; and its seconds."""
+        assert self.shard is not None, "build() first"
+        t0 = time.perf_counter()
         with self.times.other_call():
-            snap = self.shard.snapshot(step, copy=False)
-        return {"step": step, "seconds": time.perf_counter() - t0}, snap
+            snap = self.shard.snapshot(step, copy=copy)
+        return snap, time.perf_counter() - t0
 
     def stage_snapshot(self, step: int) -> None:
         """The asynchronous snapshot's first half, in the step loop's order (before the next train_step): this
         device's state copied to host memory (a memcpy on CPU; on a GPU queued into pinned buffers and waited
         for), handed to `staged_snapshot`. A failure is handed over too, and raised there."""
-        assert self.shard is not None, "build() first"
-        t0 = time.perf_counter()
         try:
-            with self.times.other_call():
-                snap: Snapshot | BaseException = self.shard.snapshot(step, copy=True)
+            self.staging.put(step, *self._snapshot(step, copy=True))
         except Exception as e:
-            snap = e
-        self.staging.put(step, snap, time.perf_counter() - t0)
+            self.staging.put(step, e, 0.0)
 
     @ray.method(concurrency_group="snapshot")
     def staged_snapshot(self, step: int, timeout_s: float) -> tuple[dict[str, Any], Snapshot]:
-        """The asynchronous snapshot's second half (parallel.snapshot_serialize=thread), in a thread of its own: the copy
-        `stage_snapshot(step)` made, returned as `snapshot` returns it (num_returns=2). Its serialization into the
+        """The asynchronous snapshot's second half (parallel.snapshot_serialize=thread), in a thread of its own: the
+        copy `stage_snapshot(step)` made, returned as `snapshot` returns it (num_returns=2). Its serialization into the
         object store (the driver owns it) runs here, while the next train_step runs; the "done" record's seconds
         are the staging's, the stall of the step loop. TimeoutError when no copy of `step` comes in `timeout_s`."""
         snap, seconds = self.staging.take(step, timeout_s)
