@@ -8,8 +8,13 @@ Arms (each at every N of --devices; key=value overrides go to every arm):
                  DeviceShard from the config exactly as DeviceActor.build does (the default job's config and data,
                  loaded as the driver's start does) and calls train_step(step) in a loop: no Ray, no driver
   plain_before   the same with the devices' speed options off (the parallel.* keys of BEFORE)
+  plain_one_chunk, plain_no_shared_overlap, plain_no_grouped_gemm, plain_no_grad_overlap
+                 the plain job with one of the devices' speed options off each (parallel.dispatch_chunks=1,
+                 shared_expert_overlap, grouped_gemm, overlap_grad_reduce): its ratio against plain is what that
+                 option gains (above 1) or costs (below 1) on this machine
   default        the Ray job through the real entry point (`python -m jobs.train`, bench/jobrun.py), every default on
   no_snapshots   ... with faults.snapshot_every=0
+  every_step     ... with faults.snapshot_every=1 (a snapshot after every step: the default before it became 5)
   no_sinks       ... with the sinks that are on by default off (monitor.tensorboard, monitor.prometheus)
   no_alerts      ... with monitor.alerts=[]
   bare           ... with all three off (what the Ray job costs with nothing but metrics.jsonl and status.json)
@@ -30,7 +35,7 @@ mean (robust to a burst of a shared machine's neighbours within one run). Tokens
 loop time: positions per step / loop time per step, times metrics.py flops_per_token, over N x one device's peak (metrics.py peak_flops: on CPU a float32 matmul measured
 once here, the same for every arm). A Ray arm also reports its devices' mean idle share between step 6 and the
 last (the step records' idle_share: device/steptimes.py) and summary.json's steps_per_s and device_steps_per_s.
-Results: bench/results/overhead-<host>.json and a table on stdout. The goal (issue 23): `default` <= 1.05x plain
+Results: bench/results/overhead-<host>.json (or --out) and a table on stdout. The goal (issue 23): `default` <= 1.05x plain
 at N = 2 and 4, idle share < 2%.
 """
 from __future__ import annotations
@@ -53,6 +58,7 @@ sys.path.insert(0, str(REPO))
 
 FROM = 6   # the loop is timed from this step's end to the last step's end
 SNAPSHOTS_OFF = ["faults.snapshot_every=0"]
+EVERY_STEP = ["faults.snapshot_every=1"]
 SINKS_OFF = ["monitor.tensorboard=false", "monitor.prometheus=false"]
 ALERTS_OFF = ["monitor.alerts=[]"]
 BEFORE = ["parallel.pipelined_driver=false", "parallel.overlap_grad_reduce=false", "parallel.dispatch_chunks=1",
@@ -63,8 +69,13 @@ THREAD_SNAPSHOT = ["parallel.snapshot_serialize=thread"]
 ARMS: dict[str, tuple[str, list[str], str]] = {
     "plain": ("plain", [], "plain"),
     "plain_before": ("plain", BEFORE, "plain_before"),
+    "plain_one_chunk": ("plain", ["parallel.dispatch_chunks=1"], "plain"),
+    "plain_no_shared_overlap": ("plain", ["parallel.shared_expert_overlap=false"], "plain"),
+    "plain_no_grouped_gemm": ("plain", ["parallel.grouped_gemm=false"], "plain"),
+    "plain_no_grad_overlap": ("plain", ["parallel.overlap_grad_reduce=false"], "plain"),
     "default": ("ray", [], "plain"),
     "no_snapshots": ("ray", SNAPSHOTS_OFF, "plain"),
+    "every_step": ("ray", EVERY_STEP, "plain"),
     "no_sinks": ("ray", SINKS_OFF, "plain"),
     "no_alerts": ("ray", ALERTS_OFF, "plain"),
     "bare": ("ray", SNAPSHOTS_OFF + SINKS_OFF + ALERTS_OFF, "plain"),
@@ -242,6 +253,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--arms", default=",".join(ARMS), help=f"of {', '.join(ARMS)}")
+    ap.add_argument("--out", default=None, help="the results file (default: bench/results/overhead-<host>.json)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     arms = args.arms.split(",")
@@ -264,14 +276,14 @@ def main() -> None:
                 print(f"round {r + 1} N={n} {arm}: {1000 * run['s_per_step']:.1f} ms/step", flush=True)
     baseline = {a: ARMS[a][2] for a in arms}
     table = {n: summarize(runs[n], baseline, positions, flops, n, peak) for n in devices}
-    print(f"\n{'N':>2} {'arm':<15} {'ms/step':>8} {'vs plain':>9} {'median':>7} {'tokens/s':>10} {'MFU':>7} {'idle':>6}")
+    print(f"\n{'N':>2} {'arm':<23} {'ms/step':>8} {'vs plain':>9} {'median':>7} {'tokens/s':>10} {'MFU':>7} {'idle':>6}")
     for n in devices:
         for arm, row in table[n].items():
             ratio = f"{row['ratio']:.3f}" if "ratio" in row else ""
             median = f"{row['median_ratio']:.3f}" if "median_ratio" in row else ""
             mfu = f"{row['mfu']:.2%}" if row["mfu"] is not None else "n/a"
             idle = f"{row['idle_share']:.1%}" if "idle_share" in row else ""
-            print(f"{n:>2} {arm:<15} {1000 * row['s_per_step']:8.1f} {ratio:>9} {median:>7} {row['tokens_per_s']:10,.0f} "
+            print(f"{n:>2} {arm:<23} {1000 * row['s_per_step']:8.1f} {ratio:>9} {median:>7} {row['tokens_per_s']:10,.0f} "
                   f"{mfu:>7} {idle:>6}")
     host = platform.node() or "host"
     result = {"host": host, "cpus": os.cpu_count(), "peak_flops_per_device": peak, "peak_of": peak_of_what,
@@ -281,8 +293,8 @@ def main() -> None:
               "goal": "default <= 1.05x plain at N = 2 and 4; idle share < 2%",
               "command": "python bench/overhead.py " + " ".join(
                   [f"--devices {args.devices}", f"--steps {args.steps}", f"--rounds {args.rounds}",
-                   f"--arms {args.arms}", *args.overrides])}
-    out = REPO / "bench" / "results" / f"overhead-{host}.json"
+                   f"--arms {args.arms}", *([f"--out {args.out}"] if args.out else []), *args.overrides])}
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"overhead-{host}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written {out}")

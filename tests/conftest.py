@@ -27,13 +27,17 @@ def step_records(run_dir: Path) -> list[dict]:
     return records(read_jsonl(Path(run_dir) / "metrics.jsonl"))
 
 
-def tiny_config(tmp_path: Path | None = None, *overrides: str) -> Config:
-    """A model small enough for the test suite; still has dense and MoE layers, shared expert, top-2."""
+def tiny_config(tmp_path: Path | None = None, *overrides: str, snapshot_every_step: bool = True) -> Config:
+    """A model small enough for the test suite; still has dense and MoE layers, shared expert, top-2.
+    `snapshot_every_step`: an in-memory snapshot after every step (faults.snapshot_every=1), so the healing tests'
+    rewinds go to the step before a fault; False leaves the default cadence (tests/test_healing_cadence.py)."""
     base = ["model.dim=32", "model.n_layers=3", "model.n_heads=2", "model.num_experts=4", "model.top_k=2",
             "model.expert_dim=32", "model.dense_dim=64", "model.first_k_dense=1", "model.max_seq_len=64",
             "data.seq_len=32", "data.max_bytes=300000", "train.steps=4", "train.global_batch_size=8",
             "train.lr=1e-2", "train.warmup_steps=1", "train.eval_batches=1", "cluster.cpus_per_device=0.5",
             "cluster.num_devices=1", "run.progress=quiet", "monitor.report=false"]
+    if snapshot_every_step:
+        base.append("faults.snapshot_every=1")
     if tmp_path is not None:
         base.append(f"run.dir={tmp_path}")
     if any(o.startswith(("model.hf_path=", "model.hf_config=")) for o in overrides):  # its config.json is the model

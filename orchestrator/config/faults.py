@@ -57,7 +57,9 @@ class ChaosConfig:
 class FaultConfig:
     plan: List[FaultSpec] = field(default_factory=list)
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
-    snapshot_every: int = 1        # in-memory snapshot cadence (steps) recovery rewinds to; 0: no healing
+    snapshot_every: int = 5        # in-memory snapshot cadence (steps) recovery rewinds to (a fault recomputes up
+                                   # to snapshot_every-1 steps, bit-identically; 1: none, at a snapshot per step);
+                                   # 0: no healing
     standby: int = 0               # warm spare device actors (started, torch imported): a replacement only joins and restores
     max_recoveries: int = 10       # recoveries within recovery_window_s before the run stops with a report
     recovery_window_s: float = 3600.0  # ... the window that budget is counted over (0: the whole run)

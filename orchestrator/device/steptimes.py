@@ -2,9 +2,10 @@
 
 A device is busy while its `train_step` runs; everything between the end of one `train_step` and the start of the
 next is idle time as the step loop sees it: the driver's work between steps (recording, sinks, alert rules,
-fault injection), Ray's hand-over of the call, and the device's other calls (an in-memory snapshot every step by
-default, a validation, an RL weight sync). Of that idle time, the part spent in this device's other calls is
-counted apart (`other_calls_s`), so a report can tell the driver's share from the device's own side work.
+fault injection), Ray's hand-over of the call, and the device's other calls (an in-memory snapshot every
+faults.snapshot_every steps, a validation, an RL weight sync). Of that idle time, the part spent in this device's
+other calls is counted apart (`other_calls_s`), so a report can tell the driver's share from the device's own side
+work.
 
 Times are wall clock (`time.time()`, seconds since the epoch: comparable across the processes of one machine, and
 across machines as far as their clocks agree); durations within a process use `time.perf_counter()`.
