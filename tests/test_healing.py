@@ -203,20 +203,24 @@ def test_node_loss_on_a_multi_node_cluster_heals_from_the_checkpoint(fault_free,
     assert_same_as(fault_free, tmp_path)
 
 
-def test_straggler_is_replaced_by_a_standby_on_another_node(fault_free, tmp_path):
-    """Three worker nodes, two devices and a warm standby, one per node (SPREAD). Device 0 turns slow from step 3:
-    a straggler after 3 steps. A standby waits on another node, so device 0 is replaced by it there (nothing is
-    recomputed: after the snapshot of step 5), and the run ends as the fault-free one."""
+@pytest.mark.parametrize("every, slow_from, found", [(1, 3, 5), (5, 4, 6)])
+def test_straggler_is_replaced_by_a_standby_on_another_node(fault_free, tmp_path, every, slow_from, found):
+    """Three worker nodes, two devices and a warm standby, one per node (SPREAD). Device 0 turns slow from step
+    `slow_from`: a straggler after 3 steps, at step `found`. A standby waits on another node, so device 0 is replaced
+    by it there, from the state of step `found` (nothing is recomputed), and the run ends as the fault-free one.
+    With a snapshot every 5 steps, step 6 has none of its own: it is taken before anything runs after step 6 (the
+    step with the straggler stays lock-step; pipelined, step 7 would have run first)."""
     cfg_file = tmp_path / "job.yaml"
     cfg_file.write_text(to_yaml(config(tmp_path, "cluster.cpus_per_device=1", "cluster.placement_strategy=SPREAD",
-                                       "faults.standby=1",
-                                       "faults.plan=[{step: 3, kind: slow, rank: 0, steps: 4, delay_s: 0.4}]")))
+                                       "faults.standby=1", f"faults.snapshot_every={every}",
+                                       f"faults.plan=[{{step: {slow_from}, kind: slow, rank: 0, steps: 4, "
+                                       f"delay_s: 0.4}}]")))
     proc = subprocess.run([sys.executable, str(Path(__file__).parent / "multinode.py"), "3", "--config", str(cfg_file)],
                           cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     (slow,) = summary["incidents"]
-    assert (slow["kind"], slow["rank"], slow["action"], slow["rewound_to"]) == ("slow", 0, "replaced", 5)
+    assert (slow["kind"], slow["rank"], slow["action"], slow["rewound_to"]) == ("slow", 0, "replaced", found)
     device0 = json.loads((tmp_path / "status.json").read_text())["devices"][0]
     assert device0["restarts"] == 1 and device0["node_id"] != slow["node"]   # it moved off the slow node
     assert_same_as(fault_free, tmp_path)

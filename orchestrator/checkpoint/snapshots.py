@@ -1,6 +1,7 @@
 """In-memory snapshots: what recovery rewinds to without touching storage.
 
-Every device copies its state (parameters, optimizer moments, RNG) to host memory after a step and
+Every device copies its state (parameters, optimizer moments, RNG) to host memory after every
+faults.snapshot_every-th step (and the step a run starts from) and
 returns it into the Ray object store, owned by the driver: the copy outlives the device that took
 it (not the node that stores it). The newest two are kept; the older one is the fallback when a
 device died before it got to take the newest one.

@@ -185,7 +185,8 @@ class Driver:
         this step's record, checks the alert rules, writes the sinks, status.json and the progress line: the devices
         compute while the driver does its bookkeeping. Only on a plain step: a step that takes a checkpoint, runs
         validation, may re-place experts, an RL step, the last step or one after a stop signal stay lock-step (their
-        device work needs the record first, or must not follow a step an alert may still roll back). An alert that
+        device work needs the record first, or must not follow a step an alert may still roll back), and so does a
+        step with a straggler (`_stepping`). An alert that
         rolls `step` back then finds the next step in flight: it is waited for and thrown away, and the rewind goes
         to a state before `step` (`_late`). True when the next step is in flight."""
         nxt = step + 1
@@ -215,19 +216,14 @@ class Driver:
 
     def _late(self, decision: Decision, step: int) -> Decision:
         """A decision about `step` taken after the next step was submitted (pipelined driver): that step is drained
-        and its devices replaced too when it failed; the rewind goes to a state before `step` (the snapshot of
-        `step` was taken before the next step was submitted, and must not be restored: `at_most`)."""
+        and its devices replaced too when it failed (its incidents added); the rewind goes to a state before `step`
+        (a snapshot of `step` was taken before the next step was submitted, and must not be restored: `at_most`)."""
         at_most = step - 1 if decision.at_most is None else min(decision.at_most, step - 1)
-        return replace(self._drained_into(decision), at_most=at_most)
-
-    def _drained_into(self, decision: Decision) -> Decision:
-        """`decision`, after the step in flight was drained (`_drain`); when that step failed, its devices to replace
-        and its incidents added."""
         failed = self._drain()
-        if failed is None:
-            return decision
-        return replace(decision, replace=sorted(set(decision.replace) | set(failed.replace)),
-                       reform=decision.reform or failed.reform, incidents=decision.incidents + failed.incidents)
+        if failed is not None:
+            decision = replace(decision, replace=sorted(set(decision.replace) | set(failed.replace)),
+                               reform=decision.reform or failed.reform, incidents=decision.incidents + failed.incidents)
+        return replace(decision, at_most=at_most)
 
     def _rl_batch(self, step: int) -> Any:
         """An RL step's batch (rl/service.py); before the first RL step, the held-out accuracy it starts from."""
@@ -325,7 +321,11 @@ class Driver:
         decision = self.healer.completed_step(step, reports, incidents) if incidents else None
         if decision is not None:
             return self._decided(decision, f"step {step} rolled back: {incidents[0].detail}", rolled_back=wall)
-        ahead = self._ahead(step)   # pipelined: the next step computes while this one is judged and recorded
+        slow = [i for i in incidents if i.kind == IncidentKind.SLOW]
+        # pipelined: the next step computes while this one is judged and recorded; not after a straggler, whose
+        # replacement restores this very step's state (Decision.wait_snapshot: a snapshot of it is taken then if the
+        # faults.snapshot_every cadence took none), so no later step may have run on the devices first
+        ahead = not slow and self._ahead(step)
         rec = self._record(step, reports, wall)
         acts = self.alerts.check(rec, list(self.history),   # the alert rules: the Healer decides on their actions
                                  Context(self.healer.recovery_steps, self.checkpoints.last_checkpoint(step)))
@@ -333,12 +333,11 @@ class Driver:
         if decision is not None:
             return self._decided(self._late(decision, step), f"step {step} rolled back by an alert", rolled_back=wall)
         self._keep(step, rec, wall, reports, ahead)
-        slow = [i for i in incidents if i.kind == IncidentKind.SLOW]
         decision = self.healer.stragglers(step, slow, self.devices.spares_elsewhere([i.rank for i in slow])) \
             if slow else None
         if decision is not None:
-            # the snapshot of `step` is the newest: the replay starts after it (a straggler's decision re-forms)
-            return self._decided(self._drained_into(decision), f"replaced straggler(s) after step {step}")
+            # nothing in flight (lock-step after a straggler): the state of `step` is restored and nothing recomputed
+            return self._decided(decision, f"replaced straggler(s) after step {step}")
         self.next_step = step + 1
         return RunState.STEPPING
 

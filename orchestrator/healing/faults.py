@@ -72,8 +72,8 @@ def fault_rule(kind: str) -> FaultRule:
 
 def make_happen(fault: FaultSpec, step: int, devices: Any, checkpoints: Any, timeout_s: float) -> None:
     """Make a planned fault happen in `step`, as its kind's rule says (DeviceGroup.inject). A fault that kills
-    strikes after the snapshot of the step before (waited for, at most `timeout_s`: a kill landing while a
-    snapshot's reply is still on its way loses that snapshot, and recovery then goes back one step more); one that
+    strikes after the newest snapshot (waited for, at most `timeout_s`: a kill landing while a snapshot's reply is
+    still on its way loses that snapshot, and recovery then goes back to the one before); one that
     fails a save has the checkpoint after this step taken, one of its shard writes then failing."""
     rule = fault_rule(fault.kind)
     if rule.kills:

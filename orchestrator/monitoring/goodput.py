@@ -7,7 +7,7 @@ rolled back     steps that completed but were not kept (non-finite or spiking va
 actor start     starting replacement device actors (0 with a warm standby)
 restore         re-forming the process group, building replacement shards, restoring state
 backoff         waiting between recovery attempts
-snapshots       in-memory snapshots of every device (what makes losing at most one step possible)
+snapshots       in-memory snapshots of every device (what bounds the steps a fault recomputes)
 checkpoint      the step loop's stall while checkpoints are snapshotted (the write itself is in the background)
 other           the rest: the driver's own bookkeeping, metrics, fault injection
 """
