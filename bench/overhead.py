@@ -32,11 +32,11 @@ round, and each Ray arm's ratio is taken against the plain arm of the same round
 `before` too, when it ran), so a machine whose speed drifts still gives honest ratios; medians over the rounds
 are reported. The "median" column is the same ratio from the median of the per-step intervals instead of their
 mean (robust to a burst of a shared machine's neighbours within one run). Tokens/s and MFU come from the same
-loop time: positions per step / loop time per step, times metrics.py flops_per_token, over N x one device's peak (metrics.py peak_flops: on CPU a float32 matmul measured
-once here, the same for every arm). A Ray arm also reports its devices' mean idle share between step 6 and the
+loop time: positions per step / loop time per step, times metrics.py flops_per_token, over N x one device's peak
+(metrics.py peak_flops: on CPU a float32 matmul measured once here, the same for every arm). A Ray arm also reports its devices' mean idle share between step 6 and the
 last (the step records' idle_share: device/steptimes.py) and summary.json's steps_per_s and device_steps_per_s.
-Results: bench/results/overhead-<host>.json (or --out) and a table on stdout. The goal (issue 23): `default` <= 1.05x plain
-at N = 2 and 4, idle share < 2%.
+Results: bench/results/overhead-<host>.json (or --out) and a table on stdout. The goal (issue 23): `default` <=
+1.05x plain at N = 2 and 4, idle share < 2%.
 """
 from __future__ import annotations
 

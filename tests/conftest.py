@@ -27,6 +27,20 @@ def step_records(run_dir: Path) -> list[dict]:
     return records(read_jsonl(Path(run_dir) / "metrics.jsonl"))
 
 
+def assert_same_checkpoint(run_a, run_b, step: int) -> None:
+    """The checkpoints of `step` of two runs hold the same keys and every tensor bit for bit."""
+    import torch
+
+    from orchestrator.checkpoint.storage import Storage
+    from orchestrator.checkpoint.tools import read_state
+
+    a = read_state(Storage(str(run_a / "checkpoints" / f"step_{step:08d}")))
+    b = read_state(Storage(str(run_b / "checkpoints" / f"step_{step:08d}")))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
 def tiny_config(tmp_path: Path | None = None, *overrides: str, snapshot_every_step: bool = True) -> Config:
     """A model small enough for the test suite; still has dense and MoE layers, shared expert, top-2.
     `snapshot_every_step`: an in-memory snapshot after every step (faults.snapshot_every=1), so the healing tests'

@@ -4,8 +4,7 @@ fault-free twin does. The other healing tests take a snapshot after every step (
 from __future__ import annotations
 
 from orchestrator.config import load_config
-from tests.conftest import step_records, tiny_config
-from tests.test_pipelined_driver import assert_same_checkpoint
+from tests.conftest import assert_same_checkpoint, step_records, tiny_config
 
 
 def test_the_default_cadence_is_a_snapshot_every_five_steps():

@@ -3,9 +3,7 @@ step n's record and checks its alerts, so a fault an alert finds is found one st
 a state before the faulty step and the run ends as its fault-free twin does, and as the lock-step driver does."""
 from __future__ import annotations
 
-import torch
-
-from tests.conftest import step_records, tiny_config
+from tests.conftest import assert_same_checkpoint, step_records, tiny_config
 
 
 class LateSpy:
@@ -22,18 +20,6 @@ def _driver(cfg, run_dir):
     spy = type("Spy", (LateSpy, Driver), {})(cfg, run_dir)
     spy.late = []
     return spy
-
-
-def assert_same_checkpoint(run_a, run_b, step: int) -> None:
-    """The checkpoints of `step` of two runs hold the same keys and every tensor bit for bit."""
-    from orchestrator.checkpoint.storage import Storage
-    from orchestrator.checkpoint.tools import read_state
-
-    a = read_state(Storage(str(run_a / "checkpoints" / f"step_{step:08d}")))
-    b = read_state(Storage(str(run_b / "checkpoints" / f"step_{step:08d}")))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
 
 
 def test_an_alert_found_one_step_late_rewinds_before_the_faulty_step(ray_session, tmp_path):

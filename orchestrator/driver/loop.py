@@ -186,9 +186,9 @@ class Driver:
         compute while the driver does its bookkeeping. Only on a plain step: a step that takes a checkpoint, runs
         validation, may re-place experts, an RL step, the last step or one after a stop signal stay lock-step (their
         device work needs the record first, or must not follow a step an alert may still roll back), and so does a
-        step with a straggler (`_stepping`). An alert that
-        rolls `step` back then finds the next step in flight: it is waited for and thrown away, and the rewind goes
-        to a state before `step` (`_late`). True when the next step is in flight."""
+        step with a straggler (`_stepping`). An alert that rolls `step` back then finds the next step in flight: it
+        is waited for and thrown away, and the rewind goes to a state before `step` (`_late`). True when the next
+        step is in flight."""
         nxt = step + 1
         if not (self.cfg.parallel.pipelined_driver and self.rl is None and nxt <= self.cfg.train.steps
                 and not self.stop_signal and self.alerts.stop is None and not self.balancer.enabled
