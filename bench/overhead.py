@@ -6,7 +6,8 @@ Arms (each at every N of --devices; key=value overrides go to every arm):
 
   plain          N processes (torch.multiprocessing), gloo on CPU / nccl on GPU over loopback; each builds a
                  DeviceShard from the config exactly as DeviceActor.build does (the default job's config and data,
-                 loaded as the driver's start does) and calls train_step(step) in a loop: no Ray, no driver
+                 loaded as the driver's start does) and calls train_step(step) in a loop: no Ray, no driver; its
+                 processes bound to cores as cluster.bind_cores binds the device actors (device/cores.py)
   plain_before   the same with the devices' speed options off (the parallel.* keys of BEFORE)
   plain_one_chunk, plain_no_shared_overlap, plain_no_grouped_gemm, plain_no_grad_overlap
                  the plain job with one of the devices' speed options off each (parallel.dispatch_chunks=1,
@@ -23,6 +24,9 @@ Arms (each at every N of --devices; key=value overrides go to every arm):
   serial_driver  ... with parallel.pipelined_driver=false only (the lock-step driver)
   thread_snapshot ... with parallel.snapshot_serialize=thread (the GPU default: the snapshot copied in the step
                  loop, serialized from the device's snapshot thread while the next step runs)
+  plain_unbound, unbound
+                 the plain and the Ray job with cluster.bind_cores=none (the OS places the devices' threads);
+                 unbound is compared with plain_unbound
 
 The figure is the step loop's wall clock per step between step 6 and the last (the first steps warm up): for a
 Ray arm from the wall-clock `time` of the step records in metrics.jsonl (made when the step's reports are in, so
@@ -65,6 +69,7 @@ BEFORE = ["parallel.pipelined_driver=false", "parallel.overlap_grad_reduce=false
           "parallel.shared_expert_overlap=false", "parallel.grouped_gemm=false"]
 SERIAL = ["parallel.pipelined_driver=false"]
 THREAD_SNAPSHOT = ["parallel.snapshot_serialize=thread"]
+UNBOUND = ["cluster.bind_cores=none"]   # the OS places the devices' threads (the default binds them: device/cores.py)
 # arm -> (plain or ray, its overrides, the plain arm it is compared with when that one ran)
 ARMS: dict[str, tuple[str, list[str], str]] = {
     "plain": ("plain", [], "plain"),
@@ -82,6 +87,8 @@ ARMS: dict[str, tuple[str, list[str], str]] = {
     "before": ("ray", BEFORE, "plain_before"),
     "serial_driver": ("ray", SERIAL, "plain"),
     "thread_snapshot": ("ray", THREAD_SNAPSHOT, "plain"),
+    "plain_unbound": ("plain", UNBOUND, "plain_unbound"),
+    "unbound": ("ray", UNBOUND, "plain_unbound"),
 }
 
 
@@ -151,6 +158,11 @@ def _plain_worker(rank: int, world: int, port: int, shard_cfg: dict, threads: in
     if gpu:
         torch.cuda.set_device(0)
     torch.set_num_threads(max(1, threads))
+    from orchestrator.device import cores as core_binding
+
+    cores = core_binding.physical_cores(core_binding.usable_cpus())   # bound as DeviceGroup.bind_cores binds actors
+    if core_binding.should_bind(shard_cfg["cluster"]["bind_cores"], world, len(cores), gpu):
+        core_binding.bind_process(core_binding.cores_of(rank, world, cores))
     backend = "nccl" if gpu else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=300))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 import urllib.request
 from pathlib import Path
@@ -91,6 +92,13 @@ def test_every_sink_gets_the_same_values(ray_session, tmp_path):
     assert status["state"] == "finished" and status["step"] == 8 and status["val_loss"] == summary.val_loss
     assert [d["restarts"] for d in status["devices"]] == [0, 1]
     assert all(d["pid"] and d["rss_mb"] > 50 and d["step_time_s"] > 0 for d in status["devices"])
+    # cluster.bind_cores=auto: two CPU devices on one host, each bound to half its cores (read back from the OS in
+    # the actor), the replacement of device 1 too; unbound where the host has fewer cores than devices
+    from orchestrator.device.cores import cores_of, physical_cores
+
+    cores = physical_cores(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else []
+    assert [d["cores"] for d in status["devices"]] == (
+        [cores_of(r, 2, cores) for r in range(2)] if len(cores) >= 2 else [None, None])
     assert status["incidents"] == 1 and status["last_checkpoint_step"] == 8 and status["checkpoint_age_steps"] == 0
 
 

@@ -50,6 +50,9 @@ class MemoryConfig:
     offload_optimizer: bool = False   # GPU only: AdamW states in host memory (torch FSDP2 CPUOffloadPolicy)
 
 
+BIND_MODES = ("auto", "rank", "none")   # cluster.bind_cores (orchestrator/device/cores.py)
+
+
 @dataclass
 class ClusterConfig:
     num_devices: int = 2
@@ -60,6 +63,8 @@ class ClusterConfig:
     gpus_per_device: float = 1.0   # with use_gpu: below 1 several devices share a GPU (nccl cannot: they use gloo)
     backend: str = "auto"          # auto (nccl with GPUs, else gloo) | gloo | nccl
     torch_threads: int = 0         # 0: max(1, floor(cpus_per_device))
+    bind_cores: str = "auto"       # auto (CPU devices: each bound to cores of its own while a host has no more devices
+                                   # than cores) | rank (always) | none (the OS moves them): device/cores.py
     device_memory_gb: float = 0.0  # memory budget of one device the plan must fit (GiB); 0: a GPU's total memory,
                                    # no check on CPU
     start_timeout_s: float = 180.0
@@ -104,6 +109,7 @@ def _validate_mesh(cfg: Root) -> None:
     _positive(cfg, ["train.micro_batches", "parallel.dispatch_chunks", "parallel.grad_bucket_mb"])
     _choice("parallel.router_dtype", cfg.parallel.router_dtype, ("float32", "auto"))
     _choice("parallel.snapshot_serialize", cfg.parallel.snapshot_serialize, ("auto", "thread", "inline"))
+    _choice("cluster.bind_cores", c.bind_cores, BIND_MODES)
     ep = cfg.parallel.expert_parallel
     if ep and (c.num_devices % ep or m.num_experts % ep):
         raise ConfigError(f"parallel.expert_parallel={ep} must divide both cluster.num_devices={c.num_devices} (the "

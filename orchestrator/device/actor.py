@@ -5,6 +5,7 @@ progress probe answered from its own thread while a step is stuck.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -18,6 +19,7 @@ import torch
 
 from orchestrator.checkpoint.shard import Snapshot, serialize
 from orchestrator.config import config_from_dict
+from orchestrator.device import cores as core_binding
 from orchestrator.device.faults import injection
 from orchestrator.device.steptimes import StepTimes
 from orchestrator.device.shard import (DeviceShard, InjectedCrash, StepReport, _bf16_native, autocast_dtype,
@@ -25,6 +27,8 @@ from orchestrator.device.shard import (DeviceShard, InjectedCrash, StepReport, _
 from orchestrator.parallel import groups
 from orchestrator.parallel.groups import CLOCK
 from orchestrator.parallel.mesh import current_mesh
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DeviceActor", "RolloutWorker", "DeviceShard", "StepReport", "InjectedCrash", "autocast_dtype", "rss_bytes"]
 
@@ -92,6 +96,8 @@ class DeviceActor(RolloutWorker):
         self._build_args: tuple | None = None
         self._save_fault: str | None = None
         self.times = StepTimes()   # when each train_step began and ended, the idle time between (device/steptimes.py)
+        self.usable_cpus = core_binding.usable_cpus()   # before any binding: what bind_cores splits
+        self.physical_cores = core_binding.physical_cores(self.usable_cpus)
         self.staging = SnapshotHandOver()   # stage_snapshot -> staged_snapshot (the asynchronous snapshot)
 
     def info(self) -> dict[str, Any]:
@@ -103,7 +109,8 @@ class DeviceActor(RolloutWorker):
                 "torch_cuda": torch.version.cuda,
                 "bf16": torch.cuda.is_available() and _bf16_native(),
                 "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                "gpu_memory": torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None}
+                "gpu_memory": torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None,
+                "usable_cpus": self.usable_cpus}
 
     def touch(self, uri: str, name: str) -> str | None:
         """Write a small file `name` under `uri` from this device's node; why it failed, or None (storage check)."""
@@ -139,6 +146,22 @@ class DeviceActor(RolloutWorker):
         self._build_args = (config_from_dict(cfg), train, val)
         self.shard = DeviceShard(self._build_args[0], rank, world, train, val)
         self.times.reset()
+
+    def bind_cores(self, index: int, count: int, mode: str, gpu: bool) -> list[int] | None:
+        """cluster.bind_cores: bind this process to the cores of the `index`-th of the `count` devices on its host
+        (device/cores.py); the logical CPUs it runs on now, or None when unbound (the mode, a block that is all the
+        process may use anyway, a platform that cannot bind, or an OS that refused: logged, never a failure)."""
+        try:
+            if core_binding.should_bind(mode, count, len(self.physical_cores), gpu):
+                cpus = core_binding.cores_of(index, count, self.physical_cores)
+                if cpus != self.usable_cpus:
+                    return core_binding.bind_process(cpus)
+            if core_binding.usable_cpus() != self.usable_cpus:   # bound before, in another layout: unbound again
+                core_binding.bind_process(self.usable_cpus)
+        except OSError as e:
+            log.warning("device %d of %d on this host: could not bind it to cores (%s); it stays unbound", index,
+                        count, e)
+        return None
 
     def train_step(self, step: int, guard: dict[str, float] | None = None, batch: Any = None) -> StepReport:
         """One step; `batch`: an RL step's batch (data/rl.py RLBatch, resolved from the object store)."""

@@ -264,7 +264,22 @@ class DeviceGroup:
         `shard_inputs`: the run's config as a dict and its data in the object store (set once at the start)."""
         assert self.shard_inputs is not None
         cfg, train, val = self.shard_inputs
+        self.bind_cores(timeout_s)   # before the build: its memory is first touched on the device's own cores
         get([self.actors[r].build.remote(cfg, r, self.world, train, val) for r in ranks], timeout_s, what)
+
+    def bind_cores(self, timeout_s: float) -> None:
+        """cluster.bind_cores: every device bound to cores of its own among the devices on its host (the same IP and
+        the same usable CPUs: nodes of one machine share its cores, containers with cpusets of their own do not),
+        all of them again after a replacement moved devices between hosts; the CPUs land in `info[rank]["cores"]`
+        (None: unbound)."""
+        c = self.cfg.cluster
+        hosts = [(i.get("ip"), tuple(i.get("usable_cpus") or ())) for i in self.info]
+        refs = []
+        for r in range(self.world):
+            same = [q for q in range(self.world) if hosts[q] == hosts[r]]
+            refs.append(self.actors[r].bind_cores.remote(same.index(r), len(same), c.bind_cores, c.use_gpu))
+        for r, cores in enumerate(get(refs, timeout_s, "bind cores")):
+            self.info[r]["cores"] = cores
 
     def evaluate(self, batches: int, timeout_s: float) -> float:
         """The validation loss over `batches` held-out batches (every device takes part; all report the same)."""

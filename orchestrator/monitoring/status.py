@@ -74,15 +74,16 @@ def write_memory_plan(run_dir: Path, cfg: Config) -> None:
 
 def device_status(info: list[dict[str, Any]], restarts: list[int], reports: list[Any]) -> list[dict[str, Any]]:
     """status.json's `devices`: each device's process and its last step (reports: the last StepReports), with
-    `memory`: its last measured bytes per category (params, grads, optimizer, activations_peak, rss; None before a
-    first step or from a report without them)."""
+    `cores`: the cores it is bound to (cluster.bind_cores; None: unbound), and `memory`: its last measured bytes per
+    category (params, grads, optimizer, activations_peak, rss; None before a first step or from a report without
+    them)."""
     by_rank = {r.rank: r for r in reports}
     out = []
     for rank, i in enumerate(info):
         r = by_rank.get(rank)
         memory = getattr(r, "memory", None) if r else None
         out.append({"rank": rank, "pid": i.get("pid"), "node_id": i.get("node_id"), "ip": i.get("ip"),
-                    "gpu": i.get("gpu_name"), "restarts": restarts[rank],
+                    "gpu": i.get("gpu_name"), "cores": i.get("cores"), "restarts": restarts[rank],
                     "step_time_s": r.compute_time_s if r else None, "collective_s": r.collective_s if r else None,
                     "rss_mb": r.rss_bytes / 2**20 if r else None,
                     "device_mem_mb": r.device_mem_bytes / 2**20 if r else None,
