@@ -160,9 +160,8 @@ def _plain_worker(rank: int, world: int, port: int, shard_cfg: dict, threads: in
     torch.set_num_threads(max(1, threads))
     from orchestrator.device import cores as core_binding
 
-    cores = core_binding.physical_cores(core_binding.usable_cpus())   # bound as DeviceGroup.bind_cores binds actors
-    if core_binding.should_bind(shard_cfg["cluster"]["bind_cores"], world, len(cores), gpu):
-        core_binding.bind_process(core_binding.cores_of(rank, world, cores))
+    # bound as DeviceGroup.bind_cores binds the device actors (cluster.bind_cores), before the group's threads start
+    core_binding.bind_device(rank, world, shard_cfg["cluster"]["bind_cores"], gpu, core_binding.usable_cpus())
     backend = "nccl" if gpu else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=300))

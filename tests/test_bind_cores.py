@@ -5,7 +5,7 @@ import os
 import pytest
 
 from orchestrator.config import ConfigError
-from orchestrator.device.cores import bind_process, cores_of, physical_cores, should_bind, usable_cpus
+from orchestrator.device.cores import bind_device, bind_process, cores_of, physical_cores, should_bind, usable_cpus
 from tests.conftest import tiny_config
 
 
@@ -53,6 +53,20 @@ def test_binding_a_process_binds_its_threads_and_can_be_undone():
         assert seen == [usable[:1]]
     finally:
         assert bind_process(usable) == usable
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="binding is Linux-only; needs two CPUs")
+def test_a_device_is_bound_to_its_block_and_unbound_again_when_the_mode_says_none():
+    usable = usable_cpus()
+    try:
+        assert bind_device(0, 1, "rank", False, usable) is None   # one device: its block is every CPU, none bound
+        got = bind_device(1, 2, "rank", False, usable)
+        assert got and set(got) < set(usable) and sorted(os.sched_getaffinity(0)) == got
+        assert bind_device(1, 2, "none", False, usable) is None
+        assert sorted(os.sched_getaffinity(0)) == usable
+    finally:
+        bind_process(usable)
 
 
 def test_a_bad_mode_is_a_config_error(tmp_path):

@@ -97,7 +97,6 @@ class DeviceActor(RolloutWorker):
         self._save_fault: str | None = None
         self.times = StepTimes()   # when each train_step began and ended, the idle time between (device/steptimes.py)
         self.usable_cpus = core_binding.usable_cpus()   # before any binding: what bind_cores splits
-        self.physical_cores = core_binding.physical_cores(self.usable_cpus)
         self.staging = SnapshotHandOver()   # stage_snapshot -> staged_snapshot (the asynchronous snapshot)
 
     def info(self) -> dict[str, Any]:
@@ -149,19 +148,14 @@ class DeviceActor(RolloutWorker):
 
     def bind_cores(self, index: int, count: int, mode: str, gpu: bool) -> list[int] | None:
         """cluster.bind_cores: bind this process to the cores of the `index`-th of the `count` devices on its host
-        (device/cores.py); the logical CPUs it runs on now, or None when unbound (the mode, a block that is all the
-        process may use anyway, a platform that cannot bind, or an OS that refused: logged, never a failure)."""
+        (device/cores.py bind_device); the logical CPUs it runs on now, or None when unbound (also when the OS
+        refused: logged, never a failure)."""
         try:
-            if core_binding.should_bind(mode, count, len(self.physical_cores), gpu):
-                cpus = core_binding.cores_of(index, count, self.physical_cores)
-                if cpus != self.usable_cpus:
-                    return core_binding.bind_process(cpus)
-            if core_binding.usable_cpus() != self.usable_cpus:   # bound before, in another layout: unbound again
-                core_binding.bind_process(self.usable_cpus)
+            return core_binding.bind_device(index, count, mode, gpu, self.usable_cpus)
         except OSError as e:
             log.warning("device %d of %d on this host: could not bind it to cores (%s); it stays unbound", index,
                         count, e)
-        return None
+            return None
 
     def train_step(self, step: int, guard: dict[str, float] | None = None, batch: Any = None) -> StepReport:
         """One step; `batch`: an RL step's batch (data/rl.py RLBatch, resolved from the object store)."""

@@ -76,6 +76,21 @@ def bind_process(cpus: list[int]) -> list[int] | None:
     return sorted(os.sched_getaffinity(0))
 
 
+def bind_device(index: int, count: int, mode: str, gpu: bool, usable: list[int]) -> list[int] | None:
+    """cluster.bind_cores for the `index`-th of the `count` devices on a host, in the device's process: bound to its
+    block of the physical cores in `usable` (the CPUs the process could use before any binding), and the CPUs the
+    OS reports then; None when unbound (the mode says so, the block is all of `usable`, or the platform cannot
+    bind), an earlier binding undone. OSError when the OS refuses."""
+    cores = physical_cores(usable)
+    if should_bind(mode, count, len(cores), gpu):
+        cpus = cores_of(index, count, cores)
+        if cpus != usable:
+            return bind_process(cpus)
+    if usable_cpus() != usable:   # bound before, in another layout: unbound again
+        bind_process(usable)
+    return None
+
+
 def usable_cpus() -> list[int]:
     """The logical CPUs this process may run on (its affinity: a container's cpuset, taskset), else all."""
     if hasattr(os, "sched_getaffinity"):
@@ -83,4 +98,4 @@ def usable_cpus() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-__all__ = ["physical_cores", "cores_of", "should_bind", "bind_process", "usable_cpus"]
+__all__ = ["physical_cores", "cores_of", "should_bind", "bind_process", "bind_device", "usable_cpus"]
