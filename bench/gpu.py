@@ -16,7 +16,9 @@ earlier part left unspent goes to the next ones), and writes what it has after e
                 same losses over OVERLAP_STEPS steps within OVERLAP_RTOL, twice: in this process (world 1, the
                 MoE layer's local path), and expert-parallel over EP_WORLD=2 spawned processes sharing the GPU
                 over gloo (the all_to_all dispatch; nccl refuses two ranks on one GPU)
-    throughput  tokens/s, MFU (bf16 peak), peak allocated GPU memory and the collective share of the step
+    throughput  tokens/s, MFU (bf16 peak), peak allocated GPU memory (torch's peak counter over the last step, from
+                its forward to its optimizer step: the device's activation meter resets it every step; the model
+                build is not in it) and the collective share of the step
                 (collective_s / step time; 0 on one device) for the default job, jobs/configs/gpu.yaml and the
                 DeepSeek-V4 SFT post-training job (jobs/configs/sft_tiny.yaml), each on one GPU
     sweep       larger native configs (SWEEP: on jobs/configs/gpu.yaml, and bench/gpu_large.yaml), largest first
@@ -34,11 +36,13 @@ network), once, here, in the repo root: `bash bench/gpu_wheels.sh` (the wheels i
 
     run(command="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target
                  /tmp/site .whl/*.whl || exit 3; export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1; set -o pipefail;
-                 python3 bench/gpu.py --budget-s 540 --out $OUT 2>&1 | tee $OUT/gpu-log.txt",
+                 python3 bench/gpu.py --budget-s 520 --out $OUT 2>&1 | tee $OUT/gpu-log.txt",
         carry=[".whl"], timeout_s=600)
 
-(one line; the install takes ~6 s, the bench 540 s at most, SIGALRM at 560 s; every run's results are written as
-it ends, so a timeout still brings back what was measured). Then copy files_at's gpu-<host>.json into
+(one line; the install takes ~6 s, the bench 520 s at most, SIGALRM at 540 s, which leaves the table and the
+writes about 45 s of the call's 600; with less device time left than that, `status`'s budget_left_s, lower
+--budget-s by the difference; every run's results are written as it ends, so a timeout still brings back what was
+measured). Then copy files_at's gpu-<host>.json into
 bench/results/. The machine (KINDS.md): one H100 80GB HBM3, 16 cores, Python 3.12 with torch 2.11, no network.
 `--cpu-dry-run` runs the whole flow on CPU in about a minute (tiny models, a few steps, cluster.use_gpu=false).
 """
@@ -289,7 +293,10 @@ def train_run(cfg: Any, steps: int, deadline: Deadline, data_cache: dict | None 
     except torch.cuda.OutOfMemoryError as e:
         out["stopped"], out["error"] = "oom", str(e).splitlines()[0][:300]
     except Exception as e:   # noqa: BLE001 - a part records what broke and the bench goes on
-        out["stopped"], out["error"] = "error", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        # cuBLAS and other CUDA libraries report running out of memory as a plain RuntimeError
+        oom = any(m in str(e) for m in ("out of memory", "ALLOC_FAILED"))
+        out["stopped"], out["error"] = ("oom" if oom else "error"), f"{type(e).__name__}: {first}"
         out["traceback"] = traceback.format_exc()[-2000:]
     finally:
         if torch.cuda.is_available():
@@ -524,7 +531,7 @@ class Bench:
                 self.record("sweep", name, {**row, "skipped": "time"})
                 continue
             result = self.run(cfg, self.steps(SWEEP_STEPS), deadline.share(len(candidates) - i), fast_init=True)
-            if result["stopped"] == "error":   # the fast init's fault? the seed's own init then
+            if result["stopped"] == "error" and "build_s" not in result:   # the fast init's fault? the seed's own then
                 row["fast_init_error"] = result.get("error")
                 result = self.run(cfg, self.steps(SWEEP_STEPS), deadline.share(len(candidates) - i))
             self.record("sweep", name, {**row, "fast_init": "fast_init_error" not in row, **result})
@@ -575,7 +582,11 @@ def one_rank_all_reduce(backend: str) -> dict[str, Any]:
         port = s.getsockname()[1]
     try:
         t0 = time.perf_counter()
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        from datetime import timedelta
+
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")   # as orchestrator/parallel/groups.py: loopback only
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                timeout=timedelta(seconds=60))
         t = torch.ones(4, device="cuda" if backend == "nccl" else "cpu")
         dist.all_reduce(t)
         ok = t.sum().item() == 4.0

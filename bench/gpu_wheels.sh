@@ -13,5 +13,6 @@ PY=${PYTHON:-.venv/bin/python}
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
   omegaconf==2.4.0 transformers==5.25.0 huggingface_hub==2.4.0 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5 \
-  kernels==0.19.1 tomlkit==0.15.3 idna==3.21 anyio==4.16.0 h11==0.16.0 click==8.5.1 regex==2026.12.2 accelerate==1.16.0
+  kernels==0.19.1 tomlkit==0.15.3 idna==3.21 anyio==4.16.0 h11==0.16.0 click==8.5.1 regex==2026.12.2 accelerate==1.16.0 \
+  typing_extensions==4.16.0
 du -sh .whl

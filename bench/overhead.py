@@ -27,6 +27,11 @@ Arms (each at every N of --devices; key=value overrides go to every arm):
   plain_unbound, unbound
                  the plain and the Ray job with cluster.bind_cores=none (the OS places the devices' threads);
                  unbound is compared with plain_unbound
+  ray_bare       the plain job's DeviceShard steps in Ray actors on a private local Ray instance, without the driver
+                 (no records, sinks, alerts, snapshots or healing): each step submitted to every actor with
+                 `.remote()` and waited for before the next; what Ray itself costs
+  ray_compiled   the same through a Ray compiled graph (`ray.dag`, `experimental_compile`): the hand-over of a step
+                 over shared-memory channels instead of Ray's task calls
 
 The figure is the step loop's wall clock per step between step 6 and the last (the first steps warm up): for a
 Ray arm from the wall-clock `time` of the step records in metrics.jsonl (made when the step's reports are in, so
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import socket
@@ -89,6 +95,8 @@ ARMS: dict[str, tuple[str, list[str], str]] = {
     "thread_snapshot": ("ray", THREAD_SNAPSHOT, "plain"),
     "plain_unbound": ("plain", UNBOUND, "plain_unbound"),
     "unbound": ("ray", UNBOUND, "plain_unbound"),
+    "ray_bare": ("ray_bare", [], "plain"),
+    "ray_compiled": ("ray_compiled", [], "plain"),
 }
 
 
@@ -139,10 +147,26 @@ def _plain_worker(rank: int, world: int, port: int, shard_cfg: dict, threads: in
                   out: str) -> None:
     """One process of the plain job: the default group over loopback, the mesh, the DeviceShard (as
     DeviceActor.join_group and .build make them), then train_step(1..steps); rank 0 writes each step's end time."""
+    import torch.distributed as dist
+
+    shard = _build_shard(rank, world, port, shard_cfg, threads, train, val)
+    ends: dict[int, float] = {}
+    for step in range(1, steps + 1):
+        report = shard.train_step(step)
+        ends[step] = time.time()
+    if rank == 0:
+        Path(out).write_text(json.dumps({"ends": ends, "loss": report.loss}))
+    dist.destroy_process_group()
+
+
+def _build_shard(rank: int, world: int, port: int, shard_cfg: dict, threads: int, train, val, pick_gpu: bool = True):
+    """In a device's process (the plain job's, or a bare Ray actor's): torch's threads, the binding, the default
+    group over loopback, the mesh and the DeviceShard, as DeviceActor.join_group and .build make them.
+    `pick_gpu`: a GPU is this process's to choose (the plain job), not Ray's to give."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     gpu = shard_cfg["cluster"]["use_gpu"]
-    if gpu:   # one GPU per process, as Ray gives each actor: DeviceShard uses cuda:0 of what it sees
+    if gpu and pick_gpu:   # one GPU per process, as Ray gives each actor: DeviceShard uses cuda:0 of what it sees
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
         os.environ["CUDA_VISIBLE_DEVICES"] = visible[rank] if len(visible) > rank and visible[rank] else str(rank)
     from datetime import timedelta
@@ -167,31 +191,30 @@ def _plain_worker(rank: int, world: int, port: int, shard_cfg: dict, threads: in
                             timeout=timedelta(seconds=300))
     cfg = config_from_dict(shard_cfg)
     current_mesh(world, rank, mesh_shape(cfg)[0], "cuda" if gpu else "cpu")
-    shard = DeviceShard(cfg, rank, world, train, val)
-    ends: dict[int, float] = {}
-    for step in range(1, steps + 1):
-        report = shard.train_step(step)
-        ends[step] = time.time()
-    if rank == 0:
-        Path(out).write_text(json.dumps({"ends": ends, "loss": report.loss}))
-    dist.destroy_process_group()
+    return DeviceShard(cfg, rank, world, train, val)
+
+
+def _devices_setup(n: int, steps: int, overrides: list[str]):
+    """What every device of the plain job and the bare Ray arms gets: the config as a dict, torch's threads, the
+    corpus. As the driver: the LR horizon a fresh run plans (timeline.plan_resume), the precision the devices settle
+    on (DeviceGroup.settle_mixed_precision), the data loaded as start_devices loads it."""
+    from orchestrator.config import to_dict
+    from orchestrator.data.source import load_data, resolve_tokenizer
+
+    cfg = load_config(n, steps, overrides)
+    cfg = replace(cfg, train=replace(cfg.train, lr_horizon=cfg.train.lr_horizon or cfg.train.steps))
+    shard_cfg = to_dict(cfg)
+    shard_cfg["train"]["mixed_precision"] = settled_precision(cfg)
+    corpus = load_data(cfg, resolve_tokenizer(cfg))
+    threads = cfg.cluster.torch_threads or max(1, int(cfg.cluster.cpus_per_device))
+    return cfg, shard_cfg, threads, corpus
 
 
 def run_plain(n: int, steps: int, overrides: list[str]) -> dict:
     """The plain job at N devices: rank 0's step end times and the last step's loss."""
     import torch.multiprocessing as mp
 
-    from orchestrator.config import to_dict
-    from orchestrator.data.source import load_data, resolve_tokenizer
-
-    cfg = load_config(n, steps, overrides)
-    # as the driver: the LR horizon a fresh run plans (timeline.plan_resume), the precision the devices settle on
-    # (DeviceGroup.settle_mixed_precision), the data loaded as start_devices loads it
-    cfg = replace(cfg, train=replace(cfg.train, lr_horizon=cfg.train.lr_horizon or cfg.train.steps))
-    shard_cfg = to_dict(cfg)
-    shard_cfg["train"]["mixed_precision"] = settled_precision(cfg)
-    corpus = load_data(cfg, resolve_tokenizer(cfg))
-    threads = cfg.cluster.torch_threads or max(1, int(cfg.cluster.cpus_per_device))
+    cfg, shard_cfg, threads, corpus = _devices_setup(n, steps, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "plain.json")
         t0 = time.perf_counter()
@@ -220,6 +243,63 @@ def run_ray(n: int, steps: int, overrides: list[str]) -> dict:
             "device_step_ms": 1000 * statistics.mean(r["step_time_s"] for r in timed),
             "steps_per_s": summary["steps_per_s"], "device_steps_per_s": summary.get("device_steps_per_s"),
             "command": "python -m jobs.train " + " ".join(args)}
+
+
+# --------------------------------------------------------------------- Ray actors without the driver
+class _BareDevice:
+    """A Ray actor around the plain job's DeviceShard (`_build_shard`): no driver, records, sinks, snapshots or
+    healing. What Ray itself costs: its processes beside the devices, the actors' worker processes, the call's
+    hand-over."""
+
+    def setup(self, rank: int, world: int, port: int, shard_cfg: dict, threads: int, train, val) -> int:
+        self.shard = _build_shard(rank, world, port, shard_cfg, threads, train, val, pick_gpu=False)
+        return os.getpid()
+
+    def step(self, step: int) -> float:
+        self.loss = self.shard.train_step(step).loss
+        return self.loss
+
+    def last_loss(self) -> float:
+        return self.loss
+
+
+def run_ray_bare(n: int, steps: int, overrides: list[str], compiled: bool) -> dict:
+    """N `_BareDevice` actors on a private local Ray instance (as the job starts it: orchestrator/runtime/cluster.py),
+    each step submitted to all of them and waited for before the next: through `.remote()` calls, or through a
+    compiled graph (`ray.dag`, `experimental_compile`: the call's hand-over over shared-memory channels). The time
+    of a step is the loop's clock when every device's result is in, as the job's records are."""
+    import ray
+
+    cfg, shard_cfg, threads, corpus = _devices_setup(n, steps, overrides)
+    t0 = time.perf_counter()
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(n * cfg.cluster.cpus_per_device)),
+             include_dashboard=False, logging_level="WARNING")
+    try:
+        Bare = ray.remote(num_cpus=cfg.cluster.cpus_per_device,
+                          num_gpus=cfg.cluster.gpus_per_device if cfg.cluster.use_gpu else 0)(_BareDevice)
+        actors = [Bare.remote() for _ in range(n)]
+        train, val, port = ray.put(corpus.train), ray.put(corpus.val), _free_port()
+        ray.get([a.setup.remote(rank, n, port, shard_cfg, threads, train, val) for rank, a in enumerate(actors)])
+        ends: dict[int, float] = {}
+        if compiled:
+            from ray.dag import InputNode, MultiOutputNode
+
+            with InputNode() as step_in:
+                dag = MultiOutputNode([a.step.bind(step_in) for a in actors])
+            graph = dag.experimental_compile()
+            for step in range(1, steps + 1):
+                ray.get(graph.execute(step))
+                ends[step] = time.time()
+            graph.teardown()
+        else:
+            for step in range(1, steps + 1):
+                ray.get([a.step.remote(step) for a in actors])
+                ends[step] = time.time()
+        loss = ray.get(actors[0].last_loss.remote())
+    finally:
+        ray.shutdown()
+    return {"s_per_step": loop_s_per_step(ends), "median_step_s": median_step_s(ends), "final_loss": loss,
+            "command_wall_s": time.perf_counter() - t0}
 
 
 # ------------------------------------------------------------------------------------------------- rounds
@@ -282,7 +362,9 @@ def main() -> None:
         for n in devices:
             for arm in arms[r % len(arms):] + arms[:r % len(arms)]:
                 kind, extra, _ = ARMS[arm]
-                run = (run_plain if kind == "plain" else run_ray)(n, args.steps, [*args.overrides, *extra])
+                how = [*args.overrides, *extra]
+                run = (run_plain(n, args.steps, how) if kind == "plain" else run_ray(n, args.steps, how)
+                       if kind == "ray" else run_ray_bare(n, args.steps, how, compiled=kind == "ray_compiled"))
                 runs[n][arm].append(run)
                 print(f"round {r + 1} N={n} {arm}: {1000 * run['s_per_step']:.1f} ms/step", flush=True)
     baseline = {a: ARMS[a][2] for a in arms}
