@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import socket
@@ -264,17 +263,17 @@ class _BareDevice:
 
 
 def run_ray_bare(n: int, steps: int, overrides: list[str], compiled: bool) -> dict:
-    """N `_BareDevice` actors on a private local Ray instance (as the job starts it: orchestrator/runtime/cluster.py),
+    """N `_BareDevice` actors on the Ray the job would use (runtime/cluster.py ray_cluster: a private local instance),
     each step submitted to all of them and waited for before the next: through `.remote()` calls, or through a
     compiled graph (`ray.dag`, `experimental_compile`: the call's hand-over over shared-memory channels). The time
     of a step is the loop's clock when every device's result is in, as the job's records are."""
     import ray
 
+    from orchestrator.runtime.cluster import ray_cluster
+
     cfg, shard_cfg, threads, corpus = _devices_setup(n, steps, overrides)
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(n * cfg.cluster.cpus_per_device)),
-             include_dashboard=False, logging_level="WARNING")
-    try:
+    with ray_cluster(cfg.cluster):
         Bare = ray.remote(num_cpus=cfg.cluster.cpus_per_device,
                           num_gpus=cfg.cluster.gpus_per_device if cfg.cluster.use_gpu else 0)(_BareDevice)
         actors = [Bare.remote() for _ in range(n)]
@@ -296,8 +295,6 @@ def run_ray_bare(n: int, steps: int, overrides: list[str], compiled: bool) -> di
                 ray.get([a.step.remote(step) for a in actors])
                 ends[step] = time.time()
         loss = ray.get(actors[0].last_loss.remote())
-    finally:
-        ray.shutdown()
     return {"s_per_step": loop_s_per_step(ends), "median_step_s": median_step_s(ends), "final_loss": loss,
             "command_wall_s": time.perf_counter() - t0}
 
