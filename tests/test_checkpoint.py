@@ -28,11 +28,18 @@ from tests.conftest import step_records, tiny_config
 
 
 class StopAfter(Driver):
-    """Stops after `stop_at` exactly as a SIGTERM would (graceful stop: final checkpoint, then exit)."""
+    """Stops after `stop_at` exactly as a SIGTERM would that arrives while step `stop_at` runs, before the pipelined
+    driver queues the next step behind it (graceful stop: final checkpoint, then exit). A signal arriving after
+    that stops after the queued step: tests/test_pipelined_driver.py."""
 
     def __init__(self, cfg, run_dir, stop_at: int, before_step=None):
         super().__init__(cfg, run_dir)
         self.stop_at, self.before_step = stop_at, before_step
+
+    def _queue_next(self, step):
+        if step == self.stop_at:
+            self.stop_signal = "SIGTERM"
+        super()._queue_next(step)
 
     def step(self, step):
         if self.before_step:

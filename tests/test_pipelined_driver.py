@@ -1,6 +1,7 @@
 """The pipelined driver (parallel.pipelined_driver, on by default): step n+1 is submitted before the driver builds
-step n's record and checks its alerts, so a fault an alert finds is found one step late; the rewind still goes to
-a state before the faulty step and the run ends as its fault-free twin does, and as the lock-step driver does."""
+step n's record and checks its alerts, and on a plain step even before step n comes back (queued behind it), so a
+fault is found one step late; the rewind still goes to a state before the faulty step and the run ends as its
+fault-free twin does, and as the lock-step driver does."""
 from __future__ import annotations
 
 from tests.conftest import assert_same_checkpoint, step_records, tiny_config
@@ -9,16 +10,25 @@ from tests.conftest import assert_same_checkpoint, step_records, tiny_config
 class LateSpy:
     """Records, for every decision about step n taken after step n+1 was submitted, (n, the step in flight)."""
 
-    def _late(self, decision, step):
+    def _late(self, decision, step, failed_step=False):
         self.late.append((step, self.inflight.step if self.inflight is not None else None))
-        return super()._late(decision, step)
+        return super()._late(decision, step, failed_step)
+
+
+class QueueSpy(LateSpy):
+    """... and every step queued behind the one running (submitted before that one came back)."""
+
+    def _queue_next(self, step):
+        super()._queue_next(step)
+        if self.queued is not None and self.queued.step == step + 1:
+            self.queued_steps.append(step + 1)
 
 
 def _driver(cfg, run_dir):
     from orchestrator.driver import Driver
 
-    spy = type("Spy", (LateSpy, Driver), {})(cfg, run_dir)
-    spy.late = []
+    spy = type("Spy", (QueueSpy, Driver), {})(cfg, run_dir)
+    spy.late, spy.queued_steps = [], []
     return spy
 
 
@@ -43,6 +53,56 @@ def test_an_alert_found_one_step_late_rewinds_before_the_faulty_step(ray_session
         assert [r["step"] for r in recs[name]] == [1, 2, 3, 4, 5, 6]
         assert [(r["loss"], r["grad_norm"]) for r in recs[name]] == [(r["loss"], r["grad_norm"]) for r in recs["twin"]]
     assert summary.final_loss == lock_summary.final_loss == twin_summary.final_loss
+
+
+def test_a_device_lost_with_the_next_step_queued_behind_it_heals_once_and_exactly(ray_session, tmp_path):
+    """The pipelined driver queues step n+1 behind step n (submitted before step n came back), so a device lost in
+    step n is found with step n+1 in flight: a kill at step 3 (the process gone) and a crash at step 5 (an exception
+    in the step; the device is stopped). The queued step is drained and thrown away, the device is replaced once,
+    with one incident and one recovery (the queued step failing with it is the same fault), the rewind goes to a
+    state before the faulty step (the snapshot of that step, queued before the next one, is not restored), and the
+    run ends bit for bit as its fault-free twin, which queued every step after one that took no snapshot."""
+    # a snapshot every 2 steps: a step that takes one is not queued behind (its snapshot waits until it came back)
+    base = ["cluster.num_devices=2", "train.steps=7", "train.eval_batches=0", "checkpoint.every_steps=0",
+            "faults.snapshot_every=2"]
+    twin = _driver(tiny_config(tmp_path / "twin", *base), tmp_path / "twin")
+    twin_summary = twin.run()
+    assert twin.queued_steps == [2, 4, 6] and twin.late == []
+    plan = "faults.plan=[{step: 3, kind: kill, rank: 1}, {step: 5, kind: crash, rank: 0}]"
+    lost = _driver(tiny_config(tmp_path / "lost", *base, plan, "faults.max_recoveries=2"), tmp_path / "lost")
+    summary = lost.run()
+    assert lost.late == [(3, 4), (5, 6)]   # each failure found with the next step queued behind it
+    assert [(i["step"], i["kind"], i["rank"], i["rewound_to"]) for i in summary.incidents] == [
+        (3, "dead", 1, 2), (5, "crash", 0, 4)]
+    assert lost.healer.recoveries == 2
+    recs, twin_recs = step_records(tmp_path / "lost"), step_records(tmp_path / "twin")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6, 7]
+    assert [(r["loss"], r["grad_norm"]) for r in recs] == [(r["loss"], r["grad_norm"]) for r in twin_recs]
+    assert summary.final_loss == twin_summary.final_loss
+
+
+def test_a_stop_signal_after_the_next_step_was_queued_stops_after_that_step(ray_session, tmp_path):
+    """A SIGTERM that arrives once step 3 came back finds step 4 queued behind it (submitted while step 3 ran): step 4
+    is collected and kept, and the run stops after it with its final checkpoint, which is the state after step 4."""
+    from orchestrator.driver import Driver
+
+    class SignalAfter(Driver):
+        def step(self, step):
+            reports = super().step(step)
+            if step == 3:
+                assert self.inflight is not None and self.inflight.step == 4   # queued while step 3 ran
+                self.stop_signal = "SIGTERM"
+            return reports
+
+    base = ["cluster.num_devices=2", "train.steps=8", "train.eval_batches=0", "checkpoint.every_steps=0",
+            "faults.snapshot_every=2"]
+    summary = SignalAfter(tiny_config(tmp_path / "stop", *base), tmp_path / "stop").run()
+    assert summary.steps_done == 4 and summary.checkpoints_committed == [4]
+    assert [r["step"] for r in step_records(tmp_path / "stop")] == [1, 2, 3, 4]
+    Driver(tiny_config(tmp_path / "twin", *base, "checkpoint.every_steps=4"), tmp_path / "twin").run()
+    twin = step_records(tmp_path / "twin")[:4]
+    assert [r["loss"] for r in step_records(tmp_path / "stop")] == [r["loss"] for r in twin]
+    assert_same_checkpoint(tmp_path / "stop", tmp_path / "twin", 4)
 
 
 def test_pipelined_and_lock_step_runs_train_alike_and_checkpoint_alike(ray_session, tmp_path):
@@ -100,3 +160,30 @@ def test_the_snapshot_hand_over_keeps_order_and_raises_what_staging_raised():
     with pytest.raises(TimeoutError, match="no snapshot of step 6 was staged within 0s"):
         h.take(6, 0.01)
     assert h.ready == {}
+
+
+def test_what_keeps_a_step_from_being_queued_behind_the_running_one():
+    """The next step is not queued behind step n when step n could name a straggler (a device slow
+    `straggler_patience - 1` steps in a row, or any step with a patience of 1: its replacement restores the state
+    of step n itself), nor when a planned fault may strike in it (one planned for that step and not yet fired its
+    `repeat` times, or a timed one not fired yet)."""
+    from orchestrator.config.faults import FaultSpec
+    from orchestrator.healing.faults import Injector
+    from orchestrator.healing.watch import Watch
+
+    w = Watch(tiny_config(None, "cluster.num_devices=2", "faults.straggler_patience=3"))
+    due = []
+    for counts in ({}, {0: 1, 1: 0}, {0: 2}, {1: 2}, {0: 3}):
+        w.slow_count = counts
+        due.append(w.straggler_due())
+    assert due == [False, False, True, True, False]   # {0: 3}: named already in this episode
+    assert Watch(tiny_config(None, "cluster.num_devices=2", "faults.straggler_patience=1")).straggler_due()
+
+    inj = Injector([FaultSpec(kind="kill", step=3, repeat=2)])
+    assert inj.quiet(2) and not inj.quiet(3)
+    inj.due(3)
+    assert not inj.quiet(3)   # it strikes again when step 3 is replayed
+    inj.due(3)
+    assert inj.quiet(3) and inj.quiet(4)
+    timed = Injector([FaultSpec(kind="kill", after_s=3600.0)])
+    assert not timed.quiet(2)   # it strikes in whichever step starts after its time

@@ -148,11 +148,15 @@ class Checkpoints:
         if self.wanted(step, retry_at):
             self.save(step, actors, placement)
             return True
-        every = self.cfg.faults.snapshot_every
-        items = self.snapshots.items
-        if every and step % every == 0 and not (items and items[-1].step == step):
+        if self.snapshot_due(step):
             self.snapshot(step, actors, placement)
         return False
+
+    def snapshot_due(self, step: int) -> bool:
+        """Does `step` take an in-memory snapshot on the faults.snapshot_every cadence (none of it taken yet)?"""
+        every = self.cfg.faults.snapshot_every
+        items = self.snapshots.items
+        return bool(every) and step % every == 0 and not (items and items[-1].step == step)
 
     # ------------------------------------------------------------ completing
     def poll(self, actors: list[Any], timeout_s: float = 0.0,

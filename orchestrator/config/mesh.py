@@ -30,8 +30,10 @@ class ParallelConfig:
     router_dtype: str = "float32"     # float32: the router's logits, scores and top-k in float32 under bf16 autocast
                                       # (Megatron-Core's moe_router_dtype=fp32) | auto: in the autocast dtype
     pipelined_driver: bool = True     # the driver submits step n+1 before it handles step n's record, sinks, alerts
-                                      # and status (a lag of one step; a fault found late still rewinds to a state
-                                      # before the faulty step); false: lock-step
+                                      # and status, and queues it behind step n before step n comes back when
+                                      # nothing about it depends on how step n ends (docs/speed.md); a lag of one
+                                      # step: a fault found late still rewinds to a state before the faulty step;
+                                      # false: lock-step
     snapshot_serialize: str = "auto"  # where an in-memory snapshot goes into the object store: thread (copied in
                                       # the step loop, into pinned memory on a GPU, then serialized from a thread of
                                       # its own while the next step runs) | inline (serialized before the next step

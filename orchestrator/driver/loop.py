@@ -108,6 +108,7 @@ class Driver:
         self.val_loss: float | None = None    # the newest validation loss (periodic or final)
         self.rl = None                        # RL post-training's service (data.task=rl): each step's batch
         self.inflight: InFlight | None = None  # the pipelined driver's next step, submitted before this one's record
+        self.queued: InFlight | None = None    # ... submitted even before this step came back (_queue_next)
         self.t_collected: float | None = None  # when the last step's reports came in (the loop's clock per step)
 
     # ----------------------------------------------------------------- start
@@ -156,10 +157,11 @@ class Driver:
         StepFailure."""
         flight = self.inflight if self.inflight is not None and self.inflight.step == step else self._submit(step)
         self.inflight = None
-        try:
-            return self.watch.collect(self.devices, flight.refs, step, flight.t0)
+        try:   # its deadline counts from when it could start: the step before it came back, if that was later
+            return self.watch.collect(self.devices, flight.refs, step, max(flight.t0, self.t_collected or 0.0))
         finally:
             self.t_collected = time.perf_counter()
+            self.inflight, self.queued = self.queued, None   # the step queued behind it is the one in flight now
 
     def _submit(self, step: int) -> InFlight:
         """Every device's train_step of `step`, submitted (Ray runs an actor's calls in the order they are made, so
@@ -179,6 +181,32 @@ class Driver:
             self.inject(fault, step)
         self.inflight = self._submit(step)
 
+    def _plain_next(self, step: int) -> bool:
+        """Can the step after `step` be submitted before `step`'s record is made and its alert rules checked? Only
+        after a plain step: not after one that takes a checkpoint, runs validation or may re-place experts, nor in
+        an RL run, at the last step or after a stop signal (their device work needs the record first, or must not
+        follow a step an alert may still roll back)."""
+        nxt = step + 1
+        return (self.cfg.parallel.pipelined_driver and self.rl is None and nxt <= self.cfg.train.steps
+                and not self.stop_signal and self.alerts.stop is None and not self.balancer.enabled
+                and not (self.cfg.train.eval_every and step % self.cfg.train.eval_every == 0)
+                and not self.checkpoints.wanted(step, self.healer.checkpoint_retry_at))
+
+    def _queue_next(self, step: int) -> None:
+        """The pipelined driver's second step in flight: while `step` runs, the next step is submitted behind it,
+        so a device starts the next step the moment it ends this one, with no round trip through the driver between
+        them. Only when nothing about the next step can depend on how `step` ends: a plain step (`_plain_next`) that
+        takes no snapshot (a snapshot is taken once its step came back well, so the two kept are never both
+        newer than the last good step: checkpoint/snapshots.py), no spike guard (faults.on_spike=record), no planned
+        fault due in the next step (its injection stays where it is, after `step` came back), and no straggler
+        that `step` could name (its replacement restores the state of `step` itself). When `step` fails or is rolled
+        back, the queued step is drained and thrown away (`_late`), as the pipelined driver's next step always is."""
+        nxt = step + 1
+        if (self.queued is not None or not self._plain_next(step) or self.checkpoints.snapshot_due(step)
+                or self.cfg.faults.on_spike != "record" or not self.injector.quiet(nxt) or self.watch.straggler_due()):
+            return
+        self.queued = self._submit(nxt)
+
     def _ahead(self, step: int) -> bool:
         """The pipelined driver (parallel.pipelined_driver): `step` came back well (no incident to act on), so its
         device work is submitted (its snapshot) and then the next step (with its faults), before the driver builds
@@ -188,38 +216,42 @@ class Driver:
         device work needs the record first, or must not follow a step an alert may still roll back), and so does a
         step with a straggler (`_stepping`). An alert that rolls `step` back then finds the next step in flight: it
         is waited for and thrown away, and the rewind goes to a state before `step` (`_late`). True when the next
-        step is in flight."""
+        step is in flight (submitted now, or queued already while `step` ran: `_queue_next`)."""
         nxt = step + 1
-        if not (self.cfg.parallel.pipelined_driver and self.rl is None and nxt <= self.cfg.train.steps
-                and not self.stop_signal and self.alerts.stop is None and not self.balancer.enabled
-                and not (self.cfg.train.eval_every and step % self.cfg.train.eval_every == 0)
-                and not self.checkpoints.wanted(step, self.healer.checkpoint_retry_at)):
+        if self.inflight is not None and self.inflight.step == nxt:
+            return True   # queued behind `step` (which takes no snapshot: _queue_next)
+        if not self._plain_next(step):
             return False
         self.after_step(step)   # its snapshot on the faults.snapshot_every cadence (no checkpoint is wanted)
         self._launch(nxt)
         return True
 
-    def _drain(self) -> Decision | None:
+    def _drain(self, replacing: list[int] | None = None) -> Decision | None:
         """The step in flight (the pipelined driver's next one) waited for and thrown away: a decision about the
         step before it was taken meanwhile. Its time goes to goodput's rolled-back time; when it failed, the
-        Healer's decision about that failure (its devices to replace)."""
+        Healer's decision about that failure (its devices to replace). `replacing`: the step before it failed,
+        replacing these devices; the one it queued behind failing too is part of that failure (Healer.failed_behind)."""
         if self.inflight is None:
             return None
         flight, self.inflight = self.inflight, None
+        began = max(flight.t0, self.t_collected or 0.0)   # queued: it began when the step before it came back
         try:
-            self.watch.collect(self.devices, flight.refs, flight.step, flight.t0)
+            self.watch.collect(self.devices, flight.refs, flight.step, began)
         except StepFailure as failure:
-            self.goodput.failed_steps += time.perf_counter() - flight.t0
+            self.goodput.failed_steps += time.perf_counter() - began
+            if replacing is not None:
+                return self.healer.failed_behind(failure, replacing)
             return self.healer.failed_step(failure)
-        self.goodput.rolled_back += time.perf_counter() - flight.t0
+        self.goodput.rolled_back += time.perf_counter() - began
         return None
 
-    def _late(self, decision: Decision, step: int) -> Decision:
+    def _late(self, decision: Decision, step: int, failed_step: bool = False) -> Decision:
         """A decision about `step` taken after the next step was submitted (pipelined driver): that step is drained
         and its devices replaced too when it failed (its incidents added); the rewind goes to a state before `step`
-        (a snapshot of `step` was taken before the next step was submitted, and must not be restored: `at_most`)."""
+        (a snapshot of `step` was taken before the next step was submitted, and must not be restored: `at_most`).
+        `failed_step`: the decision is about `step` failing (the next step was queued behind it: `_queue_next`)."""
         at_most = step - 1 if decision.at_most is None else min(decision.at_most, step - 1)
-        failed = self._drain()
+        failed = self._drain(decision.replace if failed_step else None)
         if failed is not None:
             decision = replace(decision, replace=sorted(set(decision.replace) | set(failed.replace)),
                                reform=decision.reform or failed.reform, incidents=decision.incidents + failed.incidents)
@@ -308,20 +340,28 @@ class Driver:
         try:
             if self.inflight is None:   # (an RL step's rollouts run here, and a colocated one can fail the step)
                 self._launch(step)
+            self._queue_next(step)
             # The step's time: since it was submitted, or since the step before came back if it was submitted
             # earlier (pipelined): the loop's own clock per step, whatever overlaps.
             t0 = max(self.inflight.t0, self.t_collected or 0.0)
             reports = self.step(step)
         except StepFailure as failure:
             self.goodput.failed_steps += time.perf_counter() - t0
-            return self._decided(self.healer.failed_step(failure), f"healed: {failure}")
+            decision = self.healer.failed_step(failure)
+            if self.inflight is not None:   # the next step, queued behind this one
+                decision = self._late(decision, step, failed_step=True)
+            return self._decided(decision, f"healed: {failure}")
         wall = time.perf_counter() - t0
         self.watch.observe(wall)
         incidents = self.watch.inspect(step, reports, self.devices)
         decision = self.healer.completed_step(step, reports, incidents) if incidents else None
         if decision is not None:
+            if self.inflight is not None:   # the next step, queued behind this one
+                decision = self._late(decision, step)
             return self._decided(decision, f"step {step} rolled back: {incidents[0].detail}", rolled_back=wall)
         slow = [i for i in incidents if i.kind == IncidentKind.SLOW]
+        assert not slow or self.inflight is None or self.healer.f.on_straggler != "replace", \
+            "a straggler was named with the next step queued (Watch.straggler_due)"
         # pipelined: the next step computes while this one is judged and recorded; not after a straggler, whose
         # replacement restores this very step's state (Decision.wait_snapshot: a snapshot of it is taken then if the
         # faults.snapshot_every cadence took none), so no later step may have run on the devices first

@@ -123,6 +123,11 @@ class Injector:
         self._count: dict[int, int] = {}
         self.t0: float | None = None
 
+    def quiet(self, step: int) -> bool:
+        """No planned fault can strike in `step` (a timed one not fired yet might: it strikes when its time comes)."""
+        return all(self._count.get(i, 0) >= fault.repeat or (fault.step and fault.step != step)
+                   for i, fault in enumerate(self.plan))
+
     def due(self, step: int) -> list[FaultSpec]:
         """The faults that strike in `step` (each recorded in `fired`); the driver makes them happen."""
         if self.t0 is None:

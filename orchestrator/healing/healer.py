@@ -110,6 +110,17 @@ class Healer:
                     ", ".join(f"{i.rank}:{i.kind}" for i in failure.incidents), replace or "none")
         return Decision(failure.incidents, replace, reform=True)
 
+    def failed_behind(self, failure: StepFailure, replacing: list[int]) -> Decision:
+        """The step queued behind a failed one (the pipelined driver's next step) failed too: the devices that
+        failed in it and are not being replaced already are replaced with them, their incidents recorded; the
+        failure that made the queued step fail is the one fault, and spends the one recovery (no second one here)."""
+        new = [i for i in failure.incidents if i.kind in REPLACE and i.rank >= 0 and i.rank not in replacing]
+        self._record(new)
+        if new:
+            log.warning("step %d, queued behind the failed step, failed on device(s) %s too", failure.step,
+                        sorted({i.rank for i in new}))
+        return Decision(new, sorted({i.rank for i in new}), reform=True)
+
     def died_at_end(self, step: int, dead: list[int], node_of) -> Decision:
         """Devices found dead after the last step (`node_of`: a rank's node): heal the group as for a failed step,
         so that the final checkpoint and validation have every device."""

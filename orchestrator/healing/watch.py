@@ -196,6 +196,11 @@ class Watch:
             out["max_loss"] = self.f.loss_spike_factor * loss
         return out
 
+    def straggler_due(self) -> bool:
+        """Can the next step inspected name a straggler (a device slow `straggler_patience - 1` steps in a row; with
+        a patience of 1, any device in any step)?"""
+        return self.f.straggler_patience <= 1 or self.f.straggler_patience - 1 in self.slow_count.values()
+
     def _stragglers(self, step: int, reports: list["StepReport"], devices: "DeviceGroup", now: float) -> list[Incident]:
         pairs = against_others(own_work([r.compute_time_s for r in reports], [r.collective_s for r in reports]))
         out = []
