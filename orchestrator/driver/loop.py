@@ -157,11 +157,17 @@ class Driver:
         StepFailure."""
         flight = self.inflight if self.inflight is not None and self.inflight.step == step else self._submit(step)
         self.inflight = None
-        try:   # its deadline counts from when it could start: the step before it came back, if that was later
-            return self.watch.collect(self.devices, flight.refs, step, max(flight.t0, self.t_collected or 0.0))
+        try:
+            return self.watch.collect(self.devices, flight.refs, step, self._began(flight))
         finally:
             self.t_collected = time.perf_counter()
             self.inflight, self.queued = self.queued, None   # the step queued behind it is the one in flight now
+
+    def _began(self, flight: InFlight) -> float:
+        """When `flight` could start on the devices (perf_counter): its submission, or when the step before it came
+        back if that was later (submitted early: pipelined, or queued behind it). Its deadline, wall time and
+        goodput count from here."""
+        return max(flight.t0, self.t_collected or 0.0)
 
     def _submit(self, step: int) -> InFlight:
         """Every device's train_step of `step`, submitted (Ray runs an actor's calls in the order they are made, so
@@ -234,7 +240,7 @@ class Driver:
         if self.inflight is None:
             return None
         flight, self.inflight = self.inflight, None
-        began = max(flight.t0, self.t_collected or 0.0)   # queued: it began when the step before it came back
+        began = self._began(flight)
         try:
             self.watch.collect(self.devices, flight.refs, flight.step, began)
         except StepFailure as failure:
@@ -343,7 +349,7 @@ class Driver:
             self._queue_next(step)
             # The step's time: since it was submitted, or since the step before came back if it was submitted
             # earlier (pipelined): the loop's own clock per step, whatever overlaps.
-            t0 = max(self.inflight.t0, self.t_collected or 0.0)
+            t0 = self._began(self.inflight)
             reports = self.step(step)
         except StepFailure as failure:
             self.goodput.failed_steps += time.perf_counter() - t0
@@ -360,7 +366,7 @@ class Driver:
                 decision = self._late(decision, step)
             return self._decided(decision, f"step {step} rolled back: {incidents[0].detail}", rolled_back=wall)
         slow = [i for i in incidents if i.kind == IncidentKind.SLOW]
-        assert not slow or self.inflight is None or self.healer.f.on_straggler != "replace", \
+        assert not slow or self.inflight is None or self.cfg.faults.on_straggler != "replace", \
             "a straggler was named with the next step queued (Watch.straggler_due)"
         # pipelined: the next step computes while this one is judged and recorded; not after a straggler, whose
         # replacement restores this very step's state (Decision.wait_snapshot: a snapshot of it is taken then if the
