@@ -57,26 +57,26 @@ def test_an_alert_found_one_step_late_rewinds_before_the_faulty_step(ray_session
 
 def test_a_device_lost_with_the_next_step_queued_behind_it_heals_once_and_exactly(ray_session, tmp_path):
     """The pipelined driver queues step n+1 behind step n (submitted before step n came back), so a device lost in
-    step n is found with step n+1 in flight: a kill at step 3 (the process gone) and a crash at step 5 (an exception
+    step n is found with step n+1 in flight: a kill at step 4 (the process gone) and a crash at step 7 (an exception
     in the step; the device is stopped). The queued step is drained and thrown away, the device is replaced once,
     with one incident and one recovery (the queued step failing with it is the same fault), the rewind goes to a
-    state before the faulty step (the snapshot of that step, queued before the next one, is not restored), and the
-    run ends bit for bit as its fault-free twin, which queued every step after one that took no snapshot."""
-    # a snapshot every 2 steps: a step that takes one is not queued behind (its snapshot waits until it came back)
-    base = ["cluster.num_devices=2", "train.steps=7", "train.eval_batches=0", "checkpoint.every_steps=0",
+    state before the faulty step (step 4 took a snapshot, queued between it and step 5: it is thrown away, not
+    kept), and the run ends bit for bit as its fault-free twin, which queued every step after the first."""
+    # a snapshot every 2 steps: step 4's is queued behind it with step 5, and must not be restored
+    base = ["cluster.num_devices=2", "train.steps=8", "train.eval_batches=0", "checkpoint.every_steps=0",
             "faults.snapshot_every=2"]
     twin = _driver(tiny_config(tmp_path / "twin", *base), tmp_path / "twin")
     twin_summary = twin.run()
-    assert twin.queued_steps == [2, 4, 6] and twin.late == []
-    plan = "faults.plan=[{step: 3, kind: kill, rank: 1}, {step: 5, kind: crash, rank: 0}]"
+    assert twin.queued_steps == [2, 3, 4, 5, 6, 7, 8] and twin.late == []
+    plan = "faults.plan=[{step: 4, kind: kill, rank: 1}, {step: 7, kind: crash, rank: 0}]"
     lost = _driver(tiny_config(tmp_path / "lost", *base, plan, "faults.max_recoveries=2"), tmp_path / "lost")
     summary = lost.run()
-    assert lost.late == [(3, 4), (5, 6)]   # each failure found with the next step queued behind it
+    assert lost.late == [(4, 5), (7, 8)]   # each failure found with the next step queued behind it
     assert [(i["step"], i["kind"], i["rank"], i["rewound_to"]) for i in summary.incidents] == [
-        (3, "dead", 1, 2), (5, "crash", 0, 4)]
+        (4, "dead", 1, 2), (7, "crash", 0, 6)]
     assert lost.healer.recoveries == 2
     recs, twin_recs = step_records(tmp_path / "lost"), step_records(tmp_path / "twin")
-    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert [(r["loss"], r["grad_norm"]) for r in recs] == [(r["loss"], r["grad_norm"]) for r in twin_recs]
     assert summary.final_loss == twin_summary.final_loss
 
@@ -187,3 +187,35 @@ def test_what_keeps_a_step_from_being_queued_behind_the_running_one():
     assert inj.quiet(3) and inj.quiet(4)
     timed = Injector([FaultSpec(kind="kill", after_s=3600.0)])
     assert not timed.quiet(2)   # it strikes in whichever step starts after its time
+
+
+def test_a_device_whose_step_failed_runs_no_step_until_its_state_is_restored():
+    """A step queued behind one that failed on the device (the pipelined driver) is refused, not started: its
+    collectives would meet the peers' collectives of the failed step (on gloo a size mismatch there aborted a
+    peer's process). Once the state is restored the device steps again, and the step it then runs equals the same
+    step of a device that never failed."""
+    import pytest
+
+    from orchestrator.data import load_corpus
+    from orchestrator.device.actor import DeviceActor, StepNotRun
+    from orchestrator.device.shard import DeviceShard, InjectedCrash
+
+    cfg = tiny_config(None)
+    corpus = load_corpus(cfg.data)
+
+    def shard() -> DeviceShard:
+        return DeviceShard(cfg, rank=0, world=1, train_tokens=corpus.train, val_tokens=corpus.val)
+
+    device = DeviceActor(1)
+    device.shard = shard()
+    device.train_step(1)
+    snap = device.shard.snapshot(1)
+    device.shard.crash_next_step = True
+    with pytest.raises(InjectedCrash):
+        device.train_step(2)
+    with pytest.raises(StepNotRun, match="step 3 not run: step 2 failed on this device"):
+        device.train_step(3)
+    device.restore_snapshots(snap)
+    twin = shard()
+    twin.train_step(1)
+    assert (device.train_step(2).loss, device.train_step(3).loss) == (twin.train_step(2).loss, twin.train_step(3).loss)

@@ -107,11 +107,13 @@ class Checkpoints:
         return max(known) if known else None
 
     # ------------------------------------------------------------ taking
-    def snapshot(self, step: int, actors: list[Any], placement: Any) -> None:
-        """In-memory snapshot of every device after `step` (object refs owned by the driver)."""
-        self.snapshots.keep(step, self._snapshot_refs(step, actors), placement=placement)
+    def snapshot(self, step: int, actors: list[Any], placement: Any, calls: list[Any] | None = None) -> None:
+        """In-memory snapshot of every device after `step` (object refs owned by the driver); `calls`: its
+        `snapshot_calls`, made already (queued behind `step` by the pipelined driver), else made now."""
+        self.snapshots.keep(step, calls if calls is not None else self.snapshot_calls(step, actors),
+                            placement=placement)
 
-    def _snapshot_refs(self, step: int, actors: list[Any]) -> list[Any]:
+    def snapshot_calls(self, step: int, actors: list[Any]) -> list[Any]:
         """Every device's (done, snapshot) refs of `step`: serialized from the snapshot thread (config/mesh.py
         snapshot_in_thread), the copy is made in the step loop's order (stage_snapshot) and serialized by
         staged_snapshot while the next step runs; else one `snapshot` call, serialized before the next step."""
@@ -132,7 +134,7 @@ class Checkpoints:
         except StorageError as e:  # the writes will say whether the storage works
             log.warning("could not clear %s before the checkpoint of step %d: %s", name, step, e)
         self.force.discard(step)
-        snap = self.snapshots.keep(step, self._snapshot_refs(step, actors), "checkpoint", placement)
+        snap = self.snapshots.keep(step, self.snapshot_calls(step, actors), "checkpoint", placement)
         p = PendingCheckpoint(step, self.uri_for(step), time.perf_counter(), snap)
         for rank, actor in enumerate(actors):
             p.writes[rank] = _Write(rank, actor.write_shard.remote(snap.refs[rank], p.uri), actor)

@@ -179,25 +179,23 @@ class _SnapshotWriter:
         self.staging.put(self.dense if file == DENSE_FILE else self.mine, key + piece.suffix(), t)
         self.index.setdefault(key, []).append([file, piece.dim, piece.start, piece.stop])
 
-    def moments(self, p: torch.Tensor, first: bool, sharded: bool, name: str, write: Any) -> None:
-        """p's AdamW state under <name>, by the device that writes it: its moments, or that it has none."""
+    def moments(self, p: torch.Tensor, first: bool, sharded: bool) -> tuple[int | None, dict[str, torch.Tensor]]:
+        """p's AdamW state as this device writes it: the step count to record under its <name> (None: none; 0: no
+        state, frozen or never stepped; see `optimizer_steps`) and its moments by name (none to write: another device
+        writes them, the rank 0, the first replica or the ZeRO-1 owner; or there are none)."""
         from orchestrator.parallel.sharding import local
 
         optim = self.optim
         if not (first or sharded or optim.partitioned(p)):
-            return   # another device writes this state (rank 0, the first replica, or the ZeRO-1 owner)
+            return None, {}   # another device writes this state (rank 0, the first replica, or the ZeRO-1 owner)
         if not optim.owns(p):
-            if not p.requires_grad:
-                self.steps[name] = 0   # frozen: in no optimizer
-            return
+            return (None if p.requires_grad else 0), {}   # frozen: in no optimizer
         count = optim.step_of(p)
-        if count != optim.optimizer_step:
-            self.steps[name] = count
+        record = count if count != optim.optimizer_step else None
         if count == 0:
-            return
+            return record, {}
         state = optim.state_of(p)
-        for moment in ("exp_avg", "exp_avg_sq"):
-            write(moment, local(state[moment]))
+        return record, {moment: local(state[moment]) for moment in ("exp_avg", "exp_avg_sq")}
 
     def dense_parameters(self, model: torch.nn.Module) -> None:
         from orchestrator.parallel.sharding import local, piece_of
@@ -209,8 +207,11 @@ class _SnapshotWriter:
             file = own if sharded or (self.optim.partitioned(p) and rank != 0) else DENSE_FILE
             if sharded or rank == 0:
                 self.put(own if sharded else DENSE_FILE, f"param/{name}", local(p), piece)
-            self.moments(p, rank == 0, sharded, name,
-                         lambda m, t, file=file, name=name, piece=piece: self.put(file, f"{m}/{name}", t, piece))
+            record, moments = self.moments(p, rank == 0, sharded)
+            if record is not None:
+                self.steps[name] = record
+            for moment, t in moments.items():
+                self.put(file, f"{moment}/{name}", t, piece)
 
     def buffers(self, model: torch.nn.Module) -> None:
         from orchestrator.parallel.sharding import piece_of
@@ -221,7 +222,9 @@ class _SnapshotWriter:
                 self.put(DENSE_FILE, f"buffer/{name}", b, piece_of(b))
 
     def expert_parameters(self, model: torch.nn.Module, dp_rank: int) -> dict[str, dict[str, str]]:
-        """Write this device's experts; return which file holds each expert of each MoE layer it writes."""
+        """Write this device's experts; return which file holds each expert of each MoE layer it writes. An expert
+        parameter's state is looked up once for all its experts, and its rows taken as views in one call (unbind):
+        the walk over every expert is most of a snapshot's Python time."""
         from orchestrator.parallel.sharding import local, piece_of
 
         own = self.own
@@ -232,13 +235,17 @@ class _SnapshotWriter:
                    if primary]
             piece = piece_of(p, drop_leading=True)
             sharded = piece.dim is not None
-            held = local(p)
+            record, moments = self.moments(p, dp_rank == 0, sharded)
+            rows = local(p).unbind(0) if ids and (sharded or dp_rank == 0) else ()
+            moment_rows = {moment: t.unbind(0) for moment, t in moments.items()} if ids else {}
             for j, gid in ids:
-                if sharded or dp_rank == 0:
-                    self.put(own, f"param/{name}[{gid}]", held[j], piece)
-                self.moments(p, dp_rank == 0, sharded, f"{name}[{gid}]",
-                             lambda m, t, j=j, gid=gid, name=name, piece=piece:
-                             self.put(own, f"{m}/{name}[{gid}]", t[j], piece))
+                key = f"{name}[{gid}]"
+                if rows:
+                    self.put(own, f"param/{key}", rows[j], piece)
+                if record is not None:
+                    self.steps[key] = record
+                for moment, held in moment_rows.items():
+                    self.put(own, f"{moment}/{key}", held[j], piece)
             if sharded or dp_rank == 0:
                 expert_files[name.rsplit(".experts.", 1)[0]] = {str(gid): own for _, gid in ids}
         return expert_files

@@ -4,7 +4,9 @@ Every device copies its state (parameters, optimizer moments, RNG) to host memor
 faults.snapshot_every-th step (and the step a run starts from) and
 returns it into the Ray object store, owned by the driver: the copy outlives the device that took
 it (not the node that stores it). The newest two are kept; the older one is the fallback when a
-device died before it got to take the newest one.
+device died before it got to take the newest one. A snapshot is kept only once its step came back well (the
+pipelined driver may queue the snapshot call behind its step, but keeps it only then: driver/loop.py
+`_queue_next`), so neither of the two is ever newer than the last good step.
 """
 from __future__ import annotations
 

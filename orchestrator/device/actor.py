@@ -30,7 +30,7 @@ from orchestrator.parallel.mesh import current_mesh
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeviceActor", "RolloutWorker", "DeviceShard", "StepReport", "InjectedCrash", "autocast_dtype", "rss_bytes"]
+__all__ = ["DeviceActor", "RolloutWorker", "StepNotRun", "DeviceShard", "StepReport", "InjectedCrash", "autocast_dtype", "rss_bytes"]
 
 
 class SnapshotHandOver:
@@ -84,6 +84,13 @@ class RolloutWorker:
         self._engine().kill_armed = True
 
 
+class StepNotRun(RuntimeError):
+    """A train_step refused because a step before it failed on this device and its state was not put back since: a
+    step queued behind the failed one (the pipelined driver) must not start, or its collectives would meet the
+    peers' collectives of the failed step (on gloo, a size mismatch aborts the peer's process). Not this device's
+    own fault: the Watch counts it as collateral (healing/watch.py)."""
+
+
 class DeviceActor(RolloutWorker):
     """What the driver talks to: made a Ray actor with `ray.remote(DeviceActor)`, one per bundle."""
 
@@ -98,6 +105,7 @@ class DeviceActor(RolloutWorker):
         self.times = StepTimes()   # when each train_step began and ended, the idle time between (device/steptimes.py)
         self.usable_cpus = core_binding.usable_cpus()   # before any binding: what bind_cores splits
         self.staging = SnapshotHandOver()   # stage_snapshot -> staged_snapshot (the asynchronous snapshot)
+        self.failed: int | None = None      # the step that raised here, until the state is put back (StepNotRun)
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -145,6 +153,7 @@ class DeviceActor(RolloutWorker):
         self._build_args = (config_from_dict(cfg), train, val)
         self.shard = DeviceShard(self._build_args[0], rank, world, train, val)
         self.times.reset()
+        self.failed = None
 
     def bind_cores(self, index: int, count: int, mode: str, gpu: bool) -> list[int] | None:
         """cluster.bind_cores: bind this process to the cores of the `index`-th of the `count` devices on its host
@@ -160,8 +169,15 @@ class DeviceActor(RolloutWorker):
     def train_step(self, step: int, guard: dict[str, float] | None = None, batch: Any = None) -> StepReport:
         """One step; `batch`: an RL step's batch (data/rl.py RLBatch, resolved from the object store)."""
         assert self.shard is not None, "build() first"
+        if self.failed is not None:
+            raise StepNotRun(f"step {step} not run: step {self.failed} failed on this device, whose state has not "
+                             f"been restored since")
         began = self.times.begin()
-        return self.times.end(self.shard.train_step(step, guard, batch), began)
+        try:
+            return self.times.end(self.shard.train_step(step, guard, batch), began)
+        except Exception:
+            self.failed = step
+            raise
 
     # ----------------------------------------------------------------- RL
     def sync_weights(self) -> tuple[list[tuple[str, Any]], int]:
@@ -300,6 +316,7 @@ class DeviceActor(RolloutWorker):
         if placement is not None:
             self.shard.set_placement(placement)
         self.shard.restore_snapshots(list(snapshots))
+        self.failed = None
 
     def fail_next_save(self, mode: str = "fail") -> None:
         """Fault hook: the next shard this device writes stops midway and fails (`fail`) or hangs there (`hang`)."""
@@ -313,6 +330,7 @@ class DeviceActor(RolloutWorker):
             self.shard.set_placement(placement)
         storage = Storage(uri)
         self.shard.restore(manifest, storage.read, uri)
+        self.failed = None
 
     def evaluate(self, num_batches: int) -> float:
         assert self.shard is not None, "build() first"

@@ -72,6 +72,8 @@ class InFlight:
     step: int
     refs: list[Any]     # every device's train_step, rank order
     t0: float           # when it was submitted (perf_counter): the Watch's deadline counts from it
+    snapshot: list[Any] | None = None   # queued behind the step before it: that step's in-memory snapshot, every
+                                        # device's (done, snapshot) refs, submitted between the two (_queue_next)
 
 
 class Driver:
@@ -206,12 +208,16 @@ class Driver:
         newer than the last good step: checkpoint/snapshots.py), no spike guard (faults.on_spike=record), no planned
         fault due in the next step (its injection stays where it is, after `step` came back), and no straggler
         that `step` could name (its replacement restores the state of `step` itself). When `step` fails or is rolled
-        back, the queued step is drained and thrown away (`_late`), as the pipelined driver's next step always is."""
+        back, the queued step is drained and thrown away (`_late`), as the pipelined driver's next step always is.
+        A step that takes an in-memory snapshot has it queued too, between it and the next step; the snapshot store
+        keeps it only once `step` came back well (`_ahead`), so the two it holds are never newer than the last good
+        step (checkpoint/snapshots.py); when `step` fails, it is thrown away with the queued step."""
         nxt = step + 1
-        if (self.queued is not None or not self._plain_next(step) or self.checkpoints.snapshot_due(step)
-                or self.cfg.faults.on_spike != "record" or not self.injector.quiet(nxt) or self.watch.straggler_due()):
+        if (self.queued is not None or not self._plain_next(step) or self.cfg.faults.on_spike != "record"
+                or not self.injector.quiet(nxt) or self.watch.straggler_due()):
             return
-        self.queued = self._submit(nxt)
+        snapshot = self.checkpoints.snapshot_calls(step, self.actors) if self.checkpoints.snapshot_due(step) else None
+        self.queued = replace(self._submit(nxt), snapshot=snapshot)
 
     def _ahead(self, step: int) -> bool:
         """The pipelined driver (parallel.pipelined_driver): `step` came back well (no incident to act on), so its
@@ -224,8 +230,10 @@ class Driver:
         is waited for and thrown away, and the rewind goes to a state before `step` (`_late`). True when the next
         step is in flight (submitted now, or queued already while `step` ran: `_queue_next`)."""
         nxt = step + 1
-        if self.inflight is not None and self.inflight.step == nxt:
-            return True   # queued behind `step` (which takes no snapshot: _queue_next)
+        if self.inflight is not None and self.inflight.step == nxt:   # queued behind `step` (_queue_next)
+            if self.inflight.snapshot is not None:   # with the snapshot of `step`: kept now that `step` came back well
+                self.checkpoints.snapshot(step, self.actors, self.balancer.placement, self.inflight.snapshot)
+            return True
         if not self._plain_next(step):
             return False
         self.after_step(step)   # its snapshot on the faults.snapshot_every cadence (no checkpoint is wanted)
@@ -371,7 +379,7 @@ class Driver:
         # pipelined: the next step computes while this one is judged and recorded; not after a straggler, whose
         # replacement restores this very step's state (Decision.wait_snapshot: a snapshot of it is taken then if the
         # faults.snapshot_every cadence took none), so no later step may have run on the devices first
-        ahead = not slow and self._ahead(step)
+        ahead = (self.inflight is not None or not slow) and self._ahead(step)   # (in flight: queued, with its snapshot)
         rec = self._record(step, reports, wall)
         acts = self.alerts.check(rec, list(self.history),   # the alert rules: the Healer decides on their actions
                                  Context(self.healer.recovery_steps, self.checkpoints.last_checkpoint(step)))

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 # Errors a device raises only because a peer left a collective: the peer is the failure, not this device.
 _COLLATERAL = ("Connection closed by peer", "Connection reset by peer", "DistBackendError", "Broken pipe",
-               "connection refused", "Socket Timeout", "ProcessGroupGloo")
+               "connection refused", "Socket Timeout", "ProcessGroupGloo",
+               "StepNotRun")   # device/actor.py: a step queued behind one that failed on the device, not started
 
 
 # --------------------------------------------------------------------------- detection
