@@ -24,11 +24,27 @@ class QueueSpy(LateSpy):
             self.queued_steps.append(step + 1)
 
 
+class KeepSpy(QueueSpy):
+    """... and every in-memory snapshot the store keeps, as (its step, the recoveries so far)."""
+
+    def prepare(self):
+        plan = super().prepare()
+        store = self.checkpoints.snapshots
+        if not hasattr(store, "spied"):
+            keep = store.keep
+
+            def spied(step, *args, **kwargs):
+                self.kept.append((step, self.healer.recoveries))
+                return keep(step, *args, **kwargs)
+            store.keep, store.spied = spied, True
+        return plan
+
+
 def _driver(cfg, run_dir):
     from orchestrator.driver import Driver
 
-    spy = type("Spy", (QueueSpy, Driver), {})(cfg, run_dir)
-    spy.late, spy.queued_steps = [], []
+    spy = type("Spy", (KeepSpy, Driver), {})(cfg, run_dir)
+    spy.late, spy.queued_steps, spy.kept = [], [], []
     return spy
 
 
@@ -75,6 +91,8 @@ def test_a_device_lost_with_the_next_step_queued_behind_it_heals_once_and_exactl
     assert [(i["step"], i["kind"], i["rank"], i["rewound_to"]) for i in summary.incidents] == [
         (4, "dead", 1, 2), (7, "crash", 0, 6)]
     assert lost.healer.recoveries == 2
+    # step 4's snapshot, queued behind it, was never kept; after the recovery the replayed step 4's was, then step 6's
+    assert (4, 0) not in lost.kept and (4, 1) in lost.kept and (6, 1) in lost.kept
     recs, twin_recs = step_records(tmp_path / "lost"), step_records(tmp_path / "twin")
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert [(r["loss"], r["grad_norm"]) for r in recs] == [(r["loss"], r["grad_norm"]) for r in twin_recs]
@@ -192,8 +210,8 @@ def test_what_keeps_a_step_from_being_queued_behind_the_running_one():
 def test_a_device_whose_step_failed_runs_no_step_until_its_state_is_restored():
     """A step queued behind one that failed on the device (the pipelined driver) is refused, not started: its
     collectives would meet the peers' collectives of the failed step (on gloo a size mismatch there aborted a
-    peer's process). Once the state is restored the device steps again, and the step it then runs equals the same
-    step of a device that never failed."""
+    peer's process). Once a snapshot is restored the device steps again: a device that ran steps 1 and 2, crashed
+    in step 3 and was put back to step 1 then runs steps 2 and 3 as a device that never failed."""
     import pytest
 
     from orchestrator.data import load_corpus
@@ -206,16 +224,17 @@ def test_a_device_whose_step_failed_runs_no_step_until_its_state_is_restored():
     def shard() -> DeviceShard:
         return DeviceShard(cfg, rank=0, world=1, train_tokens=corpus.train, val_tokens=corpus.val)
 
+    twin = shard()
+    expected = [twin.train_step(step).loss for step in (1, 2, 3)]
     device = DeviceActor(1)
     device.shard = shard()
     device.train_step(1)
     snap = device.shard.snapshot(1)
+    assert device.train_step(2).loss == expected[1]   # the state moves on past the snapshot
     device.shard.crash_next_step = True
     with pytest.raises(InjectedCrash):
-        device.train_step(2)
-    with pytest.raises(StepNotRun, match="step 3 not run: step 2 failed on this device"):
         device.train_step(3)
+    with pytest.raises(StepNotRun, match="step 4 not run: step 3 failed on this device"):
+        device.train_step(4)
     device.restore_snapshots(snap)
-    twin = shard()
-    twin.train_step(1)
-    assert (device.train_step(2).loss, device.train_step(3).loss) == (twin.train_step(2).loss, twin.train_step(3).loss)
+    assert [device.train_step(step).loss for step in (2, 3)] == expected[1:]

@@ -113,6 +113,13 @@ class Checkpoints:
         self.snapshots.keep(step, calls if calls is not None else self.snapshot_calls(step, actors),
                             placement=placement)
 
+    def snapshot_queueable(self) -> bool:
+        """May a snapshot's calls be queued behind its step, before the step came back (the pipelined driver)? Not
+        when serialized from the snapshot thread: `staged_snapshot` waits for the step loop's copy for
+        cluster.step_timeout_s from when it starts, which is at once, so the step's own time would count against it,
+        and a copy it gave up on would be left for the same step's next snapshot to take."""
+        return not snapshot_in_thread(self.cfg)
+
     def snapshot_calls(self, step: int, actors: list[Any]) -> list[Any]:
         """Every device's (done, snapshot) refs of `step`: serialized from the snapshot thread (config/mesh.py
         snapshot_in_thread), the copy is made in the step loop's order (stage_snapshot) and serialized by

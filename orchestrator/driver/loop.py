@@ -211,12 +211,15 @@ class Driver:
         back, the queued step is drained and thrown away (`_late`), as the pipelined driver's next step always is.
         A step that takes an in-memory snapshot has it queued too, between it and the next step; the snapshot store
         keeps it only once `step` came back well (`_ahead`), so the two it holds are never newer than the last good
-        step (checkpoint/snapshots.py); when `step` fails, it is thrown away with the queued step."""
+        step (checkpoint/snapshots.py); when `step` fails, it is thrown away with the queued step. Not a snapshot
+        serialized from the devices' snapshot thread (`Checkpoints.snapshot_queueable`): that step stays as it was."""
         nxt = step + 1
+        due = self.checkpoints.snapshot_due(step)
         if (self.queued is not None or not self._plain_next(step) or self.cfg.faults.on_spike != "record"
-                or not self.injector.quiet(nxt) or self.watch.straggler_due()):
+                or not self.injector.quiet(nxt) or self.watch.straggler_due()
+                or (due and not self.checkpoints.snapshot_queueable())):
             return
-        snapshot = self.checkpoints.snapshot_calls(step, self.actors) if self.checkpoints.snapshot_due(step) else None
+        snapshot = self.checkpoints.snapshot_calls(step, self.actors) if due else None
         self.queued = replace(self._submit(nxt), snapshot=snapshot)
 
     def _ahead(self, step: int) -> bool:
