@@ -30,7 +30,8 @@ from orchestrator.parallel.mesh import current_mesh
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeviceActor", "RolloutWorker", "StepNotRun", "DeviceShard", "StepReport", "InjectedCrash", "autocast_dtype", "rss_bytes"]
+__all__ = ["DeviceActor", "RolloutWorker", "StepNotRun", "DeviceShard", "StepReport", "InjectedCrash", "autocast_dtype",
+           "rss_bytes"]
 
 
 class SnapshotHandOver:

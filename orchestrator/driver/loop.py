@@ -203,16 +203,15 @@ class Driver:
     def _queue_next(self, step: int) -> None:
         """The pipelined driver's second step in flight: while `step` runs, the next step is submitted behind it,
         so a device starts the next step the moment it ends this one, with no round trip through the driver between
-        them. Only when nothing about the next step can depend on how `step` ends: a plain step (`_plain_next`) that
-        takes no snapshot (a snapshot is taken once its step came back well, so the two kept are never both
-        newer than the last good step: checkpoint/snapshots.py), no spike guard (faults.on_spike=record), no planned
-        fault due in the next step (its injection stays where it is, after `step` came back), and no straggler
-        that `step` could name (its replacement restores the state of `step` itself). When `step` fails or is rolled
-        back, the queued step is drained and thrown away (`_late`), as the pipelined driver's next step always is.
-        A step that takes an in-memory snapshot has it queued too, between it and the next step; the snapshot store
-        keeps it only once `step` came back well (`_ahead`), so the two it holds are never newer than the last good
-        step (checkpoint/snapshots.py); when `step` fails, it is thrown away with the queued step. Not a snapshot
-        serialized from the devices' snapshot thread (`Checkpoints.snapshot_queueable`): that step stays as it was."""
+        them. Only when nothing about the next step can depend on how `step` ends: a plain step (`_plain_next`), no
+        spike guard (faults.on_spike=record), no planned fault due in the next step (its injection stays where it
+        is, after `step` came back), and no straggler that `step` could name (its replacement restores the state of
+        `step` itself). When `step` fails or is rolled back, the queued step is drained and thrown away (`_late`), as
+        the pipelined driver's next step always is. A step that takes an in-memory snapshot has it queued too,
+        between it and the next step; the snapshot store keeps it only once `step` came back well (`_ahead`), so the
+        two it holds are never newer than the last good step (checkpoint/snapshots.py); when `step` fails, it is
+        thrown away with the queued step. Not a snapshot serialized from the devices' snapshot thread
+        (`Checkpoints.snapshot_queueable`): that step is not queued behind."""
         nxt = step + 1
         due = self.checkpoints.snapshot_due(step)
         if (self.queued is not None or not self._plain_next(step) or self.cfg.faults.on_spike != "record"
