@@ -85,6 +85,54 @@ class Snapshot:
                                                                     # the whole tensor); see take_snapshot
     optimizer_steps: dict[str, int] = field(default_factory=dict)  # <name> -> its AdamW step count where that is
                                                                    # not optimizer_step; 0: no state (module docstring)
+    arena: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)  # the buffers of the device's
+        # arena (device/arena.py) that arrays in `files` view; empty once unpickled, and for copies
+    in_arena: dict[str, dict[str, list[int]]] = field(default_factory=dict, repr=False, compare=False)  # file ->
+        # key -> [buffer, element offset, size, ndim, *shape] of each array that views the arena
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (into the object store, say), the arrays that view the arena go as the part of each buffer they
+        cover and a table of where each lies: a few large buffers instead of one per tensor (device/arena.py).
+        The files keep their key order; every other array goes as it is."""
+        state = dict(self.__dict__)
+        arena, where = state.pop("arena"), state.pop("in_arena")
+        if not arena or not where:
+            return state
+        files: dict[str, dict[str, Any]] = {}
+        rows: list[list[int]] = []
+        for name, arrays in self.files.items():
+            placed = where.get(name)
+            if not placed:
+                files[name] = arrays
+                continue
+            files[name] = {key: None if key in placed else a for key, a in arrays.items()}   # None: its place in
+            rows += [list(placed[key]) for key in arrays if key in placed]                   # the key order
+        lo, hi = [None] * len(arena), [0] * len(arena)
+        for b, o, n, *_ in rows:
+            lo[b] = o if lo[b] is None else min(lo[b], o)
+            hi[b] = max(hi[b], o + n)
+        width = max(len(r) for r in rows)
+        for r in rows:
+            r[1] -= lo[r[0]]
+            r.extend([0] * (width - len(r)))
+        state["files"] = files
+        state["_packed"] = ([a[lo[b]:hi[b]] if lo[b] is not None else a[:0] for b, a in enumerate(arena)],
+                            np.array(rows, dtype=np.int64))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        packed = state.pop("_packed", None)
+        state.setdefault("arena", [])
+        state.setdefault("in_arena", {})
+        if packed is not None:
+            buffers, table = packed
+            rows = iter(table.tolist())
+            for arrays in state["files"].values():
+                for key, a in arrays.items():
+                    if a is None:
+                        b, o, n, ndim, *shape = next(rows)
+                        arrays[key] = buffers[b][o:o + n].reshape(shape[:ndim])
+        self.__dict__.update(state)
 
 
 def _host_copy(t: torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -131,7 +179,7 @@ def as_torch(a: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_rank: int = 0,
                   extra: dict[str, torch.Tensor] | None = None, own_extra: dict[str, torch.Tensor] | None = None,
-                  copy: bool = True) -> Snapshot:
+                  copy: bool = True, arena: Any = None) -> Snapshot:
     """Copy parameters, optimizer moments, buffers and RNG to host memory (training may go on after); `extra`
     (rank 0): tensors of the run's own state saved beside them as `extra/<key>` in the dense file (RL's pending
     batch, device/rl.py), given back by `restore`; `own_extra`: this device's own such state (anticipatory routing's
@@ -141,31 +189,109 @@ def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_r
     written once over all devices: a replicated one by rank 0 (dense) or by the first data-parallel replica
     (experts), a sharded one (FSDP2) by every holder as its piece `<key>@<dim>:<start>:<stop>`, a ZeRO-1
     moment by the device whose partition owns it. `index` says which file holds which piece of which key.
-    `copy=False`: CPU tensors are not copied but viewed (valid until training goes on: see _HostStaging)."""
-    snap = _SnapshotWriter(optim, rank, copy)
+    `copy=False`: CPU tensors are not copied but viewed (valid until training goes on: see _HostStaging); `arena`:
+    the device's Arena (device/arena.py): with `copy=False`, the arrays that view it are pickled as slices of
+    its buffers."""
+    if arena is not None and not copy:
+        sk = arena.skeleton
+        if sk is not None and sk.key == _skeleton_key(sk.modules, sk.plan, optim, arena, rank, dp_rank):
+            return _from_skeleton(sk, model, optim, arena, rank, step, extra, own_extra)
+    snap = _SnapshotWriter(optim, rank, copy, arena)
     snap.dense_parameters(model)
+    dense_part, index_dense = dict(snap.dense), dict(snap.index)
     files: dict[str, dict[str, np.ndarray | torch.Tensor]] = {}
+    outside = snap.outside
     if rank == 0:
         snap.buffers(model)
         for key, t in (extra or {}).items():
             snap.dense[f"extra/{key}"] = t.detach().cpu().clone()
         files[DENSE_FILE] = snap.dense
+    outside_buffers = snap.outside - outside
+    index_before = set(snap.index)
     expert_files = snap.expert_parameters(model, dp_rank)
+    if snap.spans and snap.outside == outside_buffers:
+        # every parameter and moment written views the arena: what they are is kept as the skeleton of the next
+        # snapshots, until anything it depends on changes (_skeleton_key)
+        modules = [model.get_submodule(n.rsplit(".", 1)[0]) for n, _ in model.expert_parameters()]
+        arena.skeleton = _Skeleton(
+            None, modules, snap.plan, dense_part if rank == 0 else {},
+            {k: v for k, v in snap.mine.items() if k != "rng/torch"}, index_dense,
+            {k: v for k, v in snap.index.items() if k not in index_before}, expert_files, snap.in_arena)
+        arena.skeleton.key = _skeleton_key(modules, snap.plan, optim, arena, rank, dp_rank)
     for key, t in (own_extra or {}).items():
         snap.mine[f"extra/{key}"] = t.detach().cpu().clone()
     files[snap.own] = snap.mine
     snap.staging.finish()
     return Snapshot(step=step, rank=rank, files=files, optimizer_step=optim.optimizer_step,
                     expert_files=expert_files, placement=model.placement(), index=snap.index,
-                    optimizer_steps=snap.steps)
+                    optimizer_steps=snap.steps, arena=arena.numpy() if snap.in_arena else [], in_arena=snap.in_arena)
+
+
+@dataclass
+class _Skeleton:
+    """What a snapshot of a device whose parameters and moments all view its arena holds of them (device/
+    arena.py): the views themselves (their values are the live ones), their keys in file order, index, expert
+    files and places in the arena. Valid while `key` holds (_skeleton_key); the buffers, RNG, extras and step
+    counts are taken anew each time."""
+    key: Any
+    modules: list[Any]                       # the expert modules, in the order of the model's expert parameters
+    plan: list[tuple[list[str], Any, str]]   # (optimizer_steps keys, parameter, "frozen" | "owned")
+    dense: dict[str, Any]                    # rank 0's dense file: its parameters and moments
+    mine: dict[str, Any]                     # its own file: its experts (after the RNG state)
+    index_dense: dict[str, list[list[Any]]]
+    index_experts: dict[str, list[list[Any]]]
+    expert_files: dict[str, dict[str, str]]
+    in_arena: dict[str, dict[str, list[int]]]
+
+
+def _skeleton_key(modules: list[Any], plan: list[tuple[list[str], Any, str]], optim: Any, arena: Any, rank: int,
+                  dp_rank: int) -> tuple:
+    """All that a skeleton depends on: the arena's build (the views), the device's ranks, the experts each module
+    holds and which of them are primary copies, and for each parameter its identity, whether it takes gradients
+    and whether its AdamW state has moments yet (a state that has not stepped has none)."""
+    return (arena.builds, rank, dp_rank, tuple((tuple(m.expert_ids), tuple(m.primary)) for m in modules),
+            tuple((id(p), p.requires_grad, how == "owned" and optim.step_of(p) == 0) for _, p, how in plan))
+
+
+def _from_skeleton(sk: _Skeleton, model: torch.nn.Module, optim: Any, arena: Any, rank: int, step: int,
+                   extra: dict[str, torch.Tensor] | None, own_extra: dict[str, torch.Tensor] | None) -> Snapshot:
+    """take_snapshot's result for a device whose skeleton holds: the same keys in the same order, the same index
+    and expert files; the buffers, RNG state, extras and step counts taken now."""
+    snap = _SnapshotWriter(optim, rank, False)
+    snap.dense = dict(sk.dense)
+    files: dict[str, dict[str, np.ndarray | torch.Tensor]] = {}
+    if rank == 0:
+        snap.buffers(model)
+        for key, t in (extra or {}).items():
+            snap.dense[f"extra/{key}"] = t.detach().cpu().clone()
+        files[DENSE_FILE] = snap.dense
+    snap.mine.update(sk.mine)
+    for key, t in (own_extra or {}).items():
+        snap.mine[f"extra/{key}"] = t.detach().cpu().clone()
+    files[snap.own] = snap.mine
+    index = {k: list(v) for k, v in sk.index_dense.items()}
+    index.update(snap.index)
+    index.update((k, list(v)) for k, v in sk.index_experts.items())
+    steps: dict[str, int] = {}
+    for keys, p, how in sk.plan:
+        record = _record(optim, p, how)
+        if record is not None:
+            steps.update(dict.fromkeys(keys, record))
+    return Snapshot(step=step, rank=rank, files=files, optimizer_step=optim.optimizer_step,
+                    expert_files={k: dict(v) for k, v in sk.expert_files.items()}, placement=model.placement(),
+                    index=index, optimizer_steps=steps, arena=arena.numpy(), in_arena=sk.in_arena)
 
 
 class _SnapshotWriter:
     """What take_snapshot gathers: the dense file's tensors (rank 0), this device's own file's (its experts, its
     pieces of sharded tensors, its RNG), the index of pieces and the AdamW step counts that differ."""
 
-    def __init__(self, optim: Any, rank: int, copy: bool = True) -> None:
+    def __init__(self, optim: Any, rank: int, copy: bool = True, arena: Any = None) -> None:
         self.optim, self.rank = optim, rank
+        self.spans = arena.spans() if arena is not None and not copy else []   # (address, bytes, dtype) per buffer
+        self.in_arena: dict[str, dict[str, list[int]]] = {}
+        self.outside = 0   # tensors written that do not view the arena (with one)
+        self.plan: list[tuple[list[str], Any, str]] = []   # (its optimizer_steps keys, parameter, how it records)
         self.index: dict[str, list[list[Any]]] = {}
         self.staging = _HostStaging(copy)
         self.dense: dict[str, np.ndarray | torch.Tensor] = {}
@@ -173,25 +299,46 @@ class _SnapshotWriter:
         self.own = expert_file(rank)
         self.steps: dict[str, int] = {}
 
-    def put(self, file: str, key: str, t: torch.Tensor, piece: Any) -> None:
+    def put(self, file: str, key: str, t: torch.Tensor, piece: Any, at: list[int] | None = None) -> None:
+        """`at`: where t lies in the arena, [buffer, element offset], if the caller knows (else found here)."""
         if piece.dim is not None and piece.start == piece.stop:
             return   # an empty shard (fewer rows than devices): nothing of the tensor here
-        self.staging.put(self.dense if file == DENSE_FILE else self.mine, key + piece.suffix(), t)
+        name, full = (DENSE_FILE, self.dense) if file == DENSE_FILE else (self.own, self.mine)
+        full_key = key + piece.suffix()
+        self.staging.put(full, full_key, t)
         self.index.setdefault(key, []).append([file, piece.dim, piece.start, piece.stop])
+        if self.spans:   # where in the arena it lies, if it views it (Snapshot.__getstate__)
+            at = at or self.at(t)
+            if at is None:
+                self.outside += 1
+            else:
+                self.in_arena.setdefault(name, {})[full_key] = [*at, t.numel(), t.dim(), *t.shape]
 
-    def moments(self, p: torch.Tensor, first: bool, sharded: bool) -> tuple[int | None, dict[str, torch.Tensor]]:
+    def at(self, t: torch.Tensor) -> list[int] | None:
+        """[buffer, element offset] of t in the arena, or None: not a contiguous view of it."""
+        start = t.data_ptr()
+        for b, (base, nbytes, dtype) in enumerate(self.spans):
+            if base <= start < base + nbytes:
+                return [b, (start - base) // t.element_size()] if t.dtype == dtype and t.is_contiguous() else None
+        return None
+
+    def moments(self, p: torch.Tensor, first: bool, sharded: bool, keys: list[str]
+                ) -> tuple[int | None, dict[str, torch.Tensor]]:
         """p's AdamW state as this device writes it: the step count to record under its <name> (None: none; 0: no
         state, frozen or never stepped; see `optimizer_steps`) and its moments by name (none to write: another device
-        writes them, the rank 0, the first replica or the ZeRO-1 owner; or there are none)."""
+        writes them, the rank 0, the first replica or the ZeRO-1 owner; or there are none). `keys`: the names its
+        count is recorded under (in `plan`, for a snapshot made from the skeleton: _record)."""
         from orchestrator.parallel.sharding import local
 
         optim = self.optim
         if not (first or sharded or optim.partitioned(p)):
             return None, {}   # another device writes this state (rank 0, the first replica, or the ZeRO-1 owner)
         if not optim.owns(p):
+            self.plan.append((keys, p, "frozen"))
             return (None if p.requires_grad else 0), {}   # frozen: in no optimizer
+        self.plan.append((keys, p, "owned"))
         count = optim.step_of(p)
-        record = count if count != optim.optimizer_step else None
+        record = _record(optim, p, "owned")
         if count == 0:
             return record, {}
         state = optim.state_of(p)
@@ -207,7 +354,7 @@ class _SnapshotWriter:
             file = own if sharded or (self.optim.partitioned(p) and rank != 0) else DENSE_FILE
             if sharded or rank == 0:
                 self.put(own if sharded else DENSE_FILE, f"param/{name}", local(p), piece)
-            record, moments = self.moments(p, rank == 0, sharded)
+            record, moments = self.moments(p, rank == 0, sharded, [name])
             if record is not None:
                 self.steps[name] = record
             for moment, t in moments.items():
@@ -235,20 +382,37 @@ class _SnapshotWriter:
                    if primary]
             piece = piece_of(p, drop_leading=True)
             sharded = piece.dim is not None
-            record, moments = self.moments(p, dp_rank == 0, sharded)
+            record, moments = self.moments(p, dp_rank == 0, sharded, [f"{name}[{gid}]" for _, gid in ids])
             rows = local(p).unbind(0) if ids and (sharded or dp_rank == 0) else ()
             moment_rows = {moment: t.unbind(0) for moment, t in moments.items()} if ids else {}
+            at = {m: self.at(t) for m, t in (("param", local(p)), *moments.items())} if self.spans and ids else {}
+            step = {m: t[0].numel() for m, t in (("param", rows), *moment_rows.items()) if t}   # elements a row
             for j, gid in ids:
                 key = f"{name}[{gid}]"
                 if rows:
-                    self.put(own, f"param/{key}", rows[j], piece)
+                    self.put(own, f"param/{key}", rows[j], piece, _row(at.get("param"), j, step.get("param")))
                 if record is not None:
                     self.steps[key] = record
                 for moment, held in moment_rows.items():
-                    self.put(own, f"{moment}/{key}", held[j], piece)
+                    self.put(own, f"{moment}/{key}", held[j], piece, _row(at.get(moment), j, step.get(moment)))
             if sharded or dp_rank == 0:
                 expert_files[name.rsplit(".experts.", 1)[0]] = {str(gid): own for _, gid in ids}
         return expert_files
+
+
+def _record(optim: Any, p: torch.Tensor, how: str) -> int | None:
+    """The step count a snapshot records for p (`optimizer_steps`), by how p's state is held: "frozen" (in no
+    optimizer) 0 if it takes no gradient, else none; "owned" its AdamW step count where that differs from the
+    optimizer's."""
+    if how == "frozen":
+        return None if p.requires_grad else 0
+    count = optim.step_of(p)
+    return count if count != optim.optimizer_step else None
+
+
+def _row(at: list[int] | None, j: int, step: int | None) -> list[int] | None:
+    """Where row j of a stacked tensor lies in the arena, from where the tensor lies (rows of `step` elements)."""
+    return None if at is None or step is None else [at[0], at[1] + j * step]
 
 
 def serialize(tensors: dict[str, np.ndarray | torch.Tensor]) -> tuple[bytes, dict[str, object]]:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from orchestrator.device.arena import Arena
 from orchestrator.checkpoint.shard import Snapshot, restore_from_files, restore_from_snapshots, take_snapshot
 from orchestrator.config import Config, anticipates, effective_zero_stage, expert_slots, is_frozen, mesh_shape
 from orchestrator.data.source import make_stream
@@ -188,6 +189,7 @@ class DeviceShard:
         t = cfg.train
         self.optim = Optimizers(self.dense_params, self.expert_params, self.mesh, self.zero_stage, lr=t.lr,
                                 betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+        self.arena = Arena()   # parameters and moments as views of a few buffers, once snapshots are taken (CPU)
         # Token arrays (BatchStream) or SFT samples (val_tokens None: SFTBatchStream, masked labels, loss_tokens)
         self.data = make_stream(cfg, train_tokens, val_tokens, world, rank)
         self.global_tokens = t.global_batch_size * cfg.data.seq_len
@@ -530,7 +532,12 @@ class DeviceShard:
         snapshot serialized before training goes on: checkpoint/shard.py take_snapshot)."""
         reshard(self.model)
         own = self.anticipator.state() if self.anticipator is not None else None
-        return take_snapshot(self.model, self.optim, self.rank, step, self.mesh.dp_rank, self.rl_pending, own, copy)
+        arena = None
+        if not copy and self.device.type == "cpu":   # its arrays pickle as slices of a few buffers (device/arena.py)
+            self.arena.ensure(self.expert_params + self.dense_params, self.optim)
+            arena = self.arena
+        return take_snapshot(self.model, self.optim, self.rank, step, self.mesh.dp_rank, self.rl_pending, own, copy,
+                             arena)
 
     def restore(self, manifest: dict[str, Any], read, where: str) -> None:
         reshard(self.model)
