@@ -69,7 +69,8 @@ def test_a_snapshot_from_the_arena_holds_what_the_walk_gathers_and_training_is_u
     (built from the arena and, from the second on, from its skeleton) equals the twin's walk, before and after a
     pickle round trip, which carries a handful of buffers where the walk's carries one per tensor. The step counts
     cover a frozen parameter (no state) and DeepSeek-V4's indexer (never a gradient: no moments, count 0). The
-    arena is built once, and the memory the devices hold is the same."""
+    arena is built once, every view in it is 64-byte aligned, and the memory the devices hold is the same but for
+    that alignment."""
     cfg = _config(tmp_path, model)
     corpus = load_corpus(cfg.data)
     arena, twin = (DeviceShard(cfg, 0, 1, corpus.train, corpus.val) for _ in range(2))
@@ -85,9 +86,15 @@ def test_a_snapshot_from_the_arena_holds_what_the_walk_gathers_and_training_is_u
         _same(pickle.loads(pickle.dumps(snap, protocol=5)), ref)
         assert _out_of_band(snap) <= 8 < _out_of_band(ref)
     assert arena.arena.builds == 1 and len(from_skeleton) == 4   # built at the first, reused by the four after
+    assert all(p.data_ptr() % 64 == 0 for p in arena.model.parameters())   # aligned as tensors of their own
+    assert all(t.data_ptr() % 64 == 0 for st in arena.optim.states() for t in st.values() if t.dim())
     if model != "native":
         assert 0 in ref.optimizer_steps.values()   # a parameter without AdamW state is recorded as such
-    assert state_bytes(arena.model, arena.optim) == state_bytes(twin.model, twin.optim)
+    got, want = state_bytes(arena.model, arena.optim), state_bytes(twin.model, twin.optim)
+    tensors = {"params": len(list(arena.model.parameters())), "grads": 0,
+               "optimizer": sum(len(st) for st in arena.optim.states())}
+    for part, n in tensors.items():   # the same, but for the alignment a view starts at (at most 60 bytes each)
+        assert 0 <= got[part] - want[part] <= 60 * n, part
 
 
 def test_a_step_count_that_differs_is_taken_anew_from_the_skeleton(tmp_path):
@@ -123,8 +130,10 @@ def test_a_restore_and_a_new_placement_leave_no_stale_view(tmp_path):
     builds = arena.arena.builds
     arena.restore_snapshots([kept])
     twin.restore_snapshots([_reference_copy(twin, kept)])
+    old_skeleton = arena.arena.skeleton
     _same(arena.snapshot(2, copy=False), _reference(twin, 2))
     assert arena.arena.builds > builds   # the restored moments are new tensors: the arena took them in
+    assert arena.arena.skeleton is not old_skeleton and arena.arena.skeleton.key[0] == arena.arena.builds
     for step in (3, 4):
         got, want = arena.train_step(step), twin.train_step(step)
         assert (got.loss, got.grad_norm) == (want.loss, want.grad_norm), step

@@ -196,6 +196,7 @@ def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_r
         sk = arena.skeleton
         if sk is not None and sk.key == _skeleton_key(sk.modules, sk.plan, optim, arena, rank, dp_rank):
             return _from_skeleton(sk, model, optim, arena, rank, step, extra, own_extra)
+        arena.skeleton = None   # out of date: made anew below if it can be, else none (it would hold old views)
     snap = _SnapshotWriter(optim, rank, copy, arena)
     snap.dense_parameters(model)
     dense_part, index_dense = dict(snap.dense), dict(snap.index)
@@ -246,11 +247,13 @@ class _Skeleton:
 
 def _skeleton_key(modules: list[Any], plan: list[tuple[list[str], Any, str]], optim: Any, arena: Any, rank: int,
                   dp_rank: int) -> tuple:
-    """All that a skeleton depends on: the arena's build (the views), the device's ranks, the experts each module
-    holds and which of them are primary copies, and for each parameter its identity, whether it takes gradients
-    and whether its AdamW state has moments yet (a state that has not stepped has none)."""
+    """All that a skeleton depends on: the arena's build (the views: whatever gives a parameter or moment a tensor
+    of its own makes the next snapshot rebuild the arena), the device's ranks, the experts each module holds and
+    which of them are primary copies, and for each parameter whether it takes gradients and whether its AdamW
+    state has moments yet (a state that has not stepped has none). The parameters themselves are the same
+    objects for a shard's life (its optimizer holds them)."""
     return (arena.builds, rank, dp_rank, tuple((tuple(m.expert_ids), tuple(m.primary)) for m in modules),
-            tuple((id(p), p.requires_grad, how == "owned" and optim.step_of(p) == 0) for _, p, how in plan))
+            tuple((p.requires_grad, how == "owned" and optim.step_of(p) == 0) for _, p, how in plan))
 
 
 def _from_skeleton(sk: _Skeleton, model: torch.nn.Module, optim: Any, arena: Any, rank: int, step: int,
