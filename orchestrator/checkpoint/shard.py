@@ -302,15 +302,19 @@ class _SnapshotWriter:
         self.own = expert_file(rank)
         self.steps: dict[str, int] = {}
 
-    def put(self, file: str, key: str, t: torch.Tensor, piece: Any, at: list[int] | None = None) -> None:
-        """`at`: where t lies in the arena, [buffer, element offset], if the caller knows (else found here)."""
+    def put(self, file: str, key: str, t: torch.Tensor, piece: Any, at: list[int] | None = None,
+            packed: bool = True) -> None:
+        """`at`: where t lies in the arena, [buffer, element offset], if the caller knows (else found here);
+        `packed=False`: t goes into a pickle as an array of its own even if it views the arena (a buffer: one may
+        be a parameter under another name, as a tied head is in a transformers model's state_dict, and two keys
+        unpickled as views of one buffer would share memory, which safetensors refuses to write)."""
         if piece.dim is not None and piece.start == piece.stop:
             return   # an empty shard (fewer rows than devices): nothing of the tensor here
         name, full = (DENSE_FILE, self.dense) if file == DENSE_FILE else (self.own, self.mine)
         full_key = key + piece.suffix()
         self.staging.put(full, full_key, t)
         self.index.setdefault(key, []).append([file, piece.dim, piece.start, piece.stop])
-        if self.spans:   # where in the arena it lies, if it views it (Snapshot.__getstate__)
+        if self.spans and packed:   # where in the arena it lies, if it views it (Snapshot.__getstate__)
             at = at or self.at(t)
             if at is None:
                 self.outside += 1
@@ -369,7 +373,7 @@ class _SnapshotWriter:
         param_names = {n for n, _ in model.named_parameters()}
         for name, b in model.state_dict().items():
             if name not in param_names:
-                self.put(DENSE_FILE, f"buffer/{name}", b, piece_of(b))
+                self.put(DENSE_FILE, f"buffer/{name}", b, piece_of(b), packed=False)
 
     def expert_parameters(self, model: torch.nn.Module, dp_rank: int) -> dict[str, dict[str, str]]:
         """Write this device's experts; return which file holds each expert of each MoE layer it writes. An expert
