@@ -199,29 +199,20 @@ def take_snapshot(model: torch.nn.Module, optim: Any, rank: int, step: int, dp_r
         arena.skeleton = None   # out of date: made anew below if it can be, else none (it would hold old views)
     snap = _SnapshotWriter(optim, rank, copy, arena)
     snap.dense_parameters(model)
-    dense_part, index_dense = dict(snap.dense), dict(snap.index)
-    files: dict[str, dict[str, np.ndarray | torch.Tensor]] = {}
-    outside = snap.outside
-    if rank == 0:
-        snap.buffers(model)
-        for key, t in (extra or {}).items():
-            snap.dense[f"extra/{key}"] = t.detach().cpu().clone()
-        files[DENSE_FILE] = snap.dense
-    outside_buffers = snap.outside - outside
-    index_before = set(snap.index)
+    dense_part, index_dense = (dict(snap.dense), dict(snap.index)) if snap.spans else ({}, {})
+    snap.dense_rest(model, extra)
+    index_before = set(snap.index) if snap.spans else set()
     expert_files = snap.expert_parameters(model, dp_rank)
-    if snap.spans and snap.outside == outside_buffers:
-        # every parameter and moment written views the arena: what they are is kept as the skeleton of the next
-        # snapshots, until anything it depends on changes (_skeleton_key)
+    if snap.spans and snap.outside == 0:
+        # every parameter and moment written views the arena (buffers go apart: put's `packed`): what they are is
+        # kept as the skeleton of the next snapshots, until anything it depends on changes (_skeleton_key)
         modules = [model.get_submodule(n.rsplit(".", 1)[0]) for n, _ in model.expert_parameters()]
         arena.skeleton = _Skeleton(
             None, modules, snap.plan, dense_part if rank == 0 else {},
             {k: v for k, v in snap.mine.items() if k != "rng/torch"}, index_dense,
             {k: v for k, v in snap.index.items() if k not in index_before}, expert_files, snap.in_arena)
         arena.skeleton.key = _skeleton_key(modules, snap.plan, optim, arena, rank, dp_rank)
-    for key, t in (own_extra or {}).items():
-        snap.mine[f"extra/{key}"] = t.detach().cpu().clone()
-    files[snap.own] = snap.mine
+    files = snap.files(own_extra)
     snap.staging.finish()
     return Snapshot(step=step, rank=rank, files=files, optimizer_step=optim.optimizer_step,
                     expert_files=expert_files, placement=model.placement(), index=snap.index,
@@ -262,16 +253,9 @@ def _from_skeleton(sk: _Skeleton, model: torch.nn.Module, optim: Any, arena: Any
     and expert files; the buffers, RNG state, extras and step counts taken now."""
     snap = _SnapshotWriter(optim, rank, False)
     snap.dense = dict(sk.dense)
-    files: dict[str, dict[str, np.ndarray | torch.Tensor]] = {}
-    if rank == 0:
-        snap.buffers(model)
-        for key, t in (extra or {}).items():
-            snap.dense[f"extra/{key}"] = t.detach().cpu().clone()
-        files[DENSE_FILE] = snap.dense
+    snap.dense_rest(model, extra)
     snap.mine.update(sk.mine)
-    for key, t in (own_extra or {}).items():
-        snap.mine[f"extra/{key}"] = t.detach().cpu().clone()
-    files[snap.own] = snap.mine
+    files = snap.files(own_extra)
     index = {k: list(v) for k, v in sk.index_dense.items()}
     index.update(snap.index)
     index.update((k, list(v)) for k, v in sk.index_experts.items())
@@ -293,7 +277,7 @@ class _SnapshotWriter:
         self.optim, self.rank = optim, rank
         self.spans = arena.spans() if arena is not None and not copy else []   # (address, bytes, dtype) per buffer
         self.in_arena: dict[str, dict[str, list[int]]] = {}
-        self.outside = 0   # tensors written that do not view the arena (with one)
+        self.outside = 0   # parameters and moments written that do not view the arena (with one)
         self.plan: list[tuple[list[str], Any, str]] = []   # (its optimizer_steps keys, parameter, how it records)
         self.index: dict[str, list[list[Any]]] = {}
         self.staging = _HostStaging(copy)
@@ -342,7 +326,7 @@ class _SnapshotWriter:
             return None, {}   # another device writes this state (rank 0, the first replica, or the ZeRO-1 owner)
         if not optim.owns(p):
             self.plan.append((keys, p, "frozen"))
-            return (None if p.requires_grad else 0), {}   # frozen: in no optimizer
+            return _record(optim, p, "frozen"), {}   # frozen: in no optimizer
         self.plan.append((keys, p, "owned"))
         count = optim.step_of(p)
         record = _record(optim, p, "owned")
@@ -366,6 +350,19 @@ class _SnapshotWriter:
                 self.steps[name] = record
             for moment, t in moments.items():
                 self.put(file, f"{moment}/{name}", t, piece)
+
+    def dense_rest(self, model: torch.nn.Module, extra: dict[str, torch.Tensor] | None) -> None:
+        """After the dense parameters, rank 0's buffers and the run's extras (take_snapshot's `extra`)."""
+        if self.rank == 0:
+            self.buffers(model)
+            for key, t in (extra or {}).items():
+                self.dense[f"extra/{key}"] = t.detach().cpu().clone()
+
+    def files(self, own_extra: dict[str, torch.Tensor] | None) -> dict[str, dict[str, np.ndarray | torch.Tensor]]:
+        """The files, once the experts are written: rank 0's dense file, and this device's own with its extras."""
+        for key, t in (own_extra or {}).items():
+            self.mine[f"extra/{key}"] = t.detach().cpu().clone()
+        return {**({DENSE_FILE: self.dense} if self.rank == 0 else {}), self.own: self.mine}
 
     def buffers(self, model: torch.nn.Module) -> None:
         from orchestrator.parallel.sharding import piece_of
